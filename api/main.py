@@ -1,0 +1,41 @@
+"""The FastAPI application. `uvicorn api.main:app` or `tunery api`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.routes import deploy, finetune, health
+from shared.settings import get_settings
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level)
+    if settings.auto_migrate:
+        from shared.migrate import upgrade_database
+
+        upgrade_database(settings.database_url)
+    yield
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="Tunery",
+        version="0.1.0",
+        summary="Self-hosted LoRA / QLoRA fine-tuning with a MonsterAPI-compatible API.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(finetune.router)
+    app.include_router(deploy.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,40 @@
+"""`/v1/deploy/*`: the routes the official `monsterapi` client uses to follow and terminate
+jobs (`get_deployment_status`, `get_deployment_logs`, `get_list_of_deployments`,
+`terminate_deployment`), served over fine-tuning jobs so that client works unchanged."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import SessionDep, TenantDep
+from api.routes.finetune import JobId, NLines, cancel_job, get_job, job_logs
+from api.schemas import JobList, JobOut, LogsOut, TerminateIn
+from shared import jobs
+
+router = APIRouter(prefix="/v1/deploy", tags=["monsterapi compatibility"])
+
+
+@router.get("/status/{deployment_id}", summary="Alias of GET /v1/finetune/llm/{job_id}")
+def deployment_status(deployment_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
+    return get_job(deployment_id, caller, session)
+
+
+@router.get("/logs/{deployment_id}", summary="Alias of GET /v1/finetune/llm/{job_id}/logs")
+def deployment_logs(deployment_id: JobId, caller: TenantDep, session: SessionDep,
+                    n_lines: NLines = 100) -> LogsOut:
+    return job_logs(deployment_id, caller, session, n_lines)
+
+
+@router.get("/list", summary="Alias of GET /v1/finetune/llm")
+def deployment_list(caller: TenantDep, session: SessionDep,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 100,
+                    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> JobList:
+    items, total = jobs.list_jobs(session, caller.tenant_id, limit, offset)
+    return JobList(items=[JobOut.of(j) for j in items], total=total, limit=limit, offset=offset)
+
+
+@router.post("/terminate", summary="Alias of POST /v1/finetune/llm/{job_id}/cancel")
+def terminate_deployment(body: TerminateIn, caller: TenantDep, session: SessionDep) -> JobOut:
+    return cancel_job(body.deployment_id, caller, session)

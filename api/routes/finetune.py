@@ -1,0 +1,140 @@
+"""`/v1/finetune/llm`: submit, follow, cancel, and download fine-tuning jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import StreamingResponse
+
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from api.errors import ApiError
+from api.schemas import (
+    ArtifactOut,
+    ArtifactsOut,
+    JobList,
+    JobOut,
+    JobSubmitted,
+    LogsOut,
+    MetricOut,
+    MetricsOut,
+)
+from shared import jobs
+from shared.models import JobStatus
+from shared.queue import enqueue_training
+from shared.schema import FinetuneRequest
+from shared.settings import Settings
+from shared.sources import SourceError, classify_source
+from shared.storage import ObjectNotFound, StorageError, validate_key
+
+router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"])
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
+NLines = Annotated[int, Query(ge=1, le=10000, description="How many of the last lines.")]
+
+
+def check_sources(request: FinetuneRequest, settings: Settings) -> None:
+    """Refuse model and data locations the worker would refuse, before anything is stored."""
+    problems = []
+    for path, value in (
+        ("pretrainedmodel_config.model_path", request.pretrainedmodel_config.model_path),
+        ("data_config.data_path", request.data_config.data_path),
+    ):
+        try:
+            classify_source(value, settings.allowed_local_dirs)
+        except SourceError as exc:
+            problems.append({"path": path, "message": str(exc)})
+    if problems:
+        summary = "; ".join(f"{p['path']}: {p['message']}" for p in problems)
+        raise ApiError(422, "invalid_request", summary, problems)
+
+
+def submit_job(request: FinetuneRequest, caller: TenantDep, session: SessionDep,
+               settings: SettingsDep) -> JobSubmitted:
+    check_sources(request, settings)
+    job = jobs.create_job(session, caller.tenant_id, request, settings.max_attempts)
+    session.commit()
+    # After the commit: a worker that wakes up must find the row.
+    enqueue_training(job.id)
+    return JobSubmitted(job_id=job.id, deployment_id=job.id, status=JobStatus.QUEUED,
+                        message="job queued")
+
+
+router.add_api_route("", submit_job, methods=["POST"], status_code=201,
+                     summary="Submit a fine-tuning job (MonsterAPI payload)")
+
+
+@router.get("", summary="List this key's jobs, newest first")
+def list_jobs(caller: TenantDep, session: SessionDep,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> JobList:
+    items, total = jobs.list_jobs(session, caller.tenant_id, limit, offset)
+    return JobList(items=[JobOut.of(j) for j in items], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", summary="A job's status, phase, progress and result")
+def get_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
+    return JobOut.of(jobs.get_job(session, caller.tenant_id, job_id))
+
+
+@router.post("/{job_id}/cancel", summary="Cancel a queued or running job")
+def cancel_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
+    job = jobs.request_cancel(session, caller.tenant_id, job_id)
+    session.commit()
+    return JobOut.of(job)
+
+
+@router.get("/{job_id}/logs", summary="The last log lines of a job")
+def job_logs(job_id: JobId, caller: TenantDep, session: SessionDep,
+             n_lines: NLines = 100) -> LogsOut:
+    job = jobs.get_job(session, caller.tenant_id, job_id)
+    lines = [row.line for row in jobs.tail_logs(session, job.id, n_lines)]
+    return LogsOut(job_id=job.id, deployment_id=job.id, status=JobStatus(job.status), logs=lines)
+
+
+@router.get("/{job_id}/metrics", summary="Per-step training metrics")
+def job_metrics(job_id: JobId, caller: TenantDep, session: SessionDep) -> MetricsOut:
+    job = jobs.get_job(session, caller.tenant_id, job_id)
+    rows = jobs.list_metrics(session, job.id)
+    return MetricsOut(job_id=job.id, metrics=[
+        MetricOut(step=r.step, attempt=r.attempt, at=r.at, values=r.values) for r in rows
+    ])
+
+
+@router.get("/{job_id}/artifacts", summary="Files the job produced, with download links")
+def job_artifacts(job_id: JobId, caller: TenantDep, session: SessionDep, storage: StorageDep,
+                  settings: SettingsDep) -> ArtifactsOut:
+    job = jobs.get_job(session, caller.tenant_id, job_id)
+    prefix = jobs.artifact_prefix(job.id)
+    artifacts = []
+    if job.status == JobStatus.COMPLETED:
+        for obj in storage.list(prefix):
+            name = obj.key.removeprefix(prefix)
+            url = storage.presigned_url(obj.key, settings.s3_presign_expiry_s)
+            artifacts.append(ArtifactOut(
+                name=name, size=obj.size,
+                download_url=url or f"/v1/finetune/llm/{job.id}/artifacts/{name}",
+            ))
+    return ArtifactsOut(job_id=job.id, status=JobStatus(job.status), artifacts=artifacts)
+
+
+@router.get("/{job_id}/artifacts/{name:path}", summary="Download one artifact",
+            response_class=StreamingResponse)
+def download_artifact(job_id: JobId, name: str, caller: TenantDep, session: SessionDep,
+                      storage: StorageDep) -> StreamingResponse:
+    job = jobs.get_job(session, caller.tenant_id, job_id)
+    not_found = ApiError(404, "not_found", f"job {job.id} has no artifact named {name!r}")
+    if job.status != JobStatus.COMPLETED:
+        raise not_found
+    try:
+        key = validate_key(jobs.artifact_prefix(job.id) + name)
+        size = storage.size(key)
+    except (ObjectNotFound, StorageError, ValueError):
+        raise not_found from None
+    filename = name.rsplit("/", 1)[-1]
+    return StreamingResponse(
+        storage.iter_bytes(key),
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(size),
+                 "Content-Disposition": f'attachment; filename="{filename}"'},
+    )

@@ -1,0 +1,116 @@
+"""Response bodies. The request body is `shared.schema.FinetuneRequest`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from shared.models import Job, JobStatus
+from shared.schema import redact_payload
+
+MONSTERAPI_STATUS = {
+    JobStatus.QUEUED: "IN_QUEUE",
+    JobStatus.RUNNING: "IN_PROGRESS",
+    JobStatus.COMPLETED: "COMPLETED",
+    JobStatus.FAILED: "FAILED",
+    JobStatus.CANCELLED: "TERMINATED",
+}
+
+
+class JobOut(BaseModel):
+    job_id: str
+    deployment_id: str = Field(description="The same id, under the name MonsterAPI clients use.")
+    status: JobStatus
+    monsterapi_status: str = Field(description="IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED or "
+                                               "TERMINATED, as MonsterAPI reports it.")
+    phase: str | None = Field(None, description="loading_data, loading_model, training or "
+                                                "uploading while RUNNING.")
+    progress: float
+    error: str | None
+    base_model: str
+    attempt: int
+    cancel_requested: bool
+    result: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    artifacts_url: str
+    payload: dict[str, Any] = Field(description="The accepted payload, secrets masked.")
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        status = JobStatus(job.status)
+        return cls(
+            job_id=job.id,
+            deployment_id=job.id,
+            status=status,
+            monsterapi_status=MONSTERAPI_STATUS[status],
+            phase=job.phase if status is JobStatus.RUNNING else None,
+            progress=job.progress,
+            error=job.error,
+            base_model=job.base_model,
+            attempt=job.attempt,
+            cancel_requested=job.cancel_requested,
+            result=job.result,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            updated_at=job.updated_at,
+            artifacts_url=f"/v1/finetune/llm/{job.id}/artifacts",
+            payload=redact_payload(job.payload),
+        )
+
+
+class JobSubmitted(BaseModel):
+    job_id: str
+    deployment_id: str
+    status: JobStatus
+    message: str
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class LogsOut(BaseModel):
+    job_id: str
+    deployment_id: str
+    status: JobStatus
+    logs: list[str]
+
+
+class MetricOut(BaseModel):
+    step: int
+    attempt: int
+    at: datetime
+    values: dict[str, float]
+
+
+class MetricsOut(BaseModel):
+    job_id: str
+    metrics: list[MetricOut]
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    download_url: str
+
+
+class ArtifactsOut(BaseModel):
+    job_id: str
+    status: JobStatus
+    artifacts: list[ArtifactOut]
+
+
+class TerminateIn(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    deployment_id: str = Field(min_length=1, max_length=64)
+    actor: str = Field("user", max_length=64)

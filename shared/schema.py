@@ -1,0 +1,279 @@
+"""The MonsterAPI fine-tuning payload, field for field.
+
+Names, defaults and bounds mirror the public `monsterapi` client (`monsterapi/LLM_config.py`,
+version 1.0.9.3) so that client code written for MonsterAPI works unchanged. Two deliberate
+differences: unknown fields are refused (`extra="forbid"`), because a typo that silently trains
+with a default wastes GPU hours; and options Tunery cannot honour yet are refused with a
+message saying so, rather than accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+)
+
+_PLACEHOLDER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class TemplateError(ValueError):
+    """A prompt template that uses anything but bare column names as placeholders."""
+
+
+def template_placeholders(template: str) -> list[str]:
+    """Return the column names a prompt template refers to, in order of appearance.
+
+    Only bare identifiers are allowed (`{instruction}`). Positional (`{0}`), attribute
+    (`{a.b}`), index (`{a[0]}`), conversion (`{a!r}`) and format-spec (`{a:>10}`) fields are
+    refused: rendering never goes through `str.format`, and refusing them here means a
+    template that works at submit time cannot reach an attribute at render time.
+    """
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise TemplateError(f"unbalanced braces: {exc}") from None
+    for _literal, field_name, format_spec, conversion in parsed:
+        if field_name is None:
+            continue
+        if conversion is not None or format_spec:
+            raise TemplateError(
+                f"placeholder {{{field_name}}} uses a conversion or format spec; "
+                "only bare column names like {instruction} are allowed"
+            )
+        if not _PLACEHOLDER.fullmatch(field_name):
+            raise TemplateError(
+                f"placeholder {{{field_name}}} is not a bare column name; "
+                "only names like {instruction} are allowed"
+            )
+        names.append(field_name)
+    if not names:
+        raise TemplateError("the template has no {column} placeholder")
+    return names
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class PretrainedModelConfig(_Strict):
+    model_path: str = Field(
+        "mistralai/Mistral-7B-v0.1",
+        min_length=1,
+        max_length=512,
+        description="Base model: a hub id or a local directory the operator allows.",
+    )
+    resume_checkpoint_path: str = Field(
+        "", max_length=512, description="Checkpoint of an earlier job to continue from."
+    )
+    use_lora: bool = Field(True, description="Train a LoRA adapter (full fine-tuning is refused).")
+    lora_r: int = Field(8, gt=0, lt=2048, description="LoRA rank.")
+    lora_alpha: int = Field(16, gt=0, lt=2048, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Dropout on the LoRA path.")
+    lora_bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Which biases to train, as in peft's LoraConfig.bias."
+    )
+    use_quantization: bool = Field(
+        False, description="QLoRA: load the base model in 4-bit NF4 with double quantization."
+    )
+    use_gradient_checkpointing: bool = Field(
+        False, description="Trade compute for memory by recomputing activations."
+    )
+    parallelization: Literal["nmp"] = Field(
+        "nmp", description="Parallelization strategy; only 'nmp' (naive model parallel)."
+    )
+
+    @field_validator("use_lora")
+    @classmethod
+    def _lora_only(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("full fine-tuning is not supported; Tunery trains LoRA adapters")
+        return value
+
+    @field_validator("resume_checkpoint_path")
+    @classmethod
+    def _no_resume_yet(cls, value: str) -> str:
+        if value:
+            raise ValueError("resuming from a checkpoint is not supported yet; leave it empty")
+        return value
+
+
+class DataConfig(_Strict):
+    data_path: str = Field(
+        "tatsu-lab/alpaca",
+        min_length=1,
+        max_length=2048,
+        description="Hub dataset id, an https / presigned URL, or a local file the operator "
+        "allows.",
+    )
+    data_subset: str | None = Field(
+        None, max_length=256, description="Hub dataset subset; 'default' means none."
+    )
+    data_source_type: Literal["hub_link", "s3_presigned_link"] = Field(
+        "hub_link", description="How data_path is read."
+    )
+    prompt_template: str = Field(
+        "Here is an example on how to use tatsu-lab/alpaca dataset "
+        "### Input: {instruction} ### Output: {output}",
+        min_length=1,
+        max_length=16384,
+        description="Text with {column} placeholders; the last placeholder's segment is the "
+        "completion the loss is computed on.",
+    )
+    cutoff_len: int = Field(512, gt=0, le=32768, description="Maximum tokens per example.")
+    data_split_config: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.9, "validation": 0.1},
+        description="Fractions of the rows used for training and validation.",
+    )
+    prevalidated: bool = Field(False, description="Accepted for compatibility; has no effect.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _safe_template(cls, value: str) -> str:
+        try:
+            template_placeholders(value)
+        except TemplateError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("data_subset")
+    @classmethod
+    def _default_subset_is_none(cls, value: str | None) -> str | None:
+        return None if value in (None, "", "default") else value
+
+    @field_validator("data_split_config")
+    @classmethod
+    def _split_ratios(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = set(value) - {"train", "validation"}
+        if unknown:
+            raise ValueError(f"unknown split names {sorted(unknown)}; use 'train' and 'validation'")
+        for name, ratio in value.items():
+            if not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"{name} ratio {ratio} is outside [0, 1]")
+        train = value.get("train", 0.9)
+        validation = value.get("validation", 0.0 if "train" in value else 0.1)
+        if train <= 0:
+            raise ValueError("the train ratio must be above 0")
+        if train + validation > 1.0 + 1e-9:
+            raise ValueError(f"train + validation = {train + validation:g} is above 1")
+        return {"train": train, "validation": validation}
+
+
+class TrainingConfig(_Strict):
+    early_stopping_patience: int = Field(
+        5, gt=0, description="Evaluations without improvement before training stops."
+    )
+    num_train_epochs: float = Field(1, gt=0, le=100, description="Epochs; may be fractional.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, lt=1000, description="Micro-batches per optimizer step."
+    )
+    warmup_steps: int = Field(50, ge=1, description="Steps of linear learning-rate warm-up.")
+    learning_rate: float = Field(0.001, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler_type: Literal[LR_SCHEDULERS] = Field(  # type: ignore[valid-type]
+        "reduce_lr_on_plateau", description="Learning-rate schedule."
+    )
+    group_by_length: bool = Field(
+        False, description="Batch examples of similar length together to reduce padding."
+    )
+    preference_optimization: Literal["ORPO", "DONT"] = Field(
+        "DONT", description="Preference optimization; only 'DONT' is supported yet."
+    )
+
+    @field_validator("preference_optimization")
+    @classmethod
+    def _no_orpo_yet(cls, value: str) -> str:
+        if value != "DONT":
+            raise ValueError("ORPO is not supported yet; use 'DONT'")
+        return value
+
+
+class LoggingConfig(_Strict):
+    use_wandb: bool = Field(False, description="Report to Weights & Biases.")
+    wandb_username: str = Field("", max_length=256)
+    wandb_login_key: str = Field("", max_length=256)
+    wandb_project: str = Field("", max_length=256)
+    wandb_run_name: str = Field("", max_length=256)
+
+    @field_validator("use_wandb")
+    @classmethod
+    def _no_wandb_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "Weights & Biases reporting is not available yet; read metrics from "
+                "GET /v1/finetune/llm/{job_id}/metrics"
+            )
+        return value
+
+
+class HuggingfaceConfig(_Strict):
+    hf_token: str | None = Field(
+        None, max_length=512, description="Token for private hub models and datasets."
+    )
+    hf_model_path: str | None = Field(
+        None, max_length=512, description="Hub repo to push the adapter to (not supported yet)."
+    )
+
+    @field_validator("hf_model_path")
+    @classmethod
+    def _no_push_yet(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError(
+                "pushing to the hub is not supported; download the adapter from "
+                "GET /v1/finetune/llm/{job_id}/artifacts"
+            )
+        return value
+
+
+class FinetuneRequest(_Strict):
+    """Body of `POST /v1/finetune/llm`."""
+
+    pretrainedmodel_config: PretrainedModelConfig
+    data_config: DataConfig
+    training_config: TrainingConfig
+    logging_config: LoggingConfig
+    hf_config: HuggingfaceConfig = Field(default_factory=HuggingfaceConfig)
+    user_session_token: str | None = Field(None, max_length=512)
+
+    @model_validator(mode="after")
+    def _scheduler_needs_validation(self) -> FinetuneRequest:
+        if (
+            self.training_config.lr_scheduler_type == "reduce_lr_on_plateau"
+            and self.data_config.data_split_config["validation"] == 0
+        ):
+            raise ValueError(
+                "lr_scheduler_type 'reduce_lr_on_plateau' needs a validation split; set "
+                "data_config.data_split_config.validation above 0 or choose another scheduler"
+            )
+        return self
+
+    def redacted(self) -> dict:
+        """The payload as echoed back: secrets replaced by a marker."""
+        return redact_payload(self.model_dump(mode="json"))
+
+
+_SECRET_FIELDS = (("logging_config", "wandb_login_key"), ("hf_config", "hf_token"))
+
+
+def redact_payload(payload: dict) -> dict:
+    """Mask secrets in a stored payload. Works on the raw dict so that payloads stored under
+    an older schema can still be shown."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in payload.items()}
+    for section, field in _SECRET_FIELDS:
+        if isinstance(data.get(section), dict) and data[section].get(field):
+            data[section][field] = "***"
+    if data.get("user_session_token"):
+        data["user_session_token"] = "***"
+    return data

@@ -1,0 +1,74 @@
+"""Tunery's settings: one class, `TUNERY_` environment variables, embedded defaults.
+
+With no environment at all, everything lives under one data directory: a SQLite database, a
+broker kept in a SQLite file (kombu's `sqla+sqlite` transport, no server), and a local storage
+directory. The full stack points the same three URLs at PostgreSQL, Redis and S3.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNERY_", env_file=None, extra="ignore")
+
+    data_dir: Path = Field(
+        PROJECT_ROOT / "data", description="Root for the embedded database, broker and storage."
+    )
+    database_url: str = Field("", description="SQLAlchemy URL; default: SQLite in data_dir.")
+    broker_url: str = Field("", description="Celery broker URL; default: SQLite file in data_dir.")
+    storage_url: str = Field(
+        "", description="file:///abs/dir or s3://bucket/prefix; default: data_dir/storage."
+    )
+
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. MinIO's URL.")
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_region: str = "us-east-1"
+    s3_presign_expiry_s: int = 3600
+
+    allowed_local_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Directories whose files data_path / model_path may name directly. "
+        "Empty: local paths are refused.",
+    )
+    work_dir: Path | None = Field(None, description="Scratch space for worker jobs.")
+    queue_name: str = "train"
+    lease_seconds: int = Field(120, ge=5, description="How long a claim lasts without a heartbeat.")
+    max_attempts: int = Field(3, ge=1)
+    auto_migrate: bool = Field(True, description="Run `alembic upgrade head` when the API starts.")
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        data = self.data_dir.resolve()
+        self.data_dir = data
+        if not self.database_url:
+            self.database_url = f"sqlite:///{data / 'tunery.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{data / 'broker.db'}"
+        if not self.storage_url:
+            self.storage_url = (data / "storage").as_uri()
+        if self.work_dir is None:
+            self.work_dir = data / "work"
+        self.allowed_local_dirs = [Path(p).resolve() for p in self.allowed_local_dirs]
+        return self
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.broker_url.startswith("sqla+")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once per process; tests call `get_settings.cache_clear()` after setenv."""
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings

@@ -1,0 +1,86 @@
+"""Fixtures shared by every test: an isolated embedded Tunery (SQLite, SQLite broker, local
+storage) per test, an API client with a real key, and payload builders."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.db import reset_engines
+from shared.queue import get_celery
+from shared.settings import PROJECT_ROOT, get_settings
+
+ASSETS_DIR = PROJECT_ROOT / "worker" / "assets"
+SAMPLE_DATASET = ASSETS_DIR / "alpaca_sample.jsonl"
+
+ALPACA_TEMPLATE = (
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
+)
+
+
+def _reset_caches() -> None:
+    get_settings.cache_clear()
+    get_celery.cache_clear()
+    reset_engines()
+
+
+@pytest.fixture
+def tunery_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh embedded stack under tmp_path; returns the data dir."""
+    data_dir = tmp_path / "tunery"
+    monkeypatch.setenv("TUNERY_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("TUNERY_ALLOWED_LOCAL_DIRS", f'["{ASSETS_DIR}", "{tmp_path}"]')
+    for name in ("TUNERY_DATABASE_URL", "TUNERY_BROKER_URL", "TUNERY_STORAGE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    _reset_caches()
+    yield data_dir
+    _reset_caches()
+
+
+def make_payload(model_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
+                 data_path: str | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A MonsterAPI payload as the official client's docs show it, with overrides per section."""
+    payload: dict[str, Any] = {
+        "pretrainedmodel_config": {
+            "model_path": model_path,
+            "use_lora": True,
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0,
+            "lora_bias": "none",
+            "use_quantization": False,
+            "use_gradient_checkpointing": False,
+            "parallelization": "nmp",
+        },
+        "data_config": {
+            "data_path": data_path or str(SAMPLE_DATASET),
+            "data_subset": "default",
+            "data_source_type": "hub_link",
+            "prompt_template": ALPACA_TEMPLATE,
+            "cutoff_len": 512,
+            "prevalidated": False,
+        },
+        "training_config": {
+            "early_stopping_patience": 5,
+            "num_train_epochs": 1,
+            "gradient_accumulation_steps": 1,
+            "warmup_steps": 50,
+            "learning_rate": 0.001,
+            "lr_scheduler_type": "reduce_lr_on_plateau",
+            "group_by_length": False,
+        },
+        "logging_config": {"use_wandb": False},
+    }
+    payload = copy.deepcopy(payload)
+    for section, values in sections.items():
+        payload[section].update(values)
+    return payload
+
+
+@pytest.fixture
+def payload() -> dict[str, Any]:
+    return make_payload()

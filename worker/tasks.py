@@ -1,0 +1,109 @@
+"""Celery entry point: `celery -A worker.tasks worker` (or `tunery worker`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from shared import jobs
+from shared.db import session_scope
+from shared.jobs import Claim
+from shared.models import JobStatus
+from shared.queue import TRAIN_TASK, get_celery
+from shared.schema import FinetuneRequest
+from shared.settings import get_settings
+from shared.storage import storage_from_settings
+from worker.job_reporter import DatabaseReporter
+
+log = logging.getLogger("tunery.worker")
+
+app = get_celery()
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@app.task(name=TRAIN_TASK)
+def train(job_id: str) -> None:
+    settings = get_settings()
+    with session_scope() as session:
+        claim = jobs.claim_job(session, job_id, worker_identity(), settings.lease_seconds)
+        if claim is None:
+            log.info("job %s: nothing to claim (done, cancelled or held elsewhere)", job_id)
+            return
+        payload = session.get_one(jobs.Job, job_id).payload
+    run_claimed_job(claim, FinetuneRequest.model_validate(payload))
+
+
+def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
+    # Imported here so the Celery app (and the API, which shares shared.queue) loads fast.
+    from worker.pipeline.errors import PipelineError, TrainingStopped
+    from worker.pipeline.run import run_job
+
+    settings = get_settings()
+    reporter = DatabaseReporter(claim, settings.lease_seconds)
+    assert settings.work_dir is not None
+    work_dir = Path(settings.work_dir) / f"{claim.job_id}-{claim.attempt}"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    try:
+        reporter.log(f"attempt {claim.attempt} started on {claim.owner}")
+        result = run_job(request, work_dir, reporter, settings)
+        reporter.phase("uploading")
+        uploaded = upload_outputs(claim.job_id, result.output_dir)
+        reporter.log(f"uploaded {len(uploaded)} files to {jobs.artifact_prefix(claim.job_id)}")
+        summary = {
+            "steps": result.steps,
+            "first_loss": result.first_loss,
+            "last_loss": result.last_loss,
+            "train_rows": result.train_rows,
+            "eval_rows": result.eval_rows,
+            "artifacts": uploaded,
+        }
+        finish(claim, JobStatus.COMPLETED, result=summary)
+    except TrainingStopped as stop:
+        if stop.reason == "cancelled":
+            reporter.log("training stopped: cancelled by the user")
+            finish(claim, JobStatus.CANCELLED, reason="cancelled by the user")
+        else:
+            log.warning("job %s attempt %s stopped: %s", claim.job_id, claim.attempt, stop.reason)
+    except PipelineError as exc:
+        reporter.log(f"failed: {exc}")
+        finish(claim, JobStatus.FAILED, reason=str(exc))
+    except Exception as exc:
+        log.exception("job %s attempt %s crashed", claim.job_id, claim.attempt)
+        reason = f"internal error: {type(exc).__name__}: {exc}"[:2000]
+        reporter.log(f"failed: {reason}")
+        finish(claim, JobStatus.FAILED, reason=reason)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def upload_outputs(job_id: str, output_dir: Path) -> list[str]:
+    storage = storage_from_settings(get_settings())
+    prefix = jobs.artifact_prefix(job_id)
+    names = []
+    for path in sorted(p for p in output_dir.rglob("*") if p.is_file()):
+        name = path.relative_to(output_dir).as_posix()
+        storage.put_file(prefix + name, path)
+        names.append(name)
+    return names
+
+
+def finish(
+    claim: Claim, status: JobStatus, *, reason: str | None = None, result: dict | None = None
+) -> None:
+    with session_scope() as session:
+        if not jobs.transition(
+            session, claim.job_id, status, attempt=claim.attempt, reason=reason, result=result
+        ):
+            log.warning(
+                "job %s attempt %s: could not record %s; a newer attempt or a cancel owns the job",
+                claim.job_id,
+                claim.attempt,
+                status,
+            )
