@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. MinIO's URL.")
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
+    s3_public_endpoint_url: str | None = Field(
+        None, description="Endpoint used in presigned URLs handed to clients, when it differs "
+        "from the one the services use (e.g. http://minio:9000 inside compose)."
+    )
     s3_region: str = "us-east-1"
     s3_presign_expiry_s: int = 3600
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from moto.server import ThreadedMotoServer
 
 from shared.db import reset_engines
 from shared.queue import get_celery
@@ -84,3 +85,64 @@ def make_payload(model_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
 @pytest.fixture
 def payload() -> dict[str, Any]:
     return make_payload()
+
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database on the machine's server, dropped afterwards.
+
+    A server that is not running fails the test: CI must never skip the real database.
+    """
+    import uuid
+
+    import psycopg
+
+    name = f"tunery_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        reset_engines()
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A Redis database number of its own on the machine's server, flushed before use."""
+    import uuid
+
+    import redis
+
+    db = 1 + uuid.uuid4().int % 14
+    client = redis.Redis.from_url(f"{REDIS_URL}/{db}", socket_connect_timeout=5)
+    client.flushdb()
+    return f"{REDIS_URL}/{db}"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint_url() -> Iterator[str]:
+    """A real S3-compatible HTTP endpoint (moto's server) on 127.0.0.1 and a free port.
+
+    It runs in a thread of the test process, but boto3 reaches it over TCP like MinIO, so
+    signing, path-style addressing, multipart uploads and presigned URLs are all exercised.
+    """
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_credentials() -> dict[str, str]:
+    """S3Storage keyword arguments; explicit so boto3 never reads a developer's ~/.aws."""
+    # moto accepts any credentials.
+    return {"access_key_id": "tunery-test", "secret_access_key": "tunery-test-secret"}

@@ -1,0 +1,22 @@
+"""Fixtures for integration tests: real services reached over the network."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from shared.storage import S3Storage
+
+
+@pytest.fixture
+def s3_storage(s3_endpoint_url: str, s3_credentials: dict[str, str]) -> S3Storage:
+    """An S3Storage in a fresh bucket, under a key prefix, so tests never see each other's data."""
+    store = S3Storage(
+        f"tunery-test-{uuid.uuid4().hex[:12]}",
+        "store-root",
+        endpoint_url=s3_endpoint_url,
+        **s3_credentials,
+    )
+    store.ensure_bucket()
+    return store
