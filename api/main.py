@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.routes import deploy, finetune, health
+from shared.queue import declare_queue
 from shared.settings import get_settings
 
 
@@ -21,6 +22,10 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         from shared.migrate import upgrade_database
 
         upgrade_database(settings.database_url)
+    try:
+        declare_queue()
+    except Exception:  # noqa: BLE001 - the API serves without a broker; jobs wait as QUEUED
+        logging.getLogger("tunery.api").exception("could not declare the training queue")
     yield
 
 

@@ -7,6 +7,7 @@ who does it (see `shared.jobs.claim_job`). So losing or duplicating a message is
 from __future__ import annotations
 
 import logging
+import time
 from functools import lru_cache
 
 from celery import Celery
@@ -46,16 +47,46 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def enqueue_training(job_id: str) -> bool:
-    """Send the wake-up for a committed job. Returns False (and logs) if the broker is down:
-    the job is already stored as QUEUED, so the submission still stands."""
-    try:
-        get_celery().send_task(TRAIN_TASK, args=[job_id], retry=True,
-                               retry_policy={"max_retries": 2, "interval_start": 0.2})
-    except Exception:  # noqa: BLE001 - any broker failure must not lose the stored job
-        log.exception("could not enqueue job %s; it stays QUEUED", job_id)
-        return False
-    return True
+def declare_queue(attempts: int = 3) -> None:
+    """Create the training queue on the broker, tolerating a concurrent creator.
+
+    kombu's SQLAlchemy transport creates a queue row with a get-or-create that is guarded only
+    within one process: an API and a worker declaring the queue at the same moment make one of
+    them fail with a UNIQUE violation and leave its session unusable (seen here: the first
+    submission after `tunery up` was never delivered). Declaring at start-up, with a fresh
+    connection per retry, means the unguarded declares inside Celery find the row already there.
+    """
+    for attempt in range(1, attempts + 1):
+        app = get_celery()
+        try:
+            with app.connection_for_write() as connection:
+                app.amqp.queues[app.conf.task_default_queue](connection.default_channel).declare()
+            return
+        except Exception:
+            if attempt == attempts:
+                raise
+            get_celery.cache_clear()
+            time.sleep(0.2 * attempt)
+
+
+def enqueue_training(job_id: str, attempts: int = 3) -> bool:
+    """Send the wake-up for a committed job. Returns False (and logs) if the broker stays
+    unreachable: the job is already stored as QUEUED, so the submission still stands."""
+    for attempt in range(1, attempts + 1):
+        try:
+            get_celery().send_task(TRAIN_TASK, args=[job_id], retry=True,
+                                   retry_policy={"max_retries": 2, "interval_start": 0.2})
+            return True
+        except Exception:  # noqa: BLE001 - any broker failure must not lose the stored job
+            if attempt == attempts:
+                log.exception("could not enqueue job %s; it stays QUEUED", job_id)
+                return False
+            log.warning("enqueue of job %s failed (attempt %d); retrying on a new connection",
+                        job_id, attempt, exc_info=True)
+            # A failed publish can leave the connection's session unusable: start afresh.
+            get_celery.cache_clear()
+            time.sleep(0.2 * attempt)
+    return False
 
 
 def check_broker(timeout_s: float = 3.0) -> None:

@@ -527,8 +527,7 @@ def storage_from_settings(settings: Settings) -> Storage:
         settings.s3_access_key_id,
         settings.s3_secret_access_key,
         settings.s3_region,
-        # Not a Settings field yet; read it if one is added, so compose can set it.
-        getattr(settings, "s3_public_endpoint_url", None),
+        settings.s3_public_endpoint_url,
     )
 
 

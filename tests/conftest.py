@@ -42,8 +42,11 @@ def tunery_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     _reset_caches()
 
 
-def make_payload(model_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
-                 data_path: str | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
+def make_payload(
+    model_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
+    data_path: str | None = None,
+    **sections: dict[str, Any],
+) -> dict[str, Any]:
     """A MonsterAPI payload as the official client's docs show it, with overrides per section."""
     payload: dict[str, Any] = {
         "pretrainedmodel_config": {

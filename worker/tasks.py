@@ -8,11 +8,13 @@ import shutil
 import socket
 from pathlib import Path
 
+from celery.signals import worker_init
+
 from shared import jobs
 from shared.db import session_scope
 from shared.jobs import Claim
 from shared.models import JobStatus
-from shared.queue import TRAIN_TASK, get_celery
+from shared.queue import TRAIN_TASK, declare_queue, get_celery
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from shared.storage import storage_from_settings
@@ -21,6 +23,11 @@ from worker.job_reporter import DatabaseReporter
 log = logging.getLogger("tunery.worker")
 
 app = get_celery()
+
+
+@worker_init.connect
+def _declare_queue_before_consuming(**_: object) -> None:
+    declare_queue()
 
 
 def worker_identity() -> str:

@@ -36,12 +36,12 @@ NLines = Annotated[int, Query(ge=1, le=10000, description="How many of the last 
 def check_sources(request: FinetuneRequest, settings: Settings) -> None:
     """Refuse model and data locations the worker would refuse, before anything is stored."""
     problems = []
-    for path, value in (
-        ("pretrainedmodel_config.model_path", request.pretrainedmodel_config.model_path),
-        ("data_config.data_path", request.data_config.data_path),
+    for path, value, allow_urls in (
+        ("pretrainedmodel_config.model_path", request.pretrainedmodel_config.model_path, False),
+        ("data_config.data_path", request.data_config.data_path, True),
     ):
         try:
-            classify_source(value, settings.allowed_local_dirs)
+            classify_source(value, settings.allowed_local_dirs, allow_urls=allow_urls)
         except SourceError as exc:
             problems.append({"path": path, "message": str(exc)})
     if problems:

@@ -21,8 +21,9 @@ def test_status_logs_list_and_terminate_alias_the_job_routes(client: TestClient)
         "hello"
     ]
     assert [j["job_id"] for j in client.get("/v1/deploy/list").json()["items"]] == [job_id]
-    terminated = client.post("/v1/deploy/terminate",
-                             json={"deployment_id": job_id, "actor": "user"})
+    terminated = client.post(
+        "/v1/deploy/terminate", json={"deployment_id": job_id, "actor": "user"}
+    )
     assert terminated.status_code == 200
     assert terminated.json()["cancel_requested"] is True
 

@@ -45,14 +45,19 @@ def test_submit_sends_a_wake_up_message_after_commit(client: TestClient) -> None
 
 
 def test_every_v1_route_needs_a_valid_key(app_client: TestClient) -> None:
-    for method, path in [("POST", "/v1/finetune/llm"), ("GET", "/v1/finetune/llm"),
-                         ("GET", "/v1/finetune/llm/x"), ("GET", "/v1/deploy/list"),
-                         ("POST", "/v1/deploy/terminate")]:
+    for method, path in [
+        ("POST", "/v1/finetune/llm"),
+        ("GET", "/v1/finetune/llm"),
+        ("GET", "/v1/finetune/llm/x"),
+        ("GET", "/v1/deploy/list"),
+        ("POST", "/v1/deploy/terminate"),
+    ]:
         response = app_client.request(method, path, json={})
         assert response.status_code == 401, path
         assert response.json()["error"]["code"] == "unauthorized"
-        response = app_client.request(method, path, json={},
-                                      headers={"Authorization": "Bearer tun_nope_nope"})
+        response = app_client.request(
+            method, path, json={}, headers={"Authorization": "Bearer tun_nope_nope"}
+        )
         assert response.status_code == 401, path
 
 
@@ -84,8 +89,9 @@ def test_unknown_field_is_a_422_naming_the_field(client: TestClient) -> None:
 
 
 def test_bad_value_is_a_422_with_the_constraint(client: TestClient) -> None:
-    response = client.post("/v1/finetune/llm",
-                           json=make_payload(pretrainedmodel_config={"lora_r": 0}))
+    response = client.post(
+        "/v1/finetune/llm", json=make_payload(pretrainedmodel_config={"lora_r": 0})
+    )
     assert response.status_code == 422
     field = response.json()["error"]["fields"][0]
     assert field["path"] == "pretrainedmodel_config.lora_r"
@@ -99,8 +105,9 @@ def test_local_path_outside_allowed_dirs_is_a_422(client: TestClient) -> None:
 
 
 def test_malformed_json_is_a_422_not_a_500(client: TestClient) -> None:
-    response = client.post("/v1/finetune/llm", content=b"{not json",
-                           headers={"Content-Type": "application/json"})
+    response = client.post(
+        "/v1/finetune/llm", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "invalid_request"
 
@@ -177,8 +184,7 @@ def test_logs_and_metrics_come_back_in_order(client: TestClient) -> None:
     metrics = client.get(f"/v1/finetune/llm/{job_id}/metrics").json()["metrics"]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
     assert metrics[-1]["values"]["loss"] == -1.0
-    assert client.get(f"/v1/finetune/llm/{job_id}/logs",
-                      params={"n_lines": 0}).status_code == 422
+    assert client.get(f"/v1/finetune/llm/{job_id}/logs", params={"n_lines": 0}).status_code == 422
 
 
 def test_artifacts_of_completed_job_download_through_the_api(client: TestClient) -> None:
@@ -194,8 +200,13 @@ def test_artifacts_of_completed_job_download_through_the_api(client: TestClient)
         assert claim is not None
         assert jobs.transition(session, job_id, JobStatus.COMPLETED, attempt=claim.attempt)
     listing = client.get(f"/v1/finetune/llm/{job_id}/artifacts").json()["artifacts"]
-    assert listing == [{"name": "adapter_config.json", "size": 8,
-                        "download_url": f"/v1/finetune/llm/{job_id}/artifacts/adapter_config.json"}]
+    assert listing == [
+        {
+            "name": "adapter_config.json",
+            "size": 8,
+            "download_url": f"/v1/finetune/llm/{job_id}/artifacts/adapter_config.json",
+        }
+    ]
     download = client.get(listing[0]["download_url"])
     assert download.status_code == 200
     assert download.content == b'{"r": 8}'

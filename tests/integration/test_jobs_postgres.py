@@ -34,8 +34,9 @@ def queued_job(session: Session) -> Job:
     return job
 
 
-def test_twenty_concurrent_claims_give_exactly_one_winner(postgres_url: str, pg_session: Session
-                                                          ) -> None:
+def test_twenty_concurrent_claims_give_exactly_one_winner(
+    postgres_url: str, pg_session: Session
+) -> None:
     job = queued_job(pg_session)
     engine = make_engine(postgres_url)
     winners: list[int] = []
@@ -64,8 +65,11 @@ def test_expired_lease_can_be_reclaimed_and_fences_the_old_attempt(pg_session: S
     pg_session.commit()
     assert first is not None
     assert jobs.claim_job(pg_session, job.id, "b", 60) is None
-    pg_session.execute(update(Job).where(Job.id == job.id)
-                       .values(lease_expires_at=jobs.utcnow() - timedelta(seconds=1)))
+    pg_session.execute(
+        update(Job)
+        .where(Job.id == job.id)
+        .values(lease_expires_at=jobs.utcnow() - timedelta(seconds=1))
+    )
     second = jobs.claim_job(pg_session, job.id, "b", 60)
     pg_session.commit()
     assert second is not None and second.attempt == 2

@@ -54,8 +54,12 @@ def test_client_defaults_for_optional_sections_validate() -> None:
 
 def test_empty_sections_take_monsterapi_defaults() -> None:
     request = FinetuneRequest.model_validate(
-        {"pretrainedmodel_config": {}, "data_config": {}, "training_config": {},
-         "logging_config": {}}
+        {
+            "pretrainedmodel_config": {},
+            "data_config": {},
+            "training_config": {},
+            "logging_config": {},
+        }
     )
     assert request.pretrainedmodel_config.lora_r == 8
     assert request.pretrainedmodel_config.lora_alpha == 16
@@ -65,8 +69,9 @@ def test_empty_sections_take_monsterapi_defaults() -> None:
     assert request.hf_config.hf_token is None
 
 
-@pytest.mark.parametrize("section", ["pretrainedmodel_config", "data_config",
-                                     "training_config", "logging_config"])
+@pytest.mark.parametrize(
+    "section", ["pretrainedmodel_config", "data_config", "training_config", "logging_config"]
+)
 def test_required_sections_are_required(section: str) -> None:
     payload = make_payload()
     del payload[section]
@@ -118,9 +123,19 @@ def test_bounds_name_the_field(section: str, field: str, bad: Any, good: Any) ->
     FinetuneRequest.model_validate(make_payload(**{section: {field: good}}))
 
 
-@pytest.mark.parametrize("scheduler", ["linear", "cosine", "cosine_with_restarts", "polynomial",
-                                       "constant", "constant_with_warmup", "inverse_sqrt",
-                                       "reduce_lr_on_plateau"])
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        "reduce_lr_on_plateau",
+    ],
+)
 def test_all_eight_schedulers_are_accepted(scheduler: str) -> None:
     request = FinetuneRequest.model_validate(
         make_payload(training_config={"lr_scheduler_type": scheduler})
@@ -134,8 +149,9 @@ def test_num_train_epochs_is_a_float() -> None:
     assert request.training_config.num_train_epochs == 0.25
 
 
-@pytest.mark.parametrize(("given", "stored"), [("default", None), (None, None), ("", None),
-                                               ("en", "en")])
+@pytest.mark.parametrize(
+    ("given", "stored"), [("default", None), (None, None), ("", None), ("en", "en")]
+)
 def test_data_subset_default_means_no_subset(given: str | None, stored: str | None) -> None:
     request = FinetuneRequest.model_validate(make_payload(data_config={"data_subset": given}))
     assert request.data_config.data_subset == stored
@@ -143,8 +159,13 @@ def test_data_subset_default_means_no_subset(given: str | None, stored: str | No
 
 @pytest.mark.parametrize(
     "split",
-    [{"train": 0.9, "validation": 0.2}, {"train": -0.1, "validation": 0.1},
-     {"train": 0.5, "test": 0.5}, {"train": 0.0, "validation": 0.5}, {"train": 1.5}],
+    [
+        {"train": 0.9, "validation": 0.2},
+        {"train": -0.1, "validation": 0.1},
+        {"train": 0.5, "test": 0.5},
+        {"train": 0.0, "validation": 0.5},
+        {"train": 1.5},
+    ],
 )
 def test_bad_split_ratios_are_refused(split: dict[str, float]) -> None:
     assert error_paths(make_payload(data_config={"data_split_config": split})) == [
@@ -184,8 +205,19 @@ def test_options_not_honoured_yet_are_refused_with_a_reason(
 
 @pytest.mark.parametrize(
     "template",
-    ["{0}", "{a.b}", "{a[0]}", "{a!r}", "{a:>10}", "{}", "no placeholders", "{a", "a}",
-     "{__class__.__mro__}", "{instruction.__globals__}"],
+    [
+        "{0}",
+        "{a.b}",
+        "{a[0]}",
+        "{a!r}",
+        "{a:>10}",
+        "{}",
+        "no placeholders",
+        "{a",
+        "a}",
+        "{__class__.__mro__}",
+        "{instruction.__globals__}",
+    ],
 )
 def test_unsafe_or_empty_templates_are_refused(template: str) -> None:
     with pytest.raises(TemplateError):
@@ -197,7 +229,8 @@ def test_unsafe_or_empty_templates_are_refused(template: str) -> None:
 
 def test_template_placeholders_are_bare_names_in_order() -> None:
     assert template_placeholders("Q: {question}\n{{literal}}\nA: {answer}") == [
-        "question", "answer"
+        "question",
+        "answer",
     ]
 
 

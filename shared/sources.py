@@ -1,0 +1,116 @@
+"""Where a dataset or a base model comes from: a local path, an https URL, or a hub id.
+
+The API calls `classify_source` at submit time so a refused value is a 422 before anything is
+queued; the worker calls it again before reading, because the worker's settings decide what it
+may read. Pure standard library: the API image has no torch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal
+from urllib.parse import urlsplit
+
+SourceKind = Literal["local", "url", "hub"]
+
+# Hub ids are `name` or `owner/name`. ASCII only: `\w` would otherwise accept any Unicode
+# letter, and look-alike characters have no business in an id.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", re.ASCII)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class SourceError(ValueError):
+    """A data_path or model_path that Tunery refuses to read; the message says why."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A classified source. `path` is set (resolved, inside an allowed dir) for local ones."""
+
+    kind: SourceKind
+    value: str
+    path: Path | None = None
+
+
+def classify_source(
+    value: str, allowed_local_dirs: Iterable[Path], *, allow_urls: bool = True
+) -> Source:
+    """Classify `value` as a local path, an https URL or a hub id, or raise `SourceError`.
+
+    - Absolute paths are local and must resolve (symlinks and `..` followed) to a path inside
+      one of `allowed_local_dirs`; with none configured every local path is refused. Relative
+      paths are refused: they would depend on the worker's current directory.
+    - `https://` URLs are URLs (pass `allow_urls=False` where only models are meant); any
+      other scheme, `file:` and plain `http:` included, is refused.
+    - Everything else must be a hub id, `name` or `owner/name`.
+
+    Existence is not checked: the API and the worker may run on different hosts.
+    """
+    value = value.strip()
+    if not value:
+        raise SourceError("the path is empty")
+    if value.startswith("/"):
+        return Source("local", value, _allowed_local_path(value, allowed_local_dirs))
+    if value.startswith(("./", "../", "~")) or value in (".", ".."):
+        raise SourceError(f"{value!r}: local paths must be absolute")
+    if _SCHEME.match(value) and "://" in value or value.lower().startswith("file:"):
+        return Source("url", _checked_url(value, allow_urls))
+    if _HUB_ID.fullmatch(value) and ".." not in value:
+        return Source("hub", value)
+    raise SourceError(
+        f"{value!r} is neither an absolute local path, an https URL, nor a hub id like 'owner/name'"
+    )
+
+
+def _allowed_local_path(value: str, allowed_local_dirs: Iterable[Path]) -> Path:
+    allowed = [Path(d).resolve() for d in allowed_local_dirs]
+    if not allowed:
+        raise SourceError(
+            f"{value!r}: local paths are not allowed on this server "
+            "(TUNERY_ALLOWED_LOCAL_DIRS is empty)"
+        )
+    # resolve() follows symlinks that exist, so a link inside an allowed dir that points
+    # outside it is refused like the target itself would be.
+    path = Path(value).resolve()
+    if not any(path.is_relative_to(root) for root in allowed):
+        raise SourceError(
+            f"{value!r} is outside the directories this server allows: "
+            + ", ".join(str(d) for d in allowed)
+        )
+    return path
+
+
+def _checked_url(value: str, allow_urls: bool) -> str:
+    parts = urlsplit(value)
+    shown = redact_url(value)
+    if parts.scheme.lower() != "https":
+        raise SourceError(f"{shown!r}: only https URLs are allowed, not {parts.scheme}:")
+    if not allow_urls:
+        raise SourceError(f"{shown!r}: a URL is not allowed here; use a hub id or a local path")
+    if not parts.hostname:
+        raise SourceError(f"{shown!r}: the URL has no host")
+    if parts.username or parts.password:
+        raise SourceError(f"{shown!r}: credentials in the URL are not allowed")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials and query string, safe for logs and error messages.
+
+    A presigned URL's query is its signature: whoever reads a log line must not be able to
+    fetch the data with it.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    query = "?…" if parts.query else ""
+    return f"{parts.scheme}://{host}{parts.path}{query}"
+
+
+def url_file_name(url: str) -> str:
+    """The last path segment of a URL (query ignored), e.g. `train.jsonl`; may be empty."""
+    return PurePosixPath(urlsplit(url).path).name

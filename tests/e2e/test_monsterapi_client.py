@@ -1,0 +1,39 @@
+"""The official `monsterapi` client from PyPI, unchanged, against a running Tunery."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from monsterapi import client as monsterapi_client
+
+from shared.local_stack import LocalStack
+from tests.conftest import ASSETS_DIR
+from tests.e2e.conftest import create_key, stack_env, tiny_payload
+
+
+def test_monsterapi_client_launches_follows_and_terminates_jobs(
+    tmp_path: Path, tiny_model_dir: Path, start_stack: Callable[..., LocalStack]
+) -> None:
+    env = stack_env(tmp_path / "data", [ASSETS_DIR, tiny_model_dir])
+    stack = start_stack(env)
+    client = monsterapi_client(api_key=create_key(env), base_url=f"{stack.base_url}/v1")
+
+    launched = client.finetune(service="llm", params=tiny_payload(tiny_model_dir))
+    deployment_id = launched["deployment_id"]
+    # The worker runs one job at a time, so this one waits in the queue behind the first.
+    second = client.finetune(service="llm", params=tiny_payload(tiny_model_dir))["deployment_id"]
+    terminated = client.terminate_deployment(second)
+    assert terminated["status"] == "CANCELLED"
+
+    deadline = time.monotonic() + 300
+    status = client.get_deployment_status(deployment_id)
+    while status["status"] not in ("COMPLETED", "FAILED") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = client.get_deployment_status(deployment_id)
+    assert status["status"] == "COMPLETED", status
+    logs = client.get_deployment_logs(deployment_id, n_lines=1000)["logs"]
+    assert any("loss" in line for line in logs)
+    listed = {d["deployment_id"]: d["status"] for d in client.get_list_of_deployments()["items"]}
+    assert listed == {deployment_id: "COMPLETED", second: "CANCELLED"}

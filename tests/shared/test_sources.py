@@ -1,0 +1,125 @@
+"""Classifying data_path / model_path values: local, https URL, hub id, or refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.sources import Source, SourceError, classify_source, redact_url
+
+
+@pytest.fixture
+def allowed(tmp_path: Path) -> Path:
+    root = tmp_path / "allowed"
+    root.mkdir()
+    return root
+
+
+def test_absolute_path_inside_an_allowed_dir_is_local(allowed: Path) -> None:
+    source = classify_source(str(allowed / "sub" / "train.jsonl"), [allowed])
+
+    assert source.kind == "local"
+    assert source.path == (allowed / "sub" / "train.jsonl").resolve()
+
+
+def test_path_outside_the_allowed_dirs_is_refused(allowed: Path, tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="outside the directories"):
+        classify_source(str(tmp_path / "other.jsonl"), [allowed])
+
+
+def test_dotdot_escape_from_an_allowed_dir_is_refused(allowed: Path) -> None:
+    with pytest.raises(SourceError, match="outside"):
+        classify_source(f"{allowed}/../secret.jsonl", [allowed])
+
+
+def test_symlink_pointing_outside_an_allowed_dir_is_refused(allowed: Path, tmp_path: Path) -> None:
+    target = tmp_path / "secret.jsonl"
+    target.write_text("{}\n")
+    (allowed / "link.jsonl").symlink_to(target)
+
+    with pytest.raises(SourceError, match="outside"):
+        classify_source(str(allowed / "link.jsonl"), [allowed])
+
+
+def test_a_sibling_dir_sharing_the_prefix_is_not_inside(allowed: Path) -> None:
+    sibling = allowed.parent / (allowed.name + "-evil")
+
+    with pytest.raises(SourceError, match="outside"):
+        classify_source(str(sibling / "x.jsonl"), [allowed])
+
+
+def test_local_paths_are_refused_when_no_dir_is_allowed(allowed: Path) -> None:
+    with pytest.raises(SourceError, match="not allowed on this server"):
+        classify_source(str(allowed / "x.jsonl"), [])
+
+
+@pytest.mark.parametrize("value", ["./train.jsonl", "../train.jsonl", "~/train.jsonl", "."])
+def test_relative_paths_are_refused(value: str, allowed: Path) -> None:
+    with pytest.raises(SourceError, match="must be absolute"):
+        classify_source(value, [allowed])
+
+
+def test_https_url_is_a_url() -> None:
+    url = "https://bucket.s3.amazonaws.com/train.jsonl?X-Amz-Signature=abc"
+
+    assert classify_source(url, []).kind == "url"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "http://example.com/train.jsonl",
+        "file:///etc/passwd",
+        "file:/etc/passwd",
+        "s3://bucket/train.jsonl",
+        "ftp://example.com/train.jsonl",
+    ],
+)
+def test_non_https_schemes_are_refused(value: str) -> None:
+    with pytest.raises(SourceError):
+        classify_source(value, [Path("/")])
+
+
+def test_url_with_credentials_is_refused_without_echoing_them() -> None:
+    with pytest.raises(SourceError, match="credentials") as info:
+        classify_source("https://user:hunter2@example.com/x.jsonl", [])
+
+    assert "hunter2" not in str(info.value)
+
+
+def test_urls_can_be_refused_where_only_models_are_meant() -> None:
+    with pytest.raises(SourceError, match="not allowed here"):
+        classify_source("https://example.com/model", [], allow_urls=False)
+
+
+@pytest.mark.parametrize(
+    "value", ["tatsu-lab/alpaca", "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "a_b/c.d-e"]
+)
+def test_hub_ids_are_hub(value: str) -> None:
+    assert classify_source(value, []) == Source("hub", value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["a/b/c", "-lead/x", "org/", "owner/..", "a b", "ünïcode/x", "x;rm -rf", "org/na me", ""],
+)
+def test_bad_hub_ids_are_refused(value: str) -> None:
+    with pytest.raises(SourceError):
+        classify_source(value, [])
+
+
+def test_redact_url_drops_query_and_credentials() -> None:
+    url = "https://u:p@bucket.example.com:8443/d/train.jsonl?X-Amz-Signature=secret"
+
+    assert redact_url(url) == "https://bucket.example.com:8443/d/train.jsonl?…"
+
+
+def test_importing_sources_does_not_import_torch() -> None:
+    code = "import sys, shared.sources; print('torch' in sys.modules)"
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,177 @@
+"""Loading the base model with LoRA, gradient checkpointing, and 4-bit QLoRA on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from shared.schema import PretrainedModelConfig
+from worker.pipeline.errors import PipelineError
+from worker.pipeline.model import load_model, load_tokenizer
+
+LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _load(model_dir: Path, **config: Any) -> Any:
+    return load_model(
+        str(model_dir),
+        PretrainedModelConfig(model_path=str(model_dir), **config),
+        allowed_local_dirs=[model_dir.parent],
+    )
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 900, (2, 24), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _randomize_lora_b(model: Any) -> None:
+    # lora_B starts at zero, which makes every lora_A gradient zero; give it a value so
+    # lora_A gradients measure what flows back through the base weights.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def _lora_a_grads(model: Any) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    model(**_batch()).loss.backward()
+    return {
+        name: param.grad.detach().clone()
+        for name, param in model.named_parameters()
+        if "lora_A" in name and "layers.0." in name
+    }
+
+
+def test_lora_wraps_every_linear_layer_and_trains_only_the_adapter(tiny_model_dir: Path) -> None:
+    model = _load(tiny_model_dir, lora_r=4, lora_alpha=8)
+
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    wrapped = {name.split(".")[-4] for name in trainable}  # ...q_proj.lora_A.default.weight
+    assert wrapped == LINEAR_NAMES
+    assert model.peft_config["default"].r == 4
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir: Path) -> None:
+    plain = _load(tiny_model_dir)
+    checkpointed = _load(tiny_model_dir, use_gradient_checkpointing=True)
+    _randomize_lora_b(plain)
+    _randomize_lora_b(checkpointed)
+
+    assert checkpointed.base_model.model.is_activation_checkpointing
+    assert not plain.base_model.model.is_activation_checkpointing
+    expected, got = _lora_a_grads(plain), _lora_a_grads(checkpointed)
+    assert expected.keys() == got.keys() and len(got) == 7
+    for name in expected:
+        assert got[name].norm() > 0
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7)
+
+
+def test_qlora_loads_the_base_in_4bit_nf4_with_double_quantization(tiny_model_dir: Path) -> None:
+    import bitsandbytes as bnb
+
+    model = _load(tiny_model_dir, use_quantization=True)
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * len(LINEAR_NAMES)
+    state = layers[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested
+    assert model.is_loaded_in_4bit
+
+
+def test_qlora_gradients_survive_an_eval_forward(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On avx512_bf16 CPUs an eval forward repacks 4-bit weights for good, cutting gradients.
+
+    The Linear4bit layers are built as on such a CPU (bitsandbytes asks the native library
+    at construction), so this test fails without the pipeline's fix on any CPU.
+    """
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    model = _load(tiny_model_dir, use_quantization=True)
+    _randomize_lora_b(model)
+    before = _lora_a_grads(model)
+
+    model.eval()
+    with torch.no_grad():
+        model(**_batch(seed=1))
+    after = _lora_a_grads(model)
+
+    for name in before:
+        assert before[name].norm() > 1e-5
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-7)
+
+
+def test_missing_4bit_support_fails_at_once_without_fallback(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bitsandbytes.functional
+
+    def no_backend(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", no_backend)
+
+    with pytest.raises(PipelineError, match="use_quantization .* not available"):
+        _load(tiny_model_dir, use_quantization=True)
+
+
+def test_directory_without_a_model_is_a_pipeline_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+
+    with pytest.raises(PipelineError, match="could not load model"):
+        load_model(
+            str(tmp_path / "empty"),
+            PretrainedModelConfig(model_path=str(tmp_path / "empty")),
+            allowed_local_dirs=[tmp_path],
+        )
+
+
+def test_model_outside_allowed_dirs_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="model_path: .*outside"):
+        load_tokenizer(str(tiny_model_dir), allowed_local_dirs=[tmp_path])
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "tok")
+    lines: list[str] = []
+
+    loaded = load_tokenizer(str(tmp_path / "tok"), allowed_local_dirs=[tmp_path], log=lines.append)
+
+    assert loaded.pad_token == loaded.eos_token == "</s>"
+    assert "no pad token" in lines[0]
+
+
+def test_hub_id_that_names_a_local_directory_is_refused(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # from_pretrained("tiny-llama") would load ./tiny-llama: a way around allowed_local_dirs.
+    monkeypatch.chdir(tiny_model_dir.parent)
+
+    with pytest.raises(PipelineError, match="also a path on the worker"):
+        load_tokenizer("tiny-llama", allowed_local_dirs=[])
+
+
+def test_lora_initialisation_is_seeded(tiny_model_dir: Path) -> None:
+    torch.manual_seed(1)
+    first = _load(tiny_model_dir).state_dict()
+    torch.manual_seed(2)
+    second = _load(tiny_model_dir).state_dict()
+
+    lora_keys = [key for key in first if "lora_A" in key]
+    assert lora_keys
+    for key in lora_keys:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)

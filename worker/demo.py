@@ -1,0 +1,192 @@
+"""`tunery demo`: one real fine-tuning job through the HTTP API on the embedded stack.
+
+It starts the API and a worker as child processes (SQLite, the SQLite broker, local storage
+under `data/demo`), creates a key, submits a MonsterAPI payload that fine-tunes
+SmolLM2-135M-Instruct on the bundled instruction dataset, follows the job, downloads the
+adapter through the API and shows the base and the fine-tuned model's answers side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shared.local_stack import LocalStack
+from shared.settings import PROJECT_ROOT
+from worker.assets.build_dataset import DATASET_PATH
+
+DEMO_DIR = PROJECT_ROOT / "data" / "demo"
+MODELS_DIR = PROJECT_ROOT / "data" / "models"
+TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
+QUESTIONS = [
+    ("What is the capital of Japan?", ""),
+    ("Reverse the order of the words.", "blue green red"),
+    ("What is 17 plus 25?", ""),
+]
+
+
+def prepare_model(tiny: bool) -> Path:
+    if tiny:
+        from worker.assets.tiny_model import build_tiny_llama
+
+        return build_tiny_llama(MODELS_DIR / "tiny-llama")
+    from worker.assets.smollm2 import prepare_smollm2
+
+    return prepare_smollm2(MODELS_DIR / "smollm2-135m-instruct")
+
+
+def demo_payload(model_dir: Path, tiny: bool) -> dict[str, Any]:
+    return {
+        "pretrainedmodel_config": {
+            "model_path": str(model_dir),
+            "use_lora": True,
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.05,
+        },
+        "data_config": {
+            "data_path": str(DATASET_PATH),
+            "data_subset": "default",
+            "prompt_template": TEMPLATE,
+            "cutoff_len": 256,
+            "data_split_config": {"train": 0.9, "validation": 0.1},
+        },
+        "training_config": {
+            "num_train_epochs": 1,
+            "learning_rate": 0.005 if tiny else 0.001,
+            "warmup_steps": 5,
+            "lr_scheduler_type": "cosine",
+            "gradient_accumulation_steps": 1,
+            "group_by_length": True,
+        },
+        "logging_config": {"use_wandb": False},
+    }
+
+
+def create_key(env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "keys", "create", "--name", "demo", "--quiet"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def follow(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    seen = 0
+    while True:
+        job = client.get(f"/v1/finetune/llm/{job_id}").json()
+        logs = client.get(f"/v1/finetune/llm/{job_id}/logs", params={"n_lines": 10000}).json()
+        for line in logs["logs"][seen:]:
+            print(f"  | {line}")
+        seen = len(logs["logs"])
+        if job["status"] in ("COMPLETED", "FAILED", "CANCELLED"):
+            return job
+        time.sleep(1.0)
+
+
+def download(client: httpx.Client, job_id: str, dest: Path) -> int:
+    dest.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for artifact in client.get(f"/v1/finetune/llm/{job_id}/artifacts").json()["artifacts"]:
+        with client.stream("GET", artifact["download_url"]) as response:
+            response.raise_for_status()
+            with (dest / artifact["name"]).open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+        total += artifact["size"]
+    return total
+
+
+def answers(model_dir: Path, adapter_dir: Path) -> list[tuple[str, str, str]]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from worker.assets.generate import generate_answer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+
+    def ask(model: Any) -> list[str]:
+        return [generate_answer(model, tokenizer, q, TEMPLATE, input_text=i) for q, i in QUESTIONS]
+
+    base_answers = ask(base)
+    tuned_answers = ask(PeftModel.from_pretrained(base, adapter_dir))
+    return [(f"{q} {i}".strip(), b, t)
+            for (q, i), b, t in zip(QUESTIONS, base_answers, tuned_answers, strict=True)]
+
+
+def print_side_by_side(rows: list[tuple[str, str, str]]) -> None:
+    width = 44
+    print(f"\n{'question':<28} | {'base model':<{width}} | fine-tuned")
+    print("-" * (28 + 2 * width + 6))
+    for question, base, tuned in rows:
+        b = textwrap.wrap(base.replace("\n", " ") or "(empty)", width)
+        t = textwrap.wrap(tuned.replace("\n", " ") or "(empty)", width)
+        q = textwrap.wrap(question, 28)
+        for k in range(max(len(b), len(t), len(q))):
+            print(
+                f"{(q[k] if k < len(q) else ''):<28} | {(b[k] if k < len(b) else ''):<{width}}"
+                f" | {t[k] if k < len(t) else ''}"
+            )
+        print()
+
+
+def run_demo(tiny: bool = False) -> int:
+    started = time.monotonic()
+    random.seed(0)
+    print("1/5 preparing the base model (offline, from the bundled package)")
+    model_dir = prepare_model(tiny)
+    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNERY_")}
+    env.update(
+        {
+            "TUNERY_DATA_DIR": str(DEMO_DIR),
+            "TUNERY_ALLOWED_LOCAL_DIRS": json.dumps([str(DATASET_PATH.parent), str(MODELS_DIR)]),
+        }
+    )
+    print(f"2/5 starting the embedded stack (API + worker) under {DEMO_DIR}")
+    with LocalStack(env=env, log_dir=DEMO_DIR / "logs") as stack:
+        key = create_key(env)
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=stack.base_url, headers=headers, timeout=60) as client:
+            payload = demo_payload(model_dir, tiny)
+            print(f"3/5 POST {stack.base_url}/v1/finetune/llm  (model {model_dir.name})")
+            submitted = client.post("/v1/finetune/llm", json=payload)
+            if submitted.status_code != 201:
+                print(f"submission refused: {submitted.text}")
+                return 1
+            job_id = submitted.json()["job_id"]
+            job = follow(client, job_id)
+            if job["status"] != "COMPLETED":
+                print(f"job {job_id} ended {job['status']}: {job['error']}")
+                print(f"service logs: {DEMO_DIR / 'logs'}")
+                return 1
+            adapter_dir = DEMO_DIR / "downloads" / job_id
+            print(f"4/5 downloading the adapter through the API to {adapter_dir}")
+            size = download(client, job_id, adapter_dir)
+    print("5/5 loading the adapter with PeftModel.from_pretrained and comparing answers")
+    rows = answers(model_dir, adapter_dir)
+    print_side_by_side(rows)
+    result = job["result"]
+    adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    print(
+        f"job {job_id}: COMPLETED in {result['steps']} optimizer steps "
+        f"on {result['train_rows']} training rows ({result['eval_rows']} held out)"
+    )
+    print(f"loss: first step {result['first_loss']:.3f} -> last step {result['last_loss']:.3f}")
+    print(f"adapter: {adapter_bytes / 1e6:.2f} MB (all files {size / 1e6:.2f} MB) in {adapter_dir}")
+    print(f"demo wall time: {time.monotonic() - started:.0f} s")
+    return 0

@@ -1,0 +1,238 @@
+"""Data stages: load rows, render them with the prompt template, tokenize, split.
+
+Reading the file formats, downloading and the hub live in `readers.py`.
+
+Every user-facing number (rows, truncated examples, split sizes) is logged here, where it is
+computed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shared.schema import TemplateError, template_placeholders
+from shared.sources import SourceError, classify_source, redact_url
+from worker.pipeline.errors import PipelineError
+from worker.pipeline.readers import (
+    LoadedDataset,
+    download_url,
+    load_hub_dataset,
+    read_file,
+    read_local,
+)
+
+LogFn = Callable[[str], None]
+Row = Mapping[str, Any]
+
+IGNORE_INDEX = -100
+SPLIT_SEED = 42
+
+
+def _no_log(line: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered row: the loss is computed on `completion` only."""
+
+    prompt: str
+    completion: str
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def load_dataset(
+    data_path: str,
+    *,
+    allowed_local_dirs: Iterable[Path],
+    download_dir: Path,
+    subset: str | None = None,
+    source_type: str = "hub_link",
+    token: str | None = None,
+    client: httpx.Client | None = None,
+    log: LogFn = _no_log,
+) -> LoadedDataset:
+    """Load the rows `data_path` names: a local file/dir, an https URL, or a hub dataset id.
+
+    Raises `PipelineError` for refused paths, unreadable or unparseable data (naming the line
+    or row), and hub datasets that cannot be loaded.
+    """
+    try:
+        source = classify_source(data_path, allowed_local_dirs)
+    except SourceError as exc:
+        raise PipelineError(f"data_path: {exc}") from None
+    if source_type == "s3_presigned_link" and source.kind != "url":
+        raise PipelineError(
+            "data_source_type 's3_presigned_link' needs an https URL as data_path, "
+            f"got {data_path!r}"
+        )
+    if source.kind == "local":
+        assert source.path is not None
+        dataset = read_local(source.path)
+    elif source.kind == "url":
+        dataset = read_file(download_url(data_path, download_dir, client=client, log=log))
+        dataset.origin = redact_url(data_path)
+    else:
+        dataset = load_hub_dataset(data_path, subset, token=token)
+    if not dataset.rows:
+        raise PipelineError(f"the dataset {dataset.origin} has no rows")
+    log(f"dataset {dataset.origin}: {len(dataset.rows)} rows, columns {dataset.columns}")
+    return dataset
+
+
+def render_example(row: Row, template: str) -> Example:
+    """Substitute the row's values into `template` without `str.format`.
+
+    The completion starts at the last placeholder: its value plus any literal text after it.
+    Everything before it is the prompt. None, NaN and missing cells render as "".
+    """
+    pieces: list[tuple[str, str | None]] = []
+    for literal, field, _spec, _conversion in string.Formatter().parse(template):
+        if literal:
+            pieces.append((literal, None))
+        if field is not None:
+            pieces.append((_cell(row.get(field)), field))
+    last = max(i for i, (_text, field) in enumerate(pieces) if field is not None)
+    prompt = "".join(text for text, _field in pieces[:last])
+    completion = "".join(text for text, _field in pieces[last:])
+    return Example(prompt, completion)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def check_template_columns(template: str, columns: Sequence[str]) -> list[str]:
+    """Return the template's placeholders; `PipelineError` if the dataset lacks any of them."""
+    try:
+        placeholders = template_placeholders(template)
+    except TemplateError as exc:
+        raise PipelineError(f"prompt_template: {exc}") from None
+    missing = [name for name in dict.fromkeys(placeholders) if name not in columns]
+    if missing:
+        raise PipelineError(
+            f"prompt_template uses columns the dataset does not have: {missing}. "
+            f"Template placeholders: {placeholders}; dataset columns: {list(columns)}"
+        )
+    return placeholders
+
+
+def render_examples(
+    dataset: LoadedDataset, template: str, *, log: LogFn = _no_log
+) -> list[Example]:
+    """Render every row; `PipelineError` (listing both sides) if a placeholder has no column."""
+    placeholders = check_template_columns(template, dataset.columns)
+    examples = [render_example(row, template) for row in dataset.rows]
+    log(f"rendered {len(examples)} examples; loss on {{{placeholders[-1]}}} and what follows it")
+    return examples
+
+
+def tokenize(
+    examples: Sequence[Example], tokenizer: Any, cutoff_len: int, *, log: LogFn = _no_log
+) -> list[TokenizedExample]:
+    """Tokenize prompt + completion + EOS, labels -100 on the prompt, cut to `cutoff_len`.
+
+    The prompt mask comes from character offsets, never from token ids: with pad == EOS
+    (SmolLM2) masking pad ids would also mask the EOS the model must learn to emit. A token
+    straddling the prompt/completion boundary counts as completion, so the first answer token
+    is always trained. An example longer than `cutoff_len` is cut and gets no EOS (teaching the
+    model to stop mid-answer would be worse); one with no completion token left is dropped.
+    """
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise PipelineError("the model's tokenizer has no EOS token; cannot mark example ends")
+    out: list[TokenizedExample] = []
+    truncated = dropped = 0
+    batch_size = 1000
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        for ids, in_completion in _encode(batch, tokenizer):
+            if ids and ids[-1] == eos_id:
+                # Already there: the template ends with the EOS text (ChatML's <|im_end|>), or
+                # the tokenizer appends one itself, with empty offsets. Either way, train it.
+                in_completion = [*in_completion[:-1], True]
+            else:
+                ids, in_completion = [*ids, eos_id], [*in_completion, True]
+            if len(ids) > cutoff_len:
+                truncated += 1
+                ids, in_completion = ids[:cutoff_len], in_completion[:cutoff_len]
+            if not any(in_completion):
+                dropped += 1
+                continue
+            labels = [
+                t if keep else IGNORE_INDEX for t, keep in zip(ids, in_completion, strict=True)
+            ]
+            out.append(TokenizedExample(ids, labels))
+    log(
+        f"tokenized {len(examples)} examples: {truncated} truncated to cutoff_len {cutoff_len}, "
+        f"{dropped} dropped (no completion token within cutoff_len)"
+    )
+    if not out:
+        raise PipelineError(
+            f"no example has a completion token within cutoff_len {cutoff_len}; "
+            "raise cutoff_len or shorten the prompts"
+        )
+    return out
+
+
+def _encode(batch: Sequence[Example], tokenizer: Any) -> list[tuple[list[int], list[bool]]]:
+    texts = [e.prompt + e.completion for e in batch]
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        result = []
+        for example, ids, offsets in zip(
+            batch, enc["input_ids"], enc["offset_mapping"], strict=True
+        ):
+            boundary = len(example.prompt)
+            # Special tokens (BOS) have empty (0, 0) offsets and land in the prompt.
+            result.append((list(ids), [end > boundary for _start, end in offsets]))
+        return result
+    # Slow tokenizers have no offsets: count the prompt's own tokens instead.
+    full = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    prompts = tokenizer([e.prompt for e in batch], add_special_tokens=True)["input_ids"]
+    return [
+        (list(ids), [i >= len(prompt_ids) for i in range(len(ids))])
+        for ids, prompt_ids in zip(full, prompts, strict=True)
+    ]
+
+
+def split(
+    examples: Sequence[TokenizedExample],
+    split_config: Mapping[str, float],
+    *,
+    seed: int = SPLIT_SEED,
+    log: LogFn = _no_log,
+) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """Shuffle with `seed` and cut into (train, validation) by the configured fractions.
+
+    The same examples and fractions always give the same split. Rows beyond
+    train + validation < 1 are left out. Validation 0 gives an empty validation list.
+    """
+    n = len(examples)
+    train_fraction = split_config.get("train", 0.9)
+    val_fraction = split_config.get("validation", 0.0)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
+    n_train = min(n - n_val, max(1, round(n * train_fraction)))
+    validation = [examples[i] for i in order[:n_val]]
+    train = [examples[i] for i in order[n_val : n_val + n_train]]
+    log(f"split (seed {seed}): {len(train)} train, {len(validation)} validation examples")
+    if not validation:
+        log("validation split is 0: evaluation and early stopping are disabled")
+    return train, validation

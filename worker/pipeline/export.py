@@ -1,0 +1,36 @@
+"""The export stage: the adapter and the tokenizer, nothing else."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def _no_log(line: str) -> None:
+    pass
+
+
+def export_adapter(
+    model: Any, tokenizer: Any, output_dir: Path, *, log: Callable[[str], None] = _no_log
+) -> Path:
+    """Write `adapter_model.safetensors`, `adapter_config.json` and the tokenizer files.
+
+    `output_dir` is emptied first, so a retried attempt never uploads a stale file.
+    """
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    # peft's generated model card carries nothing the client needs.
+    (output_dir / "README.md").unlink(missing_ok=True)
+    missing = [name for name in ADAPTER_FILES if not (output_dir / name).is_file()]
+    if missing:
+        raise RuntimeError(f"peft did not write {missing} to {output_dir}")
+    tokenizer.save_pretrained(output_dir)
+    size = sum(p.stat().st_size for p in output_dir.iterdir() if p.is_file())
+    log(f"adapter and tokenizer saved: {size / 1e6:.1f} MB")
+    return output_dir

@@ -1,0 +1,183 @@
+"""Model stages: load the tokenizer, load the base model (full precision or 4-bit), add LoRA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.schema import PretrainedModelConfig
+from shared.sources import SourceError, classify_source
+from worker.pipeline.errors import PipelineError
+
+LogFn = Callable[[str], None]
+LORA_INIT_SEED = 42
+
+
+def _no_log(line: str) -> None:
+    pass
+
+
+def resolve_model_path(model_path: str, allowed_local_dirs: Iterable[Path]) -> str:
+    """What `from_pretrained` gets: a resolved local directory or a hub id."""
+    try:
+        source = classify_source(model_path, allowed_local_dirs, allow_urls=False)
+    except SourceError as exc:
+        raise PipelineError(f"model_path: {exc}") from None
+    if source.kind == "local":
+        assert source.path is not None
+        if not source.path.is_dir():
+            raise PipelineError(f"model_path {model_path!r} is not a directory on the worker")
+        return str(source.path)
+    # from_pretrained tries a local directory of that name first: a hub id must never become
+    # a way around allowed_local_dirs.
+    if Path(model_path).exists():
+        raise PipelineError(
+            f"model id {model_path!r} is also a path on the worker; refusing the ambiguity"
+        )
+    return model_path
+
+
+def load_tokenizer(
+    model_path: str,
+    *,
+    allowed_local_dirs: Iterable[Path],
+    token: str | None = None,
+    log: LogFn = _no_log,
+) -> Any:
+    """The base model's tokenizer, with a pad token (its EOS if it has none)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(model_path, allowed_local_dirs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, token=token, trust_remote_code=False)
+    except Exception as exc:  # any failure here means "this tokenizer cannot be loaded"
+        raise PipelineError(
+            f"could not load the tokenizer of {model_path!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    if tokenizer.pad_token is None:
+        # Labels are masked by position, never by pad id, so pad == EOS is safe; adding a new
+        # token would need an embedding row the adapter cannot carry.
+        tokenizer.pad_token = tokenizer.eos_token
+        log(f"tokenizer has no pad token; padding with EOS {tokenizer.eos_token!r}")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 on a CUDA GPU that supports it, fp16 on an older GPU, fp32 on CPU."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_4bit_available() -> None:
+    """Raise `PipelineError` unless bitsandbytes can quantize to 4 bit on this machine."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        bnb_functional.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
+    except Exception as exc:  # import errors, missing native library, unsupported device
+        raise PipelineError(
+            f"use_quantization (4-bit QLoRA) is not available on this worker ({device}): "
+            f"{type(exc).__name__}: {exc}. Set use_quantization to false to train plain LoRA."
+        ) from None
+
+
+def load_model(
+    model_path: str,
+    config: PretrainedModelConfig,
+    *,
+    allowed_local_dirs: Iterable[Path],
+    token: str | None = None,
+    log: LogFn = _no_log,
+) -> Any:
+    """Load the base model and wrap it with a fresh LoRA adapter; returns the `PeftModel`.
+
+    With `config.use_quantization` the base is 4-bit NF4 with double quantization (QLoRA);
+    there is no silent fallback when 4-bit is unavailable.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    source = resolve_model_path(model_path, allowed_local_dirs)
+    dtype = compute_dtype()
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "token": token,
+        "trust_remote_code": False,
+        # Pickled .bin checkpoints can run code when loaded.
+        "use_safetensors": True,
+    }
+    if torch.cuda.is_available():
+        # "nmp", naive model parallel: layers spread over the GPUs of this worker.
+        kwargs["device_map"] = "auto"
+    if config.use_quantization:
+        check_4bit_available()
+        # fp16 compute overflows too easily for training; without bf16, compute in fp32.
+        kwargs["dtype"] = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+        )
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:  # any failure here means "this model cannot be loaded"
+        hint = " (only safetensors checkpoints are accepted)" if "safetensors" in str(exc) else ""
+        raise PipelineError(
+            f"could not load model {model_path!r}: {type(exc).__name__}: {exc}{hint}"
+        ) from None
+    if config.use_quantization:
+        keep_4bit_weights_trainable(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        log(f"base model loaded in 4-bit NF4 (double quantization), compute {kwargs['dtype']}")
+    else:
+        log(f"base model loaded in {dtype}")
+    if config.use_gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+        log("gradient checkpointing on")
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        bias=config.lora_bias,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    # lora_A is drawn from torch's global generator, and the Trainer seeds only later: seed
+    # here, or two runs of the same request start from different adapters.
+    torch.manual_seed(LORA_INIT_SEED)
+    model = get_peft_model(model, lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    log(
+        f"LoRA r={config.lora_r} alpha={config.lora_alpha} on all linear layers: "
+        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    )
+    return model
+
+
+def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On a CPU with avx512_bf16, the first no-grad forward of a `Linear4bit` in eval mode (the
+    Trainer's evaluation) repacks its weight for a fused kernel for good; later training
+    forwards then go through an op without autograd, and gradients through the base weights
+    silently vanish (layer-0 lora_A grad norm 3.2e-3 before one eval, 3.4e-7 after).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute activations in backward; non-reentrant, so frozen inputs need no hack."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # The KV cache is useless in training and conflicts with checkpointing.
+    model.config.use_cache = False

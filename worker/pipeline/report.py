@@ -1,0 +1,78 @@
+"""How the pipeline talks to whoever runs it: phases, log lines, metrics, progress, stop.
+
+The Celery task implements `JobReporter` against the database; tests use `RecordingReporter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+PHASES = ("loading_data", "loading_model", "training", "uploading")
+METRIC_KEYS = frozenset(
+    {"epoch", "loss", "eval_loss", "learning_rate", "tokens_per_s", "grad_norm"}
+)
+
+
+class JobReporter(Protocol):
+    def phase(self, name: str) -> None:
+        """The job entered `name`, one of `PHASES`."""
+
+    def log(self, line: str) -> None:
+        """One user-visible log line, e.g. `epoch 1 | step 5/40 | loss 2.31 | ...`."""
+
+    def metric(self, step: int, values: dict[str, float]) -> None:
+        """Metrics at optimizer step `step`; keys among `METRIC_KEYS`."""
+
+    def progress(self, fraction: float) -> None:
+        """Training progress in [0, 1]: optimizer steps done over steps planned."""
+
+    def should_stop(self) -> str | None:
+        """Polled after every optimizer step: a reason such as "cancelled" stops training."""
+
+
+@dataclass
+class RecordingReporter:
+    """A `JobReporter` that keeps everything in lists.
+
+    `request_stop(reason)` simulates a user cancelling; `stop_after_step=n` does so as soon as
+    the metrics of step n are recorded, i.e. while training is under way.
+    """
+
+    phases: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    fractions: list[float] = field(default_factory=list)
+    stop_after_step: int | None = None
+    stop_reason: str | None = None
+    polls: int = 0
+
+    def phase(self, name: str) -> None:
+        self.phases.append(name)
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+    def metric(self, step: int, values: dict[str, float]) -> None:
+        self.metrics.append((step, dict(values)))
+        if self.stop_after_step is not None and step >= self.stop_after_step:
+            self.request_stop("cancelled")
+
+    def progress(self, fraction: float) -> None:
+        self.fractions.append(fraction)
+
+    def should_stop(self) -> str | None:
+        self.polls += 1
+        return self.stop_reason
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def values(self, key: str) -> list[float]:
+        """Every recorded value of metric `key`, in order."""
+        return [values[key] for _step, values in self.metrics if key in values]
+
+    def steps(self, key: str) -> list[int]:
+        """The steps at which metric `key` was recorded, in order."""
+        return [step for step, values in self.metrics if key in values]

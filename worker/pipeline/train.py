@@ -1,0 +1,175 @@
+"""The training stage: transformers' Trainer on the LoRA model, reporting through callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
+
+from shared.schema import TrainingConfig
+from worker.pipeline.callbacks import MetricsCallback, ProgressReportCallback, StopCallback
+from worker.pipeline.data import IGNORE_INDEX, TokenizedExample
+from worker.pipeline.errors import TrainingStopped
+from worker.pipeline.report import JobReporter
+
+SEED = 42
+DEFAULT_BATCH_SIZE = 4
+# About ten evaluations per run: enough for early stopping and reduce_lr_on_plateau to act,
+# few enough that evaluation does not dominate a run.
+EVAL_EVERY_FRACTION = 0.1
+# torch's ReduceLROnPlateau waits 10 evaluations by default, which never happens in ten.
+PLATEAU_KWARGS = {"patience": 1, "factor": 0.5}
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+
+
+class PadToLongest:
+    """Pads a batch to its longest example: pad id / attention 0 / label -100."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: Sequence[TokenizedExample | dict[str, Any]]) -> dict[str, Any]:
+        rows = [b if isinstance(b, dict) else vars(b) for b in batch]
+        width = max(len(r["input_ids"]) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class _Examples(torch.utils.data.Dataset):
+    """Items as dicts: the Trainer's length-grouped sampler reads `item["input_ids"]`."""
+
+    def __init__(self, examples: Sequence[TokenizedExample]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        example = self.examples[index]
+        return {"input_ids": example.input_ids, "labels": example.labels}
+
+
+def training_arguments(
+    config: TrainingConfig,
+    *,
+    output_dir: Path,
+    has_validation: bool,
+    quantized: bool,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> TrainingArguments:
+    """Map the request's training_config onto transformers 5 TrainingArguments."""
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    scheduler_kwargs = PLATEAU_KWARGS if config.lr_scheduler_type == "reduce_lr_on_plateau" else {}
+    evaluation: dict[str, Any] = {"eval_strategy": "no"}
+    if has_validation:
+        evaluation = {
+            "eval_strategy": "steps",
+            "eval_steps": EVAL_EVERY_FRACTION,
+            "per_device_eval_batch_size": batch_size,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+        }
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        num_train_epochs=config.num_train_epochs,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        # Paged 8-bit AdamW needs CUDA; elsewhere the plain torch AdamW.
+        optim="paged_adamw_8bit" if quantized and cuda else "adamw_torch",
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        use_cpu=not cuda,
+        logging_strategy="steps",
+        logging_steps=1,
+        include_num_input_tokens_seen="non_padding",
+        save_strategy="no",
+        report_to="none",
+        seed=SEED,
+        data_seed=SEED,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        **evaluation,
+    )
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    train_set: Sequence[TokenizedExample],
+    eval_set: Sequence[TokenizedExample],
+    config: TrainingConfig,
+    *,
+    output_dir: Path,
+    reporter: JobReporter,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> TrainStats:
+    """Train the adapter in place; raises `TrainingStopped` if the reporter asks to stop."""
+    args = training_arguments(
+        config,
+        output_dir=output_dir,
+        has_validation=bool(eval_set),
+        quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+        batch_size=batch_size,
+    )
+    metrics, stop = MetricsCallback(reporter), StopCallback(reporter)
+    callbacks = [metrics, ProgressReportCallback(reporter), stop]
+    if eval_set:
+        callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_Examples(train_set),
+        eval_dataset=_Examples(eval_set) if eval_set else None,
+        data_collator=PadToLongest(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    # Log lines go to the reporter; the Trainer's own printer would duplicate them on stdout.
+    trainer.remove_callback(PrinterCallback)
+    if config.lr_scheduler_type == "reduce_lr_on_plateau":
+        reporter.log(
+            "reduce_lr_on_plateau: no warm-up; the learning rate halves after an evaluation "
+            "without improvement"
+        )
+    trainer.train()
+    state = trainer.state
+    if stop.reason:
+        reporter.log(f"training stopped at step {stop.step}: {stop.reason}")
+        raise TrainingStopped(stop.reason, step=stop.step)
+    if eval_set and state.global_step < state.max_steps:
+        patience = config.early_stopping_patience
+        reporter.log(
+            f"early stopping at step {state.global_step}/{state.max_steps}: eval_loss did not "
+            f"improve for {patience} evaluation{'s' if patience > 1 else ''} "
+            f"(best {state.best_metric:.4f})"
+        )
+    reporter.progress(1.0)
+    return TrainStats(
+        steps=state.global_step,
+        first_loss=metrics.losses[0] if metrics.losses else None,
+        last_loss=metrics.losses[-1] if metrics.losses else None,
+    )
