@@ -177,6 +177,7 @@ def run_demo(tiny: bool = False) -> int:
             adapter_dir = DEMO_DIR / "downloads" / job_id
             print(f"4/5 downloading the adapter through the API to {adapter_dir}")
             size = download(client, job_id, adapter_dir)
+            metrics = client.get(f"/v1/finetune/llm/{job_id}/metrics").json()["metrics"]
     print("5/5 loading the adapter with PeftModel.from_pretrained and comparing answers")
     rows = answers(model_dir, adapter_dir)
     print_side_by_side(rows)
@@ -186,7 +187,13 @@ def run_demo(tiny: bool = False) -> int:
         f"job {job_id}: COMPLETED in {result['steps']} optimizer steps "
         f"on {result['train_rows']} training rows ({result['eval_rows']} held out)"
     )
-    print(f"loss: first step {result['first_loss']:.3f} -> last step {result['last_loss']:.3f}")
+    print(f"training loss: first step {result['first_loss']:.3f} -> "
+          f"last step {result['last_loss']:.3f}")
+    eval_losses = [(m["step"], m["values"]["eval_loss"]) for m in metrics
+                   if "eval_loss" in m["values"]]
+    if eval_losses:
+        (s0, e0), (s1, e1) = eval_losses[0], eval_losses[-1]
+        print(f"validation loss: step {s0} {e0:.3f} -> step {s1} {e1:.3f}")
     print(f"adapter: {adapter_bytes / 1e6:.2f} MB (all files {size / 1e6:.2f} MB) in {adapter_dir}")
     print(f"demo wall time: {time.monotonic() - started:.0f} s")
     return 0

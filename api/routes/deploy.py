@@ -9,9 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import SessionDep, TenantDep
-from api.routes.finetune import JobId, NLines, cancel_job, get_job, job_logs
+from api.routes.finetune import JobId, NLines, cancel_job, get_job, job_logs, list_jobs
 from api.schemas import JobList, JobOut, LogsOut, TerminateIn
-from shared import jobs
 
 router = APIRouter(prefix="/v1/deploy", tags=["monsterapi compatibility"])
 
@@ -31,8 +30,7 @@ def deployment_logs(deployment_id: JobId, caller: TenantDep, session: SessionDep
 def deployment_list(caller: TenantDep, session: SessionDep,
                     limit: Annotated[int, Query(ge=1, le=100)] = 100,
                     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> JobList:
-    items, total = jobs.list_jobs(session, caller.tenant_id, limit, offset)
-    return JobList(items=[JobOut.of(j) for j in items], total=total, limit=limit, offset=offset)
+    return list_jobs(caller, session, limit, offset)
 
 
 @router.post("/terminate", summary="Alias of POST /v1/finetune/llm/{job_id}/cancel")

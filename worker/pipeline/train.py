@@ -83,6 +83,8 @@ def training_arguments(
         evaluation = {
             "eval_strategy": "steps",
             "eval_steps": EVAL_EVERY_FRACTION,
+            # The base model's validation loss: the baseline every later eval_loss is read against.
+            "eval_on_start": True,
             "per_device_eval_batch_size": batch_size,
             "metric_for_best_model": "eval_loss",
             "greater_is_better": False,
