@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -33,6 +35,19 @@ def get_storage(settings: SettingsDep) -> Storage:
 
 
 StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+def get_scratch_dir() -> Iterator[Path]:
+    """A directory for one request's files (received uploads), removed after the response.
+
+    Under the system temp dir (TMPDIR): it needs room for TUNERY_MAX_DATASET_BYTES per
+    upload in flight.
+    """
+    with tempfile.TemporaryDirectory(prefix="tunery-upload-") as tmp:
+        yield Path(tmp)
+
+
+ScratchDirDep = Annotated[Path, Depends(get_scratch_dir)]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.datasets import DatasetNotFound, DatasetRejected, UploadRefused
 from shared.jobs import JobConflict, JobNotFound
 
 log = logging.getLogger("tunery.api")
@@ -70,6 +71,23 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return JSONResponse(error_body("not_found", f"no job with id {exc.args[0]}"), 404)
+
+    @app.exception_handler(DatasetNotFound)
+    async def _no_dataset(_: Request, exc: DatasetNotFound) -> JSONResponse:
+        return JSONResponse(error_body("not_found", f"no dataset with id {exc.args[0]}"), 404)
+
+    @app.exception_handler(DatasetRejected)
+    async def _rejected(_: Request, exc: DatasetRejected) -> JSONResponse:
+        if exc.too_large:
+            return JSONResponse(error_body("payload_too_large", exc.message), 413)
+        fields = [{"path": "file", "message": exc.message}]
+        return JSONResponse(error_body("invalid_dataset", exc.message, fields), 422)
+
+    @app.exception_handler(UploadRefused)
+    async def _upload_refused(_: Request, exc: UploadRefused) -> JSONResponse:
+        if exc.conflict:
+            return JSONResponse(error_body("conflict", exc.message), 409)
+        return JSONResponse(error_body("forbidden", exc.message), 403)
 
     @app.exception_handler(JobConflict)
     async def _conflict(_: Request, exc: JobConflict) -> JSONResponse:

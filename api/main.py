@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import deploy, finetune, health
+from api.routes import datasets, deploy, finetune, health, upload
 from shared.queue import declare_queue
 from shared.settings import get_settings
 
@@ -40,6 +40,8 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(finetune.router)
     app.include_router(deploy.router)
+    app.include_router(datasets.router)
+    app.include_router(upload.router)
     return app
 
 

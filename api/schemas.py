@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from shared.models import Job, JobStatus
-from shared.schema import redact_payload
+from shared import datasets
+from shared.models import Dataset, Job, JobStatus
+from shared.schema import TemplateError, redact_payload, template_placeholders
 
 MONSTERAPI_STATUS = {
     JobStatus.QUEUED: "IN_QUEUE",
@@ -114,3 +115,85 @@ class TerminateIn(BaseModel):
 
     deployment_id: str = Field(min_length=1, max_length=64)
     actor: str = Field("user", max_length=64)
+
+
+class DatasetOut(BaseModel):
+    id: str = Field(description="Pass it as data_config.data_path to train on this dataset.")
+    name: str
+    status: str = Field(description="ready; pending while an upload URL waits for its PUT; "
+                                    "failed (see error) when the file was rejected.")
+    format: str | None = Field(description="jsonl, json, csv or parquet.")
+    size_bytes: int | None
+    rows: int | None
+    columns: list[str] | None
+    first_rows: list[dict[str, Any]] = Field(
+        description=f"Up to the first {datasets.FIRST_ROWS} rows; cells longer than "
+        f"{datasets.MAX_SAMPLE_CELL_CHARS} characters are cut and end with '…'."
+    )
+    error: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> DatasetOut:
+        return cls(
+            id=dataset.id,
+            name=dataset.name,
+            status=dataset.status,
+            format=dataset.format,
+            size_bytes=dataset.size_bytes,
+            rows=dataset.rows,
+            columns=dataset.columns,
+            first_rows=datasets.first_rows(dataset),
+            error=dataset.error,
+            created_at=dataset.created_at,
+        )
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class PreviewIn(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    prompt_template: str = Field(min_length=1, max_length=16384,
+                                 description="The template a job would use.")
+    n: int = Field(datasets.FIRST_ROWS, ge=1, le=datasets.SAMPLE_ROWS,
+                   description="How many of the first rows to render.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _safe_template(cls, value: str) -> str:
+        try:
+            template_placeholders(value)
+        except TemplateError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class ExampleOut(BaseModel):
+    prompt: str
+    completion: str = Field(description="The part the loss is computed on: the last "
+                                        "placeholder's value and the text after it.")
+
+
+class PreviewOut(BaseModel):
+    dataset_id: str
+    placeholders: list[str]
+    missing_columns: list[str] = Field(description="Placeholders the dataset has no column for; "
+                                                   "a job with this template would be refused.")
+    message: str
+    examples: list[ExampleOut]
+
+
+class UploadUrlOut(BaseModel):
+    upload_url: str = Field(description="PUT the file's bytes here (no API key needed).")
+    download_url: str = Field(
+        description="The dataset id: pass it as data_config.data_path (with data_source_type "
+        "s3_presigned_link, as MonsterAPI clients do, or hub_link)."
+    )
+    dataset_id: str
+    expires_in: int = Field(description="Seconds the upload_url stays valid.")

@@ -7,7 +7,18 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -117,3 +128,38 @@ class JobMetric(Base):
     step: Mapped[int] = mapped_column(Integer)
     values: Mapped[dict[str, Any]] = mapped_column(JSON)
     at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DatasetStatus(enum.StrEnum):
+    PENDING = "pending"
+    """An upload URL was handed out; the bytes have not arrived or not been checked yet."""
+    READY = "ready"
+    FAILED = "failed"
+
+
+class Dataset(Base):
+    """A dataset file uploaded to Tunery; the bytes live in storage at `storage_key`.
+
+    Parsed once, when it arrives: the row holds what a preview or a submit check needs (row
+    count, columns, a sample of the first rows), so neither reads the file again.
+    """
+
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16))
+    format: Mapped[str | None] = mapped_column(String(16), default=None)
+    storage_key: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    rows: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    columns: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    sample_rows: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    # The upload flow's PUT carries no API key: an unguessable token, stored hashed, stands in.
+    upload_token_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    upload_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

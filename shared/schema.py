@@ -5,6 +5,9 @@ version 1.0.9.3) so that client code written for MonsterAPI works unchanged. Two
 differences: unknown fields are refused (`extra="forbid"`), because a typo that silently trains
 with a default wastes GPU hours; and options Tunery cannot honour yet are refused with a
 message saying so, rather than accepted and ignored.
+
+Fields the client does not have are Tunery extensions (`lora_target_modules`,
+`train_on_inputs`); their defaults keep MonsterAPI's behaviour.
 """
 
 from __future__ import annotations
@@ -13,7 +16,16 @@ import re
 import string
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from shared.resume import parse_resume_path
 
 LR_SCHEDULERS = (
     "linear",
@@ -27,6 +39,11 @@ LR_SCHEDULERS = (
 )
 
 _PLACEHOLDER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A module name as peft matches it in a list: "q_proj" or a dotted suffix like
+# "self_attn.q_proj". peft reads a plain string as a regex; a list of these never is.
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+# "name" or "owner/name", as the hub accepts them.
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 
 class TemplateError(ValueError):
@@ -77,7 +94,11 @@ class PretrainedModelConfig(_Strict):
         description="Base model: a hub id or a local directory the operator allows.",
     )
     resume_checkpoint_path: str = Field(
-        "", max_length=512, description="Checkpoint of an earlier job to continue from."
+        "",
+        max_length=512,
+        description="An earlier job of yours to continue from: '{job_id}', 'jobs/{job_id}' "
+        "(its final adapter) or 'jobs/{job_id}/checkpoints/step-N'. Its adapter weights "
+        "initialize this job's LoRA; training uses this job's config and a new optimizer.",
     )
     use_lora: bool = Field(True, description="Train a LoRA adapter (full fine-tuning is refused).")
     lora_r: int = Field(8, gt=0, lt=2048, description="LoRA rank.")
@@ -85,6 +106,15 @@ class PretrainedModelConfig(_Strict):
     lora_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Dropout on the LoRA path.")
     lora_bias: Literal["none", "all", "lora_only"] = Field(
         "none", description="Which biases to train, as in peft's LoraConfig.bias."
+    )
+    lora_target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Tunery extension: names of the linear layers to adapt, e.g. "
+        "['q_proj', 'v_proj'] (a name matches a layer whose path ends with it). None adapts "
+        "every linear layer but the output head (peft's 'all-linear'). A name that matches no "
+        "linear layer fails the job with the list of the model's linear layer names.",
     )
     use_quantization: bool = Field(
         False, description="QLoRA: load the base model in 4-bit NF4 with double quantization."
@@ -103,11 +133,24 @@ class PretrainedModelConfig(_Strict):
             raise ValueError("full fine-tuning is not supported; Tunery trains LoRA adapters")
         return value
 
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _module_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        bad = [name for name in value if not _MODULE_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(
+                f"not layer names: {bad}; use names like 'q_proj' or 'self_attn.q_proj' "
+                "(letters, digits, '_', '.'; no patterns)"
+            )
+        return list(dict.fromkeys(value))
+
     @field_validator("resume_checkpoint_path")
     @classmethod
-    def _no_resume_yet(cls, value: str) -> str:
+    def _resume_path_grammar(cls, value: str) -> str:
         if value:
-            raise ValueError("resuming from a checkpoint is not supported yet; leave it empty")
+            parse_resume_path(value)  # the API checks at submit that the job is the caller's
         return value
 
 
@@ -116,8 +159,8 @@ class DataConfig(_Strict):
         "tatsu-lab/alpaca",
         min_length=1,
         max_length=2048,
-        description="Hub dataset id, an https / presigned URL, or a local file the operator "
-        "allows.",
+        description="Hub dataset id, a dataset uploaded to Tunery (ds_...), an https / "
+        "presigned URL, or a local file the operator allows.",
     )
     data_subset: str | None = Field(
         None, max_length=256, description="Hub dataset subset; 'default' means none."
@@ -139,6 +182,12 @@ class DataConfig(_Strict):
         description="Fractions of the rows used for training and validation.",
     )
     prevalidated: bool = Field(False, description="Accepted for compatibility; has no effect.")
+    train_on_inputs: bool = Field(
+        False,
+        description="Tunery extension: compute the loss on every token (prompt included). "
+        "False, the default, computes it on the completion only (in chat mode: on the "
+        "assistant turns only).",
+    )
 
     @field_validator("prompt_template")
     @classmethod
@@ -201,39 +250,58 @@ class TrainingConfig(_Strict):
 
 
 class LoggingConfig(_Strict):
-    use_wandb: bool = Field(False, description="Report to Weights & Biases.")
-    wandb_username: str = Field("", max_length=256)
-    wandb_login_key: str = Field("", max_length=256)
-    wandb_project: str = Field("", max_length=256)
-    wandb_run_name: str = Field("", max_length=256)
+    use_wandb: bool = Field(
+        False, description="Report losses, learning rate and evaluations to Weights & Biases."
+    )
+    wandb_username: str = Field(
+        "", max_length=256, description="W&B entity (user or team); empty: the key's default."
+    )
+    wandb_login_key: str = Field(
+        "", max_length=256, description="W&B API key; never logged or echoed back."
+    )
+    wandb_project: str = Field(
+        "",
+        max_length=256,
+        validate_default=True,
+        description="W&B project to report to; required with use_wandb.",
+    )
+    wandb_run_name: str = Field("", max_length=256, description="W&B run name; empty: W&B's.")
 
-    @field_validator("use_wandb")
+    @field_validator("wandb_project")
     @classmethod
-    def _no_wandb_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "Weights & Biases reporting is not available yet; read metrics from "
-                "GET /v1/finetune/llm/{job_id}/metrics"
-            )
+    def _project_when_reporting(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("use_wandb") and not value.strip():
+            raise ValueError("use_wandb needs a wandb_project to report to")
         return value
 
 
 class HuggingfaceConfig(_Strict):
-    hf_token: str | None = Field(
-        None, max_length=512, description="Token for private hub models and datasets."
-    )
+    # Declared before hf_token, so that hf_token's validator can see it.
     hf_model_path: str | None = Field(
-        None, max_length=512, description="Hub repo to push the adapter to (not supported yet)."
+        None,
+        max_length=512,
+        description="Hub repo ('owner/name') to push the adapter and tokenizer to when training "
+        "ends; created private if it does not exist. Needs hf_token with write access.",
+    )
+    hf_token: str | None = Field(
+        None,
+        max_length=512,
+        validate_default=True,
+        description="Token for private hub models and datasets, and for hf_model_path.",
     )
 
     @field_validator("hf_model_path")
     @classmethod
-    def _no_push_yet(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError(
-                "pushing to the hub is not supported; download the adapter from "
-                "GET /v1/finetune/llm/{job_id}/artifacts"
-            )
+    def _repo_id(cls, value: str | None) -> str | None:
+        if value and not _HUB_REPO_ID.fullmatch(value):
+            raise ValueError(f"{value!r} is not a hub repo id like 'owner/name'")
+        return value or None
+
+    @field_validator("hf_token")
+    @classmethod
+    def _token_to_push(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("hf_model_path") and not value:
+            raise ValueError("hf_model_path needs an hf_token with write access to the repo")
         return value
 
 

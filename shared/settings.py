@@ -44,9 +44,17 @@ class Settings(BaseSettings):
         "Empty: local paths are refused.",
     )
     work_dir: Path | None = Field(None, description="Scratch space for worker jobs.")
+    max_dataset_bytes: int = Field(
+        1024**3, ge=1, description="Largest dataset file accepted by POST /v1/datasets and "
+        "the upload flow; larger ones get 413."
+    )
     queue_name: str = "train"
     lease_seconds: int = Field(120, ge=5, description="How long a claim lasts without a heartbeat.")
     max_attempts: int = Field(3, ge=1)
+    checkpoint_every_steps: int = Field(
+        50, ge=0, description="Upload a resumable checkpoint every N optimizer steps; 0: never."
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept in storage per job.")
     auto_migrate: bool = Field(True, description="Run `alembic upgrade head` when the API starts.")
     log_level: str = "INFO"
 

@@ -1,4 +1,5 @@
-"""Where a dataset or a base model comes from: a local path, an https URL, or a hub id.
+"""Where a dataset or a base model comes from: a local path, an https URL, an uploaded
+dataset id, or a hub id.
 
 The API calls `classify_source` at submit time so a refused value is a 422 before anything is
 queued; the worker calls it again before reading, because the worker's settings decide what it
@@ -14,7 +15,11 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 from urllib.parse import urlsplit
 
-SourceKind = Literal["local", "url", "hub"]
+SourceKind = Literal["local", "url", "dataset", "hub"]
+
+# Ids of datasets uploaded to Tunery (`POST /v1/datasets`, `GET /v1/upload`): "ds_" and a
+# uuid4 in hex. Checked before hub ids, which this grammar would also match.
+DATASET_ID = re.compile(r"ds_[0-9a-f]{32}")
 
 # Hub ids are `name` or `owner/name`. ASCII only: `\w` would otherwise accept any Unicode
 # letter, and look-alike characters have no business in an id.
@@ -38,13 +43,15 @@ class Source:
 def classify_source(
     value: str, allowed_local_dirs: Iterable[Path], *, allow_urls: bool = True
 ) -> Source:
-    """Classify `value` as a local path, an https URL or a hub id, or raise `SourceError`.
+    """Classify `value` as a local path, an https URL, an uploaded dataset id or a hub id, or
+    raise `SourceError`.
 
     - Absolute paths are local and must resolve (symlinks and `..` followed) to a path inside
       one of `allowed_local_dirs`; with none configured every local path is refused. Relative
       paths are refused: they would depend on the worker's current directory.
     - `https://` URLs are URLs (pass `allow_urls=False` where only models are meant); any
       other scheme, `file:` and plain `http:` included, is refused.
+    - `ds_` + 32 hex digits is an uploaded dataset (its tenant is checked by the API).
     - Everything else must be a hub id, `name` or `owner/name`.
 
     Existence is not checked: the API and the worker may run on different hosts.
@@ -58,6 +65,8 @@ def classify_source(
         raise SourceError(f"{value!r}: local paths must be absolute")
     if _SCHEME.match(value) and "://" in value or value.lower().startswith("file:"):
         return Source("url", _checked_url(value, allow_urls))
+    if DATASET_ID.fullmatch(value):
+        return Source("dataset", value)
     if _HUB_ID.fullmatch(value) and ".." not in value:
         return Source("hub", value)
     raise SourceError(

@@ -101,6 +101,10 @@ class Storage(Protocol):
         """A time-limited GET URL, or None when the store has none (the API streams instead)."""
         ...
 
+    def presigned_upload_url(self, key: str, expires_s: int) -> str | None:
+        """A time-limited PUT URL, or None when the store has none (the API receives instead)."""
+        ...
+
     def check(self) -> None:
         """Readiness probe: raises StorageError with a readable reason when unusable."""
         ...
@@ -278,6 +282,10 @@ class LocalStorage(Storage):
 
     def presigned_url(self, key: str, expires_s: int) -> str | None:
         self._path(key)  # same refusal of bad keys as the S3 store
+        return None
+
+    def presigned_upload_url(self, key: str, expires_s: int) -> str | None:
+        self._path(key)
         return None
 
     def check(self) -> None:
@@ -507,6 +515,16 @@ class S3Storage(Storage):
         with self._errors("presign", key):
             url: str = self._presign_client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=expires_s
+            )
+        return url
+
+    def presigned_upload_url(self, key: str, expires_s: int) -> str | None:
+        full = self._full_key(key)
+        # Content-Type and Content-Length are left unsigned: MonsterAPI clients PUT with
+        # whatever their HTTP library sends. The size is checked when the upload is parsed.
+        with self._errors("presign", key):
+            url: str = self._presign_client.generate_presigned_url(
+                "put_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=expires_s
             )
         return url
 

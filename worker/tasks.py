@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from celery.signals import worker_init
 
@@ -17,8 +18,11 @@ from shared.models import JobStatus
 from shared.queue import TRAIN_TASK, declare_queue, get_celery
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
-from shared.storage import storage_from_settings
+from shared.storage import StorageError, storage_from_settings
 from worker.job_reporter import DatabaseReporter
+
+if TYPE_CHECKING:
+    from worker.pipeline.checkpoints import CheckpointStore
 
 log = logging.getLogger("tunery.worker")
 
@@ -48,18 +52,26 @@ def train(job_id: str) -> None:
 
 def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
     # Imported here so the Celery app (and the API, which shares shared.queue) loads fast.
+    from worker.pipeline.checkpoints import CheckpointStore
     from worker.pipeline.errors import PipelineError, TrainingStopped
     from worker.pipeline.run import run_job
 
     settings = get_settings()
     reporter = DatabaseReporter(claim, settings.lease_seconds)
+    # An earlier attempt's checkpoints live here; this attempt resumes from the latest.
+    checkpoints = CheckpointStore(
+        storage_from_settings(settings),
+        claim.job_id,
+        every_steps=settings.checkpoint_every_steps,
+        keep=settings.checkpoints_to_keep,
+    )
     assert settings.work_dir is not None
     work_dir = Path(settings.work_dir) / f"{claim.job_id}-{claim.attempt}"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     try:
         reporter.log(f"attempt {claim.attempt} started on {claim.owner}")
-        result = run_job(request, work_dir, reporter, settings)
+        result = run_job(request, work_dir, reporter, settings, checkpoints)
         reporter.phase("uploading")
         uploaded = upload_outputs(claim.job_id, result.output_dir)
         reporter.log(f"uploaded {len(uploaded)} files to {jobs.artifact_prefix(claim.job_id)}")
@@ -69,9 +81,12 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
             "last_loss": result.last_loss,
             "train_rows": result.train_rows,
             "eval_rows": result.eval_rows,
+            "best_eval_loss": result.best_eval_loss,
+            "best_step": result.best_step,
             "artifacts": uploaded,
         }
-        finish(claim, JobStatus.COMPLETED, result=summary)
+        if finish(claim, JobStatus.COMPLETED, result=summary):
+            discard_checkpoints(checkpoints)
     except TrainingStopped as stop:
         if stop.reason == "cancelled":
             reporter.log("training stopped: cancelled by the user")
@@ -101,9 +116,19 @@ def upload_outputs(job_id: str, output_dir: Path) -> list[str]:
     return names
 
 
+def discard_checkpoints(checkpoints: CheckpointStore) -> None:
+    """Delete a completed job's checkpoints: its final adapter supersedes them, and they would
+    otherwise be listed among its artifacts."""
+    try:
+        checkpoints.delete_all()
+    except StorageError as exc:
+        log.warning("job %s: could not delete its checkpoints: %s", checkpoints.job_id, exc)
+
+
 def finish(
     claim: Claim, status: JobStatus, *, reason: str | None = None, result: dict | None = None
-) -> None:
+) -> bool:
+    """Record the attempt's outcome; False when a newer attempt or a cancel owns the job."""
     with session_scope() as session:
         if not jobs.transition(
             session, claim.job_id, status, attempt=claim.attempt, reason=reason, result=result
@@ -114,3 +139,5 @@ def finish(
                 claim.attempt,
                 status,
             )
+            return False
+    return True

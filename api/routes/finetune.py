@@ -6,9 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import ApiError
+from api.routes.datasets import resolve_dataset
 from api.schemas import (
     ArtifactOut,
     ArtifactsOut,
@@ -19,13 +21,14 @@ from api.schemas import (
     MetricOut,
     MetricsOut,
 )
-from shared import jobs
+from shared import datasets, jobs
 from shared.models import JobStatus
 from shared.queue import enqueue_training
+from shared.resume import resume_problems
 from shared.schema import FinetuneRequest
 from shared.settings import Settings
 from shared.sources import SourceError, classify_source
-from shared.storage import ObjectNotFound, StorageError, validate_key
+from shared.storage import ObjectNotFound, Storage, StorageError, validate_key
 
 router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"])
 
@@ -33,25 +36,49 @@ JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]
 NLines = Annotated[int, Query(ge=1, le=10000, description="How many of the last lines.")]
 
 
-def check_sources(request: FinetuneRequest, settings: Settings) -> None:
-    """Refuse model and data locations the worker would refuse, before anything is stored."""
+def check_sources(request: FinetuneRequest, settings: Settings, *, session: Session,
+                  storage: Storage, tenant_id: str) -> None:
+    """Refuse model and data locations the worker would refuse, before anything is stored;
+    an uploaded dataset must be the caller's, parsed, and have the template's columns."""
     problems = []
     for path, value, allow_urls in (
         ("pretrainedmodel_config.model_path", request.pretrainedmodel_config.model_path, False),
         ("data_config.data_path", request.data_config.data_path, True),
     ):
         try:
-            classify_source(value, settings.allowed_local_dirs, allow_urls=allow_urls)
+            source = classify_source(value, settings.allowed_local_dirs, allow_urls=allow_urls)
         except SourceError as exc:
             problems.append({"path": path, "message": str(exc)})
+            continue
+        if source.kind == "dataset" and path.startswith("pretrainedmodel_config"):
+            problems.append({"path": path, "message": f"{value!r} is a dataset id, not a model"})
+        elif source.kind == "dataset":
+            problems.extend(_dataset_problems(request, settings, session, storage, tenant_id))
+    problems.extend(resume_problems(session, tenant_id, request.pretrainedmodel_config))
     if problems:
         summary = "; ".join(f"{p['path']}: {p['message']}" for p in problems)
         raise ApiError(422, "invalid_request", summary, problems)
 
 
+def _dataset_problems(request: FinetuneRequest, settings: Settings, session: Session,
+                      storage: Storage, tenant_id: str) -> list[dict[str, str]]:
+    data, where = request.data_config, "data_config.data_path"
+    try:
+        dataset = resolve_dataset(session, storage, settings, tenant_id, data.data_path)
+    except datasets.DatasetNotFound:
+        return [{"path": where, "message": f"no dataset with id {data.data_path}"}]
+    except datasets.DatasetRejected as exc:
+        return [{"path": where, "message": exc.message}]
+    reason = datasets.not_ready_reason(dataset)
+    if reason:
+        return [{"path": where, "message": reason}]
+    message = datasets.missing_columns_message(data.prompt_template, dataset.columns or [])
+    return [{"path": "data_config.prompt_template", "message": message}] if message else []
+
+
 def submit_job(request: FinetuneRequest, caller: TenantDep, session: SessionDep,
-               settings: SettingsDep) -> JobSubmitted:
-    check_sources(request, settings)
+               settings: SettingsDep, storage: StorageDep) -> JobSubmitted:
+    check_sources(request, settings, session=session, storage=storage, tenant_id=caller.tenant_id)
     job = jobs.create_job(session, caller.tenant_id, request, settings.max_attempts)
     session.commit()
     # After the commit: a worker that wakes up must find the row.

@@ -13,7 +13,7 @@ from shared.db import make_engine
 from shared.migrate import downgrade_database, upgrade_database
 from shared.models import Base
 
-TABLES = {"tenants", "api_keys", "jobs", "job_events", "job_logs", "job_metrics"}
+TABLES = {"tenants", "api_keys", "jobs", "job_events", "job_logs", "job_metrics", "datasets"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

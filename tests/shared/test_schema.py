@@ -34,7 +34,10 @@ def ours(section: str) -> type[BaseModel]:
 def test_every_monsterapi_client_field_exists_with_the_same_default(section: str) -> None:
     theirs = SECTIONS[section].model_fields
     mine = ours(section).model_fields
-    assert set(theirs) == set(mine)
+    assert set(theirs) <= set(mine)
+    # Our extra fields are extensions, documented as such in the OpenAPI schema.
+    for name in set(mine) - set(theirs):
+        assert (mine[name].description or "").startswith("Tunery extension"), name
     for name, field in theirs.items():
         if name in ("data_split_config",):
             continue
@@ -187,10 +190,7 @@ def test_validation_split_of_zero_needs_a_scheduler_without_plateau() -> None:
     ("section", "field", "value", "message"),
     [
         ("pretrainedmodel_config", "use_lora", False, "full fine-tuning is not supported"),
-        ("pretrainedmodel_config", "resume_checkpoint_path", "jobs/x", "not supported yet"),
         ("training_config", "preference_optimization", "ORPO", "ORPO is not supported"),
-        ("logging_config", "use_wandb", True, "Weights & Biases"),
-        ("hf_config", "hf_model_path", "me/adapter", "pushing to the hub"),
     ],
 )
 def test_options_not_honoured_yet_are_refused_with_a_reason(
@@ -241,3 +241,96 @@ def test_secrets_are_masked_when_echoed() -> None:
     shown = FinetuneRequest.model_validate(payload).redacted()
     assert "secret" not in repr(shown)
     assert shown["hf_config"]["hf_token"] == "***"
+
+
+def test_tunery_extensions_default_to_monsterapi_behaviour() -> None:
+    request = FinetuneRequest.model_validate(make_payload())
+    assert request.data_config.train_on_inputs is False
+    assert request.pretrainedmodel_config.lora_target_modules is None
+
+
+def test_use_wandb_is_accepted_with_a_project_and_refused_naming_the_project_without() -> None:
+    logging = {"use_wandb": True, "wandb_project": "my-project", "wandb_login_key": "k"}
+    request = FinetuneRequest.model_validate(make_payload(logging_config=logging))
+    assert request.logging_config.use_wandb
+
+    with pytest.raises(ValidationError, match="use_wandb needs a wandb_project") as info:
+        FinetuneRequest.model_validate(make_payload(logging_config={"use_wandb": True}))
+    assert [".".join(map(str, e["loc"])) for e in info.value.errors()] == [
+        "logging_config.wandb_project"
+    ]
+    # Without use_wandb, an empty project is MonsterAPI's default and fine.
+    FinetuneRequest.model_validate(make_payload(logging_config={"use_wandb": False}))
+
+
+def test_hf_model_path_is_accepted_with_a_token_and_refused_naming_hf_token_without() -> None:
+    payload = make_payload()
+    payload["hf_config"] = {"hf_model_path": "me/adapter", "hf_token": "hf_x"}
+    assert FinetuneRequest.model_validate(payload).hf_config.hf_model_path == "me/adapter"
+
+    payload["hf_config"] = {"hf_model_path": "me/adapter"}
+    assert error_paths(payload) == ["hf_config.hf_token"]
+    with pytest.raises(ValidationError, match="hf_model_path needs an hf_token"):
+        FinetuneRequest.model_validate(payload)
+
+
+@pytest.mark.parametrize("repo", ["https://huggingface.co/me/x", "me/x/y", "me /x", "/x"])
+def test_hf_model_path_must_be_a_repo_id(repo: str) -> None:
+    payload = make_payload()
+    payload["hf_config"] = {"hf_model_path": repo, "hf_token": "hf_x"}
+    assert error_paths(payload) == ["hf_config.hf_model_path"]
+
+
+@pytest.mark.parametrize(
+    ("modules", "ok"),
+    [
+        (["q_proj", "v_proj"], True),
+        (["self_attn.q_proj"], True),
+        ([], False),
+        (["q_proj", ".*proj"], False),
+        (["q proj"], False),
+        (["q_proj;rm"], False),
+        (["1st"], False),
+    ],
+)
+def test_lora_target_modules_must_be_layer_names(modules: list[str], ok: bool) -> None:
+    payload = make_payload(pretrainedmodel_config={"lora_target_modules": modules})
+    if ok:
+        request = FinetuneRequest.model_validate(payload)
+        assert request.pretrainedmodel_config.lora_target_modules == modules
+    else:
+        assert error_paths(payload) == ["pretrainedmodel_config.lora_target_modules"]
+
+
+def test_train_on_inputs_is_accepted() -> None:
+    request = FinetuneRequest.model_validate(make_payload(data_config={"train_on_inputs": True}))
+    assert request.data_config.train_on_inputs is True
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("3f6c1e0a-2b7d-4c1e-9a57-0d2b8c1f4e21", True),
+        ("jobs/3f6c1e0a-2b7d-4c1e-9a57-0d2b8c1f4e21", True),
+        ("jobs/3f6c1e0a-2b7d-4c1e-9a57-0d2b8c1f4e21/checkpoints/step-50", True),
+        ("jobs/abc/", True),
+        ("s3://bucket/jobs/abc", False),
+        ("https://example.com/adapter", False),
+        ("/data/storage/jobs/abc", False),
+        ("jobs/../other", False),
+        ("jobs/abc/checkpoints/step-0", False),
+        ("jobs/abc/checkpoints/step-5/optimizer.pt", False),
+        ("jobs/abc/adapter_model.safetensors", False),
+        ("abc/checkpoints/step-5", False),
+    ],
+)
+def test_resume_checkpoint_path_names_a_tunery_job_or_its_checkpoint(value: str, ok: bool) -> None:
+    payload = make_payload(pretrainedmodel_config={"resume_checkpoint_path": value})
+    if ok:
+        FinetuneRequest.model_validate(payload)
+        return
+    with pytest.raises(ValidationError, match="name an earlier job of yours") as info:
+        FinetuneRequest.model_validate(payload)
+    assert [".".join(map(str, e["loc"])) for e in info.value.errors()] == [
+        "pretrainedmodel_config.resume_checkpoint_path"
+    ]

@@ -49,6 +49,8 @@ def build_request(
     model: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    logging: dict[str, Any] | None = None,
+    hf: dict[str, Any] | None = None,
 ) -> FinetuneRequest:
     """A small, fast job on the tiny model: 24 train / 12 validation rows, 6 steps."""
     return FinetuneRequest.model_validate(
@@ -68,14 +70,16 @@ def build_request(
                 "lr_scheduler_type": "linear",
                 **(training or {}),
             },
-            "logging_config": {},
+            "logging_config": logging or {},
+            "hf_config": hf or {},
         }
     )
 
 
 @pytest.fixture(scope="session")
 def make_request(tiny_model_dir: Path) -> Any:
-    """`make_request(data_path=..., model={...}, data={...}, training={...})` on the tiny model."""
+    """`make_request(data_path=..., model={...}, data={...}, training={...}, logging={...},
+    hf={...})` on the tiny model."""
 
     def make(data_path: Path | str = DATASET_PATH, **sections: Any) -> FinetuneRequest:
         return build_request(tiny_model_dir, data_path, **sections)

@@ -346,3 +346,24 @@ def test_template_ending_in_eos_text_gets_one_trained_eos(tiny_tokenizer: Any) -
     eos = tiny_tokenizer.eos_token_id
     assert tokenized.input_ids.count(eos) == 1
     assert tokenized.input_ids[-1] == tokenized.labels[-1] == eos
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_train_on_inputs_decides_whether_prompt_tokens_are_trained(
+    tiny_tokenizer: Any, train_on_inputs: bool
+) -> None:
+    from shared.schema import DataConfig
+    from worker.pipeline.run import render_and_tokenize
+
+    dataset = LoadedDataset(["instruction", "input", "output"], ROWS, "rows")
+    config = DataConfig(prompt_template=TEMPLATE, train_on_inputs=train_on_inputs)
+
+    tokenized = render_and_tokenize(dataset, tiny_tokenizer, config, log=lambda line: None)
+
+    prompt_len = len(tiny_tokenizer(render_example(ROWS[0], TEMPLATE).prompt)["input_ids"])
+    ids, labels = tokenized[0].input_ids, tokenized[0].labels
+    if train_on_inputs:
+        assert labels == ids
+    else:
+        assert labels[: prompt_len - 1] == [IGNORE_INDEX] * (prompt_len - 1)
+        assert labels[-1] == ids[-1] == tiny_tokenizer.eos_token_id

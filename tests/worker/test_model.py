@@ -175,3 +175,23 @@ def test_lora_initialisation_is_seeded(tiny_model_dir: Path) -> None:
     assert lora_keys
     for key in lora_keys:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+
+
+def test_lora_target_modules_adapt_only_the_named_layers(tiny_model_dir: Path) -> None:
+    model = _load(tiny_model_dir, lora_target_modules=["q_proj", "mlp.down_proj"])
+
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert {name.split(".")[-4] for name in trainable} == {"q_proj", "down_proj"}
+    assert len(trainable) == 2 * 2 * 2  # 2 layers x 2 targets x (lora_A, lora_B)
+
+
+def test_lora_target_module_matching_no_linear_layer_fails_with_the_available_names(
+    tiny_model_dir: Path,
+) -> None:
+    # peft itself would silently skip "qproj" here, because "v_proj" matches.
+    with pytest.raises(PipelineError) as info:
+        _load(tiny_model_dir, lora_target_modules=["v_proj", "qproj"])
+
+    message = str(info.value)
+    assert "['qproj'] match no linear layer" in message
+    assert str(sorted(LINEAR_NAMES | {"lm_head"})) in message

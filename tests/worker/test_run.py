@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,33 +16,69 @@ import torch
 from shared.schema import LR_SCHEDULERS, TrainingConfig
 from shared.settings import Settings
 from worker.assets.build_dataset import DATASET_PATH
-from worker.pipeline.errors import TrainingStopped
+from worker.pipeline.errors import PipelineError, TrainingStopped
+from worker.pipeline.export import push_to_hub
 from worker.pipeline.report import PHASES, RecordingReporter
-from worker.pipeline.run import TrainResult, run_job
-from worker.pipeline.train import training_arguments
+from worker.pipeline.run import TrainResult, render_and_tokenize, run_job
+from worker.pipeline.train import PadToLongest, training_arguments
 
 LOG_LINE = re.compile(
-    r"epoch \d+ \| step \d+/\d+ \| loss \d+\.\d{4} \| lr \d\.\de[-+]\d\d \| \d+ tok/s"
+    r"epoch \d+ \| step \d+/\d+ \(\d+%\) \| loss \d+\.\d{4} \| lr \d\.\de[-+]\d\d \| "
+    r"\d+ tok/s \| eta (\d+s|\d+m\d\ds|\d+h\d\dm)"
 )
+WANDB_KEY = "wandb-key-" + "k" * 30
+HF_TOKEN = "hf_secret_token"
 
 
 @dataclass
 class Job:
     result: TrainResult
     reporter: RecordingReporter
+    work_dir: Path
+    hub_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
 def lora_job(
     tmp_path_factory: pytest.TempPathFactory, make_request: Any, tiny_model_dir: Path
-) -> Job:
+) -> Iterator[Job]:
+    """One LoRA job that also reports to W&B and pushes to the hub.
+
+    The edges are replaced: W&B runs offline (its servers are never reached; the run is
+    written to disk), and the two HfApi methods that would call the hub record their
+    arguments instead.
+    """
+    from huggingface_hub import HfApi
+
     tmp = tmp_path_factory.mktemp("lora-job")
     settings = Settings(
         data_dir=tmp / "data", allowed_local_dirs=[DATASET_PATH.parent, tiny_model_dir.parent]
     )
-    reporter = RecordingReporter()
-    result = run_job(make_request(), tmp / "work", reporter, settings)
-    return Job(result, reporter)
+    request = make_request(
+        logging={
+            "use_wandb": True,
+            "wandb_project": "tunery-tests",
+            "wandb_run_name": "tiny-lora",
+            "wandb_login_key": WANDB_KEY,
+        },
+        hf={"hf_model_path": "me/tiny-adapter", "hf_token": HF_TOKEN},
+    )
+    job = Job(None, RecordingReporter(), tmp / "work")  # type: ignore[arg-type]
+
+    def create_repo(self: Any, repo_id: str, **kwargs: Any) -> None:
+        job.hub_calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self: Any, **kwargs: Any) -> Any:
+        files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+        job.hub_calls.append(("upload_folder", {**kwargs, "files": files}))
+        return type("Commit", (), {"commit_url": "https://huggingface.co/me/tiny-adapter/commit/1"})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setattr(HfApi, "create_repo", create_repo)
+        patch.setattr(HfApi, "upload_folder", upload_folder)
+        job.result = run_job(request, job.work_dir, job.reporter, settings)
+        yield job
 
 
 def test_lora_job_lowers_training_and_validation_loss(lora_job: Job) -> None:
@@ -92,18 +131,131 @@ def test_reporter_gets_phases_metrics_log_lines_and_progress(lora_job: Job) -> N
     assert set(reporter.phases) <= set(PHASES)
     assert reporter.steps("loss") == [1, 2, 3, 4, 5, 6]
     first = next(values for _, values in reporter.metrics if "loss" in values)
-    assert set(first) == {"epoch", "loss", "learning_rate", "tokens_per_s", "grad_norm"}
+    assert set(first) == {
+        "epoch",
+        "loss",
+        "learning_rate",
+        "tokens_per_s",
+        "grad_norm",
+        "total_steps",
+        "percent",
+        "eta_s",
+    }
     assert all(v > 0 for v in reporter.values("tokens_per_s"))
+    assert set(reporter.values("total_steps")) == {6}
+    assert reporter.values("percent") == pytest.approx([100 * s / 6 for s in range(1, 7)])
+    etas = reporter.values("eta_s")
+    assert all(eta > 0 for eta in etas[:-1]) and etas[-1] == 0
     train_lines = [line for line in reporter.lines if "| loss " in line]
     assert len(train_lines) == 6 and all(LOG_LINE.fullmatch(line) for line in train_lines)
-    assert train_lines[0].startswith("epoch 1 | step 1/6 | loss ")
+    assert train_lines[0].startswith("epoch 1 | step 1/6 (17%) | loss ")
+    assert train_lines[-1].endswith("| eta 0s")
     assert any(
-        re.fullmatch(r"epoch 1 \| step 6/6 \| eval_loss \d+\.\d{4}", x) for x in reporter.lines
+        re.fullmatch(r"epoch 1 \| step 6/6 \(100%\) \| eval_loss \d+\.\d{4}", x)
+        for x in reporter.lines
+    )
+    assert any(re.fullmatch(r"dataset .*: 300 rows, columns .*", x) for x in reporter.lines)
+    assert any(
+        re.search(r"[\d,]+ trainable of [\d,]+ parameters \(\d+\.\d\d%\)", x)
+        for x in reporter.lines
+    )
+    assert "training 6 steps: 1 epoch of 24 examples, batch 4 x 1, optimizer adamw_torch" in (
+        reporter.lines
     )
     assert any("24 train, 12 validation" in line for line in reporter.lines)
     assert reporter.fractions[-1] == 1.0 and reporter.fractions == sorted(reporter.fractions)
     # should_stop() is polled after every optimizer step (and between stages).
     assert reporter.polls >= 6
+
+
+def _wandb_records(run_file: Path) -> Iterator[bytes]:
+    """The records of an offline run's `.wandb` file: W&B's 7-byte file header, then a
+    leveldb-style log (32 KiB blocks; records of crc32, uint16 length, uint8 type).
+    W&B's own Python reader of this format was removed; its protobuf records remain."""
+    block, header = 32768, 7
+    data, pos, pending = run_file.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while pos + header <= len(data):
+        if block - pos % block < header:
+            pos += block - pos % block  # a block's tail too short for a header is padding
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        pending += data[pos + header : pos + header + length]
+        pos += header + length
+        if kind in (1, 4):  # FULL, LAST
+            yield pending
+            pending = b""
+
+
+def test_lora_job_reports_its_loss_history_to_weights_and_biases(lora_job: Job) -> None:
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    (run_file,) = (lora_job.work_dir / "trainer" / "wandb").glob("offline-run-*/run-*.wandb")
+    runs, losses = [], {}
+    for raw in _wandb_records(run_file):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.HasField("run"):
+            runs.append((record.run.project, record.run.display_name))
+        if record.HasField("history"):
+            items = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in record.history.item
+            }
+            if "train/loss" in items:
+                losses[items["train/global_step"]] = items["train/loss"]
+
+    assert runs == [("tunery-tests", "tiny-lora")]
+    reported = dict(
+        zip(lora_job.reporter.steps("loss"), lora_job.reporter.values("loss"), strict=True)
+    )
+    assert losses == pytest.approx(reported)
+    assert any(
+        "reporting to Weights & Biases: project tunery-tests" in x for x in lora_job.reporter.lines
+    )
+
+
+def test_lora_job_leaves_no_wandb_setting_or_key_behind(lora_job: Job) -> None:
+    assert not {"WANDB_PROJECT", "WANDB_API_KEY", "WANDB_DIR"} & set(os.environ)
+    assert os.environ["WANDB_MODE"] == "offline"  # the test's own setting survives the job
+    assert not any(WANDB_KEY in line for line in lora_job.reporter.lines)
+    for path in (lora_job.work_dir / "trainer").rglob("*"):
+        assert not path.is_file() or WANDB_KEY.encode() not in path.read_bytes(), path
+
+
+def test_lora_job_pushes_the_exported_adapter_to_a_private_hub_repo(lora_job: Job) -> None:
+    (create_name, create), (upload_name, upload) = lora_job.hub_calls
+
+    assert create_name == "create_repo" and upload_name == "upload_folder"
+    assert create["repo_id"] == upload["repo_id"] == "me/tiny-adapter"
+    assert create["private"] is True and create["exist_ok"] is True
+    assert create["token"] == upload["token"] == HF_TOKEN
+    assert Path(upload["folder_path"]) == lora_job.result.output_dir
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(upload["files"])
+    assert "adapter pushed to the hub: https://huggingface.co/me/tiny-adapter/commit/1" in (
+        lora_job.reporter.lines
+    )
+
+
+def test_failed_hub_push_is_a_pipeline_error_naming_the_repo_without_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hub is replaced at the edge: create_repo answers as the hub does to a read token.
+    from huggingface_hub import HfApi
+
+    def refuse(self: Any, repo_id: str, **kwargs: Any) -> None:
+        raise PermissionError(f"403 Forbidden: token {kwargs['token']} cannot write {repo_id}")
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+
+    with pytest.raises(PipelineError) as info:
+        push_to_hub(tmp_path, "me/tiny-adapter", token=HF_TOKEN)
+
+    message = str(info.value)
+    assert message.startswith("pushing the adapter to the hub repo 'me/tiny-adapter' failed")
+    assert "403 Forbidden" in message and HF_TOKEN not in message
 
 
 def test_gradient_checkpointing_job_with_accumulation_trains_without_validation(
@@ -132,15 +284,34 @@ def test_gradient_checkpointing_job_with_accumulation_trains_without_validation(
     assert result.last_loss < result.first_loss
 
 
-def test_qlora_job_trains_on_cpu_through_in_training_evaluation(
-    tmp_path: Path, settings: Settings, make_request: Any
+def test_qlora_job_trains_on_cpu_with_8bit_adam_through_in_training_evaluation(
+    tmp_path: Path, settings: Settings, make_request: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    request = make_request(model={"use_quantization": True})
+    import bitsandbytes as bnb
+    from transformers import Trainer
+
+    optimizers = []
+    create_optimizer = Trainer.create_optimizer
+
+    def keep_optimizer(self: Trainer, *args: Any, **kwargs: Any) -> Any:
+        optimizers.append(create_optimizer(self, *args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(Trainer, "create_optimizer", keep_optimizer)
+    # bitsandbytes keeps tensors under 4096 elements in 32 bit; r=64 makes most LoRA
+    # matrices of the tiny model big enough for 8-bit state, as a 7B model's all are.
+    request = make_request(model={"use_quantization": True, "lora_r": 64, "lora_alpha": 64})
     reporter = RecordingReporter()
 
     result = run_job(request, tmp_path / "work", reporter, settings)
 
     assert any("4-bit NF4" in line for line in reporter.lines)
+    assert any(line.endswith("optimizer adamw_8bit") for line in reporter.lines)
+    (optimizer,) = optimizers
+    # transformers builds bitsandbytes' AdamW with optim_bits=8 for "adamw_8bit".
+    assert isinstance(optimizer, bnb.optim.AdamW) and optimizer.args.optim_bits == 8
+    state_dtypes = [state["state1"].dtype for state in optimizer.state.values()]
+    assert state_dtypes.count(torch.uint8) > len(state_dtypes) / 2
     # An evaluation ran before training (the first no-grad forward of the 4-bit layers) and
     # after every step; training kept improving after each of them.
     assert reporter.steps("eval_loss") == [0, 1, 2, 3, 4, 5, 6]
@@ -178,10 +349,45 @@ def test_cancel_during_data_loading_stops_before_the_model_loads(
     assert reporter.phases == ["loading_data"]
 
 
-def test_early_stopping_ends_training_when_eval_loss_stops_improving(
-    tmp_path: Path, settings: Settings, make_request: Any
+def _eval_loss_of_adapter(
+    adapter_dir: Path, base_dir: Path, request: Any, settings: Settings
+) -> float:
+    """The exported adapter's loss on the job's validation split, as the Trainer computes it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+
+    from worker.pipeline.data import load_dataset, split
+
+    data = request.data_config
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    dataset = load_dataset(
+        data.data_path,
+        allowed_local_dirs=settings.allowed_local_dirs,
+        download_dir=settings.data_dir,
+    )
+    _, eval_set = split(
+        render_and_tokenize(dataset, tokenizer, data, log=lambda line: None), data.data_split_config
+    )
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    args = training_arguments(
+        request.training_config,
+        output_dir=adapter_dir.parent / "eval",
+        has_validation=True,
+        quantized=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        eval_dataset=[vars(e) for e in eval_set],
+        data_collator=PadToLongest(tokenizer.pad_token_id),
+    )
+    return float(trainer.evaluate()["eval_loss"])
+
+
+def test_early_stopping_ends_training_and_exports_the_best_eval_adapter(
+    tmp_path: Path, settings: Settings, make_request: Any, tiny_model_dir: Path
 ) -> None:
-    # A learning rate this high makes the loss diverge after the first steps.
+    # A learning rate this high improves eval_loss for a few steps, then makes it diverge.
     request = make_request(
         training={
             "learning_rate": 0.9,
@@ -196,6 +402,14 @@ def test_early_stopping_ends_training_when_eval_loss_stops_improving(
 
     assert result.steps < 24
     assert any(line.startswith("early stopping at step") for line in reporter.lines)
+    eval_losses = dict(zip(reporter.steps("eval_loss"), reporter.values("eval_loss"), strict=True))
+    best_step = min(eval_losses, key=eval_losses.__getitem__)
+    assert 0 < best_step < result.steps  # improved, then got worse
+    assert (result.best_step, result.best_eval_loss) == (best_step, eval_losses[best_step])
+    assert any(line.startswith(f"kept the adapter of step {best_step}") for line in reporter.lines)
+    exported = _eval_loss_of_adapter(result.output_dir, tiny_model_dir, request, settings)
+    assert exported == pytest.approx(eval_losses[best_step], abs=1e-4)
+    assert exported < eval_losses[result.steps] - 0.1
 
 
 @pytest.mark.parametrize("scheduler", LR_SCHEDULERS)
@@ -229,7 +443,9 @@ def test_trained_adapter_answers_in_the_dataset_house_style(
     request = make_request(
         model={"lora_r": 16, "lora_alpha": 32},
         data={"data_split_config": {"train": 0.9, "validation": 0.1}},
-        training={"learning_rate": 0.05, "lr_scheduler_type": "cosine", "warmup_steps": 5},
+        # At 0.05 eval_loss is best after 7 steps and only worse later, and the exported (best)
+        # adapter of step 7 has not learned the style yet; at 0.02 it keeps improving.
+        training={"learning_rate": 0.02, "lr_scheduler_type": "cosine", "warmup_steps": 10},
     )
     result = run_job(request, tmp_path / "work", RecordingReporter(), settings)
     tokenizer = AutoTokenizer.from_pretrained(result.output_dir)

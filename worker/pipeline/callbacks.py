@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from worker.pipeline.report import JobReporter
+
+
+def format_duration(seconds: float) -> str:
+    """`45s`, `1m20s`, `2h05m`: short enough for a log line."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class MetricsCallback(TrainerCallback):
     """Turns every Trainer log into a metric record and one user-visible log line.
 
     tokens/s counts non-padding tokens (`include_num_input_tokens_seen="non_padding"`) over
-    wall time, evaluation time excluded.
+    wall time, evaluation time excluded. The ETA extrapolates the wall time per step so far,
+    evaluations included, since they recur at the same pace until the end.
     """
 
     def __init__(self, reporter: JobReporter) -> None:
@@ -23,12 +36,26 @@ class MetricsCallback(TrainerCallback):
         self.losses: list[float] = []
         self._last_time = 0.0
         self._last_tokens = 0
+        self._start_time = 0.0
+        self._start_step = 0
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._last_time = time.perf_counter()
+        self._last_time = self._start_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen
+        # A resumed run starts past step 0; its pace counts from where it started.
+        self._start_step = state.global_step
+        loader = kwargs.get("train_dataloader")
+        examples = f" of {len(loader.dataset)} examples" if loader is not None else ""
+        epochs = args.num_train_epochs
+        resumed = f", resuming at step {state.global_step}" if state.global_step else ""
+        self.reporter.log(
+            f"training {state.max_steps} steps: {epochs:g} epoch{'s' if epochs != 1 else ''}"
+            f"{examples}, batch {args.per_device_train_batch_size} x "
+            f"{args.gradient_accumulation_steps}, optimizer "
+            f"{getattr(args.optim, 'value', args.optim)}{resumed}"
+        )
 
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -45,9 +72,10 @@ class MetricsCallback(TrainerCallback):
     ) -> None:
         if not logs:
             return
-        step, epoch = state.global_step, float(state.epoch or 0.0)
+        step, total, epoch = state.global_step, state.max_steps, float(state.epoch or 0.0)
+        percent = 100.0 * step / total if total else 0.0
         # Epochs are counted from 1; epoch 1.0 exactly is still the first one.
-        head = f"epoch {max(1, math.ceil(epoch))} | step {step}/{state.max_steps}"
+        head = f"epoch {max(1, math.ceil(epoch))} | step {step}/{total} ({percent:.0f}%)"
         if "eval_loss" in logs:
             eval_loss = float(logs["eval_loss"])
             self.reporter.metric(step, {"epoch": epoch, "eval_loss": eval_loss})
@@ -58,6 +86,8 @@ class MetricsCallback(TrainerCallback):
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         tokens_per_s = (tokens - self._last_tokens) / max(now - self._last_time, 1e-9)
         self._last_time, self._last_tokens = now, tokens
+        steps_done = step - self._start_step
+        eta_s = (now - self._start_time) / max(steps_done, 1) * max(total - step, 0)
         loss = float(logs["loss"])
         self.losses.append(loss)
         values = {
@@ -65,13 +95,16 @@ class MetricsCallback(TrainerCallback):
             "loss": loss,
             "learning_rate": float(logs.get("learning_rate", 0.0)),
             "tokens_per_s": tokens_per_s,
+            "total_steps": float(total),
+            "percent": percent,
+            "eta_s": eta_s,
         }
         if logs.get("grad_norm") is not None:
             values["grad_norm"] = float(logs["grad_norm"])
         self.reporter.metric(step, values)
         self.reporter.log(
             f"{head} | loss {loss:.4f} | lr {values['learning_rate']:.1e} | "
-            f"{tokens_per_s:.0f} tok/s"
+            f"{tokens_per_s:.0f} tok/s | eta {format_duration(eta_s)}"
         )
 
 
@@ -109,3 +142,85 @@ class StopCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_evaluate = False
             control.should_save = False
+
+
+BEST_ADAPTER_FILE = "best_adapter.safetensors"
+
+
+class BestAdapterCallback(TrainerCallback):
+    """Keeps a copy of the trainable weights at the best `eval_loss`; puts it back at the end.
+
+    The copy lives in host memory: a LoRA adapter is megabytes, so this costs far less than
+    the Trainer's `load_best_model_at_end`, which writes a full checkpoint (optimizer state
+    included) at every evaluation and ties the save schedule to the eval schedule. The
+    evaluation before training (step 0) is a candidate too: if training only made eval_loss
+    worse, the untrained adapter is the best one.
+    """
+
+    def __init__(self) -> None:
+        self.best_loss: float | None = None
+        self.best_step: int | None = None
+        self.restored = False
+        self._weights: dict[str, torch.Tensor] = {}
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None or model is None:
+            return
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.best_step = float(loss), state.global_step
+            self._weights = {
+                name: param.detach().to("cpu", copy=True)
+                for name, param in model.named_parameters()
+                if param.requires_grad
+            }
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if not self._weights or model is None or self.best_step == state.global_step:
+            return  # the model already holds the best weights
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in self._weights:
+                    param.copy_(self._weights[name])
+        self.restored = True
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # The best weights so far go into the checkpoint: an attempt resumed from it sees only
+        # later evaluations and would otherwise keep a worse adapter than an uninterrupted run.
+        if not self._weights:
+            return
+        from safetensors.torch import save_file
+
+        assert args.output_dir is not None  # train() always sets one
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        metadata = {"best_loss": repr(self.best_loss), "best_step": str(self.best_step)}
+        save_file(self._weights, str(directory / BEST_ADAPTER_FILE), metadata=metadata)
+
+    def load_checkpoint(self, checkpoint_dir: Path) -> None:
+        """Take over the best weights an interrupted attempt saved with its checkpoint."""
+        path = checkpoint_dir / BEST_ADAPTER_FILE
+        if not path.is_file():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as saved:
+            metadata = saved.metadata()
+            self._weights = {name: saved.get_tensor(name) for name in saved.keys()}  # noqa: SIM118
+        self.best_loss, self.best_step = float(metadata["best_loss"]), int(metadata["best_step"])

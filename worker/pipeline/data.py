@@ -8,9 +8,7 @@ computed.
 
 from __future__ import annotations
 
-import math
 import random
-import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +16,10 @@ from typing import Any
 
 import httpx
 
+from shared.prompt_template import Example, render_example
 from shared.schema import TemplateError, template_placeholders
 from shared.sources import SourceError, classify_source, redact_url
+from shared.storage import ObjectNotFound, Storage, StorageError
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.readers import (
     LoadedDataset,
@@ -40,14 +40,6 @@ def _no_log(line: str) -> None:
     pass
 
 
-@dataclass(frozen=True)
-class Example:
-    """One rendered row: the loss is computed on `completion` only."""
-
-    prompt: str
-    completion: str
-
-
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
@@ -63,9 +55,11 @@ def load_dataset(
     source_type: str = "hub_link",
     token: str | None = None,
     client: httpx.Client | None = None,
+    storage: Storage | None = None,
     log: LogFn = _no_log,
 ) -> LoadedDataset:
-    """Load the rows `data_path` names: a local file/dir, an https URL, or a hub dataset id.
+    """Load the rows `data_path` names: a local file/dir, an https URL, an uploaded dataset id
+    (`ds_…`, read from `storage`), or a hub dataset id.
 
     Raises `PipelineError` for refused paths, unreadable or unparseable data (naming the line
     or row), and hub datasets that cannot be loaded.
@@ -74,10 +68,11 @@ def load_dataset(
         source = classify_source(data_path, allowed_local_dirs)
     except SourceError as exc:
         raise PipelineError(f"data_path: {exc}") from None
-    if source_type == "s3_presigned_link" and source.kind != "url":
+    # An uploaded dataset's id is what GET /v1/upload hands out as the "presigned" link.
+    if source_type == "s3_presigned_link" and source.kind not in ("url", "dataset"):
         raise PipelineError(
-            "data_source_type 's3_presigned_link' needs an https URL as data_path, "
-            f"got {data_path!r}"
+            "data_source_type 's3_presigned_link' needs an https URL or an uploaded dataset id "
+            f"as data_path, got {data_path!r}"
         )
     if source.kind == "local":
         assert source.path is not None
@@ -85,6 +80,9 @@ def load_dataset(
     elif source.kind == "url":
         dataset = read_file(download_url(data_path, download_dir, client=client, log=log))
         dataset.origin = redact_url(data_path)
+    elif source.kind == "dataset":
+        dataset = read_file(_download_uploaded(data_path, storage, download_dir, log))
+        dataset.origin = data_path
     else:
         dataset = load_hub_dataset(data_path, subset, token=token)
     if not dataset.rows:
@@ -93,28 +91,31 @@ def load_dataset(
     return dataset
 
 
-def render_example(row: Row, template: str) -> Example:
-    """Substitute the row's values into `template` without `str.format`.
+def _download_uploaded(
+    dataset_id: str, storage: Storage | None, download_dir: Path, log: LogFn
+) -> Path:
+    """Copy an uploaded dataset's file (its name carries the format) into `download_dir`.
 
-    The completion starts at the last placeholder: its value plus any literal text after it.
-    Everything before it is the prompt. None, NaN and missing cells render as "".
+    The API checked at submit that the dataset belongs to the job's tenant and parsed; only
+    validated files live under `datasets/{id}/`.
     """
-    pieces: list[tuple[str, str | None]] = []
-    for literal, field, _spec, _conversion in string.Formatter().parse(template):
-        if literal:
-            pieces.append((literal, None))
-        if field is not None:
-            pieces.append((_cell(row.get(field)), field))
-    last = max(i for i, (_text, field) in enumerate(pieces) if field is not None)
-    prompt = "".join(text for text, _field in pieces[:last])
-    completion = "".join(text for text, _field in pieces[last:])
-    return Example(prompt, completion)
-
-
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return value if isinstance(value, str) else str(value)
+    if storage is None:
+        raise PipelineError(f"data_path {dataset_id!r} is an uploaded dataset: no storage given")
+    try:
+        objects = storage.list(f"datasets/{dataset_id}/")
+        if not objects:
+            raise ObjectNotFound(dataset_id)
+        key = objects[0].key
+        dest = download_dir / key.rsplit("/", 1)[-1]
+        storage.download_file(key, dest)
+    except ObjectNotFound:
+        raise PipelineError(
+            f"uploaded dataset {dataset_id} has no file in storage; upload it again"
+        ) from None
+    except StorageError as exc:
+        raise PipelineError(f"cannot read uploaded dataset {dataset_id}: {exc}") from None
+    log(f"downloaded uploaded dataset {dataset_id}: {objects[0].size} bytes, {dest.name}")
+    return dest
 
 
 def check_template_columns(template: str, columns: Sequence[str]) -> list[str]:
@@ -143,9 +144,16 @@ def render_examples(
 
 
 def tokenize(
-    examples: Sequence[Example], tokenizer: Any, cutoff_len: int, *, log: LogFn = _no_log
+    examples: Sequence[Example],
+    tokenizer: Any,
+    cutoff_len: int,
+    *,
+    train_on_inputs: bool = False,
+    log: LogFn = _no_log,
 ) -> list[TokenizedExample]:
     """Tokenize prompt + completion + EOS, labels -100 on the prompt, cut to `cutoff_len`.
+
+    With `train_on_inputs` every token is trained (labels equal the input ids).
 
     The prompt mask comes from character offsets, never from token ids: with pad == EOS
     (SmolLM2) masking pad ids would also mask the EOS the model must learn to emit. A token
@@ -171,6 +179,9 @@ def tokenize(
             if len(ids) > cutoff_len:
                 truncated += 1
                 ids, in_completion = ids[:cutoff_len], in_completion[:cutoff_len]
+            if train_on_inputs:
+                out.append(TokenizedExample(ids, list(ids)))
+                continue
             if not any(in_completion):
                 dropped += 1
                 continue

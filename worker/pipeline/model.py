@@ -141,12 +141,16 @@ def load_model(
     if config.use_gradient_checkpointing:
         enable_gradient_checkpointing(model)
         log("gradient checkpointing on")
+    targets = config.lora_target_modules
+    if targets is not None:
+        check_target_modules(model, targets)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         bias=config.lora_bias,
-        target_modules="all-linear",
+        # A list is matched by exact name or dotted suffix, never as a regex.
+        target_modules=list(targets) if targets is not None else "all-linear",
         task_type="CAUSAL_LM",
     )
     # lora_A is drawn from torch's global generator, and the Trainer seeds only later: seed
@@ -154,11 +158,42 @@ def load_model(
     torch.manual_seed(LORA_INIT_SEED)
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
+    where = ", ".join(targets) if targets is not None else "all linear layers"
     log(
-        f"LoRA r={config.lora_r} alpha={config.lora_alpha} on all linear layers: "
+        f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {where}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
     return model
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last names of the model's linear layers (`q_proj`, ..., `lm_head`)."""
+    # bitsandbytes' Linear4bit subclasses nn.Linear, so quantized layers are listed too.
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    return sorted(names)
+
+
+def check_target_modules(model: torch.nn.Module, targets: Iterable[str]) -> None:
+    """`PipelineError` listing the model's linear layers if a target matches none of them.
+
+    peft would raise on a list matching nothing at all, but silently skip one bad name among
+    good ones: a typo would train fewer layers than asked.
+    """
+    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    unmatched = [
+        target
+        for target in targets
+        if not any(name == target or name.endswith("." + target) for name in linear)
+    ]
+    if unmatched:
+        raise PipelineError(
+            f"lora_target_modules {unmatched} match no linear layer of this model; its linear "
+            f"layers are {linear_module_names(model)}"
+        )
 
 
 def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:

@@ -1,155 +1,56 @@
-"""Reading rows: local json/jsonl/csv/parquet files and directories, https downloads, hub ids.
+"""Reading rows: local files and directories, https downloads, hub ids.
 
-Parse errors name the file and line, because the user has to find and fix them.
+The file formats themselves are read by `shared.dataset_files`, which the API also uses to
+validate uploads; this module turns its errors into `PipelineError` and adds what only the
+worker does: downloads and the hub. Parse errors name the file and line.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from shared import dataset_files
+from shared.dataset_files import FORMATS, DatasetFileError, LoadedDataset
 from shared.sources import redact_url, url_file_name
 from worker.pipeline.errors import PipelineError
+
+__all__ = [
+    "FORMATS",
+    "LoadedDataset",
+    "download_url",
+    "load_hub_dataset",
+    "read_file",
+    "read_local",
+]
 
 LogFn = Callable[[str], None]
 Row = Mapping[str, Any]
 
-FORMATS = ("jsonl", "json", "csv", "parquet")
 MAX_DOWNLOAD_BYTES = 20 * 1024**3
-_CONTENT_TYPES = {
-    "application/x-ndjson": "jsonl",
-    "application/jsonl": "jsonl",
-    "application/jsonlines": "jsonl",
-    "application/json": "json",
-    "text/csv": "csv",
-    "application/csv": "csv",
-    "application/vnd.apache.parquet": "parquet",
-    "application/x-parquet": "parquet",
-}
 
 
 def _no_log(line: str) -> None:
     pass
 
 
-@dataclass
-class LoadedDataset:
-    """Rows (dicts, or a `datasets.Dataset`, which iterates as dicts) and their column names."""
-
-    columns: list[str]
-    rows: Sequence[Row]
-    origin: str
-
-
 def read_local(path: Path) -> LoadedDataset:
-    if path.is_file():
-        return read_file(path)
-    if path.is_dir():
-        files = sorted(
-            p
-            for p in path.iterdir()
-            if p.is_file() and not p.name.startswith(".") and _format_of(p.name) is not None
-        )
-        if not files:
-            raise PipelineError(f"{path} has no {'/'.join(FORMATS)} files")
-        parts = [read_file(p) for p in files]
-        columns = list(dict.fromkeys(c for part in parts for c in part.columns))
-        rows = [row for part in parts for row in part.rows]
-        return LoadedDataset(columns, rows, str(path))
-    raise PipelineError(f"data_path {str(path)!r} does not exist")
-
-
-def _format_of(name: str) -> str | None:
-    suffix = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    return {"ndjson": "jsonl"}.get(suffix, suffix) if suffix in (*FORMATS, "ndjson") else None
+    """A local file, or every data file of a directory in name order."""
+    try:
+        return dataset_files.read_local(path)
+    except DatasetFileError as exc:
+        raise PipelineError(str(exc)) from None
 
 
 def read_file(path: Path, fmt: str | None = None) -> LoadedDataset:
     """Parse one json/jsonl/csv/parquet file; the format comes from the suffix unless given."""
-    fmt = fmt or _format_of(path.name)
-    if fmt is None:
-        raise PipelineError(f"{path.name}: unknown format; use one of {', '.join(FORMATS)}")
-    if fmt == "parquet":
-        return _read_parquet(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path.name} is not UTF-8 text (byte {exc.start})") from None
-    if fmt == "csv":
-        return _read_csv(text, path.name)
-    if fmt == "json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            # Files named .json are often JSON lines; "Extra data" after the first object
-            # is how that looks to a whole-document parser.
-            if exc.msg != "Extra data":
-                raise PipelineError(
-                    f"{path.name} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg})"
-                ) from None
-            return _read_jsonl(text, path.name)
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise PipelineError(
-                f"{path.name}: expected a JSON array of objects (one per row) or JSON lines"
-            )
-        return LoadedDataset(_columns(records), records, path.name)
-    return _read_jsonl(text, path.name)
-
-
-def _columns(rows: Iterable[Row]) -> list[str]:
-    return list(dict.fromkeys(key for row in rows for key in row))
-
-
-def _read_jsonl(text: str, name: str) -> LoadedDataset:
-    rows: list[dict[str, Any]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PipelineError(
-                f"{name} line {number}: invalid JSON at column {exc.colno} ({exc.msg})"
-            ) from None
-        if not isinstance(row, dict):
-            raise PipelineError(f"{name} line {number}: expected a JSON object, got {line[:60]!r}")
-        rows.append(row)
-    return LoadedDataset(_columns(rows), rows, name)
-
-
-def _read_csv(text: str, name: str) -> LoadedDataset:
-    reader = csv.DictReader(text.splitlines(), strict=True)
-    rows: list[dict[str, Any]] = []
-    try:
-        for row in reader:
-            # DictReader files surplus fields under the key None and fills missing ones with
-            # None: either way the row does not match the header.
-            if None in row or None in row.values():
-                raise PipelineError(
-                    f"{name} line {reader.line_num}: the row's number of fields differs from "
-                    f"the header's {len(reader.fieldnames or [])}"
-                )
-            rows.append(row)
-    except csv.Error as exc:
-        raise PipelineError(f"{name} line {reader.line_num}: invalid CSV ({exc})") from None
-    return LoadedDataset(list(reader.fieldnames or []), rows, name)
-
-
-def _read_parquet(path: Path) -> LoadedDataset:
-    import pyarrow
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pyarrow.ArrowException, OSError) as exc:
-        raise PipelineError(f"{path.name}: not a readable parquet file ({exc})") from None
-    return LoadedDataset(table.column_names, table.to_pylist(), path.name)
+        return dataset_files.read_file(path, fmt)
+    except DatasetFileError as exc:
+        raise PipelineError(str(exc)) from None
 
 
 def download_url(
@@ -189,28 +90,11 @@ def download_url(
     finally:
         if own_client:
             client.close()
-    fmt = (
-        _format_of(url_file_name(url))
-        or _CONTENT_TYPES.get(content_type.split(";")[0].strip().lower())
-        or _sniff_format(partial)
-    )
+    fmt = dataset_files.detect_format(partial, url_file_name(url), content_type)
     path = dest_dir / f"dataset.{fmt}"
     partial.replace(path)
     log(f"downloaded {shown}: {size} bytes, read as {fmt}")
     return path
-
-
-def _sniff_format(path: Path) -> str:
-    with path.open("rb") as f:
-        head = f.read(4096)
-    if head.startswith(b"PAR1"):
-        return "parquet"
-    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    if stripped.startswith(b"["):
-        return "json"
-    if stripped.startswith(b"{"):
-        return "jsonl"
-    return "csv"
 
 
 def load_hub_dataset(dataset_id: str, subset: str | None, *, token: str | None) -> LoadedDataset:

@@ -10,7 +10,17 @@ from typing import Protocol
 
 PHASES = ("loading_data", "loading_model", "training", "uploading")
 METRIC_KEYS = frozenset(
-    {"epoch", "loss", "eval_loss", "learning_rate", "tokens_per_s", "grad_norm"}
+    {
+        "epoch",
+        "loss",
+        "eval_loss",
+        "learning_rate",
+        "tokens_per_s",
+        "grad_norm",
+        "total_steps",
+        "percent",
+        "eta_s",
+    }
 )
 
 
@@ -19,7 +29,7 @@ class JobReporter(Protocol):
         """The job entered `name`, one of `PHASES`."""
 
     def log(self, line: str) -> None:
-        """One user-visible log line, e.g. `epoch 1 | step 5/40 | loss 2.31 | ...`."""
+        """One user-visible log line, e.g. `epoch 1 | step 5/40 (12%) | loss 2.31 | ...`."""
 
     def metric(self, step: int, values: dict[str, float]) -> None:
         """Metrics at optimizer step `step`; keys among `METRIC_KEYS`."""

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from shared.schema import FinetuneRequest
+from shared.schema import DataConfig, FinetuneRequest
 from shared.settings import Settings
-from worker.pipeline.data import load_dataset, render_examples, split, tokenize
+from shared.storage import storage_from_settings
+from worker.pipeline.chat import is_chat_template, render_chats, tokenize_chats
+from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
+from worker.pipeline.data import (
+    LogFn,
+    TokenizedExample,
+    load_dataset,
+    render_examples,
+    split,
+    tokenize,
+)
 from worker.pipeline.errors import TrainingStopped
-from worker.pipeline.export import export_adapter
+from worker.pipeline.export import export_adapter, push_to_hub
 from worker.pipeline.model import load_model, load_tokenizer
+from worker.pipeline.readers import LoadedDataset
 from worker.pipeline.report import JobReporter
 from worker.pipeline.train import train
 
@@ -23,12 +35,21 @@ class TrainResult:
     last_loss: float | None
     train_rows: int
     eval_rows: int
+    best_eval_loss: float | None = None
+    best_step: int | None = None
 
 
 def run_job(
-    request: FinetuneRequest, work_dir: Path, reporter: JobReporter, settings: Settings
+    request: FinetuneRequest,
+    work_dir: Path,
+    reporter: JobReporter,
+    settings: Settings,
+    checkpoints: CheckpointStore | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter as `request` says; the result lies in `work_dir / "output"`.
+
+    With `checkpoints`, training resumes from the job's latest checkpoint in storage (an
+    earlier attempt's) and writes new ones as it goes.
 
     Raises `PipelineError` for problems the user can fix and `TrainingStopped` when
     `reporter.should_stop()` asked for it. The caller uploads the output ("uploading" phase).
@@ -46,13 +67,13 @@ def run_job(
         subset=data.data_subset,
         source_type=data.data_source_type,
         token=hf.hf_token,
+        storage=storage_from_settings(settings),
         log=log,
     )
     tokenizer = load_tokenizer(
         base.model_path, allowed_local_dirs=allowed, token=hf.hf_token, log=log
     )
-    examples = render_examples(dataset, data.prompt_template, log=log)
-    tokenized = tokenize(examples, tokenizer, data.cutoff_len, log=log)
+    tokenized = render_and_tokenize(dataset, tokenizer, data, log=log)
     train_set, eval_set = split(tokenized, data.data_split_config, log=log)
     _stop_if_asked(reporter)
 
@@ -60,6 +81,7 @@ def run_job(
     model = load_model(
         base.model_path, base, allowed_local_dirs=allowed, token=hf.hf_token, log=log
     )
+    resume_from = restore_starting_point(model, base, checkpoints, work_dir, log=log)
     _stop_if_asked(reporter)
 
     reporter.phase("training")
@@ -71,8 +93,14 @@ def run_job(
         request.training_config,
         output_dir=work_dir / "trainer",
         reporter=reporter,
+        checkpoints=checkpoints,
+        resume_from=resume_from,
+        logging=request.logging_config,
     )
     output_dir = export_adapter(model, tokenizer, work_dir / "output", log=log)
+    if hf.hf_model_path:
+        assert hf.hf_token is not None  # the schema requires it with hf_model_path
+        push_to_hub(output_dir, hf.hf_model_path, token=hf.hf_token, log=log)
     return TrainResult(
         output_dir=output_dir,
         steps=stats.steps,
@@ -80,6 +108,24 @@ def run_job(
         last_loss=stats.last_loss,
         train_rows=len(train_set),
         eval_rows=len(eval_set),
+        best_eval_loss=stats.best_eval_loss,
+        best_step=stats.best_step,
+    )
+
+
+def render_and_tokenize(
+    dataset: LoadedDataset, tokenizer: Any, data: DataConfig, *, log: LogFn
+) -> list[TokenizedExample]:
+    """Rows to training examples: through the model's chat template when the prompt_template
+    is `{messages}` (chat mode), through the prompt_template otherwise."""
+    if is_chat_template(data.prompt_template):
+        chats = render_chats(dataset, tokenizer, log=log)
+        return tokenize_chats(
+            chats, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs, log=log
+        )
+    examples = render_examples(dataset, data.prompt_template, log=log)
+    return tokenize(
+        examples, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs, log=log
     )
 
 

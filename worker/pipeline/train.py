@@ -10,11 +10,18 @@ from typing import Any
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
-from shared.schema import TrainingConfig
-from worker.pipeline.callbacks import MetricsCallback, ProgressReportCallback, StopCallback
+from shared.schema import LoggingConfig, TrainingConfig
+from worker.pipeline.callbacks import (
+    BestAdapterCallback,
+    MetricsCallback,
+    ProgressReportCallback,
+    StopCallback,
+)
+from worker.pipeline.checkpoints import CheckpointStore, CheckpointUploadCallback
 from worker.pipeline.data import IGNORE_INDEX, TokenizedExample
 from worker.pipeline.errors import TrainingStopped
 from worker.pipeline.report import JobReporter
+from worker.pipeline.wandb_reporting import wandb_reporting
 
 SEED = 42
 DEFAULT_BATCH_SIZE = 4
@@ -30,6 +37,8 @@ class TrainStats:
     steps: int
     first_loss: float | None
     last_loss: float | None
+    best_eval_loss: float | None = None
+    best_step: int | None = None
 
 
 class PadToLongest:
@@ -73,8 +82,14 @@ def training_arguments(
     has_validation: bool,
     quantized: bool,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    save_steps: int = 0,
+    wandb_run_name: str | None = None,
 ) -> TrainingArguments:
-    """Map the request's training_config onto transformers 5 TrainingArguments."""
+    """Map the request's training_config onto transformers 5 TrainingArguments.
+
+    `save_steps` > 0 writes a resumable checkpoint every that many optimizer steps.
+    `wandb_run_name` (may be "") reports to Weights & Biases under that name.
+    """
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
     scheduler_kwargs = PLATEAU_KWARGS if config.lr_scheduler_type == "reduce_lr_on_plateau" else {}
@@ -89,6 +104,10 @@ def training_arguments(
             "metric_for_best_model": "eval_loss",
             "greater_is_better": False,
         }
+    # Storage keeps the checkpoints a later attempt resumes from; one local copy is enough.
+    saving: dict[str, Any] = {"save_strategy": "no"}
+    if save_steps > 0:
+        saving = {"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 1}
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch_size,
@@ -99,23 +118,35 @@ def training_arguments(
         lr_scheduler_type=config.lr_scheduler_type,
         lr_scheduler_kwargs=scheduler_kwargs,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        # Paged 8-bit AdamW needs CUDA; elsewhere the plain torch AdamW.
-        optim="paged_adamw_8bit" if quantized and cuda else "adamw_torch",
+        optim=optimizer_name(quantized=quantized, cuda=cuda),
         bf16=bf16,
         fp16=cuda and not bf16,
         use_cpu=not cuda,
         logging_strategy="steps",
         logging_steps=1,
         include_num_input_tokens_seen="non_padding",
-        save_strategy="no",
-        report_to="none",
+        report_to=["wandb"] if wandb_run_name is not None else "none",
+        run_name=wandb_run_name or None,
         seed=SEED,
         data_seed=SEED,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
         **evaluation,
+        **saving,
     )
+
+
+def optimizer_name(*, quantized: bool, cuda: bool) -> str:
+    """QLoRA keeps AdamW's two moments in 8 bit (bitsandbytes), paged on CUDA.
+
+    bitsandbytes runs 8-bit AdamW on CPU too (same losses as torch's AdamW to 1e-3 on the tiny
+    model), but has no paging there: `paged_adamw_8bit` on CPU warns "Paged optimizers are not
+    supported on CPU" and behaves as `adamw_8bit`, so CPU asks for that directly.
+    """
+    if not quantized:
+        return "adamw_torch"
+    return "paged_adamw_8bit" if cuda else "adamw_8bit"
 
 
 def train(
@@ -128,19 +159,37 @@ def train(
     output_dir: Path,
     reporter: JobReporter,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    checkpoints: CheckpointStore | None = None,
+    resume_from: Path | None = None,
+    logging: LoggingConfig | None = None,
 ) -> TrainStats:
-    """Train the adapter in place; raises `TrainingStopped` if the reporter asks to stop."""
+    """Train the adapter in place; raises `TrainingStopped` if the reporter asks to stop.
+
+    With a validation set, the adapter left in `model` is the one with the best eval_loss.
+    With `logging.use_wandb`, the run is also reported to Weights & Biases.
+
+    With `checkpoints`, a checkpoint goes to storage every `checkpoints.every_steps` steps;
+    `resume_from` is a downloaded checkpoint to continue from, as if never interrupted.
+    """
     args = training_arguments(
         config,
         output_dir=output_dir,
         has_validation=bool(eval_set),
         quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
         batch_size=batch_size,
+        save_steps=checkpoints.every_steps if checkpoints else 0,
+        wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
     )
     metrics, stop = MetricsCallback(reporter), StopCallback(reporter)
+    best = BestAdapterCallback()
     callbacks = [metrics, ProgressReportCallback(reporter), stop]
     if eval_set:
-        callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
+        callbacks += [EarlyStoppingCallback(config.early_stopping_patience), best]
+    if checkpoints and checkpoints.every_steps > 0:
+        # After `best`: callbacks run in list order, and `best` adds its file to the checkpoint.
+        callbacks.append(CheckpointUploadCallback(checkpoints, reporter.log))
+    if resume_from:
+        best.load_checkpoint(resume_from)
     trainer = Trainer(
         model=model,
         args=args,
@@ -157,7 +206,8 @@ def train(
             "reduce_lr_on_plateau: no warm-up; the learning rate halves after an evaluation "
             "without improvement"
         )
-    trainer.train()
+    with wandb_reporting(logging, output_dir, log=reporter.log):
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state = trainer.state
     if stop.reason:
         reporter.log(f"training stopped at step {stop.step}: {stop.reason}")
@@ -169,9 +219,16 @@ def train(
             f"improve for {patience} evaluation{'s' if patience > 1 else ''} "
             f"(best {state.best_metric:.4f})"
         )
+    if best.restored:
+        reporter.log(
+            f"kept the adapter of step {best.best_step}, the best eval_loss {best.best_loss:.4f}, "
+            f"instead of the last step's"
+        )
     reporter.progress(1.0)
     return TrainStats(
         steps=state.global_step,
         first_loss=metrics.losses[0] if metrics.losses else None,
         last_loss=metrics.losses[-1] if metrics.losses else None,
+        best_eval_loss=best.best_loss,
+        best_step=best.best_step,
     )

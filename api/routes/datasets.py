@@ -1,0 +1,127 @@
+"""`/v1/datasets`: upload a dataset file, read its metadata, preview a prompt template on it."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path as FilePath
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ScratchDirDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.errors import ApiError
+from api.schemas import DatasetList, DatasetOut, ExampleOut, PreviewIn, PreviewOut
+from api.uploads import ReceivedFile, receive_multipart_file
+from shared import datasets
+from shared.models import Dataset, DatasetStatus
+from shared.settings import Settings
+from shared.storage import Storage
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+DatasetId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+_MULTIPART_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
+    }
+}
+
+
+def resolve_dataset(
+    session: Session, storage: Storage, settings: Settings, tenant_id: str, dataset_id: str
+) -> Dataset:
+    """The tenant's dataset, its upload checked first if the bytes arrived by presigned PUT.
+
+    Raises `DatasetNotFound`, or `DatasetRejected` when that first check fails (the row then
+    records the failure, so it is committed either way).
+    """
+    dataset = datasets.get_dataset(session, tenant_id, dataset_id)
+    if dataset.status == DatasetStatus.PENDING.value:
+        with tempfile.TemporaryDirectory(prefix="tunery-upload-") as tmp:
+            try:
+                datasets.check_pending(
+                    storage, dataset, FilePath(tmp), max_bytes=settings.max_dataset_bytes
+                )
+            finally:
+                session.commit()
+    return dataset
+
+
+@router.post("", status_code=201, openapi_extra=_MULTIPART_BODY,
+             summary="Upload a json, jsonl, csv or parquet file (multipart field 'file')")
+async def upload_dataset(request: Request, caller: TenantDep, session: SessionDep,
+                         storage: StorageDep, settings: SettingsDep,
+                         scratch: ScratchDirDep) -> DatasetOut:
+    received = await receive_multipart_file(
+        request, scratch / "upload", settings.max_dataset_bytes
+    )
+    # Parsing a large file and copying it to storage take seconds: off the event loop.
+    dataset = await run_in_threadpool(_create, session, storage, settings, caller.tenant_id,
+                                      received)
+    return DatasetOut.of(dataset)
+
+
+def _create(session: Session, storage: Storage, settings: Settings, tenant_id: str,
+            received: ReceivedFile) -> Dataset:
+    dataset = datasets.create_dataset(
+        session, storage, tenant_id, received.path, name=received.filename,
+        content_type=received.content_type, max_bytes=settings.max_dataset_bytes,
+    )
+    session.commit()
+    return dataset
+
+
+@router.get("", summary="This key's datasets, newest first")
+def list_datasets(caller: TenantDep, session: SessionDep,
+                  limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                  offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> DatasetList:
+    items, total = datasets.list_datasets(session, caller.tenant_id, limit, offset)
+    return DatasetList(items=[DatasetOut.of(d) for d in items], total=total, limit=limit,
+                       offset=offset)
+
+
+@router.get("/{dataset_id}", summary="A dataset's rows, columns and first rows")
+def get_dataset(dataset_id: DatasetId, caller: TenantDep, session: SessionDep,
+                storage: StorageDep, settings: SettingsDep) -> DatasetOut:
+    try:
+        dataset = resolve_dataset(session, storage, settings, caller.tenant_id, dataset_id)
+    except datasets.DatasetRejected:
+        # The metadata answers with status "failed" and the reason; nothing to refuse here.
+        dataset = datasets.get_dataset(session, caller.tenant_id, dataset_id)
+    return DatasetOut.of(dataset)
+
+
+@router.post("/{dataset_id}/preview",
+             summary="Render the first rows with a prompt template, prompt and completion apart")
+def preview_dataset(dataset_id: DatasetId, body: PreviewIn, caller: TenantDep,
+                    session: SessionDep, storage: StorageDep,
+                    settings: SettingsDep) -> PreviewOut:
+    dataset = resolve_dataset(session, storage, settings, caller.tenant_id, dataset_id)
+    reason = datasets.not_ready_reason(dataset)
+    if reason:
+        raise ApiError(409, "conflict", reason)
+    preview = datasets.preview(dataset, body.prompt_template, body.n)
+    message = datasets.missing_columns_message(body.prompt_template, dataset.columns or [])
+    if message is None:
+        message = (f"every placeholder has a column; the loss is computed on "
+                   f"{{{preview.completion_placeholder}}} and the text after it")
+    return PreviewOut(
+        dataset_id=dataset.id,
+        placeholders=preview.placeholders,
+        missing_columns=preview.missing_columns,
+        message=message,
+        examples=[ExampleOut(prompt=e.prompt, completion=e.completion)
+                  for e in preview.examples],
+    )

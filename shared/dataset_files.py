@@ -1,0 +1,366 @@
+"""Reading dataset files: json, jsonl, csv and parquet, one row at a time.
+
+The API validates uploads with these readers and the worker loads training data with them, so
+a file accepted at upload is read the same way at training time. Every reader streams: a
+summary of a 1 GiB upload keeps a few rows in memory, not the file. Parse errors name the file
+and the line (or parquet row), because the user has to find and fix them.
+
+Pure standard library plus pyarrow, imported only for parquet; never torch or `datasets`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "CONTENT_TYPES",
+    "FORMATS",
+    "DatasetFileError",
+    "FileSummary",
+    "LoadedDataset",
+    "detect_format",
+    "format_of_content_type",
+    "format_of_name",
+    "read_file",
+    "read_local",
+    "sniff_format",
+    "summarize_file",
+]
+
+Row = Mapping[str, Any]
+
+FORMATS = ("jsonl", "json", "csv", "parquet")
+CONTENT_TYPES = {
+    "application/x-ndjson": "jsonl",
+    "application/jsonl": "jsonl",
+    "application/jsonlines": "jsonl",
+    "application/json": "json",
+    "text/csv": "csv",
+    "application/csv": "csv",
+    "application/vnd.apache.parquet": "parquet",
+    "application/x-parquet": "parquet",
+}
+
+_CHUNK_BYTES = 1 << 20
+_WHITESPACE = re.compile(r"[ \t\r\n]*")
+# A JSON array element may span many chunks; past this size it is reported instead of
+# buffered further, so one broken bracket cannot pull a whole upload into memory.
+MAX_JSON_ROW_CHARS = 64 << 20
+
+
+class DatasetFileError(ValueError):
+    """A data file that cannot be read; the message names the file and the line or row."""
+
+
+@dataclass
+class LoadedDataset:
+    """Rows (dicts, or a `datasets.Dataset`, which iterates as dicts) and their column names."""
+
+    columns: list[str]
+    rows: Sequence[Row]
+    origin: str
+
+
+@dataclass(frozen=True)
+class FileSummary:
+    """What an upload check needs: the row count, the columns and the first few rows."""
+
+    format: str
+    rows: int
+    columns: list[str]
+    first_rows: list[dict[str, Any]]
+
+
+def format_of_name(name: str) -> str | None:
+    """The format a file name's suffix says (`.ndjson` counts as jsonl), or None."""
+    suffix = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    return {"ndjson": "jsonl"}.get(suffix, suffix) if suffix in (*FORMATS, "ndjson") else None
+
+
+def format_of_content_type(content_type: str | None) -> str | None:
+    return CONTENT_TYPES.get((content_type or "").split(";")[0].strip().lower())
+
+
+def sniff_format(path: Path) -> str:
+    """Guess the format from the first bytes; CSV when nothing else fits."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if stripped.startswith(b"["):
+        return "json"
+    if stripped.startswith(b"{"):
+        return "jsonl"
+    return "csv"
+
+
+def detect_format(path: Path, name: str | None = None, content_type: str | None = None) -> str:
+    """The file name's suffix, else the Content-Type, else the first bytes decide."""
+    return (
+        format_of_name(name if name is not None else path.name)
+        or format_of_content_type(content_type)
+        or sniff_format(path)
+    )
+
+
+def read_local(path: Path) -> LoadedDataset:
+    """A file, or every data file of a directory in name order (columns merged)."""
+    if path.is_file():
+        return read_file(path)
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and not p.name.startswith(".") and format_of_name(p.name) is not None
+        )
+        if not files:
+            raise DatasetFileError(f"{path} has no {'/'.join(FORMATS)} files")
+        parts = [read_file(p) for p in files]
+        columns = list(dict.fromkeys(c for part in parts for c in part.columns))
+        rows = [row for part in parts for row in part.rows]
+        return LoadedDataset(columns, rows, str(path))
+    raise DatasetFileError(f"data_path {str(path)!r} does not exist")
+
+
+def read_file(path: Path, fmt: str | None = None, *, name: str | None = None) -> LoadedDataset:
+    """Parse one json/jsonl/csv/parquet file, every row; the format comes from the suffix
+    unless given. `name` is how errors call the file (default: its file name)."""
+    name = name or path.name
+    fmt = fmt or format_of_name(path.name)
+    if fmt is None:
+        raise DatasetFileError(f"{name}: unknown format; use one of {', '.join(FORMATS)}")
+    rows: list[dict[str, Any]] = []
+    columns, _count = _scan(path, fmt, name, rows, keep=None)
+    return LoadedDataset(columns, rows, name)
+
+
+def summarize_file(path: Path, fmt: str, *, name: str, keep_rows: int = 5) -> FileSummary:
+    """Read the whole file to validate it, keeping only the first `keep_rows` rows."""
+    if fmt not in FORMATS:
+        raise DatasetFileError(f"{name}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    kept: list[dict[str, Any]] = []
+    columns, count = _scan(path, fmt, name, kept, keep=keep_rows)
+    return FileSummary(fmt, count, columns, kept)
+
+
+def _scan(
+    path: Path, fmt: str, name: str, kept: list[dict[str, Any]], keep: int | None
+) -> tuple[list[str], int]:
+    """Walk every row, append the first `keep` (None: all) to `kept`; return columns, count.
+
+    Columns are the header (csv) or schema (parquet); for JSON, every key seen, in order.
+    """
+    header: list[str] = []
+    if fmt == "parquet":
+        rows = _parquet_rows(path, name, header)
+    elif fmt == "csv":
+        rows = _csv_rows(path, name, header)
+    elif fmt == "json":
+        rows = _json_rows(path, name)
+    elif fmt == "jsonl":
+        rows = _jsonl_rows(path, name)
+    else:
+        raise DatasetFileError(f"{name}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    seen: dict[str, None] = {}
+    count = 0
+    for row in rows:
+        count += 1
+        if keep is None or len(kept) < keep:
+            kept.append(row)
+        if not header:
+            seen.update(dict.fromkeys(row))
+    return (header or list(seen)), count
+
+
+def _not_utf8(name: str, line: int) -> DatasetFileError:
+    return DatasetFileError(f"{name} line {line}: not UTF-8 text")
+
+
+def _utf8_lines(f: IO[bytes], name: str) -> Iterator[str]:
+    """Lines with their line ends, decoded one by one so a bad byte is reported by line (a
+    text-mode file decodes ahead in 8 KiB blocks and cannot say where)."""
+    for number, raw in enumerate(f, start=1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise _not_utf8(name, number) from None
+
+
+def _jsonl_rows(path: Path, name: str, *, from_json: bool = False) -> Iterator[dict[str, Any]]:
+    with path.open("rb") as f:
+        for number, line in enumerate(_utf8_lines(f, name), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                hint = ""
+                if from_json and number == 1:
+                    hint = "; expected a JSON array of objects (one per row) or JSON lines"
+                raise DatasetFileError(
+                    f"{name} line {number}: invalid JSON at column {exc.colno} ({exc.msg}){hint}"
+                ) from None
+            if not isinstance(row, dict):
+                raise DatasetFileError(
+                    f"{name} line {number}: expected a JSON object, got {line.strip()[:60]!r}"
+                )
+            yield row
+
+
+def _csv_rows(path: Path, name: str, header: list[str]) -> Iterator[dict[str, Any]]:
+    with path.open("rb") as f:
+        # Lines keep their line ends, so quoted fields may hold line breaks.
+        reader = csv.DictReader(_utf8_lines(f, name), strict=True)
+        try:
+            header.extend(reader.fieldnames or [])
+            for row in reader:
+                # DictReader files surplus fields under the key None and fills missing ones
+                # with None: either way the row does not match the header.
+                if None in row or None in row.values():
+                    raise DatasetFileError(
+                        f"{name} line {reader.line_num}: the row's number of fields differs "
+                        f"from the header's {len(header)}"
+                    )
+                yield row
+        except csv.Error as exc:
+            raise DatasetFileError(
+                f"{name} line {reader.line_num}: invalid CSV ({exc})"
+            ) from None
+
+
+def _parquet_rows(path: Path, name: str, header: list[str]) -> Iterator[dict[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        with pq.ParquetFile(path) as parquet:
+            header.extend(parquet.schema_arrow.names)
+            for batch in parquet.iter_batches(batch_size=1024):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield record
+    except (pyarrow.ArrowException, OSError) as exc:
+        where = f" at row {row + 1}" if row else ""
+        raise DatasetFileError(f"{name}: not a readable parquet file{where} ({exc})") from None
+
+
+def _json_rows(path: Path, name: str) -> Iterator[dict[str, Any]]:
+    """A JSON array of objects, decoded element by element; files named .json that hold
+    JSON lines (a common mix-up) are read as JSON lines."""
+    with path.open("rb") as f:
+        text = _TextCursor(f, name)
+        first = text.skip_whitespace()
+        if first == "[":
+            yield from _json_array_rows(text, name)
+            return
+    if first == "{":
+        yield from _jsonl_rows(path, name, from_json=True)
+        return
+    if first == "":
+        raise DatasetFileError(f"{name} is empty")
+    raise DatasetFileError(
+        f"{name} line 1: expected a JSON array of objects (one per row) or JSON lines"
+    )
+
+
+def _json_array_rows(text: _TextCursor, name: str) -> Iterator[dict[str, Any]]:
+    decoder = json.JSONDecoder()
+    text.advance(1)  # the "["
+    number = 0
+    if text.skip_whitespace() == "]":
+        text.advance(1)
+    else:
+        while True:
+            text.skip_whitespace()
+            line = text.line
+            row = text.decode(decoder)
+            number += 1
+            if not isinstance(row, dict):
+                raise DatasetFileError(
+                    f"{name} row {number} (line {line}): expected a JSON object, "
+                    f"got {type(row).__name__}"
+                )
+            yield row
+            separator = text.skip_whitespace()
+            if separator == "":
+                raise text.error("the file ends before the array is closed with ']'")
+            if separator == "]":
+                text.advance(1)
+                break
+            if separator != ",":
+                raise text.error("expected ',' or ']' after an array element")
+            text.advance(1)
+    if text.skip_whitespace() != "":
+        raise text.error("extra data after the JSON array")
+
+
+class _TextCursor:
+    """A read position in a text stream with a bounded buffer and a line counter, enough to
+    decode a JSON array one element at a time with `JSONDecoder.raw_decode`."""
+
+    def __init__(self, stream: IO[bytes], name: str) -> None:
+        self.stream, self.name = stream, name
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.buf, self.pos, self.line, self.eof = "", 0, 1, False
+
+    def _fill(self) -> bool:
+        """Read one more chunk, dropping what was consumed; False at end of file."""
+        if self.eof:
+            return False
+        data = self.stream.read(_CHUNK_BYTES)
+        try:
+            chunk = self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            lines = self.line + self.buf.count("\n", self.pos) + data.count(b"\n", 0, exc.start)
+            raise _not_utf8(self.name, lines) from None
+        if not data:
+            self.eof = True
+        self.buf, self.pos = self.buf[self.pos :] + chunk, 0
+        return bool(chunk) or not self.eof
+
+    def advance(self, n: int) -> None:
+        self.line += self.buf.count("\n", self.pos, self.pos + n)
+        self.pos += n
+
+    def skip_whitespace(self) -> str:
+        """Move past whitespace; return the next character, or "" at end of file."""
+        while True:
+            match = _WHITESPACE.match(self.buf, self.pos)
+            assert match is not None  # `*` matches the empty string
+            self.advance(match.end() - self.pos)
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self._fill():
+                return ""
+
+    def decode(self, decoder: json.JSONDecoder) -> Any:
+        while True:
+            try:
+                value, end = decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as exc:
+                # Positions first: reading more moves the buffer under exc.pos.
+                line = self.line + self.buf.count("\n", self.pos, exc.pos)
+                column = exc.pos - max(self.buf.rfind("\n", 0, exc.pos), -1)
+                error = DatasetFileError(
+                    f"{self.name} line {line} column {column}: invalid JSON ({exc.msg})"
+                )
+                # The element may just continue in the next chunk; read more and retry
+                # unless the file ended or the element is already unreasonably large.
+                if len(self.buf) - self.pos < MAX_JSON_ROW_CHARS and self._fill():
+                    continue
+                raise error from None
+            self.advance(end - self.pos)
+            return value
+
+    def error(self, message: str) -> DatasetFileError:
+        return DatasetFileError(f"{self.name} line {self.line}: invalid JSON ({message})")
+

@@ -1,0 +1,366 @@
+"""Datasets uploaded to Tunery: checking a received file, storing it, and every write to a
+`datasets` row.
+
+A file is parsed completely before it becomes a dataset, so a job that names a dataset id can
+only fail on its content for reasons the template decides (missing columns are caught at
+submit too). Two ways in:
+
+- `POST /v1/datasets`: the API receives the file and calls `create_dataset`.
+- MonsterAPI's flow, `GET /v1/upload`: `start_upload` makes a `pending` row and, on S3, a
+  presigned PUT URL to a staging key under ``uploads/{id}/``. With local storage the API
+  receives the PUT itself and calls `finish_upload`; with S3 nobody is told when the PUT
+  ends, so `check_pending` finishes the upload the first time the dataset is referenced.
+
+Only checked files live under ``datasets/{id}/``, whose file name always carries the format
+suffix, so the worker needs no database to read one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import re
+import secrets
+import unicodedata
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shared.dataset_files import (
+    DatasetFileError,
+    detect_format,
+    format_of_name,
+    summarize_file,
+)
+from shared.models import Dataset, DatasetStatus, utcnow
+from shared.prompt_template import Example, missing_columns, render_example
+from shared.schema import template_placeholders
+from shared.storage import ObjectNotFound, Storage
+
+FIRST_ROWS = 5
+# Rows kept in the database for previews, and the bounds that keep that sample small even
+# for wide or long-text datasets.
+SAMPLE_ROWS = 20
+MAX_SAMPLE_CELL_CHARS = 4000
+MAX_SAMPLE_CHARS = 256 * 1024
+MAX_NAME_CHARS = 100
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class DatasetNotFound(LookupError):
+    pass
+
+
+class DatasetRejected(ValueError):
+    """The file is not a usable dataset; the message says why (and where, for parse errors)."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.message, self.too_large = message, too_large
+
+
+class UploadRefused(Exception):
+    """A PUT to the local upload route that cannot be accepted (bad token, already done)."""
+
+    def __init__(self, message: str, *, conflict: bool = False) -> None:
+        super().__init__(message)
+        self.message, self.conflict = message, conflict
+
+
+@dataclass(frozen=True)
+class Preview:
+    placeholders: list[str]
+    completion_placeholder: str
+    """The last placeholder: the loss is computed on its value and the text after it."""
+    missing_columns: list[str]
+    examples: list[Example]
+
+
+def new_dataset_id() -> str:
+    return f"ds_{uuid.uuid4().hex}"
+
+
+def safe_file_name(name: str | None, fmt: str | None = None) -> str:
+    """A storage-safe version of a client's file name, ending in `.{fmt}` when given.
+
+    Only the last path segment is kept and anything outside ``[A-Za-z0-9._-]`` becomes "_",
+    so a name can neither escape ``datasets/{id}/`` nor confuse a URL.
+    """
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
+    base = _UNSAFE_NAME_CHARS.sub("_", base).lstrip(".-_") or "dataset"
+    if len(base) > MAX_NAME_CHARS:
+        stem, dot, suffix = base.rpartition(".")
+        base = stem[: MAX_NAME_CHARS - len(suffix) - 1] + dot + suffix if dot else base
+        base = base[:MAX_NAME_CHARS]
+    if fmt is not None and format_of_name(base) != fmt:
+        base = f"{base}.{fmt}"
+    return base
+
+
+def dataset_key(dataset_id: str, file_name: str) -> str:
+    return f"datasets/{dataset_id}/{file_name}"
+
+
+def staging_prefix(dataset_id: str) -> str:
+    return f"uploads/{dataset_id}/"
+
+
+def create_dataset(
+    session: Session,
+    storage: Storage,
+    tenant_id: str,
+    path: Path,
+    *,
+    name: str | None,
+    content_type: str | None,
+    max_bytes: int,
+) -> Dataset:
+    """Check the received file at `path`, store it and add a `ready` row (not committed).
+
+    Raises `DatasetRejected` (nothing stored) when the file is too large, empty or unparseable.
+    """
+    dataset = Dataset(
+        id=new_dataset_id(),
+        tenant_id=tenant_id,
+        name=safe_file_name(name),
+        status=DatasetStatus.PENDING.value,
+        storage_key="",
+    )
+    _store_checked(storage, dataset, path, content_type, max_bytes)
+    session.add(dataset)
+    return dataset
+
+
+def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    """The tenant's dataset; another tenant's is indistinguishable from a missing one."""
+    dataset = session.scalar(
+        select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+    )
+    if dataset is None:
+        raise DatasetNotFound(dataset_id)
+    return dataset
+
+
+def list_datasets(
+    session: Session, tenant_id: str, limit: int, offset: int
+) -> tuple[list[Dataset], int]:
+    where = Dataset.tenant_id == tenant_id
+    total = session.scalar(select(func.count()).select_from(Dataset).where(where))
+    rows = session.scalars(
+        select(Dataset)
+        .where(where)
+        .order_by(Dataset.created_at.desc(), Dataset.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(rows), total or 0
+
+
+def start_upload(
+    session: Session, storage: Storage, tenant_id: str, filename: str, expires_s: int
+) -> tuple[Dataset, str, str | None]:
+    """Add a `pending` dataset for MonsterAPI's upload flow (not committed).
+
+    Returns the row, the upload token (shown once; only its hash is stored) and the store's
+    presigned PUT URL, or None when the API must receive the PUT itself (local storage).
+    """
+    dataset_id = new_dataset_id()
+    name = safe_file_name(filename)
+    token = secrets.token_urlsafe(32)
+    upload_url = storage.presigned_upload_url(staging_prefix(dataset_id) + name, expires_s)
+    dataset = Dataset(
+        id=dataset_id,
+        tenant_id=tenant_id,
+        name=name,
+        status=DatasetStatus.PENDING.value,
+        storage_key=staging_prefix(dataset_id) + name,
+        upload_token_hash=_token_hash(token),
+        upload_expires_at=utcnow() + timedelta(seconds=expires_s),
+    )
+    session.add(dataset)
+    return dataset, token, upload_url
+
+
+def dataset_for_upload(session: Session, dataset_id: str, token: str) -> Dataset:
+    """The pending dataset `token` may upload to, or `UploadRefused`.
+
+    A wrong token and an unknown id give the same answer, so tokens cannot be used to probe
+    for ids.
+    """
+    dataset = session.get(Dataset, dataset_id)
+    if (
+        dataset is None
+        or dataset.upload_token_hash is None
+        or not hmac.compare_digest(dataset.upload_token_hash, _token_hash(token))
+    ):
+        raise UploadRefused("invalid upload URL: unknown upload or wrong token")
+    if dataset.status != DatasetStatus.PENDING.value:
+        raise UploadRefused(
+            f"upload {dataset_id} is already {dataset.status}; ask GET /v1/upload for a new URL",
+            conflict=True,
+        )
+    expires = dataset.upload_expires_at
+    if expires is not None and _aware(expires) < utcnow():
+        raise UploadRefused("this upload URL has expired; ask GET /v1/upload for a new one")
+    return dataset
+
+
+def finish_upload(
+    storage: Storage, dataset: Dataset, path: Path, *, content_type: str | None, max_bytes: int
+) -> None:
+    """Check and store the file received for a pending upload; the row becomes `ready`, or
+    `failed` with the reason (then `DatasetRejected` is raised). The caller commits either
+    way: a failed upload stays failed, and its URL is spent (a PUT to it gets 409)."""
+    try:
+        _store_checked(storage, dataset, path, content_type, max_bytes)
+    except DatasetRejected as exc:
+        _mark(dataset, DatasetStatus.FAILED, error=exc.message)
+        raise
+
+
+def check_pending(
+    storage: Storage, dataset: Dataset, work_dir: Path, *, max_bytes: int
+) -> None:
+    """Finish an S3 upload whose bytes arrived by presigned PUT; no-op for other states.
+
+    Raises `DatasetRejected` (row now `failed`) when the file does not pass; the caller
+    commits either way.
+    """
+    if dataset.status != DatasetStatus.PENDING.value:
+        return
+    prefix = staging_prefix(dataset.id)
+    staged = storage.list(prefix)
+    if not staged:
+        return  # the client has not uploaded yet
+    try:
+        if staged[0].size > max_bytes:
+            raise DatasetRejected(_too_large(dataset.name, max_bytes), too_large=True)
+        local = work_dir / dataset.name
+        storage.download_file(staged[0].key, local)
+        finish_upload(storage, dataset, local, content_type=None, max_bytes=max_bytes)
+    except DatasetRejected as exc:
+        _mark(dataset, DatasetStatus.FAILED, error=exc.message)
+        raise
+    except ObjectNotFound:
+        return  # a concurrent request finished it first
+    finally:
+        if dataset.status != DatasetStatus.PENDING.value:
+            storage.delete_prefix(prefix)
+
+
+def not_ready_reason(dataset: Dataset) -> str | None:
+    """Why a job or a preview cannot use `dataset` yet; None when it is ready."""
+    if dataset.status == DatasetStatus.READY.value:
+        return None
+    if dataset.status == DatasetStatus.FAILED.value:
+        return f"dataset {dataset.id} was rejected: {dataset.error}"
+    return (
+        f"dataset {dataset.id} has not been uploaded yet: PUT the file to the upload_url "
+        "GET /v1/upload returned"
+    )
+
+
+def first_rows(dataset: Dataset) -> list[dict[str, Any]]:
+    return (dataset.sample_rows or [])[:FIRST_ROWS]
+
+
+def preview(dataset: Dataset, template: str, n: int) -> Preview:
+    """The first `n` (at most SAMPLE_ROWS) rows rendered with `template`; placeholders the
+    dataset lacks render as "" and are listed in `missing_columns`."""
+    columns = dataset.columns or []
+    examples = [render_example(row, template) for row in (dataset.sample_rows or [])[:n]]
+    placeholders = template_placeholders(template)
+    return Preview(
+        placeholders=list(dict.fromkeys(placeholders)),
+        completion_placeholder=placeholders[-1],
+        missing_columns=missing_columns(template, columns),
+        examples=examples,
+    )
+
+
+def missing_columns_message(template: str, columns: Sequence[str]) -> str | None:
+    """A message naming the placeholders `columns` lacks, both lists shown; None if none."""
+    missing = missing_columns(template, columns)
+    if not missing:
+        return None
+    return (
+        f"prompt_template uses columns the dataset does not have: {missing}. Template "
+        f"placeholders: {list(dict.fromkeys(template_placeholders(template)))}; dataset "
+        f"columns: {list(columns)}"
+    )
+
+
+def _store_checked(
+    storage: Storage, dataset: Dataset, path: Path, content_type: str | None, max_bytes: int
+) -> None:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise DatasetRejected(_too_large(dataset.name, max_bytes), too_large=True)
+    fmt = detect_format(path, dataset.name, content_type)
+    try:
+        summary = summarize_file(path, fmt, name=dataset.name, keep_rows=SAMPLE_ROWS)
+    except DatasetFileError as exc:
+        raise DatasetRejected(str(exc)) from None
+    if summary.rows == 0:
+        raise DatasetRejected(f"{dataset.name} has no rows")
+    key = dataset_key(dataset.id, safe_file_name(dataset.name, fmt))
+    storage.put_file(key, path)
+    dataset.format, dataset.size_bytes, dataset.storage_key = fmt, size, key
+    dataset.rows, dataset.columns = summary.rows, summary.columns
+    dataset.sample_rows = _sample(summary.first_rows)
+    _mark(dataset, DatasetStatus.READY, error=None)
+
+
+def _sample(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON-safe copies of the first rows within the size budget (at least one row)."""
+    sample: list[dict[str, Any]] = []
+    used = 0
+    for row in rows:
+        safe = {str(k): _json_safe(v) for k, v in row.items()}
+        used += len(str(safe))
+        if sample and used > MAX_SAMPLE_CHARS:
+            break
+        sample.append(safe)
+    return sample
+
+
+def _json_safe(value: Any) -> Any:
+    # PostgreSQL's JSON type refuses NaN and Infinity; parquet cells may be dates or bytes.
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_SAMPLE_CELL_CHARS:
+        return text[:MAX_SAMPLE_CELL_CHARS] + "…"
+    return text
+
+
+def _mark(dataset: Dataset, status: DatasetStatus, *, error: str | None) -> None:
+    dataset.status, dataset.error, dataset.updated_at = status.value, error, utcnow()
+
+
+def _too_large(name: str, max_bytes: int) -> str:
+    return f"{name} is larger than the {max_bytes} bytes this server accepts"
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands timestamps back without a zone; Tunery writes them all in UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

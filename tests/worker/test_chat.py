@@ -1,0 +1,156 @@
+"""Chat mode: `messages` rows rendered with the model's chat template, loss on assistant turns."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.settings import Settings
+from worker.assets.build_dataset import DATASET_PATH
+from worker.pipeline.chat import is_chat_template, render_chat, render_chats, tokenize_chats
+from worker.pipeline.data import IGNORE_INDEX
+from worker.pipeline.errors import PipelineError
+from worker.pipeline.readers import LoadedDataset
+from worker.pipeline.report import RecordingReporter
+from worker.pipeline.run import run_job
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is the capital of Peru?"},
+    {"role": "assistant", "content": "Answer: Lima."},
+    {"role": "user", "content": "And of Chile?"},
+    {"role": "assistant", "content": "Answer: Santiago."},
+]
+
+
+def _trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The maximal runs of consecutive trained tokens."""
+    runs: list[list[int]] = []
+    previous_trained = False
+    for token, label in zip(ids, labels, strict=True):
+        trained = label != IGNORE_INDEX
+        if trained:
+            assert label == token
+            if not previous_trained:
+                runs.append([])
+            runs[-1].append(token)
+        previous_trained = trained
+    return runs
+
+
+def test_only_a_template_of_exactly_messages_selects_chat_mode() -> None:
+    assert is_chat_template("{messages}")
+    assert is_chat_template(" {messages}\n")
+    assert not is_chat_template("Chat: {messages}")
+    assert not is_chat_template("{instruction} {messages}")
+
+
+def test_labels_cover_exactly_each_assistant_turn_and_its_end_marker(tiny_tokenizer: Any) -> None:
+    example = render_chat(CONVERSATION, tiny_tokenizer)
+
+    (tokenized,) = tokenize_chats([example], tiny_tokenizer, cutoff_len=256)
+
+    # The model's own template, tokenized as apply_chat_template would: no extra BOS or EOS.
+    text = tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert example.text == text
+    expected_ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenized.input_ids == expected_ids
+    runs = _trained_runs(tokenized.input_ids, tokenized.labels)
+    # One trained run per assistant turn: its content and the template's "</s>", nothing of
+    # the system or user turns, the "assistant: " header, or the newline after "</s>".
+    assert [tiny_tokenizer.decode(run).strip() for run in runs] == [
+        "Answer: Lima.</s>",
+        "Answer: Santiago.</s>",
+    ]
+    assert all(run[-1] == tiny_tokenizer.eos_token_id for run in runs)
+    assert tokenized.labels[-1] == IGNORE_INDEX  # the trailing "\n"
+
+
+def test_train_on_inputs_in_chat_mode_trains_every_token(tiny_tokenizer: Any) -> None:
+    example = render_chat(CONVERSATION, tiny_tokenizer)
+
+    (tokenized,) = tokenize_chats([example], tiny_tokenizer, 256, train_on_inputs=True)
+
+    assert tokenized.labels == tokenized.input_ids
+
+
+def test_conversation_cut_before_any_assistant_token_is_dropped(tiny_tokenizer: Any) -> None:
+    long_user = [{"role": "user", "content": "red green blue " * 30}, CONVERSATION[2]]
+    examples = [
+        render_chat(CONVERSATION[1:3], tiny_tokenizer),
+        render_chat(long_user, tiny_tokenizer),
+    ]
+    lines: list[str] = []
+
+    result = tokenize_chats(examples, tiny_tokenizer, cutoff_len=32, log=lines.append)
+
+    assert len(result) == 1
+    assert "1 truncated" in lines[-1] and "1 dropped" in lines[-1]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        "user: hi",
+        [],
+        [{"role": "user"}],
+        [{"role": "user", "content": ["not", "a", "string"]}],
+        [["user", "hi"]],
+    ],
+)
+def test_rows_whose_messages_are_not_turns_are_named(tiny_tokenizer: Any, messages: Any) -> None:
+    rows = [{"messages": CONVERSATION}, {"messages": messages}]
+
+    with pytest.raises(PipelineError, match="row 2: messages must be a non-empty list"):
+        render_chats(LoadedDataset(["messages"], rows, "d.jsonl"), tiny_tokenizer)
+
+
+def test_tokenizer_without_chat_template_is_refused(tiny_tokenizer: Any) -> None:
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = None
+
+    with pytest.raises(PipelineError, match="no chat template"):
+        render_chats(LoadedDataset(["messages"], [{"messages": CONVERSATION}], "x"), tokenizer)
+
+
+def test_template_that_renders_earlier_turns_differently_is_refused(tiny_tokenizer: Any) -> None:
+    # Shows only the last two messages: a conversation's start is not the start of its text.
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = "{% for m in messages[-2:] %}{{ m['content'] }}</s>{% endfor %}"
+
+    with pytest.raises(PipelineError, match="cannot be located"):
+        render_chat(CONVERSATION, tokenizer)
+
+
+def test_chat_dataset_trains_through_run_job(
+    tmp_path: Path, settings: Settings, make_request: Any
+) -> None:
+    rows = [json.loads(line) for line in DATASET_PATH.read_text().splitlines()]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"{r['instruction']} {r['input']}".strip()},
+                        {"role": "assistant", "content": r["output"]},
+                    ]
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    request = make_request(path, data={"prompt_template": "{messages}"})
+    reporter = RecordingReporter()
+
+    result = run_job(request, tmp_path / "work", reporter, settings)
+
+    assert any(line.startswith("chat mode: rendered 300 conversations") for line in reporter.lines)
+    assert (result.train_rows, result.eval_rows) == (24, 12)
+    assert result.last_loss is not None and result.first_loss is not None
+    assert result.last_loss < result.first_loss

@@ -1,0 +1,171 @@
+"""Chat mode: rows with a `messages` column of OpenAI-style `{role, content}` turns.
+
+A conversation is rendered with the base model's own chat template (transformers'
+`apply_chat_template`, a sandboxed jinja environment), so training sees exactly the format the
+model is prompted with at inference. The loss is on the assistant turns only: each turn's
+content and the end-of-turn marker the template writes after it (`</s>`, `<|im_end|>`,
+`<|eot_id|>`), which is how the model learns to stop. No extra EOS is appended.
+
+Chat mode is selected by a `prompt_template` that is exactly `{messages}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from worker.pipeline.data import IGNORE_INDEX, TokenizedExample, check_template_columns
+from worker.pipeline.errors import PipelineError
+from worker.pipeline.readers import LoadedDataset
+
+LogFn = Callable[[str], None]
+Turn = Mapping[str, Any]
+
+MESSAGES_COLUMN = "messages"
+
+
+def _no_log(line: str) -> None:
+    pass
+
+
+def is_chat_template(template: str) -> bool:
+    """True for a prompt_template that selects chat mode: `{messages}`, nothing else."""
+    return template.strip() == "{" + MESSAGES_COLUMN + "}"
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One rendered conversation and the character ranges of `text` the loss is computed on."""
+
+    text: str
+    trained_spans: tuple[tuple[int, int], ...]
+
+
+def render_chat(messages: Sequence[Turn], tokenizer: Any) -> ChatExample:
+    """Render one conversation; the trained spans are its assistant turns.
+
+    An assistant turn's span is what rendering it adds after the generation prompt of the
+    conversation so far, minus trailing whitespace (the newline after `</s>` is never
+    generated, so it is not trained). That only works for templates that render a prefix of a
+    conversation as a prefix of its text; any other template is refused with `PipelineError`.
+    """
+    text = _apply(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        before = _apply(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _apply(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise PipelineError(
+                "the model's chat template does not render a conversation's first turns as the "
+                "start of the whole conversation, so the assistant turns cannot be located; "
+                "use a prompt_template with columns instead of {messages}"
+            )
+        spans.append((len(before), len(through.rstrip())))
+    return ChatExample(text, tuple(spans))
+
+
+def _apply(tokenizer: Any, messages: Sequence[Turn], *, add_generation_prompt: bool) -> str:
+    return str(
+        tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    )
+
+
+def check_turns(value: Any, row_number: int) -> list[Turn]:
+    """The row's `messages` as a list of turns; `PipelineError` naming the row otherwise."""
+    if isinstance(value, list | tuple) and value:
+        turns = list(value)
+        if all(
+            isinstance(t, Mapping)
+            and isinstance(t.get("role"), str)
+            and isinstance(t.get("content"), str)
+            for t in turns
+        ):
+            return turns
+    raise PipelineError(
+        f"row {row_number}: {MESSAGES_COLUMN} must be a non-empty list of "
+        f'{{"role": ..., "content": ...}} objects with string values, got {str(value)[:200]!r}'
+    )
+
+
+def render_chats(
+    dataset: LoadedDataset, tokenizer: Any, *, log: LogFn = _no_log
+) -> list[ChatExample]:
+    """Render every row's `messages` with the tokenizer's chat template."""
+    check_template_columns("{" + MESSAGES_COLUMN + "}", dataset.columns)
+    if not getattr(tokenizer, "chat_template", None):
+        raise PipelineError(
+            "the model's tokenizer has no chat template, which a {messages} prompt_template "
+            "needs; use a base model with one or a prompt_template with columns"
+        )
+    examples = [
+        render_chat(check_turns(row.get(MESSAGES_COLUMN), n), tokenizer)
+        for n, row in enumerate(dataset.rows, start=1)
+    ]
+    turns = sum(len(e.trained_spans) for e in examples)
+    log(
+        f"chat mode: rendered {len(examples)} conversations with the model's chat template; "
+        f"loss on {turns} assistant turns"
+    )
+    return examples
+
+
+def tokenize_chats(
+    examples: Sequence[ChatExample],
+    tokenizer: Any,
+    cutoff_len: int,
+    *,
+    train_on_inputs: bool = False,
+    log: LogFn = _no_log,
+) -> list[TokenizedExample]:
+    """Tokenize rendered conversations, labels -100 outside the trained spans, cut to
+    `cutoff_len`. A conversation with no trained token left is dropped.
+
+    The template writes the special tokens itself (BOS too), so the tokenizer adds none, as
+    `apply_chat_template(tokenize=True)` does. Needs a fast tokenizer (character offsets).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise PipelineError("chat mode needs a fast tokenizer (tokenizer.json) for offsets")
+    out: list[TokenizedExample] = []
+    truncated = dropped = 0
+    batch_size = 1000
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        enc = tokenizer(
+            [e.text for e in batch], add_special_tokens=False, return_offsets_mapping=True
+        )
+        for example, ids, offsets in zip(
+            batch, enc["input_ids"], enc["offset_mapping"], strict=True
+        ):
+            trained = [
+                any(
+                    s < span_end and e > span_start
+                    for span_start, span_end in example.trained_spans
+                )
+                for s, e in offsets
+            ]
+            if len(ids) > cutoff_len:
+                truncated += 1
+                ids, trained = ids[:cutoff_len], trained[:cutoff_len]
+            if train_on_inputs:
+                out.append(TokenizedExample(list(ids), list(ids)))
+                continue
+            if not any(trained):
+                dropped += 1
+                continue
+            labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)]
+            out.append(TokenizedExample(list(ids), labels))
+    log(
+        f"tokenized {len(examples)} conversations: {truncated} truncated to cutoff_len "
+        f"{cutoff_len}, {dropped} dropped (no assistant token within cutoff_len)"
+    )
+    if not out:
+        raise PipelineError(
+            f"no conversation has an assistant token within cutoff_len {cutoff_len}; "
+            "raise cutoff_len or add assistant turns"
+        )
+    return out

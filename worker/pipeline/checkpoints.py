@@ -1,0 +1,333 @@
+"""Checkpoints in storage, so that a later attempt of a job resumes instead of starting over.
+
+Every `every_steps` optimizer steps the Trainer writes `checkpoint-N/` locally (adapter only,
+never the base model, plus optimizer, scheduler, RNG and trainer state);
+`CheckpointUploadCallback` copies it to ``jobs/{job_id}/checkpoints/step-N/`` and writes
+`complete.json` last. Readers ignore a checkpoint without that marker, so one cut off mid-upload
+is never resumed from. Only the latest `keep` complete checkpoints stay in storage.
+
+What is read back is limited to `CHECKPOINT_FILES` under the job's own checkpoints prefix:
+the optimizer, scheduler and RNG files are pickles, which transformers (5.x) loads with
+`torch.load(weights_only=True)`, but they are still only ever taken from Tunery's own storage.
+An earlier job's adapter (`resume_checkpoint_path`) is read as safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from shared.jobs import artifact_prefix
+from shared.resume import parse_resume_path
+from shared.schema import PretrainedModelConfig
+from shared.storage import ObjectNotFound, Storage
+from worker.pipeline.callbacks import BEST_ADAPTER_FILE
+from worker.pipeline.errors import PipelineError
+from worker.pipeline.export import ADAPTER_FILES
+
+MARKER = "complete.json"
+# What transformers' Trainer needs for resume_from_checkpoint with a peft model. Tokenizer
+# files are not needed, and training_args.bin is a pickle of the whole TrainingArguments that
+# resume never reads: neither is uploaded.
+CHECKPOINT_FILES = frozenset(
+    {
+        *ADAPTER_FILES,
+        "optimizer.pt",
+        "scheduler.pt",
+        "scaler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        # The best adapter so far, for the best-eval_loss restore at the end of training.
+        BEST_ADAPTER_FILE,
+    }
+)
+# One RNG file per process in multi-GPU runs.
+_PER_PROCESS_RNG = re.compile(r"rng_state_[0-9]{1,4}\.pth")
+_STEP_DIR = re.compile(r"step-([1-9][0-9]{0,9})")
+
+LogFn = Callable[[str], None]
+
+
+def _no_log(line: str) -> None:
+    pass
+
+
+def is_checkpoint_file(name: str) -> bool:
+    return name in CHECKPOINT_FILES or bool(_PER_PROCESS_RNG.fullmatch(name))
+
+
+def checkpoints_prefix(job_id: str) -> str:
+    return f"{artifact_prefix(job_id)}checkpoints/"
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A complete checkpoint in storage: its step and the files its marker lists."""
+
+    job_id: str
+    step: int
+    files: dict[str, int]
+    """File name -> size in bytes."""
+
+    @property
+    def prefix(self) -> str:
+        return f"{checkpoints_prefix(self.job_id)}step-{self.step}/"
+
+
+def list_checkpoints(storage: Storage, job_id: str) -> list[StoredCheckpoint]:
+    """The job's complete checkpoints, oldest first; incomplete or unreadable ones are skipped."""
+    prefix = checkpoints_prefix(job_id)
+    found = []
+    for obj in storage.list(prefix):
+        step_dir, _, name = obj.key.removeprefix(prefix).partition("/")
+        match = _STEP_DIR.fullmatch(step_dir)
+        if name != MARKER or match is None:
+            continue
+        checkpoint = _read_marker(storage, job_id, int(match[1]), obj.key)
+        if checkpoint is not None:
+            found.append(checkpoint)
+    return sorted(found, key=lambda c: c.step)
+
+
+def _read_marker(storage: Storage, job_id: str, step: int, key: str) -> StoredCheckpoint | None:
+    try:
+        marker = json.loads(b"".join(storage.iter_bytes(key)))
+        files = {str(name): int(size) for name, size in marker["files"].items()}
+    except (ObjectNotFound, ValueError, KeyError, TypeError, AttributeError):
+        return None  # deleted while we listed, or not a marker we wrote: not resumable
+    if marker.get("step") != step or not files or not all(map(is_checkpoint_file, files)):
+        return None
+    return StoredCheckpoint(job_id, step, files)
+
+
+def find_latest_checkpoint(storage: Storage, job_id: str) -> StoredCheckpoint | None:
+    """The job's latest complete checkpoint, or None."""
+    checkpoints = list_checkpoints(storage, job_id)
+    return checkpoints[-1] if checkpoints else None
+
+
+def download_checkpoint(
+    storage: Storage,
+    checkpoint: StoredCheckpoint,
+    dest: Path,
+    names: Iterable[str] | None = None,
+) -> Path:
+    """Download the checkpoint's files (or only `names`) into `dest`, emptied first.
+
+    Only names `is_checkpoint_file` accepts are read, and only from the checkpoint's own
+    prefix, so a marker can never make the worker fetch (and later unpickle) another object.
+    """
+    wanted = list(checkpoint.files) if names is None else list(names)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in wanted:
+        if not is_checkpoint_file(name) or name not in checkpoint.files:
+            raise PipelineError(f"checkpoint step {checkpoint.step} has no file {name!r}")
+        path = dest / name
+        storage.download_file(checkpoint.prefix + name, path)
+        if path.stat().st_size != checkpoint.files[name]:
+            raise PipelineError(
+                f"checkpoint step {checkpoint.step}: {name} has {path.stat().st_size} bytes, "
+                f"its marker says {checkpoint.files[name]}"
+            )
+    return dest
+
+
+def upload_checkpoint(
+    storage: Storage, job_id: str, step: int, local_dir: Path
+) -> StoredCheckpoint:
+    """Upload a Trainer checkpoint directory, then its marker; returns what was stored."""
+    files = {
+        p.name: p.stat().st_size
+        for p in sorted(local_dir.iterdir())
+        if p.is_file() and is_checkpoint_file(p.name)
+    }
+    missing = [name for name in ADAPTER_FILES if name not in files]
+    if missing:
+        raise RuntimeError(f"the Trainer wrote no {missing} to {local_dir}")
+    checkpoint = StoredCheckpoint(job_id, step, files)
+    for name in files:
+        storage.put_file(checkpoint.prefix + name, local_dir / name)
+    # Last: from here on readers may use the checkpoint.
+    marker = {"step": step, "files": files}
+    storage.put_bytes(checkpoint.prefix + MARKER, json.dumps(marker, indent=1).encode())
+    return checkpoint
+
+
+def prune_checkpoints(storage: Storage, job_id: str, keep: int) -> list[int]:
+    """Delete all but the latest `keep` complete checkpoints, and any incomplete one older
+    than the latest complete one (a crashed upload). Returns the deleted steps."""
+    complete = [c.step for c in list_checkpoints(storage, job_id)]
+    if not complete:
+        return []
+    prefix = checkpoints_prefix(job_id)
+    present = set()
+    for obj in storage.list(prefix):
+        match = _STEP_DIR.fullmatch(obj.key.removeprefix(prefix).partition("/")[0])
+        if match is not None:
+            present.add(int(match[1]))
+    kept = set(complete[-keep:])
+    doomed = sorted(step for step in present if step not in kept and step < complete[-1])
+    for step in doomed:
+        storage.delete_prefix(f"{prefix}step-{step}/")
+    return doomed
+
+
+@dataclass(frozen=True)
+class CheckpointStore:
+    """Where one job's checkpoints go and how many stay: what `run_job` needs for resume."""
+
+    storage: Storage
+    job_id: str
+    every_steps: int = 50
+    keep: int = 2
+
+    def latest(self) -> StoredCheckpoint | None:
+        return find_latest_checkpoint(self.storage, self.job_id)
+
+    def upload(self, step: int, local_dir: Path) -> StoredCheckpoint:
+        checkpoint = upload_checkpoint(self.storage, self.job_id, step, local_dir)
+        prune_checkpoints(self.storage, self.job_id, self.keep)
+        return checkpoint
+
+    def delete_all(self) -> None:
+        """Drop the job's checkpoints; the final adapter supersedes them."""
+        self.storage.delete_prefix(checkpoints_prefix(self.job_id))
+
+
+class CheckpointUploadCallback(TrainerCallback):
+    """After the Trainer saves `checkpoint-N/` locally, copy it to storage.
+
+    Synchronous on purpose: the upload is an adapter and its optimizer state (megabytes), and
+    a checkpoint only counts once it is in storage, where the next attempt looks.
+    """
+
+    def __init__(self, store: CheckpointStore, log: LogFn = _no_log) -> None:
+        self.store = store
+        self.log = log
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        assert args.output_dir is not None  # train() always sets one
+        local_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = self.store.upload(state.global_step, local_dir)
+        size = sum(checkpoint.files.values())
+        self.log(f"checkpoint at step {checkpoint.step} saved to storage ({size / 1e6:.1f} MB)")
+
+
+def download_resume_checkpoint(
+    store: CheckpointStore, dest: Path, *, log: LogFn = _no_log
+) -> Path | None:
+    """The job's latest complete checkpoint as a local directory for
+    `Trainer.train(resume_from_checkpoint=...)`, or None when there is none."""
+    checkpoint = store.latest()
+    if checkpoint is None:
+        return None
+    download_checkpoint(store.storage, checkpoint, dest)
+    log(f"resuming from step {checkpoint.step}")
+    return dest
+
+
+def download_initial_adapter(
+    storage: Storage, resume_path: str, dest: Path, *, log: LogFn = _no_log
+) -> Path:
+    """Download the adapter `resume_checkpoint_path` names (safetensors and JSON only)."""
+    try:
+        source = parse_resume_path(resume_path)
+    except ValueError as exc:
+        raise PipelineError(f"resume_checkpoint_path: {exc}") from None
+    final = artifact_prefix(source.job_id)
+    checkpoint: StoredCheckpoint | None = None
+    if source.step is not None:
+        checkpoint = next(
+            (c for c in list_checkpoints(storage, source.job_id) if c.step == source.step), None
+        )
+        if checkpoint is None:
+            raise PipelineError(
+                f"resume_checkpoint_path: job {source.job_id} has no complete checkpoint at "
+                f"step {source.step}"
+            )
+    elif not storage.exists(final + ADAPTER_FILES[0]):
+        checkpoint = find_latest_checkpoint(storage, source.job_id) if source.latest else None
+        if checkpoint is None:
+            raise PipelineError(
+                f"resume_checkpoint_path: job {source.job_id} has no adapter in storage"
+            )
+    if checkpoint is not None:
+        download_checkpoint(storage, checkpoint, dest, ADAPTER_FILES)
+        log(f"continuing from the adapter of job {source.job_id} at step {checkpoint.step}")
+        return dest
+    if dest.exists():
+        shutil.rmtree(dest)
+    for name in ADAPTER_FILES:
+        storage.download_file(final + name, dest / name)
+    log(f"continuing from the final adapter of job {source.job_id}")
+    return dest
+
+
+def load_initial_adapter(model: Any, adapter_dir: Path, config: PretrainedModelConfig) -> None:
+    """Overwrite the fresh LoRA weights of `model` (a PeftModel) with a saved adapter's.
+
+    The optimizer is not restored: the job trains the earlier weights with its own config.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    for ours, theirs in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+        if saved.get(theirs) != getattr(config, ours):
+            raise PipelineError(
+                f"resume_checkpoint_path: the earlier adapter has {ours}={saved.get(theirs)}, "
+                f"this job {ours}={getattr(config, ours)}; they must be equal"
+            )
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    try:
+        # torch's load_state_dict result: missing_keys / unexpected_keys
+        result: Any = set_peft_model_state_dict(model, weights)
+    except RuntimeError as exc:  # tensor shapes differ
+        raise PipelineError(
+            f"resume_checkpoint_path: the earlier adapter does not fit this model: {exc}"
+        ) from None
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if missing or result.unexpected_keys:
+        raise PipelineError(
+            "resume_checkpoint_path: the earlier adapter covers other layers than this job's "
+            f"LoRA ({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors)"
+        )
+
+
+def restore_starting_point(
+    model: Any,
+    config: PretrainedModelConfig,
+    store: CheckpointStore | None,
+    work_dir: Path,
+    *,
+    log: LogFn = _no_log,
+) -> Path | None:
+    """Decide where training starts; returns a checkpoint directory to resume from, or None.
+
+    The job's own latest checkpoint wins (an earlier attempt got that far; it already holds
+    the adapter weights). Otherwise `resume_checkpoint_path` initializes the fresh LoRA of
+    `model` from an earlier job's adapter. Otherwise training starts from scratch.
+    """
+    if store is not None:
+        resume_from = download_resume_checkpoint(store, work_dir / "resume", log=log)
+        if resume_from is not None:
+            return resume_from
+    if config.resume_checkpoint_path:
+        if store is None:
+            raise PipelineError("resume_checkpoint_path needs the worker's storage; none given")
+        adapter_dir = download_initial_adapter(
+            store.storage, config.resume_checkpoint_path, work_dir / "initial-adapter", log=log
+        )
+        load_initial_adapter(model, adapter_dir, config)
+    return None
