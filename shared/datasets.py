@@ -299,6 +299,21 @@ def missing_columns_message(template: str, columns: Sequence[str]) -> str | None
     )
 
 
+# The columns `preference_optimization: ORPO` trains on; the worker checks them too.
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def missing_preference_columns_message(columns: Sequence[str]) -> str | None:
+    """A message naming the preference columns `columns` lacks, both lists shown; None if none."""
+    missing = [name for name in PREFERENCE_COLUMNS if name not in columns]
+    if not missing:
+        return None
+    return (
+        f"ORPO needs the columns {list(PREFERENCE_COLUMNS)}; the dataset lacks {missing}. "
+        f"Dataset columns: {list(columns)}"
+    )
+
+
 def _store_checked(
     storage: Storage, dataset: Dataset, path: Path, content_type: str | None, max_bytes: int
 ) -> None:

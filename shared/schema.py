@@ -238,15 +238,13 @@ class TrainingConfig(_Strict):
         False, description="Batch examples of similar length together to reduce padding."
     )
     preference_optimization: Literal["ORPO", "DONT"] = Field(
-        "DONT", description="Preference optimization; only 'DONT' is supported yet."
+        "DONT",
+        description=(
+            "'ORPO': train on the dataset's prompt / chosen / rejected columns with ORPO "
+            "(prompt_template unused, cutoff_len caps prompt + answer); 'DONT': supervised "
+            "fine-tuning through the prompt_template."
+        ),
     )
-
-    @field_validator("preference_optimization")
-    @classmethod
-    def _no_orpo_yet(cls, value: str) -> str:
-        if value != "DONT":
-            raise ValueError("ORPO is not supported yet; use 'DONT'")
-        return value
 
 
 class LoggingConfig(_Strict):

@@ -72,8 +72,14 @@ def _dataset_problems(request: FinetuneRequest, settings: Settings, session: Ses
     reason = datasets.not_ready_reason(dataset)
     if reason:
         return [{"path": where, "message": reason}]
-    message = datasets.missing_columns_message(data.prompt_template, dataset.columns or [])
-    return [{"path": "data_config.prompt_template", "message": message}] if message else []
+    if request.training_config.preference_optimization == "ORPO":
+        # ORPO reads prompt / chosen / rejected and ignores the prompt_template.
+        message = datasets.missing_preference_columns_message(dataset.columns or [])
+        path = "training_config.preference_optimization"
+    else:
+        message = datasets.missing_columns_message(data.prompt_template, dataset.columns or [])
+        path = "data_config.prompt_template"
+    return [{"path": path, "message": message}] if message else []
 
 
 def submit_job(request: FinetuneRequest, caller: TenantDep, session: SessionDep,

@@ -295,6 +295,36 @@ def test_submit_with_a_template_column_the_dataset_lacks_is_422_listing_both(
     assert "['question', 'answer']" in field["message"]
 
 
+def test_orpo_with_a_dataset_lacking_preference_columns_is_422_naming_the_option(
+    client: TestClient,
+) -> None:
+    rows = [{"prompt": "2+2?", "answer": "4"}]
+    dataset_id = upload_ok(client, "jsonl", rows)["id"]
+    payload = make_payload(
+        data_path=dataset_id, training_config={"preference_optimization": "ORPO"}
+    )
+
+    response = client.post("/v1/finetune/llm", json=payload)
+
+    assert response.status_code == 422
+    field = response.json()["error"]["fields"][0]
+    assert field["path"] == "training_config.preference_optimization"
+    assert "['chosen', 'rejected']" in field["message"]
+    assert "['prompt', 'answer']" in field["message"]
+
+
+def test_orpo_with_a_preference_dataset_is_accepted_whatever_the_template(
+    client: TestClient,
+) -> None:
+    rows = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
+    dataset_id = upload_ok(client, "jsonl", rows)["id"]
+    payload = make_payload(
+        data_path=dataset_id, training_config={"preference_optimization": "ORPO"}
+    )
+
+    assert client.post("/v1/finetune/llm", json=payload).status_code == 201
+
+
 def test_a_dataset_id_is_not_a_model(client: TestClient) -> None:
     dataset_id = upload_ok(client)["id"]
 

@@ -190,7 +190,6 @@ def test_validation_split_of_zero_needs_a_scheduler_without_plateau() -> None:
     ("section", "field", "value", "message"),
     [
         ("pretrainedmodel_config", "use_lora", False, "full fine-tuning is not supported"),
-        ("training_config", "preference_optimization", "ORPO", "ORPO is not supported"),
     ],
 )
 def test_options_not_honoured_yet_are_refused_with_a_reason(
@@ -334,3 +333,9 @@ def test_resume_checkpoint_path_names_a_tunery_job_or_its_checkpoint(value: str,
     assert [".".join(map(str, e["loc"])) for e in info.value.errors()] == [
         "pretrainedmodel_config.resume_checkpoint_path"
     ]
+
+
+def test_orpo_is_accepted() -> None:
+    payload = make_payload(training_config={"preference_optimization": "ORPO"})
+    request = FinetuneRequest.model_validate(payload)
+    assert request.training_config.preference_optimization == "ORPO"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,17 @@ class MetricsCallback(TrainerCallback):
     """Turns every Trainer log into a metric record and one user-visible log line.
 
     tokens/s counts non-padding tokens (`include_num_input_tokens_seen="non_padding"`) over
-    wall time, evaluation time excluded. The ETA extrapolates the wall time per step so far,
-    evaluations included, since they recur at the same pace until the end.
+    wall time, evaluation time excluded; a run that counts no tokens
+    (`include_num_input_tokens_seen="no"`) reports none. The ETA extrapolates the wall time per
+    step so far, evaluations included, since they recur at the same pace until the end.
+
+    `extra` maps further Trainer log keys (a TRL trainer's own numbers) to the metric names
+    they are recorded under; they are appended to the log line too.
     """
 
-    def __init__(self, reporter: JobReporter) -> None:
+    def __init__(self, reporter: JobReporter, extra: Mapping[str, str] | None = None) -> None:
         self.reporter = reporter
+        self.extra = dict(extra or {})
         self.losses: list[float] = []
         self._last_time = 0.0
         self._last_tokens = 0
@@ -90,21 +96,27 @@ class MetricsCallback(TrainerCallback):
         eta_s = (now - self._start_time) / max(steps_done, 1) * max(total - step, 0)
         loss = float(logs["loss"])
         self.losses.append(loss)
+        counts_tokens = args.include_num_input_tokens_seen != "no"
         values = {
             "epoch": epoch,
             "loss": loss,
             "learning_rate": float(logs.get("learning_rate", 0.0)),
-            "tokens_per_s": tokens_per_s,
             "total_steps": float(total),
             "percent": percent,
             "eta_s": eta_s,
         }
+        if counts_tokens:
+            values["tokens_per_s"] = tokens_per_s
         if logs.get("grad_norm") is not None:
             values["grad_norm"] = float(logs["grad_norm"])
+        extra = {name: float(logs[key]) for key, name in self.extra.items() if key in logs}
+        values.update(extra)
         self.reporter.metric(step, values)
+        throughput = f"{tokens_per_s:.0f} tok/s | " if counts_tokens else ""
+        more = "".join(f" | {name} {value:.4f}" for name, value in extra.items())
         self.reporter.log(
             f"{head} | loss {loss:.4f} | lr {values['learning_rate']:.1e} | "
-            f"{tokens_per_s:.0f} tok/s | eta {format_duration(eta_s)}"
+            f"{throughput}eta {format_duration(eta_s)}{more}"
         )
 
 

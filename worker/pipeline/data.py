@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -31,6 +31,8 @@ from worker.pipeline.readers import (
 
 LogFn = Callable[[str], None]
 Row = Mapping[str, Any]
+# Tokenized examples for supervised training, raw preference rows for ORPO.
+Item = TypeVar("Item")
 
 IGNORE_INDEX = -100
 SPLIT_SEED = 42
@@ -223,12 +225,12 @@ def _encode(batch: Sequence[Example], tokenizer: Any) -> list[tuple[list[int], l
 
 
 def split(
-    examples: Sequence[TokenizedExample],
+    examples: Sequence[Item],
     split_config: Mapping[str, float],
     *,
     seed: int = SPLIT_SEED,
     log: LogFn = _no_log,
-) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+) -> tuple[list[Item], list[Item]]:
     """Shuffle with `seed` and cut into (train, validation) by the configured fractions.
 
     The same examples and fractions always give the same split. Rows beyond

@@ -20,6 +20,11 @@ METRIC_KEYS = frozenset(
         "total_steps",
         "percent",
         "eta_s",
+        # ORPO runs only (preference.py).
+        "nll_loss",
+        "log_odds_ratio",
+        "reward_margin",
+        "reward_accuracy",
     }
 )
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,10 @@ from worker.pipeline.data import (
 from worker.pipeline.errors import TrainingStopped
 from worker.pipeline.export import export_adapter, push_to_hub
 from worker.pipeline.model import load_model, load_tokenizer
+from worker.pipeline.preference import preference_rows, train_orpo
 from worker.pipeline.readers import LoadedDataset
 from worker.pipeline.report import JobReporter
-from worker.pipeline.train import train
+from worker.pipeline.train import TrainStats, train
 
 
 @dataclass
@@ -73,8 +76,18 @@ def run_job(
     tokenizer = load_tokenizer(
         base.model_path, allowed_local_dirs=allowed, token=hf.hf_token, log=log
     )
-    tokenized = render_and_tokenize(dataset, tokenizer, data, log=log)
-    train_set, eval_set = split(tokenized, data.data_split_config, log=log)
+    # ORPO trains on the raw preference rows (TRL tokenizes them), the rest on tokenized ones.
+    examples: list[Any]
+    train_set: list[Any]
+    eval_set: list[Any]
+    fit: Callable[..., TrainStats]
+    if request.training_config.preference_optimization == "ORPO":
+        examples = preference_rows(dataset, log=log)
+        fit = partial(train_orpo, max_length=data.cutoff_len)
+    else:
+        examples = render_and_tokenize(dataset, tokenizer, data, log=log)
+        fit = train
+    train_set, eval_set = split(examples, data.data_split_config, log=log)
     _stop_if_asked(reporter)
 
     reporter.phase("loading_model")
@@ -85,7 +98,7 @@ def run_job(
     _stop_if_asked(reporter)
 
     reporter.phase("training")
-    stats = train(
+    stats = fit(
         model,
         tokenizer,
         train_set,

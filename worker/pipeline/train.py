@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from shared.schema import LoggingConfig, TrainingConfig
 from worker.pipeline.callbacks import (
@@ -90,6 +96,31 @@ def training_arguments(
     `save_steps` > 0 writes a resumable checkpoint every that many optimizer steps.
     `wandb_run_name` (may be "") reports to Weights & Biases under that name.
     """
+    return TrainingArguments(
+        **training_argument_values(
+            config,
+            output_dir=output_dir,
+            has_validation=has_validation,
+            quantized=quantized,
+            batch_size=batch_size,
+            save_steps=save_steps,
+            wandb_run_name=wandb_run_name,
+        )
+    )
+
+
+def training_argument_values(
+    config: TrainingConfig,
+    *,
+    output_dir: Path,
+    has_validation: bool,
+    quantized: bool,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    save_steps: int = 0,
+    wandb_run_name: str | None = None,
+) -> dict[str, Any]:
+    """`training_arguments` as keyword arguments, for TrainingArguments subclasses (TRL's
+    configs) that take the same mapping plus their own fields."""
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
     scheduler_kwargs = PLATEAU_KWARGS if config.lr_scheduler_type == "reduce_lr_on_plateau" else {}
@@ -108,7 +139,7 @@ def training_arguments(
     saving: dict[str, Any] = {"save_strategy": "no"}
     if save_steps > 0:
         saving = {"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 1}
-    return TrainingArguments(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch_size,
         num_train_epochs=config.num_train_epochs,
@@ -180,16 +211,11 @@ def train(
         save_steps=checkpoints.every_steps if checkpoints else 0,
         wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
     )
-    metrics, stop = MetricsCallback(reporter), StopCallback(reporter)
-    best = BestAdapterCallback()
-    callbacks = [metrics, ProgressReportCallback(reporter), stop]
-    if eval_set:
-        callbacks += [EarlyStoppingCallback(config.early_stopping_patience), best]
-    if checkpoints and checkpoints.every_steps > 0:
-        # After `best`: callbacks run in list order, and `best` adds its file to the checkpoint.
-        callbacks.append(CheckpointUploadCallback(checkpoints, reporter.log))
+    watch = TrainingWatch(
+        reporter, config, has_validation=bool(eval_set), checkpoints=checkpoints
+    )
     if resume_from:
-        best.load_checkpoint(resume_from)
+        watch.best.load_checkpoint(resume_from)
     trainer = Trainer(
         model=model,
         args=args,
@@ -197,8 +223,54 @@ def train(
         eval_dataset=_Examples(eval_set) if eval_set else None,
         data_collator=PadToLongest(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=watch.callbacks,
     )
+    return run_trainer(
+        trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging
+    )
+
+
+class TrainingWatch:
+    """The callbacks every training run gets: metrics and log lines, progress, cancel, and with
+    a validation set early stopping and the best adapter; with `checkpoints`, uploads."""
+
+    def __init__(
+        self,
+        reporter: JobReporter,
+        config: TrainingConfig,
+        *,
+        has_validation: bool,
+        checkpoints: CheckpointStore | None = None,
+        extra_metrics: Mapping[str, str] | None = None,
+    ) -> None:
+        self.reporter = reporter
+        self.metrics = MetricsCallback(reporter, extra=extra_metrics)
+        self.stop = StopCallback(reporter)
+        self.best = BestAdapterCallback()
+        self.callbacks: list[TrainerCallback] = [
+            self.metrics,
+            ProgressReportCallback(reporter),
+            self.stop,
+        ]
+        if has_validation:
+            self.callbacks += [EarlyStoppingCallback(config.early_stopping_patience), self.best]
+        if checkpoints and checkpoints.every_steps > 0:
+            # After `best`: callbacks run in list order, and `best` adds its file to the checkpoint.
+            self.callbacks.append(CheckpointUploadCallback(checkpoints, reporter.log))
+
+
+def run_trainer(
+    trainer: Trainer,
+    watch: TrainingWatch,
+    config: TrainingConfig,
+    *,
+    output_dir: Path,
+    resume_from: Path | None = None,
+    logging: LoggingConfig | None = None,
+) -> TrainStats:
+    """Run `trainer` (built with `watch.callbacks`) and say how it ended, in log lines and
+    `TrainStats`; raises `TrainingStopped` if the reporter asked to stop."""
+    reporter, stop, best, metrics = watch.reporter, watch.stop, watch.best, watch.metrics
     # Log lines go to the reporter; the Trainer's own printer would duplicate them on stdout.
     trainer.remove_callback(PrinterCallback)
     if config.lr_scheduler_type == "reduce_lr_on_plateau":
@@ -209,10 +281,11 @@ def train(
     with wandb_reporting(logging, output_dir, log=reporter.log):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state = trainer.state
+    has_validation = trainer.eval_dataset is not None
     if stop.reason:
         reporter.log(f"training stopped at step {stop.step}: {stop.reason}")
         raise TrainingStopped(stop.reason, step=stop.step)
-    if eval_set and state.global_step < state.max_steps:
+    if has_validation and state.global_step < state.max_steps:
         patience = config.early_stopping_patience
         reporter.log(
             f"early stopping at step {state.global_step}/{state.max_steps}: eval_loss did not "

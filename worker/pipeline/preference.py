@@ -1,0 +1,137 @@
+"""Preference optimization: ORPO on `prompt` / `chosen` / `rejected` rows, with TRL.
+
+ORPO (Hong et al., 2024) adds to the supervised loss on the chosen answer a term that raises
+the odds of the chosen answer over the rejected one; it needs no reference model, so the LoRA
+model from `load_model` trains as it is. TRL 1.x keeps its `ORPOTrainer` under
+`trl.experimental.orpo`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.datasets import PREFERENCE_COLUMNS, missing_preference_columns_message
+from shared.schema import LoggingConfig, TrainingConfig
+from worker.pipeline.checkpoints import CheckpointStore
+from worker.pipeline.errors import PipelineError
+from worker.pipeline.readers import LoadedDataset
+from worker.pipeline.report import JobReporter
+from worker.pipeline.train import (
+    DEFAULT_BATCH_SIZE,
+    TrainingWatch,
+    TrainStats,
+    run_trainer,
+    training_argument_values,
+)
+
+LogFn = Callable[[str], None]
+PreferenceRow = dict[str, str]
+
+# TRL's log keys, and the metric names they are recorded under. The log-odds ratio and the
+# reward margin grow as the model learns to prefer the chosen answers; nll_loss is the
+# supervised part of the loss.
+ORPO_METRICS = {
+    "nll_loss": "nll_loss",
+    "log_odds_ratio": "log_odds_ratio",
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "reward_accuracy",
+}
+
+
+def _no_log(line: str) -> None:
+    pass
+
+
+def preference_rows(dataset: LoadedDataset, *, log: LogFn = _no_log) -> list[PreferenceRow]:
+    """The rows' `prompt`, `chosen` and `rejected` texts; `PipelineError` naming the missing
+    columns if the dataset lacks any of them."""
+    message = missing_preference_columns_message(dataset.columns)
+    if message:
+        raise PipelineError(f"preference_optimization: {message}")
+    rows = [
+        {name: "" if row[name] is None else str(row[name]) for name in PREFERENCE_COLUMNS}
+        for row in dataset.rows
+    ]
+    log(
+        "ORPO: the prompt_template is not used; each row's prompt is followed directly by its "
+        "chosen and its rejected answer"
+    )
+    return rows
+
+
+def train_orpo(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[PreferenceRow],
+    eval_rows: Sequence[PreferenceRow],
+    config: TrainingConfig,
+    *,
+    output_dir: Path,
+    reporter: JobReporter,
+    max_length: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    checkpoints: CheckpointStore | None = None,
+    resume_from: Path | None = None,
+    logging: LoggingConfig | None = None,
+) -> TrainStats:
+    """Train the adapter of `model` in place with ORPO, as `train()` does with the supervised
+    loss: same training_config mapping, metrics, log lines, cancel, early stopping on eval_loss
+    (here the ORPO loss) and checkpoints. `max_length` caps prompt + answer in tokens.
+
+    Raises `TrainingStopped` if the reporter asks to stop.
+    """
+    from datasets import Dataset
+
+    with warnings.catch_warnings():
+        # pyproject pins the TRL versions whose experimental ORPO this module was tested with.
+        warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    values = training_argument_values(
+        config,
+        output_dir=output_dir,
+        has_validation=bool(eval_rows),
+        quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+        batch_size=batch_size,
+        save_steps=checkpoints.every_steps if checkpoints else 0,
+        wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
+    )
+    # TRL's collator hands the Trainer chosen_/rejected_input_ids, never `input_ids`: the
+    # Trainer cannot count tokens (it would warn at every step), so the run reports no tok/s.
+    values["include_num_input_tokens_seen"] = "no"
+    if config.group_by_length:
+        # The length-grouped sampler reads `input_ids`, which ORPO rows do not have.
+        values["train_sampling_strategy"] = "random"
+        reporter.log("ORPO: group_by_length is not applied")
+    args = ORPOConfig(
+        **values,
+        max_length=max_length,
+        # ORPOConfig turns these on by default; load_model already decided on checkpointing,
+        # and the request's lora_dropout, not TRL, decides on dropout.
+        gradient_checkpointing=False,
+        disable_dropout=False,
+    )
+    watch = TrainingWatch(
+        reporter,
+        config,
+        has_validation=bool(eval_rows),
+        checkpoints=checkpoints,
+        extra_metrics=ORPO_METRICS,
+    )
+    if resume_from:
+        watch.best.load_checkpoint(resume_from)
+    trainer = ORPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(list(rows)),
+        eval_dataset=Dataset.from_list(list(eval_rows)) if eval_rows else None,
+        processing_class=tokenizer,
+        callbacks=watch.callbacks,
+    )
+    reporter.log(f"ORPO: beta {args.beta}, max_length {max_length} tokens")
+    return run_trainer(
+        trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging
+    )
