@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from shared import datasets
 from shared.models import Dataset, Job, JobStatus
-from shared.schema import TemplateError, redact_payload, template_placeholders
+from shared.schema import PromptTemplate, redact_payload
 
 MONSTERAPI_STATUS = {
     JobStatus.QUEUED: "IN_QUEUE",
@@ -159,19 +159,10 @@ class DatasetList(BaseModel):
 class PreviewIn(BaseModel):
     model_config = {"extra": "forbid"}
 
-    prompt_template: str = Field(min_length=1, max_length=16384,
+    prompt_template: PromptTemplate = Field(min_length=1, max_length=16384,
                                  description="The template a job would use.")
     n: int = Field(datasets.FIRST_ROWS, ge=1, le=datasets.SAMPLE_ROWS,
                    description="How many of the first rows to render.")
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _safe_template(cls, value: str) -> str:
-        try:
-            template_placeholders(value)
-        except TemplateError as exc:
-            raise ValueError(str(exc)) from None
-        return value
 
 
 class ExampleOut(BaseModel):

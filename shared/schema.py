@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -80,6 +81,18 @@ def template_placeholders(template: str) -> list[str]:
     if not names:
         raise TemplateError("the template has no {column} placeholder")
     return names
+
+
+def _check_template(value: str) -> str:
+    try:
+        template_placeholders(value)
+    except TemplateError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+PromptTemplate = Annotated[str, AfterValidator(_check_template)]
+"""A prompt template whose placeholders are bare column names (see `template_placeholders`)."""
 
 
 class _Strict(BaseModel):
@@ -168,7 +181,7 @@ class DataConfig(_Strict):
     data_source_type: Literal["hub_link", "s3_presigned_link"] = Field(
         "hub_link", description="How data_path is read."
     )
-    prompt_template: str = Field(
+    prompt_template: PromptTemplate = Field(
         "Here is an example on how to use tatsu-lab/alpaca dataset "
         "### Input: {instruction} ### Output: {output}",
         min_length=1,
@@ -189,14 +202,6 @@ class DataConfig(_Strict):
         "assistant turns only).",
     )
 
-    @field_validator("prompt_template")
-    @classmethod
-    def _safe_template(cls, value: str) -> str:
-        try:
-            template_placeholders(value)
-        except TemplateError as exc:
-            raise ValueError(str(exc)) from None
-        return value
 
     @field_validator("data_subset")
     @classmethod
