@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worker.pipeline.data import IGNORE_INDEX, TokenizedExample, check_template_columns
+from worker.pipeline.data import TokenizedExample, check_template_columns, label_example
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.readers import LoadedDataset
 
@@ -148,17 +148,14 @@ def tokenize_chats(
                 )
                 for s, e in offsets
             ]
-            if len(ids) > cutoff_len:
-                truncated += 1
-                ids, trained = ids[:cutoff_len], trained[:cutoff_len]
-            if train_on_inputs:
-                out.append(TokenizedExample(list(ids), list(ids)))
-                continue
-            if not any(trained):
+            tokenized, was_cut = label_example(
+                ids, trained, cutoff_len, train_on_inputs=train_on_inputs
+            )
+            truncated += was_cut
+            if tokenized is None:
                 dropped += 1
-                continue
-            labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)]
-            out.append(TokenizedExample(list(ids), labels))
+            else:
+                out.append(tokenized)
     log(
         f"tokenized {len(examples)} conversations: {truncated} truncated to cutoff_len "
         f"{cutoff_len}, {dropped} dropped (no assistant token within cutoff_len)"

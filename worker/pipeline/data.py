@@ -145,6 +145,22 @@ def render_examples(
     return examples
 
 
+def label_example(
+    ids: Sequence[int], trained: Sequence[bool], cutoff_len: int, *, train_on_inputs: bool
+) -> tuple[TokenizedExample | None, bool]:
+    """Cut `ids` to `cutoff_len` and label them: -100 where `trained` is False, or every token
+    with `train_on_inputs`. Returns (example, whether it was cut); the example is None when no
+    trained token is left."""
+    was_cut = len(ids) > cutoff_len
+    ids, trained = list(ids[:cutoff_len]), trained[:cutoff_len]
+    if train_on_inputs:
+        return TokenizedExample(ids, list(ids)), was_cut
+    if not any(trained):
+        return None, was_cut
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)]
+    return TokenizedExample(ids, labels), was_cut
+
+
 def tokenize(
     examples: Sequence[Example],
     tokenizer: Any,
@@ -178,19 +194,14 @@ def tokenize(
                 in_completion = [*in_completion[:-1], True]
             else:
                 ids, in_completion = [*ids, eos_id], [*in_completion, True]
-            if len(ids) > cutoff_len:
-                truncated += 1
-                ids, in_completion = ids[:cutoff_len], in_completion[:cutoff_len]
-            if train_on_inputs:
-                out.append(TokenizedExample(ids, list(ids)))
-                continue
-            if not any(in_completion):
+            example, was_cut = label_example(
+                ids, in_completion, cutoff_len, train_on_inputs=train_on_inputs
+            )
+            truncated += was_cut
+            if example is None:
                 dropped += 1
-                continue
-            labels = [
-                t if keep else IGNORE_INDEX for t, keep in zip(ids, in_completion, strict=True)
-            ]
-            out.append(TokenizedExample(ids, labels))
+            else:
+                out.append(example)
     log(
         f"tokenized {len(examples)} examples: {truncated} truncated to cutoff_len {cutoff_len}, "
         f"{dropped} dropped (no completion token within cutoff_len)"

@@ -23,8 +23,8 @@ from worker.pipeline.train import (
     DEFAULT_BATCH_SIZE,
     TrainingWatch,
     TrainStats,
+    run_argument_values,
     run_trainer,
-    training_argument_values,
 )
 
 LogFn = Callable[[str], None]
@@ -90,14 +90,9 @@ def train_orpo(
         warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    values = training_argument_values(
-        config,
-        output_dir=output_dir,
-        has_validation=bool(eval_rows),
-        quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
-        batch_size=batch_size,
-        save_steps=checkpoints.every_steps if checkpoints else 0,
-        wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
+    values = run_argument_values(
+        model, config, has_validation=bool(eval_rows), output_dir=output_dir,
+        batch_size=batch_size, checkpoints=checkpoints, logging=logging,
     )
     # TRL's collator hands the Trainer chosen_/rejected_input_ids, never `input_ids`: the
     # Trainer cannot count tokens (it would warn at every step), so the run reports no tok/s.
@@ -120,9 +115,8 @@ def train_orpo(
         has_validation=bool(eval_rows),
         checkpoints=checkpoints,
         extra_metrics=ORPO_METRICS,
+        resume_from=resume_from,
     )
-    if resume_from:
-        watch.best.load_checkpoint(resume_from)
     trainer = ORPOTrainer(
         model=model,
         args=args,

@@ -81,32 +81,10 @@ class _Examples(torch.utils.data.Dataset):
         return {"input_ids": example.input_ids, "labels": example.labels}
 
 
-def training_arguments(
-    config: TrainingConfig,
-    *,
-    output_dir: Path,
-    has_validation: bool,
-    quantized: bool,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    save_steps: int = 0,
-    wandb_run_name: str | None = None,
-) -> TrainingArguments:
-    """Map the request's training_config onto transformers 5 TrainingArguments.
-
-    `save_steps` > 0 writes a resumable checkpoint every that many optimizer steps.
-    `wandb_run_name` (may be "") reports to Weights & Biases under that name.
-    """
-    return TrainingArguments(
-        **training_argument_values(
-            config,
-            output_dir=output_dir,
-            has_validation=has_validation,
-            quantized=quantized,
-            batch_size=batch_size,
-            save_steps=save_steps,
-            wandb_run_name=wandb_run_name,
-        )
-    )
+def training_arguments(config: TrainingConfig, **options: Any) -> TrainingArguments:
+    """Map the request's training_config onto transformers 5 TrainingArguments; `options` are
+    those of `training_argument_values`."""
+    return TrainingArguments(**training_argument_values(config, **options))
 
 
 def training_argument_values(
@@ -168,6 +146,29 @@ def training_argument_values(
     )
 
 
+def run_argument_values(
+    model: Any,
+    config: TrainingConfig,
+    *,
+    has_validation: bool,
+    output_dir: Path,
+    batch_size: int,
+    checkpoints: CheckpointStore | None,
+    logging: LoggingConfig | None,
+) -> dict[str, Any]:
+    """`training_argument_values` for one run of `model`: 4-bit or not, checkpoint interval,
+    W&B run name, derived the same way for every trainer."""
+    return training_argument_values(
+        config,
+        output_dir=output_dir,
+        has_validation=has_validation,
+        quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+        batch_size=batch_size,
+        save_steps=checkpoints.every_steps if checkpoints else 0,
+        wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
+    )
+
+
 def optimizer_name(*, quantized: bool, cuda: bool) -> str:
     """QLoRA keeps AdamW's two moments in 8 bit (bitsandbytes), paged on CUDA.
 
@@ -202,20 +203,16 @@ def train(
     With `checkpoints`, a checkpoint goes to storage every `checkpoints.every_steps` steps;
     `resume_from` is a downloaded checkpoint to continue from, as if never interrupted.
     """
-    args = training_arguments(
-        config,
-        output_dir=output_dir,
-        has_validation=bool(eval_set),
-        quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
-        batch_size=batch_size,
-        save_steps=checkpoints.every_steps if checkpoints else 0,
-        wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
+    args = TrainingArguments(
+        **run_argument_values(
+            model, config, has_validation=bool(eval_set), output_dir=output_dir,
+            batch_size=batch_size, checkpoints=checkpoints, logging=logging,
+        )
     )
     watch = TrainingWatch(
-        reporter, config, has_validation=bool(eval_set), checkpoints=checkpoints
+        reporter, config, has_validation=bool(eval_set), checkpoints=checkpoints,
+        resume_from=resume_from,
     )
-    if resume_from:
-        watch.best.load_checkpoint(resume_from)
     trainer = Trainer(
         model=model,
         args=args,
@@ -242,11 +239,15 @@ class TrainingWatch:
         has_validation: bool,
         checkpoints: CheckpointStore | None = None,
         extra_metrics: Mapping[str, str] | None = None,
+        resume_from: Path | None = None,
     ) -> None:
         self.reporter = reporter
         self.metrics = MetricsCallback(reporter, extra=extra_metrics)
         self.stop = StopCallback(reporter)
         self.best = BestAdapterCallback()
+        if resume_from:
+            # The best adapter so far lives in the checkpoint, not in this process's memory.
+            self.best.load_checkpoint(resume_from)
         self.callbacks: list[TrainerCallback] = [
             self.metrics,
             ProgressReportCallback(reporter),
