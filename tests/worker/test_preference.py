@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 
+from shared.schema import FinetuneRequest
 from shared.settings import Settings
+from shared.storage import LocalStorage
 from worker.assets.build_dataset import DATASET_PATH
-from worker.pipeline.errors import PipelineError
+from worker.pipeline.checkpoints import CheckpointStore
+from worker.pipeline.errors import PipelineError, TrainingStopped
 from worker.pipeline.report import METRIC_KEYS, RecordingReporter
 from worker.pipeline.run import TrainResult, run_job
 
@@ -37,11 +40,18 @@ class Job:
     reporter: RecordingReporter
 
 
+@dataclass
+class OrpoSetup:
+    request: FinetuneRequest
+    settings: Settings
+    tmp: Path
+
+
 @pytest.fixture(scope="module")
-def orpo_job(
+def orpo_setup(
     tmp_path_factory: pytest.TempPathFactory, make_request: Any, tiny_model_dir: Path
-) -> Job:
-    """One ORPO job: 24 rows, all for training, 2 epochs of 6 steps at batch 4."""
+) -> OrpoSetup:
+    """An ORPO request: 24 rows, all for training, 2 epochs of 6 steps at batch 4."""
     tmp = tmp_path_factory.mktemp("orpo-job")
     data_path = write_preference_dataset(tmp / "preferences.jsonl")
     settings = Settings(data_dir=tmp / "data", allowed_local_dirs=[tmp, tiny_model_dir.parent])
@@ -50,8 +60,15 @@ def orpo_job(
         data={"data_split_config": {"train": 1.0, "validation": 0.0}},
         training={"preference_optimization": "ORPO", "num_train_epochs": 2},
     )
+    return OrpoSetup(request, settings, tmp)
+
+
+@pytest.fixture(scope="module")
+def orpo_job(orpo_setup: OrpoSetup) -> Job:
+    """The ORPO request run uninterrupted, without checkpoints."""
     reporter = RecordingReporter()
-    return Job(run_job(request, tmp / "work", reporter, settings), reporter)
+    setup = orpo_setup
+    return Job(run_job(setup.request, setup.tmp / "work", reporter, setup.settings), reporter)
 
 
 def test_orpo_lowers_the_loss_and_raises_the_log_odds_of_chosen_answers(orpo_job: Job) -> None:
@@ -83,6 +100,32 @@ def test_orpo_metrics_and_log_lines_are_orpo_specific(orpo_job: Job) -> None:
 def test_orpo_exports_the_adapter(orpo_job: Job) -> None:
     files = {p.name for p in orpo_job.result.output_dir.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+
+
+def test_stopped_orpo_job_resumes_from_its_checkpoint_with_the_uninterrupted_losses(
+    orpo_setup: OrpoSetup, orpo_job: Job
+) -> None:
+    setup = orpo_setup
+    store = CheckpointStore(LocalStorage(setup.tmp / "storage"), "orpo", every_steps=2, keep=2)
+    # Stop is asked while step 5 is reported: training stops after step 6, whose save is
+    # skipped, so the second attempt starts from step 4's checkpoint.
+    first = RecordingReporter(stop_after_step=5)
+    with pytest.raises(TrainingStopped):
+        run_job(setup.request, setup.tmp / "r1", first, setup.settings, store)
+
+    second = RecordingReporter()
+    result = run_job(setup.request, setup.tmp / "r2", second, setup.settings, store)
+
+    assert "resuming from step 4" in second.lines
+    assert result.steps == orpo_job.result.steps == 12
+    assert second.steps("loss") == list(range(5, 13))
+    # Same batches, same optimizer state: the ORPO losses of steps 5-12 are the uninterrupted
+    # run's (which saved no checkpoints, so saving does not change the run either).
+    reference = orpo_job.reporter.values("loss")[4:]
+    assert second.values("loss") == pytest.approx(reference, abs=1e-5)
+    assert second.values("log_odds_ratio") == pytest.approx(
+        orpo_job.reporter.values("log_odds_ratio")[4:], abs=1e-4
+    )
 
 
 def test_orpo_without_preference_columns_names_the_missing_ones(
