@@ -98,6 +98,31 @@ def test_bad_value_is_a_422_with_the_constraint(client: TestClient) -> None:
     assert "greater than 0" in field["message"]
 
 
+
+def test_unsafe_prompt_template_is_a_422_naming_the_template(client: TestClient) -> None:
+    # str.format would read an attribute of the row value here.
+    payload = make_payload(data_config={"prompt_template": "{instruction.__class__} {output}"})
+
+    response = client.post("/v1/finetune/llm", json=payload)
+
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert [f["path"] for f in error["fields"]] == ["data_config.prompt_template"]
+    assert "not a bare column name" in error["fields"][0]["message"]
+    with session_scope() as session:
+        assert session.scalars(select(Job)).all() == []
+
+
+def test_prevalidated_true_is_accepted_like_false(client: TestClient) -> None:
+    body = submit(client, make_payload(data_config={"prevalidated": True}))
+
+    assert body["status"] == "QUEUED"
+    with session_scope() as session:
+        stored = session.get_one(Job, body["job_id"]).payload
+        assert stored["data_config"]["prevalidated"] is True
+
+
 def test_local_path_outside_allowed_dirs_is_a_422(client: TestClient) -> None:
     response = client.post("/v1/finetune/llm", json=make_payload(data_path="/etc/passwd"))
     assert response.status_code == 422

@@ -92,6 +92,50 @@ def test_conversation_cut_before_any_assistant_token_is_dropped(tiny_tokenizer: 
     assert "1 truncated" in lines[-1] and "1 dropped" in lines[-1]
 
 
+
+def _chat_config(**fields: Any) -> Any:
+    from shared.schema import DataConfig
+
+    return DataConfig(prompt_template="{messages}", **fields)
+
+
+def test_cutoff_len_of_the_request_truncates_conversations(tiny_tokenizer: Any) -> None:
+    from worker.pipeline.run import render_and_tokenize
+
+    short = CONVERSATION[:3]  # 46 tokens
+    long = [*CONVERSATION[:2], {"role": "assistant", "content": "Answer: " + "red " * 60}]
+    dataset = LoadedDataset(["messages"], [{"messages": short}, {"messages": long}], "chats")
+    lines: list[str] = []
+
+    tokenized = render_and_tokenize(
+        dataset, tiny_tokenizer, _chat_config(cutoff_len=48), log=lines.append
+    )
+
+    assert [len(e.input_ids) for e in tokenized] == [46, 48]
+    assert "1 truncated to cutoff_len 48" in lines[-1]
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_train_on_inputs_of_the_request_decides_whether_chat_prompts_are_trained(
+    tiny_tokenizer: Any, train_on_inputs: bool
+) -> None:
+    from worker.pipeline.run import render_and_tokenize
+
+    dataset = LoadedDataset(["messages"], [{"messages": CONVERSATION}], "chats")
+
+    (tokenized,) = render_and_tokenize(
+        dataset, tiny_tokenizer, _chat_config(train_on_inputs=train_on_inputs),
+        log=lambda line: None,
+    )
+
+    if train_on_inputs:
+        assert tokenized.labels == tokenized.input_ids
+    else:
+        # The system turn comes first and is never trained.
+        assert tokenized.labels[0] == IGNORE_INDEX
+        assert len(_trained_runs(tokenized.input_ids, tokenized.labels)) == 2
+
+
 @pytest.mark.parametrize(
     "messages",
     [

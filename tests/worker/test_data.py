@@ -367,3 +367,19 @@ def test_train_on_inputs_decides_whether_prompt_tokens_are_trained(
     else:
         assert labels[: prompt_len - 1] == [IGNORE_INDEX] * (prompt_len - 1)
         assert labels[-1] == ids[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_cutoff_len_of_the_request_truncates_templated_examples(tiny_tokenizer: Any) -> None:
+    from shared.schema import DataConfig
+    from worker.pipeline.run import render_and_tokenize
+
+    long_row = {**ROWS[1], "output": "Answer: " + "red green blue " * 20}
+    dataset = LoadedDataset(["instruction", "input", "output"], [ROWS[0], long_row], "rows")
+    config = DataConfig(prompt_template=TEMPLATE, cutoff_len=32)
+    lines: list[str] = []
+
+    tokenized = render_and_tokenize(dataset, tiny_tokenizer, config, log=lines.append)
+
+    # The short row (25 tokens with BOS and EOS) fits; the long one is cut to exactly 32.
+    assert [len(e.input_ids) for e in tokenized] == [25, 32]
+    assert "1 truncated to cutoff_len 32" in lines[-1]

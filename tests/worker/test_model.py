@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,105 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir: Path) -
     for name in expected:
         assert got[name].norm() > 0
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7)
+
+
+def test_qlora_with_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir: Path) -> None:
+    # Quantization is deterministic: both models hold the same 4-bit weights.
+    plain = _load(tiny_model_dir, use_quantization=True)
+    checkpointed = _load(tiny_model_dir, use_quantization=True, use_gradient_checkpointing=True)
+    _randomize_lora_b(plain)
+    _randomize_lora_b(checkpointed)
+
+    assert checkpointed.is_loaded_in_4bit
+    assert checkpointed.base_model.model.is_activation_checkpointing
+    assert not plain.base_model.model.is_activation_checkpointing
+    expected, got = _lora_a_grads(plain), _lora_a_grads(checkpointed)
+    assert expected.keys() == got.keys() and len(got) == 7
+    for name in expected:
+        # Gradients must still flow back through the frozen 4-bit layers of later blocks.
+        assert got[name].norm() > 1e-5
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU worker computes in bf16 or fp16")
+def test_bf16_checkpoint_is_loaded_in_float32_on_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Hub models are mostly stored in bf16, and from_pretrained keeps a checkpoint's dtype
+    # unless told otherwise; CPU kernels for bf16 training are slow or missing.
+    from safetensors.torch import load_file, save_file
+
+    bf16_dir = tmp_path / "bf16"
+    shutil.copytree(tiny_model_dir, bf16_dir)
+    weights = load_file(bf16_dir / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()},
+              bf16_dir / "model.safetensors", metadata={"format": "pt"})
+    _add_to_json(bf16_dir / "config.json", dtype="bfloat16")
+    lines: list[str] = []
+
+    model = load_model(
+        str(bf16_dir),
+        PretrainedModelConfig(model_path=str(bf16_dir)),
+        allowed_local_dirs=[tmp_path],
+        log=lines.append,
+    )
+
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert "base model loaded in torch.float32" in lines
+
+
+def test_pickled_checkpoint_is_refused_with_a_pipeline_error(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Unpickling a .bin checkpoint can run arbitrary code; only safetensors are loaded.
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", pickled)
+    torch.save(load_file(tiny_model_dir / "model.safetensors"), pickled / "pytorch_model.bin")
+
+    with pytest.raises(PipelineError, match=r"only safetensors checkpoints are accepted"):
+        load_model(
+            str(pickled),
+            PretrainedModelConfig(model_path=str(pickled)),
+            allowed_local_dirs=[tmp_path],
+        )
+
+
+def test_custom_code_named_by_auto_map_is_never_imported(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # A model repo can name its own Python classes in auto_map; transformers imports them only
+    # with trust_remote_code. Each module here leaves a marker file when imported.
+    model_dir = tmp_path / "custom-code"
+    shutil.copytree(tiny_model_dir, model_dir)
+    marker = tmp_path / "custom-code-was-imported"
+    for module in ("configuration_custom", "modeling_custom", "tokenization_custom"):
+        (model_dir / f"{module}.py").write_text(
+            "from pathlib import Path\n"
+            f"Path({str(marker)!r}).write_text(__name__)\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast\n"
+            "class CustomConfig(LlamaConfig): pass\n"
+            "class CustomModel(LlamaForCausalLM): config_class = CustomConfig\n"
+            "class CustomTokenizer(PreTrainedTokenizerFast): pass\n"
+        )
+    _add_to_json(model_dir / "config.json", auto_map={
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomModel",
+    })
+    _add_to_json(model_dir / "tokenizer_config.json",
+                 auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})
+
+    tokenizer = load_tokenizer(str(model_dir), allowed_local_dirs=[tmp_path])
+    model = _load(model_dir)
+
+    assert not marker.exists()
+    assert type(model.base_model.model).__name__ == "LlamaForCausalLM"
+    assert "Custom" not in type(tokenizer).__name__
+
+
+def _add_to_json(path: Path, **values: Any) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
 
 
 def test_qlora_loads_the_base_in_4bit_nf4_with_double_quantization(tiny_model_dir: Path) -> None:

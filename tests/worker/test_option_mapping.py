@@ -43,6 +43,33 @@ def test_training_field_reaches_the_trainer_arguments(
     assert getattr(default, "value", default) != expected
 
 
+
+@pytest.mark.parametrize("patience", [1, 3])
+def test_early_stopping_patience_reaches_the_early_stopping_callback(patience: int) -> None:
+    from transformers import EarlyStoppingCallback
+
+    from worker.pipeline.report import RecordingReporter
+    from worker.pipeline.train import TrainingWatch
+
+    watch = TrainingWatch(
+        RecordingReporter(), TrainingConfig(early_stopping_patience=patience), has_validation=True
+    )
+
+    (early_stopping,) = [c for c in watch.callbacks if isinstance(c, EarlyStoppingCallback)]
+    assert early_stopping.early_stopping_patience == patience
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU worker trains in bf16 or fp16")
+@pytest.mark.parametrize("quantized", [False, True])
+def test_cpu_training_arguments_ask_for_full_precision(tmp_path: Path, quantized: bool) -> None:
+    # The worker's own machine decides: the request has no precision field.
+    args = training_arguments(TrainingConfig(), output_dir=tmp_path, has_validation=True,
+                              quantized=quantized)
+
+    assert (args.bf16, args.fp16, args.use_cpu) == (False, False, True)
+    assert args.device.type == "cpu"
+
+
 @pytest.mark.parametrize(
     ("field", "value", "attribute"),
     [("lora_r", 4, "r"), ("lora_alpha", 32, "lora_alpha"), ("lora_dropout", 0.3, "lora_dropout"),

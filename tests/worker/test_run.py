@@ -27,6 +27,8 @@ LOG_LINE = re.compile(
     r"\d+ tok/s \| eta (\d+s|\d+m\d\ds|\d+h\d\dm)"
 )
 WANDB_KEY = "wandb-key-" + "k" * 30
+WANDB_ENTITY = "tiny-team"
+WANDB_VARIABLES = ("WANDB_ENTITY", "WANDB_API_KEY", "WANDB_PROJECT")
 HF_TOKEN = "hf_secret_token"
 
 
@@ -36,6 +38,8 @@ class Job:
     reporter: RecordingReporter
     work_dir: Path
     hub_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # The W&B variables as transformers' WandbCallback saw them when training began.
+    wandb_env_at_train_begin: dict[str, str | None] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +50,11 @@ def lora_job(
 
     The edges are replaced: W&B runs offline (its servers are never reached; the run is
     written to disk), and the two HfApi methods that would call the hub record their
-    arguments instead.
+    arguments instead. transformers' W&B integration is only watched: its on_train_begin
+    records the environment, then runs as it would.
     """
     from huggingface_hub import HfApi
+    from transformers.integrations import WandbCallback
 
     tmp = tmp_path_factory.mktemp("lora-job")
     settings = Settings(
@@ -60,6 +66,7 @@ def lora_job(
             "wandb_project": "tunery-tests",
             "wandb_run_name": "tiny-lora",
             "wandb_login_key": WANDB_KEY,
+            "wandb_username": WANDB_ENTITY,
         },
         hf={"hf_model_path": "me/tiny-adapter", "hf_token": HF_TOKEN},
     )
@@ -73,10 +80,18 @@ def lora_job(
         job.hub_calls.append(("upload_folder", {**kwargs, "files": files}))
         return type("Commit", (), {"commit_url": "https://huggingface.co/me/tiny-adapter/commit/1"})
 
+    wandb_on_train_begin = WandbCallback.on_train_begin
+
+    def watch_wandb_on_train_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen = {name: os.environ.get(name) for name in WANDB_VARIABLES}
+        job.wandb_env_at_train_begin.update(seen)
+        return wandb_on_train_begin(self, *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
         patch.setattr(HfApi, "create_repo", create_repo)
         patch.setattr(HfApi, "upload_folder", upload_folder)
+        patch.setattr(WandbCallback, "on_train_begin", watch_wandb_on_train_begin)
         job.result = run_job(request, job.work_dir, job.reporter, settings)
         yield job
 
@@ -198,7 +213,7 @@ def test_lora_job_reports_its_loss_history_to_weights_and_biases(lora_job: Job) 
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         if record.HasField("run"):
-            runs.append((record.run.project, record.run.display_name))
+            runs.append((record.run.entity, record.run.project, record.run.display_name))
         if record.HasField("history"):
             items = {
                 i.key or "/".join(i.nested_key): json.loads(i.value_json)
@@ -207,18 +222,31 @@ def test_lora_job_reports_its_loss_history_to_weights_and_biases(lora_job: Job) 
             if "train/loss" in items:
                 losses[items["train/global_step"]] = items["train/loss"]
 
-    assert runs == [("tunery-tests", "tiny-lora")]
+    assert runs == [(WANDB_ENTITY, "tunery-tests", "tiny-lora")]
     reported = dict(
         zip(lora_job.reporter.steps("loss"), lora_job.reporter.values("loss"), strict=True)
     )
     assert losses == pytest.approx(reported)
     assert any(
-        "reporting to Weights & Biases: project tunery-tests" in x for x in lora_job.reporter.lines
+        f"reporting to Weights & Biases: project {WANDB_ENTITY}/tunery-tests" in x
+        for x in lora_job.reporter.lines
     )
 
 
+def test_wandb_username_and_login_key_are_in_the_environment_while_the_trainer_trains(
+    lora_job: Job,
+) -> None:
+    # Offline mode never logs in, so the key's only observable effect is the variable that
+    # wandb.init reads when the Trainer starts; the entity also shows in the run record above.
+    assert lora_job.wandb_env_at_train_begin == {
+        "WANDB_ENTITY": WANDB_ENTITY,
+        "WANDB_API_KEY": WANDB_KEY,
+        "WANDB_PROJECT": "tunery-tests",
+    }
+
+
 def test_lora_job_leaves_no_wandb_setting_or_key_behind(lora_job: Job) -> None:
-    assert not {"WANDB_PROJECT", "WANDB_API_KEY", "WANDB_DIR"} & set(os.environ)
+    assert not {"WANDB_PROJECT", "WANDB_API_KEY", "WANDB_DIR", "WANDB_ENTITY"} & set(os.environ)
     assert os.environ["WANDB_MODE"] == "offline"  # the test's own setting survives the job
     assert not any(WANDB_KEY in line for line in lora_job.reporter.lines)
     for path in (lora_job.work_dir / "trainer").rglob("*"):
@@ -410,6 +438,35 @@ def test_early_stopping_ends_training_and_exports_the_best_eval_adapter(
     exported = _eval_loss_of_adapter(result.output_dir, tiny_model_dir, request, settings)
     assert exported == pytest.approx(eval_losses[best_step], abs=1e-4)
     assert exported < eval_losses[result.steps] - 0.1
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_early_stopping_ends_exactly_patience_evaluations_after_the_best(
+    tmp_path: Path, settings: Settings, make_request: Any, patience: int
+) -> None:
+    # As above: eval_loss is best at step 12 of 24 and never beaten afterwards.
+    request = make_request(
+        training={
+            "learning_rate": 0.9,
+            "lr_scheduler_type": "constant",
+            "early_stopping_patience": patience,
+            "num_train_epochs": 4,
+        }
+    )
+    reporter = RecordingReporter()
+
+    result = run_job(request, tmp_path / "work", reporter, settings)
+
+    eval_steps = reporter.steps("eval_loss")
+    interval = eval_steps[1] - eval_steps[0]  # a tenth of the 24 steps, rounded up
+    assert interval == 3 and result.best_step is not None
+    # The default patience (5) would run all 24 steps: 12 + 5 x 3 > 24.
+    assert result.steps == result.best_step + patience * interval < 24
+    assert any(
+        line.startswith(f"early stopping at step {result.steps}/24")
+        and f"did not improve for {patience} evaluation" in line
+        for line in reporter.lines
+    )
 
 
 @pytest.mark.parametrize("scheduler", LR_SCHEDULERS)
