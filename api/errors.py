@@ -13,6 +13,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.datasets import DatasetNotFound, DatasetRejected, UploadRefused
+from shared.idempotency import HEADER as IDEMPOTENCY_HEADER
+from shared.idempotency import IdempotencyKeyRejected
 from shared.jobs import JobConflict, JobNotFound
 
 log = logging.getLogger("tunery.api")
@@ -88,6 +90,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.conflict:
             return JSONResponse(error_body("conflict", exc.message), 409)
         return JSONResponse(error_body("forbidden", exc.message), 403)
+
+    @app.exception_handler(IdempotencyKeyRejected)
+    async def _idempotency(_: Request, exc: IdempotencyKeyRejected) -> JSONResponse:
+        fields = [{"path": IDEMPOTENCY_HEADER, "message": exc.message}]
+        return JSONResponse(error_body(exc.code, exc.message, fields), 422)
 
     @app.exception_handler(JobConflict)
     async def _conflict(_: Request, exc: JobConflict) -> JSONResponse:

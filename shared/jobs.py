@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import (
@@ -97,25 +97,32 @@ def list_jobs(session: Session, tenant_id: str, limit: int, offset: int) -> tupl
 
 
 def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> Claim | None:
-    """Take the job for one attempt, or return None if someone else holds it or it is done.
+    """Take a QUEUED job for one attempt, or return None if it is not QUEUED (held elsewhere,
+    done, cancelled) or has used up its attempts.
 
     One conditional UPDATE decides, so two workers handed the same message (Redis redelivery,
     a re-sent wake-up) cannot both train: the database, not the broker, says who runs the job.
+    A job whose worker died goes back to QUEUED through `requeue_expired_leases`, never straight
+    from RUNNING here, so every new attempt is counted and logged in one place. The lease is
+    set in the same UPDATE: a worker killed before its first heartbeat still leaves a lease that
+    expires.
     """
     now = utcnow()
-    claimable = or_(
-        Job.status == JobStatus.QUEUED.value,
-        (Job.status == JobStatus.RUNNING.value) & (Job.lease_expires_at < now),
-    )
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False))
+        .where(
+            Job.id == job_id,
+            Job.status == JobStatus.QUEUED.value,
+            Job.cancel_requested.is_(False),
+            Job.attempt < Job.max_attempts,
+        )
         .values(
             status=JobStatus.RUNNING.value,
             lease_owner=owner,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             attempt=Job.attempt + 1,
             started_at=func.coalesce(Job.started_at, now),
+            attempt_started_at=now,
             updated_at=now,
             error=None,
         )
@@ -129,6 +136,34 @@ def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> 
                  attempt=attempt, reason=f"claimed by {owner}")
     )
     return Claim(job_id, attempt, owner)
+
+
+def claim_next(
+    session: Session, owner: str, lease_seconds: int, tries: int = 5
+) -> Claim | None:
+    """Claim the oldest QUEUED job, if any: what a wake-up does when the job it names is taken.
+
+    A wake-up is not tied to one job, so a lost message delays nobody as long as as many
+    wake-ups as queued jobs are in the broker (see `shared.maintenance`). Losing a race to
+    another worker moves on to the next job.
+    """
+    for _ in range(tries):
+        job_id = session.scalar(
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED.value,
+                Job.cancel_requested.is_(False),
+                Job.attempt < Job.max_attempts,
+            )
+            .order_by(Job.created_at, Job.id)
+            .limit(1)
+        )
+        if job_id is None:
+            return None
+        claim = claim_job(session, job_id, owner, lease_seconds)
+        if claim is not None:
+            return claim
+    return None
 
 
 def renew_lease(session: Session, claim: Claim, lease_seconds: int) -> tuple[bool, bool]:
@@ -149,6 +184,70 @@ def renew_lease(session: Session, claim: Claim, lease_seconds: int) -> tuple[boo
     return True, bool(held)
 
 
+def requeue_expired_leases(session: Session) -> list[tuple[str, JobStatus]]:
+    """Jobs whose worker stopped renewing its lease: back to QUEUED while attempts remain,
+    FAILED once they are used up, CANCELLED if a cancel was asked. Returns (job id, new status).
+
+    Each move is fenced on the attempt that held the lease, so a worker that renews at the last
+    moment, or a second reaper, makes the move a no-op instead of a double re-queue.
+    """
+    now = utcnow()
+    expired = session.execute(
+        select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested, Job.lease_owner)
+        .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+        .order_by(Job.lease_expires_at)
+    ).all()
+    moved: list[tuple[str, JobStatus]] = []
+    for job_id, attempt, max_attempts, cancel, owner in expired:
+        if cancel:
+            to, reason = JobStatus.CANCELLED, "cancelled by the user; its worker stopped answering"
+        elif attempt >= max_attempts:
+            to = JobStatus.FAILED
+            reason = (f"worker lost in each of the {attempt} attempts allowed (last: {owner}); "
+                      "the job may be crashing its worker, e.g. out of memory")
+        else:
+            to = JobStatus.QUEUED
+            reason = f"lease of attempt {attempt} expired (worker {owner} lost); re-queued"
+        if transition(session, job_id, to, attempt=attempt, reason=reason, lease_expired=True):
+            moved.append((job_id, to))
+    return moved
+
+
+def fail_past_hard_limit(session: Session, hard_limit_s: int) -> list[str]:
+    """Fail RUNNING jobs whose attempt started more than `hard_limit_s` ago: the backstop for
+    a worker that neither finishes nor notices its soft limit. Its fenced writes then fail and
+    its heartbeat tells it to stop."""
+    cutoff = utcnow() - timedelta(seconds=hard_limit_s)
+    late = session.execute(
+        select(Job.id, Job.attempt)
+        .where(Job.status == JobStatus.RUNNING.value, Job.attempt_started_at < cutoff)
+    ).all()
+    reason = f"timeout: still running after the hard time limit of {hard_limit_s} s"
+    return [
+        job_id for job_id, attempt in late
+        if transition(session, job_id, JobStatus.FAILED, attempt=attempt, reason=reason)
+    ]
+
+
+def queued_job_ids(session: Session, limit: int) -> list[str]:
+    """The oldest claimable QUEUED jobs, oldest first."""
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
+            .order_by(Job.created_at, Job.id)
+            .limit(limit)
+        ).all()
+    )
+
+
+def count_queued(session: Session) -> int:
+    return session.scalar(
+        select(func.count()).select_from(Job)
+        .where(Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
+    ) or 0
+
+
 def transition(
     session: Session,
     job_id: str,
@@ -157,8 +256,12 @@ def transition(
     attempt: int | None = None,
     reason: str | None = None,
     result: dict[str, Any] | None = None,
+    lease_expired: bool = False,
 ) -> bool:
     """Move a job to `to` if the move is allowed and (when given) the attempt still owns it.
+
+    With `lease_expired`, the move happens only while the lease is still expired, so a worker
+    whose heartbeat renewed it in the meantime keeps its job.
 
     Returns False when the job moved on without us (another attempt, a cancel): the caller's
     view is stale and it must not write more.
@@ -183,10 +286,16 @@ def transition(
             values["error"] = reason
     if result is not None:
         values["result"] = result
+    if to is JobStatus.QUEUED:
+        values.update(lease_owner=None, lease_expires_at=None, phase=None)
+    where = [Job.id == job_id, Job.status == current.value, Job.attempt == job.attempt]
+    if lease_expired:
+        where.append(Job.lease_expires_at < now)
+    # "fetch": the Python-side evaluation of the WHERE would compare SQLite's naive datetimes
+    # with an aware one.
     fenced = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == current.value, Job.attempt == job.attempt)
-        .values(**values)
+        update(Job).where(*where).values(**values),
+        execution_options={"synchronize_session": "fetch"},
     )
     if fenced.rowcount != 1:  # type: ignore[attr-defined]
         return False

@@ -23,9 +23,13 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("tunery", broker=settings.broker_url, set_as_current=False)
     transport_options: dict[str, object] = {}
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        # Redis redelivers an unacked message after visibility_timeout; the lease in the
-        # database decides who trains, so redelivery only costs a no-op claim.
-        transport_options["visibility_timeout"] = 6 * 3600
+        # Redis redelivers an unacked message after visibility_timeout, and a training task
+        # holds its message unacked until it ends (acks_late). Above the hard time limit, a
+        # running job's message is never redelivered; if it were, the claim in the database
+        # would still refuse a second run.
+        transport_options["visibility_timeout"] = (
+            settings.job_hard_time_limit_s + 2 * settings.lease_seconds
+        )
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -87,6 +91,16 @@ def enqueue_training(job_id: str, attempts: int = 3) -> bool:
             get_celery.cache_clear()
             time.sleep(0.2 * attempt)
     return False
+
+
+def count_waiting_messages() -> int:
+    """Messages in the training queue not yet delivered to a worker (Redis, the embedded
+    transport and RabbitMQ all report this count on a queue declare)."""
+    app = get_celery()
+    with app.connection_for_write() as connection:
+        queue = app.amqp.queues[app.conf.task_default_queue](connection.default_channel)
+        declared = queue.queue_declare()
+        return int(declared.message_count) if declared is not None else 0
 
 
 def check_broker(timeout_s: float = 3.0) -> None:

@@ -48,9 +48,30 @@ class Settings(BaseSettings):
         1024**3, ge=1, description="Largest dataset file accepted by POST /v1/datasets and "
         "the upload flow; larger ones get 413."
     )
+    idempotency_ttl_s: int = Field(
+        86400, ge=1, description="How long a submission's Idempotency-Key replays its first "
+        "response; an older key starts a new job."
+    )
     queue_name: str = "train"
-    lease_seconds: int = Field(120, ge=5, description="How long a claim lasts without a heartbeat.")
-    max_attempts: int = Field(3, ge=1)
+    lease_seconds: int = Field(120, ge=2, description="How long a claim lasts without a heartbeat.")
+    heartbeat_seconds: float = Field(
+        2.0, gt=0, description="How often a running job renews its lease and looks for a cancel."
+    )
+    reaper_interval_s: float = Field(
+        15.0, gt=0, description="How often each worker re-queues jobs whose lease expired and "
+        "re-sends wake-ups for queued jobs the broker lost."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts per job before a lost worker fails it."
+    )
+    job_soft_time_limit_s: int = Field(
+        24 * 3600, ge=1, description="Training time per attempt after which the job saves a "
+        "checkpoint and ends FAILED with reason timeout."
+    )
+    job_hard_time_limit_s: int = Field(
+        24 * 3600 + 1800, ge=1, description="Backstop: a job still running this long is failed "
+        "by the reaper, and a worker stuck past it exits so its GPU is freed."
+    )
     checkpoint_every_steps: int = Field(
         50, ge=0, description="Upload a resumable checkpoint every N optimizer steps; 0: never."
     )
@@ -71,6 +92,13 @@ class Settings(BaseSettings):
         if self.work_dir is None:
             self.work_dir = data / "work"
         self.allowed_local_dirs = [Path(p).resolve() for p in self.allowed_local_dirs]
+        if self.heartbeat_seconds * 2 >= self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be under half of "
+                f"lease_seconds ({self.lease_seconds}), or a slow renewal loses the lease"
+            )
+        if self.job_hard_time_limit_s <= self.job_soft_time_limit_s:
+            raise ValueError("job_hard_time_limit_s must be above job_soft_time_limit_s")
         return self
 
     @property

@@ -1,60 +1,96 @@
-"""The pipeline's reporter, backed by the job row: logs, metrics, phase, lease and cancel."""
+"""The pipeline's reporter, backed by the job row: logs, metrics, phase and progress; stop
+requests come from the attempt's `Heartbeat`."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
+
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from shared import jobs
 from shared.db import session_scope
 from shared.jobs import Claim
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("tunery.worker")
+
+Write = Callable[[Session], object]
+
+# Log lines and metrics kept in memory while the database is unreachable; the oldest go
+# first beyond this (about an hour of one line and one metric per step at a step a second).
+MAX_PENDING_WRITES = 10_000
+# After a failed write, further reports only queue up for this long: a connect attempt to a
+# database host that is down can take seconds, and training should not wait on each one.
+RETRY_AFTER_S = 2.0
 
 
 class DatabaseReporter:
     """Writes what the pipeline reports, fenced on the claim's attempt.
 
-    `should_stop()` is polled every optimizer step; it renews the lease at most every
-    `renew_every_s` so a fast training loop does not hammer the database.
+    A database outage does not stop training: writes wait in memory, in order, and go out with
+    the next write that reaches the database. Whether training should stop is the heartbeat's
+    call (cancel, lost lease, time limit).
     """
 
-    def __init__(self, claim: Claim, lease_seconds: int, renew_every_s: float = 2.0) -> None:
+    def __init__(self, claim: Claim, heartbeat: Heartbeat) -> None:
         self.claim = claim
-        self.lease_seconds = lease_seconds
-        self.renew_every_s = renew_every_s
-        self._last_renew = 0.0
-        self._stop_reason: str | None = None
+        self.heartbeat = heartbeat
+        self._pending: deque[Write] = deque(maxlen=MAX_PENDING_WRITES)
+        self._retry_at = 0.0
 
     def phase(self, name: str) -> None:
-        with session_scope() as session:
-            jobs.set_phase(session, self.claim, phase=name)
+        self._write(lambda session: jobs.set_phase(session, self.claim, phase=name))
         self.log(f"phase: {name}")
 
     def progress(self, fraction: float) -> None:
-        with session_scope() as session:
-            jobs.set_phase(session, self.claim, progress=fraction)
+        self._write(lambda session: jobs.set_phase(session, self.claim, progress=fraction))
 
     def log(self, line: str) -> None:
         log.info("job %s: %s", self.claim.job_id, line)
-        with session_scope() as session:
-            jobs.append_log(session, self.claim.job_id, self.claim.attempt, line)
+        self._write(
+            lambda session: jobs.append_log(session, self.claim.job_id, self.claim.attempt, line)
+        )
 
     def metric(self, step: int, values: dict[str, float]) -> None:
-        with session_scope() as session:
-            jobs.record_metric(session, self.claim.job_id, self.claim.attempt, step, values)
+        self._write(
+            lambda session: jobs.record_metric(
+                session, self.claim.job_id, self.claim.attempt, step, values
+            )
+        )
 
     def should_stop(self) -> str | None:
-        if self._stop_reason is not None:
-            return self._stop_reason
-        now = time.monotonic()
-        if now - self._last_renew < self.renew_every_s:
-            return None
-        self._last_renew = now
-        with session_scope() as session:
-            held, cancel = jobs.renew_lease(session, self.claim, self.lease_seconds)
-        if not held:
-            self._stop_reason = "lease_lost"
-        elif cancel:
-            self._stop_reason = "cancelled"
-        return self._stop_reason
+        return self.heartbeat.stop_reason
+
+    def flush(self) -> bool:
+        """Write what waits; False if the database is still unreachable."""
+        return self._write(None)
+
+    def _write(self, write: Write | None) -> bool:
+        if write is not None:
+            self._pending.append(write)
+        if not self._pending:
+            return True
+        if write is not None and time.monotonic() < self._retry_at:
+            return False
+        try:
+            with session_scope() as session:
+                for pending in self._pending:
+                    pending(session)
+        except (OperationalError, InterfaceError) as exc:
+            if len(self._pending) == 1:  # first failure of an outage; later ones are quiet
+                log.warning("job %s: database unreachable, keeping reports in memory: %s",
+                            self.claim.job_id, exc)
+            self._retry_at = time.monotonic() + RETRY_AFTER_S
+            return False
+        except SQLAlchemyError:
+            # Not an outage: retrying the same writes would fail forever.
+            log.exception("job %s: dropping %d reports the database refused",
+                          self.claim.job_id, len(self._pending))
+            self._pending.clear()
+            return False
+        self._pending.clear()
+        return True

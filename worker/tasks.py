@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_ready, worker_shutdown
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared import jobs
 from shared.db import session_scope
 from shared.jobs import Claim
+from shared.maintenance import MaintenanceLoop
 from shared.models import JobStatus
 from shared.queue import TRAIN_TASK, declare_queue, get_celery
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from shared.storage import StorageError, storage_from_settings
+from worker.heartbeat import CANCELLED, TIMEOUT, Heartbeat
 from worker.job_reporter import DatabaseReporter
 
 if TYPE_CHECKING:
@@ -29,9 +34,31 @@ log = logging.getLogger("tunery.worker")
 app = get_celery()
 
 
+_maintenance: MaintenanceLoop | None = None
+
+# How long a wake-up waits for an unreachable database before giving up on its claim; the
+# job stays QUEUED and the maintenance sweep wakes it again once the database is back.
+CLAIM_PATIENCE_S = 60.0
+
+
 @worker_init.connect
 def _declare_queue_before_consuming(**_: object) -> None:
     declare_queue()
+
+
+@worker_ready.connect
+def _start_maintenance(**_: object) -> None:
+    # The first sweep runs at once: a worker started after a crash re-queues the dead
+    # worker's job as soon as its lease has expired.
+    global _maintenance
+    _maintenance = MaintenanceLoop(get_settings())
+    _maintenance.start()
+
+
+@worker_shutdown.connect
+def _stop_maintenance(**_: object) -> None:
+    if _maintenance is not None:
+        _maintenance.stop()
 
 
 def worker_identity() -> str:
@@ -40,14 +67,34 @@ def worker_identity() -> str:
 
 @app.task(name=TRAIN_TASK)
 def train(job_id: str) -> None:
-    settings = get_settings()
-    with session_scope() as session:
-        claim = jobs.claim_job(session, job_id, worker_identity(), settings.lease_seconds)
-        if claim is None:
-            log.info("job %s: nothing to claim (done, cancelled or held elsewhere)", job_id)
-            return
-        payload = session.get_one(jobs.Job, job_id).payload
+    """A wake-up: claim the job it names or, if that one is taken, the oldest queued job."""
+    claimed = claim_with_patience(job_id)
+    if claimed is None:
+        log.info("wake-up for job %s: nothing to claim (done, cancelled or held elsewhere)",
+                 job_id)
+        return
+    claim, payload = claimed
     run_claimed_job(claim, FinetuneRequest.model_validate(payload))
+
+
+def claim_with_patience(job_id: str) -> tuple[Claim, dict[str, Any]] | None:
+    settings, owner = get_settings(), worker_identity()
+    deadline = time.monotonic() + CLAIM_PATIENCE_S
+    while True:
+        try:
+            with session_scope() as session:
+                claim = jobs.claim_job(session, job_id, owner, settings.lease_seconds)
+                if claim is None:
+                    claim = jobs.claim_next(session, owner, settings.lease_seconds)
+                if claim is None:
+                    return None
+                return claim, session.get_one(jobs.Job, claim.job_id).payload
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() > deadline:
+                log.error("wake-up for job %s dropped: database unreachable: %s", job_id, exc)
+                return None
+            log.warning("database unreachable, claim waits: %s", exc)
+            time.sleep(2.0)
 
 
 def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
@@ -57,7 +104,15 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
     from worker.pipeline.run import run_job
 
     settings = get_settings()
-    reporter = DatabaseReporter(claim, settings.lease_seconds)
+    heartbeat = Heartbeat(
+        claim,
+        lease_seconds=settings.lease_seconds,
+        every_s=settings.heartbeat_seconds,
+        soft_limit_s=settings.job_soft_time_limit_s,
+        hard_limit_s=settings.job_hard_time_limit_s,
+    )
+    heartbeat.start()
+    reporter = DatabaseReporter(claim, heartbeat)
     # An earlier attempt's checkpoints live here; this attempt resumes from the latest.
     checkpoints = CheckpointStore(
         storage_from_settings(settings),
@@ -73,7 +128,7 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
         reporter.log(f"attempt {claim.attempt} started on {claim.owner}")
         result = run_job(request, work_dir, reporter, settings, checkpoints)
         reporter.phase("uploading")
-        uploaded = upload_outputs(claim.job_id, result.output_dir)
+        uploaded = upload_outputs(claim.job_id, result.output_dir, heartbeat)
         reporter.log(f"uploaded {len(uploaded)} files to {jobs.artifact_prefix(claim.job_id)}")
         summary = {
             "steps": result.steps,
@@ -85,31 +140,66 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
             "best_step": result.best_step,
             "artifacts": uploaded,
         }
-        if finish(claim, JobStatus.COMPLETED, result=summary):
+        if finish(claim, reporter, JobStatus.COMPLETED, result=summary):
             discard_checkpoints(checkpoints)
     except TrainingStopped as stop:
-        if stop.reason == "cancelled":
+        if stop.reason == CANCELLED:
             reporter.log("training stopped: cancelled by the user")
-            finish(claim, JobStatus.CANCELLED, reason="cancelled by the user")
+            finish(claim, reporter, JobStatus.CANCELLED, reason="cancelled by the user")
+        elif stop.reason == TIMEOUT:
+            reason = timeout_reason(claim, checkpoints, settings.job_soft_time_limit_s)
+            reporter.log(f"failed: {reason}")
+            finish(claim, reporter, JobStatus.FAILED, reason=reason)
         else:
             log.warning("job %s attempt %s stopped: %s", claim.job_id, claim.attempt, stop.reason)
     except PipelineError as exc:
         reporter.log(f"failed: {exc}")
-        finish(claim, JobStatus.FAILED, reason=str(exc))
+        finish(claim, reporter, JobStatus.FAILED, reason=str(exc))
     except Exception as exc:
         log.exception("job %s attempt %s crashed", claim.job_id, claim.attempt)
         reason = f"internal error: {type(exc).__name__}: {exc}"[:2000]
         reporter.log(f"failed: {reason}")
-        finish(claim, JobStatus.FAILED, reason=reason)
+        finish(claim, reporter, JobStatus.FAILED, reason=reason)
     finally:
+        heartbeat.end()
         shutil.rmtree(work_dir, ignore_errors=True)
+        release_accelerator_memory()
 
 
-def upload_outputs(job_id: str, output_dir: Path) -> list[str]:
+def timeout_reason(claim: Claim, checkpoints: CheckpointStore, limit_s: int) -> str:
+    reason = f"timeout: the attempt ran past the time limit of {limit_s} s"
+    try:
+        latest = checkpoints.latest()
+    except StorageError:
+        latest = None
+    if latest is None:
+        return reason
+    return (f"{reason}; its checkpoint of step {latest.step} is kept: submit a new job with "
+            f"resume_checkpoint_path \"{claim.job_id}\" to continue from it")
+
+
+def release_accelerator_memory() -> None:
+    """Give the GPU memory of a finished, failed or cancelled job back before the next one."""
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def upload_outputs(job_id: str, output_dir: Path, heartbeat: Heartbeat | None = None) -> list[str]:
+    """Upload the adapter under the job's prefix; stops between files if the attempt lost its
+    lease, so a stale attempt stops writing where a newer one writes the job's one adapter."""
+    from worker.pipeline.errors import TrainingStopped
+
     storage = storage_from_settings(get_settings())
     prefix = jobs.artifact_prefix(job_id)
     names = []
     for path in sorted(p for p in output_dir.rglob("*") if p.is_file()):
+        if heartbeat is not None and heartbeat.stop_reason is not None:
+            raise TrainingStopped(heartbeat.stop_reason)
         name = path.relative_to(output_dir).as_posix()
         storage.put_file(prefix + name, path)
         names.append(name)
@@ -125,19 +215,43 @@ def discard_checkpoints(checkpoints: CheckpointStore) -> None:
         log.warning("job %s: could not delete its checkpoints: %s", checkpoints.job_id, exc)
 
 
+# How long the outcome of an attempt waits for an unreachable database. Past it the lease
+# expires, the reaper re-queues the job, and the next attempt redoes the work since the last
+# checkpoint: slower, but nothing is lost.
+FINISH_PATIENCE_S = 300.0
+
+
 def finish(
-    claim: Claim, status: JobStatus, *, reason: str | None = None, result: dict | None = None
+    claim: Claim,
+    reporter: DatabaseReporter,
+    status: JobStatus,
+    *,
+    reason: str | None = None,
+    result: dict | None = None,
 ) -> bool:
-    """Record the attempt's outcome; False when a newer attempt or a cancel owns the job."""
-    with session_scope() as session:
-        if not jobs.transition(
-            session, claim.job_id, status, attempt=claim.attempt, reason=reason, result=result
-        ):
-            log.warning(
-                "job %s attempt %s: could not record %s; a newer attempt or a cancel owns the job",
-                claim.job_id,
-                claim.attempt,
-                status,
-            )
-            return False
-    return True
+    """Record the attempt's outcome, after the reports still waiting; False when a newer
+    attempt or a cancel owns the job, or the database stayed unreachable."""
+    deadline = time.monotonic() + FINISH_PATIENCE_S
+    while True:
+        try:
+            reporter.flush()
+            with session_scope() as session:
+                done = jobs.transition(
+                    session, claim.job_id, status, attempt=claim.attempt, reason=reason,
+                    result=result,
+                )
+            break
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() > deadline:
+                log.error("job %s attempt %s: could not record %s: %s", claim.job_id,
+                          claim.attempt, status, exc)
+                return False
+            log.warning("job %s: database unreachable, waiting to record %s", claim.job_id,
+                        status)
+            time.sleep(2.0)
+    if not done:
+        log.warning(
+            "job %s attempt %s: could not record %s; a newer attempt or a cancel owns the job",
+            claim.job_id, claim.attempt, status,
+        )
+    return done

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Header, Path, Query
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
@@ -21,7 +21,7 @@ from api.schemas import (
     MetricOut,
     MetricsOut,
 )
-from shared import datasets, jobs
+from shared import datasets, idempotency, jobs
 from shared.models import JobStatus
 from shared.queue import enqueue_training
 from shared.resume import resume_problems
@@ -34,6 +34,13 @@ router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"])
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 NLines = Annotated[int, Query(ge=1, le=10000, description="How many of the last lines.")]
+IdempotencyKeyHeader = Annotated[str | None, Header(
+    alias=idempotency.HEADER,
+    description="Optional, 1 to 255 printable ASCII characters, scoped to the API key. A retry "
+    "with the same key and body within TUNERY_IDEMPOTENCY_TTL_S (default 24 h) returns the "
+    "first response, marked `Idempotent-Replayed: true`, and creates no second job; the same "
+    "key with a different body is a 422.",
+)]
 
 
 def check_sources(request: FinetuneRequest, settings: Settings, *, session: Session,
@@ -83,17 +90,31 @@ def _dataset_problems(request: FinetuneRequest, settings: Settings, session: Ses
 
 
 def submit_job(request: FinetuneRequest, caller: TenantDep, session: SessionDep,
-               settings: SettingsDep, storage: StorageDep) -> JobSubmitted:
+               settings: SettingsDep, storage: StorageDep,
+               idempotency_key: IdempotencyKeyHeader = None) -> JobSubmitted | JSONResponse:
+    keyed = idempotency.keyed_request(caller.key_id, idempotency_key, request,
+                                      settings.idempotency_ttl_s)
+    if keyed and (earlier := keyed.earlier_response(session)):
+        return _replay(earlier)
     check_sources(request, settings, session=session, storage=storage, tenant_id=caller.tenant_id)
     job = jobs.create_job(session, caller.tenant_id, request, settings.max_attempts)
+    submitted = JobSubmitted(job_id=job.id, deployment_id=job.id, status=JobStatus.QUEUED,
+                             message="job queued")
+    response = idempotency.StoredResponse(201, submitted.model_dump(mode="json"))
+    if keyed and (earlier := keyed.record(session, job.id, response)):
+        return _replay(earlier)  # a concurrent retry won; this job was rolled back
     session.commit()
-    # After the commit: a worker that wakes up must find the row.
+    # After the commit: a worker that wakes up must find the row. Replays send nothing.
     enqueue_training(job.id)
-    return JobSubmitted(job_id=job.id, deployment_id=job.id, status=JobStatus.QUEUED,
-                        message="job queued")
+    return submitted
+
+
+def _replay(earlier: idempotency.StoredResponse) -> JSONResponse:
+    return JSONResponse(earlier.body, earlier.status, headers={"Idempotent-Replayed": "true"})
 
 
 router.add_api_route("", submit_job, methods=["POST"], status_code=201,
+                     response_model=JobSubmitted,
                      summary="Submit a fine-tuning job (MonsterAPI payload)")
 
 

@@ -6,14 +6,14 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared import jobs
 from shared.db import make_engine
 from shared.keys import authenticate, create_api_key
 from shared.migrate import upgrade_database
-from shared.models import Job, JobStatus
+from shared.models import Job, JobEvent, JobStatus
 from shared.schema import FinetuneRequest
 from tests.conftest import make_payload
 
@@ -59,19 +59,31 @@ def test_twenty_concurrent_claims_give_exactly_one_winner(
     assert winners == [1]
 
 
-def test_expired_lease_can_be_reclaimed_and_fences_the_old_attempt(pg_session: Session) -> None:
+def expire_lease(session: Session, job_id: str) -> None:
+    session.execute(
+        update(Job).where(Job.id == job_id)
+        .values(lease_expires_at=jobs.utcnow() - timedelta(seconds=1))
+    )
+    session.commit()
+
+
+def test_expired_lease_is_requeued_reclaimed_and_fences_the_old_attempt(
+    pg_session: Session,
+) -> None:
     job = queued_job(pg_session)
     first = jobs.claim_job(pg_session, job.id, "a", 60)
     pg_session.commit()
     assert first is not None
     assert jobs.claim_job(pg_session, job.id, "b", 60) is None
-    pg_session.execute(
-        update(Job)
-        .where(Job.id == job.id)
-        .values(lease_expires_at=jobs.utcnow() - timedelta(seconds=1))
-    )
+    assert jobs.requeue_expired_leases(pg_session) == []  # the lease still runs
+    expire_lease(pg_session, job.id)
+    # An expired job is not claimable as it is: only the reaper re-queues, and counts, it.
+    assert jobs.claim_job(pg_session, job.id, "b", 60) is None
+
+    assert jobs.requeue_expired_leases(pg_session) == [(job.id, JobStatus.QUEUED)]
     second = jobs.claim_job(pg_session, job.id, "b", 60)
     pg_session.commit()
+
     assert second is not None and second.attempt == 2
     assert jobs.renew_lease(pg_session, first, 60) == (False, False)
     assert not jobs.transition(pg_session, job.id, JobStatus.COMPLETED, attempt=first.attempt)
@@ -79,6 +91,95 @@ def test_expired_lease_can_be_reclaimed_and_fences_the_old_attempt(pg_session: S
     pg_session.commit()
     pg_session.refresh(job)
     assert job.status == "COMPLETED"
+    events = pg_session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
+    ).all()
+    assert [(e.from_status, e.to_status, e.attempt) for e in events] == [
+        (None, "QUEUED", 0),
+        ("QUEUED", "RUNNING", 1),
+        ("RUNNING", "QUEUED", 1),
+        ("QUEUED", "RUNNING", 2),
+        ("RUNNING", "COMPLETED", 2),
+    ]
+    assert "lease of attempt 1 expired" in (events[2].reason or "")
+
+
+def test_a_lease_renewed_before_the_reaper_commits_keeps_its_job(pg_session: Session) -> None:
+    job = queued_job(pg_session)
+    claim = jobs.claim_job(pg_session, job.id, "a", 60)
+    assert claim is not None
+    expire_lease(pg_session, job.id)
+    assert jobs.renew_lease(pg_session, claim, 60) == (True, False)
+    pg_session.commit()
+    assert jobs.requeue_expired_leases(pg_session) == []
+    # The same holds when the renewal lands between the reaper's read and its write.
+    assert not jobs.transition(pg_session, job.id, JobStatus.QUEUED, attempt=1,
+                               lease_expired=True)
+    pg_session.refresh(job)
+    assert (job.status, job.attempt) == ("RUNNING", 1)
+
+
+def test_the_last_attempt_lost_fails_the_job_with_the_reason(pg_session: Session) -> None:
+    job = queued_job(pg_session)  # max_attempts 3
+    for attempt in (1, 2, 3):
+        claim = jobs.claim_job(pg_session, job.id, f"w{attempt}", 60)
+        assert claim is not None and claim.attempt == attempt
+        expire_lease(pg_session, job.id)
+        status = JobStatus.QUEUED if attempt < 3 else JobStatus.FAILED
+        assert jobs.requeue_expired_leases(pg_session) == [(job.id, status)]
+        pg_session.commit()
+    pg_session.refresh(job)
+    assert job.status == "FAILED" and job.attempt == 3
+    assert "worker lost in each of the 3 attempts" in (job.error or "")
+    assert jobs.claim_job(pg_session, job.id, "w4", 60) is None
+
+
+def test_a_cancel_asked_of_a_lost_worker_ends_cancelled(pg_session: Session) -> None:
+    job = queued_job(pg_session)
+    assert jobs.claim_job(pg_session, job.id, "a", 60) is not None
+    pg_session.commit()
+    jobs.request_cancel(pg_session, job.tenant_id, job.id)
+    expire_lease(pg_session, job.id)
+    assert jobs.requeue_expired_leases(pg_session) == [(job.id, JobStatus.CANCELLED)]
+
+
+def test_jobs_past_the_hard_time_limit_fail_and_others_do_not(pg_session: Session) -> None:
+    old, fresh = queued_job(pg_session), queued_job(pg_session)
+    for job in (old, fresh):
+        assert jobs.claim_job(pg_session, job.id, "w", 3600) is not None
+    pg_session.execute(
+        update(Job).where(Job.id == old.id)
+        .values(attempt_started_at=jobs.utcnow() - timedelta(seconds=120))
+    )
+    pg_session.commit()
+    assert jobs.fail_past_hard_limit(pg_session, hard_limit_s=60) == [old.id]
+    pg_session.commit()
+    pg_session.refresh(old)
+    assert old.status == "FAILED" and "hard time limit of 60 s" in (old.error or "")
+
+
+def test_claim_next_takes_the_oldest_queued_job_once(postgres_url: str,
+                                                     pg_session: Session) -> None:
+    first, second = queued_job(pg_session), queued_job(pg_session)
+    engine = make_engine(postgres_url)
+    claims: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def wake(i: int) -> None:
+        with Session(engine) as session:
+            barrier.wait()
+            got = jobs.claim_next(session, f"worker-{i}", 60)
+            session.commit()
+            if got is not None:
+                claims.append(got.job_id)
+
+    threads = [threading.Thread(target=wake, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.dispose()
+    assert sorted(claims) == sorted([first.id, second.id])
 
 
 def test_terminal_states_never_change(pg_session: Session) -> None:

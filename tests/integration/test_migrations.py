@@ -13,7 +13,10 @@ from shared.db import make_engine
 from shared.migrate import downgrade_database, upgrade_database
 from shared.models import Base
 
-TABLES = {"tenants", "api_keys", "jobs", "job_events", "job_logs", "job_metrics", "datasets"}
+TABLES = {
+    "tenants", "api_keys", "jobs", "job_events", "job_logs", "job_metrics", "datasets",
+    "idempotency_keys",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

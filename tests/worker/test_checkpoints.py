@@ -200,6 +200,8 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_drops_check
     with session_scope() as session:
         expired = utcnow() - timedelta(seconds=1)
         session.execute(update(DbJob).where(DbJob.id == job_id).values(lease_expires_at=expired))
+    with session_scope() as session:
+        assert jobs.requeue_expired_leases(session) == [(job_id, JobStatus.QUEUED)]
         second = jobs.claim_job(session, job_id, "worker-2", settings.lease_seconds)
     assert second is not None and second.attempt == 2
 

@@ -136,12 +136,16 @@ class ProgressReportCallback(TrainerCallback):
 class StopCallback(TrainerCallback):
     """Polls `should_stop()` after every optimizer step and ends training at that step.
 
-    The step's metrics are still logged; the evaluation and save the Trainer may have planned
-    for that step are skipped. `train()` raises `TrainingStopped` once the Trainer returns.
+    The step's metrics are still logged and the evaluation the Trainer may have planned for
+    that step is skipped. A stop for one of `save_on` (a time limit: the job is worth going on
+    with later) saves a checkpoint of that step; any other (a cancel, a lost lease: another
+    attempt owns the job) saves nothing. `train()` raises `TrainingStopped` once the Trainer
+    returns.
     """
 
-    def __init__(self, reporter: JobReporter) -> None:
+    def __init__(self, reporter: JobReporter, save_on: frozenset[str] = frozenset()) -> None:
         self.reporter = reporter
+        self.save_on = save_on
         self.reason: str | None = None
         self.step: int | None = None
 
@@ -153,7 +157,7 @@ class StopCallback(TrainerCallback):
             self.reason, self.step = reason, state.global_step
             control.should_training_stop = True
             control.should_evaluate = False
-            control.should_save = False
+            control.should_save = reason in self.save_on
 
 
 BEST_ADAPTER_FILE = "best_adapter.safetensors"

@@ -243,7 +243,9 @@ class TrainingWatch:
     ) -> None:
         self.reporter = reporter
         self.metrics = MetricsCallback(reporter, extra=extra_metrics)
-        self.stop = StopCallback(reporter)
+        # A job stopped by its time limit keeps a checkpoint of where it got to.
+        saves = checkpoints is not None and checkpoints.every_steps > 0
+        self.stop = StopCallback(reporter, save_on=frozenset({"timeout"}) if saves else frozenset())
         self.best = BestAdapterCallback()
         if resume_from:
             # The best adapter so far lives in the checkpoint, not in this process's memory.

@@ -1,0 +1,113 @@
+"""The periodic sweep that makes the database, not the broker, decide what runs.
+
+Every worker runs it in a thread (and once when it starts), so it runs wherever training can
+run, the embedded default included:
+
+- jobs whose lease expired (worker killed, host lost) go back to QUEUED, or end FAILED once
+  their attempts are used up;
+- jobs running past the hard time limit end FAILED;
+- QUEUED jobs get wake-ups when the broker holds fewer waiting messages than there are queued
+  jobs (a Redis restart lost them, or the send after the submit failed);
+- idempotency keys past their TTL are forgotten.
+
+Sweeps in several workers at once are safe: every move is a fenced UPDATE that only one wins,
+and a surplus wake-up claims nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared import idempotency, jobs
+from shared.db import session_scope
+from shared.models import JobStatus
+from shared.queue import count_waiting_messages, enqueue_training
+from shared.settings import Settings
+
+log = logging.getLogger("tunery.maintenance")
+
+
+@dataclass
+class SweepResult:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    timed_out: list[str] = field(default_factory=list)
+    woken: list[str] = field(default_factory=list)
+    expired_keys: int = 0
+
+
+def reap(settings: Settings) -> SweepResult:
+    """Re-queue or fail jobs whose worker is gone or past the hard time limit."""
+    result = SweepResult()
+    with session_scope() as session:
+        result.timed_out = jobs.fail_past_hard_limit(session, settings.job_hard_time_limit_s)
+        for job_id, status in jobs.requeue_expired_leases(session):
+            {
+                JobStatus.QUEUED: result.requeued,
+                JobStatus.FAILED: result.failed,
+                JobStatus.CANCELLED: result.cancelled,
+            }[status].append(job_id)
+        result.expired_keys = idempotency.delete_expired(session, settings.idempotency_ttl_s)
+    return result
+
+
+def wake_queued_jobs(
+    count_waiting: Callable[[], int] = count_waiting_messages,
+    send: Callable[[str], bool] = enqueue_training,
+) -> list[str]:
+    """Send one wake-up per queued job the broker has no waiting message for.
+
+    A wake-up names a job but serves any: the worker claims the oldest QUEUED job when the one
+    named is taken. So the broker needs as many waiting messages as there are queued jobs, not
+    a message per particular job, and a count is enough to know how many are missing.
+    """
+    with session_scope() as session:
+        queued = jobs.count_queued(session)
+        if not queued:
+            return []
+        missing = queued - count_waiting()
+        if missing <= 0:
+            return []
+        job_ids = jobs.queued_job_ids(session, missing)
+    return [job_id for job_id in job_ids if send(job_id)]
+
+
+def sweep(settings: Settings) -> SweepResult:
+    result = reap(settings)
+    result.woken = wake_queued_jobs()
+    for what, ids in (
+        ("re-queued after a lost lease", result.requeued),
+        ("failed after their last attempt was lost", result.failed),
+        ("cancelled while their worker was lost", result.cancelled),
+        ("failed past the hard time limit", result.timed_out),
+        ("woken: the broker had no message for them", result.woken),
+    ):
+        if ids:
+            log.warning("maintenance: %d job(s) %s: %s", len(ids), what, ", ".join(ids))
+    return result
+
+
+class MaintenanceLoop(threading.Thread):
+    """`sweep()` every `settings.reaper_interval_s` until `stop()`; an outage of the database
+    or the broker is logged and retried at the next tick, never fatal."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="tunery-maintenance", daemon=True)
+        self.settings = settings
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                sweep(self.settings)
+            except Exception as exc:  # noqa: BLE001 - an outage must not end the loop
+                log.warning("maintenance sweep failed (will retry): %s", exc)
+            if self._stopped.wait(self.settings.reaper_interval_s):
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()

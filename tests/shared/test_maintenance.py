@@ -1,0 +1,142 @@
+"""The maintenance sweep on the embedded default: SQLite and the kombu SQLite broker, as
+`tunery up` runs it, with real messages counted in the broker."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+import shared.maintenance as maintenance
+from shared import jobs
+from shared.db import session_scope
+from shared.keys import create_api_key
+from shared.maintenance import MaintenanceLoop, sweep, wake_queued_jobs
+from shared.migrate import upgrade_database
+from shared.models import ApiKey, IdempotencyKey, Job, JobStatus, utcnow
+from shared.queue import count_waiting_messages, declare_queue, enqueue_training
+from shared.schema import FinetuneRequest
+from shared.settings import Settings, get_settings
+from tests.conftest import make_payload
+
+
+def submit(n: int) -> list[str]:
+    with session_scope() as session:
+        tenant = create_api_key(session, "sweep").tenant_id
+        request = FinetuneRequest.model_validate(make_payload())
+        return [jobs.create_job(session, tenant, request, max_attempts=2).id for _ in range(n)]
+
+
+def embedded(tunery_env: Path) -> Settings:
+    settings = get_settings()
+    upgrade_database(settings.database_url)
+    declare_queue()
+    return settings
+
+
+def test_queued_jobs_without_a_message_get_exactly_the_missing_wake_ups(
+    tunery_env: Path,
+) -> None:
+    embedded(tunery_env)
+    first, second, third = submit(3)
+    assert enqueue_training(first)  # the other two submits lost their message
+
+    woken = wake_queued_jobs()
+
+    assert woken == [first, second]  # one missing per queued job beyond the one message
+    assert count_waiting_messages() == 3
+    assert wake_queued_jobs() == []  # nothing missing: a second sweep sends nothing
+
+
+def test_cancelled_and_running_jobs_get_no_wake_up(tunery_env: Path) -> None:
+    settings = embedded(tunery_env)
+    running, cancelled = submit(2)
+    with session_scope() as session:
+        assert jobs.claim_job(session, running, "w", settings.lease_seconds) is not None
+        tenant = session.get_one(Job, cancelled).tenant_id
+        jobs.request_cancel(session, tenant, cancelled)
+    assert wake_queued_jobs() == []
+    assert count_waiting_messages() == 0
+
+
+def test_sweep_requeues_a_dead_workers_job_and_wakes_it(tunery_env: Path) -> None:
+    settings = embedded(tunery_env)
+    (job_id,) = submit(1)
+    with session_scope() as session:
+        assert jobs.claim_job(session, job_id, "dead-worker", settings.lease_seconds)
+        session.execute(
+            update(Job).where(Job.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+    result = sweep(settings)
+
+    assert result.requeued == [job_id] and result.woken == [job_id]
+    assert count_waiting_messages() == 1
+    with session_scope() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.status, job.attempt, job.lease_owner) == ("QUEUED", 1, None)
+        again = jobs.claim_job(session, job_id, "new-worker", settings.lease_seconds)
+    assert again is not None and again.attempt == 2
+
+
+def test_the_loop_survives_a_failing_sweep_and_stops_when_asked(
+    tunery_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = embedded(tunery_env).model_copy(update={"reaper_interval_s": 0.05})
+    calls: list[int] = []
+
+    def flaky(_: Settings) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("database is down")
+
+    monkeypatch.setattr(maintenance, "sweep", flaky)
+    loop = MaintenanceLoop(settings)
+    loop.start()
+    deadline = time.monotonic() + 5
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    loop.stop()
+    loop.join(timeout=2)
+
+    assert len(calls) >= 3, "the loop ended after the failed sweep"
+    assert not loop.is_alive()
+
+
+def test_job_status_after_sweep_of_last_attempt_is_failed(tunery_env: Path) -> None:
+    settings = embedded(tunery_env)
+    (job_id,) = submit(1)  # max_attempts 2
+    for owner in ("w1", "w2"):
+        with session_scope() as session:
+            assert jobs.claim_job(session, job_id, owner, settings.lease_seconds)
+            session.execute(
+                update(Job).where(Job.id == job_id)
+                .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+            )
+        sweep(settings)
+    with session_scope() as session:
+        job = session.get_one(Job, job_id)
+        assert job.status == JobStatus.FAILED.value
+        assert "worker lost in each of the 2 attempts allowed (last: w2)" in (job.error or "")
+    assert count_waiting_messages() == 1  # only the wake-up sent after the first loss
+
+
+def test_sweep_forgets_idempotency_keys_past_their_ttl(tunery_env: Path) -> None:
+    settings = embedded(tunery_env)
+    old_job, new_job = submit(2)
+    with session_scope() as session:
+        key_id = session.scalars(select(ApiKey.id)).first()
+        for job_id, age in ((old_job, settings.idempotency_ttl_s + 60), (new_job, 60)):
+            session.add(IdempotencyKey(
+                api_key_id=key_id, key=f"k-{job_id}", request_hash="h", job_id=job_id,
+                response_status=201, response_body={}, created_at=utcnow() - timedelta(seconds=age),
+            ))
+
+    assert sweep(settings).expired_keys == 1
+
+    with session_scope() as session:
+        assert session.scalars(select(IdempotencyKey.job_id)).all() == [new_job]

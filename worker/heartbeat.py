@@ -1,0 +1,112 @@
+"""The heartbeat of a running attempt: lease renewal, cancel, and time limits, in a thread.
+
+A thread rather than a training callback, because the lease must also survive what happens
+outside optimizer steps: loading a large base model, a long first step, the upload. The
+training loop only reads `stop_reason` (through the reporter's `should_stop()`), so a cancel
+or a lost lease ends training within one step or one heartbeat, whichever is later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from shared import jobs
+from shared.db import session_scope
+from shared.jobs import Claim
+
+log = logging.getLogger("tunery.worker")
+
+CANCELLED = "cancelled"
+LEASE_LOST = "lease_lost"
+TIMEOUT = "timeout"
+
+
+def exit_stuck_worker() -> None:
+    """Past the hard limit, training ignored every request to stop: free the GPU the only sure
+    way. The reaper fails the job; the process supervisor starts a fresh worker."""
+    log.critical("job still running past the hard time limit; exiting the worker process")
+    logging.shutdown()
+    os._exit(70)
+
+
+class Heartbeat(threading.Thread):
+    """Renews `claim`'s lease every `every_s` and sets `stop_reason` once training should end:
+
+    - `cancelled`: the user asked;
+    - `lease_lost`: the job moved on without this attempt (re-queued, failed by the reaper), or
+      the database has been unreachable for longer than a lease, so the reaper will have
+      re-queued it: training on would only duplicate the next attempt's work;
+    - `timeout`: the attempt has run `soft_limit_s`.
+
+    A database outage shorter than the lease pauses nothing: training goes on and the next
+    renewal succeeds. Past `hard_limit_s`, `on_hard_limit` runs (by default: exit the process).
+    """
+
+    def __init__(
+        self,
+        claim: Claim,
+        *,
+        lease_seconds: float,
+        every_s: float,
+        soft_limit_s: float,
+        hard_limit_s: float,
+        on_hard_limit: Callable[[], None] = exit_stuck_worker,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name=f"heartbeat-{claim.job_id}", daemon=True)
+        self.claim = claim
+        self.lease_seconds = lease_seconds
+        self.every_s = every_s
+        self.soft_limit_s = soft_limit_s
+        self.hard_limit_s = hard_limit_s
+        self.on_hard_limit = on_hard_limit
+        self.clock = clock
+        self.started_at = clock()
+        self.last_renewed_at = self.started_at  # the claim itself set the lease
+        self.stop_reason: str | None = None
+        self._ended = threading.Event()
+
+    def run(self) -> None:
+        while not self._ended.wait(self.every_s):
+            self.beat()
+
+    def end(self) -> None:
+        """The attempt is over: stop renewing."""
+        self._ended.set()
+
+    def beat(self) -> None:
+        now = self.clock()
+        elapsed = now - self.started_at
+        if elapsed >= self.hard_limit_s:
+            self._request_stop(TIMEOUT)
+            self.on_hard_limit()
+            return
+        if elapsed >= self.soft_limit_s:
+            self._request_stop(TIMEOUT)
+        try:
+            with session_scope() as session:
+                held, cancel = jobs.renew_lease(session, self.claim, int(self.lease_seconds))
+        except SQLAlchemyError as exc:
+            unreachable_s = now - self.last_renewed_at
+            log.warning("job %s: lease renewal failed (%.0f s without one): %s",
+                        self.claim.job_id, unreachable_s, exc)
+            if unreachable_s >= self.lease_seconds:
+                self._request_stop(LEASE_LOST)
+            return
+        self.last_renewed_at = now
+        if not held:
+            self._request_stop(LEASE_LOST)
+        elif cancel:
+            self._request_stop(CANCELLED)
+
+    def _request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.warning("job %s attempt %s: stopping (%s)", self.claim.job_id,
+                        self.claim.attempt, reason)
