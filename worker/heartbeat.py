@@ -108,5 +108,7 @@ class Heartbeat(threading.Thread):
     def _request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+            if self._ended.is_set():  # a beat that overlapped the end of the attempt
+                return
             log.warning("job %s attempt %s: stopping (%s)", self.claim.job_id,
                         self.claim.attempt, reason)

@@ -42,8 +42,11 @@ CLAIM_PATIENCE_S = 60.0
 
 
 @worker_init.connect
-def _declare_queue_before_consuming(**_: object) -> None:
+def _prepare_before_consuming(**_: object) -> None:
     declare_queue()
+    # torch and transformers take seconds to import (7.8 s measured here): paid once at start,
+    # not after a claim, where it would delay the first heartbeat and every recovery.
+    import worker.pipeline.run  # noqa: F401
 
 
 @worker_ready.connect
@@ -98,12 +101,8 @@ def claim_with_patience(job_id: str) -> tuple[Claim, dict[str, Any]] | None:
 
 
 def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
-    # Imported here so the Celery app (and the API, which shares shared.queue) loads fast.
-    from worker.pipeline.checkpoints import CheckpointStore
-    from worker.pipeline.errors import PipelineError, TrainingStopped
-    from worker.pipeline.run import run_job
-
     settings = get_settings()
+    # First thing after the claim: the lease it set runs from now on.
     heartbeat = Heartbeat(
         claim,
         lease_seconds=settings.lease_seconds,
@@ -112,6 +111,12 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
         hard_limit_s=settings.job_hard_time_limit_s,
     )
     heartbeat.start()
+    # Imported here so the Celery app (and the API, which shares shared.queue) loads fast; a
+    # worker has them loaded already (see _prepare_before_consuming).
+    from worker.pipeline.checkpoints import CheckpointStore
+    from worker.pipeline.errors import PipelineError, TrainingStopped
+    from worker.pipeline.run import run_job
+
     reporter = DatabaseReporter(claim, heartbeat)
     # An earlier attempt's checkpoints live here; this attempt resumes from the latest.
     checkpoints = CheckpointStore(
@@ -162,8 +167,21 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
         finish(claim, reporter, JobStatus.FAILED, reason=reason)
     finally:
         heartbeat.end()
+        # Reports held through a database outage (an attempt that lost its lease to one
+        # stops without a finish() that would write them).
+        flush_reports(reporter, patience_s=settings.lease_seconds)
         shutil.rmtree(work_dir, ignore_errors=True)
         release_accelerator_memory()
+
+
+def flush_reports(reporter: DatabaseReporter, patience_s: float) -> None:
+    deadline = time.monotonic() + patience_s
+    while not reporter.flush():
+        if time.monotonic() > deadline:
+            log.error("job %s: log lines and metrics lost: database unreachable for %.0f s",
+                      reporter.claim.job_id, patience_s)
+            return
+        time.sleep(0.5)
 
 
 def timeout_reason(claim: Claim, checkpoints: CheckpointStore, limit_s: int) -> str:
@@ -249,6 +267,7 @@ def finish(
             log.warning("job %s: database unreachable, waiting to record %s", claim.job_id,
                         status)
             time.sleep(2.0)
+    reporter.heartbeat.end()  # the attempt is over: its lease need not be renewed
     if not done:
         log.warning(
             "job %s attempt %s: could not record %s; a newer attempt or a cancel owns the job",

@@ -1,0 +1,55 @@
+"""Redis killed and restarted empty while one job trains and two wait: their wake-ups are gone,
+and the maintenance loop must send new ones. Every job completes."""
+
+from __future__ import annotations
+
+from tests.chaos.chaos_report import ScenarioReport, now
+from tests.chaos.expectations import assert_completed_once
+from tests.chaos.polling import wait_until
+from tests.chaos.stack import ChaosStack
+
+QUEUE_KEY = "train"  # kombu's Redis transport keeps the queue `train` in a list of that name
+
+
+def test_redis_restart_loses_wakeups_and_every_job_still_completes(
+    chaos_stack: ChaosStack, scenario_report: ScenarioReport
+) -> None:
+    stack = chaos_stack
+    stack.start_api()
+    stack.start_worker()
+    with stack.client() as client:
+        running = stack.submit(client)
+        stack.wait_for(running, "RUNNING", lambda t: t.status == "RUNNING", timeout_s=60)
+        queued = [stack.submit(client), stack.submit(client)]
+    for job_id in (running, *queued):
+        scenario_report.submitted(job_id)
+    stack.wait_for(running, "training", lambda t: len(t.trained_steps(t.attempt)) >= 3,
+                   timeout_s=90)
+    waiting = stack.redis.client().llen(QUEUE_KEY)
+    assert waiting >= len(queued), f"only {waiting} wake-ups waited in Redis before the restart"
+    assert all(stack.db.status(j)[0] == "QUEUED" for j in queued)
+
+    restarted_at = scenario_report.fault("kill -9 and restart Redis", [running])
+    stack.redis.restart()
+    assert stack.redis.client().llen(QUEUE_KEY) == 0, "the restarted Redis kept messages"
+
+    def wakeups_back() -> bool:
+        still_queued = sum(stack.db.status(j)[0] == "QUEUED" for j in queued)
+        return int(stack.redis.client().llen(QUEUE_KEY)) >= still_queued
+
+    wait_until(wakeups_back, timeout_s=30, what="wake-ups re-sent for the queued jobs",
+               on_timeout=lambda: stack.describe(queued[0]))
+    scenario_report.extra["wakeups_resent_s"] = round((now() - restarted_at).total_seconds(), 2)
+
+    traces = {job_id: stack.wait_terminal(job_id, timeout_s=120) for job_id in (running, *queued)}
+    finished_first = traces[running].events_to("COMPLETED")[0].at
+    next_claim = min(traces[j].claims()[0].at for j in queued)
+    scenario_report.extra["queued_job_claimed_after_first_completed_s"] = round(
+        (next_claim - finished_first).total_seconds(), 2)
+    scenario_report.write(stack.db)
+    for trace in traces.values():
+        assert_completed_once(stack, trace)
+        assert trace.attempt == 1, stack.describe(trace.job_id)
+    assert scenario_report.written is not None
+    assert scenario_report.written["jobs_lost"] == 0
+    assert scenario_report.written["duplicate_trainings"] == 0, scenario_report.written
