@@ -47,6 +47,9 @@ def chaos_payload(model_dir: Path, epochs: int = 4) -> dict[str, Any]:
             "data_split_config": {"train": 0.5, "validation": 0.05},
         },
         training_config={
+            # Every planned step must run: the scenarios compare steps across attempts, and a
+            # long job on this small dataset would otherwise stop early once it overfits.
+            "early_stopping_patience": 1000,
             "num_train_epochs": epochs,
             "gradient_accumulation_steps": 4,
             "learning_rate": 0.005,

@@ -1,7 +1,10 @@
 """Redis killed and restarted empty while one job trains and two wait: their wake-ups are gone,
-and the maintenance loop must send new ones. Every job completes."""
+and the maintenance loop must send new ones. Redis down while clients submit: the submissions
+still succeed and run once it is back. Every job completes."""
 
 from __future__ import annotations
+
+import time
 
 from tests.chaos.chaos_report import ScenarioReport, now
 from tests.chaos.expectations import assert_completed_once
@@ -53,3 +56,36 @@ def test_redis_restart_loses_wakeups_and_every_job_still_completes(
     assert scenario_report.written is not None
     assert scenario_report.written["jobs_lost"] == 0
     assert scenario_report.written["duplicate_trainings"] == 0, scenario_report.written
+
+
+def test_submissions_succeed_while_redis_is_down_and_run_once_it_is_back(
+    chaos_stack: ChaosStack, scenario_report: ScenarioReport
+) -> None:
+    stack = chaos_stack
+    stack.start_api()
+    stack.start_worker()
+    down_at = scenario_report.fault("kill -9 Redis, submit, start Redis again", [])
+    stack.redis.kill()
+    with stack.client() as client:
+        started = time.monotonic()
+        job_ids = [stack.submit(client, epochs=1), stack.submit(client, epochs=1)]
+        submit_s = (time.monotonic() - started) / len(job_ids)
+    for job_id in job_ids:
+        scenario_report.submitted(job_id)
+        assert stack.db.status(job_id)[0] == "QUEUED"
+    stack.redis.start()
+    back_at = now()
+
+    traces = {job_id: stack.wait_terminal(job_id, timeout_s=120) for job_id in job_ids}
+    first_claim = min(trace.claims()[0].at for trace in traces.values())
+    scenario_report.extra.update(
+        seconds_per_submit_while_down=round(submit_s, 2),
+        broker_down_s=round((back_at - down_at).total_seconds(), 2),
+        first_claim_after_broker_back_s=round((first_claim - back_at).total_seconds(), 2),
+    )
+    scenario_report.write(stack.db)
+    for trace in traces.values():
+        assert_completed_once(stack, trace)
+        assert trace.attempt == 1, stack.describe(trace.job_id)
+    assert scenario_report.written is not None
+    assert scenario_report.written["jobs_lost"] == 0
