@@ -8,14 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from shared.db import session_factory
-from shared.keys import authenticate
+from shared.keys import authenticate, record_use
+from shared.models import KeyRole
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, storage_from_settings
+from shared.tenancy import ALL_TENANTS, Scope
 
 
 def get_db() -> Iterator[Session]:
@@ -53,23 +56,36 @@ ScratchDirDep = Annotated[Path, Depends(get_scratch_dir)]
 @dataclass(frozen=True)
 class Caller:
     tenant_id: str
+    """The key's tenant: what it submits and uploads belongs here, admin or not."""
     key_id: str
+    is_admin: bool = False
+
+    @property
+    def scope(self) -> Scope:
+        """Whose jobs and datasets this key reads and acts on: pass it to every lookup."""
+        return ALL_TENANTS if self.is_admin else self.tenant_id
 
 
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
+# Declared through FastAPI's scheme so the OpenAPI document says how to authenticate; errors
+# stay ours (auto_error=False), in the one error shape.
+_BEARER = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                     description="An API key from `tunery keys create`: "
+                                 "`Authorization: Bearer tun_…`")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 
 
-def get_caller(request: Request, session: SessionDep) -> Caller:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+def get_caller(credentials: BearerDep, session: SessionDep) -> Caller:
+    token = credentials.credentials if credentials else ""
+    if not token.strip():
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
                        headers=_UNAUTHORIZED)
     key = authenticate(session, token.strip())
     if key is None:
         raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=_UNAUTHORIZED)
-    session.commit()  # last_used_at
-    return Caller(tenant_id=key.tenant_id, key_id=key.id)
+    if record_use(session, key):
+        session.commit()
+    return Caller(tenant_id=key.tenant_id, key_id=key.id, is_admin=key.role == KeyRole.ADMIN)
 
 
 TenantDep = Annotated[Caller, Depends(get_caller)]

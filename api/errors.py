@@ -8,9 +8,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from shared.datasets import DatasetNotFound, DatasetRejected, UploadRefused
 from shared.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -18,6 +20,11 @@ from shared.idempotency import IdempotencyKeyRejected
 from shared.jobs import JobConflict, JobNotFound
 
 log = logging.getLogger("tunery.api")
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+_UNPARSEABLE = ("the body is not JSON this server can read: invalid UTF-8, nested too deeply, "
+                "or a number too long")
 
 
 class ApiError(Exception):
@@ -34,6 +41,50 @@ def error_body(code: str, message: str, fields: list[dict[str, str]] | None = No
     return {"error": {"code": code, "message": message, "fields": fields or []}}
 
 
+class FieldError(BaseModel):
+    path: str = Field(description="Dotted path of the offending field, e.g. "
+                                  "`training_config.learning_rate` or `body`.")
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable, machine-readable: invalid_request, unauthorized, "
+                                  "not_found, conflict, payload_too_large, internal_error, …")
+    message: str = Field(description="What went wrong, for a person.")
+    fields: list[FieldError] = Field(description="Per-field problems (422); may be empty.")
+
+
+class ErrorOut(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    error: ErrorDetail
+
+
+_ERROR_DESCRIPTIONS = {
+    401: "Missing, invalid or revoked API key",
+    403: "Not allowed",
+    404: "No such object for this API key (another tenant's object answers the same)",
+    409: "The object is in a state where this action is not possible",
+    413: "Request or dataset larger than this server accepts",
+    415: "Unsupported content type",
+    422: "Invalid request; `fields` names each problem",
+    429: "Too many requests; retry after `Retry-After` seconds",
+    500: "Internal error (no detail leaves the server)",
+    503: "The database is unavailable; retry after `Retry-After` seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting `statuses` with the error shape."""
+    return {status: {"model": ErrorOut, "description": _ERROR_DESCRIPTIONS[status]}
+            for status in statuses}
+
+
+AUTHENTICATED = error_responses(401, 422, 429, 500, 503)
+"""What any route behind the API key may answer besides success (429: the per-key rate
+limit); set on the routers."""
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header"):
@@ -48,7 +99,10 @@ def _validation_fields(exc: RequestValidationError) -> list[dict[str, str]]:
         if err.get("type") == "extra_forbidden":
             message = "unknown field; check its spelling against the API reference"
         message = message.removeprefix("Value error, ")
-        fields.append({"path": _field_path(tuple(err.get("loc", ()))), "message": message})
+        # A body that is not JSON at all has the character offset as its location.
+        path = "body" if err.get("type") == "json_invalid" else _field_path(
+            tuple(err.get("loc", ())))
+        fields.append({"path": path, "message": message})
     return fields
 
 
@@ -65,10 +119,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("invalid_request", summary, fields), 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it could not decode (not UTF-8, nested past the
+            # parser's depth, a number of thousands of digits), while malformed JSON is its
+            # 422: one answer for both, so a client handles "the body is not JSON" once.
+            return JSONResponse(error_body("invalid_request", _UNPARSEABLE,
+                                           [{"path": "body", "message": _UNPARSEABLE}]), 422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=headers)
 
     @app.exception_handler(JobNotFound)
     async def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
@@ -113,3 +175,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal_error", "internal server error"), 500)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette names only the first route that
+    matched the path, so `DELETE /v1/finetune/llm`'s 405 would leave out `GET` or `POST`."""
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)

@@ -8,7 +8,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.access_log import install_access_log_filter
 from api.errors import install_error_handlers
+from api.limits.install import install_limits
+from api.limits.rate import RateLimited
 from api.routes import datasets, deploy, finetune, health, upload
 from shared.queue import declare_queue
 from shared.settings import get_settings
@@ -37,11 +40,14 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_access_log_filter()
     app.include_router(health.router)
-    app.include_router(finetune.router)
-    app.include_router(deploy.router)
-    app.include_router(datasets.router)
+    app.include_router(finetune.router, dependencies=[RateLimited])
+    app.include_router(deploy.router, dependencies=[RateLimited])
+    app.include_router(datasets.router, dependencies=[RateLimited])
+    # Not rate limited as a whole: its PUT is authorized by the upload token, not a key.
     app.include_router(upload.router)
+    install_limits(app)
     return app
 
 

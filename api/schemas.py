@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from shared import datasets
 from shared.models import Dataset, Job, JobStatus
 from shared.schema import PromptTemplate, redact_payload
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite hands timestamps back without a zone; Tunery writes them all in UTC. Without the
+    # zone the JSON would not be the RFC 3339 date-time the schema promises.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 
 MONSTERAPI_STATUS = {
     JobStatus.QUEUED: "IN_QUEUE",
@@ -23,6 +32,8 @@ MONSTERAPI_STATUS = {
 class JobOut(BaseModel):
     job_id: str
     deployment_id: str = Field(description="The same id, under the name MonsterAPI clients use.")
+    tenant_id: str = Field(description="The tenant that owns the job (an admin key lists "
+                                       "every tenant's).")
     status: JobStatus
     monsterapi_status: str = Field(description="IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED or "
                                                "TERMINATED, as MonsterAPI reports it.")
@@ -34,10 +45,10 @@ class JobOut(BaseModel):
     attempt: int
     cancel_requested: bool
     result: dict[str, Any] | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    updated_at: datetime
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
+    updated_at: UtcDatetime
     artifacts_url: str
     payload: dict[str, Any] = Field(description="The accepted payload, secrets masked.")
 
@@ -47,6 +58,7 @@ class JobOut(BaseModel):
         return cls(
             job_id=job.id,
             deployment_id=job.id,
+            tenant_id=job.tenant_id,
             status=status,
             monsterapi_status=MONSTERAPI_STATUS[status],
             phase=job.phase if status is JobStatus.RUNNING else None,
@@ -89,7 +101,7 @@ class LogsOut(BaseModel):
 class MetricOut(BaseModel):
     step: int
     attempt: int
-    at: datetime
+    at: UtcDatetime
     values: dict[str, float]
 
 
@@ -119,6 +131,7 @@ class TerminateIn(BaseModel):
 
 class DatasetOut(BaseModel):
     id: str = Field(description="Pass it as data_config.data_path to train on this dataset.")
+    tenant_id: str = Field(description="The tenant that owns the dataset.")
     name: str
     status: str = Field(description="ready; pending while an upload URL waits for its PUT; "
                                     "failed (see error) when the file was rejected.")
@@ -131,12 +144,13 @@ class DatasetOut(BaseModel):
         f"{datasets.MAX_SAMPLE_CELL_CHARS} characters are cut and end with '…'."
     )
     error: str | None
-    created_at: datetime
+    created_at: UtcDatetime
 
     @classmethod
     def of(cls, dataset: Dataset) -> DatasetOut:
         return cls(
             id=dataset.id,
+            tenant_id=dataset.tenant_id,
             name=dataset.name,
             status=dataset.status,
             format=dataset.format,
@@ -161,7 +175,7 @@ class PreviewIn(BaseModel):
 
     prompt_template: PromptTemplate = Field(min_length=1, max_length=16384,
                                  description="The template a job would use.")
-    n: int = Field(datasets.FIRST_ROWS, ge=1, le=datasets.SAMPLE_ROWS,
+    n: int = Field(datasets.FIRST_ROWS, ge=1, le=datasets.SAMPLE_ROWS, strict=True,
                    description="How many of the first rows to render.")
 
 

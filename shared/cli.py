@@ -29,11 +29,12 @@ def _keys_create(args: argparse.Namespace) -> int:
     if settings.auto_migrate:
         upgrade_database(settings.database_url)
     with session_scope() as session:
-        created = create_api_key(session, args.name, args.tenant)
+        created = create_api_key(session, args.name, args.tenant, admin=args.admin)
     if args.quiet:
         print(created.plaintext)
     else:
-        print(f"API key for tenant {args.tenant or args.name!r} (shown once, store it now):")
+        role = "admin key (sees every tenant)" if args.admin else "API key"
+        print(f"{role} for tenant {args.tenant or args.name!r} (shown once, store it now):")
         print(created.plaintext)
     return 0
 
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--tenant", help="tenant name (default: the key's name)")
     create.add_argument("--quiet", action="store_true", help="print only the key")
+    create.add_argument("--admin", action="store_true",
+                        help="an operator key: sees and cancels every tenant's jobs and datasets")
     create.set_defaults(func=_keys_create)
     revoke = keys.add_parser("revoke", help="revoke a key by its prefix or the key itself")
     revoke.add_argument("key")

@@ -25,6 +25,8 @@ __all__ = [
     "DatasetFileError",
     "FileSummary",
     "LoadedDataset",
+    "TooManyRows",
+    "compression_of",
     "detect_format",
     "format_of_content_type",
     "format_of_name",
@@ -57,6 +59,45 @@ MAX_JSON_ROW_CHARS = 64 << 20
 
 class DatasetFileError(ValueError):
     """A data file that cannot be read; the message names the file and the line or row."""
+
+
+class TooManyRows(DatasetFileError):
+    """The file has more rows than the reader was allowed to read."""
+
+    def __init__(self, name: str, max_rows: int) -> None:
+        super().__init__(
+            f"{name} has more than {max_rows} rows, the most this server accepts "
+            "(TUNERY_MAX_DATASET_ROWS)"
+        )
+        self.max_rows = max_rows
+
+
+# Compressed files are not read: their size says nothing about what they expand to, and
+# parsing their bytes as CSV would only produce a confusing error. Parquet compresses inside
+# the format and starts with b"PAR1", so it never matches.
+_COMPRESSED_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"PK\x03\x04", "zip"),
+    (b"PK\x05\x06", "zip"),
+    (b"7z\xbc\xaf\x27\x1c", "7z"),
+)
+
+
+def compression_of(path: Path) -> str | None:
+    """The compression format the file's first bytes announce, or None."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    for magic, kind in _COMPRESSED_MAGIC:
+        # "BZh" alone could begin a CSV header; bzip2 adds a block size digit and the
+        # block magic 0x314159265359.
+        if kind == "bzip2" and not (head[3:4].isdigit() and head[4:10] == b"1AY&SY"):
+            continue
+        if head.startswith(magic):
+            return kind
+    return None
 
 
 @dataclass
@@ -130,34 +171,45 @@ def read_local(path: Path) -> LoadedDataset:
     raise DatasetFileError(f"data_path {str(path)!r} does not exist")
 
 
-def read_file(path: Path, fmt: str | None = None, *, name: str | None = None) -> LoadedDataset:
+def read_file(path: Path, fmt: str | None = None, *, name: str | None = None,
+              max_rows: int | None = None) -> LoadedDataset:
     """Parse one json/jsonl/csv/parquet file, every row; the format comes from the suffix
-    unless given. `name` is how errors call the file (default: its file name)."""
+    unless given. `name` is how errors call the file (default: its file name). More than
+    `max_rows` rows raise `TooManyRows` as soon as the next one is read."""
     name = name or path.name
     fmt = fmt or format_of_name(path.name)
     if fmt is None:
         raise DatasetFileError(f"{name}: unknown format; use one of {', '.join(FORMATS)}")
     rows: list[dict[str, Any]] = []
-    columns, _count = _scan(path, fmt, name, rows, keep=None)
+    columns, _count = _scan(path, fmt, name, rows, keep=None, max_rows=max_rows)
     return LoadedDataset(columns, rows, name)
 
 
-def summarize_file(path: Path, fmt: str, *, name: str, keep_rows: int = 5) -> FileSummary:
-    """Read the whole file to validate it, keeping only the first `keep_rows` rows."""
+def summarize_file(path: Path, fmt: str, *, name: str, keep_rows: int = 5,
+                   max_rows: int | None = None) -> FileSummary:
+    """Read the whole file to validate it, keeping only the first `keep_rows` rows; more than
+    `max_rows` rows raise `TooManyRows`."""
     if fmt not in FORMATS:
         raise DatasetFileError(f"{name}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     kept: list[dict[str, Any]] = []
-    columns, count = _scan(path, fmt, name, kept, keep=keep_rows)
+    columns, count = _scan(path, fmt, name, kept, keep=keep_rows, max_rows=max_rows)
     return FileSummary(fmt, count, columns, kept)
 
 
 def _scan(
-    path: Path, fmt: str, name: str, kept: list[dict[str, Any]], keep: int | None
+    path: Path, fmt: str, name: str, kept: list[dict[str, Any]], keep: int | None,
+    max_rows: int | None = None,
 ) -> tuple[list[str], int]:
     """Walk every row, append the first `keep` (None: all) to `kept`; return columns, count.
 
     Columns are the header (csv) or schema (parquet); for JSON, every key seen, in order.
     """
+    compression = compression_of(path)
+    if compression is not None:
+        raise DatasetFileError(
+            f"{name} is a {compression}-compressed file; compressed datasets are not accepted: "
+            f"decompress it and send the {'/'.join(FORMATS)} file itself"
+        )
     header: list[str] = []
     if fmt == "parquet":
         rows = _parquet_rows(path, name, header)
@@ -173,6 +225,8 @@ def _scan(
     count = 0
     for row in rows:
         count += 1
+        if max_rows is not None and count > max_rows:
+            raise TooManyRows(name, max_rows)
         if keep is None or len(kept) < keep:
             kept.append(row)
         if not header:

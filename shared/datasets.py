@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from shared.dataset_files import (
     DatasetFileError,
+    TooManyRows,
     detect_format,
     format_of_name,
     summarize_file,
@@ -42,7 +43,9 @@ from shared.dataset_files import (
 from shared.models import Dataset, DatasetStatus, utcnow
 from shared.prompt_template import Example, missing_columns, render_example
 from shared.schema import template_placeholders
+from shared.settings import get_settings
 from shared.storage import ObjectNotFound, Storage
+from shared.tenancy import Scope, visible_to
 
 FIRST_ROWS = 5
 # Rows kept in the database for previews, and the bounds that keep that sample small even
@@ -140,10 +143,11 @@ def create_dataset(
     return dataset
 
 
-def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
-    """The tenant's dataset; another tenant's is indistinguishable from a missing one."""
+def get_dataset(session: Session, scope: Scope, dataset_id: str) -> Dataset:
+    """The dataset, if `scope` (a tenant id, or ALL_TENANTS for an admin key) may see it;
+    another tenant's is indistinguishable from a missing one."""
     dataset = session.scalar(
-        select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+        select(Dataset).where(Dataset.id == dataset_id, visible_to(scope, Dataset.tenant_id))
     )
     if dataset is None:
         raise DatasetNotFound(dataset_id)
@@ -151,9 +155,9 @@ def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
 
 
 def list_datasets(
-    session: Session, tenant_id: str, limit: int, offset: int
+    session: Session, scope: Scope, limit: int, offset: int
 ) -> tuple[list[Dataset], int]:
-    where = Dataset.tenant_id == tenant_id
+    where = visible_to(scope, Dataset.tenant_id)
     total = session.scalar(select(func.count()).select_from(Dataset).where(where))
     rows = session.scalars(
         select(Dataset)
@@ -322,7 +326,11 @@ def _store_checked(
         raise DatasetRejected(_too_large(dataset.name, max_bytes), too_large=True)
     fmt = detect_format(path, dataset.name, content_type)
     try:
-        summary = summarize_file(path, fmt, name=dataset.name, keep_rows=SAMPLE_ROWS)
+        summary = summarize_file(path, fmt, name=dataset.name, keep_rows=SAMPLE_ROWS,
+                                 max_rows=get_settings().max_dataset_rows)
+    except TooManyRows as exc:
+        # 413 like max_dataset_bytes: the file is valid, only bigger than this server takes.
+        raise DatasetRejected(str(exc), too_large=True) from None
     except DatasetFileError as exc:
         raise DatasetRejected(str(exc)) from None
     if summary.rows == 0:

@@ -22,7 +22,9 @@ from shared.models import (
     JobStatus,
     utcnow,
 )
+from shared.payload_secrets import drop_secrets, seal_secrets
 from shared.schema import FinetuneRequest
+from shared.tenancy import Scope, visible_to
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
@@ -66,7 +68,7 @@ def create_job(
     job = Job(
         tenant_id=tenant_id,
         status=JobStatus.QUEUED.value,
-        payload=request.model_dump(mode="json"),
+        payload=seal_secrets(request.model_dump(mode="json")),
         base_model=request.pretrainedmodel_config.model_path,
         max_attempts=max_attempts,
     )
@@ -76,19 +78,21 @@ def create_job(
     return job
 
 
-def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    """The tenant's job; another tenant's job is indistinguishable from a missing one."""
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+def get_job(session: Session, scope: Scope, job_id: str) -> Job:
+    """The job, if `scope` (a tenant id, or ALL_TENANTS for an admin key) may see it; another
+    tenant's job is indistinguishable from a missing one."""
+    job = session.scalar(select(Job).where(Job.id == job_id, visible_to(scope, Job.tenant_id)))
     if job is None:
         raise JobNotFound(job_id)
     return job
 
 
-def list_jobs(session: Session, tenant_id: str, limit: int, offset: int) -> tuple[list[Job], int]:
-    total = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id))
+def list_jobs(session: Session, scope: Scope, limit: int, offset: int) -> tuple[list[Job], int]:
+    where = visible_to(scope, Job.tenant_id)
+    total = session.scalar(select(func.count()).select_from(Job).where(where))
     jobs = session.scalars(
         select(Job)
-        .where(Job.tenant_id == tenant_id)
+        .where(where)
         .order_by(Job.created_at.desc(), Job.id)
         .limit(limit)
         .offset(offset)
@@ -284,6 +288,11 @@ def transition(
             values.update(progress=1.0, phase=None, error=None)
         else:
             values["error"] = reason
+        # A finished job needs its hub token and W&B key no more: they leave the database in
+        # the transaction that ends the job.
+        dropped = drop_secrets(job.payload)
+        if dropped != job.payload:
+            values["payload"] = dropped
     if result is not None:
         values["result"] = result
     if to is JobStatus.QUEUED:
@@ -306,9 +315,9 @@ def transition(
     return True
 
 
-def request_cancel(session: Session, tenant_id: str, job_id: str) -> Job:
+def request_cancel(session: Session, scope: Scope, job_id: str) -> Job:
     """Cancel a queued job at once; ask a running one to stop at its next step."""
-    job = get_job(session, tenant_id, job_id)
+    job = get_job(session, scope, job_id)
     status = JobStatus(job.status)
     if status in TERMINAL_STATUSES:
         raise JobConflict(f"job {job_id} is already {status.value}; only queued or running "

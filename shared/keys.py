@@ -10,13 +10,16 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import ApiKey, Tenant, utcnow
+from shared.models import ApiKey, KeyRole, Tenant, utcnow
 
 KEY_SCHEME = "tun"
+# last_used_at is kept to the minute: finer would cost a write on every request.
+LAST_USED_RESOLUTION_S = 60
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class CreatedKey:
     key_id: str
     name: str
     plaintext: str
+    role: KeyRole = KeyRole.MEMBER
 
 
 def _hash_secret(secret: str) -> str:
@@ -38,9 +42,11 @@ def _split_key(plaintext: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
-def create_api_key(session: Session, name: str, tenant_name: str | None = None) -> CreatedKey:
+def create_api_key(session: Session, name: str, tenant_name: str | None = None, *,
+                   admin: bool = False) -> CreatedKey:
     """Create a key (and its tenant, named after the key unless given). Returns the plaintext
-    once; it cannot be recovered afterwards."""
+    once; it cannot be recovered afterwards. An `admin` key sees every tenant's jobs and
+    datasets (for operators); its own submissions still belong to its tenant."""
     tenant_name = tenant_name or name
     tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
     if tenant is None:
@@ -49,14 +55,16 @@ def create_api_key(session: Session, name: str, tenant_name: str | None = None) 
         session.flush()
     prefix = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32).replace("_", "-")
-    key = ApiKey(tenant_id=tenant.id, name=name, prefix=prefix, secret_hash=_hash_secret(secret))
+    role = KeyRole.ADMIN if admin else KeyRole.MEMBER
+    key = ApiKey(tenant_id=tenant.id, name=name, prefix=prefix, secret_hash=_hash_secret(secret),
+                 role=role.value)
     session.add(key)
     session.flush()
-    return CreatedKey(tenant.id, key.id, name, f"{KEY_SCHEME}_{prefix}_{secret}")
+    return CreatedKey(tenant.id, key.id, name, f"{KEY_SCHEME}_{prefix}_{secret}", role)
 
 
 def authenticate(session: Session, plaintext: str) -> ApiKey | None:
-    """The live key matching `plaintext`, or None. Records when it was last used."""
+    """The live key matching `plaintext`, or None. Writes nothing: see `record_use`."""
     split = _split_key(plaintext)
     if split is None:
         return None
@@ -66,8 +74,30 @@ def authenticate(session: Session, plaintext: str) -> ApiKey | None:
         return None
     if not hmac.compare_digest(key.secret_hash, _hash_secret(secret)):
         return None
-    key.last_used_at = utcnow()
     return key
+
+
+def record_use(session: Session, key: ApiKey) -> bool:
+    """Set the key's `last_used_at` to now, unless it was set less than
+    `LAST_USED_RESOLUTION_S` ago; True when it wrote (the caller commits).
+
+    Most requests write nothing, so reads stay reads: no lock, no WAL growth, no contention
+    on the key's row between concurrent requests. The UPDATE is conditional, so concurrent
+    requests that all saw an old value write it once.
+    """
+    now = utcnow()
+    cutoff = now - timedelta(seconds=LAST_USED_RESOLUTION_S)
+    last = key.last_used_at
+    if last is not None and (last if last.tzinfo else last.replace(tzinfo=UTC)) >= cutoff:
+        return False
+    written = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key.id,
+               or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < cutoff))
+        .values(last_used_at=now),
+        execution_options={"synchronize_session": False},
+    )
+    return written.rowcount == 1  # type: ignore[attr-defined]
 
 
 def revoke_api_key(session: Session, prefix: str) -> bool:

@@ -42,6 +42,13 @@ class JobStatus(enum.StrEnum):
 TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
+class KeyRole(enum.StrEnum):
+    MEMBER = "member"
+    """Sees and acts on its own tenant's jobs and datasets only."""
+    ADMIN = "admin"
+    """For operators: sees and acts on every tenant's jobs and datasets."""
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
 
@@ -64,6 +71,9 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(200))
     prefix: Mapped[str] = mapped_column(String(32), unique=True)
     secret_hash: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(
+        String(16), default=KeyRole.MEMBER.value, server_default=KeyRole.MEMBER.value
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)

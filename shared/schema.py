@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -45,6 +45,8 @@ _PLACEHOLDER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 # "name" or "owner/name", as the hub accepts them.
 _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+_NUL_MESSAGE = "must not contain NUL characters (\\u0000)"
 
 
 class TemplateError(ValueError):
@@ -84,6 +86,8 @@ def template_placeholders(template: str) -> list[str]:
 
 
 def _check_template(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError(_NUL_MESSAGE)
     try:
         template_placeholders(value)
     except TemplateError as exc:
@@ -95,8 +99,36 @@ PromptTemplate = Annotated[str, AfterValidator(_check_template)]
 """A prompt template whose placeholders are bare column names (see `template_placeholders`)."""
 
 
+def _contains_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_contains_nul(item) for item in value)
+    if isinstance(value, dict):
+        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+    return False
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Lax validation reads JSON true as 1: `"lora_r": true` would train with rank 1.
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in (int, float):
+            raise ValueError("a number is required, not a boolean")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul_characters(cls, value: Any) -> Any:
+        # No path, id, name, token or template needs one; PostgreSQL text cannot store one, and
+        # a path holding one makes the file system calls that check it fail.
+        if _contains_nul(value):
+            raise ValueError(_NUL_MESSAGE)
+        return value
 
 
 class PretrainedModelConfig(_Strict):
@@ -228,13 +260,15 @@ class DataConfig(_Strict):
 
 class TrainingConfig(_Strict):
     early_stopping_patience: int = Field(
-        5, gt=0, description="Evaluations without improvement before training stops."
+        5, gt=0, le=100_000, description="Evaluations without improvement before training stops."
     )
     num_train_epochs: float = Field(1, gt=0, le=100, description="Epochs; may be fractional.")
     gradient_accumulation_steps: int = Field(
         1, gt=0, lt=1000, description="Micro-batches per optimizer step."
     )
-    warmup_steps: int = Field(50, ge=1, description="Steps of linear learning-rate warm-up.")
+    warmup_steps: int = Field(
+        50, ge=1, le=1_000_000, description="Steps of linear learning-rate warm-up."
+    )
     learning_rate: float = Field(0.001, gt=0, lt=1, description="Peak learning rate.")
     lr_scheduler_type: Literal[LR_SCHEDULERS] = Field(  # type: ignore[valid-type]
         "reduce_lr_on_plateau", description="Learning-rate schedule."

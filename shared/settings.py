@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         "from the one the services use (e.g. http://minio:9000 inside compose)."
     )
     s3_region: str = "us-east-1"
+    secret_key: SecretStr | None = Field(
+        None, description="Fernet key(s), comma-separated (the first encrypts, all decrypt), "
+        "for the secrets stored in job payloads (hf_token, wandb_login_key). The API and every "
+        "worker need the same one. Unset: generated once into data_dir/secret.key (mode 0600)."
+    )
     s3_presign_expiry_s: int = 3600
 
     allowed_local_dirs: list[Path] = Field(
@@ -43,10 +48,45 @@ class Settings(BaseSettings):
         description="Directories whose files data_path / model_path may name directly. "
         "Empty: local paths are refused.",
     )
+    allow_http_urls: bool = Field(
+        False, description="Accept plain http:// data_path URLs (e.g. a MinIO on the same "
+        "network); off: https only."
+    )
+    allowed_private_url_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts (names or IP literals, any port) that data_path URLs may name although "
+        "they resolve to loopback, private or link-local addresses, e.g. [\"minio\"]. Empty: "
+        "such hosts, and redirects to them, are refused.",
+    )
     work_dir: Path | None = Field(None, description="Scratch space for worker jobs.")
     max_dataset_bytes: int = Field(
         1024**3, ge=1, description="Largest dataset file accepted by POST /v1/datasets and "
         "the upload flow; larger ones get 413."
+    )
+    max_request_bytes: int = Field(
+        1024**2, ge=1, description="Largest request body on every route except the dataset "
+        "uploads (which allow max_dataset_bytes); larger ones get 413."
+    )
+    max_dataset_rows: int = Field(
+        1_000_000, ge=1, description="Most rows in a dataset: an upload with more gets 413, a "
+        "URL or hub dataset with more fails the job."
+    )
+    max_cutoff_len: int = Field(
+        8192, ge=1, description="Largest data_config.cutoff_len a job may ask for (422 above)."
+    )
+    max_epochs: float = Field(
+        20, gt=0, description="Largest training_config.num_train_epochs a job may ask for."
+    )
+    max_lora_r: int = Field(
+        256, ge=1, description="Largest pretrainedmodel_config.lora_r a job may ask for."
+    )
+    rate_limit_per_minute: int = Field(
+        120, ge=0, description="Requests per minute per API key on authenticated routes, "
+        "counted in each API process (N replicas allow N times as many); 0: no limit."
+    )
+    max_active_jobs_per_tenant: int = Field(
+        10, ge=0, description="QUEUED plus RUNNING jobs a tenant may have; a submit beyond it "
+        "gets 429. 0: no limit."
     )
     idempotency_ttl_s: int = Field(
         86400, ge=1, description="How long a submission's Idempotency-Key replays its first "

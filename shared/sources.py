@@ -15,15 +15,21 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 from urllib.parse import urlsplit
 
+from shared.url_guard import UrlPolicy, UrlRefused, check_url, check_url_resolves
+
 SourceKind = Literal["local", "url", "dataset", "hub"]
+HTTPS_ONLY = UrlPolicy()
 
 # Ids of datasets uploaded to Tunery (`POST /v1/datasets`, `GET /v1/upload`): "ds_" and a
 # uuid4 in hex. Checked before hub ids, which this grammar would also match.
 DATASET_ID = re.compile(r"ds_[0-9a-f]{32}")
 
-# Hub ids are `name` or `owner/name`. ASCII only: `\w` would otherwise accept any Unicode
-# letter, and look-alike characters have no business in an id.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", re.ASCII)
+# Hub ids are `name` or `owner/name`, as the Hugging Face Hub spells them: each part 1 to 96
+# characters, starting with a letter or digit and ending with a letter, digit or `_`, with no
+# `--` or `..` (checked apart). ASCII only: `\w` would otherwise accept any Unicode letter,
+# and look-alike characters have no business in an id.
+_HUB_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}\w)?"
+_HUB_ID = re.compile(rf"{_HUB_PART}(/{_HUB_PART})?", re.ASCII)
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -41,7 +47,11 @@ class Source:
 
 
 def classify_source(
-    value: str, allowed_local_dirs: Iterable[Path], *, allow_urls: bool = True
+    value: str,
+    allowed_local_dirs: Iterable[Path],
+    *,
+    allow_urls: bool = True,
+    url_policy: UrlPolicy = HTTPS_ONLY,
 ) -> Source:
     """Classify `value` as a local path, an https URL, an uploaded dataset id or a hub id, or
     raise `SourceError`.
@@ -49,8 +59,10 @@ def classify_source(
     - Absolute paths are local and must resolve (symlinks and `..` followed) to a path inside
       one of `allowed_local_dirs`; with none configured every local path is refused. Relative
       paths are refused: they would depend on the worker's current directory.
-    - `https://` URLs are URLs (pass `allow_urls=False` where only models are meant); any
-      other scheme, `file:` and plain `http:` included, is refused.
+    - `https://` URLs are URLs (pass `allow_urls=False` where only models are meant); plain
+      `http:` only where `url_policy` allows it; any other scheme, `file:` included, is
+      refused. The host must pass `shared.url_guard.check_url` (grammar and IP literals, no
+      DNS); `check_url_source_resolves` adds the resolution.
     - `ds_` + 32 hex digits is an uploaded dataset (its tenant is checked by the API).
     - Everything else must be a hub id, `name` or `owner/name`.
 
@@ -64,10 +76,10 @@ def classify_source(
     if value.startswith(("./", "../", "~")) or value in (".", ".."):
         raise SourceError(f"{value!r}: local paths must be absolute")
     if _SCHEME.match(value) and "://" in value or value.lower().startswith("file:"):
-        return Source("url", _checked_url(value, allow_urls))
+        return Source("url", _checked_url(value, allow_urls, url_policy))
     if DATASET_ID.fullmatch(value):
         return Source("dataset", value)
-    if _HUB_ID.fullmatch(value) and ".." not in value:
+    if _HUB_ID.fullmatch(value) and ".." not in value and "--" not in value:
         return Source("hub", value)
     raise SourceError(
         f"{value!r} is neither an absolute local path, an https URL, nor a hub id like 'owner/name'"
@@ -81,6 +93,8 @@ def _allowed_local_path(value: str, allowed_local_dirs: Iterable[Path]) -> Path:
             f"{value!r}: local paths are not allowed on this server "
             "(TUNERY_ALLOWED_LOCAL_DIRS is empty)"
         )
+    if "\x00" in value:  # the OS would refuse it with a ValueError, not a SourceError
+        raise SourceError(f"{value!r}: a path cannot contain a NUL character")
     # resolve() follows symlinks that exist, so a link inside an allowed dir that points
     # outside it is refused like the target itself would be.
     path = Path(value).resolve()
@@ -92,18 +106,25 @@ def _allowed_local_path(value: str, allowed_local_dirs: Iterable[Path]) -> Path:
     return path
 
 
-def _checked_url(value: str, allow_urls: bool) -> str:
-    parts = urlsplit(value)
+def _checked_url(value: str, allow_urls: bool, url_policy: UrlPolicy) -> str:
     shown = redact_url(value)
-    if parts.scheme.lower() != "https":
-        raise SourceError(f"{shown!r}: only https URLs are allowed, not {parts.scheme}:")
-    if not allow_urls:
+    scheme = urlsplit(value).scheme.lower()
+    if not allow_urls and scheme in ("https", "http"):
         raise SourceError(f"{shown!r}: a URL is not allowed here; use a hub id or a local path")
-    if not parts.hostname:
-        raise SourceError(f"{shown!r}: the URL has no host")
-    if parts.username or parts.password:
-        raise SourceError(f"{shown!r}: credentials in the URL are not allowed")
+    try:
+        check_url(value, url_policy if allow_urls else HTTPS_ONLY)
+    except UrlRefused as exc:
+        raise SourceError(f"{shown!r}: {exc}") from None
     return value
+
+
+def check_url_source_resolves(url: str, url_policy: UrlPolicy) -> None:
+    """Raise `SourceError` unless `url`'s host resolves, and only to addresses `url_policy`
+    allows. The API's check at submit; the worker checks again as it connects."""
+    try:
+        check_url_resolves(url, url_policy)
+    except UrlRefused as exc:
+        raise SourceError(f"{redact_url(url)!r}: {exc}") from None
 
 
 def redact_url(url: str) -> str:

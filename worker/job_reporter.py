@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from shared import jobs
 from shared.db import session_scope
 from shared.jobs import Claim
+from shared.payload_secrets import redact_secrets
 from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("tunery.worker")
@@ -36,9 +37,11 @@ class DatabaseReporter:
     call (cancel, lost lease, time limit).
     """
 
-    def __init__(self, claim: Claim, heartbeat: Heartbeat) -> None:
+    def __init__(self, claim: Claim, heartbeat: Heartbeat, secrets: Iterable[str] = ()) -> None:
         self.claim = claim
         self.heartbeat = heartbeat
+        # The job's plaintext secrets: replaced by *** in every line logged.
+        self._secrets = tuple(s for s in secrets if s)
         self._pending: deque[Write] = deque(maxlen=MAX_PENDING_WRITES)
         self._retry_at = 0.0
 
@@ -50,6 +53,7 @@ class DatabaseReporter:
         self._write(lambda session: jobs.set_phase(session, self.claim, progress=fraction))
 
     def log(self, line: str) -> None:
+        line = redact_secrets(line, self._secrets)
         log.info("job %s: %s", self.claim.job_id, line)
         self._write(
             lambda session: jobs.append_log(session, self.claim.job_id, self.claim.attempt, line)

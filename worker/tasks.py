@@ -8,10 +8,12 @@ import os
 import shutil
 import socket
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_init, worker_ready, worker_shutdown
+from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared import jobs
@@ -19,6 +21,12 @@ from shared.db import session_scope
 from shared.jobs import Claim
 from shared.maintenance import MaintenanceLoop
 from shared.models import JobStatus
+from shared.payload_secrets import (
+    SecretsUnreadable,
+    open_secrets,
+    redact_secrets,
+    secret_values,
+)
 from shared.queue import TRAIN_TASK, declare_queue, get_celery
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
@@ -77,7 +85,29 @@ def train(job_id: str) -> None:
                  job_id)
         return
     claim, payload = claimed
-    run_claimed_job(claim, FinetuneRequest.model_validate(payload))
+    request = open_request(claim, payload)
+    if request is not None:
+        run_claimed_job(claim, request)
+
+
+def open_request(claim: Claim, payload: dict[str, Any]) -> FinetuneRequest | None:
+    """The request to train with: the stored payload with its secrets decrypted, only now and
+    only in memory. A payload this worker cannot decrypt (another TUNERY_SECRET_KEY) fails the
+    job with a reason that says so; returns None then."""
+    try:
+        return FinetuneRequest.model_validate(open_secrets(payload))
+    except SecretsUnreadable as exc:
+        reason = str(exc)
+    except ValidationError as exc:
+        # pydantic's message quotes input values, the decrypted secrets among them.
+        fields = ", ".join(".".join(str(p) for p in err["loc"]) for err in exc.errors())
+        reason = f"the stored payload no longer validates ({fields}); submit the job again"
+    log.error("job %s attempt %s: %s", claim.job_id, claim.attempt, reason)
+    with session_scope() as session:
+        jobs.append_log(session, claim.job_id, claim.attempt, f"failed: {reason}")
+        jobs.transition(session, claim.job_id, JobStatus.FAILED, attempt=claim.attempt,
+                        reason=reason)
+    return None
 
 
 def claim_with_patience(job_id: str) -> tuple[Claim, dict[str, Any]] | None:
@@ -117,7 +147,10 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
     from worker.pipeline.errors import PipelineError, TrainingStopped
     from worker.pipeline.run import run_job
 
-    reporter = DatabaseReporter(claim, heartbeat)
+    # Hub and W&B errors may quote the token they were given: every log line and failure
+    # reason of this job is scrubbed of the job's secrets.
+    secrets = secret_values(request.model_dump(mode="json"))
+    reporter = DatabaseReporter(claim, heartbeat, secrets=secrets)
     # An earlier attempt's checkpoints live here; this attempt resumes from the latest.
     checkpoints = CheckpointStore(
         storage_from_settings(settings),
@@ -158,11 +191,13 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
         else:
             log.warning("job %s attempt %s stopped: %s", claim.job_id, claim.attempt, stop.reason)
     except PipelineError as exc:
-        reporter.log(f"failed: {exc}")
-        finish(claim, reporter, JobStatus.FAILED, reason=str(exc))
+        reason = redact_secrets(str(exc), secrets)
+        reporter.log(f"failed: {reason}")
+        finish(claim, reporter, JobStatus.FAILED, reason=reason)
     except Exception as exc:
-        log.exception("job %s attempt %s crashed", claim.job_id, claim.attempt)
-        reason = f"internal error: {type(exc).__name__}: {exc}"[:2000]
+        log.error("job %s attempt %s crashed\n%s", claim.job_id, claim.attempt,
+                  redact_secrets(traceback.format_exc(), secrets))
+        reason = redact_secrets(f"internal error: {type(exc).__name__}: {exc}", secrets)[:2000]
         reporter.log(f"failed: {reason}")
         finish(claim, reporter, JobStatus.FAILED, reason=reason)
     finally:

@@ -11,15 +11,16 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ScratchDirDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from api.errors import ApiError
+from api.errors import AUTHENTICATED, ApiError, error_responses
 from api.schemas import DatasetList, DatasetOut, ExampleOut, PreviewIn, PreviewOut
 from api.uploads import ReceivedFile, receive_multipart_file
 from shared import datasets
 from shared.models import Dataset, DatasetStatus
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.tenancy import Scope
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=AUTHENTICATED)
 
 DatasetId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
@@ -40,14 +41,15 @@ _MULTIPART_BODY = {
 
 
 def resolve_dataset(
-    session: Session, storage: Storage, settings: Settings, tenant_id: str, dataset_id: str
+    session: Session, storage: Storage, settings: Settings, scope: Scope, dataset_id: str
 ) -> Dataset:
-    """The tenant's dataset, its upload checked first if the bytes arrived by presigned PUT.
+    """The dataset if `scope` sees it, its upload checked first if the bytes arrived by
+    presigned PUT.
 
     Raises `DatasetNotFound`, or `DatasetRejected` when that first check fails (the row then
     records the failure, so it is committed either way).
     """
-    dataset = datasets.get_dataset(session, tenant_id, dataset_id)
+    dataset = datasets.get_dataset(session, scope, dataset_id)
     if dataset.status == DatasetStatus.PENDING.value:
         with tempfile.TemporaryDirectory(prefix="tunery-upload-") as tmp:
             try:
@@ -60,6 +62,7 @@ def resolve_dataset(
 
 
 @router.post("", status_code=201, openapi_extra=_MULTIPART_BODY,
+             responses=error_responses(413, 415),
              summary="Upload a json, jsonl, csv or parquet file (multipart field 'file')")
 async def upload_dataset(request: Request, caller: TenantDep, session: SessionDep,
                          storage: StorageDep, settings: SettingsDep,
@@ -83,32 +86,33 @@ def _create(session: Session, storage: Storage, settings: Settings, tenant_id: s
     return dataset
 
 
-@router.get("", summary="This key's datasets, newest first")
+@router.get("", summary="This key's datasets (an admin key: every tenant's), newest first")
 def list_datasets(caller: TenantDep, session: SessionDep,
                   limit: Annotated[int, Query(ge=1, le=100)] = 20,
                   offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> DatasetList:
-    items, total = datasets.list_datasets(session, caller.tenant_id, limit, offset)
+    items, total = datasets.list_datasets(session, caller.scope, limit, offset)
     return DatasetList(items=[DatasetOut.of(d) for d in items], total=total, limit=limit,
                        offset=offset)
 
 
-@router.get("/{dataset_id}", summary="A dataset's rows, columns and first rows")
+@router.get("/{dataset_id}", summary="A dataset's rows, columns and first rows",
+            responses=error_responses(404))
 def get_dataset(dataset_id: DatasetId, caller: TenantDep, session: SessionDep,
                 storage: StorageDep, settings: SettingsDep) -> DatasetOut:
     try:
-        dataset = resolve_dataset(session, storage, settings, caller.tenant_id, dataset_id)
+        dataset = resolve_dataset(session, storage, settings, caller.scope, dataset_id)
     except datasets.DatasetRejected:
         # The metadata answers with status "failed" and the reason; nothing to refuse here.
-        dataset = datasets.get_dataset(session, caller.tenant_id, dataset_id)
+        dataset = datasets.get_dataset(session, caller.scope, dataset_id)
     return DatasetOut.of(dataset)
 
 
-@router.post("/{dataset_id}/preview",
+@router.post("/{dataset_id}/preview", responses=error_responses(404, 409, 413),
              summary="Render the first rows with a prompt template, prompt and completion apart")
 def preview_dataset(dataset_id: DatasetId, body: PreviewIn, caller: TenantDep,
                     session: SessionDep, storage: StorageDep,
                     settings: SettingsDep) -> PreviewOut:
-    dataset = resolve_dataset(session, storage, settings, caller.tenant_id, dataset_id)
+    dataset = resolve_dataset(session, storage, settings, caller.scope, dataset_id)
     reason = datasets.not_ready_reason(dataset)
     if reason:
         raise ApiError(409, "conflict", reason)

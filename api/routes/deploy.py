@@ -9,18 +9,22 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import SessionDep, TenantDep
+from api.errors import AUTHENTICATED, error_responses
 from api.routes.finetune import JobId, NLines, cancel_job, get_job, job_logs, list_jobs
 from api.schemas import JobList, JobOut, LogsOut, TerminateIn
 
-router = APIRouter(prefix="/v1/deploy", tags=["monsterapi compatibility"])
+router = APIRouter(prefix="/v1/deploy", tags=["monsterapi compatibility"],
+                   responses=AUTHENTICATED)
 
 
-@router.get("/status/{deployment_id}", summary="Alias of GET /v1/finetune/llm/{job_id}")
+@router.get("/status/{deployment_id}", summary="Alias of GET /v1/finetune/llm/{job_id}",
+            responses=error_responses(404))
 def deployment_status(deployment_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
     return get_job(deployment_id, caller, session)
 
 
-@router.get("/logs/{deployment_id}", summary="Alias of GET /v1/finetune/llm/{job_id}/logs")
+@router.get("/logs/{deployment_id}", summary="Alias of GET /v1/finetune/llm/{job_id}/logs",
+            responses=error_responses(404))
 def deployment_logs(deployment_id: JobId, caller: TenantDep, session: SessionDep,
                     n_lines: NLines = 100) -> LogsOut:
     return job_logs(deployment_id, caller, session, n_lines)
@@ -33,6 +37,7 @@ def deployment_list(caller: TenantDep, session: SessionDep,
     return list_jobs(caller, session, limit, offset)
 
 
-@router.post("/terminate", summary="Alias of POST /v1/finetune/llm/{job_id}/cancel")
+@router.post("/terminate", summary="Alias of POST /v1/finetune/llm/{job_id}/cancel",
+             responses=error_responses(404, 409, 413))
 def terminate_deployment(body: TerminateIn, caller: TenantDep, session: SessionDep) -> JobOut:
     return cancel_job(body.deployment_id, caller, session)

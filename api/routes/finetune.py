@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from api.errors import ApiError
+from api.errors import AUTHENTICATED, ApiError, error_responses
+from api.limits.active_jobs import check_active_jobs
+from api.limits.payload import check_payload_limits
 from api.routes.datasets import resolve_dataset
 from api.schemas import (
     ArtifactOut,
@@ -27,10 +29,11 @@ from shared.queue import enqueue_training
 from shared.resume import resume_problems
 from shared.schema import FinetuneRequest
 from shared.settings import Settings
-from shared.sources import SourceError, classify_source
+from shared.sources import SourceError, check_url_source_resolves, classify_source
 from shared.storage import ObjectNotFound, Storage, StorageError, validate_key
+from shared.url_guard import UrlPolicy
 
-router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"])
+router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 NLines = Annotated[int, Query(ge=1, le=10000, description="How many of the last lines.")]
@@ -48,12 +51,16 @@ def check_sources(request: FinetuneRequest, settings: Settings, *, session: Sess
     """Refuse model and data locations the worker would refuse, before anything is stored;
     an uploaded dataset must be the caller's, parsed, and have the template's columns."""
     problems = []
+    url_policy = UrlPolicy.from_settings(settings)
     for path, value, allow_urls in (
         ("pretrainedmodel_config.model_path", request.pretrainedmodel_config.model_path, False),
         ("data_config.data_path", request.data_config.data_path, True),
     ):
         try:
-            source = classify_source(value, settings.allowed_local_dirs, allow_urls=allow_urls)
+            source = classify_source(value, settings.allowed_local_dirs, allow_urls=allow_urls,
+                                     url_policy=url_policy)
+            if source.kind == "url":
+                check_url_source_resolves(value, url_policy)
         except SourceError as exc:
             problems.append({"path": path, "message": str(exc)})
             continue
@@ -96,7 +103,9 @@ def submit_job(request: FinetuneRequest, caller: TenantDep, session: SessionDep,
                                       settings.idempotency_ttl_s)
     if keyed and (earlier := keyed.earlier_response(session)):
         return _replay(earlier)
+    check_payload_limits(request, settings)
     check_sources(request, settings, session=session, storage=storage, tenant_id=caller.tenant_id)
+    check_active_jobs(session, caller.tenant_id, settings.max_active_jobs_per_tenant)
     job = jobs.create_job(session, caller.tenant_id, request, settings.max_attempts)
     submitted = JobSubmitted(job_id=job.id, deployment_id=job.id, status=JobStatus.QUEUED,
                              message="job queued")
@@ -114,51 +123,56 @@ def _replay(earlier: idempotency.StoredResponse) -> JSONResponse:
 
 
 router.add_api_route("", submit_job, methods=["POST"], status_code=201,
-                     response_model=JobSubmitted,
+                     response_model=JobSubmitted, responses=error_responses(413),
                      summary="Submit a fine-tuning job (MonsterAPI payload)")
 
 
-@router.get("", summary="List this key's jobs, newest first")
+@router.get("", summary="List this key's jobs (an admin key: every tenant's), newest first")
 def list_jobs(caller: TenantDep, session: SessionDep,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> JobList:
-    items, total = jobs.list_jobs(session, caller.tenant_id, limit, offset)
+    items, total = jobs.list_jobs(session, caller.scope, limit, offset)
     return JobList(items=[JobOut.of(j) for j in items], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", summary="A job's status, phase, progress and result")
+@router.get("/{job_id}", summary="A job's status, phase, progress and result",
+            responses=error_responses(404))
 def get_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
-    return JobOut.of(jobs.get_job(session, caller.tenant_id, job_id))
+    return JobOut.of(jobs.get_job(session, caller.scope, job_id))
 
 
-@router.post("/{job_id}/cancel", summary="Cancel a queued or running job")
+@router.post("/{job_id}/cancel", summary="Cancel a queued or running job",
+             responses=error_responses(404, 409))
 def cancel_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
-    job = jobs.request_cancel(session, caller.tenant_id, job_id)
+    job = jobs.request_cancel(session, caller.scope, job_id)
     session.commit()
     return JobOut.of(job)
 
 
-@router.get("/{job_id}/logs", summary="The last log lines of a job")
+@router.get("/{job_id}/logs", summary="The last log lines of a job",
+            responses=error_responses(404))
 def job_logs(job_id: JobId, caller: TenantDep, session: SessionDep,
              n_lines: NLines = 100) -> LogsOut:
-    job = jobs.get_job(session, caller.tenant_id, job_id)
+    job = jobs.get_job(session, caller.scope, job_id)
     lines = [row.line for row in jobs.tail_logs(session, job.id, n_lines)]
     return LogsOut(job_id=job.id, deployment_id=job.id, status=JobStatus(job.status), logs=lines)
 
 
-@router.get("/{job_id}/metrics", summary="Per-step training metrics")
+@router.get("/{job_id}/metrics", summary="Per-step training metrics",
+            responses=error_responses(404))
 def job_metrics(job_id: JobId, caller: TenantDep, session: SessionDep) -> MetricsOut:
-    job = jobs.get_job(session, caller.tenant_id, job_id)
+    job = jobs.get_job(session, caller.scope, job_id)
     rows = jobs.list_metrics(session, job.id)
     return MetricsOut(job_id=job.id, metrics=[
         MetricOut(step=r.step, attempt=r.attempt, at=r.at, values=r.values) for r in rows
     ])
 
 
-@router.get("/{job_id}/artifacts", summary="Files the job produced, with download links")
+@router.get("/{job_id}/artifacts", summary="Files the job produced, with download links",
+            responses=error_responses(404))
 def job_artifacts(job_id: JobId, caller: TenantDep, session: SessionDep, storage: StorageDep,
                   settings: SettingsDep) -> ArtifactsOut:
-    job = jobs.get_job(session, caller.tenant_id, job_id)
+    job = jobs.get_job(session, caller.scope, job_id)
     prefix = jobs.artifact_prefix(job.id)
     artifacts = []
     if job.status == JobStatus.COMPLETED:
@@ -173,10 +187,14 @@ def job_artifacts(job_id: JobId, caller: TenantDep, session: SessionDep, storage
 
 
 @router.get("/{job_id}/artifacts/{name:path}", summary="Download one artifact",
-            response_class=StreamingResponse)
+            response_class=StreamingResponse, responses={
+                200: {"content": {"application/octet-stream": {"schema": {
+                    "type": "string", "format": "binary"}}}},
+                **error_responses(404),
+            })
 def download_artifact(job_id: JobId, name: str, caller: TenantDep, session: SessionDep,
                       storage: StorageDep) -> StreamingResponse:
-    job = jobs.get_job(session, caller.tenant_id, job_id)
+    job = jobs.get_job(session, caller.scope, job_id)
     not_found = ApiError(404, "not_found", f"job {job.id} has no artifact named {name!r}")
     if job.status != JobStatus.COMPLETED:
         raise not_found

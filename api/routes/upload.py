@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ScratchDirDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.errors import AUTHENTICATED, error_responses
+from api.limits.rate import RateLimited
 from api.schemas import DatasetOut, UploadUrlOut
 from api.uploads import receive_body
 from shared import datasets
@@ -29,7 +31,10 @@ router = APIRouter(prefix="/v1/upload", tags=["datasets"])
 UploadId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
-@router.get("", summary="A URL to PUT a dataset file to, and the id to train on it")
+# Rate-limited here rather than on the router: the PUT beside it carries an upload token,
+# not an API key.
+@router.get("", summary="A URL to PUT a dataset file to, and the id to train on it",
+            responses=AUTHENTICATED, dependencies=[RateLimited])
 def upload_url(filename: Annotated[str, Query(min_length=1, max_length=255)],
                request: Request, caller: TenantDep, session: SessionDep,
                storage: StorageDep, settings: SettingsDep) -> UploadUrlOut:
@@ -46,6 +51,7 @@ def upload_url(filename: Annotated[str, Query(min_length=1, max_length=255)],
 
 
 @router.put("/{upload_id}", name="receive_upload",
+            responses=error_responses(403, 409, 413, 422, 500, 503),
             summary="Receive the bytes of an upload (local storage; the token is the auth)")
 async def receive_upload(upload_id: UploadId,
                          token: Annotated[str, Query(min_length=1, max_length=200)],

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from shared.sources import Source, SourceError, classify_source, redact_url
+from shared.sources import (
+    Source,
+    SourceError,
+    check_url_source_resolves,
+    classify_source,
+    redact_url,
+)
+from shared.url_guard import UrlPolicy
 
 
 @pytest.fixture
@@ -96,7 +103,9 @@ def test_urls_can_be_refused_where_only_models_are_meant() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["tatsu-lab/alpaca", "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "a_b/c.d-e"]
+    "value",
+    ["tatsu-lab/alpaca", "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "a_b/c.d-e",
+     "a" * 96 + "/" + "b" * 96, "ds_notanid", "ds_" + "a" * 32 + "0"],
 )
 def test_hub_ids_are_hub(value: str) -> None:
     assert classify_source(value, []) == Source("hub", value)
@@ -104,11 +113,44 @@ def test_hub_ids_are_hub(value: str) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["a/b/c", "-lead/x", "org/", "owner/..", "a b", "ünïcode/x", "x;rm -rf", "org/na me", ""],
+    ["a/b/c", "-lead/x", "org/-lead", "org/.hidden", "org/x.", "org/x-", "a--b/c", "a/b..c",
+     "..", "../x", "a" * 97, "org/" + "b" * 97, "org/", "owner/..", "a b", "ünïcode/x",
+     "x;rm -rf", "org/na me", "org//x", ""],
 )
 def test_bad_hub_ids_are_refused(value: str) -> None:
     with pytest.raises(SourceError):
         classify_source(value, [])
+
+
+def test_uploaded_dataset_ids_are_datasets() -> None:
+    assert classify_source("ds_" + "0f" * 16, []).kind == "dataset"
+
+
+def test_plain_http_urls_are_urls_only_where_the_policy_allows_them() -> None:
+    url = "http://minio:9000/tunery/train.jsonl"
+
+    assert classify_source(url, [], url_policy=UrlPolicy(allow_http=True)).kind == "url"
+    with pytest.raises(SourceError, match="only https"):
+        classify_source(url, [])
+
+
+def test_model_urls_stay_refused_whatever_the_policy() -> None:
+    with pytest.raises(SourceError, match="not allowed here"):
+        classify_source("http://minio/m", [], allow_urls=False,
+                        url_policy=UrlPolicy(allow_http=True))
+
+
+def test_a_metadata_ip_literal_is_refused_without_dns() -> None:
+    with pytest.raises(SourceError, match="cloud metadata"):
+        classify_source("https://169.254.169.254/latest/meta-data/?sig=x", [])
+
+
+def test_resolution_errors_show_the_redacted_url() -> None:
+    with pytest.raises(SourceError) as info:
+        check_url_source_resolves("https://localhost/x.jsonl?X-Amz-Signature=secret", UrlPolicy())
+
+    assert str(info.value).startswith("'https://localhost/x.jsonl?…': host localhost")
+    assert "secret" not in str(info.value)
 
 
 def test_redact_url_drops_query_and_credentials() -> None:

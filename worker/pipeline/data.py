@@ -18,8 +18,10 @@ import httpx
 
 from shared.prompt_template import Example, render_example
 from shared.schema import TemplateError, template_placeholders
+from shared.settings import get_settings
 from shared.sources import SourceError, classify_source, redact_url
 from shared.storage import ObjectNotFound, Storage, StorageError
+from shared.url_guard import UrlPolicy
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.readers import (
     LoadedDataset,
@@ -57,17 +59,22 @@ def load_dataset(
     source_type: str = "hub_link",
     token: str | None = None,
     client: httpx.Client | None = None,
+    url_policy: UrlPolicy | None = None,
     storage: Storage | None = None,
+    max_rows: int | None = None,
     log: LogFn = _no_log,
 ) -> LoadedDataset:
     """Load the rows `data_path` names: a local file/dir, an https URL, an uploaded dataset id
     (`ds_…`, read from `storage`), or a hub dataset id.
 
-    Raises `PipelineError` for refused paths, unreadable or unparseable data (naming the line
-    or row), and hub datasets that cannot be loaded.
+    URLs follow `url_policy` (default: this worker's settings) at every redirect hop, and the
+    download connects only to addresses it allows. Raises `PipelineError` for refused paths,
+    unreadable or unparseable data (naming the line or row), hub datasets that cannot be
+    loaded, and more than `max_rows` rows.
     """
+    url_policy = url_policy or UrlPolicy.from_settings(get_settings())
     try:
-        source = classify_source(data_path, allowed_local_dirs)
+        source = classify_source(data_path, allowed_local_dirs, url_policy=url_policy)
     except SourceError as exc:
         raise PipelineError(f"data_path: {exc}") from None
     # An uploaded dataset's id is what GET /v1/upload hands out as the "presigned" link.
@@ -80,15 +87,25 @@ def load_dataset(
         assert source.path is not None
         dataset = read_local(source.path)
     elif source.kind == "url":
-        dataset = read_file(download_url(data_path, download_dir, client=client, log=log))
+        dataset = read_file(
+            download_url(data_path, download_dir, policy=url_policy, client=client, log=log),
+            max_rows=max_rows,
+        )
         dataset.origin = redact_url(data_path)
     elif source.kind == "dataset":
-        dataset = read_file(_download_uploaded(data_path, storage, download_dir, log))
+        dataset = read_file(_download_uploaded(data_path, storage, download_dir, log),
+                            max_rows=max_rows)
         dataset.origin = data_path
     else:
         dataset = load_hub_dataset(data_path, subset, token=token)
     if not dataset.rows:
         raise PipelineError(f"the dataset {dataset.origin} has no rows")
+    # Files stop reading past `max_rows`; hub datasets and local directories are counted here.
+    if max_rows is not None and len(dataset.rows) > max_rows:
+        raise PipelineError(
+            f"the dataset {dataset.origin} has {len(dataset.rows)} rows, more than the "
+            f"{max_rows} this server accepts (TUNERY_MAX_DATASET_ROWS)"
+        )
     log(f"dataset {dataset.origin}: {len(dataset.rows)} rows, columns {dataset.columns}")
     return dataset
 

@@ -7,7 +7,8 @@ worker does: downloads and the hub. Parse errors name the file and line.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ import httpx
 from shared import dataset_files
 from shared.dataset_files import FORMATS, DatasetFileError, LoadedDataset
 from shared.sources import redact_url, url_file_name
+from shared.url_guard import UrlPolicy, UrlRefused, check_url
 from worker.pipeline.errors import PipelineError
+from worker.pipeline.pinned_http import pinned_client
 
 __all__ = [
     "FORMATS",
@@ -31,6 +34,7 @@ LogFn = Callable[[str], None]
 Row = Mapping[str, Any]
 
 MAX_DOWNLOAD_BYTES = 20 * 1024**3
+MAX_REDIRECTS = 5
 
 
 def _no_log(line: str) -> None:
@@ -45,31 +49,40 @@ def read_local(path: Path) -> LoadedDataset:
         raise PipelineError(str(exc)) from None
 
 
-def read_file(path: Path, fmt: str | None = None) -> LoadedDataset:
-    """Parse one json/jsonl/csv/parquet file; the format comes from the suffix unless given."""
+def read_file(path: Path, fmt: str | None = None, *, max_rows: int | None = None) -> LoadedDataset:
+    """Parse one json/jsonl/csv/parquet file; the format comes from the suffix unless given.
+    Reading stops with `PipelineError` past `max_rows` rows."""
     try:
-        return dataset_files.read_file(path, fmt)
+        return dataset_files.read_file(path, fmt, max_rows=max_rows)
     except DatasetFileError as exc:
         raise PipelineError(str(exc)) from None
 
 
 def download_url(
-    url: str, dest_dir: Path, *, client: httpx.Client | None = None, log: LogFn = _no_log
+    url: str,
+    dest_dir: Path,
+    *,
+    policy: UrlPolicy | None = None,
+    client: httpx.Client | None = None,
+    log: LogFn = _no_log,
 ) -> Path:
-    """Download an https URL into `dest_dir` and return the file, its suffix the format.
+    """Download a URL that `policy` allows into `dest_dir` and return the file, its suffix the
+    format.
 
-    The format comes from the URL's file name, else the Content-Type, else the first bytes.
-    Log lines and errors never show the query string (a presigned URL's signature).
+    Every hop (the URL and up to `MAX_REDIRECTS` redirects) passes `policy`'s scheme and host
+    checks, and the default client connects only to addresses that passed them. A `client`
+    given instead (tests) must guard its connections itself. The format comes from the URL's
+    file name, else the Content-Type, else the first bytes. Log lines and errors never show
+    the query string (a presigned URL's signature).
     """
+    policy = policy or UrlPolicy()
     shown = redact_url(url)
     dest_dir.mkdir(parents=True, exist_ok=True)
     partial = dest_dir / "download.part"
     own_client = client is None
-    client = client or httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0, read=300.0))
+    client = client or pinned_client(policy)
     try:
-        with client.stream("GET", url) as response:
-            if response.url.scheme != "https":
-                raise PipelineError(f"{shown} redirected to a non-https URL; refusing it")
+        with _get_following_redirects(client, url, policy) as response:
             if response.status_code != 200:
                 hint = " (a presigned link may have expired)" if response.status_code == 403 else ""
                 raise PipelineError(
@@ -95,6 +108,47 @@ def download_url(
     partial.replace(path)
     log(f"downloaded {shown}: {size} bytes, read as {fmt}")
     return path
+
+
+@contextmanager
+def _get_following_redirects(
+    client: httpx.Client, url: str, policy: UrlPolicy
+) -> Iterator[httpx.Response]:
+    """GET `url`, following redirects by hand so that each hop is checked before it is
+    fetched; yields the first response that is not a redirect."""
+    hop_url = url
+    for hop in range(MAX_REDIRECTS + 1):
+        try:
+            check_url(hop_url, policy)
+            response = client.send(client.build_request("GET", hop_url), stream=True,
+                                   follow_redirects=False)
+        except UrlRefused as exc:
+            raise PipelineError(_refused_hop_message(url, hop_url, hop, exc)) from None
+        if not response.is_redirect:
+            try:
+                yield response
+            finally:
+                response.close()
+            return
+        response.close()
+        try:
+            hop_url = str(response.url.join(response.headers["location"]))
+        except httpx.InvalidURL as exc:
+            raise PipelineError(
+                f"downloading {redact_url(url)}: redirect {hop + 1} has a malformed "
+                f"Location: {exc}"
+            ) from None
+    raise PipelineError(
+        f"downloading {redact_url(url)}: more than {MAX_REDIRECTS} redirects; giving up"
+    )
+
+
+def _refused_hop_message(url: str, hop_url: str, hop: int, exc: UrlRefused) -> str:
+    if hop == 0:
+        return f"downloading {redact_url(url)} refused: {exc}"
+    return (
+        f"downloading {redact_url(url)}: redirect {hop} to {redact_url(hop_url)} refused: {exc}"
+    )
 
 
 def load_hub_dataset(dataset_id: str, subset: str | None, *, token: str | None) -> LoadedDataset:

@@ -11,6 +11,7 @@ from typing import Any
 from shared.schema import DataConfig, FinetuneRequest
 from shared.settings import Settings
 from shared.storage import storage_from_settings
+from shared.url_guard import UrlPolicy
 from worker.pipeline.chat import is_chat_template, render_chats, tokenize_chats
 from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
 from worker.pipeline.data import (
@@ -71,6 +72,8 @@ def run_job(
         source_type=data.data_source_type,
         token=hf.hf_token,
         storage=storage_from_settings(settings),
+        max_rows=settings.max_dataset_rows,
+        url_policy=UrlPolicy.from_settings(settings),
         log=log,
     )
     tokenizer = load_tokenizer(

@@ -1,0 +1,50 @@
+"""The cap on a tenant's active (QUEUED or RUNNING) jobs, checked at submit."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from shared.models import Job, JobStatus, Tenant
+
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+# Jobs take minutes to hours; asking again sooner only spends the client's rate limit.
+RETRY_AFTER_S = 60
+
+
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Serialize submits of one tenant until the session's transaction ends.
+
+    A no-op UPDATE of the tenant's row: on PostgreSQL it takes that row's lock, so a second
+    submit of the tenant waits here and then counts the first one's committed job (READ
+    COMMITTED reads a fresh snapshot per statement); on SQLite it opens the transaction with
+    the database write lock before the count, so no other writer can slip in between.
+    """
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
+
+
+def active_jobs(session: Session, tenant_id: str) -> int:
+    return session.scalar(
+        select(func.count()).select_from(Job)
+        .where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
+    ) or 0
+
+
+def check_active_jobs(session: Session, tenant_id: str, max_active: int) -> None:
+    """429 with Retry-After when the tenant already has `max_active` active jobs (0: no cap).
+
+    Call it right before inserting the job, in the same transaction: the tenant stays locked
+    until that transaction commits or rolls back, so concurrent submits cannot overshoot.
+    """
+    if max_active <= 0:
+        return
+    lock_tenant(session, tenant_id)
+    count = active_jobs(session, tenant_id)
+    if count >= max_active:
+        session.rollback()  # releases the lock at once
+        raise ApiError(429, "too_many_active_jobs",
+                       f"this tenant already has {count} queued or running jobs, the most this "
+                       f"server allows (TUNERY_MAX_ACTIVE_JOBS_PER_TENANT={max_active}); wait "
+                       "for one to finish or cancel one",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})

@@ -1,0 +1,32 @@
+"""Which tenants' rows a caller may read and act on: the one place tenant isolation is decided.
+
+A lookup takes a `Scope`: a tenant id (a member key: that tenant's rows only) or
+`ALL_TENANTS` (an admin key, for operators). Every job and dataset query filters through
+`visible_to`, so another tenant's row is simply not found, exactly like a row that never
+existed, and no route needs an `if admin` of its own.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+from sqlalchemy import ColumnElement, true
+from sqlalchemy.orm import InstrumentedAttribute
+
+
+class _AllTenants(enum.Enum):
+    ALL_TENANTS = "all tenants"
+
+
+ALL_TENANTS: Final = _AllTenants.ALL_TENANTS
+
+Scope = str | _AllTenants
+"""A tenant id, or `ALL_TENANTS`."""
+
+
+def visible_to(scope: Scope, tenant_column: InstrumentedAttribute[str]) -> ColumnElement[bool]:
+    """The WHERE clause that limits a query on `tenant_column`'s table to what `scope` sees."""
+    if scope is ALL_TENANTS:
+        return true()
+    return tenant_column == scope
