@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,20 @@ def compute_dtype() -> torch.dtype:
     return torch.float32
 
 
+def attention_implementation(dtype: torch.dtype) -> str:
+    """flash-attention where its variable-length kernels run (CUDA, `flash_attn` installed,
+    half precision), so that training batches can go without padding (`batching`); PyTorch's
+    SDPA everywhere else (transformers' default too, but named so that it never silently
+    becomes eager attention)."""
+    if (
+        torch.cuda.is_available()
+        and dtype in (torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def check_4bit_available() -> None:
     """Raise `PipelineError` unless bitsandbytes can quantize to 4 bit on this machine."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,6 +140,7 @@ def load_model(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"],
         )
+    kwargs["attn_implementation"] = attention_implementation(kwargs["dtype"])
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:  # any failure here means "this model cannot be loaded"
@@ -138,6 +154,7 @@ def load_model(
         log(f"base model loaded in 4-bit NF4 (double quantization), compute {kwargs['dtype']}")
     else:
         log(f"base model loaded in {dtype}")
+    log(f"attention: {model.config._attn_implementation}")
     if config.use_gradient_checkpointing:
         enable_gradient_checkpointing(model)
         log("gradient checkpointing on")

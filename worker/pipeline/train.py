@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from shared.schema import LoggingConfig, TrainingConfig
+from worker.pipeline.batching import LengthBucketBatches, choose_layout, flattening_collator
 from worker.pipeline.callbacks import (
     BestAdapterCallback,
     MetricsCallback,
@@ -27,6 +28,7 @@ from worker.pipeline.checkpoints import CheckpointStore, CheckpointUploadCallbac
 from worker.pipeline.data import IGNORE_INDEX, TokenizedExample
 from worker.pipeline.errors import TrainingStopped
 from worker.pipeline.report import JobReporter
+from worker.pipeline.trainer import TuneryTrainer
 from worker.pipeline.wandb_reporting import wandb_reporting
 
 SEED = 42
@@ -126,6 +128,8 @@ def training_argument_values(
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
         lr_scheduler_kwargs=scheduler_kwargs,
+        # `train()` replaces the Trainer's length-grouped sampler by `LengthBucketBatches`;
+        # TRL's trainers use it as is.
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         optim=optimizer_name(quantized=quantized, cuda=cuda),
         bf16=bf16,
@@ -213,14 +217,31 @@ def train(
         reporter, config, has_validation=bool(eval_set), checkpoints=checkpoints,
         resume_from=resume_from,
     )
-    trainer = Trainer(
+    layout = choose_layout(model, group_by_length=config.group_by_length)
+    collator: Any = PadToLongest(tokenizer.pad_token_id)
+    train_batches = None
+    if layout == "padding_free":
+        collator = flattening_collator()
+        reporter.log(f"batches: {batch_size} examples in one row each, without padding")
+    elif layout == "length_buckets":
+        train_batches = LengthBucketBatches(
+            [len(example.input_ids) for example in train_set], batch_size=batch_size,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+        )
+        reporter.log(
+            f"batches: length-bucketed, up to {train_batches.token_budget} tokens (rows x "
+            f"longest row), {len(train_batches)} per epoch, "
+            f"{100 * train_batches.padding_share():.1f}% padding"
+        )
+    trainer = TuneryTrainer(
         model=model,
         args=args,
         train_dataset=_Examples(train_set),
         eval_dataset=_Examples(eval_set) if eval_set else None,
-        data_collator=PadToLongest(tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=watch.callbacks,
+        train_batches=train_batches,
     )
     return run_trainer(
         trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging

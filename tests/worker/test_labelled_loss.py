@@ -1,0 +1,166 @@
+"""The loss at labelled positions only equals the model's own loss, and so do its gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from shared.schema import PretrainedModelConfig
+from worker.pipeline import labelled_loss
+from worker.pipeline.data import IGNORE_INDEX
+from worker.pipeline.labelled_loss import causal_lm_parts, decoder_inputs, labelled_causal_lm_loss
+from worker.pipeline.model import load_model
+from worker.pipeline.trainer import TuneryTrainer
+
+LOSS_TOLERANCE = {"atol": 1e-6, "rtol": 1e-5}
+GRAD_TOLERANCE = {"atol": 1e-5, "rtol": 0.0}
+
+
+def _load(model_dir: Path, **config: Any) -> Any:
+    model = load_model(
+        str(model_dir),
+        PretrainedModelConfig(model_path=str(model_dir), lora_dropout=0.0, **config),
+        allowed_local_dirs=[model_dir.parent],
+    )
+    # lora_B starts at zero, which makes every lora_A gradient zero.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.train()
+    return model
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    """Three right-padded rows: prompt then response, a shorter one, one without labels."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, 900, (3, 20), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[0, :8] = IGNORE_INDEX
+    labels[1, :5] = IGNORE_INDEX
+    labels[1, 14:] = IGNORE_INDEX
+    attention_mask[1, 14:] = 0
+    input_ids[1, 14:] = 0
+    labels[2, :] = IGNORE_INDEX
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _loss_and_grads(model: Any, compute: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = compute()
+    loss.backward()
+    grads = {
+        name: param.grad.detach().clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+    return loss.detach(), grads
+
+
+def _assert_same(model: Any, full: Any, labelled: Any) -> None:
+    expected_loss, expected_grads = _loss_and_grads(model, full)
+    loss, grads = _loss_and_grads(model, labelled)
+    torch.testing.assert_close(loss, expected_loss, **LOSS_TOLERANCE)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():
+        assert expected_grads[name].norm() > 0, name
+        torch.testing.assert_close(grad, expected_grads[name], **GRAD_TOLERANCE)
+
+
+def _labelled(model: Any, batch: dict[str, torch.Tensor], num_items: Any) -> torch.Tensor:
+    parts = causal_lm_parts(model)
+    assert parts is not None
+    hidden = parts.decoder(**decoder_inputs(batch), use_cache=False).last_hidden_state
+    return labelled_causal_lm_loss(
+        hidden, batch["labels"], parts.lm_head, num_items_in_batch=num_items
+    )
+
+
+def _full(model: Any, batch: dict[str, torch.Tensor], num_items: Any) -> torch.Tensor:
+    extra = {} if num_items is None else {"num_items_in_batch": num_items}
+    return model(**batch, **extra).loss
+
+
+# 31 labelled positions in the batch; 40 stands for the count over gradient-accumulation batches.
+@pytest.mark.parametrize("num_items", [None, torch.tensor(40)], ids=["mean", "num_items"])
+@pytest.mark.parametrize("chunk", [None, 7], ids=["one_chunk", "recomputed_chunks"])
+def test_labelled_loss_and_lora_gradients_equal_the_full_computation(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, num_items: Any, chunk: int | None
+) -> None:
+    if chunk is not None:
+        monkeypatch.setattr(labelled_loss, "chunk_positions", lambda vocab_size: chunk)
+    model = _load(tiny_model_dir)
+    batch = _batch()
+
+    _assert_same(model, lambda: _full(model, batch, num_items),
+                 lambda: _labelled(model, batch, num_items))
+
+
+def test_labelled_loss_equals_the_full_computation_with_qlora(tiny_model_dir: Path) -> None:
+    model = _load(tiny_model_dir, use_quantization=True)
+    batch = _batch()
+    num_items = torch.tensor(31)
+
+    _assert_same(model, lambda: _full(model, batch, num_items),
+                 lambda: _labelled(model, batch, num_items))
+
+
+def test_labelled_loss_equals_the_full_computation_with_gradient_checkpointing(
+    tiny_model_dir: Path,
+) -> None:
+    model = _load(tiny_model_dir, use_gradient_checkpointing=True)
+    batch = _batch()
+
+    _assert_same(model, lambda: _full(model, batch, None), lambda: _labelled(model, batch, None))
+
+
+def test_lora_on_the_lm_head_is_applied_and_trained(tiny_model_dir: Path) -> None:
+    model = _load(tiny_model_dir, lora_target_modules=["q_proj", "lm_head"])
+    batch = _batch()
+
+    assert any("lm_head.lora_A" in name for name, _ in model.named_parameters())
+    _assert_same(model, lambda: _full(model, batch, None), lambda: _labelled(model, batch, None))
+
+
+def _trainers(model: Any, tmp_path: Path) -> tuple[Any, Any]:
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    return TuneryTrainer(model=model, args=args), Trainer(model=model, args=args)
+
+
+def test_tunery_trainer_loss_equals_the_trainers_own(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = _load(tiny_model_dir)
+    tunery, plain = _trainers(model, tmp_path)
+    batch, num_items = _batch(), torch.tensor(40)
+
+    assert tunery._labelled_loss_parts(model, batch, return_outputs=False) is not None
+    _assert_same(
+        model,
+        lambda: plain.compute_loss(model, dict(batch), num_items_in_batch=num_items),
+        lambda: tunery.compute_loss(model, dict(batch), num_items_in_batch=num_items),
+    )
+    # Evaluation: the same value under no_grad, with outputs that hold no logits.
+    with torch.no_grad():
+        expected = plain.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(31))
+        loss, outputs = tunery.compute_loss(
+            model, dict(batch), return_outputs=True, num_items_in_batch=torch.tensor(31)
+        )
+    torch.testing.assert_close(loss, expected, **LOSS_TOLERANCE)
+    assert set(outputs) == {"loss"}
+
+
+def test_models_whose_logits_are_more_than_the_head_keep_their_own_loss() -> None:
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 64,
+             "head_dim": 8}
+    # Gemma 2 caps its logits with tanh after the head.
+    assert causal_lm_parts(Gemma2ForCausalLM(Gemma2Config(**small))) is None
+    assert causal_lm_parts(LlamaForCausalLM(LlamaConfig(**small))) is not None

@@ -1,0 +1,154 @@
+"""Which training examples share a batch, and how they share it.
+
+Three layouts, chosen from the attention kernel the model runs and the request:
+
+- `padding_free`: where the model runs flash-attention (CUDA with `flash_attn` installed, see
+  `model.attention_implementation`), the examples of a batch are concatenated into one row
+  with restarting position ids and cumulative sequence lengths (transformers'
+  `DataCollatorWithFlattening`): the variable-length kernel keeps every example to its own
+  tokens, and there is no padding at all, so length grouping has nothing to save. Batches are
+  the Trainer's usual random `batch_size` examples. Not exercised on the CPU test machines.
+- `length_buckets` (`group_by_length`, any other attention): padded batches of examples of
+  about the same length, `LengthBucketBatches`. Each row is one example, padded on the right
+  with attention mask 0, so no example attends to another.
+- `fixed_size` (`group_by_length` false): the Trainer's random batches of `batch_size`
+  examples, padded to the longest; what the request asked for, at the cost of padding.
+
+SDPA and eager attention have no variable-length form: packing several examples into one row
+there needs a dense block-diagonal mask over the whole packed row, which measured slower on CPU
+than length-grouped padding (issue 8, recipes (b) and (c)).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+
+BatchLayout = Literal["padding_free", "length_buckets", "fixed_size"]
+
+
+def varlen_attention(model: Any) -> bool:
+    """Whether `model` runs an attention kernel that takes variable-length rows."""
+    implementation = getattr(model.config, "_attn_implementation", None) or ""
+    return implementation.startswith("flash_attention")
+
+
+def choose_layout(model: Any, *, group_by_length: bool) -> BatchLayout:
+    if varlen_attention(model):
+        return "padding_free"
+    return "length_buckets" if group_by_length else "fixed_size"
+
+
+def flattening_collator() -> Any:
+    """Padding-free batches: one row, position ids restarting at each example, the first
+    label of each example -100 so that no example predicts the next one's first token."""
+    from transformers import DataCollatorWithFlattening
+
+    return DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=True)
+
+
+def padded_tokens(rows: int, longest: int) -> int:
+    return rows * longest
+
+
+class LengthBucketBatches(torch.utils.data.Sampler[list[int]]):
+    """Batches of examples of about the same length, under a token budget, in a seeded order.
+
+    Examples sorted by length (ties broken by a seeded shuffle that changes every epoch) are cut
+    into consecutive batches such that rows x longest row <= `token_budget`: a batch of short
+    examples holds many, a batch of long ones few, and padding stays at the length differences
+    within a batch. The batch order is shuffled with `seed` and the epoch.
+
+    The budget is fair to the request's batch size: it is the smallest budget with which the
+    examples fit into as many batches as fixed batches of `batch_size` would make, so an epoch
+    has the same number of batches, of optimizer steps (with the same gradient accumulation)
+    and the same learning-rate schedule, and a step sees `batch_size` x accumulation examples on
+    average. Since fixed batches of `batch_size` are one way to fit, the budget is never more
+    than `batch_size` x the longest example: no batch is larger in tokens than the largest
+    padded fixed-size batch. Each batch holds about the same number of tokens, so every token
+    weighs about the same in the mean loss of its step.
+
+    The batches depend only on the lengths, `seed` and the epoch (`set_epoch`, called by the
+    Trainer before each epoch, also after a resume), so a resumed run replays the same batches.
+    """
+
+    def __init__(self, lengths: Sequence[int], *, batch_size: int, seed: int) -> None:
+        if not lengths:
+            raise ValueError("no examples to batch")
+        self.lengths = list(lengths)
+        self.seed = seed
+        self.epoch = 0
+        longest_first = sorted(self.lengths, reverse=True)
+        batch_count = math.ceil(len(self.lengths) / batch_size)
+        self.token_budget = smallest_budget(longest_first, batch_count, batch_size)
+        self.batch_rows = exactly(batch_count, rows_under_budget(longest_first, self.token_budget))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batch_rows)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        tie_break = list(range(len(self.lengths)))
+        rng.shuffle(tie_break)
+        order = sorted(range(len(self.lengths)), key=lambda i: (-self.lengths[i], tie_break[i]))
+        batches, start = [], 0
+        for rows in self.batch_rows:
+            batches.append(order[start : start + rows])
+            start += rows
+        rng.shuffle(batches)
+        return iter(batches)
+
+    def padding_share(self) -> float:
+        """The fraction of the batches' tokens that are padding (the same every epoch)."""
+        longest_first = sorted(self.lengths, reverse=True)
+        padded, start = 0, 0
+        for rows in self.batch_rows:
+            padded += padded_tokens(rows, longest_first[start])
+            start += rows
+        return 1 - sum(self.lengths) / padded
+
+
+def rows_under_budget(longest_first: Sequence[int], budget: int) -> list[int]:
+    """Row counts of consecutive batches of the length-sorted (longest first) examples, each
+    batch as full as `budget` allows; the fewest batches any cut into consecutive batches
+    can have under that budget."""
+    rows: list[int] = []
+    start = 0
+    while start < len(longest_first):
+        # Longest first: the batch's first example is its longest row.
+        count = max(1, min(len(longest_first) - start, budget // longest_first[start]))
+        rows.append(count)
+        start += count
+    return rows
+
+
+def smallest_budget(longest_first: Sequence[int], batch_count: int, batch_size: int) -> int:
+    """The smallest token budget with which the examples fit into `batch_count` batches."""
+    low = longest_first[0]
+    high = padded_tokens(min(batch_size, len(longest_first)), longest_first[0])
+    while low < high:
+        middle = (low + high) // 2
+        if len(rows_under_budget(longest_first, middle)) <= batch_count:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def exactly(batch_count: int, rows: list[int]) -> list[int]:
+    """`rows` split until there are `batch_count` batches: the smallest budget can fit the
+    examples into fewer, and the step count must not change. Halving a batch keeps it under
+    the budget."""
+    rows = list(rows)
+    while len(rows) < batch_count:
+        largest = max(range(len(rows)), key=lambda i: rows[i])
+        half = rows[largest] // 2
+        rows[largest : largest + 1] = [rows[largest] - half, half]
+    return rows

@@ -1,0 +1,94 @@
+"""`TuneryTrainer`: transformers' Trainer with the loss at labelled positions only and the
+training batches of `batching`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from worker.pipeline.labelled_loss import (
+    CausalLMParts,
+    causal_lm_parts,
+    decoder_inputs,
+    labelled_causal_lm_loss,
+)
+
+
+class TuneryTrainer(Trainer):
+    """Two changes to `Trainer`, nothing else:
+
+    - `compute_loss` runs the decoder and then the LM head only where a label is
+      (`labelled_loss`), for training and evaluation alike; the value is the model's own
+      loss, normalised the same way, so eval_loss means what it always meant. Where that
+      cannot be guaranteed it is the Trainer's own `compute_loss` (see `_labelled_loss_parts`).
+    - with `train_batches`, a batch sampler (`batching.LengthBucketBatches`), the training
+      batches are its batches; evaluation keeps the Trainer's fixed-size sequential batches.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        train_batches: torch.utils.data.Sampler[list[int]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_batches = train_batches
+
+    def get_train_dataloader(self) -> Any:
+        if self.train_batches is None:
+            return super().get_train_dataloader()
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,  # type: ignore[arg-type]
+            batch_sampler=self.train_batches,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        # Single-process: accelerate keeps the batch sampler, and the Trainer's `set_epoch`
+        # reaches it through the prepared loader.
+        return self.accelerator.prepare(loader)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        parts = self._labelled_loss_parts(model, inputs, return_outputs=return_outputs)
+        if parts is None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        # The cache is useless in training; the full forward builds one only to drop it.
+        hidden = parts.decoder(**decoder_inputs(inputs), use_cache=False).last_hidden_state
+        loss = labelled_causal_lm_loss(
+            hidden, inputs["labels"], parts.lm_head, num_items_in_batch=num_items_in_batch
+        )
+        # Normalised by `num_items_in_batch` when given, as the model's own loss: the Trainer's
+        # default `loss_is_scaled_for_ga` then treats it exactly as it treats the model's.
+        # Evaluation asks for outputs only to read logits, which it drops without
+        # compute_metrics (checked in `_labelled_loss_parts`).
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _labelled_loss_parts(
+        self, model: torch.nn.Module, inputs: dict[str, Any], *, return_outputs: bool
+    ) -> CausalLMParts | None:
+        """The model's decoder and LM head when the labelled loss equals the Trainer's own
+        loss; None otherwise."""
+        if "labels" not in inputs or "shift_labels" in inputs:
+            return None
+        # Label smoothing and custom loss functions change the loss itself.
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return None
+        # Metrics would need the logits this path never computes.
+        if return_outputs and self.compute_metrics is not None:
+            return None
+        # Calling the decoder directly would bypass a DDP/DeepSpeed wrapper's gradient sync,
+        # and several processes rescale the loss (average_tokens_across_devices); the worker
+        # trains in one process, where this never applies.
+        if self.accelerator.num_processes != 1 or self.accelerator.unwrap_model(model) is not model:
+            return None
+        return causal_lm_parts(model)
