@@ -1,0 +1,48 @@
+"""The benchmarks still run end to end, in their quick mode on the tiny random Llama.
+
+Only that they finish and write well-formed results is checked: timings on a shared CI
+machine mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from shared.settings import PROJECT_ROOT
+
+
+def _run(module: str, results_dir: Path, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--quick", "--results-dir", str(results_dir), *args],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    name = module.rsplit(".", 1)[-1]
+    return json.loads((results_dir / f"{name}.json").read_text())
+
+
+def test_train_throughput_quick_runs_every_recipe(tmp_path: Path) -> None:
+    # One dataset keeps it under a minute; the long dataset's builder still runs for its stats.
+    result = _run("bench.train_throughput", tmp_path, "--datasets", "short")
+    assert result["machine"]["cpu_cores"] >= 1
+    assert set(result["dataset_stats"]) >= {"sample_file_all_rows", "short"}
+    rows = result["results"]["short"]
+    assert [r["recipe"] for r in rows] == ["a", "b", "c", "t"]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["steps"] > 0, row
+        assert 0.0 <= row["padding_share"] < 1.0, row
+        assert row["eval_loss"] > 0 and row["peak_rss_bytes"] > 0, row
+    # Every full-epoch recipe trains on the same tokens.
+    assert len({r["real_tokens"] for r in rows if r["recipe"] != "a"}) == 1
+
+
+def test_memory_quick_compares_lora_and_qlora(tmp_path: Path) -> None:
+    result = _run("bench.memory", tmp_path)
+    lora, qlora = result["results"]
+    assert not lora["quantized"] and qlora["quantized"]
+    assert qlora["footprint_bytes"]["parameters"] < lora["footprint_bytes"]["parameters"]
+    for row in (lora, qlora):
+        assert row["peak_rss_bytes"] > 0 and len(row["losses"]) == result["steps"], row
