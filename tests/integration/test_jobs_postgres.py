@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from shared import jobs
 from shared.db import make_engine
+from shared.jobs import Claim
 from shared.keys import authenticate, create_api_key
 from shared.migrate import upgrade_database
 from shared.models import Job, JobEvent, JobStatus
@@ -34,29 +36,38 @@ def queued_job(session: Session) -> Job:
     return job
 
 
-def test_twenty_concurrent_claims_give_exactly_one_winner(
-    postgres_url: str, pg_session: Session
-) -> None:
-    job = queued_job(pg_session)
+def claims_at_once(postgres_url: str, n: int, claim: Callable[[Session, str], Claim | None]
+                   ) -> list[Claim]:
+    """`claim(session, owner)` from `n` threads released together, each on its own
+    connection; the claims that won."""
     engine = make_engine(postgres_url)
-    winners: list[int] = []
-    barrier = threading.Barrier(20)
+    won: list[Claim] = []
+    barrier = threading.Barrier(n)
 
-    def claim(i: int) -> None:
+    def one(i: int) -> None:
         with Session(engine) as session:
             barrier.wait()
-            got = jobs.claim_job(session, job.id, f"worker-{i}", 60)
+            got = claim(session, f"worker-{i}")
             session.commit()
             if got is not None:
-                winners.append(got.attempt)
+                won.append(got)
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(20)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     engine.dispose()
-    assert winners == [1]
+    return won
+
+
+def test_twenty_concurrent_claims_give_exactly_one_winner(
+    postgres_url: str, pg_session: Session
+) -> None:
+    job = queued_job(pg_session)
+    won = claims_at_once(postgres_url, 20,
+                         lambda session, owner: jobs.claim_job(session, job.id, owner, 60))
+    assert [claim.attempt for claim in won] == [1]
 
 
 def expire_lease(session: Session, job_id: str) -> None:
@@ -161,25 +172,9 @@ def test_jobs_past_the_hard_time_limit_fail_and_others_do_not(pg_session: Sessio
 def test_claim_next_takes_the_oldest_queued_job_once(postgres_url: str,
                                                      pg_session: Session) -> None:
     first, second = queued_job(pg_session), queued_job(pg_session)
-    engine = make_engine(postgres_url)
-    claims: list[str] = []
-    barrier = threading.Barrier(6)
-
-    def wake(i: int) -> None:
-        with Session(engine) as session:
-            barrier.wait()
-            got = jobs.claim_next(session, f"worker-{i}", 60)
-            session.commit()
-            if got is not None:
-                claims.append(got.job_id)
-
-    threads = [threading.Thread(target=wake, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    engine.dispose()
-    assert sorted(claims) == sorted([first.id, second.id])
+    won = claims_at_once(postgres_url, 6,
+                         lambda session, owner: jobs.claim_next(session, owner, 60))
+    assert sorted(claim.job_id for claim in won) == sorted([first.id, second.id])
 
 
 def test_terminal_states_never_change(pg_session: Session) -> None:
