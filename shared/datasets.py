@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.dataset_files import (
@@ -45,7 +45,7 @@ from shared.prompt_template import Example, missing_columns, render_example
 from shared.schema import template_placeholders
 from shared.settings import get_settings
 from shared.storage import ObjectNotFound, Storage
-from shared.tenancy import Scope, visible_to
+from shared.tenancy import Scope, newest_first, visible_to
 
 FIRST_ROWS = 5
 # Rows kept in the database for previews, and the bounds that keep that sample small even
@@ -157,16 +157,7 @@ def get_dataset(session: Session, scope: Scope, dataset_id: str) -> Dataset:
 def list_datasets(
     session: Session, scope: Scope, limit: int, offset: int
 ) -> tuple[list[Dataset], int]:
-    where = visible_to(scope, Dataset.tenant_id)
-    total = session.scalar(select(func.count()).select_from(Dataset).where(where))
-    rows = session.scalars(
-        select(Dataset)
-        .where(where)
-        .order_by(Dataset.created_at.desc(), Dataset.id)
-        .limit(limit)
-        .offset(offset)
-    ).all()
-    return list(rows), total or 0
+    return newest_first(session, Dataset, scope, limit, offset)
 
 
 def start_upload(

@@ -24,7 +24,7 @@ from shared.models import (
 )
 from shared.payload_secrets import drop_secrets, seal_secrets
 from shared.schema import FinetuneRequest
-from shared.tenancy import Scope, visible_to
+from shared.tenancy import Scope, newest_first, visible_to
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
@@ -88,16 +88,7 @@ def get_job(session: Session, scope: Scope, job_id: str) -> Job:
 
 
 def list_jobs(session: Session, scope: Scope, limit: int, offset: int) -> tuple[list[Job], int]:
-    where = visible_to(scope, Job.tenant_id)
-    total = session.scalar(select(func.count()).select_from(Job).where(where))
-    jobs = session.scalars(
-        select(Job)
-        .where(where)
-        .order_by(Job.created_at.desc(), Job.id)
-        .limit(limit)
-        .offset(offset)
-    ).all()
-    return list(jobs), total or 0
+    return newest_first(session, Job, scope, limit, offset)
 
 
 def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> Claim | None:

@@ -9,10 +9,12 @@ existed, and no route needs an `if admin` of its own.
 from __future__ import annotations
 
 import enum
-from typing import Final
+from typing import Final, TypeVar
 
-from sqlalchemy import ColumnElement, true
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy import ColumnElement, func, select, true
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from shared.models import Dataset, Job
 
 
 class _AllTenants(enum.Enum):
@@ -30,3 +32,22 @@ def visible_to(scope: Scope, tenant_column: InstrumentedAttribute[str]) -> Colum
     if scope is ALL_TENANTS:
         return true()
     return tenant_column == scope
+
+
+Listed = TypeVar("Listed", Job, Dataset)
+
+
+def newest_first(
+    session: Session, model: type[Listed], scope: Scope, limit: int, offset: int
+) -> tuple[list[Listed], int]:
+    """One page of the `model` rows `scope` sees, newest first, and how many it sees in all."""
+    where = visible_to(scope, model.tenant_id)
+    total = session.scalar(select(func.count()).select_from(model).where(where))
+    rows = session.scalars(
+        select(model)
+        .where(where)
+        .order_by(model.created_at.desc(), model.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(rows), total or 0

@@ -9,8 +9,9 @@ import shutil
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from pydantic import ValidationError
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from worker.pipeline.checkpoints import CheckpointStore
 
 log = logging.getLogger("tunery.worker")
+
+T = TypeVar("T")
 
 app = get_celery()
 
@@ -112,21 +115,32 @@ def open_request(claim: Claim, payload: dict[str, Any]) -> FinetuneRequest | Non
 
 def claim_with_patience(job_id: str) -> tuple[Claim, dict[str, Any]] | None:
     settings, owner = get_settings(), worker_identity()
-    deadline = time.monotonic() + CLAIM_PATIENCE_S
+
+    def claim_one() -> tuple[Claim, dict[str, Any]] | None:
+        with session_scope() as session:
+            claim = jobs.claim_job(session, job_id, owner, settings.lease_seconds)
+            if claim is None:
+                claim = jobs.claim_next(session, owner, settings.lease_seconds)
+            if claim is None:
+                return None
+            return claim, session.get_one(jobs.Job, claim.job_id).payload
+
+    return through_outage(claim_one, CLAIM_PATIENCE_S, f"the wake-up for job {job_id}")
+
+
+def through_outage(action: Callable[[], T], patience_s: float, what: str) -> T | None:
+    """`action()`, retried every 2 s while the database is unreachable, for up to
+    `patience_s`; None if it stays unreachable that long."""
+    deadline = time.monotonic() + patience_s
     while True:
         try:
-            with session_scope() as session:
-                claim = jobs.claim_job(session, job_id, owner, settings.lease_seconds)
-                if claim is None:
-                    claim = jobs.claim_next(session, owner, settings.lease_seconds)
-                if claim is None:
-                    return None
-                return claim, session.get_one(jobs.Job, claim.job_id).payload
+            return action()
         except (OperationalError, InterfaceError) as exc:
             if time.monotonic() > deadline:
-                log.error("wake-up for job %s dropped: database unreachable: %s", job_id, exc)
+                log.error("%s: given up, database unreachable for %.0f s: %s", what,
+                          patience_s, exc)
                 return None
-            log.warning("database unreachable, claim waits: %s", exc)
+            log.warning("%s waits: database unreachable: %s", what, exc)
             time.sleep(2.0)
 
 
@@ -284,25 +298,20 @@ def finish(
 ) -> bool:
     """Record the attempt's outcome, after the reports still waiting; False when a newer
     attempt or a cancel owns the job, or the database stayed unreachable."""
-    deadline = time.monotonic() + FINISH_PATIENCE_S
-    while True:
-        try:
-            reporter.flush()
-            with session_scope() as session:
-                done = jobs.transition(
-                    session, claim.job_id, status, attempt=claim.attempt, reason=reason,
-                    result=result,
-                )
-            break
-        except (OperationalError, InterfaceError) as exc:
-            if time.monotonic() > deadline:
-                log.error("job %s attempt %s: could not record %s: %s", claim.job_id,
-                          claim.attempt, status, exc)
-                return False
-            log.warning("job %s: database unreachable, waiting to record %s", claim.job_id,
-                        status)
-            time.sleep(2.0)
+
+    def record() -> bool:
+        reporter.flush()
+        with session_scope() as session:
+            return jobs.transition(
+                session, claim.job_id, status, attempt=claim.attempt, reason=reason,
+                result=result,
+            )
+
+    what = f"job {claim.job_id} attempt {claim.attempt}: recording {status}"
+    done = through_outage(record, FINISH_PATIENCE_S, what)
     reporter.heartbeat.end()  # the attempt is over: its lease need not be renewed
+    if done is None:
+        return False
     if not done:
         log.warning(
             "job %s attempt %s: could not record %s; a newer attempt or a cancel owns the job",
