@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -116,6 +117,12 @@ class Settings(BaseSettings):
         50, ge=0, description="Upload a resumable checkpoint every N optimizer steps; 0: never."
     )
     checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept in storage per job.")
+    cpu_bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="Training precision of a CPU worker. auto: bf16 mixed precision "
+        "where the CPU multiplies bf16 in hardware (AVX512_BF16 or AMX), fp32 elsewhere; on: "
+        "always bf16 (emulated, slow, without those instructions); off: always fp32. GPU "
+        "workers use bf16, or fp16 where the GPU has no bf16, whatever this says.",
+    )
     auto_migrate: bool = Field(True, description="Run `alembic upgrade head` when the API starts.")
     log_level: str = "INFO"
 

@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from shared.schema import PretrainedModelConfig
+from worker.pipeline import model as model_module
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.model import load_model, load_tokenizer
+from worker.pipeline.model import (
+    CpuBf16,
+    compute_dtype,
+    cpu_multiplies_bf16,
+    load_model,
+    load_tokenizer,
+    loaded_dtype,
+)
 
 LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -94,10 +102,8 @@ def test_qlora_with_gradient_checkpointing_gives_the_same_gradients(tiny_model_d
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU worker computes in bf16 or fp16")
-def test_bf16_checkpoint_is_loaded_in_float32_on_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # Hub models are mostly stored in bf16, and from_pretrained keeps a checkpoint's dtype
-    # unless told otherwise; CPU kernels for bf16 training are slow or missing.
+def _bf16_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """The tiny model saved in bf16, as most hub checkpoints are."""
     from safetensors.torch import load_file, save_file
 
     bf16_dir = tmp_path / "bf16"
@@ -106,18 +112,84 @@ def test_bf16_checkpoint_is_loaded_in_float32_on_cpu(tiny_model_dir: Path, tmp_p
     save_file({k: v.to(torch.bfloat16) for k, v in weights.items()},
               bf16_dir / "model.safetensors", metadata={"format": "pt"})
     _add_to_json(bf16_dir / "config.json", dtype="bfloat16")
+    return bf16_dir
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU worker computes in bf16 or fp16")
+@pytest.mark.parametrize(
+    ("setting", "cpu_has_bf16", "expected"),
+    [
+        ("auto", True, torch.bfloat16),
+        ("auto", False, torch.float32),
+        ("on", False, torch.bfloat16),
+        ("off", True, torch.float32),
+    ],
+)
+def test_cpu_precision_follows_the_cpus_bf16_instructions_unless_the_setting_says(
+    monkeypatch: pytest.MonkeyPatch, setting: CpuBf16, cpu_has_bf16: bool,
+    expected: torch.dtype,
+) -> None:
+    # The CPU's instruction set is the edge a test cannot change: its probe answers as told.
+    monkeypatch.setattr(model_module, "cpu_multiplies_bf16", lambda: cpu_has_bf16)
+    assert compute_dtype(setting) == expected
+
+
+def test_the_cpu_probe_reads_the_cpus_flags() -> None:
+    flags = Path("/proc/cpuinfo").read_text().split()
+    assert cpu_multiplies_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU worker computes in bf16 or fp16")
+def test_bf16_checkpoint_is_trained_in_float32_where_the_cpu_lacks_bf16(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # from_pretrained keeps a checkpoint's dtype unless told otherwise; emulated bf16 is slow.
+    bf16_dir = _bf16_copy(tiny_model_dir, tmp_path)
     lines: list[str] = []
 
     model = load_model(
         str(bf16_dir),
         PretrainedModelConfig(model_path=str(bf16_dir)),
         allowed_local_dirs=[tmp_path],
+        cpu_bf16="off",
         log=lines.append,
     )
 
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert loaded_dtype(model) == torch.float32
     assert "base model loaded in torch.float32" in lines
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU worker computes in bf16 or fp16")
+def test_bf16_training_on_cpu_keeps_the_adapter_and_its_optimizer_in_fp32(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    lines: list[str] = []
+
+    model = load_model(
+        str(tiny_model_dir),
+        PretrainedModelConfig(model_path=str(tiny_model_dir)),
+        allowed_local_dirs=[tiny_model_dir.parent],
+        cpu_bf16="on",
+        log=lines.append,
+    )
+
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert (trainable, frozen) == ({torch.float32}, {torch.bfloat16})
+    assert loaded_dtype(model) == torch.bfloat16
+    assert any(line.startswith("base model loaded in torch.bfloat16, mixed precision")
+               for line in lines)
+    # The Trainer computes under bf16 autocast; AdamW keeps its moments like its weights.
+    from shared.schema import TrainingConfig
+    from worker.pipeline.train import run_argument_values
+
+    args = run_argument_values(
+        model, TrainingConfig(), has_validation=False, output_dir=tmp_path, batch_size=4,
+        checkpoints=None, logging=None,
+    )
+    assert (args["bf16"], args["fp16"], args["optim"]) == (True, False, "adamw_torch")
 
 
 def test_pickled_checkpoint_is_refused_with_a_pipeline_error(

@@ -61,12 +61,17 @@ def test_early_stopping_patience_reaches_the_early_stopping_callback(patience: i
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU worker trains in bf16 or fp16")
 @pytest.mark.parametrize("quantized", [False, True])
-def test_cpu_training_arguments_ask_for_full_precision(tmp_path: Path, quantized: bool) -> None:
-    # The worker's own machine decides: the request has no precision field.
+@pytest.mark.parametrize(
+    ("dtype", "mixed"), [(torch.float32, (False, False)), (torch.bfloat16, (True, False))]
+)
+def test_cpu_training_arguments_follow_the_dtype_the_base_was_loaded_in(
+    tmp_path: Path, quantized: bool, dtype: torch.dtype, mixed: tuple[bool, bool]
+) -> None:
+    # The worker's own machine decides (`compute_dtype`): the request has no precision field.
     args = training_arguments(TrainingConfig(), output_dir=tmp_path, has_validation=True,
-                              quantized=quantized)
+                              quantized=quantized, dtype=dtype)
 
-    assert (args.bf16, args.fp16, args.use_cpu) == (False, False, True)
+    assert (args.bf16, args.fp16, args.use_cpu) == (*mixed, True)
     assert args.device.type == "cpu"
 
 

@@ -8,9 +8,9 @@ Three layouts, chosen from the attention kernel the model runs and the request:
   `DataCollatorWithFlattening`): the variable-length kernel keeps every example to its own
   tokens, and there is no padding at all, so length grouping has nothing to save. Batches are
   the Trainer's usual random `batch_size` examples. Not exercised on the CPU test machines.
-- `length_buckets` (`group_by_length`, any other attention): padded batches of examples of
-  about the same length, `LengthBucketBatches`. Each row is one example, padded on the right
-  with attention mask 0, so no example attends to another.
+- `length_buckets` (`group_by_length` true or left out, any other attention): padded batches
+  of examples of about the same length, `LengthBucketBatches`. Each row is one example, padded
+  on the right with attention mask 0, so no example attends to another.
 - `fixed_size` (`group_by_length` false): the Trainer's random batches of `batch_size`
   examples, padded to the longest; what the request asked for, at the cost of padding.
 
@@ -37,10 +37,11 @@ def varlen_attention(model: Any) -> bool:
     return implementation.startswith("flash_attention")
 
 
-def choose_layout(model: Any, *, group_by_length: bool) -> BatchLayout:
+def choose_layout(model: Any, *, group_by_length: bool | None) -> BatchLayout:
+    """`group_by_length` None: the request left it to the worker."""
     if varlen_attention(model):
         return "padding_free"
-    return "length_buckets" if group_by_length else "fixed_size"
+    return "fixed_size" if group_by_length is False else "length_buckets"
 
 
 def flattening_collator() -> Any:

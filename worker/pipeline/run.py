@@ -95,7 +95,8 @@ def run_job(
 
     reporter.phase("loading_model")
     model = load_model(
-        base.model_path, base, allowed_local_dirs=allowed, token=hf.hf_token, log=log
+        base.model_path, base, allowed_local_dirs=allowed, token=hf.hf_token,
+        cpu_bf16=settings.cpu_bf16, log=log,
     )
     resume_from = restore_starting_point(model, base, checkpoints, work_dir, log=log)
     _stop_if_asked(reporter)

@@ -27,6 +27,7 @@ from worker.pipeline.callbacks import (
 from worker.pipeline.checkpoints import CheckpointStore, CheckpointUploadCallback
 from worker.pipeline.data import IGNORE_INDEX, TokenizedExample
 from worker.pipeline.errors import TrainingStopped
+from worker.pipeline.model import loaded_dtype
 from worker.pipeline.report import JobReporter
 from worker.pipeline.trainer import TuneryTrainer
 from worker.pipeline.wandb_reporting import wandb_reporting
@@ -95,14 +96,15 @@ def training_argument_values(
     output_dir: Path,
     has_validation: bool,
     quantized: bool,
+    dtype: torch.dtype = torch.float32,
     batch_size: int = DEFAULT_BATCH_SIZE,
     save_steps: int = 0,
     wandb_run_name: str | None = None,
 ) -> dict[str, Any]:
     """`training_arguments` as keyword arguments, for TrainingArguments subclasses (TRL's
-    configs) that take the same mapping plus their own fields."""
+    configs) that take the same mapping plus their own fields. `dtype` is the one the base
+    model was loaded in (`model.compute_dtype`): half precision trains under autocast."""
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
     scheduler_kwargs = PLATEAU_KWARGS if config.lr_scheduler_type == "reduce_lr_on_plateau" else {}
     evaluation: dict[str, Any] = {"eval_strategy": "no"}
     if has_validation:
@@ -128,12 +130,12 @@ def training_argument_values(
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
         lr_scheduler_kwargs=scheduler_kwargs,
-        # `train()` replaces the Trainer's length-grouped sampler by `LengthBucketBatches`;
-        # TRL's trainers use it as is.
+        # `train()` replaces the Trainer's length-grouped sampler by `LengthBucketBatches`, also
+        # when the request leaves group_by_length out; TRL's trainers use this as is.
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         optim=optimizer_name(quantized=quantized, cuda=cuda),
-        bf16=bf16,
-        fp16=cuda and not bf16,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         use_cpu=not cuda,
         logging_strategy="steps",
         logging_steps=1,
@@ -160,13 +162,14 @@ def run_argument_values(
     checkpoints: CheckpointStore | None,
     logging: LoggingConfig | None,
 ) -> dict[str, Any]:
-    """`training_argument_values` for one run of `model`: 4-bit or not, checkpoint interval,
-    W&B run name, derived the same way for every trainer."""
+    """`training_argument_values` for one run of `model`: 4-bit or not, precision,
+    checkpoint interval, W&B run name, derived the same way for every trainer."""
     return training_argument_values(
         config,
         output_dir=output_dir,
         has_validation=has_validation,
         quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+        dtype=loaded_dtype(model),
         batch_size=batch_size,
         save_steps=checkpoints.every_steps if checkpoints else 0,
         wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
