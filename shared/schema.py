@@ -273,8 +273,14 @@ class TrainingConfig(_Strict):
     lr_scheduler_type: Literal[LR_SCHEDULERS] = Field(  # type: ignore[valid-type]
         "reduce_lr_on_plateau", description="Learning-rate schedule."
     )
-    group_by_length: bool = Field(
-        False, description="Batch examples of similar length together to reduce padding."
+    group_by_length: bool | None = Field(
+        None,
+        description=(
+            "true: batch examples of similar length together to reduce padding. false: random "
+            "batches of the same number of examples, padded to their longest. Omitted: the "
+            "worker chooses, which today means length-grouped batches (padding-free ones on "
+            "GPUs with flash-attention)."
+        ),
     )
     preference_optimization: Literal["ORPO", "DONT"] = Field(
         "DONT",

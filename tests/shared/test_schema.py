@@ -39,12 +39,21 @@ def test_every_monsterapi_client_field_exists_with_the_same_default(section: str
     for name in set(mine) - set(theirs):
         assert (mine[name].description or "").startswith("Tunery extension"), name
     for name, field in theirs.items():
-        if name in ("data_split_config",):
+        # group_by_length: left out, the worker batches by length (README, "Differences from
+        # MonsterAPI"); MonsterAPI's false, when sent, still means random batches.
+        if name in ("data_split_config", "group_by_length"):
             continue
         assert mine[name].get_default(call_default_factory=True) == field.get_default(
             call_default_factory=True
         ), name
     assert set(monster.LLMServiceParams.model_fields) == set(FinetuneRequest.model_fields)
+
+
+def test_group_by_length_left_out_is_the_workers_choice_and_false_is_kept() -> None:
+    omitted = make_payload()
+    del omitted["training_config"]["group_by_length"]
+    assert FinetuneRequest.model_validate(omitted).training_config.group_by_length is None
+    assert FinetuneRequest.model_validate(make_payload()).training_config.group_by_length is False
 
 
 def test_client_defaults_for_optional_sections_validate() -> None:
