@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -16,11 +17,14 @@ import torch
 from shared.schema import LR_SCHEDULERS, TrainingConfig
 from shared.settings import Settings
 from worker.assets.build_dataset import DATASET_PATH
+from worker.pipeline.data import split
 from worker.pipeline.errors import PipelineError, TrainingStopped
 from worker.pipeline.export import push_to_hub
+from worker.pipeline.model import attention_implementation, compute_dtype
 from worker.pipeline.report import PHASES, RecordingReporter
 from worker.pipeline.run import TrainResult, render_and_tokenize, run_job
 from worker.pipeline.train import PadToLongest, training_arguments
+from worker.pipeline.trainer import TuneryTrainer
 
 LOG_LINE = re.compile(
     r"epoch \d+ \| step \d+/\d+ \(\d+%\) \| loss \d+\.\d{4} \| lr \d\.\de[-+]\d\d \| "
@@ -103,6 +107,27 @@ def test_lora_job_lowers_training_and_validation_loss(lora_job: Job) -> None:
     assert result.first_loss == reporter.values("loss")[0]
     assert result.last_loss == reporter.values("loss")[-1]
     assert result.last_loss < result.first_loss
+    eval_losses = reporter.values("eval_loss")
+    assert len(eval_losses) >= 2 and eval_losses[-1] < eval_losses[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU worker trains in bf16 or fp16")
+@pytest.mark.parametrize(
+    ("cpu_bf16", "loaded"),
+    [("off", "base model loaded in torch.float32"),
+     ("on", "base model loaded in torch.bfloat16, mixed precision")],
+)
+def test_lora_job_trains_in_either_cpu_precision(
+    tmp_path: Path, settings: Settings, make_request: Any, cpu_bf16: str, loaded: str
+) -> None:
+    # "on" emulates bf16 where the CPU lacks the instructions: slow, but the same training.
+    reporter = RecordingReporter()
+
+    result = run_job(make_request(), tmp_path / "work", reporter,
+                     settings.model_copy(update={"cpu_bf16": cpu_bf16}))
+
+    assert any(line.startswith(loaded) for line in reporter.lines)
+    assert result.steps == 6 and result.last_loss < result.first_loss  # type: ignore[operator]
     eval_losses = reporter.values("eval_loss")
     assert len(eval_losses) >= 2 and eval_losses[-1] < eval_losses[0]
 
@@ -380,11 +405,12 @@ def test_cancel_during_data_loading_stops_before_the_model_loads(
 def _eval_loss_of_adapter(
     adapter_dir: Path, base_dir: Path, request: Any, settings: Settings
 ) -> float:
-    """The exported adapter's loss on the job's validation split, as the Trainer computes it."""
+    """The exported adapter's loss on the job's validation split, as the Trainer computes it,
+    in the precision the job trained in."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from worker.pipeline.data import load_dataset, split
+    from worker.pipeline.data import load_dataset
 
     data = request.data_config
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
@@ -396,14 +422,21 @@ def _eval_loss_of_adapter(
     _, eval_set = split(
         render_and_tokenize(dataset, tokenizer, data, log=lambda line: None), data.data_split_config
     )
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    dtype = compute_dtype(settings.cpu_bf16)
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=dtype, attn_implementation=attention_implementation(dtype)
+    )
+    model = PeftModel.from_pretrained(base, adapter_dir)
     args = training_arguments(
         request.training_config,
         output_dir=adapter_dir.parent / "eval",
         has_validation=True,
         quantized=False,
+        dtype=dtype,
     )
-    trainer = Trainer(
+    # The job's own trainer: in bf16 another computation of the same loss (all logits, say)
+    # rounds differently, by more than the 1e-4 this compares with.
+    trainer = TuneryTrainer(
         model=model,
         args=args,
         eval_dataset=[vars(e) for e in eval_set],
@@ -412,23 +445,50 @@ def _eval_loss_of_adapter(
     return float(trainer.evaluate()["eval_loss"])
 
 
-def test_early_stopping_ends_training_and_exports_the_best_eval_adapter(
-    tmp_path: Path, settings: Settings, make_request: Any, tiny_model_dir: Path
-) -> None:
-    # A learning rate this high improves eval_loss for a few steps, then makes it diverge.
-    request = make_request(
+@pytest.fixture(scope="module")
+def contradicting_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample rows with one answer in the training split ("Answer: alpha.") and another in
+    the validation split ("Answer: omega."): eval_loss falls while the answer's format is
+    learnt, then rises for good as "alpha" becomes certain. A U whatever the machine's
+    rounding, where an arbitrary run's trajectory (which the early-stopping tests once relied
+    on) is not."""
+    rows = [json.loads(line) for line in DATASET_PATH.read_text().splitlines()]
+    # The job's own split of these rows (the fractions of `build_request`).
+    _, validation = split(list(range(len(rows))), {"train": 0.08, "validation": 0.04})
+    path = tmp_path_factory.mktemp("contradicting") / "rows.jsonl"
+    path.write_text("".join(
+        json.dumps({**row, "output": "Answer: omega." if i in validation else "Answer: alpha."})
+        + "\n" for i, row in enumerate(rows)
+    ))
+    return path
+
+
+def _overfitting_request(make_request: Any, data: Path, patience: int) -> Any:
+    # 48 steps, an evaluation every 5: the best comes at step 5 or 10, and is never beaten.
+    return make_request(
+        data,
         training={
-            "learning_rate": 0.9,
+            "learning_rate": 0.02,
             "lr_scheduler_type": "constant",
-            "early_stopping_patience": 1,
-            "num_train_epochs": 4,
-        }
+            "early_stopping_patience": patience,
+            "num_train_epochs": 8,
+        },
+    )
+
+
+def test_early_stopping_ends_training_and_exports_the_best_eval_adapter(
+    tmp_path: Path, settings: Settings, make_request: Any, tiny_model_dir: Path,
+    contradicting_data: Path,
+) -> None:
+    request = _overfitting_request(make_request, contradicting_data, patience=1)
+    settings = settings.model_copy(
+        update={"allowed_local_dirs": [*settings.allowed_local_dirs, contradicting_data.parent]}
     )
     reporter = RecordingReporter()
 
     result = run_job(request, tmp_path / "work", reporter, settings)
 
-    assert result.steps < 24
+    assert result.steps < 48
     assert any(line.startswith("early stopping at step") for line in reporter.lines)
     eval_losses = dict(zip(reporter.steps("eval_loss"), reporter.values("eval_loss"), strict=True))
     best_step = min(eval_losses, key=eval_losses.__getitem__)
@@ -437,33 +497,31 @@ def test_early_stopping_ends_training_and_exports_the_best_eval_adapter(
     assert any(line.startswith(f"kept the adapter of step {best_step}") for line in reporter.lines)
     exported = _eval_loss_of_adapter(result.output_dir, tiny_model_dir, request, settings)
     assert exported == pytest.approx(eval_losses[best_step], abs=1e-4)
-    assert exported < eval_losses[result.steps] - 0.1
+    # Not the last step's adapter, whose loss is worse by far more than that tolerance.
+    assert exported < eval_losses[result.steps] - 0.02
 
 
 @pytest.mark.parametrize("patience", [1, 2])
 def test_early_stopping_ends_exactly_patience_evaluations_after_the_best(
-    tmp_path: Path, settings: Settings, make_request: Any, patience: int
+    tmp_path: Path, settings: Settings, make_request: Any, patience: int,
+    contradicting_data: Path,
 ) -> None:
-    # As above: eval_loss is best at step 12 of 24 and never beaten afterwards.
-    request = make_request(
-        training={
-            "learning_rate": 0.9,
-            "lr_scheduler_type": "constant",
-            "early_stopping_patience": patience,
-            "num_train_epochs": 4,
-        }
+    request = _overfitting_request(make_request, contradicting_data, patience)
+    settings = settings.model_copy(
+        update={"allowed_local_dirs": [*settings.allowed_local_dirs, contradicting_data.parent]}
     )
     reporter = RecordingReporter()
 
     result = run_job(request, tmp_path / "work", reporter, settings)
 
     eval_steps = reporter.steps("eval_loss")
-    interval = eval_steps[1] - eval_steps[0]  # a tenth of the 24 steps, rounded up
-    assert interval == 3 and result.best_step is not None
-    # The default patience (5) would run all 24 steps: 12 + 5 x 3 > 24.
-    assert result.steps == result.best_step + patience * interval < 24
+    interval = eval_steps[1] - eval_steps[0]  # a tenth of the 48 steps, rounded up
+    assert interval == 5 and result.best_step is not None
+    # The default patience (5) would run all 48 steps: 10 + 5 x 5 > 48 is not needed to see
+    # it, the run stops patience evaluations after its best.
+    assert result.steps == result.best_step + patience * interval < 48
     assert any(
-        line.startswith(f"early stopping at step {result.steps}/24")
+        line.startswith(f"early stopping at step {result.steps}/48")
         and f"did not improve for {patience} evaluation" in line
         for line in reporter.lines
     )
