@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         50, ge=0, description="Upload a resumable checkpoint every N optimizer steps; 0: never."
     )
     checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept in storage per job.")
+    training_memory_gb: float | None = Field(
+        None, gt=0, description="Memory one training job may use on its device (GPU memory, or "
+        "RAM on a CPU worker). Unset: what the device reports free (on CPU also within a "
+        "container's cgroup limit). Gradient checkpointing turns on by itself when the "
+        "largest batch's activations would not fit.",
+    )
     cpu_bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="Training precision of a CPU worker. auto: bf16 mixed precision "
         "where the CPU multiplies bf16 in hardware (AVX512_BF16 or AMX), fp32 elsewhere; on: "

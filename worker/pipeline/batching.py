@@ -106,13 +106,18 @@ class LengthBucketBatches(torch.utils.data.Sampler[list[int]]):
         rng.shuffle(batches)
         return iter(batches)
 
+    def shapes(self) -> list[tuple[int, int]]:
+        """(rows, longest row) of each batch, the same every epoch."""
+        longest_first = sorted(self.lengths, reverse=True)
+        shapes, start = [], 0
+        for rows in self.batch_rows:
+            shapes.append((rows, longest_first[start]))
+            start += rows
+        return shapes
+
     def padding_share(self) -> float:
         """The fraction of the batches' tokens that are padding (the same every epoch)."""
-        longest_first = sorted(self.lengths, reverse=True)
-        padded, start = 0, 0
-        for rows in self.batch_rows:
-            padded += padded_tokens(rows, longest_first[start])
-            start += rows
+        padded = sum(padded_tokens(rows, longest) for rows, longest in self.shapes())
         return 1 - sum(self.lengths) / padded
 
 

@@ -17,6 +17,7 @@ from shared.datasets import PREFERENCE_COLUMNS, missing_preference_columns_messa
 from shared.schema import LoggingConfig, TrainingConfig
 from worker.pipeline.checkpoints import CheckpointStore
 from worker.pipeline.errors import PipelineError
+from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
 from worker.pipeline.readers import LoadedDataset
 from worker.pipeline.report import JobReporter
 from worker.pipeline.train import (
@@ -76,10 +77,12 @@ def train_orpo(
     checkpoints: CheckpointStore | None = None,
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
+    memory_limit_bytes: float | None = None,
 ) -> TrainStats:
     """Train the adapter of `model` in place with ORPO, as `train()` does with the supervised
     loss: same training_config mapping, metrics, log lines, cancel, early stopping on eval_loss
-    (here the ORPO loss) and checkpoints. `max_length` caps prompt + answer in tokens.
+    (here the ORPO loss), checkpoints, and gradient checkpointing when memory is short.
+    `max_length` caps prompt + answer in tokens.
 
     Raises `TrainingStopped` if the reporter asks to stop.
     """
@@ -109,6 +112,9 @@ def train_orpo(
         gradient_checkpointing=False,
         disable_dropout=False,
     )
+    # A batch holds every example's chosen and rejected answer, each up to max_length.
+    checkpoint_if_short_of_memory(model, [(2 * batch_size, max_length)],
+                                  limit_bytes=memory_limit_bytes, log=reporter.log)
     watch = TrainingWatch(
         reporter,
         config,

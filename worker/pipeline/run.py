@@ -113,6 +113,7 @@ def run_job(
         checkpoints=checkpoints,
         resume_from=resume_from,
         logging=request.logging_config,
+        memory_limit_bytes=_gib(settings.training_memory_gb),
     )
     output_dir = export_adapter(model, tokenizer, work_dir / "output", log=log)
     if hf.hf_model_path:
@@ -144,6 +145,10 @@ def render_and_tokenize(
     return tokenize(
         examples, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs, log=log
     )
+
+
+def _gib(gigabytes: float | None) -> float | None:
+    return None if gigabytes is None else gigabytes * 2**30
 
 
 def _stop_if_asked(reporter: JobReporter) -> None:

@@ -27,6 +27,7 @@ from worker.pipeline.callbacks import (
 from worker.pipeline.checkpoints import CheckpointStore, CheckpointUploadCallback
 from worker.pipeline.data import IGNORE_INDEX, TokenizedExample
 from worker.pipeline.errors import TrainingStopped
+from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
 from worker.pipeline.model import loaded_dtype
 from worker.pipeline.report import JobReporter
 from worker.pipeline.trainer import TuneryTrainer
@@ -201,6 +202,7 @@ def train(
     checkpoints: CheckpointStore | None = None,
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
+    memory_limit_bytes: float | None = None,
 ) -> TrainStats:
     """Train the adapter in place; raises `TrainingStopped` if the reporter asks to stop.
 
@@ -209,6 +211,9 @@ def train(
 
     With `checkpoints`, a checkpoint goes to storage every `checkpoints.every_steps` steps;
     `resume_from` is a downloaded checkpoint to continue from, as if never interrupted.
+
+    Gradient checkpointing turns on by itself when the largest batch would not fit in the
+    device's free memory, at most `memory_limit_bytes` (`memory_plan`).
     """
     args = TrainingArguments(
         **run_argument_values(
@@ -223,6 +228,9 @@ def train(
     layout = choose_layout(model, group_by_length=config.group_by_length)
     collator: Any = PadToLongest(tokenizer.pad_token_id)
     train_batches = None
+    longest = max(len(example.input_ids) for example in train_set)
+    # A random batch of the longest example: the worst a fixed-size or padding-free batch gets.
+    batch_shapes = [(min(batch_size, len(train_set)), longest)]
     if layout == "padding_free":
         collator = flattening_collator()
         reporter.log(f"batches: {batch_size} examples in one row each, without padding")
@@ -236,6 +244,9 @@ def train(
             f"longest row), {len(train_batches)} per epoch, "
             f"{100 * train_batches.padding_share():.1f}% padding"
         )
+        batch_shapes = train_batches.shapes()
+    checkpoint_if_short_of_memory(model, batch_shapes, limit_bytes=memory_limit_bytes,
+                                  log=reporter.log)
     trainer = TuneryTrainer(
         model=model,
         args=args,
