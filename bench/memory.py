@@ -1,11 +1,13 @@
-"""Memory: model footprint and peak RSS of a few training steps, LoRA fp32 vs QLoRA NF4.
+"""Memory: model footprint and peak RSS of a few training steps, LoRA vs QLoRA NF4, each in
+fp32 and in bf16 mixed precision.
 
     .venv/bin/python -m bench.memory            # SmolLM2-135M
     .venv/bin/python -m bench.memory --quick    # tiny random Llama
 
 Each variant runs in its own process: Tunery's `load_model` (LoRA r 8, alpha 16, all-linear;
-`use_quantization` false or true), then `STEPS` AdamW steps on one fixed batch of 4 long
-examples. Prints a table and writes bench/results/memory.json.
+`use_quantization` false or true; `cpu_bf16` off or on), then `STEPS` optimizer steps on one
+fixed batch of 4 long examples with Tunery's own loss, under autocast when the base is bf16,
+as the worker's Trainer runs them. Prints a table and writes bench/results/memory.json.
 """
 
 from __future__ import annotations
@@ -36,7 +38,19 @@ from bench.common.machine import (  # noqa: E402
     write_results,
 )
 
-VARIANTS = {"lora": False, "qlora": True}
+# variant: (use_quantization, cpu_bf16). On a GPU both precisions are the GPU's own.
+VARIANTS = {
+    "lora-fp32": (False, "off"),
+    "lora-bf16": (False, "on"),
+    "qlora-fp32": (True, "off"),
+    "qlora-bf16": (True, "on"),
+}
+LABELS = {
+    "lora-fp32": "LoRA fp32",
+    "lora-bf16": "LoRA bf16 mixed",
+    "qlora-fp32": "QLoRA NF4, fp32 compute",
+    "qlora-bf16": "QLoRA NF4, bf16 compute",
+}
 STEPS = 3
 BATCH_SIZE = 4
 
@@ -78,7 +92,8 @@ def run_variant(variant: str, model_dir: Path, cutoff_len: int, rows_per_example
     from bench.common.datasets import build_data, tokenize_rows
     from bench.common.evaluation import pad_batch
     from shared.schema import PretrainedModelConfig
-    from worker.pipeline.model import load_model
+    from worker.pipeline.labelled_loss import causal_lm_parts, labelled_causal_lm_loss
+    from worker.pipeline.model import load_model, loaded_dtype
     from worker.pipeline.train import optimizer_name
 
     torch.set_num_threads(threads)
@@ -91,11 +106,16 @@ def run_variant(variant: str, model_dir: Path, cutoff_len: int, rows_per_example
                       rows_per_long_example=rows_per_example)
     examples = tokenize_rows(data.train_rows, tokenizer, cutoff_len)
     batch = pad_batch(examples, pad_id)
+    quantize, cpu_bf16 = VARIANTS[variant]
     config = PretrainedModelConfig(
         model_path=str(model_dir), lora_r=8, lora_alpha=16, lora_dropout=0.0,
-        use_quantization=VARIANTS[variant],
+        use_quantization=quantize,
     )
-    model = load_model(str(model_dir), config, allowed_local_dirs=[model_dir.parent])
+    model = load_model(str(model_dir), config, allowed_local_dirs=[model_dir.parent],
+                       cpu_bf16=cpu_bf16)
+    dtype = loaded_dtype(model)
+    parts = causal_lm_parts(model)
+    assert parts is not None, "a Llama-architecture model has a plain LM head"
     rss_loaded = current_rss_bytes()
     footprint = footprint_bytes(model)
     quantized = bool(getattr(model, "is_loaded_in_4bit", False))
@@ -108,10 +128,16 @@ def run_variant(variant: str, model_dir: Path, cutoff_len: int, rows_per_example
 
         optimizer = bnb.optim.AdamW8bit(trainable, lr=2e-4)
     model.train()
+    device = parts.lm_head.weight.device
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     losses, times = [], []
     for _ in range(STEPS):
         start = time.perf_counter()
-        loss = model(**batch).loss
+        # What TuneryTrainer.compute_loss does, under the autocast the Trainer would use.
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            hidden = parts.decoder(**inputs, use_cache=False).last_hidden_state
+            loss = labelled_causal_lm_loss(hidden, batch["labels"], parts.lm_head)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -120,6 +146,7 @@ def run_variant(variant: str, model_dir: Path, cutoff_len: int, rows_per_example
     return {
         "variant": variant,
         "quantized": quantized,
+        "dtype": str(dtype).removeprefix("torch."),
         "optimizer": optim,
         "footprint_bytes": footprint,
         "rss_before_load_bytes": rss_start,
@@ -189,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         f = r["footprint_bytes"]
         rows.append([
-            "QLoRA NF4 (fp32 compute)" if r["quantized"] else "LoRA fp32",
+            LABELS[r["variant"]],
             f"{f['total'] / 1024**2:.1f} MB",
             f"{f['trainable'] / 1024**2:.1f} MB",
             gb(r["rss_after_load_bytes"]),

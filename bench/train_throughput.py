@@ -40,7 +40,7 @@ from bench.common.machine import (  # noqa: E402
 )
 from bench.common.recipes import RECIPES  # noqa: E402
 
-PEERS = ("a", "b", "c", "c2")
+PEERS = ("a", "b", "b16", "c", "c2")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def prepare_model(quick: bool, model_dir: Path | None) -> Path:
 
 def model_costs(model_dir: Path, threads: int) -> dict[str, Any]:
     """Parameters and FLOPs per token of the model (built on the meta device, no weights) and
-    the matmul FLOP/s this machine reaches at its shapes."""
+    the matmul FLOP/s this machine reaches at its shapes, in fp32 and in bf16."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -91,7 +91,13 @@ def model_costs(model_dir: Path, threads: int) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {**flops_per_token(model), "matmul": matmul_flops(**model_shapes(config))}
+    return {
+        **flops_per_token(model),
+        "matmul": {
+            precision: matmul_flops(**model_shapes(config), dtype=dtype)
+            for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        },
+    }
 
 
 def dataset_stats(model_dir: Path, plans: tuple[DatasetPlan, ...]) -> dict[str, Any]:
@@ -151,14 +157,15 @@ def run_child(recipe: str, plan: DatasetPlan, model_dir: Path, threads: int,
 
 
 def add_derived(results: list[dict[str, Any]], costs: dict[str, Any]) -> None:
-    """Machine fraction and the ratios against the best peer and against (b)."""
-    machine = costs["matmul"]["model_mix_flops_per_s"]
+    """Machine fraction (against the matmul rate of the precision each recipe trained in) and
+    the ratios against the best peer and against (b)."""
     ok = [r for r in results if r.get("tokens_per_s")]
     peers = [r for r in ok if r["recipe"] in PEERS]
     best = max(peers, key=lambda r: r["tokens_per_s"], default=None)
     b = next((r for r in ok if r["recipe"] == "b"), None)
     for r in ok:
         r["model_flops_per_s"] = costs["flops_per_token"] * r["tokens_per_s"]
+        machine = costs["matmul"][r["precision"]]["model_mix_flops_per_s"]
         r["machine_fraction"] = r["model_flops_per_s"] / machine
         others = [p for p in peers if p is not r]
         rival = max(others, key=lambda p: p["tokens_per_s"], default=None)
@@ -174,8 +181,8 @@ def _f(value: float | None, fmt: str) -> str:
 
 
 def table(plan: DatasetPlan, results: list[dict[str, Any]]) -> str:
-    headers = ["recipe", "real tok/s", "vs best other peer", "vs (b)", "padding", "steps",
-               "peak RSS", "eval loss", "machine fraction"]
+    headers = ["recipe", "precision", "real tok/s", "vs best other peer", "vs (b)", "padding",
+               "steps", "peak RSS", "eval loss", "machine fraction"]
     rows = []
     for r in results:
         name = RECIPES[r["recipe"]]
@@ -187,6 +194,7 @@ def table(plan: DatasetPlan, results: list[dict[str, Any]]) -> str:
         rival = r.get("best_other_peer")
         rows.append([
             name,
+            r["precision"],
             _f(r["tokens_per_s"], ".1f"),
             f"{_f(r['vs_best_other_peer'], '.2f')}x ({rival})" if rival else "n/a",
             f"{_f(r['vs_b'], '.2f')}x",
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny random Llama and a few examples: checks the script works")
     parser.add_argument("--model-dir", type=Path, help="a local causal LM instead of SmolLM2")
-    parser.add_argument("--recipes", default="a,b,c,t",
+    parser.add_argument("--recipes", default="a,b,b16,c,t",
                         help=f"comma-separated, among {','.join(RECIPES)} (c2 = (c') wrapped)")
     parser.add_argument("--datasets", default="short,long", help="short, long or both")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -225,13 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = prepare_model(args.quick, args.model_dir)
     costs = model_costs(model_dir, args.threads)
     stats = dataset_stats(model_dir, plans)
-    mm = costs["matmul"]
     print(f"model {model_dir.name}: {costs['nonembedding_params'] / 1e6:.1f}M non-embedding + "
           f"{costs['head_params'] / 1e6:.1f}M LM head parameters, "
           f"{costs['flops_per_token'] / 1e9:.3f} GFLOP per trained token (6 x (N + V x H))")
-    print(f"matmul fp32, {mm['threads']} threads: MLP shape {mm['mlp_flops_per_s'] / 1e9:.1f}, "
-          f"LM head shape {mm['lm_head_flops_per_s'] / 1e9:.1f}, model mix "
-          f"{mm['model_mix_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    for precision, mm in costs["matmul"].items():
+        print(f"matmul {precision}, {mm['threads']} threads: MLP shape "
+              f"{mm['mlp_flops_per_s'] / 1e9:.1f}, LM head shape "
+              f"{mm['lm_head_flops_per_s'] / 1e9:.1f}, model mix "
+              f"{mm['model_mix_flops_per_s'] / 1e9:.1f} GFLOP/s")
     for name, s in stats.items():
         print(f"{name}: {json.dumps(s)}")
 
@@ -253,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         print(table(plan, results))
         tunery = next((r for r in results if r["recipe"] == "t" and r.get("vs_b")), None)
         if tunery:
-            print(f"Tunery / (b): {tunery['vs_b']:.2f}x tokens/s, eval loss "
+            b = next(r for r in results if r["recipe"] == "b")
+            print(f"Tunery / best peer ({tunery['best_other_peer']}): "
+                  f"{tunery['vs_best_other_peer']:.2f}x tokens/s; Tunery / (b): "
+                  f"{tunery['vs_b']:.2f}x tokens/s, eval loss "
                   f"{100 * tunery['eval_loss_vs_b']:+.2f}%, peak RSS "
-                  f"{gb(tunery['peak_rss_bytes'])} vs "
-                  f"{gb(next(r for r in results if r['recipe'] == 'b')['peak_rss_bytes'])}")
+                  f"{gb(tunery['peak_rss_bytes'])} vs {gb(b['peak_rss_bytes'])}")
         print(flush=True)
 
     total = time.perf_counter() - started

@@ -48,8 +48,9 @@ def flops_per_token(model: Any) -> dict[str, float]:
     }
 
 
-def _matmul_rate(m: int, k: int, n: int, *, repeats: int, min_seconds: float) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def _matmul_rate(m: int, k: int, n: int, *, dtype: torch.dtype, repeats: int,
+                 min_seconds: float) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     torch.matmul(a, b)  # warm-up: thread pool, allocator
     best = float("inf")
     start = time.perf_counter()
@@ -63,15 +64,16 @@ def _matmul_rate(m: int, k: int, n: int, *, repeats: int, min_seconds: float) ->
 
 
 def matmul_flops(
-    hidden: int, intermediate: int, vocab: int, layers: int, *, tokens: int = 1024,
-    repeats: int = 3, min_seconds: float = 0.5,
+    hidden: int, intermediate: int, vocab: int, layers: int, *, dtype: torch.dtype,
+    tokens: int = 1024, repeats: int = 3, min_seconds: float = 0.5,
 ) -> dict[str, float]:
-    """fp32 torch.matmul FLOP/s at [tokens x hidden] @ [hidden x intermediate] (the MLP) and
+    """`dtype` torch.matmul FLOP/s at [tokens x hidden] @ [hidden x intermediate] (the MLP) and
     [tokens x hidden] @ [hidden x vocab] (the LM head), best of `repeats`, with this process's
     thread count; `model_mix` weighs the two by the model's own FLOPs (layers x 3 MLP matmuls
     of hidden x intermediate plus about 2 hidden x hidden for attention, against the head)."""
-    body = _matmul_rate(tokens, hidden, intermediate, repeats=repeats, min_seconds=min_seconds)
-    head = _matmul_rate(tokens, hidden, vocab, repeats=repeats, min_seconds=min_seconds)
+    timing = {"dtype": dtype, "repeats": repeats, "min_seconds": min_seconds}
+    body = _matmul_rate(tokens, hidden, intermediate, **timing)
+    head = _matmul_rate(tokens, hidden, vocab, **timing)
     body_flops = layers * (3 * hidden * intermediate + 2 * hidden * hidden)
     head_flops = hidden * vocab
     mix = (body_flops + head_flops) / (body_flops / body + head_flops / head)

@@ -47,6 +47,7 @@ LORA_R, LORA_ALPHA, LORA_DROPOUT = 8, 16, 0.0
 RECIPES = {
     "a": "(a) Trainer, pad to cutoff",
     "b": "(b) Trainer, group_by_length",
+    "b16": "(b16) Trainer, group_by_length, bf16",
     "c": "(c) TRL packing bfd",
     "c2": "(c') TRL packing wrapped",
     "t": "(t) Tunery run_job",
@@ -92,7 +93,8 @@ class CountingCollator:
 
 @dataclass
 class TrainRun:
-    model: Any
+    adapter_dir: Path
+    precision: str
     steps: int
     start: float
     end: float
@@ -119,12 +121,13 @@ def _examples_from_items(items: Sequence[dict[str, list[int]]]) -> list[Example]
     return [Example(item["input_ids"], item["labels"]) for item in items]
 
 
-def load_lora_model(model_dir: str) -> Any:
-    """fp32 base + a fresh LoRA (r 8, alpha 16, dropout 0, all-linear), seeded like Tunery's."""
+def load_lora_model(model_dir: str, dtype: torch.dtype = torch.float32) -> Any:
+    """The base in `dtype` + a fresh LoRA (r 8, alpha 16, dropout 0, all-linear), seeded like
+    Tunery's. peft keeps the LoRA weights in fp32 whatever the base's dtype."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     torch.manual_seed(LORA_INIT_SEED)
     lora = LoraConfig(
         r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules="all-linear",
@@ -145,7 +148,7 @@ def _step_times() -> tuple[Any, list[float]]:
     return StepTimes(), times
 
 
-def _common_args(work_dir: Path, max_steps: int | None) -> dict[str, Any]:
+def _common_args(work_dir: Path, max_steps: int | None, *, bf16: bool = False) -> dict[str, Any]:
     return dict(
         output_dir=str(work_dir),
         per_device_train_batch_size=BATCH_SIZE,
@@ -156,7 +159,7 @@ def _common_args(work_dir: Path, max_steps: int | None) -> dict[str, Any]:
         lr_scheduler_type="linear",
         warmup_steps=WARMUP_STEPS,
         optim="adamw_torch",
-        bf16=False,
+        bf16=bf16,
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
@@ -176,8 +179,11 @@ def _finish(trainer: Any, collator: CountingCollator, probe: TrainingProbe,
     # One batch per optimizer step (no gradient accumulation); ignore any fetched beyond.
     batches = collator.batches[:steps]
     assert probe.first_forward is not None, "no training forward pass was seen"
+    adapter_dir = Path(trainer.args.output_dir) / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
     return TrainRun(
-        model=trainer.model,
+        adapter_dir=adapter_dir,
+        precision="bf16" if trainer.args.bf16 else "fp32",
         steps=steps,
         start=probe.first_forward,
         end=times[-1],
@@ -189,21 +195,23 @@ def _finish(trainer: Any, collator: CountingCollator, probe: TrainingProbe,
 def train_with_trainer(spec: dict[str, Any], tokenizer: Any, data: BenchData,
                        examples: list[Example]) -> TrainRun:
     """(a) every batch padded to cutoff_len, random order; (b) padded to the batch's longest,
-    length-grouped order (`train_sampling_strategy="group_by_length"`)."""
+    length-grouped order (`train_sampling_strategy="group_by_length"`); (b16) the same as (b)
+    in bf16 mixed precision as on a GPU: the base loaded in bf16, `bf16=True` (autocast)."""
     from transformers import Trainer, TrainingArguments
 
     pad_to_cutoff = spec["recipe"] == "a"
+    bf16 = spec["recipe"] == "b16"
     pad_id = tokenizer.pad_token_id
     width = data.cutoff_len if pad_to_cutoff else None
     collator = CountingCollator(
         lambda items: pad_batch(_examples_from_items(items), pad_id, width=width)
     )
     args = TrainingArguments(
-        **_common_args(Path(spec["work_dir"]), spec.get("max_steps")),
+        **_common_args(Path(spec["work_dir"]), spec.get("max_steps"), bf16=bf16),
         train_sampling_strategy="random" if pad_to_cutoff else "group_by_length",
         remove_unused_columns=False,
     )
-    model = load_lora_model(spec["model_dir"])
+    model = load_lora_model(spec["model_dir"], torch.bfloat16 if bf16 else torch.float32)
     probe = TrainingProbe()
     probe.attach(model)
     callback, times = _step_times()
@@ -262,6 +270,7 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
     from shared.schema import FinetuneRequest
     from shared.settings import Settings
     from worker.pipeline import run as tunery_run
+    from worker.pipeline.model import compute_dtype
     from worker.pipeline.report import RecordingReporter
 
     @_dataclass
@@ -319,14 +328,10 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
     peak_at_training_end = peak_rss_bytes()
     end = reporter.loss_times[-1] if reporter.loss_times else time.perf_counter()
     start = probe.first_forward or reporter.phase_times["training"]
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, result.output_dir)
     reported = reporter.values("tokens_per_s")
     return TrainRun(
-        model=model,
+        adapter_dir=result.output_dir,
+        precision="bf16" if compute_dtype(settings.cpu_bf16) == torch.bfloat16 else "fp32",
         steps=result.steps,
         start=start,
         end=end,
@@ -345,10 +350,21 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
 TRAINERS = {
     "a": train_with_trainer,
     "b": train_with_trainer,
+    "b16": train_with_trainer,
     "c": train_with_trl,
     "c2": train_with_trl,
     "t": train_with_tunery,
 }
+
+
+def adapter_on_fp32_base(model_dir: str, adapter_dir: Path) -> Any:
+    """What every recipe is evaluated as, whatever precision it trained in: the saved adapter
+    on the base loaded afresh in fp32, with transformers' default attention."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir)
 
 
 def run_recipe(spec: dict[str, Any]) -> dict[str, Any]:
@@ -371,10 +387,14 @@ def run_recipe(spec: dict[str, Any]) -> dict[str, Any]:
     peak = run.notes.pop("peak_rss_bytes_at_training_end", None) or peak_rss_bytes()
     seconds = run.end - run.start
     eval_start = time.perf_counter()
-    eval_loss = response_loss(run.model, eval_examples, tokenizer.pad_token_id)
+    eval_loss = response_loss(
+        adapter_on_fp32_base(spec["model_dir"], run.adapter_dir), eval_examples,
+        tokenizer.pad_token_id,
+    )
     return {
         "recipe": spec["recipe"],
         "dataset": spec["dataset"],
+        "precision": run.precision,
         "steps": run.steps,
         "train_seconds": seconds,
         "real_tokens": run.real_tokens,
