@@ -58,6 +58,9 @@ class Caller:
     tenant_id: str
     """The key's tenant: what it submits and uploads belongs here, admin or not."""
     key_id: str
+    key_prefix: str
+    """The public part of the key, shown by `tunery keys` and accepted by `keys revoke`."""
+    key_name: str
     is_admin: bool = False
 
     @property
@@ -85,7 +88,8 @@ def get_caller(credentials: BearerDep, session: SessionDep) -> Caller:
         raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=_UNAUTHORIZED)
     if record_use(session, key):
         session.commit()
-    return Caller(tenant_id=key.tenant_id, key_id=key.id, is_admin=key.role == KeyRole.ADMIN)
+    return Caller(tenant_id=key.tenant_id, key_id=key.id, key_prefix=key.prefix, key_name=key.name,
+                  is_admin=key.role == KeyRole.ADMIN)
 
 
 TenantDep = Annotated[Caller, Depends(get_caller)]

@@ -12,7 +12,7 @@ from api.access_log import install_access_log_filter
 from api.errors import install_error_handlers
 from api.limits.install import install_limits
 from api.limits.rate import RateLimited
-from api.routes import datasets, deploy, finetune, health, upload
+from api.routes import datasets, deploy, finetune, health, me, upload
 from shared.queue import declare_queue
 from shared.settings import get_settings
 
@@ -45,6 +45,7 @@ def create_app() -> FastAPI:
     app.include_router(finetune.router, dependencies=[RateLimited])
     app.include_router(deploy.router, dependencies=[RateLimited])
     app.include_router(datasets.router, dependencies=[RateLimited])
+    app.include_router(me.router, dependencies=[RateLimited])
     # Not rate limited as a whole: its PUT is authorized by the upload token, not a key.
     app.include_router(upload.router)
     install_limits(app)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field
 
 from shared import datasets
-from shared.models import Dataset, Job, JobStatus
+from shared.models import Dataset, Job, JobStatus, KeyRole
 from shared.schema import PromptTemplate, redact_payload
 
 
@@ -202,3 +202,20 @@ class UploadUrlOut(BaseModel):
     )
     dataset_id: str
     expires_in: int = Field(description="Seconds the upload_url stays valid.")
+
+
+class CallerOut(BaseModel):
+    """The API key a request was sent with: what a client checks before it starts work."""
+
+    key_id: str
+    key_prefix: str = Field(description="The key's public part: `tunery keys revoke "
+                                        "<prefix>` revokes it.")
+    key_name: str
+    role: KeyRole = Field(description="member: its tenant's jobs and datasets; admin: every "
+                                      "tenant's.")
+    tenant_id: str = Field(description="The tenant that owns what this key submits and "
+                                       "uploads.")
+    rate_limit_per_minute: int = Field(description="Requests per minute this key may send to "
+                                                   "each API process; 0: no limit.")
+    max_active_jobs: int = Field(description="Queued plus running jobs the tenant may have; "
+                                             "0: no limit.")

@@ -51,9 +51,9 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _api(args: argparse.Namespace) -> int:
-    import uvicorn
+    from api.serve import serve
 
-    uvicorn.run("api.main:app", host=args.host, port=args.port, log_level="info")
+    serve(args.host, args.port, args.workers)
     return 0
 
 
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="serve the HTTP API")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1,
+                     help="API processes sharing the port (default 1)")
     api.set_defaults(func=_api)
 
     worker = sub.add_parser("worker", help="run a training worker (one job at a time)")

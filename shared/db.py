@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.settings import get_settings
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 15, max_overflow: int = 0) -> Engine:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         # The embedded default shares one SQLite file between the API and worker processes:
@@ -22,6 +22,7 @@ def make_engine(url: str) -> Engine:
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:
         kwargs["connect_args"] = {"connect_timeout": 5}
+        kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
 
@@ -37,12 +38,13 @@ def make_engine(url: str) -> Engine:
 
 
 @lru_cache(maxsize=4)
-def _engine_for(url: str) -> Engine:
-    return make_engine(url)
+def _engine_for(url: str, pool_size: int, max_overflow: int) -> Engine:
+    return make_engine(url, pool_size, max_overflow)
 
 
 def get_engine() -> Engine:
-    return _engine_for(get_settings().database_url)
+    settings = get_settings()
+    return _engine_for(settings.database_url, settings.db_pool_size, settings.db_max_overflow)
 
 
 def session_factory() -> sessionmaker[Session]:

@@ -84,6 +84,8 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        # The active-jobs count of every submit reads only the tenant's own active jobs.
+        Index("ix_jobs_tenant_status", "tenant_id", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

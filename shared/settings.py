@@ -25,6 +25,17 @@ class Settings(BaseSettings):
     )
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite in data_dir.")
     broker_url: str = Field("", description="Celery broker URL; default: SQLite file in data_dir.")
+    # SQLAlchemy's default is 5 kept + 10 overflow: the same 15 at most, but under load every
+    # request past the fifth concurrent one opened a PostgreSQL connection and closed it
+    # again (a backend process started per request). Keeping all 15 costs only idle backends.
+    db_pool_size: int = Field(
+        15, ge=1, description="PostgreSQL connections each process may hold; once opened they "
+        "stay open for the next request."
+    )
+    db_max_overflow: int = Field(
+        0, ge=0, description="Connections a process may open beyond db_pool_size under load, "
+        "each closed again as soon as it is given back."
+    )
     storage_url: str = Field(
         "", description="file:///abs/dir or s3://bucket/prefix; default: data_dir/storage."
     )

@@ -18,29 +18,34 @@ def lock_tenant(session: Session, tenant_id: str) -> None:
 
     A no-op UPDATE of the tenant's row: on PostgreSQL it takes that row's lock, so a second
     submit of the tenant waits here and then counts the first one's committed job (READ
-    COMMITTED reads a fresh snapshot per statement); on SQLite it opens the transaction with
-    the database write lock before the count, so no other writer can slip in between.
+    COMMITTED reads a fresh snapshot per statement); on SQLite the transaction already holds
+    the database write lock from inserting its job, so no other writer can slip in between.
     """
     session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
 
 
-def active_jobs(session: Session, tenant_id: str) -> int:
-    return session.scalar(
-        select(func.count()).select_from(Job)
-        .where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
-    ) or 0
+def active_jobs(session: Session, tenant_id: str, besides: str | None = None) -> int:
+    """The tenant's QUEUED and RUNNING jobs, leaving out the job `besides`."""
+    query = (select(func.count()).select_from(Job)
+             .where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE)))
+    if besides is not None:
+        query = query.where(Job.id != besides)
+    return session.scalar(query) or 0
 
 
-def check_active_jobs(session: Session, tenant_id: str, max_active: int) -> None:
-    """429 with Retry-After when the tenant already has `max_active` active jobs (0: no cap).
+def check_active_jobs(session: Session, new_job: Job, max_active: int) -> None:
+    """429 with Retry-After when `new_job`'s tenant already had `max_active` other active jobs
+    (0: no cap); the session is then rolled back, `new_job` with it.
 
-    Call it right before inserting the job, in the same transaction: the tenant stays locked
-    until that transaction commits or rolls back, so concurrent submits cannot overshoot.
+    Call it last before the commit, with `new_job` inserted in the same transaction: the
+    tenant stays locked from here until that commit, so concurrent submits of one tenant take
+    turns only for the count and the commit, and each count sees every job committed before
+    it. Locking before the inserts would make them wait for each other's inserts too.
     """
     if max_active <= 0:
         return
-    lock_tenant(session, tenant_id)
-    count = active_jobs(session, tenant_id)
+    lock_tenant(session, new_job.tenant_id)
+    count = active_jobs(session, new_job.tenant_id, besides=new_job.id)
     if count >= max_active:
         session.rollback()  # releases the lock at once
         raise ApiError(429, "too_many_active_jobs",

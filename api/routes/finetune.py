@@ -105,13 +105,14 @@ def submit_job(request: FinetuneRequest, caller: TenantDep, session: SessionDep,
         return _replay(earlier)
     check_payload_limits(request, settings)
     check_sources(request, settings, session=session, storage=storage, tenant_id=caller.tenant_id)
-    check_active_jobs(session, caller.tenant_id, settings.max_active_jobs_per_tenant)
     job = jobs.create_job(session, caller.tenant_id, request, settings.max_attempts)
     submitted = JobSubmitted(job_id=job.id, deployment_id=job.id, status=JobStatus.QUEUED,
                              message="job queued")
     response = idempotency.StoredResponse(201, submitted.model_dump(mode="json"))
     if keyed and (earlier := keyed.record(session, job.id, response)):
         return _replay(earlier)  # a concurrent retry won; this job was rolled back
+    # Last before the commit: the tenant is locked from this count to the commit only.
+    check_active_jobs(session, job, settings.max_active_jobs_per_tenant)
     session.commit()
     # After the commit: a worker that wakes up must find the row. Replays send nothing.
     enqueue_training(job.id)

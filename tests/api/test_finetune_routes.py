@@ -50,6 +50,7 @@ def test_every_v1_route_needs_a_valid_key(app_client: TestClient) -> None:
         ("GET", "/v1/finetune/llm"),
         ("GET", "/v1/finetune/llm/x"),
         ("GET", "/v1/deploy/list"),
+        ("GET", "/v1/me"),
         ("POST", "/v1/deploy/terminate"),
     ]:
         response = app_client.request(method, path, json={})

@@ -15,6 +15,7 @@ import threading
 import tracemalloc
 import zipfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,10 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from api.limits.rate import RateLimiter
-from shared.db import session_scope
+from shared.db import get_engine, session_scope
 from shared.models import Job, JobStatus
 from shared.settings import get_settings
 from tests.api.conftest import new_key
@@ -411,6 +412,43 @@ def test_an_idempotent_replay_is_answered_even_at_the_cap(make_client: Any) -> N
     replay = client.post(URL, json=make_payload(), headers=headers)
     assert (first.status_code, replay.status_code) == (201, 201)
     assert replay.json() == first.json()
+
+
+@contextmanager
+def sql_and_commits() -> Iterator[list[str]]:
+    """Every SQL statement the app's engine runs, and "COMMIT" for every commit, in order."""
+    engine = get_engine()
+    seen: list[str] = []
+
+    def statement(_conn: Any, _cursor: Any, sql: str, *_: Any) -> None:
+        seen.append(" ".join(sql.split()))
+
+    def commit(_conn: Any) -> None:
+        seen.append("COMMIT")
+
+    event.listen(engine, "before_cursor_execute", statement)
+    event.listen(engine, "commit", commit)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", statement)
+        event.remove(engine, "commit", commit)
+
+
+def test_a_submit_locks_its_tenant_only_for_the_count_and_the_commit(make_client: Any) -> None:
+    client = make_client(max_active_jobs_per_tenant=5)
+    with sql_and_commits() as seen:
+        assert client.post(URL, json=make_payload(),
+                           headers={"Idempotency-Key": "k1"}).status_code == 201
+    locked = next(i for i, sql in enumerate(seen) if sql.startswith("UPDATE tenants"))
+    # The job, its event and its idempotency record are written before the lock, so that
+    # concurrent submits of the tenant wait for each other's count and commit only.
+    written = " ".join(seen[:locked])
+    for table in ("jobs", "job_events", "idempotency_keys"):
+        assert f"INSERT INTO {table} " in written, table
+    count, commit = seen[locked + 1:]
+    assert count.startswith("SELECT count(*)") and "FROM jobs" in count
+    assert commit == "COMMIT"
 
 
 def submit_concurrently(client: TestClient, n: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""The benchmarks still run end to end, in their quick mode on the tiny random Llama.
+"""The benchmarks still run end to end, in their quick mode (the training ones on the tiny
+random Llama).
 
 Only that they finish and write well-formed results is checked: timings on a shared CI
 machine mean nothing.
@@ -51,3 +52,31 @@ def test_memory_quick_compares_lora_and_qlora(tmp_path: Path) -> None:
     assert qlora["footprint_bytes"]["parameters"] < lora["footprint_bytes"]["parameters"]
     for row in rows.values():
         assert row["peak_rss_bytes"] > 0 and len(row["losses"]) == result["steps"], row
+
+
+def test_api_load_quick_drives_every_endpoint_and_cleans_up(tmp_path: Path) -> None:
+    import psycopg
+    import redis
+
+    from bench.api_load import REDIS_DB, REDIS_URL
+    from tests.conftest import POSTGRES_ADMIN_URL
+
+    result = _run("bench.api_load", tmp_path)
+    machine = result["machine"]
+    assert machine["cpu_cores"] >= 1 and machine["load_average_at_end"] is not None
+    assert set(result["results"]) == {"GET /v1/me", "POST /v1/finetune/llm",
+                                      "GET /v1/finetune/llm/{id}", "GET /v1/finetune/llm"}
+    for name, row in [*result["results"].items(), *result["mixed"]["endpoints"].items()]:
+        assert row["requests"] > 0 and row["errors"] == 0, (name, row["error_samples"])
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"], name
+    ratios = result["ratios"]
+    assert ratios["errors"] == 0 and ratios["post_vs_trivial_throughput"] > 0
+    assert ratios["status_vs_trivial_p99"] > 0
+    # Every accepted job sent its wake-up message.
+    assert result["messages_published"] == result["jobs_submitted"] > 0
+    with psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=5) as conn:
+        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                            (result["database"],)).fetchall()
+    assert left == [], "the benchmark's database was not dropped"
+    broker = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
+    assert not list(broker.scan_iter(match=f"*{result['queue']}*")), "its queue was left"
