@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         50, ge=0, description="Upload a resumable checkpoint every N optimizer steps; 0: never."
     )
     checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept in storage per job.")
+    base_model_cache: bool = Field(
+        True, description="Keep the last base model (4-bit for QLoRA) in the worker's memory "
+        "between jobs, so that the next job on the same base skips loading it. Off: every job "
+        "loads its base and the worker holds no model while idle."
+    )
     auto_migrate: bool = Field(True, description="Run `alembic upgrade head` when the API starts.")
     log_level: str = "INFO"
 

@@ -302,20 +302,20 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
     })
     settings = Settings(data_dir=work / "tunery", allowed_local_dirs=[work, model_dir.parent])
     probe = TrainingProbe()
-    load_model = tunery_run.load_model
+    add_lora = tunery_run.add_lora
 
-    def load_and_probe(*args: Any, **kwargs: Any) -> Any:
-        model = load_model(*args, **kwargs)
+    def add_lora_and_probe(*args: Any, **kwargs: Any) -> Any:
+        model = add_lora(*args, **kwargs)
         probe.attach(model)
         return model
 
     # Observes only: the hook reads each training batch's shape, nothing is changed.
-    tunery_run.load_model = load_and_probe  # type: ignore[assignment]
+    tunery_run.add_lora = add_lora_and_probe  # type: ignore[assignment]
     reporter = TimedReporter()
     try:
         result = tunery_run.run_job(request, work / "job", reporter, settings)
     finally:
-        tunery_run.load_model = load_model  # type: ignore[assignment]
+        tunery_run.add_lora = add_lora  # type: ignore[assignment]
     peak_at_training_end = peak_rss_bytes()
     end = reporter.loss_times[-1] if reporter.loss_times else time.perf_counter()
     start = probe.first_forward or reporter.phase_times["training"]
