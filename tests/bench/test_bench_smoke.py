@@ -46,3 +46,25 @@ def test_memory_quick_compares_lora_and_qlora(tmp_path: Path) -> None:
     assert qlora["footprint_bytes"]["parameters"] < lora["footprint_bytes"]["parameters"]
     for row in (lora, qlora):
         assert row["peak_rss_bytes"] > 0 and len(row["losses"]) == result["steps"], row
+
+
+def test_queue_latency_quick_times_cold_and_warm_jobs_on_the_real_stack(tmp_path: Path) -> None:
+    # The real stack: the machine's PostgreSQL and Redis (a database of its own on each).
+    result = _run("bench.queue_latency", tmp_path)
+    assert result["machine"]["cpu_cores"] >= 1 and result["machine"]["load_average_at_end"]
+    jobs = result["jobs"]
+    assert [(j["series"], j["kind"]) for j in jobs] == [
+        ("lora", "cold (fresh worker)"), ("lora", "warm"),
+        ("lora", "cold (other base)"), ("lora", "warm"),
+        ("qlora", "cold (other base)"), ("qlora", "warm"),
+    ]
+    for job in jobs:
+        assert job["error"] is None and job["status"] == "COMPLETED", job
+        assert job["claim_ms"] is not None and job["first_step_s"] is not None, job
+        assert all(value is not None for value in job["spans_s"].values()), job
+    summary = result["summary"]
+    assert summary["cache_hits_as_planned"] is True
+    assert set(summary["series"]) == {"lora", "qlora"}
+    for series in summary["series"].values():
+        assert series["paired_cold_over_warm_first_step"] is not None
+        assert set(series["groups"]) >= {"cold (all)", "warm"}
