@@ -193,8 +193,8 @@ class BaseModelCache:
         if self._kept is not None and key is not None and self._kept.key == key:
             kept, self._kept = self._kept, None
             kept.jobs += 1
-            log(f"base model reused from this worker's cache (its job {kept.jobs + 1}), "
-                "not loaded")
+            log(f"base model reused from this worker's cache, not loaded (job {kept.jobs + 1} "
+                "on it)")
             return kept
         if self._kept is not None:
             # Before loading: two base models at once may not fit in the GPU's memory.
