@@ -140,6 +140,11 @@ class Settings(BaseSettings):
         "always bf16 (emulated, slow, without those instructions); off: always fp32. GPU "
         "workers use bf16, or fp16 where the GPU has no bf16, whatever this says.",
     )
+    base_model_cache: bool = Field(
+        True, description="Keep the last base model (4-bit for QLoRA) in the worker's memory "
+        "between jobs, so that the next job on the same base skips loading it. Off: every job "
+        "loads its base and the worker holds no model while idle."
+    )
     auto_migrate: bool = Field(True, description="Run `alembic upgrade head` when the API starts.")
     log_level: str = "INFO"
 

@@ -270,6 +270,7 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
     from shared.schema import FinetuneRequest
     from shared.settings import Settings
     from worker.pipeline import run as tunery_run
+    from worker.pipeline import train as tunery_train
     from worker.pipeline.model import compute_dtype
     from worker.pipeline.report import RecordingReporter
 
@@ -304,27 +305,29 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
             "data_split_config": {"train": 1.0, "validation": 0.0},
         },
         "training_config": {
+            # group_by_length left out: the worker's own choice of batches.
             "num_train_epochs": 1, "learning_rate": LEARNING_RATE, "warmup_steps": WARMUP_STEPS,
-            "lr_scheduler_type": "linear", "group_by_length": True,
+            "lr_scheduler_type": "linear",
         },
         "logging_config": {},
     })
     settings = Settings(data_dir=work / "tunery", allowed_local_dirs=[work, model_dir.parent])
     probe = TrainingProbe()
-    load_model = tunery_run.load_model
+    plan_memory = tunery_train.checkpoint_if_short_of_memory
 
-    def load_and_probe(*args: Any, **kwargs: Any) -> Any:
-        model = load_model(*args, **kwargs)
+    def plan_memory_then_probe(model: Any, *args: Any, **kwargs: Any) -> None:
+        plan_memory(model, *args, **kwargs)
+        # After the memory plan's own probe forwards, which are not training: the next
+        # forward is the Trainer's first.
         probe.attach(model)
-        return model
 
     # Observes only: the hook reads each training batch's shape, nothing is changed.
-    tunery_run.load_model = load_and_probe  # type: ignore[assignment]
+    tunery_train.checkpoint_if_short_of_memory = plan_memory_then_probe  # type: ignore[assignment]
     reporter = TimedReporter()
     try:
         result = tunery_run.run_job(request, work / "job", reporter, settings)
     finally:
-        tunery_run.load_model = load_model  # type: ignore[assignment]
+        tunery_train.checkpoint_if_short_of_memory = plan_memory  # type: ignore[assignment]
     peak_at_training_end = peak_rss_bytes()
     end = reporter.loss_times[-1] if reporter.loss_times else time.perf_counter()
     start = probe.first_forward or reporter.phase_times["training"]

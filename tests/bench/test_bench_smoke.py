@@ -80,3 +80,25 @@ def test_api_load_quick_drives_every_endpoint_and_cleans_up(tmp_path: Path) -> N
     assert left == [], "the benchmark's database was not dropped"
     broker = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
     assert not list(broker.scan_iter(match=f"*{result['queue']}*")), "its queue was left"
+
+
+def test_queue_latency_quick_times_cold_and_warm_jobs_on_the_real_stack(tmp_path: Path) -> None:
+    # The real stack: the machine's PostgreSQL and Redis (a database of its own on each).
+    result = _run("bench.queue_latency", tmp_path)
+    assert result["machine"]["cpu_cores"] >= 1 and result["machine"]["load_average_at_end"]
+    jobs = result["jobs"]
+    assert [(j["series"], j["kind"]) for j in jobs] == [
+        ("lora", "cold (fresh worker)"), ("lora", "warm"),
+        ("lora", "cold (other base)"), ("lora", "warm"),
+        ("qlora", "cold (other base)"), ("qlora", "warm"),
+    ]
+    for job in jobs:
+        assert job["error"] is None and job["status"] == "COMPLETED", job
+        assert job["claim_ms"] is not None and job["first_step_s"] is not None, job
+        assert all(value is not None for value in job["spans_s"].values()), job
+    summary = result["summary"]
+    assert summary["cache_hits_as_planned"] is True
+    assert set(summary["series"]) == {"lora", "qlora"}
+    for series in summary["series"].values():
+        assert series["paired_cold_over_warm_first_step"] is not None
+        assert set(series["groups"]) >= {"cold (all)", "warm"}

@@ -140,38 +140,71 @@ def load_model(
 ) -> Any:
     """Load the base model and wrap it with a fresh LoRA adapter; returns the `PeftModel`.
 
-    With `config.use_quantization` the base is 4-bit NF4 with double quantization (QLoRA);
-    there is no silent fallback when 4-bit is unavailable. `cpu_bf16` is the worker's
-    `TUNERY_CPU_BF16` (see `compute_dtype`).
+    `load_base_model` then `add_lora`; a worker that keeps base models between jobs calls the
+    two itself (`base_cache`). `cpu_bf16` is the worker's `TUNERY_CPU_BF16` (see
+    `compute_dtype`).
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    base = load_base_model(
+        model_path, config, allowed_local_dirs=allowed_local_dirs, token=token,
+        cpu_bf16=cpu_bf16, log=log,
+    )
+    return add_lora(base, config, log=log)
 
-    source = resolve_model_path(model_path, allowed_local_dirs)
+
+def base_model_options(
+    config: PretrainedModelConfig, cpu_bf16: CpuBf16 = "auto"
+) -> dict[str, Any]:
+    """What `from_pretrained` gets besides the source and the token: dtype, device map, 4-bit
+    quantization, attention. Together with the source they decide the loaded base."""
+    from transformers import BitsAndBytesConfig
+
     dtype = compute_dtype(cpu_bf16)
-    kwargs: dict[str, Any] = {
+    options: dict[str, Any] = {
         "dtype": dtype,
-        "token": token,
         "trust_remote_code": False,
         # Pickled .bin checkpoints can run code when loaded.
         "use_safetensors": True,
     }
     if torch.cuda.is_available():
         # "nmp", naive model parallel: layers spread over the GPUs of this worker.
-        kwargs["device_map"] = "auto"
+        options["device_map"] = "auto"
     if config.use_quantization:
-        check_4bit_available()
         # fp16 compute overflows too easily for training; without bf16, compute in fp32.
-        kwargs["dtype"] = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        options["dtype"] = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        options["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=kwargs["dtype"],
+            bnb_4bit_compute_dtype=options["dtype"],
         )
-    kwargs["attn_implementation"] = attention_implementation(kwargs["dtype"])
+    options["attn_implementation"] = attention_implementation(options["dtype"])
+    return options
+
+
+def load_base_model(
+    model_path: str,
+    config: PretrainedModelConfig,
+    *,
+    allowed_local_dirs: Iterable[Path],
+    token: str | None = None,
+    cpu_bf16: CpuBf16 = "auto",
+    log: LogFn = _no_log,
+) -> Any:
+    """Load the base model, frozen and ready for `add_lora`.
+
+    With `config.use_quantization` the base is 4-bit NF4 with double quantization (QLoRA);
+    there is no silent fallback when 4-bit is unavailable. Only `base_model_options(config)`
+    and the source decide what is loaded: the LoRA settings of `config` play no part.
+    """
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_path(model_path, allowed_local_dirs)
+    options = base_model_options(config, cpu_bf16)
+    if config.use_quantization:
+        check_4bit_available()
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, token=token, **options)
     except Exception as exc:  # any failure here means "this model cannot be loaded"
         hint = " (only safetensors checkpoints are accepted)" if "safetensors" in str(exc) else ""
         raise PipelineError(
@@ -180,13 +213,21 @@ def load_model(
     if config.use_quantization:
         keep_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        log(f"base model loaded in 4-bit NF4 (double quantization), compute {kwargs['dtype']}")
-    elif dtype == torch.bfloat16 and not torch.cuda.is_available():
-        log(f"base model loaded in {dtype}, mixed precision: this CPU multiplies bf16 "
-            f"in hardware (TUNERY_CPU_BF16={cpu_bf16})")
+        log(f"base model loaded in 4-bit NF4 (double quantization), compute {options['dtype']}")
+    elif options["dtype"] == torch.bfloat16 and not torch.cuda.is_available():
+        log(f"base model loaded in {options['dtype']}, mixed precision on CPU "
+            f"(TUNERY_CPU_BF16={cpu_bf16})")
     else:
-        log(f"base model loaded in {dtype}")
+        log(f"base model loaded in {options['dtype']}")
     log(f"attention: {model.config._attn_implementation}")
+    return model
+
+
+def add_lora(model: Any, config: PretrainedModelConfig, *, log: LogFn = _no_log) -> Any:
+    """Wrap a base model from `load_base_model` with a fresh LoRA adapter as `config` says;
+    returns the `PeftModel`. Gradient checkpointing, when asked for, is turned on here."""
+    from peft import LoraConfig, get_peft_model
+
     if config.use_gradient_checkpointing:
         enable_gradient_checkpointing(model)
         log("gradient checkpointing on")

@@ -12,6 +12,7 @@ from shared.schema import DataConfig, FinetuneRequest
 from shared.settings import Settings
 from shared.storage import storage_from_settings
 from shared.url_guard import UrlPolicy
+from worker.pipeline.base_cache import BaseModelCache
 from worker.pipeline.chat import is_chat_template, render_chats, tokenize_chats
 from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
 from worker.pipeline.data import (
@@ -24,7 +25,7 @@ from worker.pipeline.data import (
 )
 from worker.pipeline.errors import TrainingStopped
 from worker.pipeline.export import export_adapter, push_to_hub
-from worker.pipeline.model import load_model, load_tokenizer
+from worker.pipeline.model import add_lora, load_tokenizer
 from worker.pipeline.preference import preference_rows, train_orpo
 from worker.pipeline.readers import LoadedDataset
 from worker.pipeline.report import JobReporter
@@ -49,11 +50,13 @@ def run_job(
     reporter: JobReporter,
     settings: Settings,
     checkpoints: CheckpointStore | None = None,
+    base_models: BaseModelCache | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter as `request` says; the result lies in `work_dir / "output"`.
 
     With `checkpoints`, training resumes from the job's latest checkpoint in storage (an
-    earlier attempt's) and writes new ones as it goes.
+    earlier attempt's) and writes new ones as it goes. With `base_models`, the base model
+    comes from (and goes back to) that cache; without, it is loaded and dropped.
 
     Raises `PipelineError` for problems the user can fix and `TrainingStopped` when
     `reporter.should_stop()` asked for it. The caller uploads the output ("uploading" phase).
@@ -94,28 +97,31 @@ def run_job(
     _stop_if_asked(reporter)
 
     reporter.phase("loading_model")
-    model = load_model(
+    if base_models is None:
+        base_models = BaseModelCache(enabled=False)
+    with base_models.use(
         base.model_path, base, allowed_local_dirs=allowed, token=hf.hf_token,
         cpu_bf16=settings.cpu_bf16, log=log,
-    )
-    resume_from = restore_starting_point(model, base, checkpoints, work_dir, log=log)
-    _stop_if_asked(reporter)
+    ) as base_model:
+        model = add_lora(base_model, base, log=log)
+        resume_from = restore_starting_point(model, base, checkpoints, work_dir, log=log)
+        _stop_if_asked(reporter)
 
-    reporter.phase("training")
-    stats = fit(
-        model,
-        tokenizer,
-        train_set,
-        eval_set,
-        request.training_config,
-        output_dir=work_dir / "trainer",
-        reporter=reporter,
-        checkpoints=checkpoints,
-        resume_from=resume_from,
-        logging=request.logging_config,
-        memory_limit_bytes=_gib(settings.training_memory_gb),
-    )
-    output_dir = export_adapter(model, tokenizer, work_dir / "output", log=log)
+        reporter.phase("training")
+        stats = fit(
+            model,
+            tokenizer,
+            train_set,
+            eval_set,
+            request.training_config,
+            output_dir=work_dir / "trainer",
+            reporter=reporter,
+            checkpoints=checkpoints,
+            resume_from=resume_from,
+            logging=request.logging_config,
+            memory_limit_bytes=_gib(settings.training_memory_gb),
+        )
+        output_dir = export_adapter(model, tokenizer, work_dir / "output", log=log)
     if hf.hf_model_path:
         assert hf.hf_token is not None  # the schema requires it with hf_model_path
         push_to_hub(output_dir, hf.hf_model_path, token=hf.hf_token, log=log)
