@@ -54,11 +54,22 @@ class DatasetPlan:
     a_steps: int
     rows_per_long_example: int = 13
 
+    @property
+    def data(self) -> str:
+        """Which examples: "short" or "long" ("short-all" is every short row)."""
+        return self.name.removesuffix("-all")
+
 
 # Sized so the four default recipes on both datasets finish in under 5 minutes on 2 cores.
 FULL_PLANS = (
     DatasetPlan("short", cutoff_len=512, n_train=64, n_eval=30, a_steps=2),
     DatasetPlan("long", cutoff_len=1024, n_train=12, n_eval=8, a_steps=1),
+)
+# Every row of the sample file but the 30 held out: a longer epoch (68 steps) for eval loss
+# across seeds (`--datasets short-all --seeds 42,43,44 --recipes b,b16,t`); not in the default
+# run, which must stay under 5 minutes.
+EXTRA_PLANS = (
+    DatasetPlan("short-all", cutoff_len=512, n_train=270, n_eval=30, a_steps=2),
 )
 QUICK_PLANS = (
     DatasetPlan("short", cutoff_len=128, n_train=16, n_eval=8, a_steps=2),
@@ -108,7 +119,7 @@ def dataset_stats(model_dir: Path, plans: tuple[DatasetPlan, ...]) -> dict[str, 
         "sample_file_all_rows": length_stats(tokenize_rows(read_sample_rows(), tokenizer, 10**6))
     }
     for plan in plans:
-        data = build_data(plan.name, n_train=plan.n_train, n_eval=plan.n_eval,
+        data = build_data(plan.data, n_train=plan.n_train, n_eval=plan.n_eval,
                           cutoff_len=plan.cutoff_len,
                           rows_per_long_example=plan.rows_per_long_example)
         stats[plan.name] = {
@@ -119,13 +130,14 @@ def dataset_stats(model_dir: Path, plans: tuple[DatasetPlan, ...]) -> dict[str, 
 
 
 def run_child(recipe: str, plan: DatasetPlan, model_dir: Path, threads: int,
-              timeout_s: float, run_dir: Path) -> dict[str, Any]:
+              timeout_s: float, run_dir: Path, seed: int) -> dict[str, Any]:
     """Run one recipe in a fresh process; its result, or {"error": ...}."""
-    work = run_dir / f"{plan.name}-{recipe}"
+    work = run_dir / f"{plan.name}-{recipe}-{seed}"
     work.mkdir(parents=True)
     spec = {
         "recipe": recipe,
-        "dataset": plan.name,
+        "seed": seed,
+        "dataset": plan.data,
         "n_train": plan.n_train,
         "n_eval": plan.n_eval,
         "cutoff_len": plan.cutoff_len,
@@ -180,7 +192,40 @@ def _f(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def table(plan: DatasetPlan, results: list[dict[str, Any]]) -> str:
+def print_tunery_line(results: list[dict[str, Any]]) -> None:
+    tunery = next((r for r in results if r["recipe"] == "t" and r.get("vs_b")), None)
+    if tunery:
+        b = next(r for r in results if r["recipe"] == "b")
+        print(f"Tunery / best peer ({tunery['best_other_peer']}): "
+              f"{tunery['vs_best_other_peer']:.2f}x tokens/s; Tunery / (b): "
+              f"{tunery['vs_b']:.2f}x tokens/s, eval loss "
+              f"{100 * tunery['eval_loss_vs_b']:+.2f}%, peak RSS "
+              f"{gb(tunery['peak_rss_bytes'])} vs {gb(b['peak_rss_bytes'])}")
+
+
+def seeds_table(plan: DatasetPlan, results: list[dict[str, Any]], seeds: list[int]) -> str:
+    """Per recipe over the seeds: mean tokens/s and eval loss, the eval loss's range, and the
+    mean eval loss against (b)'s mean."""
+    headers = ["recipe", "seeds", "mean real tok/s", "mean eval loss", "eval loss min-max",
+               "mean eval loss vs (b)"]
+    ok = [r for r in results if "error" not in r]
+    means: dict[str, tuple[float, float, float, float, int]] = {}
+    for recipe in dict.fromkeys(r["recipe"] for r in ok):
+        runs = [r for r in ok if r["recipe"] == recipe]
+        losses = [r["eval_loss"] for r in runs]
+        means[recipe] = (sum(r["tokens_per_s"] for r in runs) / len(runs),
+                         sum(losses) / len(losses), min(losses), max(losses), len(runs))
+    b_mean = means["b"][1] if "b" in means else None
+    rows = [
+        [RECIPES[recipe], str(n), f"{rate:.1f}", f"{loss:.4f}", f"{low:.4f}-{high:.4f}",
+         f"{100 * (loss / b_mean - 1):+.2f}%" if b_mean else "n/a"]
+        for recipe, (rate, loss, low, high, n) in means.items()
+    ]
+    title = f"{plan.name}: means over seeds {', '.join(map(str, seeds))}"
+    return title + "\n" + format_table(headers, rows)
+
+
+def table(plan: DatasetPlan, results: list[dict[str, Any]], seed: int | None = None) -> str:
     headers = ["recipe", "precision", "real tok/s", "vs best other peer", "vs (b)", "padding",
                "steps", "peak RSS", "eval loss", "machine fraction"]
     rows = []
@@ -205,7 +250,8 @@ def table(plan: DatasetPlan, results: list[dict[str, Any]]) -> str:
             f"{_f(100 * r['machine_fraction'], '.1f')}%",
         ])
     title = (f"{plan.name}: cutoff {plan.cutoff_len}, {plan.n_train} training examples "
-             f"((a): {plan.a_steps} batches), {plan.n_eval} held-out for eval")
+             f"((a): {plan.a_steps} batches), {plan.n_eval} held-out for eval"
+             + (f", seed {seed}" if seed is not None else ""))
     return title + "\n" + format_table(headers, rows)
 
 
@@ -216,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, help="a local causal LM instead of SmolLM2")
     parser.add_argument("--recipes", default="a,b,b16,c,t",
                         help=f"comma-separated, among {','.join(RECIPES)} (c2 = (c') wrapped)")
-    parser.add_argument("--datasets", default="short,long", help="short, long or both")
+    parser.add_argument("--datasets", default="short,long",
+                        help="comma-separated, among short, long, short-all (every short row)")
+    parser.add_argument("--seeds", default="42",
+                        help="comma-separated data seeds (batch order); each recipe runs once "
+                             "per seed, and several seeds add a table of means")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per recipe")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -227,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose among {list(RECIPES)}")
-    plans = tuple(p for p in (QUICK_PLANS if args.quick else FULL_PLANS)
+    plans = tuple(p for p in (QUICK_PLANS if args.quick else FULL_PLANS + EXTRA_PLANS)
                   if p.name in args.datasets.split(","))
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed]
     machine = machine_info()
     model_dir = prepare_model(args.quick, args.model_dir)
     costs = model_costs(model_dir, args.threads)
@@ -250,25 +301,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work dirs and child logs: {run_dir}")
     by_dataset: dict[str, list[dict[str, Any]]] = {}
     for plan in plans:
-        results = []
-        for recipe in recipes:
-            print(f"running {plan.name} {RECIPES[recipe]} ...", flush=True)
-            results.append(run_child(recipe, plan, model_dir, args.threads, args.timeout, run_dir))
-            if "error" in results[-1]:
-                print("\n".join(results[-1]["log_tail"]), file=sys.stderr)
-        add_derived(results, costs)
-        by_dataset[plan.name] = results
-        print()
-        print(table(plan, results))
-        tunery = next((r for r in results if r["recipe"] == "t" and r.get("vs_b")), None)
-        if tunery:
-            b = next(r for r in results if r["recipe"] == "b")
-            print(f"Tunery / best peer ({tunery['best_other_peer']}): "
-                  f"{tunery['vs_best_other_peer']:.2f}x tokens/s; Tunery / (b): "
-                  f"{tunery['vs_b']:.2f}x tokens/s, eval loss "
-                  f"{100 * tunery['eval_loss_vs_b']:+.2f}%, peak RSS "
-                  f"{gb(tunery['peak_rss_bytes'])} vs {gb(b['peak_rss_bytes'])}")
-        print(flush=True)
+        by_dataset[plan.name] = []
+        for seed in seeds:
+            results = []
+            for recipe in recipes:
+                print(f"running {plan.name} {RECIPES[recipe]} seed {seed} ...", flush=True)
+                results.append(run_child(recipe, plan, model_dir, args.threads, args.timeout,
+                                         run_dir, seed))
+                if "error" in results[-1]:
+                    print("\n".join(results[-1]["log_tail"]), file=sys.stderr)
+            add_derived(results, costs)
+            by_dataset[plan.name] += [{**r, "seed": seed} for r in results]
+            print()
+            print(table(plan, results, seed if len(seeds) > 1 else None))
+            print_tunery_line(results)
+            print(flush=True)
+        if len(seeds) > 1:
+            print(seeds_table(plan, by_dataset[plan.name], seeds))
+            print(flush=True)
 
     total = time.perf_counter() - started
     machine["load_average_at_end"] = load_average()
@@ -279,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model_dir.name),
         "model_costs": costs,
         "plans": [asdict(p) for p in plans],
+        "seeds": seeds,
         "dataset_stats": stats,
         "results": by_dataset,
         "total_seconds": total,

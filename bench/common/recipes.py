@@ -51,6 +51,7 @@ RECIPES = {
     "c": "(c) TRL packing bfd",
     "c2": "(c') TRL packing wrapped",
     "t": "(t) Tunery run_job",
+    "t32": "(t32) Tunery run_job, fp32",
 }
 
 
@@ -148,9 +149,10 @@ def _step_times() -> tuple[Any, list[float]]:
     return StepTimes(), times
 
 
-def _common_args(work_dir: Path, max_steps: int | None, *, bf16: bool = False) -> dict[str, Any]:
+def _common_args(spec: dict[str, Any], *, bf16: bool = False) -> dict[str, Any]:
+    max_steps = spec.get("max_steps")
     return dict(
-        output_dir=str(work_dir),
+        output_dir=str(Path(spec["work_dir"])),
         per_device_train_batch_size=BATCH_SIZE,
         gradient_accumulation_steps=1,
         num_train_epochs=1,
@@ -166,8 +168,9 @@ def _common_args(work_dir: Path, max_steps: int | None, *, bf16: bool = False) -
         report_to="none",
         save_strategy="no",
         eval_strategy="no",
-        seed=SEED,
-        data_seed=SEED,
+        # The order of the batches; the LoRA initialisation keeps LORA_INIT_SEED.
+        seed=spec.get("seed", SEED),
+        data_seed=spec.get("seed", SEED),
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -207,7 +210,7 @@ def train_with_trainer(spec: dict[str, Any], tokenizer: Any, data: BenchData,
         lambda items: pad_batch(_examples_from_items(items), pad_id, width=width)
     )
     args = TrainingArguments(
-        **_common_args(Path(spec["work_dir"]), spec.get("max_steps"), bf16=bf16),
+        **_common_args(spec, bf16=bf16),
         train_sampling_strategy="random" if pad_to_cutoff else "group_by_length",
         remove_unused_columns=False,
     )
@@ -236,7 +239,7 @@ def train_with_trl(spec: dict[str, Any], tokenizer: Any, data: BenchData,
             for row in data.train_rows]
     strategy = "wrapped" if spec["recipe"] == "c2" else "bfd"
     config = SFTConfig(
-        **_common_args(Path(spec["work_dir"]), spec.get("max_steps")),
+        **_common_args(spec),
         max_length=data.cutoff_len,
         packing=True,
         packing_strategy=strategy,
@@ -311,7 +314,9 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
         },
         "logging_config": {},
     })
-    settings = Settings(data_dir=work / "tunery", allowed_local_dirs=[work, model_dir.parent])
+    # (t32): the same job on a worker told to train in fp32 whatever the CPU.
+    settings = Settings(data_dir=work / "tunery", allowed_local_dirs=[work, model_dir.parent],
+                        cpu_bf16="off" if spec["recipe"] == "t32" else "auto")
     probe = TrainingProbe()
     plan_memory = tunery_train.checkpoint_if_short_of_memory
 
@@ -323,6 +328,9 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
 
     # Observes only: the hook reads each training batch's shape, nothing is changed.
     tunery_train.checkpoint_if_short_of_memory = plan_memory_then_probe  # type: ignore[assignment]
+    # A request has no seed; to vary the batch order like the peers' data_seed, the bench sets
+    # the worker's (which orders its length buckets). The LoRA initialisation keeps its own.
+    tunery_train.SEED = spec.get("seed", SEED)
     reporter = TimedReporter()
     try:
         result = tunery_run.run_job(request, work / "job", reporter, settings)
@@ -357,6 +365,7 @@ TRAINERS = {
     "c": train_with_trl,
     "c2": train_with_trl,
     "t": train_with_tunery,
+    "t32": train_with_tunery,
 }
 
 
