@@ -12,18 +12,20 @@ from shared.schema import PretrainedModelConfig
 from worker.pipeline import labelled_loss
 from worker.pipeline.data import IGNORE_INDEX
 from worker.pipeline.labelled_loss import causal_lm_parts, decoder_inputs, labelled_causal_lm_loss
-from worker.pipeline.model import load_model
+from worker.pipeline.model import CpuBf16, load_model
 from worker.pipeline.trainer import TuneryTrainer
 
 LOSS_TOLERANCE = {"atol": 1e-6, "rtol": 1e-5}
 GRAD_TOLERANCE = {"atol": 1e-5, "rtol": 0.0}
 
 
-def _load(model_dir: Path, **config: Any) -> Any:
+def _load(model_dir: Path, cpu_bf16: CpuBf16 = "off", **config: Any) -> Any:
+    # fp32 unless asked: these equalities hold to float32 rounding.
     model = load_model(
         str(model_dir),
         PretrainedModelConfig(model_path=str(model_dir), lora_dropout=0.0, **config),
         allowed_local_dirs=[model_dir.parent],
+        cpu_bf16=cpu_bf16,
     )
     # lora_B starts at zero, which makes every lora_A gradient zero.
     generator = torch.Generator().manual_seed(0)
@@ -153,6 +155,27 @@ def test_tunery_trainer_loss_equals_the_trainers_own(tiny_model_dir: Path, tmp_p
         )
     torch.testing.assert_close(loss, expected, **LOSS_TOLERANCE)
     assert set(outputs) == {"loss"}
+
+
+def test_tunery_trainer_computes_under_the_trainers_mixed_precision(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """accelerate applies bf16 autocast by wrapping the model's forward, which the labelled
+    loss does not call: without its own autocast the LoRA layers would multiply in fp32."""
+    from transformers import TrainingArguments
+
+    model = _load(tiny_model_dir, cpu_bf16="on")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True,
+                             report_to="none")
+    tunery = TuneryTrainer(model=model, args=args)
+    lora_outputs: list[torch.dtype] = []
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_A.default"))
+    lora_a.register_forward_hook(lambda module, args, output: lora_outputs.append(output.dtype))
+
+    loss = tunery.compute_loss(model, _batch())
+
+    assert lora_outputs == [torch.bfloat16]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 def test_models_whose_logits_are_more_than_the_head_keep_their_own_loss() -> None:

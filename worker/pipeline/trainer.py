@@ -62,11 +62,14 @@ class TuneryTrainer(Trainer):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        # The cache is useless in training; the full forward builds one only to drop it.
-        hidden = parts.decoder(**decoder_inputs(inputs), use_cache=False).last_hidden_state
-        loss = labelled_causal_lm_loss(
-            hidden, inputs["labels"], parts.lm_head, num_items_in_batch=num_items_in_batch
-        )
+        # accelerate applies mixed precision by wrapping the model's forward, which this path
+        # does not call: without the same autocast here a bf16 run would compute LoRA in fp32.
+        with self.accelerator.autocast():
+            # The cache is useless in training; the full forward builds one only to drop it.
+            hidden = parts.decoder(**decoder_inputs(inputs), use_cache=False).last_hidden_state
+            loss = labelled_causal_lm_loss(
+                hidden, inputs["labels"], parts.lm_head, num_items_in_batch=num_items_in_batch
+            )
         # Normalised by `num_items_in_batch` when given, as the model's own loss: the Trainer's
         # default `loss_is_scaled_for_ga` then treats it exactly as it treats the model's.
         # Evaluation asks for outputs only to read logits, which it drops without
