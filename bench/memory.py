@@ -121,8 +121,8 @@ def run_variant(variant: str, model_dir: Path, cutoff_len: int, rows_per_example
     quantized = bool(getattr(model, "is_loaded_in_4bit", False))
     optim = optimizer_name(quantized=quantized, cuda=torch.cuda.is_available())
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if optim == "adamw_torch":
-        optimizer: Any = torch.optim.AdamW(trainable, lr=2e-4)
+    if optim.startswith("adamw_torch"):
+        optimizer: Any = torch.optim.AdamW(trainable, lr=2e-4, fused=optim.endswith("_fused"))
     else:
         import bitsandbytes as bnb
 

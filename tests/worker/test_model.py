@@ -25,11 +25,14 @@ from worker.pipeline.model import (
 LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def _load(model_dir: Path, **config: Any) -> Any:
+def _load(model_dir: Path, cpu_bf16: CpuBf16 = "off", **config: Any) -> Any:
+    # fp32 unless asked: these tests call the model outside the Trainer's autocast, which a
+    # bf16 model's LoRA layers need (see `train_lora_inputs_in_half_precision`).
     return load_model(
         str(model_dir),
         PretrainedModelConfig(model_path=str(model_dir), **config),
         allowed_local_dirs=[model_dir.parent],
+        cpu_bf16=cpu_bf16,
     )
 
 
@@ -189,7 +192,10 @@ def test_bf16_training_on_cpu_keeps_the_adapter_and_its_optimizer_in_fp32(
         model, TrainingConfig(), has_validation=False, output_dir=tmp_path, batch_size=4,
         checkpoints=None, logging=None,
     )
-    assert (args["bf16"], args["fp16"], args["optim"]) == (True, False, "adamw_torch")
+    assert (args["bf16"], args["fp16"], args["optim"]) == (True, False, "adamw_torch_fused")
+    # Under autocast peft's cast of each LoRA input to fp32 would only be undone again.
+    lora_layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert lora_layers and not any(m.cast_input_dtype_enabled for m in lora_layers)
 
 
 def test_pickled_checkpoint_is_refused_with_a_pipeline_error(

@@ -90,7 +90,9 @@ def test_lora_field_reaches_the_peft_config(
 
 def test_lora_dropout_makes_training_forwards_stochastic(tiny_model_dir: Path) -> None:
     config = PretrainedModelConfig(model_path=str(tiny_model_dir), lora_dropout=0.5)
-    model = load_model(str(tiny_model_dir), config, allowed_local_dirs=[tiny_model_dir])
+    # fp32: the forwards below run outside the Trainer's autocast.
+    model = load_model(str(tiny_model_dir), config, allowed_local_dirs=[tiny_model_dir],
+                       cpu_bf16="off")
     # LoRA B starts at zero, so dropout on the adapter path only shows once B is non-zero.
     for name, param in model.named_parameters():
         if "lora_B" in name:

@@ -199,7 +199,7 @@ def test_reporter_gets_phases_metrics_log_lines_and_progress(lora_job: Job) -> N
         re.search(r"[\d,]+ trainable of [\d,]+ parameters \(\d+\.\d\d%\)", x)
         for x in reporter.lines
     )
-    assert "training 6 steps: 1 epoch of 24 examples, batch 4 x 1, optimizer adamw_torch" in (
+    assert "training 6 steps: 1 epoch of 24 examples, batch 4 x 1, optimizer adamw_torch_fused" in (
         reporter.lines
     )
     assert any("24 train, 12 validation" in line for line in reporter.lines)

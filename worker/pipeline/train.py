@@ -178,14 +178,16 @@ def run_argument_values(
 
 
 def optimizer_name(*, quantized: bool, cuda: bool) -> str:
-    """QLoRA keeps AdamW's two moments in 8 bit (bitsandbytes), paged on CUDA.
+    """LoRA: torch's fused AdamW, one kernel for all the adapter's tensors (on CPU the default
+    AdamW loops over them one by one: 18 ms of a 274 ms SmolLM2 step, 2 ms fused). QLoRA keeps
+    AdamW's two moments in 8 bit (bitsandbytes), paged on CUDA.
 
     bitsandbytes runs 8-bit AdamW on CPU too (same losses as torch's AdamW to 1e-3 on the tiny
     model), but has no paging there: `paged_adamw_8bit` on CPU warns "Paged optimizers are not
     supported on CPU" and behaves as `adamw_8bit`, so CPU asks for that directly.
     """
     if not quantized:
-        return "adamw_torch"
+        return "adamw_torch_fused"
     return "paged_adamw_8bit" if cuda else "adamw_8bit"
 
 
