@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Dialect, Table, bindparam, func, literal, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
@@ -68,14 +69,26 @@ def lock_and_count(session: Session, tenant_id: str, besides: str) -> int:
     if bind.dialect.name != "postgresql" or not _pipeline_supported():
         lock_tenant(session, tenant_id)
         return active_jobs(session, tenant_id, besides)
+    import psycopg
+
     (lock_sql, lock_params), (count_sql, count_params) = _driver_sql(bind.dialect)
     values = {"tenant_id": tenant_id, "besides": besides}
-    connection: Any = session.connection().connection.driver_connection
-    with connection.cursor() as lock, connection.cursor() as count:
-        with connection.pipeline():
-            lock.execute(lock_sql, {**lock_params, **values})
-            count.execute(count_sql, {**count_params, **values})
-        row = count.fetchone()
+    sa_connection = session.connection()
+    connection: Any = sa_connection.connection.driver_connection
+    try:
+        with connection.cursor() as lock, connection.cursor() as count:
+            with connection.pipeline():
+                lock.execute(lock_sql, {**lock_params, **values})
+                count.execute(count_sql, {**count_params, **values})
+            row = count.fetchone()
+    except psycopg.Error as error:
+        # As SQLAlchemy treats its own statements' errors: a lost connection leaves the pool,
+        # and the error is SQLAlchemy's (an OperationalError answers 503, as anywhere else).
+        lost = bind.dialect.is_disconnect(cast(Any, error), connection, None)
+        if lost:
+            sa_connection.invalidate(error)
+        raise DBAPIError.instance(lock_sql, values, error, psycopg.Error,
+                                  connection_invalidated=lost, dialect=bind.dialect) from error
     return int(row[0])
 
 
