@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import (
@@ -20,6 +20,7 @@ from shared.models import (
     JobLog,
     JobMetric,
     JobStatus,
+    new_id,
     utcnow,
 )
 from shared.payload_secrets import drop_secrets, seal_secrets
@@ -62,19 +63,44 @@ class Claim:
     owner: str
 
 
+_JOBS: Table = Job.__table__  # type: ignore[assignment]
+_EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]
+# Built once, values bound at execution: see `create_job`.
+_INSERT_JOB = insert(_JOBS)
+_INSERT_EVENT = insert(_EVENTS)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job just inserted, QUEUED, in a session's open transaction."""
+
+    id: str
+    tenant_id: str
+
+
 def create_job(
     session: Session, tenant_id: str, request: FinetuneRequest, max_attempts: int
-) -> Job:
-    job = Job(
-        tenant_id=tenant_id,
-        status=JobStatus.QUEUED.value,
-        payload=seal_secrets(request.model_dump(mode="json")),
-        base_model=request.pretrainedmodel_config.model_path,
-        max_attempts=max_attempts,
-    )
-    session.add(job)
-    session.flush()
-    session.add(JobEvent(job_id=job.id, from_status=None, to_status=job.status, attempt=0))
+) -> NewJob:
+    """Insert a QUEUED job for `request`, its secrets encrypted, and its first event; the
+    caller commits.
+
+    Two Core INSERTs built once, rather than ORM objects: every submit goes through here,
+    and building statements and flushing a unit of work cost several times what PostgreSQL
+    spends on the rows. The rows get the same column defaults either way.
+    """
+    job = NewJob(new_id(), tenant_id)
+    session.execute(_INSERT_JOB, {
+        "id": job.id,
+        "tenant_id": tenant_id,
+        "status": JobStatus.QUEUED.value,
+        "payload": seal_secrets(request.model_dump(mode="json")),
+        "base_model": request.pretrainedmodel_config.model_path,
+        "max_attempts": max_attempts,
+    })
+    session.execute(_INSERT_EVENT, {
+        "job_id": job.id, "from_status": None, "to_status": JobStatus.QUEUED.value,
+        "attempt": 0,
+    })
     return job
 
 

@@ -5,19 +5,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared import idempotency
 from shared.db import reset_engines, session_scope
 from shared.idempotency import KeyedRequest, StoredResponse
 from shared.keys import create_api_key
-from shared.models import IdempotencyKey, Job
+from shared.models import IdempotencyKey, Job, utcnow
 from shared.settings import get_settings
 from tests.api.test_idempotency import count_lost_races
 from tests.conftest import make_payload
@@ -150,3 +151,22 @@ def test_different_api_keys_with_the_same_idempotency_key_get_two_jobs(
     assert sorted(job_ids()) == sorted([mine.json()["job_id"], theirs.json()["job_id"]])
     with session_scope() as session:
         assert len(session.scalars(select(IdempotencyKey)).all()) == 2
+
+
+def test_an_expired_key_is_taken_over_by_a_new_job(pg_client: TestClient) -> None:
+    # The record's upsert overwrites an expired record of the key, and only an expired one.
+    first = pg_client.post(URL, json=make_payload(), headers={"Idempotency-Key": "k"})
+    ttl = get_settings().idempotency_ttl_s
+    with session_scope() as session:
+        session.execute(update(IdempotencyKey).values(
+            created_at=utcnow() - timedelta(seconds=ttl + 1)))
+    again = pg_client.post(URL, json=make_payload(), headers={"Idempotency-Key": "k"})
+    assert again.status_code == 201
+    assert "Idempotent-Replayed" not in again.headers
+    assert again.json()["job_id"] != first.json()["job_id"]
+    with session_scope() as session:
+        assert [r.job_id for r in session.scalars(select(IdempotencyKey))] == [
+            again.json()["job_id"]]
+    replay = pg_client.post(URL, json=make_payload(), headers={"Idempotency-Key": "k"})
+    assert replay.json() == again.json()
+    assert replay.headers["Idempotent-Replayed"] == "true"

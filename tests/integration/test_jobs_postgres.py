@@ -33,7 +33,7 @@ def queued_job(session: Session) -> Job:
     key = create_api_key(session, "pg-tenant")
     job = jobs.create_job(session, key.tenant_id, FinetuneRequest.model_validate(make_payload()), 3)
     session.commit()
-    return job
+    return session.get_one(Job, job.id)
 
 
 def claims_at_once(postgres_url: str, n: int, claim: Callable[[Session, str], Claim | None]

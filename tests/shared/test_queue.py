@@ -1,11 +1,14 @@
-"""Wake-up messages on the embedded broker (kombu's SQLAlchemy transport on a SQLite file)."""
+"""Wake-up messages on the embedded broker (kombu's SQLAlchemy transport on a SQLite file) and
+on Redis."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,3 +56,80 @@ def test_enqueue_reports_failure_instead_of_raising_when_broker_is_unreachable(
     started = time.monotonic()
     assert enqueue_training("job-x", attempts=2) is False
     assert time.monotonic() - started < 30
+
+
+# Wake-ups on Redis (the full stack's broker) ----------------------------------------------
+
+@pytest.fixture
+def redis_broker(tunery_env: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    from shared.settings import get_settings
+
+    monkeypatch.setenv("TUNERY_BROKER_URL", redis_url)
+    get_settings.cache_clear()
+    get_celery.cache_clear()
+    return redis_url
+
+
+def stored_messages(redis_url: str, queue: str) -> list[dict[str, Any]]:
+    """The messages waiting in `queue`, oldest first, as kombu's Redis transport stores them."""
+    import redis
+
+    stored = redis.Redis.from_url(redis_url).lrange(queue, 0, -1)
+    return [json.loads(raw) for raw in reversed(stored)]
+
+
+def without_ids(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` with what differs between any two messages (task id, delivery tag) blanked."""
+    headers = {**message["headers"], "id": "-", "root_id": "-"}
+    properties = {**message["properties"], "correlation_id": "-", "delivery_tag": "-"}
+    return {**message, "headers": headers, "properties": properties}
+
+
+def test_a_wake_up_sent_straight_to_redis_is_the_message_send_task_sends(
+    redis_broker: str,
+) -> None:
+    from shared.queue import TRAIN_TASK, RedisWakeUps
+
+    app = get_celery()
+    app.send_task(TRAIN_TASK, args=["job-1"])
+    RedisWakeUps(app, "train").send("job-1")
+    by_celery, ours = stored_messages(redis_broker, "train")
+    assert without_ids(ours) == without_ids(by_celery)
+    assert ours["headers"]["id"] != by_celery["headers"]["id"]
+    with app.connection_for_read() as conn:
+        train = conn.SimpleQueue("train", no_ack=True)
+        for _ in range(2):
+            message = train.get(timeout=5)
+            assert message.headers["task"] == TRAIN_TASK
+            assert message.decode()[:2] == [["job-1"], {}]
+        train.close()
+
+
+def test_a_wake_up_on_redis_is_one_lpush_on_a_client_kept_for_the_process(
+    redis_broker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: send_task made kombu build a new redis-py client for every message.
+    import redis
+
+    from shared.queue import enqueue_training
+
+    assert enqueue_training("job-0")  # builds the process's client
+    commands: list[str] = []
+    clients: list[redis.Redis] = []
+    execute, init = redis.Redis.execute_command, redis.Redis.__init__
+
+    def counted_execute(self: redis.Redis, *args: Any, **options: Any) -> Any:
+        commands.append(str(args[0]))
+        return execute(self, *args, **options)
+
+    def counted_init(self: redis.Redis, *args: Any, **kwargs: Any) -> None:
+        clients.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", counted_execute)
+    monkeypatch.setattr(redis.Redis, "__init__", counted_init)
+    assert all(enqueue_training(f"job-{i}") for i in range(1, 4))
+    assert commands == ["LPUSH"] * 3
+    assert clients == []
+    assert [m["headers"]["argsrepr"] for m in stored_messages(redis_broker, "train")] == [
+        repr([f"job-{i}"]) for i in range(4)]
