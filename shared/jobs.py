@@ -279,7 +279,8 @@ def transition(
     result: dict[str, Any] | None = None,
     lease_expired: bool = False,
 ) -> bool:
-    """Move a job to `to` if the move is allowed and (when given) the attempt still owns it.
+    """Move a job to `to` if the move is allowed and (when given) the attempt still owns it:
+    the job is RUNNING under that attempt.
 
     With `lease_expired`, the move happens only while the lease is still expired, so a worker
     whose heartbeat renewed it in the meantime keeps its job.
@@ -291,7 +292,9 @@ def transition(
     if job is None:
         raise JobNotFound(job_id)
     current = JobStatus(job.status)
-    if attempt is not None and job.attempt != attempt:
+    # An attempt holds the job only while it runs: once the reaper has put it back to QUEUED
+    # (same attempt number until the next claim), that attempt's late outcome is stale.
+    if attempt is not None and (job.attempt != attempt or current is not JobStatus.RUNNING):
         return False
     if to not in ALLOWED[current]:
         if current in TERMINAL_STATUSES or attempt is not None:

@@ -83,6 +83,34 @@ def test_sweep_requeues_a_dead_workers_job_and_wakes_it(tunery_env: Path) -> Non
     assert again is not None and again.attempt == 2
 
 
+@pytest.mark.parametrize("outcome", [JobStatus.FAILED, JobStatus.CANCELLED])
+def test_a_lost_attempt_cannot_end_the_job_the_sweep_requeued(
+    tunery_env: Path, outcome: JobStatus
+) -> None:
+    # Found by the state-machine test: the job keeps the lost attempt's number until the next
+    # claim, so fencing on the number alone let that attempt's late outcome end a QUEUED job.
+    settings = embedded(tunery_env)
+    (job_id,) = submit(1)
+    with session_scope() as session:
+        lost = jobs.claim_job(session, job_id, "lost-worker", settings.lease_seconds)
+        assert lost is not None
+        session.execute(
+            update(Job).where(Job.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+    assert sweep(settings).requeued == [job_id]
+
+    with session_scope() as session:
+        recorded = jobs.transition(session, job_id, outcome, attempt=lost.attempt,
+                                   reason="the lost attempt's late outcome")
+
+    assert recorded is False
+    with session_scope() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.status, job.error) == ("QUEUED", None)
+        assert jobs.claim_job(session, job_id, "new-worker", settings.lease_seconds)
+
+
 def test_the_loop_survives_a_failing_sweep_and_stops_when_asked(
     tunery_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
