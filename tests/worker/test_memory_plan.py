@@ -14,6 +14,7 @@ from worker.pipeline import memory_plan
 from worker.pipeline.memory_plan import (
     LOSS_BYTES,
     ActivationCost,
+    activation_bound,
     measure_activation_cost,
     plan_checkpointing,
     saved_tensor_bytes,
@@ -45,6 +46,17 @@ def test_probes_predict_the_bytes_autograd_saves_for_another_batch_shape(
     # model, where one-row probes count per row what a batch shares: rotary tables, masks);
     # SmolLM2: 6% under to 12% over. The plan keeps 20% of the budget in reserve.
     assert 0.9 * measured <= cost.batch_bytes(rows, length) <= 1.5 * measured
+
+
+@pytest.mark.parametrize(("rows", "length"), [(6, 17), (4, 48), (3, 150), (2, 500)])
+def test_the_bound_from_the_models_sizes_is_never_below_what_autograd_saves(
+    tiny_lora: Any, rows: int, length: int
+) -> None:
+    bound = activation_bound(tiny_lora.get_base_model().config)
+    ids = torch.randint(3, 900, (rows, length), generator=torch.Generator().manual_seed(0))
+
+    assert bound is not None
+    assert bound.batch_bytes(rows, length) >= saved_tensor_bytes(tiny_lora, ids)
 
 
 def test_attention_weights_kept_for_the_backward_make_the_cost_grow_with_length(
@@ -99,16 +111,19 @@ def test_a_job_short_of_memory_trains_with_checkpointing_and_says_why(
     assert result.last_loss < result.first_loss  # type: ignore[operator]
 
 
-def test_a_job_with_room_trains_without_checkpointing(
+def test_a_job_with_room_trains_without_checkpointing_or_probes(
     tmp_path: Path, settings: Settings, make_request: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     enabled: list[Any] = []
     monkeypatch.setattr(memory_plan, "enable_gradient_checkpointing", enabled.append)
+    # The bound from the model's sizes fits: the probe forwards are not needed.
+    probed: list[Any] = []
+    monkeypatch.setattr(memory_plan, "measure_activation_cost", probed.append)
     reporter = RecordingReporter()
 
     run_job(make_request(), tmp_path / "roomy", reporter, settings)
 
-    assert enabled == []
+    assert enabled == [] and probed == []
     assert not any("gradient checkpointing" in line for line in reporter.lines)
 
 

@@ -10,6 +10,10 @@ Per token, a decoder keeps a fixed number of bytes per layer (norms, projections
 where the attention materialises its weights (`cpu_attention`, eager), bytes in proportion to
 the positions the token attends to. Two probe lengths give both terms; a batch of `rows` rows
 padded to `longest` then keeps rows x longest x (fixed + per_position x longest).
+
+The probes cost two forwards (0.4 s for SmolLM2 on 2 CPU cores, before every job's first
+step), so for the dense decoders `labelled_loss` knows they run only when a generous bound
+from the model's sizes alone does not fit already: float32 for every tensor a layer could keep.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 import torch
 
-from worker.pipeline.labelled_loss import LOGITS_CHUNK_BYTES
+from worker.pipeline.labelled_loss import LOGITS_CHUNK_BYTES, causal_lm_parts
 from worker.pipeline.model import LogFn, enable_gradient_checkpointing, loaded_dtype
 
 # Long enough that the attention term shows over per-forward tensors (rotary tables, masks)
@@ -98,13 +102,29 @@ def checkpoint_if_short_of_memory(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "is_activation_checkpointing", False):
         return
-    plan = plan_checkpointing(
-        measure_activation_cost(model), batch_shapes,
-        budget_bytes=available_memory_bytes(model, limit_bytes),
-    )
+    shapes = list(batch_shapes)
+    budget = available_memory_bytes(model, limit_bytes)
+    bound = activation_bound(base.config) if causal_lm_parts(model) is not None else None
+    if bound is not None and not plan_checkpointing(bound, shapes, budget_bytes=budget).checkpoint:
+        return
+    plan = plan_checkpointing(measure_activation_cost(model), shapes, budget_bytes=budget)
     if plan.checkpoint:
         enable_gradient_checkpointing(model)
         log(f"gradient checkpointing on: {plan.describe()}")
+
+
+def activation_bound(config: Any) -> ActivationCost | None:
+    """More than a dense decoder layer keeps per token: 16 hidden-sized and 6 intermediate-sized
+    float32 tensors (norm inputs and outputs, projections, residuals; gate, up, activation,
+    product) and float32 scores and weights for every head and position. SmolLM2 keeps about
+    half of that in fp32, a quarter in bf16. None when the config lacks a size."""
+    sizes = [getattr(config, name, None) for name in
+             ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")]
+    if not all(isinstance(size, int) and size > 0 for size in sizes):
+        return None
+    hidden, intermediate, heads, layers = sizes
+    return ActivationCost(per_token=4.0 * layers * (16 * hidden + 6 * intermediate),
+                          per_token_and_position=4.0 * layers * 2 * heads)
 
 
 def measure_activation_cost(model: Any) -> ActivationCost:
