@@ -37,6 +37,7 @@ from bench.common.machine import (  # noqa: E402
     peak_rss_bytes,
     write_results,
 )
+from bench.common.models import prepare_model  # noqa: E402
 
 # variant: (use_quantization, cpu_bf16). On a GPU both precisions are the GPU's own.
 VARIANTS = {
@@ -157,12 +158,6 @@ def run_variant(variant: str, model_dir: Path, cutoff_len: int, rows_per_example
         "losses": losses,
         "step_seconds": times,
     }
-
-
-def prepare_model(quick: bool, model_dir: Path | None) -> Path:
-    from bench.train_throughput import prepare_model as prepare
-
-    return prepare(quick, model_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ from bench.common.machine import (
     machine_info,
     write_results,
 )
+from bench.common.models import prepare_model
 
 ASSETS_DIR = PROJECT_ROOT / "worker" / "assets"
 DATASET = ASSETS_DIR / "alpaca_sample.jsonl"
@@ -102,19 +103,6 @@ class JobTiming:
     spans_s: dict[str, float | None] = field(default_factory=dict)
     cache_line: str | None = None
     error: str | None = None
-
-
-def prepare_model(quick: bool, model_dir: Path | None) -> Path:
-    if model_dir is not None:
-        return model_dir
-    models = SCRATCH_DIR / "models"
-    if quick:
-        from worker.assets.tiny_model import build_tiny_llama
-
-        return build_tiny_llama(models / "tiny-llama")
-    from worker.assets.smollm2 import prepare_smollm2
-
-    return prepare_smollm2(models / "smollm2-135m-instruct")
 
 
 def linked_copy(model_dir: Path, dest: Path) -> Path:

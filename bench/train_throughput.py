@@ -38,6 +38,7 @@ from bench.common.machine import (  # noqa: E402
     machine_info,
     write_results,
 )
+from bench.common.models import prepare_model  # noqa: E402
 from bench.common.recipes import RECIPES  # noqa: E402
 
 PEERS = ("a", "b", "b16", "c", "c2")
@@ -76,19 +77,6 @@ QUICK_PLANS = (
     DatasetPlan("short", cutoff_len=128, n_train=16, n_eval=8, a_steps=2),
     DatasetPlan("long", cutoff_len=256, n_train=8, n_eval=4, a_steps=1, rows_per_long_example=4),
 )
-
-
-def prepare_model(quick: bool, model_dir: Path | None) -> Path:
-    if model_dir is not None:
-        return model_dir
-    models = SCRATCH_DIR / "models"
-    if quick:
-        from worker.assets.tiny_model import build_tiny_llama
-
-        return build_tiny_llama(models / "tiny-llama")
-    from worker.assets.smollm2 import prepare_smollm2
-
-    return prepare_smollm2(models / "smollm2-135m-instruct")
 
 
 def model_costs(model_dir: Path, threads: int) -> dict[str, Any]:
