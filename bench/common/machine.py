@@ -34,8 +34,11 @@ def git_commit() -> str | None:
             ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
             timeout=10, check=True,
         )
+        # Results files are what benchmarks write: one run after another must not call the
+        # tree dirty for its predecessor's results.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)bench/results"], cwd=PROJECT_ROOT,
             capture_output=True, text=True, timeout=10, check=True,
         )
     except (OSError, subprocess.SubprocessError):
