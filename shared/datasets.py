@@ -24,7 +24,7 @@ import re
 import secrets
 import unicodedata
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -314,12 +314,14 @@ def finish_upload(
 
 
 def check_pending(
-    storage: Storage, dataset: Dataset, work_dir: Path, *, max_bytes: int
+    storage: Storage, dataset: Dataset, work_dir: Path, *, max_bytes: int,
+    quota_problem: Callable[[int], str | None] | None = None,
 ) -> None:
     """Finish an S3 upload whose bytes arrived by presigned PUT; no-op for other states.
 
-    Raises `DatasetRejected` (row now `failed`) when the file does not pass; the caller
-    commits either way.
+    Raises `DatasetRejected` (row now `failed`) when the file does not pass, or when
+    `quota_problem` finds a reason its size cannot be kept (a presigned PUT cannot be refused
+    while it happens); the caller commits either way.
     """
     if dataset.status != DatasetStatus.PENDING.value:
         return
@@ -330,6 +332,9 @@ def check_pending(
     try:
         if staged[0].size > max_bytes:
             raise DatasetRejected(_too_large(dataset.name, max_bytes), too_large=True)
+        problem = quota_problem(staged[0].size) if quota_problem else None
+        if problem:
+            raise DatasetRejected(problem, too_large=True)
         local = work_dir / dataset.name
         storage.download_file(staged[0].key, local)
         finish_upload(storage, dataset, local, content_type=None, max_bytes=max_bytes)

@@ -53,9 +53,12 @@ def resolve_dataset(
     dataset = datasets.get_dataset(session, scope, dataset_id)
     if dataset.status == DatasetStatus.PENDING.value:
         with tempfile.TemporaryDirectory(prefix="tunery-upload-") as tmp:
+            usage = datasets.tenant_usage(session, dataset.tenant_id)
             try:
                 datasets.check_pending(
-                    storage, dataset, FilePath(tmp), max_bytes=settings.max_dataset_bytes
+                    storage, dataset, FilePath(tmp), max_bytes=settings.max_dataset_bytes,
+                    quota_problem=lambda size: datasets.dataset_bytes_problem(
+                        usage, size, settings.max_tenant_dataset_bytes),
                 )
             finally:
                 session.commit()
