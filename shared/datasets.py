@@ -422,6 +422,8 @@ def _store_checked(
         raise DatasetRejected(str(exc), too_large=True) from None
     except DatasetFileError as exc:
         raise DatasetRejected(str(exc)) from None
+    except RecursionError:
+        raise DatasetRejected(_too_deep(dataset.name)) from None
     if summary.rows == 0:
         raise DatasetRejected(f"{dataset.name} has no rows")
     # Everything that can refuse the file runs before it is stored: nothing is left behind.
@@ -455,10 +457,7 @@ def _sample(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
         except RecursionError:
             # The readers refuse rows nested past MAX_NESTING; this keeps any other deep
             # value a clear refusal rather than an internal error.
-            raise DatasetRejected(
-                f"{name}: a row nests objects or arrays deeper than {MAX_NESTING} levels, "
-                "the most this server accepts"
-            ) from None
+            raise DatasetRejected(_too_deep(name)) from None
         if sample and used > MAX_SAMPLE_CHARS:
             break
         sample.append(safe)
@@ -483,6 +482,11 @@ def _json_safe(value: Any) -> Any:
 
 def _mark(dataset: Dataset, status: DatasetStatus, *, error: str | None) -> None:
     dataset.status, dataset.error, dataset.updated_at = status.value, error, utcnow()
+
+
+def _too_deep(name: str) -> str:
+    return (f"{name}: a row nests objects or arrays deeper than {MAX_NESTING} levels, the "
+            "most this server accepts")
 
 
 def _too_large(name: str, max_bytes: int) -> str:
