@@ -381,7 +381,9 @@ class _RecordBudget:
         self.line += 1
         self.used += len(line)
         if self.used > self.limit:
-            raise _row_too_long(self.name, f"line {self.first_line or 1}", self.limit)
+            raise _row_too_long(
+                self.name, f"line {self.first_line or 1}", self.limit, "characters"
+            )
         return line
 
 

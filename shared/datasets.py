@@ -195,10 +195,11 @@ def dataset_bytes_problem(usage: TenantUsage, new_bytes: int, max_bytes: int) ->
     """Why a file of `new_bytes` would not fit in the tenant's storage quota
     (TUNERY_MAX_TENANT_DATASET_BYTES); None if it fits. 0 means no limit."""
     if max_bytes and usage.bytes + new_bytes > max_bytes:
+        file = f"a file of {new_bytes} bytes does not fit" if new_bytes else "no file fits"
         return (
             f"this tenant's datasets use {usage.bytes} bytes of the {max_bytes} this server "
-            f"keeps per tenant (TUNERY_MAX_TENANT_DATASET_BYTES); a file of {new_bytes} bytes "
-            "does not fit: delete datasets with DELETE /v1/datasets/{id}"
+            f"keeps per tenant (TUNERY_MAX_TENANT_DATASET_BYTES); {file}: delete datasets "
+            "with DELETE /v1/datasets/{id}"
         )
     return None
 

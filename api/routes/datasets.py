@@ -71,8 +71,8 @@ def resolve_dataset(
 async def upload_dataset(request: Request, caller: TenantDep, session: SessionDep,
                          storage: StorageDep, settings: SettingsDep,
                          scratch: ScratchDirDep) -> DatasetOut:
-    # Refused before the body is read when the tenant is already at its quota.
-    await run_in_threadpool(check_quota, session, settings, caller.tenant_id, 1)
+    # Refused before the body is read when the tenant is already past its quota.
+    await run_in_threadpool(check_quota, session, settings, caller.tenant_id, 0)
     received = await receive_multipart_file(
         request, scratch / "upload", settings.max_dataset_bytes
     )
