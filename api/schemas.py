@@ -180,9 +180,13 @@ class PreviewIn(BaseModel):
 
 
 class ExampleOut(BaseModel):
-    prompt: str
+    prompt: str = Field(description=f"At most {datasets.PREVIEW_PART_CHARS} characters; "
+                                    "`prompt_cut` says when more were left out.")
     completion: str = Field(description="The part the loss is computed on: the last "
-                                        "placeholder's value and the text after it.")
+                                        "placeholder's value and the text after it; at most "
+                                        f"{datasets.PREVIEW_PART_CHARS} characters.")
+    prompt_cut: bool = Field(False, description="The prompt is longer than shown.")
+    completion_cut: bool = Field(False, description="The completion is longer than shown.")
 
 
 class PreviewOut(BaseModel):
@@ -190,7 +194,7 @@ class PreviewOut(BaseModel):
     placeholders: list[str]
     missing_columns: list[str] = Field(description="Placeholders the dataset has no column for; "
                                                    "a job with this template would be refused.")
-    message: str
+    message: str = Field(description=f"At most {datasets.PREVIEW_MESSAGE_CHARS} characters.")
     examples: list[ExampleOut]
 
 

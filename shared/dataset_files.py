@@ -52,13 +52,50 @@ CONTENT_TYPES = {
 
 _CHUNK_BYTES = 1 << 20
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
-# A JSON array element may span many chunks; past this size it is reported instead of
-# buffered further, so one broken bracket cannot pull a whole upload into memory.
-MAX_JSON_ROW_CHARS = 64 << 20
+MAX_NESTING = 64
+"""Deepest nesting of objects and arrays a JSON or parquet row may have, the row itself being
+level 1. Deeper rows are refused with the line: nothing a template renders needs them, and
+every later walk of a row (the stored sample, a template cell) stays shallow."""
 
 
 class DatasetFileError(ValueError):
     """A data file that cannot be read; the message names the file and the line or row."""
+
+
+def max_row_bytes() -> int:
+    """The longest row a file may have (TUNERY_MAX_ROW_BYTES): a JSON line, a CSV record or a
+    JSON array element. Readers hold one row of this size at most, never a whole line of any
+    length, so parsing a file takes memory in proportion to this, not to the file."""
+    from shared.settings import get_settings
+
+    return get_settings().max_row_bytes
+
+
+def _row_too_long(name: str, where: str, limit: int, unit: str = "bytes") -> DatasetFileError:
+    return DatasetFileError(
+        f"{name} {where}: the row is longer than {limit} {unit}, the longest this server "
+        "accepts (TUNERY_MAX_ROW_BYTES)"
+    )
+
+
+def _too_deep(name: str, where: str) -> DatasetFileError:
+    return DatasetFileError(
+        f"{name} {where}: the row nests objects or arrays deeper than {MAX_NESTING} levels, "
+        "the most this server accepts"
+    )
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` nests dicts and lists more than `limit` levels; iterative, so no depth
+    can overflow the stack."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list | tuple))
+    return False
 
 
 class TooManyRows(DatasetFileError):
@@ -211,14 +248,15 @@ def _scan(
             f"decompress it and send the {'/'.join(FORMATS)} file itself"
         )
     header: list[str] = []
+    limit = max_row_bytes()
     if fmt == "parquet":
         rows = _parquet_rows(path, name, header)
     elif fmt == "csv":
-        rows = _csv_rows(path, name, header)
+        rows = _csv_rows(path, name, header, limit)
     elif fmt == "json":
-        rows = _json_rows(path, name)
+        rows = _json_rows(path, name, limit)
     elif fmt == "jsonl":
-        rows = _jsonl_rows(path, name)
+        rows = _jsonl_rows(path, name, limit)
     else:
         raise DatasetFileError(f"{name}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     seen: dict[str, None] = {}
@@ -227,6 +265,8 @@ def _scan(
         count += 1
         if max_rows is not None and count > max_rows:
             raise TooManyRows(name, max_rows)
+        if fmt == "parquet" and _nested_deeper_than(row, MAX_NESTING):
+            raise _too_deep(name, f"row {count}")
         if keep is None or len(kept) < keep:
             kept.append(row)
         if not header:
@@ -238,23 +278,32 @@ def _not_utf8(name: str, line: int) -> DatasetFileError:
     return DatasetFileError(f"{name} line {line}: not UTF-8 text")
 
 
-def _utf8_lines(f: IO[bytes], name: str) -> Iterator[str]:
+def _utf8_lines(f: IO[bytes], name: str, limit: int) -> Iterator[str]:
     """Lines with their line ends, decoded one by one so a bad byte is reported by line (a
-    text-mode file decodes ahead in 8 KiB blocks and cannot say where)."""
-    for number, raw in enumerate(f, start=1):
+    text-mode file decodes ahead in 8 KiB blocks and cannot say where). A line longer than
+    `limit` bytes (its line end included) is refused after reading `limit + 1` of them."""
+    number = 0
+    while raw := f.readline(limit + 1):
+        number += 1
+        if len(raw) > limit:
+            raise _row_too_long(name, f"line {number}", limit)
         try:
             yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError:
             raise _not_utf8(name, number) from None
 
 
-def _jsonl_rows(path: Path, name: str, *, from_json: bool = False) -> Iterator[dict[str, Any]]:
+def _jsonl_rows(
+    path: Path, name: str, limit: int, *, from_json: bool = False
+) -> Iterator[dict[str, Any]]:
     with path.open("rb") as f:
-        for number, line in enumerate(_utf8_lines(f, name), start=1):
+        for number, line in enumerate(_utf8_lines(f, name, limit), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
+            except RecursionError:
+                raise _too_deep(name, f"line {number}") from None
             except json.JSONDecodeError as exc:
                 hint = ""
                 if from_json and number == 1:
@@ -266,16 +315,22 @@ def _jsonl_rows(path: Path, name: str, *, from_json: bool = False) -> Iterator[d
                 raise DatasetFileError(
                     f"{name} line {number}: expected a JSON object, got {line.strip()[:60]!r}"
                 )
+            if _nested_deeper_than(row, MAX_NESTING):
+                raise _too_deep(name, f"line {number}")
             yield row
 
 
-def _csv_rows(path: Path, name: str, header: list[str]) -> Iterator[dict[str, Any]]:
+def _csv_rows(path: Path, name: str, header: list[str], limit: int) -> Iterator[dict[str, Any]]:
     with path.open("rb") as f:
-        # Lines keep their line ends, so quoted fields may hold line breaks.
-        reader = csv.DictReader(_utf8_lines(f, name), strict=True)
+        # Lines keep their line ends, so quoted fields may hold line breaks; a record of many
+        # lines is bounded as a whole.
+        record = _RecordBudget(_utf8_lines(f, name, limit), name, limit)
+        reader = csv.DictReader(record, strict=True)
         try:
             header.extend(reader.fieldnames or [])
+            record.start()
             for row in reader:
+                record.start()
                 # DictReader files surplus fields under the key None and fills missing ones
                 # with None: either way the row does not match the header.
                 if None in row or None in row.values():
@@ -307,17 +362,42 @@ def _parquet_rows(path: Path, name: str, header: list[str]) -> Iterator[dict[str
         raise DatasetFileError(f"{name}: not a readable parquet file{where} ({exc})") from None
 
 
-def _json_rows(path: Path, name: str) -> Iterator[dict[str, Any]]:
+class _RecordBudget:
+    """The lines of a CSV file, refusing a record (possibly many quoted lines) longer than
+    `limit` characters; `start` marks where the next record begins."""
+
+    def __init__(self, lines: Iterator[str], name: str, limit: int) -> None:
+        self.lines, self.name, self.limit = lines, name, limit
+        self.line = self.first_line = self.used = 0
+
+    def start(self) -> None:
+        self.used, self.first_line = 0, self.line + 1
+
+    def __iter__(self) -> _RecordBudget:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.lines)
+        self.line += 1
+        self.used += len(line)
+        if self.used > self.limit:
+            raise _row_too_long(
+                self.name, f"line {self.first_line or 1}", self.limit, "characters"
+            )
+        return line
+
+
+def _json_rows(path: Path, name: str, limit: int) -> Iterator[dict[str, Any]]:
     """A JSON array of objects, decoded element by element; files named .json that hold
     JSON lines (a common mix-up) are read as JSON lines."""
     with path.open("rb") as f:
-        text = _TextCursor(f, name)
+        text = _TextCursor(f, name, limit)
         first = text.skip_whitespace()
         if first == "[":
             yield from _json_array_rows(text, name)
             return
     if first == "{":
-        yield from _jsonl_rows(path, name, from_json=True)
+        yield from _jsonl_rows(path, name, limit, from_json=True)
         return
     if first == "":
         raise DatasetFileError(f"{name} is empty")
@@ -336,13 +416,15 @@ def _json_array_rows(text: _TextCursor, name: str) -> Iterator[dict[str, Any]]:
         while True:
             text.skip_whitespace()
             line = text.line
-            row = text.decode(decoder)
             number += 1
+            where = f"row {number} (line {line})"
+            row = text.decode(decoder, where)
             if not isinstance(row, dict):
                 raise DatasetFileError(
-                    f"{name} row {number} (line {line}): expected a JSON object, "
-                    f"got {type(row).__name__}"
+                    f"{name} {where}: expected a JSON object, got {type(row).__name__}"
                 )
+            if _nested_deeper_than(row, MAX_NESTING):
+                raise _too_deep(name, where)
             yield row
             separator = text.skip_whitespace()
             if separator == "":
@@ -359,10 +441,11 @@ def _json_array_rows(text: _TextCursor, name: str) -> Iterator[dict[str, Any]]:
 
 class _TextCursor:
     """A read position in a text stream with a bounded buffer and a line counter, enough to
-    decode a JSON array one element at a time with `JSONDecoder.raw_decode`."""
+    decode a JSON array one element at a time with `JSONDecoder.raw_decode`. An element may
+    be at most `limit` characters: the buffer never grows much past that."""
 
-    def __init__(self, stream: IO[bytes], name: str) -> None:
-        self.stream, self.name = stream, name
+    def __init__(self, stream: IO[bytes], name: str, limit: int) -> None:
+        self.stream, self.name, self.limit = stream, name, limit
         self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
         self.buf, self.pos, self.line, self.eof = "", 0, 1, False
 
@@ -396,10 +479,13 @@ class _TextCursor:
             if not self._fill():
                 return ""
 
-    def decode(self, decoder: json.JSONDecoder) -> Any:
+    def decode(self, decoder: json.JSONDecoder, where: str) -> Any:
+        """The JSON value at the read position, `where` naming it in errors."""
         while True:
             try:
                 value, end = decoder.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise _too_deep(self.name, where) from None
             except json.JSONDecodeError as exc:
                 # Positions first: reading more moves the buffer under exc.pos.
                 line = self.line + self.buf.count("\n", self.pos, exc.pos)
@@ -408,10 +494,18 @@ class _TextCursor:
                     f"{self.name} line {line} column {column}: invalid JSON ({exc.msg})"
                 )
                 # The element may just continue in the next chunk; read more and retry
-                # unless the file ended or the element is already unreasonably large.
-                if len(self.buf) - self.pos < MAX_JSON_ROW_CHARS and self._fill():
+                # unless the file ended or the element is already longer than a row may be.
+                if len(self.buf) - self.pos <= self.limit and self._fill():
                     continue
+                if len(self.buf) - self.pos > self.limit:
+                    raise DatasetFileError(
+                        f"{self.name} {where}: the row is not complete within {self.limit} "
+                        "characters, the longest row this server accepts "
+                        f"(TUNERY_MAX_ROW_BYTES), or is invalid JSON ({error})"
+                    ) from None
                 raise error from None
+            if end - self.pos > self.limit:
+                raise _row_too_long(self.name, where, self.limit, "characters")
             self.advance(end - self.pos)
             return value
 

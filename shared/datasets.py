@@ -24,24 +24,25 @@ import re
 import secrets
 import unicodedata
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared.dataset_files import (
+    MAX_NESTING,
     DatasetFileError,
     TooManyRows,
     detect_format,
     format_of_name,
     summarize_file,
 )
-from shared.models import Dataset, DatasetStatus, utcnow
-from shared.prompt_template import Example, missing_columns, render_example
+from shared.models import Dataset, DatasetStatus, Job, JobStatus, utcnow
+from shared.prompt_template import Example, missing_columns, render_preview
 from shared.schema import template_placeholders
 from shared.settings import get_settings
 from shared.storage import ObjectNotFound, Storage
@@ -54,6 +55,11 @@ SAMPLE_ROWS = 20
 MAX_SAMPLE_CELL_CHARS = 4000
 MAX_SAMPLE_CHARS = 256 * 1024
 MAX_NAME_CHARS = 100
+# A preview shows at most this many characters of each prompt and each completion (flagged
+# when cut), so its answer stays under SAMPLE_ROWS * 2 * PREVIEW_PART_CHARS characters of
+# examples plus a message of at most PREVIEW_MESSAGE_CHARS, whatever the template repeats.
+PREVIEW_PART_CHARS = 2000
+PREVIEW_MESSAGE_CHARS = 2000
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -68,6 +74,18 @@ class DatasetRejected(ValueError):
     def __init__(self, message: str, *, too_large: bool = False) -> None:
         super().__init__(message)
         self.message, self.too_large = message, too_large
+
+
+class DatasetInUse(Exception):
+    """A dataset that queued or running jobs still train on."""
+
+    def __init__(self, dataset_id: str, job_ids: list[str]) -> None:
+        self.message = (
+            f"dataset {dataset_id} is the data_path of active jobs {job_ids}; wait for them to "
+            "end or cancel them, then delete it"
+        )
+        super().__init__(self.message)
+        self.job_ids = job_ids
 
 
 class UploadRefused(Exception):
@@ -141,6 +159,80 @@ def create_dataset(
     _store_checked(storage, dataset, path, content_type, max_bytes)
     session.add(dataset)
     return dataset
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """What a tenant's datasets take: their number (pending and failed ones included) and the
+    bytes of their stored files."""
+
+    datasets: int
+    bytes: int
+
+
+def tenant_usage(session: Session, tenant_id: str) -> TenantUsage:
+    count, size = session.execute(
+        select(func.count(), func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
+            Dataset.tenant_id == tenant_id
+        )
+    ).one()
+    return TenantUsage(int(count), int(size or 0))
+
+
+def dataset_count_problem(usage: TenantUsage, max_datasets: int) -> str | None:
+    """Why the tenant may not add one more dataset (TUNERY_MAX_TENANT_DATASETS); None if it
+    may. 0 means no limit."""
+    if max_datasets and usage.datasets >= max_datasets:
+        return (
+            f"this tenant has {usage.datasets} datasets, the most this server keeps per tenant "
+            f"is {max_datasets} (TUNERY_MAX_TENANT_DATASETS); delete some with "
+            "DELETE /v1/datasets/{id}"
+        )
+    return None
+
+
+def dataset_bytes_problem(usage: TenantUsage, new_bytes: int, max_bytes: int) -> str | None:
+    """Why a file of `new_bytes` would not fit in the tenant's storage quota
+    (TUNERY_MAX_TENANT_DATASET_BYTES); None if it fits. 0 means no limit."""
+    if max_bytes and usage.bytes + new_bytes > max_bytes:
+        file = f"a file of {new_bytes} bytes does not fit" if new_bytes else "no file fits"
+        return (
+            f"this tenant's datasets use {usage.bytes} bytes of the {max_bytes} this server "
+            f"keeps per tenant (TUNERY_MAX_TENANT_DATASET_BYTES); {file}: delete datasets "
+            "with DELETE /v1/datasets/{id}"
+        )
+    return None
+
+
+def jobs_using(session: Session, dataset: Dataset) -> list[str]:
+    """Ids of the QUEUED or RUNNING jobs of the dataset's tenant that train on it. A tenant
+    has few active jobs (TUNERY_MAX_ACTIVE_JOBS_PER_TENANT), so their payloads are read here
+    rather than queried as JSON, which SQLite and PostgreSQL spell differently."""
+    active = session.execute(
+        select(Job.id, Job.payload).where(
+            Job.tenant_id == dataset.tenant_id,
+            Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+        )
+    ).all()
+    return [
+        job_id for job_id, payload in active
+        if isinstance(payload, dict)
+        and isinstance(payload.get("data_config"), dict)
+        and payload["data_config"].get("data_path") == dataset.id
+    ]
+
+
+def delete_dataset(session: Session, storage: Storage, dataset: Dataset) -> None:
+    """Remove the dataset's stored objects, then its row (not committed). Raises
+    `DatasetInUse` while an active job trains on it.
+
+    Objects go first: if removing them fails, the row stays and the delete can be retried;
+    a row without its file could only fail the jobs that name it."""
+    using = jobs_using(session, dataset)
+    if using:
+        raise DatasetInUse(dataset.id, using)
+    discard_objects(storage, dataset.id)
+    session.delete(dataset)
 
 
 def get_dataset(session: Session, scope: Scope, dataset_id: str) -> Dataset:
@@ -223,12 +315,14 @@ def finish_upload(
 
 
 def check_pending(
-    storage: Storage, dataset: Dataset, work_dir: Path, *, max_bytes: int
+    storage: Storage, dataset: Dataset, work_dir: Path, *, max_bytes: int,
+    quota_problem: Callable[[int], str | None] | None = None,
 ) -> None:
     """Finish an S3 upload whose bytes arrived by presigned PUT; no-op for other states.
 
-    Raises `DatasetRejected` (row now `failed`) when the file does not pass; the caller
-    commits either way.
+    Raises `DatasetRejected` (row now `failed`) when the file does not pass, or when
+    `quota_problem` finds a reason its size cannot be kept (a presigned PUT cannot be refused
+    while it happens); the caller commits either way.
     """
     if dataset.status != DatasetStatus.PENDING.value:
         return
@@ -239,6 +333,9 @@ def check_pending(
     try:
         if staged[0].size > max_bytes:
             raise DatasetRejected(_too_large(dataset.name, max_bytes), too_large=True)
+        problem = quota_problem(staged[0].size) if quota_problem else None
+        if problem:
+            raise DatasetRejected(problem, too_large=True)
         local = work_dir / dataset.name
         storage.download_file(staged[0].key, local)
         finish_upload(storage, dataset, local, content_type=None, max_bytes=max_bytes)
@@ -269,10 +366,12 @@ def first_rows(dataset: Dataset) -> list[dict[str, Any]]:
 
 
 def preview(dataset: Dataset, template: str, n: int) -> Preview:
-    """The first `n` (at most SAMPLE_ROWS) rows rendered with `template`; placeholders the
-    dataset lacks render as "" and are listed in `missing_columns`."""
+    """The first `n` (at most SAMPLE_ROWS) rows rendered with `template`, each prompt and
+    completion cut at PREVIEW_PART_CHARS; placeholders the dataset lacks render as "" and are
+    listed in `missing_columns`."""
     columns = dataset.columns or []
-    examples = [render_example(row, template) for row in (dataset.sample_rows or [])[:n]]
+    examples = [render_preview(row, template, max_part_chars=PREVIEW_PART_CHARS)
+                for row in (dataset.sample_rows or [])[:n]]
     placeholders = template_placeholders(template)
     return Preview(
         placeholders=list(dict.fromkeys(placeholders)),
@@ -324,23 +423,42 @@ def _store_checked(
         raise DatasetRejected(str(exc), too_large=True) from None
     except DatasetFileError as exc:
         raise DatasetRejected(str(exc)) from None
+    except RecursionError:
+        raise DatasetRejected(_too_deep(dataset.name)) from None
     if summary.rows == 0:
         raise DatasetRejected(f"{dataset.name} has no rows")
+    # Everything that can refuse the file runs before it is stored: nothing is left behind.
+    sample = _sample(summary.first_rows, dataset.name)
     key = dataset_key(dataset.id, safe_file_name(dataset.name, fmt))
-    storage.put_file(key, path)
+    try:
+        storage.put_file(key, path)
+    except BaseException:
+        discard_objects(storage, dataset.id)  # a partial object must not stay behind
+        raise
     dataset.format, dataset.size_bytes, dataset.storage_key = fmt, size, key
     dataset.rows, dataset.columns = summary.rows, summary.columns
-    dataset.sample_rows = _sample(summary.first_rows)
+    dataset.sample_rows = sample
     _mark(dataset, DatasetStatus.READY, error=None)
 
 
-def _sample(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def discard_objects(storage: Storage, dataset_id: str) -> None:
+    """Remove everything stored for the dataset: its checked file and any staged upload."""
+    storage.delete_prefix(f"datasets/{dataset_id}/")
+    storage.delete_prefix(staging_prefix(dataset_id))
+
+
+def _sample(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     """JSON-safe copies of the first rows within the size budget (at least one row)."""
     sample: list[dict[str, Any]] = []
     used = 0
     for row in rows:
-        safe = {str(k): _json_safe(v) for k, v in row.items()}
-        used += len(str(safe))
+        try:
+            safe = {str(k): _json_safe(v) for k, v in row.items()}
+            used += len(str(safe))
+        except RecursionError:
+            # The readers refuse rows nested past MAX_NESTING; this keeps any other deep
+            # value a clear refusal rather than an internal error.
+            raise DatasetRejected(_too_deep(name)) from None
         if sample and used > MAX_SAMPLE_CHARS:
             break
         sample.append(safe)
@@ -365,6 +483,11 @@ def _json_safe(value: Any) -> Any:
 
 def _mark(dataset: Dataset, status: DatasetStatus, *, error: str | None) -> None:
     dataset.status, dataset.error, dataset.updated_at = status.value, error, utcnow()
+
+
+def _too_deep(name: str) -> str:
+    return (f"{name}: a row nests objects or arrays deeper than {MAX_NESTING} levels, the "
+            "most this server accepts")
 
 
 def _too_large(name: str, max_bytes: int) -> str:

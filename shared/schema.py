@@ -48,6 +48,11 @@ _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-
 
 _NUL_MESSAGE = "must not contain NUL characters (\\u0000)"
 
+MAX_TEMPLATE_PLACEHOLDERS = 64
+"""Most placeholders a prompt template may have. Each one copies a whole cell into every
+rendered example, so the count multiplies the memory a render takes; real templates name a
+handful of columns, and 64 leaves room for a column repeated in a few-shot layout."""
+
 
 class TemplateError(ValueError):
     """A prompt template that uses anything but bare column names as placeholders."""
@@ -82,6 +87,11 @@ def template_placeholders(template: str) -> list[str]:
         names.append(field_name)
     if not names:
         raise TemplateError("the template has no {column} placeholder")
+    if len(names) > MAX_TEMPLATE_PLACEHOLDERS:
+        raise TemplateError(
+            f"the template has {len(names)} placeholders; at most {MAX_TEMPLATE_PLACEHOLDERS} "
+            "are allowed"
+        )
     return names
 
 

@@ -83,6 +83,19 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="Most rows in a dataset: an upload with more gets 413, a "
         "URL or hub dataset with more fails the job."
     )
+    max_row_bytes: int = Field(
+        8 * 1024**2, ge=1024, description="Longest row of a dataset file, in bytes: a JSON "
+        "line, a CSV record or a JSON array element longer than this is refused (422 at "
+        "upload), so parsing holds one row of this size in memory, never a whole file."
+    )
+    max_tenant_dataset_bytes: int = Field(
+        20 * 1024**3, ge=0, description="Bytes of dataset files a tenant may keep; an upload "
+        "beyond it gets 413 saying what is used. 0: no limit."
+    )
+    max_tenant_datasets: int = Field(
+        1000, ge=0, description="Datasets (uploaded or waiting for their upload) a tenant may "
+        "have; one more gets 413. 0: no limit."
+    )
     max_cutoff_len: int = Field(
         8192, ge=1, description="Largest data_config.cutoff_len a job may ask for (422 above)."
     )

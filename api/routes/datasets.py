@@ -1,4 +1,5 @@
-"""`/v1/datasets`: upload a dataset file, read its metadata, preview a prompt template on it."""
+"""`/v1/datasets`: upload a dataset file, read its metadata, preview a prompt template on it,
+delete it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import tempfile
 from pathlib import Path as FilePath
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -52,9 +53,12 @@ def resolve_dataset(
     dataset = datasets.get_dataset(session, scope, dataset_id)
     if dataset.status == DatasetStatus.PENDING.value:
         with tempfile.TemporaryDirectory(prefix="tunery-upload-") as tmp:
+            usage = datasets.tenant_usage(session, dataset.tenant_id)
             try:
                 datasets.check_pending(
-                    storage, dataset, FilePath(tmp), max_bytes=settings.max_dataset_bytes
+                    storage, dataset, FilePath(tmp), max_bytes=settings.max_dataset_bytes,
+                    quota_problem=lambda size: datasets.dataset_bytes_problem(
+                        usage, size, settings.max_tenant_dataset_bytes),
                 )
             finally:
                 session.commit()
@@ -67,6 +71,8 @@ def resolve_dataset(
 async def upload_dataset(request: Request, caller: TenantDep, session: SessionDep,
                          storage: StorageDep, settings: SettingsDep,
                          scratch: ScratchDirDep) -> DatasetOut:
+    # Refused before the body is read when the tenant is already past its quota.
+    await run_in_threadpool(check_quota, session, settings, caller.tenant_id, 0)
     received = await receive_multipart_file(
         request, scratch / "upload", settings.max_dataset_bytes
     )
@@ -76,13 +82,38 @@ async def upload_dataset(request: Request, caller: TenantDep, session: SessionDe
     return DatasetOut.of(dataset)
 
 
+def check_quota(session: Session, settings: Settings, tenant_id: str, new_bytes: int, *,
+                new_dataset: bool = True) -> None:
+    """413 when the tenant cannot keep one more dataset (`new_dataset`) or `new_bytes` more
+    bytes of them; the message says what is used and the limit."""
+    usage = datasets.tenant_usage(session, tenant_id)
+    problem = datasets.dataset_count_problem(usage, settings.max_tenant_datasets) if (
+        new_dataset) else None
+    problem = problem or datasets.dataset_bytes_problem(
+        usage, new_bytes, settings.max_tenant_dataset_bytes)
+    if problem:
+        raise ApiError(413, "payload_too_large", problem)
+
+
+def commit_or_discard(session: Session, storage: Storage, dataset: Dataset) -> None:
+    """Commit the dataset's row; if that fails, remove what was stored for it, so no object
+    is left without a row."""
+    try:
+        session.commit()
+    except BaseException:
+        session.rollback()
+        datasets.discard_objects(storage, dataset.id)
+        raise
+
+
 def _create(session: Session, storage: Storage, settings: Settings, tenant_id: str,
             received: ReceivedFile) -> Dataset:
+    check_quota(session, settings, tenant_id, received.size)
     dataset = datasets.create_dataset(
         session, storage, tenant_id, received.path, name=received.filename,
         content_type=received.content_type, max_bytes=settings.max_dataset_bytes,
     )
-    session.commit()
+    commit_or_discard(session, storage, dataset)
     return dataset
 
 
@@ -121,11 +152,27 @@ def preview_dataset(dataset_id: DatasetId, body: PreviewIn, caller: TenantDep,
     if message is None:
         message = (f"every placeholder has a column; the loss is computed on "
                    f"{{{preview.completion_placeholder}}} and the text after it")
+    if len(message) > datasets.PREVIEW_MESSAGE_CHARS:
+        message = message[: datasets.PREVIEW_MESSAGE_CHARS - 1] + "…"
     return PreviewOut(
         dataset_id=dataset.id,
         placeholders=preview.placeholders,
         missing_columns=preview.missing_columns,
         message=message,
-        examples=[ExampleOut(prompt=e.prompt, completion=e.completion)
+        examples=[ExampleOut(prompt=e.prompt, completion=e.completion, prompt_cut=e.prompt_cut,
+                             completion_cut=e.completion_cut)
                   for e in preview.examples],
     )
+
+
+@router.delete("/{dataset_id}", status_code=204, responses=error_responses(404, 409),
+               summary="Delete a dataset: its stored file and its row")
+def delete_dataset(dataset_id: DatasetId, caller: TenantDep, session: SessionDep,
+                   storage: StorageDep) -> Response:
+    dataset = datasets.get_dataset(session, caller.scope, dataset_id)
+    try:
+        datasets.delete_dataset(session, storage, dataset)
+    except datasets.DatasetInUse as exc:
+        raise ApiError(409, "conflict", exc.message) from None
+    session.commit()
+    return Response(status_code=204)

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import ScratchDirDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import AUTHENTICATED, error_responses
 from api.limits.rate import RateLimited
+from api.routes.datasets import check_quota, commit_or_discard
 from api.schemas import DatasetOut, UploadUrlOut
 from api.uploads import receive_body
 from shared import datasets
@@ -34,11 +35,12 @@ UploadId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-
 # Rate-limited here rather than on the router: the PUT beside it carries an upload token,
 # not an API key.
 @router.get("", summary="A URL to PUT a dataset file to, and the id to train on it",
-            responses=AUTHENTICATED, dependencies=[RateLimited])
+            responses={**AUTHENTICATED, **error_responses(413)}, dependencies=[RateLimited])
 def upload_url(filename: Annotated[str, Query(min_length=1, max_length=255)],
                request: Request, caller: TenantDep, session: SessionDep,
                storage: StorageDep, settings: SettingsDep) -> UploadUrlOut:
     expires_s = settings.s3_presign_expiry_s
+    check_quota(session, settings, caller.tenant_id, 0)
     dataset, token, url = datasets.start_upload(
         session, storage, caller.tenant_id, filename, expires_s
     )
@@ -60,7 +62,10 @@ async def receive_upload(upload_id: UploadId,
     # The token is checked before the body is read: a bad URL costs the client no upload.
     dataset = await run_in_threadpool(datasets.dataset_for_upload, session, upload_id, token)
     path = scratch / dataset.name
-    await receive_body(request, path, settings.max_dataset_bytes)
+    size = await receive_body(request, path, settings.max_dataset_bytes)
+    # The pending row is counted already; only the bytes are new. Refused, it stays pending.
+    await run_in_threadpool(check_quota, session, settings, dataset.tenant_id, size,
+                            new_dataset=False)
     await run_in_threadpool(_finish, session, storage, settings, dataset,
                             request.headers.get("content-type"), path)
     return DatasetOut.of(dataset)
@@ -72,4 +77,5 @@ def _finish(session: Session, storage: Storage, settings: Settings, dataset: Dat
         datasets.finish_upload(storage, dataset, path, content_type=content_type,
                                max_bytes=settings.max_dataset_bytes)
     finally:
-        session.commit()  # a rejected file leaves the upload "failed" with the reason
+        # A rejected file leaves the upload "failed" with the reason.
+        commit_or_discard(session, storage, dataset)

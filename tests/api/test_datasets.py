@@ -17,6 +17,7 @@ from shared.settings import get_settings
 from tests.api.conftest import new_key
 from tests.conftest import make_payload
 
+NOT_CUT = {"prompt_cut": False, "completion_cut": False}
 ROWS = [
     {"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"} for i in range(8)
 ]
@@ -195,8 +196,8 @@ def test_preview_shows_prompt_and_completion_apart(client: TestClient) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["examples"] == [
-        {"prompt": "Q: Add 0 and 0.\nA: ", "completion": "0</s>"},
-        {"prompt": "Q: Add 1 and 1.\nA: ", "completion": "2</s>"},
+        {"prompt": "Q: Add 0 and 0.\nA: ", "completion": "0</s>", **NOT_CUT},
+        {"prompt": "Q: Add 1 and 1.\nA: ", "completion": "2</s>", **NOT_CUT},
     ]
     assert body["missing_columns"] == []
     assert body["placeholders"] == ["instruction", "output"]
@@ -215,7 +216,7 @@ def test_preview_lists_missing_columns_with_a_message(client: TestClient) -> Non
     assert "['context', 'response']" in body["message"]
     assert "instruction" in body["message"] and "output" in body["message"]
     assert len(body["examples"]) == 5
-    assert body["examples"][0] == {"prompt": " Add 0 and 0. -> ", "completion": ""}
+    assert body["examples"][0] == {"prompt": " Add 0 and 0. -> ", "completion": "", **NOT_CUT}
 
 
 def test_preview_refuses_unsafe_templates_and_too_many_rows(client: TestClient) -> None:

@@ -107,6 +107,33 @@ def test_presigned_put_over_the_limit_is_refused_when_referenced(
     assert s3_client.get(f"/v1/datasets/{dataset_id}").json()["status"] == "failed"
 
 
+def test_presigned_put_beyond_the_tenants_quota_is_refused_when_referenced(
+    s3_client: TestClient, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset_id = presigned_put(s3_client, JSONL)["dataset_id"]
+    monkeypatch.setenv("TUNERY_MAX_TENANT_DATASET_BYTES", str(len(JSONL) - 1))
+    get_settings.cache_clear()
+
+    preview = s3_client.post(f"/v1/datasets/{dataset_id}/preview",
+                             json={"prompt_template": "{output}"})
+
+    assert preview.status_code == 413
+    assert "TUNERY_MAX_TENANT_DATASET_BYTES" in preview.json()["error"]["message"]
+    assert s3_client.get(f"/v1/datasets/{dataset_id}").json()["status"] == "failed"
+    assert s3_storage.list(f"uploads/{dataset_id}/") == []
+
+
+def test_delete_removes_the_dataset_from_the_bucket(
+    s3_client: TestClient, s3_storage: S3Storage
+) -> None:
+    dataset_id = s3_client.post("/v1/datasets", files={"file": ("t.jsonl", JSONL)}).json()["id"]
+    assert s3_storage.list(f"datasets/{dataset_id}/") != []
+
+    assert s3_client.delete(f"/v1/datasets/{dataset_id}").status_code == 204
+
+    assert s3_storage.list(f"datasets/{dataset_id}/") == []
+
+
 def test_post_datasets_stores_the_checked_file_in_the_bucket(
     s3_client: TestClient, s3_storage: S3Storage
 ) -> None:

@@ -92,10 +92,40 @@ def check_turns(value: Any, row_number: int) -> list[Turn]:
     )
 
 
+def bound_turns(
+    turns: Sequence[Turn], max_chars: int | None, max_turns: int | None
+) -> list[Turn]:
+    """The turns tokenization can reach: at most `max_turns`, their contents cut once they
+    add up to `max_chars` characters, later turns left out.
+
+    Every chat template writes at least one token per turn (its role marker), so turns past
+    cutoff_len tokens, or past the characters that many tokens can hold, are never trained;
+    leaving them out bounds both the rendered text and the prefix renders per assistant turn.
+    """
+    kept: list[Turn] = []
+    left = max_chars
+    for turn in turns[:max_turns]:
+        if left is not None and left <= 0:
+            break
+        content = turn["content"]
+        if left is not None and len(content) > left:
+            turn = {**turn, "content": content[:left]}
+        kept.append(turn)
+        if left is not None:
+            left -= len(content)
+    return kept
+
+
 def render_chats(
-    dataset: LoadedDataset, tokenizer: Any, *, log: LogFn = _no_log
+    dataset: LoadedDataset,
+    tokenizer: Any,
+    *,
+    max_chars: int | None = None,
+    max_turns: int | None = None,
+    log: LogFn = _no_log,
 ) -> list[ChatExample]:
-    """Render every row's `messages` with the tokenizer's chat template."""
+    """Render every row's `messages` with the tokenizer's chat template, each conversation
+    cut by `bound_turns` first."""
     check_template_columns("{" + MESSAGES_COLUMN + "}", dataset.columns)
     if not getattr(tokenizer, "chat_template", None):
         raise PipelineError(
@@ -103,7 +133,10 @@ def render_chats(
             "needs; use a base model with one or a prompt_template with columns"
         )
     examples = [
-        render_chat(check_turns(row.get(MESSAGES_COLUMN), n), tokenizer)
+        render_chat(
+            bound_turns(check_turns(row.get(MESSAGES_COLUMN), n), max_chars, max_turns),
+            tokenizer,
+        )
         for n, row in enumerate(dataset.rows, start=1)
     ]
     turns = sum(len(e.trained_spans) for e in examples)

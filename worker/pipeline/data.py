@@ -152,13 +152,41 @@ def check_template_columns(template: str, columns: Sequence[str]) -> list[str]:
     return placeholders
 
 
+# A token covers at most as many characters as its vocabulary entry is long: byte-level BPE
+# writes one vocabulary character per byte and a character is at least one byte; SentencePiece
+# writes one per character. Twice the longest entry leaves room for normalizers that fold
+# several characters into one (NFC, NFKC). Used when a tokenizer lists no vocabulary.
+_FALLBACK_TOKEN_CHARS = 128
+
+
+def max_render_chars(cutoff_len: int, tokenizer: Any) -> int:
+    """The most characters of one rendered example that tokenization can keep: what lies
+    beyond `cutoff_len` tokens is cut before training anyway, so rendering stops there and a
+    template that repeats a long cell cannot blow up the worker's memory."""
+    try:
+        longest = max((len(token) for token in tokenizer.get_vocab()), default=0)
+    except (AttributeError, NotImplementedError, TypeError):
+        longest = 0
+    return cutoff_len * 2 * (longest or _FALLBACK_TOKEN_CHARS)
+
+
 def render_examples(
-    dataset: LoadedDataset, template: str, *, log: LogFn = _no_log
+    dataset: LoadedDataset,
+    template: str,
+    *,
+    max_chars: int | None = None,
+    log: LogFn = _no_log,
 ) -> list[Example]:
-    """Render every row; `PipelineError` (listing both sides) if a placeholder has no column."""
+    """Render every row, each cut at `max_chars` characters (see `max_render_chars`; the
+    prompt first, so a prompt past the bound leaves no completion and the example is dropped
+    at tokenization); `PipelineError` (listing both sides) if a placeholder has no column."""
     placeholders = check_template_columns(template, dataset.columns)
-    examples = [render_example(row, template) for row in dataset.rows]
+    examples = [render_example(row, template, max_chars=max_chars) for row in dataset.rows]
+    cut = sum(e.prompt_cut or e.completion_cut for e in examples)
     log(f"rendered {len(examples)} examples; loss on {{{placeholders[-1]}}} and what follows it")
+    if cut:
+        log(f"{cut} examples were longer than {max_chars} characters and were cut there, "
+            "beyond what cutoff_len tokens can hold")
     return examples
 
 

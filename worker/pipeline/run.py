@@ -19,6 +19,7 @@ from worker.pipeline.data import (
     LogFn,
     TokenizedExample,
     load_dataset,
+    max_render_chars,
     render_examples,
     split,
     tokenize,
@@ -142,12 +143,14 @@ def render_and_tokenize(
 ) -> list[TokenizedExample]:
     """Rows to training examples: through the model's chat template when the prompt_template
     is `{messages}` (chat mode), through the prompt_template otherwise."""
+    max_chars = max_render_chars(data.cutoff_len, tokenizer)
     if is_chat_template(data.prompt_template):
-        chats = render_chats(dataset, tokenizer, log=log)
+        chats = render_chats(dataset, tokenizer, max_chars=max_chars,
+                             max_turns=data.cutoff_len, log=log)
         return tokenize_chats(
             chats, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs, log=log
         )
-    examples = render_examples(dataset, data.prompt_template, log=log)
+    examples = render_examples(dataset, data.prompt_template, max_chars=max_chars, log=log)
     return tokenize(
         examples, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs, log=log
     )

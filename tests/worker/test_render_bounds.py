@@ -1,0 +1,114 @@
+"""Rendering stops at what cutoff_len tokens can hold: a template that repeats a long cell, or
+a conversation of thousands of turns, cannot take the worker's memory, and training sees
+exactly the tokens it would have seen without the bound."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.schema import DataConfig
+from worker.pipeline.chat import bound_turns, render_chats, tokenize_chats
+from worker.pipeline.data import (
+    IGNORE_INDEX,
+    LoadedDataset,
+    max_render_chars,
+    render_examples,
+    tokenize,
+)
+from worker.pipeline.run import render_and_tokenize
+
+CUTOFF = 48
+TEMPLATE = "Q: {instruction} {instruction} {instruction}\nA: {output}"
+NORMAL = {"instruction": "Add the numbers 2 and 3.", "output": "Answer: 5."}
+LONG_ANSWER = {"instruction": "Name colours.", "output": "Answer: " + "red green blue " * 50_000}
+LONG_QUESTION = {"instruction": "red " * 200_000, "output": "Answer: 5."}
+
+
+def test_the_bound_is_cutoff_len_times_twice_the_longest_vocabulary_entry(
+    tiny_tokenizer: Any,
+) -> None:
+    longest = max(len(token) for token in tiny_tokenizer.get_vocab())
+
+    assert max_render_chars(CUTOFF, tiny_tokenizer) == CUTOFF * 2 * longest
+
+
+def test_rows_far_beyond_the_bound_render_at_most_the_bound_and_train_the_same_tokens(
+    tiny_tokenizer: Any,
+) -> None:
+    dataset = LoadedDataset(["instruction", "output"], [NORMAL, LONG_ANSWER, LONG_QUESTION], "d")
+    bound = max_render_chars(CUTOFF, tiny_tokenizer)
+    assert bound < len(LONG_ANSWER["output"]) // 100  # the rows are far beyond it
+    lines: list[str] = []
+
+    bounded = render_examples(dataset, TEMPLATE, max_chars=bound, log=lines.append)
+    unbounded = render_examples(dataset, TEMPLATE)
+
+    assert [len(e.prompt) + len(e.completion) for e in bounded][1:] == [bound, bound]
+    assert bounded[0] == unbounded[0]  # a normal row is untouched
+    assert bounded[1].prompt == unbounded[1].prompt and bounded[1].completion_cut
+    # A prompt past the bound leaves no completion: the example is dropped, as it would be
+    # for having no completion token within cutoff_len.
+    assert bounded[2].completion == "" and bounded[2].prompt_cut
+    assert "2 examples were longer than" in lines[-1]
+    tokenized = tokenize(bounded, tiny_tokenizer, CUTOFF)
+    assert tokenized == tokenize(unbounded, tiny_tokenizer, CUTOFF)
+    normal, long_answer = tokenized
+    assert normal.labels[0] == IGNORE_INDEX and normal.labels[-1] == tiny_tokenizer.eos_token_id
+    assert len(long_answer.input_ids) == CUTOFF and long_answer.labels[-1] != IGNORE_INDEX
+
+
+def test_the_job_pipeline_renders_within_the_bound(tiny_tokenizer: Any) -> None:
+    dataset = LoadedDataset(["instruction", "output"], [NORMAL, LONG_ANSWER], "d")
+    lines: list[str] = []
+
+    tokenized = render_and_tokenize(
+        dataset, tiny_tokenizer, DataConfig(prompt_template=TEMPLATE, cutoff_len=CUTOFF),
+        log=lines.append,
+    )
+
+    assert any(f"longer than {max_render_chars(CUTOFF, tiny_tokenizer)} characters" in line
+               for line in lines)
+    assert tokenized == tokenize(render_examples(dataset, TEMPLATE), tiny_tokenizer, CUTOFF)
+
+
+def _conversation(extra_turns: int, chars: int) -> list[dict[str, str]]:
+    turns = [{"role": "system", "content": "You answer briefly."},
+             {"role": "user", "content": "What is 2 + 3?"},
+             {"role": "assistant", "content": "Answer: 5."}]
+    for i in range(extra_turns):
+        role = "user" if i % 2 == 0 else "assistant"
+        turns.append({"role": role, "content": ("red green blue " * chars)[:chars]})
+    return turns
+
+
+def test_bound_turns_keeps_at_most_the_bound_of_content_and_of_turns() -> None:
+    turns = _conversation(1000, 400)
+
+    kept = bound_turns(turns, 1000, 48)
+
+    assert sum(len(t["content"]) for t in kept) == 1000
+    assert kept[:3] == turns[:3] and len(kept) < 48
+    assert len(bound_turns(turns, None, 48)) == 48
+    assert bound_turns(turns[:3], 10_000, 48) == turns[:3]
+
+
+def test_a_long_conversation_renders_within_the_bound_and_trains_the_same_tokens(
+    tiny_tokenizer: Any,
+) -> None:
+    dataset = LoadedDataset(
+        ["messages"], [{"messages": _conversation(0, 0)}, {"messages": _conversation(200, 400)}],
+        "chats",
+    )
+    bound = max_render_chars(CUTOFF, tiny_tokenizer)
+
+    bounded = render_chats(dataset, tiny_tokenizer, max_chars=bound, max_turns=CUTOFF)
+    unbounded = render_chats(dataset, tiny_tokenizer)
+
+    assert bounded[0] == unbounded[0]
+    assert len(bounded[1].text) < bound + 20 * CUTOFF < len(unbounded[1].text)
+    tokenized = tokenize_chats(bounded, tiny_tokenizer, CUTOFF)
+    assert tokenized == tokenize_chats(unbounded, tiny_tokenizer, CUTOFF)
+    assert tokenized == render_and_tokenize(
+        dataset, tiny_tokenizer, DataConfig(prompt_template="{messages}", cutoff_len=CUTOFF),
+        log=lambda line: None,
+    )
