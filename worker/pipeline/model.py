@@ -115,6 +115,8 @@ def load_tokenizer(
             raise PipelineError(
                 f"could not load the tokenizer of {model_path!r}: {type(exc).__name__}: {exc}"
             ) from None
+    # Named by its source, not by the private view it was read through.
+    tokenizer.name_or_path = source.source
     if tokenizer.pad_token is None:
         # Labels are masked by position, never by pad id, so pad == EOS is safe; adding a new
         # token would need an embedding row the adapter cannot carry.
@@ -287,6 +289,9 @@ def load_base_model_from(
         raise PipelineError(
             f"could not load model {model_path!r}: {type(exc).__name__}: {exc}{hint}"
         ) from None
+    # The exported adapter records its base by this name: the source, not the private view
+    # the files were read through.
+    model.config._name_or_path = source.source
     if config.use_quantization:
         keep_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
