@@ -291,7 +291,7 @@ def load_base_model_from(
         ) from None
     # The exported adapter records its base by this name: the source, not the private view
     # the files were read through.
-    model.config._name_or_path = source.source
+    model.config._name_or_path = model.name_or_path = source.source
     if config.use_quantization:
         keep_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
