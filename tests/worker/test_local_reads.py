@@ -94,12 +94,12 @@ def test_a_file_swapped_for_a_link_after_it_was_opened_is_still_the_checked_file
     allowed, secret = layout
     (allowed / "config.json").write_text('{"ok": true}')
 
-    with local_files.open_tree(allowed, [allowed], shown=str(allowed), recursive=True) as tree:
-        with local_files.linked_view(tree) as view:
-            os.unlink(allowed / "config.json")
-            (allowed / "config.json").symlink_to(secret)
+    opened = local_files.open_tree(allowed, [allowed], shown=str(allowed), recursive=True)
+    with opened as tree, local_files.linked_view(tree) as view:
+        os.unlink(allowed / "config.json")
+        (allowed / "config.json").symlink_to(secret)
 
-            assert (view / "config.json").read_text() == '{"ok": true}'
+        assert (view / "config.json").read_text() == '{"ok": true}'
 
 
 @pytest.fixture
