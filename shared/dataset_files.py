@@ -14,10 +14,12 @@ import codecs
 import csv
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from shared import local_files
 
 __all__ = [
     "CONTENT_TYPES",
@@ -189,23 +191,30 @@ def detect_format(path: Path, name: str | None = None, content_type: str | None 
     )
 
 
-def read_local(path: Path) -> LoadedDataset:
-    """A file, or every data file of a directory in name order (columns merged)."""
-    if path.is_file():
-        return read_file(path)
-    if path.is_dir():
-        files = sorted(
-            p
-            for p in path.iterdir()
-            if p.is_file() and not p.name.startswith(".") and format_of_name(p.name) is not None
-        )
-        if not files:
-            raise DatasetFileError(f"{path} has no {'/'.join(FORMATS)} files")
-        parts = [read_file(p) for p in files]
-        columns = list(dict.fromkeys(c for part in parts for c in part.columns))
-        rows = [row for part in parts for row in part.rows]
-        return LoadedDataset(columns, rows, str(path))
-    raise DatasetFileError(f"data_path {str(path)!r} does not exist")
+def read_local(path: Path, allowed_dirs: Iterable[Path], *, shown: str | None = None
+               ) -> LoadedDataset:
+    """A file, or every data file of a directory in name order (columns merged).
+
+    Each file is opened first and read only if the opened file lies inside `allowed_dirs`
+    (`shared.local_files`): a link inside the directory cannot lead elsewhere. Errors name
+    the file as `shown` (the user's data_path; default: `path`) and the entry below it."""
+    shown = shown or str(path)
+    try:
+        if not path.is_dir():
+            with local_files.open_file(path, allowed_dirs, shown=shown) as opened:
+                return read_file(opened.reopen, format_of_name(path.name),
+                                 name=Path(shown).name)
+        with local_files.open_tree(path, allowed_dirs, shown=shown, recursive=False,
+                                   wanted=lambda name: format_of_name(name) is not None) as tree:
+            if not tree.files:
+                raise DatasetFileError(f"{shown} has no {'/'.join(FORMATS)} files")
+            parts = [read_file(f.reopen, format_of_name(f.name), name=f.name)
+                     for f in tree.files]
+    except local_files.LocalFileRefused as exc:
+        raise DatasetFileError(f"data_path {exc}") from None
+    columns = list(dict.fromkeys(c for part in parts for c in part.columns))
+    rows = [row for part in parts for row in part.rows]
+    return LoadedDataset(columns, rows, shown)
 
 
 def read_file(path: Path, fmt: str | None = None, *, name: str | None = None,

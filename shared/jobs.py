@@ -61,6 +61,8 @@ class Claim:
     job_id: str
     attempt: int
     owner: str
+    # Whose job: the worker keeps hub downloads made with a tenant's token apart.
+    tenant_id: str | None = None
 
 
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
@@ -147,16 +149,17 @@ def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> 
             updated_at=now,
             error=None,
         )
-        .returning(Job.attempt)
+        .returning(Job.attempt, Job.tenant_id)
     )
-    attempt = result.scalar_one_or_none()
-    if attempt is None:
+    claimed = result.one_or_none()
+    if claimed is None:
         return None
+    attempt, tenant_id = claimed
     session.add(
         JobEvent(job_id=job_id, from_status=JobStatus.QUEUED.value, to_status="RUNNING",
                  attempt=attempt, reason=f"claimed by {owner}")
     )
-    return Claim(job_id, attempt, owner)
+    return Claim(job_id, attempt, owner, tenant_id)
 
 
 def claim_next(

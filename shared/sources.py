@@ -52,6 +52,7 @@ def classify_source(
     *,
     allow_urls: bool = True,
     url_policy: UrlPolicy = HTTPS_ONLY,
+    bare_hub_names: bool = False,
 ) -> Source:
     """Classify `value` as a local path, an https URL, an uploaded dataset id or a hub id, or
     raise `SourceError`.
@@ -64,7 +65,10 @@ def classify_source(
       refused. The host must pass `shared.url_guard.check_url` (grammar and IP literals, no
       DNS); `check_url_source_resolves` adds the resolution.
     - `ds_` + 32 hex digits is an uploaded dataset (its tenant is checked by the API).
-    - Everything else must be a hub id, `name` or `owner/name`.
+    - Everything else must be a hub id: `owner/name`, or also a bare `name` with
+      `bare_hub_names` (models: transformers resolves `gpt2` on the hub). Datasets never take
+      a bare name: `datasets.load_dataset("text")` is a packaged builder that reads files under
+      the current directory, not a hub dataset.
 
     Existence is not checked: the API and the worker may run on different hosts.
     """
@@ -80,7 +84,14 @@ def classify_source(
     if DATASET_ID.fullmatch(value):
         return Source("dataset", value)
     if _HUB_ID.fullmatch(value) and ".." not in value and "--" not in value:
-        return Source("hub", value)
+        if "/" in value or bare_hub_names:
+            return Source("hub", value)
+        raise SourceError(
+            f"{value!r} is not a hub dataset id: hub datasets are named 'owner/name' (e.g. "
+            "'tatsu-lab/alpaca'). To train on your own file, give its absolute path inside a "
+            "directory this server allows (TUNERY_ALLOWED_LOCAL_DIRS), or upload it with "
+            "POST /v1/datasets and pass the 'ds_…' id it returns"
+        )
     raise SourceError(
         f"{value!r} is neither an absolute local path, an https URL, nor a hub id like 'owner/name'"
     )
@@ -99,9 +110,9 @@ def _allowed_local_path(value: str, allowed_local_dirs: Iterable[Path]) -> Path:
     # outside it is refused like the target itself would be.
     path = Path(value).resolve()
     if not any(path.is_relative_to(root) for root in allowed):
+        # Neither the allowed directories nor a link's target: both are the server's business.
         raise SourceError(
-            f"{value!r} is outside the directories this server allows: "
-            + ", ".join(str(d) for d in allowed)
+            f"{value!r} is outside the directories this server allows (TUNERY_ALLOWED_LOCAL_DIRS)"
         )
     return path
 

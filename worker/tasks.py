@@ -179,6 +179,7 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
     # worker has them loaded already (see _prepare_before_consuming).
     from worker.pipeline.checkpoints import CheckpointStore
     from worker.pipeline.errors import PipelineError, TrainingStopped
+    from worker.pipeline.job_dirs import job_working_directory, tenant_hub_cache
     from worker.pipeline.run import run_job
 
     # Hub and W&B errors may quote the token they were given: every log line and failure
@@ -198,8 +199,12 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
     work_dir.mkdir(parents=True)
     try:
         reporter.log(f"attempt {claim.attempt} started on {claim.owner}")
-        result = run_job(request, work_dir, reporter, settings, checkpoints,
-                         base_models=base_model_cache())
+        hub_cache = tenant_hub_cache(settings.data_dir, claim.tenant_id,
+                                     request.hf_config.hf_token)
+        # Never the checkout or the data dir: loaders read relative names from here.
+        with job_working_directory(work_dir / "cwd"):
+            result = run_job(request, work_dir, reporter, settings, checkpoints,
+                             base_models=base_model_cache(), hub_cache_dir=hub_cache)
         reporter.phase("uploading")
         uploaded = upload_outputs(claim.job_id, result.output_dir, heartbeat)
         reporter.log(f"uploaded {len(uploaded)} files to {jobs.artifact_prefix(claim.job_id)}")

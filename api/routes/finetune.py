@@ -52,13 +52,15 @@ def check_sources(request: FinetuneRequest, settings: Settings, *, session: Sess
     an uploaded dataset must be the caller's, parsed, and have the template's columns."""
     problems = []
     url_policy = UrlPolicy.from_settings(settings)
-    for path, value, allow_urls in (
-        ("pretrainedmodel_config.model_path", request.pretrainedmodel_config.model_path, False),
-        ("data_config.data_path", request.data_config.data_path, True),
+    # (field, value, is_model): a model may be a URL-less bare hub name (`gpt2`); data may be
+    # a URL, and a hub dataset must be `owner/name`.
+    for path, value, is_model in (
+        ("pretrainedmodel_config.model_path", request.pretrainedmodel_config.model_path, True),
+        ("data_config.data_path", request.data_config.data_path, False),
     ):
         try:
-            source = classify_source(value, settings.allowed_local_dirs, allow_urls=allow_urls,
-                                     url_policy=url_policy)
+            source = classify_source(value, settings.allowed_local_dirs, allow_urls=not is_model,
+                                     url_policy=url_policy, bare_hub_names=is_model)
             if source.kind == "url":
                 check_url_source_resolves(value, url_policy)
         except SourceError as exc:

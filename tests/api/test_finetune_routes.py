@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -128,6 +129,40 @@ def test_local_path_outside_allowed_dirs_is_a_422(client: TestClient) -> None:
     response = client.post("/v1/finetune/llm", json=make_payload(data_path="/etc/passwd"))
     assert response.status_code == 422
     assert response.json()["error"]["fields"][0]["path"] == "data_config.data_path"
+
+
+def test_refused_local_path_names_no_server_directory(client: TestClient) -> None:
+    from shared.settings import get_settings
+
+    response = client.post("/v1/finetune/llm", json=make_payload(data_path="/etc/passwd"))
+
+    message = response.json()["error"]["fields"][0]["message"]
+    assert "TUNERY_ALLOWED_LOCAL_DIRS" in message
+    assert not any(str(d) in message for d in get_settings().allowed_local_dirs)
+
+
+@pytest.mark.parametrize("data_path", ["text", "json", "csv", "parquet", "imagefolder", "alpaca"])
+def test_a_bare_dataset_name_is_a_422_saying_how_to_name_data(
+    client: TestClient, data_path: str
+) -> None:
+    # datasets.load_dataset("text") is a packaged builder that reads files under the worker's
+    # current directory, not a hub dataset.
+    response = client.post("/v1/finetune/llm", json=make_payload(data_path=data_path))
+
+    assert response.status_code == 422
+    (field,) = response.json()["error"]["fields"]
+    assert field["path"] == "data_config.data_path"
+    assert "hub datasets are named 'owner/name'" in field["message"]
+    assert "TUNERY_ALLOWED_LOCAL_DIRS" in field["message"]
+    assert "POST /v1/datasets" in field["message"]
+    with session_scope() as session:
+        assert session.scalars(select(Job)).all() == []
+
+
+def test_owner_name_hub_datasets_and_bare_hub_models_are_accepted(client: TestClient) -> None:
+    body = submit(client, make_payload(model_path="gpt2", data_path="tatsu-lab/alpaca"))
+
+    assert body["status"] == "QUEUED"
 
 
 def test_malformed_json_is_a_422_not_a_500(client: TestClient) -> None:

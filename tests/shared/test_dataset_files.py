@@ -125,4 +125,4 @@ def test_dataset_ids_are_their_own_source_kind() -> None:
     dataset_id = "ds_" + "0123456789abcdef" * 2
 
     assert classify_source(dataset_id, []) == Source("dataset", dataset_id)
-    assert classify_source("ds_notanid", []).kind == "hub"
+    assert classify_source("ds_notanid", [], bare_hub_names=True).kind == "hub"

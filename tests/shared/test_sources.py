@@ -33,8 +33,12 @@ def test_absolute_path_inside_an_allowed_dir_is_local(allowed: Path) -> None:
 
 
 def test_path_outside_the_allowed_dirs_is_refused(allowed: Path, tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match="outside the directories"):
+    with pytest.raises(SourceError, match="outside the directories") as info:
         classify_source(str(tmp_path / "other.jsonl"), [allowed])
+
+    # The message names the setting, never the server's directories.
+    assert "TUNERY_ALLOWED_LOCAL_DIRS" in str(info.value)
+    assert str(allowed) not in str(info.value)
 
 
 def test_dotdot_escape_from_an_allowed_dir_is_refused(allowed: Path) -> None:
@@ -47,8 +51,10 @@ def test_symlink_pointing_outside_an_allowed_dir_is_refused(allowed: Path, tmp_p
     target.write_text("{}\n")
     (allowed / "link.jsonl").symlink_to(target)
 
-    with pytest.raises(SourceError, match="outside"):
+    with pytest.raises(SourceError, match="outside") as info:
         classify_source(str(allowed / "link.jsonl"), [allowed])
+
+    assert str(target) not in str(info.value)
 
 
 def test_a_sibling_dir_sharing_the_prefix_is_not_inside(allowed: Path) -> None:
@@ -104,11 +110,28 @@ def test_urls_can_be_refused_where_only_models_are_meant() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["tatsu-lab/alpaca", "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "a_b/c.d-e",
-     "a" * 96 + "/" + "b" * 96, "ds_notanid", "ds_" + "a" * 32 + "0"],
+    ["tatsu-lab/alpaca", "HuggingFaceTB/SmolLM2-135M-Instruct", "a_b/c.d-e",
+     "a" * 96 + "/" + "b" * 96, "ds_notanid/x"],
 )
 def test_hub_ids_are_hub(value: str) -> None:
     assert classify_source(value, []) == Source("hub", value)
+
+
+@pytest.mark.parametrize("value", ["gpt2", "ds_notanid", "ds_" + "a" * 32 + "0"])
+def test_bare_hub_names_are_hub_ids_only_where_allowed(value: str) -> None:
+    assert classify_source(value, [], bare_hub_names=True) == Source("hub", value)
+
+
+@pytest.mark.parametrize("value", ["text", "json", "csv", "parquet", "arrow", "imagefolder",
+                                   "alpaca"])
+def test_a_bare_name_is_no_hub_dataset(value: str) -> None:
+    # datasets.load_dataset("text") is a packaged builder reading files under the current
+    # directory, not a hub dataset.
+    with pytest.raises(SourceError, match="hub datasets are named 'owner/name'") as info:
+        classify_source(value, [])
+
+    assert "TUNERY_ALLOWED_LOCAL_DIRS" in str(info.value)
+    assert "POST /v1/datasets" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -329,13 +329,26 @@ def test_unreachable_hub_dataset_is_a_clear_pipeline_error(
 def test_hub_id_that_names_a_local_directory_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # datasets.load_dataset("data") would read ./data: a way around allowed_local_dirs.
-    (tmp_path / "data").mkdir()
-    _write(tmp_path / "data" / "x.jsonl", ROWS)
+    # datasets.load_dataset("data/set") would read ./data/set: a way around allowed_local_dirs.
+    (tmp_path / "data" / "set").mkdir(parents=True)
+    _write(tmp_path / "data" / "set" / "x.jsonl", ROWS)
     monkeypatch.chdir(tmp_path)
 
     with pytest.raises(PipelineError, match="also a path on the worker"):
-        load_dataset("data", allowed_local_dirs=[], download_dir=tmp_path / "dl")
+        load_dataset("data/set", allowed_local_dirs=[], download_dir=tmp_path / "dl")
+
+
+@pytest.mark.parametrize("name", ["text", "json", "csv"])
+def test_a_bare_dataset_name_is_refused_by_the_worker_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # A stored payload skips the API's check. datasets.load_dataset("text") is a packaged
+    # builder that would read every text file under the current directory.
+    _write(tmp_path / "secret.txt", ROWS)
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(PipelineError, match="hub datasets are named 'owner/name'"):
+        load_dataset(name, allowed_local_dirs=[], download_dir=tmp_path / "dl")
 
 
 def test_template_ending_in_eos_text_gets_one_trained_eos(tiny_tokenizer: Any) -> None:

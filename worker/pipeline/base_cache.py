@@ -18,7 +18,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,9 +28,10 @@ from shared.schema import PretrainedModelConfig
 from worker.pipeline.base_state import BaseSnapshot, restore_base, snapshot_base
 from worker.pipeline.model import (
     CpuBf16,
+    ModelSource,
     base_model_options,
-    load_base_model,
-    resolve_model_path,
+    load_base_model_from,
+    opened_model_source,
 )
 
 LogFn = Callable[[str], None]
@@ -49,7 +49,8 @@ class BaseKey:
     source: str
     """The resolved local directory or the hub id."""
     revision: str
-    """Local: a digest of the directory's file names, sizes and modification times.
+    """Local: a digest of the directory's file names, sizes and modification times, as
+    opened for loading.
     Hub: the commit the hub (or, offline, the local hub cache) resolves the id to."""
     options: str
     """`base_model_options` as canonical JSON."""
@@ -63,37 +64,40 @@ def base_key(
     *,
     allowed_local_dirs: Iterable[Path],
     token: str | None = None,
+    cache_dir: Path | None = None,
     cpu_bf16: CpuBf16 = "auto",
 ) -> BaseKey | None:
     """The key of the base `load_base_model` would load now; None when its revision cannot be
     told (hub unreachable or refusing the token): then the base is loaded, not reused."""
-    source = resolve_model_path(model_path, allowed_local_dirs)
-    revision = (
-        local_revision(Path(source)) if os.path.isabs(source) else hub_revision(source, token)
-    )
+    with opened_model_source(model_path, allowed_local_dirs) as source:
+        return source_key(source, config, token=token, cache_dir=cache_dir, cpu_bf16=cpu_bf16)
+
+
+def source_key(
+    source: ModelSource,
+    config: PretrainedModelConfig,
+    *,
+    token: str | None = None,
+    cache_dir: Path | None = None,
+    cpu_bf16: CpuBf16 = "auto",
+) -> BaseKey | None:
+    """`base_key` of a source `opened_model_source` holds open. A local directory's revision
+    comes from the very files opened (and then loaded), not from a second look by path."""
+    if source.local_revision is not None:
+        revision: str | None = hashlib.sha256(source.local_revision.encode()).hexdigest()
+    else:
+        revision = hub_revision(source.source, token, cache_dir)
     if revision is None:
         return None
     return BaseKey(
-        source=source,
+        source=source.source,
         revision=revision,
         options=_canonical_options(base_model_options(config, cpu_bf16)),
         token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
     )
 
 
-def local_revision(directory: Path) -> str:
-    """A digest of every file's relative name, size and modification time under `directory`:
-    rewriting, replacing, adding or removing a weight or config file changes it."""
-    entries = []
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            stat = path.stat()
-            entries.append(f"{path.relative_to(directory).as_posix()}\0{stat.st_size}\0"
-                           f"{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
-
-
-def hub_revision(repo_id: str, token: str | None) -> str | None:
+def hub_revision(repo_id: str, token: str | None, cache_dir: Path | None = None) -> str | None:
     """The commit `repo_id` resolves to now, or None if it cannot be told.
 
     The same request `from_pretrained` starts with (config.json through the hub cache): online
@@ -103,7 +107,8 @@ def hub_revision(repo_id: str, token: str | None) -> str | None:
     from huggingface_hub import hf_hub_download
 
     try:
-        path = Path(hf_hub_download(repo_id, "config.json", token=token))
+        path = Path(hf_hub_download(repo_id, "config.json", token=token,
+                                    cache_dir=None if cache_dir is None else str(cache_dir)))
     except Exception:  # no access, no network, no such repo: loading will say which
         return None
     # <cache>/models--owner--name/snapshots/<commit>/config.json
@@ -154,23 +159,22 @@ class BaseModelCache:
         *,
         allowed_local_dirs: Iterable[Path],
         token: str | None = None,
+        cache_dir: Path | None = None,
         cpu_bf16: CpuBf16 = "auto",
         log: LogFn = _no_log,
     ) -> Iterator[Any]:
         """The base model for one job, as `load_base_model` would return it, for the duration
         of the block. The job may wrap and train it; on leaving, it is reset or dropped."""
-        allowed = list(allowed_local_dirs)
-        key = base_key(model_path, config, allowed_local_dirs=allowed, token=token,
-                       cpu_bf16=cpu_bf16) if self.enabled else None
+        with opened_model_source(model_path, allowed_local_dirs) as source:
+            key = source_key(source, config, token=token, cache_dir=cache_dir,
+                             cpu_bf16=cpu_bf16) if self.enabled else None
 
-        def load() -> Any:
-            return load_base_model(
-                model_path, config, allowed_local_dirs=allowed, token=token,
-                cpu_bf16=cpu_bf16, log=log,
-            )
+            def load() -> Any:
+                return load_base_model_from(source, model_path, config, token=token,
+                                            cache_dir=cache_dir, cpu_bf16=cpu_bf16, log=log)
 
-        with self.checkout(key, load, log=log) as model:
-            yield model
+            with self.checkout(key, load, log=log) as model:
+                yield model
 
     @contextmanager
     def checkout(

@@ -62,6 +62,7 @@ def load_dataset(
     url_policy: UrlPolicy | None = None,
     storage: Storage | None = None,
     max_rows: int | None = None,
+    hub_cache_dir: Path | None = None,
     log: LogFn = _no_log,
 ) -> LoadedDataset:
     """Load the rows `data_path` names: a local file/dir, an https URL, an uploaded dataset id
@@ -70,9 +71,11 @@ def load_dataset(
     URLs follow `url_policy` (default: this worker's settings) at every redirect hop, and the
     download connects only to addresses it allows. Raises `PipelineError` for refused paths,
     unreadable or unparseable data (naming the line or row), hub datasets that cannot be
-    loaded, and more than `max_rows` rows.
+    loaded, and more than `max_rows` rows. `hub_cache_dir` is where hub downloads go
+    (default: the shared Hugging Face cache; see `worker.pipeline.job_dirs`).
     """
     url_policy = url_policy or UrlPolicy.from_settings(get_settings())
+    allowed_local_dirs = list(allowed_local_dirs)
     try:
         source = classify_source(data_path, allowed_local_dirs, url_policy=url_policy)
     except SourceError as exc:
@@ -85,7 +88,7 @@ def load_dataset(
         )
     if source.kind == "local":
         assert source.path is not None
-        dataset = read_local(source.path)
+        dataset = read_local(source.path, allowed_local_dirs, shown=data_path)
     elif source.kind == "url":
         dataset = read_file(
             download_url(data_path, download_dir, policy=url_policy, client=client, log=log),
@@ -97,7 +100,7 @@ def load_dataset(
                             max_rows=max_rows)
         dataset.origin = data_path
     else:
-        dataset = load_hub_dataset(data_path, subset, token=token)
+        dataset = load_hub_dataset(data_path, subset, token=token, cache_dir=hub_cache_dir)
     if not dataset.rows:
         raise PipelineError(f"the dataset {dataset.origin} has no rows")
     # Files stop reading past `max_rows`; hub datasets and local directories are counted here.

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from shared import local_files
 from shared.schema import PretrainedModelConfig
 from shared.sources import SourceError, classify_source
 from worker.pipeline.errors import PipelineError
@@ -22,9 +26,11 @@ def _no_log(line: str) -> None:
 
 
 def resolve_model_path(model_path: str, allowed_local_dirs: Iterable[Path]) -> str:
-    """What `from_pretrained` gets: a resolved local directory or a hub id."""
+    """The resolved local directory or the hub id `model_path` names; `PipelineError` if it
+    is refused. Loading goes through `opened_model_source`, which also checks every file."""
     try:
-        source = classify_source(model_path, allowed_local_dirs, allow_urls=False)
+        source = classify_source(model_path, allowed_local_dirs, allow_urls=False,
+                                 bare_hub_names=True)
     except SourceError as exc:
         raise PipelineError(f"model_path: {exc}") from None
     if source.kind == "local":
@@ -41,23 +47,76 @@ def resolve_model_path(model_path: str, allowed_local_dirs: Iterable[Path]) -> s
     return model_path
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """A base model's source, ready to load: what `from_pretrained` gets (`load_from`), what
+    identifies it (`source`, the resolved directory or the hub id) and, for a local
+    directory, `local_revision`: its files' names, sizes and modification times."""
+
+    load_from: str
+    source: str
+    local_revision: str | None = None
+
+
+@contextmanager
+def opened_model_source(
+    model_path: str, allowed_local_dirs: Iterable[Path]
+) -> Iterator[ModelSource]:
+    """The source to load `model_path` from, valid for the block.
+
+    A local directory has every file opened and verified first (`shared.local_files`): a link
+    inside it that leads outside the allowed directories fails the job, naming the entry as
+    the user would. transformers then loads from a private view whose files link to those
+    open descriptors, so it reads exactly the files that were checked. A hub id is passed on.
+    """
+    allowed = list(allowed_local_dirs)
+    resolved = resolve_model_path(model_path, allowed)
+    if not os.path.isabs(resolved):
+        yield ModelSource(load_from=resolved, source=resolved)
+        return
+    with ExitStack() as stack:
+        try:
+            tree = stack.enter_context(
+                local_files.open_tree(Path(resolved), allowed, shown=model_path, recursive=True)
+            )
+        except local_files.LocalFileRefused as exc:
+            raise PipelineError(f"model_path {exc}") from None
+        view = stack.enter_context(local_files.linked_view(tree))
+        yield ModelSource(load_from=str(view), source=resolved, local_revision=tree.revision())
+
+
+def hub_options(token: str | None, cache_dir: Path | None) -> dict[str, Any]:
+    """`from_pretrained`'s hub arguments: the job's token and, when the job has its own, its
+    cache directory (None: the shared Hugging Face cache)."""
+    options: dict[str, Any] = {"token": token}
+    if cache_dir is not None:
+        options["cache_dir"] = str(cache_dir)
+    return options
+
+
 def load_tokenizer(
     model_path: str,
     *,
     allowed_local_dirs: Iterable[Path],
     token: str | None = None,
+    cache_dir: Path | None = None,
     log: LogFn = _no_log,
 ) -> Any:
-    """The base model's tokenizer, with a pad token (its EOS if it has none)."""
+    """The base model's tokenizer, with a pad token (its EOS if it has none). `cache_dir`:
+    see `hub_options`."""
     from transformers import AutoTokenizer
 
-    source = resolve_model_path(model_path, allowed_local_dirs)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, token=token, trust_remote_code=False)
-    except Exception as exc:  # any failure here means "this tokenizer cannot be loaded"
-        raise PipelineError(
-            f"could not load the tokenizer of {model_path!r}: {type(exc).__name__}: {exc}"
-        ) from None
+    with opened_model_source(model_path, allowed_local_dirs) as source:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source.load_from, trust_remote_code=False, **hub_options(token, cache_dir)
+            )
+        except Exception as exc:  # any failure here means "this tokenizer cannot be loaded"
+            raise PipelineError(
+                f"could not load the tokenizer of {model_path!r}: {type(exc).__name__}: {exc}"
+            ) from None
+    # Named by its source, not by the private view it was read through.
+    tokenizer.name_or_path = source.source
     if tokenizer.pad_token is None:
         # Labels are masked by position, never by pad id, so pad == EOS is safe; adding a new
         # token would need an embedding row the adapter cannot carry.
@@ -135,6 +194,7 @@ def load_model(
     *,
     allowed_local_dirs: Iterable[Path],
     token: str | None = None,
+    cache_dir: Path | None = None,
     cpu_bf16: CpuBf16 = "auto",
     log: LogFn = _no_log,
 ) -> Any:
@@ -146,7 +206,7 @@ def load_model(
     """
     base = load_base_model(
         model_path, config, allowed_local_dirs=allowed_local_dirs, token=token,
-        cpu_bf16=cpu_bf16, log=log,
+        cache_dir=cache_dir, cpu_bf16=cpu_bf16, log=log,
     )
     return add_lora(base, config, log=log)
 
@@ -187,6 +247,7 @@ def load_base_model(
     *,
     allowed_local_dirs: Iterable[Path],
     token: str | None = None,
+    cache_dir: Path | None = None,
     cpu_bf16: CpuBf16 = "auto",
     log: LogFn = _no_log,
 ) -> Any:
@@ -196,20 +257,41 @@ def load_base_model(
     there is no silent fallback when 4-bit is unavailable. Only `base_model_options(config)`
     and the source decide what is loaded: the LoRA settings of `config` play no part.
     """
+    with opened_model_source(model_path, allowed_local_dirs) as source:
+        return load_base_model_from(source, model_path, config, token=token,
+                                    cache_dir=cache_dir, cpu_bf16=cpu_bf16, log=log)
+
+
+def load_base_model_from(
+    source: ModelSource,
+    model_path: str,
+    config: PretrainedModelConfig,
+    *,
+    token: str | None = None,
+    cache_dir: Path | None = None,
+    cpu_bf16: CpuBf16 = "auto",
+    log: LogFn = _no_log,
+) -> Any:
+    """`load_base_model` from a source `opened_model_source` holds open; `model_path` is how
+    errors name it."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    source = resolve_model_path(model_path, allowed_local_dirs)
     options = base_model_options(config, cpu_bf16)
     if config.use_quantization:
         check_4bit_available()
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(source, token=token, **options)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            source.load_from, **hub_options(token, cache_dir), **options
+        )
     except Exception as exc:  # any failure here means "this model cannot be loaded"
         hint = " (only safetensors checkpoints are accepted)" if "safetensors" in str(exc) else ""
         raise PipelineError(
             f"could not load model {model_path!r}: {type(exc).__name__}: {exc}{hint}"
         ) from None
+    # The exported adapter records its base by this name: the source, not the private view
+    # the files were read through.
+    model.config._name_or_path = model.name_or_path = source.source
     if config.use_quantization:
         keep_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -7,7 +7,7 @@ worker does: downloads and the hub. Parse errors name the file and line.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,10 +41,13 @@ def _no_log(line: str) -> None:
     pass
 
 
-def read_local(path: Path) -> LoadedDataset:
-    """A local file, or every data file of a directory in name order."""
+def read_local(path: Path, allowed_dirs: Iterable[Path], *, shown: str | None = None
+               ) -> LoadedDataset:
+    """A local file, or every data file of a directory in name order; only files that, as
+    opened, lie inside `allowed_dirs` (see `shared.local_files`). Errors call the file
+    `shown` (the user's data_path), never a link's target."""
     try:
-        return dataset_files.read_local(path)
+        return dataset_files.read_local(path, allowed_dirs, shown=shown)
     except DatasetFileError as exc:
         raise PipelineError(str(exc)) from None
 
@@ -151,8 +154,18 @@ def _refused_hop_message(url: str, hop_url: str, hop: int, exc: UrlRefused) -> s
     )
 
 
-def load_hub_dataset(dataset_id: str, subset: str | None, *, token: str | None) -> LoadedDataset:
-    """`datasets.load_dataset(dataset_id, subset)`, its "train" split (or its only one)."""
+def load_hub_dataset(
+    dataset_id: str, subset: str | None, *, token: str | None, cache_dir: Path | None = None
+) -> LoadedDataset:
+    """`datasets.load_dataset(dataset_id, subset)`, its "train" split (or its only one).
+
+    `dataset_id` must be `owner/name`: a bare name is a packaged builder ("text", "csv", …)
+    that collects data files under the current directory. `cache_dir` None is the shared
+    Hugging Face cache; a job with a token passes its tenant's own."""
+    if "/" not in dataset_id:
+        raise PipelineError(
+            f"hub dataset id {dataset_id!r} must be 'owner/name'; a bare name is not a hub dataset"
+        )
     # datasets.load_dataset reads a local directory of the same name first; a hub id must
     # never become a way around allowed_local_dirs.
     if Path(dataset_id).exists():
@@ -162,8 +175,11 @@ def load_hub_dataset(dataset_id: str, subset: str | None, *, token: str | None) 
     import datasets
 
     label = dataset_id + (f" (subset {subset})" if subset else "")
+    options: dict[str, Any] = {"token": token}
+    if cache_dir is not None:
+        options["cache_dir"] = str(cache_dir)
     try:
-        loaded = datasets.load_dataset(dataset_id, subset, token=token)
+        loaded = datasets.load_dataset(dataset_id, subset, **options)
     except Exception as exc:  # any failure here means "this dataset cannot be read"
         raise PipelineError(
             f"could not load hub dataset {label}: {type(exc).__name__}: {exc}"

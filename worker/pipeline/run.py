@@ -52,12 +52,14 @@ def run_job(
     settings: Settings,
     checkpoints: CheckpointStore | None = None,
     base_models: BaseModelCache | None = None,
+    hub_cache_dir: Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter as `request` says; the result lies in `work_dir / "output"`.
 
     With `checkpoints`, training resumes from the job's latest checkpoint in storage (an
     earlier attempt's) and writes new ones as it goes. With `base_models`, the base model
-    comes from (and goes back to) that cache; without, it is loaded and dropped.
+    comes from (and goes back to) that cache; without, it is loaded and dropped. Hub
+    downloads go to `hub_cache_dir` (None: the shared Hugging Face cache; see `job_dirs`).
 
     Raises `PipelineError` for problems the user can fix and `TrainingStopped` when
     `reporter.should_stop()` asked for it. The caller uploads the output ("uploading" phase).
@@ -78,10 +80,12 @@ def run_job(
         storage=storage_from_settings(settings),
         max_rows=settings.max_dataset_rows,
         url_policy=UrlPolicy.from_settings(settings),
+        hub_cache_dir=hub_cache_dir,
         log=log,
     )
     tokenizer = load_tokenizer(
-        base.model_path, allowed_local_dirs=allowed, token=hf.hf_token, log=log
+        base.model_path, allowed_local_dirs=allowed, token=hf.hf_token, cache_dir=hub_cache_dir,
+        log=log,
     )
     # ORPO trains on the raw preference rows (TRL tokenizes them), the rest on tokenized ones.
     examples: list[Any]
@@ -102,7 +106,7 @@ def run_job(
         base_models = BaseModelCache(enabled=False)
     with base_models.use(
         base.model_path, base, allowed_local_dirs=allowed, token=hf.hf_token,
-        cpu_bf16=settings.cpu_bf16, log=log,
+        cache_dir=hub_cache_dir, cpu_bf16=settings.cpu_bf16, log=log,
     ) as base_model:
         model = add_lora(base_model, base, log=log)
         resume_from = restore_starting_point(model, base, checkpoints, work_dir, log=log)
