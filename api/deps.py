@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
+from api.limits.auth_failures import refuse_if_over
 from shared.db import session_factory
 from shared.keys import authenticate, record_use
 from shared.models import KeyRole
@@ -78,13 +79,17 @@ _BEARER = HTTPBearer(auto_error=False, scheme_name="ApiKey",
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 
 
-def get_caller(credentials: BearerDep, session: SessionDep) -> Caller:
+def get_caller(request: Request, credentials: BearerDep, session: SessionDep) -> Caller:
+    """The caller its API key names; 401 without a valid one, 429 instead once the client's
+    address has failed too often (`api.limits.auth_failures`)."""
     token = credentials.credentials if credentials else ""
     if not token.strip():
+        refuse_if_over(request, "authentications")
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
                        headers=_UNAUTHORIZED)
     key = authenticate(session, token.strip())
     if key is None:
+        refuse_if_over(request, "authentications")
         raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=_UNAUTHORIZED)
     if record_use(session, key):
         session.commit()

@@ -13,6 +13,7 @@ from api.errors import install_error_handlers
 from api.limits.install import install_limits
 from api.limits.rate import RateLimited
 from api.routes import datasets, deploy, finetune, health, me, upload
+from shared.private_files import restrict_umask
 from shared.queue import declare_queue
 from shared.settings import get_settings
 
@@ -33,6 +34,9 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
+    # First, before settings create the data dir: what this process writes (the SQLite
+    # database and its -wal, uploads in storage) is for the Tunery user alone.
+    restrict_umask()
     app = FastAPI(
         title="Tunery",
         version="0.1.0",

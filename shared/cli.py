@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shared.private_files import restrict_umask
 from shared.settings import get_settings
 
 
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything is created: the data dir must not be readable by other users, whatever
+    # umask the shell or service manager handed down.
+    restrict_umask()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

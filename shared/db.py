@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.private_files import create_private_sqlite_file
 from shared.settings import get_settings
 
 
@@ -23,6 +24,10 @@ def make_engine(url: str, pool_size: int = 15, max_overflow: int = 0) -> Engine:
     else:
         kwargs["connect_args"] = {"connect_timeout": 5}
         kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
+    if url.startswith("sqlite"):
+        # SQLite would create the file 0644 (less the umask): it holds payloads, logs and key
+        # hashes, so it is created 0600 first, and SQLite gives its -wal/-shm the same mode.
+        create_private_sqlite_file(url)
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
 

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.private_files import create_private_sqlite_file, make_private_dir, tighten_tree
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -113,6 +115,12 @@ class Settings(BaseSettings):
         10, ge=0, description="QUEUED plus RUNNING jobs a tenant may have; a submit beyond it "
         "gets 429. 0: no limit."
     )
+    auth_failures_per_minute: int = Field(
+        30, ge=0, description="Failed authentications (a missing or wrong API key, a wrong "
+        "upload token) per minute per client address, in bursts of as many; past it that "
+        "address gets 429 instead of 401/403 until the budget refills, while valid keys from "
+        "it keep working. Counted in each API process; 0: no limit."
+    )
     idempotency_ttl_s: int = Field(
         86400, ge=1, description="How long a submission's Idempotency-Key replays its first "
         "response; an older key starts a new job."
@@ -158,6 +166,10 @@ class Settings(BaseSettings):
         "between jobs, so that the next job on the same base skips loading it. Off: every job "
         "loads its base and the worker holds no model while idle."
     )
+    wandb_init_timeout_s: float = Field(
+        30.0, gt=0, description="How long a job with logging_config.use_wandb waits for "
+        "Weights & Biases to start its run before it fails with a reason that says so."
+    )
     auto_migrate: bool = Field(True, description="Run `alembic upgrade head` when the API starts.")
     log_level: str = "INFO"
 
@@ -192,5 +204,15 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Settings read once per process; tests call `get_settings.cache_clear()` after setenv."""
     settings = Settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings)
     return settings
+
+
+def prepare_data_dir(settings: Settings) -> None:
+    """Create the data dir (0700) and the SQLite files it holds (0600) before anything opens
+    them, and take group/other permissions off whatever an older version left in it."""
+    make_private_dir(settings.data_dir)
+    tighten_tree(settings.data_dir)
+    create_private_sqlite_file(settings.database_url)
+    if settings.is_embedded_broker:
+        create_private_sqlite_file(settings.broker_url)

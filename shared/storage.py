@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
+from shared.private_files import make_private_dir
+
 if TYPE_CHECKING:
     from shared.settings import Settings
 
@@ -158,7 +160,11 @@ def _validate_prefix(prefix: str, *, for_delete: bool = False) -> str:
 
 
 class LocalStorage(Storage):
-    """Objects as files under `root`; the store for the one-machine setup and for tests."""
+    """Objects as files under `root`; the store for the one-machine setup and for tests.
+
+    Objects are written 0600 (`mkstemp`'s mode, kept by the rename) in directories created
+    0700: they are tenants' datasets and adapters.
+    """
 
     # Uploads are written here first and moved into place with os.replace, which is atomic on
     # one filesystem; living under root guarantees that. list() hides it, keys may not use it.
@@ -184,8 +190,8 @@ class LocalStorage(Storage):
     def _write_atomically(self, path: Path, write: Any) -> None:
         partial = self.root / self._PARTIAL_DIR
         try:
-            partial.mkdir(parents=True, exist_ok=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(partial)
+            make_private_dir(path.parent)
             fd, tmp_name = tempfile.mkstemp(dir=partial, prefix="upload-")
         except OSError as exc:
             raise StorageError(f"cannot write to local storage {self.root}: {exc}") from exc
@@ -292,7 +298,7 @@ class LocalStorage(Storage):
         # A real write proves more than os.access: read-only mounts, full disks, wrong owner.
         probe = f"{self._PARTIAL_DIR}/probe-{uuid.uuid4().hex}"
         try:
-            (self.root / self._PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.root / self._PARTIAL_DIR)
             (self.root / probe).write_bytes(b"ok")
             (self.root / probe).unlink()
         except OSError as exc:

@@ -2,8 +2,11 @@
 
 A thread rather than a training callback, because the lease must also survive what happens
 outside optimizer steps: loading a large base model, a long first step, the upload. The
-training loop only reads `stop_reason` (through the reporter's `should_stop()`), so a cancel
-or a lost lease ends training within one step or one heartbeat, whichever is later.
+training loop reads `stop_reason` (through the reporter's `should_stop()`), so a cancel or a
+lost lease ends training within one step or one heartbeat, whichever is later. The stages
+before it (downloads, parsing, tokenizing, loading the model) never ask: while the main
+thread is in one of them, each beat with a stop reason interrupts it
+(`worker.pipeline.interrupts`), so they end within about one heartbeat too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from shared import jobs
 from shared.db import session_scope
 from shared.jobs import Claim
+from worker.pipeline.interrupts import interrupt_main_thread
 
 log = logging.getLogger("tunery.worker")
 
@@ -75,6 +79,11 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._ended.wait(self.every_s):
             self.beat()
+            if self.stop_reason is not None and not self._ended.is_set():
+                # On every beat from the first with a reason: library code may have caught an
+                # interruption and gone on (a retry). Outside an interruptible region (the
+                # training loop, uploads) this does nothing.
+                interrupt_main_thread()
 
     def end(self) -> None:
         """The attempt is over: stop renewing."""

@@ -16,6 +16,7 @@ from shared.db import session_scope
 from shared.jobs import Claim
 from shared.payload_secrets import redact_secrets
 from worker.heartbeat import Heartbeat
+from worker.pipeline.interrupts import uninterruptible
 
 log = logging.getLogger("tunery.worker")
 
@@ -81,7 +82,8 @@ class DatabaseReporter:
         if write is not None and time.monotonic() < self._retry_at:
             return False
         try:
-            with session_scope() as session:
+            # A stop signal must not cut a write in two (see worker.pipeline.interrupts).
+            with uninterruptible(), session_scope() as session:
                 for pending in self._pending:
                     pending(session)
         except (OperationalError, InterfaceError) as exc:

@@ -28,6 +28,7 @@ from shared.payload_secrets import (
     redact_secrets,
     secret_values,
 )
+from shared.private_files import make_private_dir, restrict_umask
 from shared.queue import TRAIN_TASK, declare_queue, get_celery
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
     from worker.pipeline.checkpoints import CheckpointStore
 
 log = logging.getLogger("tunery.worker")
+
+# At import, which is the worker process's start (`celery -A worker.tasks worker`): the job
+# files, the work dir and the SQLite files it writes are for the Tunery user alone.
+restrict_umask()
 
 T = TypeVar("T")
 
@@ -58,6 +63,9 @@ CLAIM_PATIENCE_S = 60.0
 @worker_init.connect
 def _prepare_before_consuming(**_: object) -> None:
     declare_queue()
+    work_dir = get_settings().work_dir
+    assert work_dir is not None
+    make_private_dir(work_dir)
     # torch and transformers take seconds to import (7.8 s measured here): paid once at start,
     # not after a claim, where it would delay the first heartbeat and every recovery.
     import worker.pipeline.run  # noqa: F401

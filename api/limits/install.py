@@ -7,6 +7,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import Scope
 
+from api.limits.auth_failures import FailedAuthLimiter
 from api.limits.body import RequestBodyLimit
 from api.limits.rate import RateLimiter
 from api.routes import datasets, upload
@@ -19,12 +20,14 @@ DATASET_UPLOAD_ROUTES = ("upload_dataset", "receive_upload")
 
 
 def install_limits(app: FastAPI) -> None:
-    """The body size middleware, and the rate limiter that the `RateLimited` dependency reads.
+    """The body size middleware, the rate limiter that the `RateLimited` dependency reads, and
+    the limiter of failed authentications that `get_caller` and the upload PUT count into.
 
     The upload routes are found by name in their routers, whose paths carry their prefix:
     the app must include those routers without another one.
     """
     app.state.rate_limiter = RateLimiter(get_settings().rate_limit_per_minute)
+    app.state.auth_failure_limiter = FailedAuthLimiter(get_settings().auth_failures_per_minute)
     uploads = [r for r in (*datasets.router.routes, *upload.router.routes)
                if isinstance(r, APIRoute) and r.name in DATASET_UPLOAD_ROUTES]
     if len(uploads) != len(DATASET_UPLOAD_ROUTES):

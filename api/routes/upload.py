@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import ScratchDirDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import AUTHENTICATED, error_responses
+from api.limits.auth_failures import refuse_if_over
 from api.limits.rate import RateLimited
 from api.routes.datasets import check_quota, commit_or_discard
 from api.schemas import DatasetOut, UploadUrlOut
@@ -53,14 +54,19 @@ def upload_url(filename: Annotated[str, Query(min_length=1, max_length=255)],
 
 
 @router.put("/{upload_id}", name="receive_upload",
-            responses=error_responses(403, 409, 413, 422, 500, 503),
+            responses=error_responses(403, 409, 413, 422, 429, 500, 503),
             summary="Receive the bytes of an upload (local storage; the token is the auth)")
 async def receive_upload(upload_id: UploadId,
                          token: Annotated[str, Query(min_length=1, max_length=200)],
                          request: Request, session: SessionDep, storage: StorageDep,
                          settings: SettingsDep, scratch: ScratchDirDep) -> DatasetOut:
     # The token is checked before the body is read: a bad URL costs the client no upload.
-    dataset = await run_in_threadpool(datasets.dataset_for_upload, session, upload_id, token)
+    try:
+        dataset = await run_in_threadpool(datasets.dataset_for_upload, session, upload_id, token)
+    except datasets.UploadRefused as refused:
+        if not refused.conflict:  # a wrong token (or id): a guess, counted per address
+            refuse_if_over(request, "upload tokens")
+        raise
     path = scratch / dataset.name
     size = await receive_body(request, path, settings.max_dataset_bytes)
     # The pending row is counted already; only the bytes are new. Refused, it stays pending.

@@ -78,6 +78,9 @@ def fuzzed_client(tunery_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
 
     monkeypatch.setenv("TUNERY_RATE_LIMIT_PER_MINUTE", "0")
     monkeypatch.setenv("TUNERY_MAX_ACTIVE_JOBS_PER_TENANT", "0")
+    # The fuzzer sends hundreds of unauthenticated requests from one address on purpose; the
+    # limit on failed authentications has its own tests (test_auth_failures.py).
+    monkeypatch.setenv("TUNERY_AUTH_FAILURES_PER_MINUTE", "0")
     get_settings.cache_clear()
     with TestClient(create_app()) as client:
         yield client

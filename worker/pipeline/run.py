@@ -26,6 +26,7 @@ from worker.pipeline.data import (
 )
 from worker.pipeline.errors import TrainingStopped
 from worker.pipeline.export import export_adapter, push_to_hub
+from worker.pipeline.interrupts import InterruptibleRegion
 from worker.pipeline.model import add_lora, load_tokenizer
 from worker.pipeline.preference import preference_rows, train_orpo
 from worker.pipeline.readers import LoadedDataset
@@ -64,12 +65,74 @@ def run_job(
     Raises `PipelineError` for problems the user can fix and `TrainingStopped` when
     `reporter.should_stop()` asked for it. The caller uploads the output ("uploading" phase).
     """
-    data, base, hf = request.data_config, request.pretrainedmodel_config, request.hf_config
+    base, hf = request.pretrainedmodel_config, request.hf_config
     allowed = settings.allowed_local_dirs
     work_dir.mkdir(parents=True, exist_ok=True)
     log = reporter.log
 
+    # Downloads, parsing, tokenizing and loading the model never ask whether to stop: a
+    # cancel, lost lease or timeout interrupts them (worker.pipeline.interrupts). The region
+    # ends before training, which stops between steps, and before any upload.
     reporter.phase("loading_data")
+    region = InterruptibleRegion(reporter.should_stop)
+    with region:
+        train_set, eval_set, fit, tokenizer = _prepare_data(
+            request, work_dir, reporter, settings, hub_cache_dir=hub_cache_dir, log=log
+        )
+        _stop_if_asked(reporter)
+
+        reporter.phase("loading_model")
+        if base_models is None:
+            base_models = BaseModelCache(enabled=False)
+        with base_models.use(
+            base.model_path, base, allowed_local_dirs=allowed, token=hf.hf_token,
+            cache_dir=hub_cache_dir, cpu_bf16=settings.cpu_bf16, log=log,
+        ) as base_model:
+            model = add_lora(base_model, base, log=log)
+            resume_from = restore_starting_point(model, base, checkpoints, work_dir, log=log)
+            # Inside the block: the exit (the base model given back to the cache) must not be
+            # interrupted.
+            region.end()
+            _stop_if_asked(reporter)
+
+            reporter.phase("training")
+            stats = fit(
+                model,
+                tokenizer,
+                train_set,
+                eval_set,
+                request.training_config,
+                output_dir=work_dir / "trainer",
+                reporter=reporter,
+                checkpoints=checkpoints,
+                resume_from=resume_from,
+                logging=request.logging_config,
+                memory_limit_bytes=_gib(settings.training_memory_gb),
+            )
+            output_dir = export_adapter(model, tokenizer, work_dir / "output", log=log)
+    if hf.hf_model_path:
+        assert hf.hf_token is not None  # the schema requires it with hf_model_path
+        push_to_hub(output_dir, hf.hf_model_path, token=hf.hf_token, log=log)
+    return TrainResult(
+        output_dir=output_dir,
+        steps=stats.steps,
+        first_loss=stats.first_loss,
+        last_loss=stats.last_loss,
+        train_rows=len(train_set),
+        eval_rows=len(eval_set),
+        best_eval_loss=stats.best_eval_loss,
+        best_step=stats.best_step,
+    )
+
+
+def _prepare_data(
+    request: FinetuneRequest, work_dir: Path, reporter: JobReporter, settings: Settings,
+    *, hub_cache_dir: Path | None, log: LogFn,
+) -> tuple[list[Any], list[Any], Callable[..., TrainStats], Any]:
+    """The "loading_data" stage: train and eval sets, the function that trains on them, and
+    the tokenizer."""
+    data, base, hf = request.data_config, request.pretrainedmodel_config, request.hf_config
+    allowed = settings.allowed_local_dirs
     dataset = load_dataset(
         data.data_path,
         allowed_local_dirs=allowed,
@@ -99,47 +162,7 @@ def run_job(
         examples = render_and_tokenize(dataset, tokenizer, data, log=log)
         fit = train
     train_set, eval_set = split(examples, data.data_split_config, log=log)
-    _stop_if_asked(reporter)
-
-    reporter.phase("loading_model")
-    if base_models is None:
-        base_models = BaseModelCache(enabled=False)
-    with base_models.use(
-        base.model_path, base, allowed_local_dirs=allowed, token=hf.hf_token,
-        cache_dir=hub_cache_dir, cpu_bf16=settings.cpu_bf16, log=log,
-    ) as base_model:
-        model = add_lora(base_model, base, log=log)
-        resume_from = restore_starting_point(model, base, checkpoints, work_dir, log=log)
-        _stop_if_asked(reporter)
-
-        reporter.phase("training")
-        stats = fit(
-            model,
-            tokenizer,
-            train_set,
-            eval_set,
-            request.training_config,
-            output_dir=work_dir / "trainer",
-            reporter=reporter,
-            checkpoints=checkpoints,
-            resume_from=resume_from,
-            logging=request.logging_config,
-            memory_limit_bytes=_gib(settings.training_memory_gb),
-        )
-        output_dir = export_adapter(model, tokenizer, work_dir / "output", log=log)
-    if hf.hf_model_path:
-        assert hf.hf_token is not None  # the schema requires it with hf_model_path
-        push_to_hub(output_dir, hf.hf_model_path, token=hf.hf_token, log=log)
-    return TrainResult(
-        output_dir=output_dir,
-        steps=stats.steps,
-        first_loss=stats.first_loss,
-        last_loss=stats.last_loss,
-        train_rows=len(train_set),
-        eval_rows=len(eval_set),
-        best_eval_loss=stats.best_eval_loss,
-        best_step=stats.best_step,
-    )
+    return train_set, eval_set, fit, tokenizer
 
 
 def render_and_tokenize(

@@ -4,6 +4,11 @@ transformers' `WandbCallback` (`report_to=["wandb"]`) does the reporting; it and
 read their settings from the environment. The environment is the worker's, shared by every
 job it runs, so the job's values (the login key among them) are set only while the Trainer
 runs and the previous values are put back after, whatever happens.
+
+The run is started here, before the Trainer (which then reports into it), with a bound on
+how long W&B may take to answer (`TUNERY_WANDB_INIT_TIMEOUT_S`): W&B's default waits 90 s
+for a server that does not answer, and the worker, which runs one job at a time, would wait
+with it. A run that does not start fails the job with a reason that says so.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shared.schema import LoggingConfig
+from shared.settings import get_settings
 from worker.pipeline.errors import PipelineError
 
 LogFn = Callable[[str], None]
@@ -23,7 +29,9 @@ def _no_log(line: str) -> None:
     pass
 
 
-def wandb_environment(config: LoggingConfig, run_dir: Path) -> dict[str, str]:
+def wandb_environment(
+    config: LoggingConfig, run_dir: Path, init_timeout_s: float | None = None
+) -> dict[str, str]:
     """The variables `wandb.init` reads, from the request's logging_config."""
     env = {
         "WANDB_PROJECT": config.wandb_project,
@@ -37,36 +45,52 @@ def wandb_environment(config: LoggingConfig, run_dir: Path) -> dict[str, str]:
         env["WANDB_ENTITY"] = config.wandb_username
     if config.wandb_login_key:
         env["WANDB_API_KEY"] = config.wandb_login_key
+    if init_timeout_s is not None:
+        env["WANDB_INIT_TIMEOUT"] = f"{init_timeout_s:g}"
     return env
 
 
 @contextmanager
 def wandb_reporting(
-    config: LoggingConfig | None, run_dir: Path, *, log: LogFn = _no_log
+    config: LoggingConfig | None, run_dir: Path, *, log: LogFn = _no_log,
+    init_timeout_s: float | None = None,
 ) -> Iterator[None]:
-    """Around `trainer.train()`: the job's W&B settings in the environment, the run finished
+    """Around `trainer.train()`: the job's W&B settings in the environment, its run started
+    (waiting at most `init_timeout_s`, default `TUNERY_WANDB_INIT_TIMEOUT_S`) and finished
     afterwards. Does nothing unless `config.use_wandb`.
 
-    A W&B error (bad key, unknown entity, no network) becomes a `PipelineError` that never
-    shows the key.
+    A W&B error (bad key, unknown entity, no network, no answer in time) becomes a
+    `PipelineError` that never shows the key.
     """
     if config is None or not config.use_wandb:
         yield
         return
     import wandb
 
-    env = wandb_environment(config, run_dir)
+    if init_timeout_s is None:
+        init_timeout_s = get_settings().wandb_init_timeout_s
+    env = wandb_environment(config, run_dir, init_timeout_s)
     saved = {name: os.environ.get(name) for name in env}
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.update(env)
     entity = f"{config.wandb_username}/" if config.wandb_username else ""
     log(f"reporting to Weights & Biases: project {entity}{config.wandb_project}")
     try:
+        try:
+            # WandbCallback reports into the run started here rather than starting its own.
+            wandb.init(project=config.wandb_project, name=config.wandb_run_name or None,
+                       settings=wandb.Settings(init_timeout=init_timeout_s))
+        except wandb.errors.Error as exc:
+            message = _without_key(str(exc), config)
+            if "timed out" in message.lower():
+                raise PipelineError(
+                    f"Weights & Biases did not answer within {init_timeout_s:g} s ({message})"
+                ) from None
+            raise PipelineError(f"Weights & Biases reporting failed: {message}") from None
+        log("Weights & Biases run started")
         yield
     except wandb.errors.Error as exc:
-        message = str(exc)
-        if config.wandb_login_key:
-            message = message.replace(config.wandb_login_key, "***")
+        message = _without_key(str(exc), config)
         raise PipelineError(f"Weights & Biases reporting failed: {message}") from None
     finally:
         try:
@@ -80,3 +104,9 @@ def wandb_reporting(
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+
+def _without_key(message: str, config: LoggingConfig) -> str:
+    if config.wandb_login_key:
+        message = message.replace(config.wandb_login_key, "***")
+    return message
