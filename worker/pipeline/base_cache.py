@@ -184,8 +184,10 @@ class BaseModelCache:
         after dropping the kept one. `key` None: load, and keep nothing."""
         if self._in_use:
             raise RuntimeError("the base model cache is already lent to a running job")
-        self._in_use = True
+        # Set inside the try: a stop signal (worker.pipeline.interrupts) may raise between any
+        # two bytecodes here, and must never leave the cache marked as lent.
         try:
+            self._in_use = True
             kept = self._take(key, load, log)
             try:
                 yield kept.model if isinstance(kept, _Kept) else kept
