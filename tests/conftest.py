@@ -23,6 +23,19 @@ ALPACA_TEMPLATE = (
 )
 
 
+TESTS_DIR = Path(__file__).parent
+# Every test under one of these folders carries its mark, so `-m "not e2e and not chaos"` is the
+# fast lane. A hook, because a conftest's own `pytestmark` never reaches the modules below it.
+MARKS_BY_FOLDER = {TESTS_DIR / "e2e": pytest.mark.e2e, TESTS_DIR / "chaos": pytest.mark.chaos}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for folder, mark in MARKS_BY_FOLDER.items():
+            if folder in item.path.parents:
+                item.add_marker(mark)
+
+
 def _reset_caches() -> None:
     get_settings.cache_clear()
     get_celery.cache_clear()

@@ -29,14 +29,6 @@ from tests.conftest import POSTGRES_ADMIN_URL  # noqa: E402
 POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # A conftest's pytestmark does not reach its test modules: mark every test collected here.
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.chaos)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from worker.assets.tiny_model import build_tiny_llama

@@ -15,8 +15,6 @@ import pytest
 from shared.local_stack import LocalStack
 from tests.conftest import ASSETS_DIR, make_payload
 
-pytestmark = pytest.mark.e2e
-
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 
 

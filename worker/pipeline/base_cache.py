@@ -33,13 +33,9 @@ from worker.pipeline.model import (
     load_base_model_from,
     opened_model_source,
 )
+from worker.pipeline.report import LogFn, no_log
 
-LogFn = Callable[[str], None]
 worker_log = logging.getLogger("tunery.worker")
-
-
-def _no_log(line: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -161,7 +157,7 @@ class BaseModelCache:
         token: str | None = None,
         cache_dir: Path | None = None,
         cpu_bf16: CpuBf16 = "auto",
-        log: LogFn = _no_log,
+        log: LogFn = no_log,
     ) -> Iterator[Any]:
         """The base model for one job, as `load_base_model` would return it, for the duration
         of the block. The job may wrap and train it; on leaving, it is reset or dropped."""
@@ -178,7 +174,7 @@ class BaseModelCache:
 
     @contextmanager
     def checkout(
-        self, key: BaseKey | None, load: Callable[[], Any], *, log: LogFn = _no_log
+        self, key: BaseKey | None, load: Callable[[], Any], *, log: LogFn = no_log
     ) -> Iterator[Any]:
         """`use()` once the key is known: the kept base if its key is `key`, else `load()`
         after dropping the kept one. `key` None: load, and keep nothing."""

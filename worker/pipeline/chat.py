@@ -11,22 +11,18 @@ Chat mode is selected by a `prompt_template` that is exactly `{messages}`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from worker.pipeline.data import TokenizedExample, check_template_columns, label_example
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.readers import LoadedDataset
+from worker.pipeline.report import LogFn, no_log
 
-LogFn = Callable[[str], None]
 Turn = Mapping[str, Any]
 
 MESSAGES_COLUMN = "messages"
-
-
-def _no_log(line: str) -> None:
-    pass
 
 
 def is_chat_template(template: str) -> bool:
@@ -122,7 +118,7 @@ def render_chats(
     *,
     max_chars: int | None = None,
     max_turns: int | None = None,
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> list[ChatExample]:
     """Render every row's `messages` with the tokenizer's chat template, each conversation
     cut by `bound_turns` first."""
@@ -153,7 +149,7 @@ def tokenize_chats(
     cutoff_len: int,
     *,
     train_on_inputs: bool = False,
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> list[TokenizedExample]:
     """Tokenize rendered conversations, labels -100 outside the trained spans, cut to
     `cutoff_len`. A conversation with no trained token left is dropped.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from shared.storage import ObjectNotFound, Storage
 from worker.pipeline.callbacks import BEST_ADAPTER_FILE
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.export import ADAPTER_FILES
+from worker.pipeline.report import LogFn, no_log
 
 MARKER = "complete.json"
 # What transformers' Trainer needs for resume_from_checkpoint with a peft model. Tokenizer
@@ -51,12 +52,6 @@ CHECKPOINT_FILES = frozenset(
 # One RNG file per process in multi-GPU runs.
 _PER_PROCESS_RNG = re.compile(r"rng_state_[0-9]{1,4}\.pth")
 _STEP_DIR = re.compile(r"step-([1-9][0-9]{0,9})")
-
-LogFn = Callable[[str], None]
-
-
-def _no_log(line: str) -> None:
-    pass
 
 
 def is_checkpoint_file(name: str) -> bool:
@@ -210,7 +205,7 @@ class CheckpointUploadCallback(TrainerCallback):
     a checkpoint only counts once it is in storage, where the next attempt looks.
     """
 
-    def __init__(self, store: CheckpointStore, log: LogFn = _no_log) -> None:
+    def __init__(self, store: CheckpointStore, log: LogFn = no_log) -> None:
         self.store = store
         self.log = log
 
@@ -225,7 +220,7 @@ class CheckpointUploadCallback(TrainerCallback):
 
 
 def download_resume_checkpoint(
-    store: CheckpointStore, dest: Path, *, log: LogFn = _no_log
+    store: CheckpointStore, dest: Path, *, log: LogFn = no_log
 ) -> Path | None:
     """The job's latest complete checkpoint as a local directory for
     `Trainer.train(resume_from_checkpoint=...)`, or None when there is none."""
@@ -238,7 +233,7 @@ def download_resume_checkpoint(
 
 
 def download_initial_adapter(
-    storage: Storage, resume_path: str, dest: Path, *, log: LogFn = _no_log
+    storage: Storage, resume_path: str, dest: Path, *, log: LogFn = no_log
 ) -> Path:
     """Download the adapter `resume_checkpoint_path` names (safetensors and JSON only)."""
     try:
@@ -311,7 +306,7 @@ def restore_starting_point(
     store: CheckpointStore | None,
     work_dir: Path,
     *,
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> Path | None:
     """Decide where training starts; returns a checkpoint directory to resume from, or None.
 

@@ -9,7 +9,7 @@ computed.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,18 +30,14 @@ from worker.pipeline.readers import (
     read_file,
     read_local,
 )
+from worker.pipeline.report import LogFn, no_log
 
-LogFn = Callable[[str], None]
 Row = Mapping[str, Any]
 # Tokenized examples for supervised training, raw preference rows for ORPO.
 Item = TypeVar("Item")
 
 IGNORE_INDEX = -100
 SPLIT_SEED = 42
-
-
-def _no_log(line: str) -> None:
-    pass
 
 
 @dataclass
@@ -63,7 +59,7 @@ def load_dataset(
     storage: Storage | None = None,
     max_rows: int | None = None,
     hub_cache_dir: Path | None = None,
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> LoadedDataset:
     """Load the rows `data_path` names: a local file/dir, an https URL, an uploaded dataset id
     (`ds_…`, read from `storage`), or a hub dataset id.
@@ -178,7 +174,7 @@ def render_examples(
     template: str,
     *,
     max_chars: int | None = None,
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> list[Example]:
     """Render every row, each cut at `max_chars` characters (see `max_render_chars`; the
     prompt first, so a prompt past the bound leaves no completion and the example is dropped
@@ -215,7 +211,7 @@ def tokenize(
     cutoff_len: int,
     *,
     train_on_inputs: bool = False,
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> list[TokenizedExample]:
     """Tokenize prompt + completion + EOS, labels -100 on the prompt, cut to `cutoff_len`.
 
@@ -288,7 +284,7 @@ def split(
     split_config: Mapping[str, float],
     *,
     seed: int = SPLIT_SEED,
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> tuple[list[Item], list[Item]]:
     """Shuffle with `seed` and cut into (train, validation) by the configured fractions.
 

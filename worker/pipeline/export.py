@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from worker.pipeline.errors import PipelineError
+from worker.pipeline.report import LogFn, no_log
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
-def _no_log(line: str) -> None:
-    pass
-
-
 def export_adapter(
-    model: Any, tokenizer: Any, output_dir: Path, *, log: Callable[[str], None] = _no_log
+    model: Any, tokenizer: Any, output_dir: Path, *, log: LogFn = no_log
 ) -> Path:
     """Write `adapter_model.safetensors`, `adapter_config.json` and the tokenizer files.
 
@@ -39,7 +35,7 @@ def export_adapter(
 
 
 def push_to_hub(
-    folder: Path, repo_id: str, *, token: str, log: Callable[[str], None] = _no_log
+    folder: Path, repo_id: str, *, token: str, log: LogFn = no_log
 ) -> str:
     """Upload `folder` (the exported adapter and tokenizer) to the hub model repo `repo_id`.
 

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from worker.pipeline.labelled_loss import LOGITS_CHUNK_BYTES, causal_lm_parts
-from worker.pipeline.model import LogFn, enable_gradient_checkpointing, loaded_dtype
+from worker.pipeline.model import enable_gradient_checkpointing, loaded_dtype
+from worker.pipeline.report import LogFn
 
 # Long enough that the attention term shows over per-forward tensors (rotary tables, masks)
 # that shrink per token with length: SmolLM2 at 32 and 64 positions gave a per-position term

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +16,9 @@ from shared import local_files
 from shared.schema import PretrainedModelConfig
 from shared.sources import SourceError, classify_source
 from worker.pipeline.errors import PipelineError
+from worker.pipeline.report import LogFn, no_log
 
-LogFn = Callable[[str], None]
 LORA_INIT_SEED = 42
-
-
-def _no_log(line: str) -> None:
-    pass
 
 
 def resolve_model_path(model_path: str, allowed_local_dirs: Iterable[Path]) -> str:
@@ -100,7 +96,7 @@ def load_tokenizer(
     allowed_local_dirs: Iterable[Path],
     token: str | None = None,
     cache_dir: Path | None = None,
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> Any:
     """The base model's tokenizer, with a pad token (its EOS if it has none). `cache_dir`:
     see `hub_options`."""
@@ -196,7 +192,7 @@ def load_model(
     token: str | None = None,
     cache_dir: Path | None = None,
     cpu_bf16: CpuBf16 = "auto",
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> Any:
     """Load the base model and wrap it with a fresh LoRA adapter; returns the `PeftModel`.
 
@@ -249,7 +245,7 @@ def load_base_model(
     token: str | None = None,
     cache_dir: Path | None = None,
     cpu_bf16: CpuBf16 = "auto",
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> Any:
     """Load the base model, frozen and ready for `add_lora`.
 
@@ -270,7 +266,7 @@ def load_base_model_from(
     token: str | None = None,
     cache_dir: Path | None = None,
     cpu_bf16: CpuBf16 = "auto",
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> Any:
     """`load_base_model` from a source `opened_model_source` holds open; `model_path` is how
     errors name it."""
@@ -305,7 +301,7 @@ def load_base_model_from(
     return model
 
 
-def add_lora(model: Any, config: PretrainedModelConfig, *, log: LogFn = _no_log) -> Any:
+def add_lora(model: Any, config: PretrainedModelConfig, *, log: LogFn = no_log) -> Any:
     """Wrap a base model from `load_base_model` with a fresh LoRA adapter as `config` says;
     returns the `PeftModel`. Gradient checkpointing, when asked for, is turned on here."""
     from peft import LoraConfig, get_peft_model

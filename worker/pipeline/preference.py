@@ -9,7 +9,7 @@ model from `load_model` trains as it is. TRL 1.x keeps its `ORPOTrainer` under
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from worker.pipeline.checkpoints import CheckpointStore
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
 from worker.pipeline.readers import LoadedDataset
-from worker.pipeline.report import JobReporter
+from worker.pipeline.report import JobReporter, LogFn, no_log
 from worker.pipeline.train import (
     DEFAULT_BATCH_SIZE,
     TrainingWatch,
@@ -28,7 +28,6 @@ from worker.pipeline.train import (
     run_trainer,
 )
 
-LogFn = Callable[[str], None]
 PreferenceRow = dict[str, str]
 
 # TRL's log keys, and the metric names they are recorded under. The log-odds ratio and the
@@ -42,11 +41,7 @@ ORPO_METRICS = {
 }
 
 
-def _no_log(line: str) -> None:
-    pass
-
-
-def preference_rows(dataset: LoadedDataset, *, log: LogFn = _no_log) -> list[PreferenceRow]:
+def preference_rows(dataset: LoadedDataset, *, log: LogFn = no_log) -> list[PreferenceRow]:
     """The rows' `prompt`, `chosen` and `rejected` texts; `PipelineError` naming the missing
     columns if the dataset lacks any of them."""
     message = missing_preference_columns_message(dataset.columns)

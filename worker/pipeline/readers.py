@@ -7,7 +7,7 @@ worker does: downloads and the hub. Parse errors name the file and line.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from shared.sources import redact_url, url_file_name
 from shared.url_guard import UrlPolicy, UrlRefused, check_url
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.pinned_http import pinned_client
+from worker.pipeline.report import LogFn, no_log
 
 __all__ = [
     "FORMATS",
@@ -30,15 +31,10 @@ __all__ = [
     "read_local",
 ]
 
-LogFn = Callable[[str], None]
 Row = Mapping[str, Any]
 
 MAX_DOWNLOAD_BYTES = 20 * 1024**3
 MAX_REDIRECTS = 5
-
-
-def _no_log(line: str) -> None:
-    pass
 
 
 def read_local(path: Path, allowed_dirs: Iterable[Path], *, shown: str | None = None
@@ -67,7 +63,7 @@ def download_url(
     *,
     policy: UrlPolicy | None = None,
     client: httpx.Client | None = None,
-    log: LogFn = _no_log,
+    log: LogFn = no_log,
 ) -> Path:
     """Download a URL that `policy` allows into `dest_dir` and return the file, its suffix the
     format.

@@ -5,6 +5,7 @@ The Celery task implements `JobReporter` against the database; tests use `Record
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +28,13 @@ METRIC_KEYS = frozenset(
         "reward_accuracy",
     }
 )
+
+# Where a pipeline function writes its user-visible log lines; usually `JobReporter.log`.
+LogFn = Callable[[str], None]
+
+
+def no_log(line: str) -> None:
+    """The `LogFn` that drops every line: the default of functions whose caller may not care."""
 
 
 class JobReporter(Protocol):

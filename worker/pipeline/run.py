@@ -16,7 +16,6 @@ from worker.pipeline.base_cache import BaseModelCache
 from worker.pipeline.chat import is_chat_template, render_chats, tokenize_chats
 from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
 from worker.pipeline.data import (
-    LogFn,
     TokenizedExample,
     load_dataset,
     max_render_chars,
@@ -30,7 +29,7 @@ from worker.pipeline.interrupts import InterruptibleRegion
 from worker.pipeline.model import add_lora, load_tokenizer
 from worker.pipeline.preference import preference_rows, train_orpo
 from worker.pipeline.readers import LoadedDataset
-from worker.pipeline.report import JobReporter
+from worker.pipeline.report import JobReporter, LogFn
 from worker.pipeline.train import TrainStats, train
 
 

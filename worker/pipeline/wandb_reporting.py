@@ -14,19 +14,14 @@ with it. A run that does not start fails the job with a reason that says so.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from shared.schema import LoggingConfig
 from shared.settings import get_settings
 from worker.pipeline.errors import PipelineError
-
-LogFn = Callable[[str], None]
-
-
-def _no_log(line: str) -> None:
-    pass
+from worker.pipeline.report import LogFn, no_log
 
 
 def wandb_environment(
@@ -52,7 +47,7 @@ def wandb_environment(
 
 @contextmanager
 def wandb_reporting(
-    config: LoggingConfig | None, run_dir: Path, *, log: LogFn = _no_log,
+    config: LoggingConfig | None, run_dir: Path, *, log: LogFn = no_log,
     init_timeout_s: float | None = None,
 ) -> Iterator[None]:
     """Around `trainer.train()`: the job's W&B settings in the environment, its run started
