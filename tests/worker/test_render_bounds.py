@@ -10,7 +10,9 @@ from shared.schema import DataConfig
 from worker.pipeline.chat import bound_turns, render_chats, tokenize_chats
 from worker.pipeline.data import (
     IGNORE_INDEX,
+    TOKENIZE_BATCH_CHARS,
     LoadedDataset,
+    label_example,
     max_render_chars,
     render_examples,
     tokenize,
@@ -112,3 +114,56 @@ def test_a_long_conversation_renders_within_the_bound_and_trains_the_same_tokens
         dataset, tiny_tokenizer, DataConfig(prompt_template="{messages}", cutoff_len=CUTOFF),
         log=lambda line: None,
     )
+
+
+class RecordingTokenizer:
+    """The tiny model's tokenizer, recording the characters and tokens of each call."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.calls: list[tuple[int, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, texts: list[str], **kwargs: Any) -> Any:
+        encoded = self.tokenizer(texts, **kwargs)
+        longest = max(len(ids) for ids in encoded["input_ids"])
+        self.calls.append((sum(len(t) for t in texts), longest))
+        return encoded
+
+
+def reference_tokenize(examples: list[Any], tokenizer: Any, cutoff: int) -> list[Any]:
+    """Every example encoded whole, one at a time, then cut: what tokenize must equal."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for example in examples:
+        enc = tokenizer(example.prompt + example.completion, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        trained = [end > len(example.prompt) for _start, end in enc["offset_mapping"]]
+        if ids[-1] == eos:
+            trained[-1] = True
+        else:
+            ids, trained = [*ids, eos], [*trained, True]
+        tokenized, _cut = label_example(ids, trained, cutoff, train_on_inputs=False)
+        if tokenized is not None:
+            out.append(tokenized)
+    return out
+
+
+def test_the_tokenizer_gets_bounded_batches_and_keeps_cutoff_len_plus_one_tokens(
+    tiny_tokenizer: Any,
+) -> None:
+    long_row = {"instruction": "Say it.", "output": "x y " * 100_000}
+    rows = [NORMAL, long_row] * 20
+    dataset = LoadedDataset(["instruction", "output"], rows, "d")
+    examples = render_examples(dataset, TEMPLATE)  # unbounded: 400,000 characters a long row
+    recording = RecordingTokenizer(tiny_tokenizer)
+
+    tokenized = tokenize(examples, recording, CUTOFF)
+
+    assert tokenized == reference_tokenize(examples, tiny_tokenizer, CUTOFF)
+    # 40 examples would be one batch of examples; 8 million characters are cut into batches.
+    assert all(chars <= TOKENIZE_BATCH_CHARS for chars, _tokens in recording.calls)
+    assert len(recording.calls) >= 8
+    assert max(tokens for _chars, tokens in recording.calls) == CUTOFF + 1

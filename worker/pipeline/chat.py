@@ -15,7 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worker.pipeline.data import TokenizedExample, check_template_columns, label_example
+from worker.pipeline.data import (
+    TokenizedExample,
+    check_template_columns,
+    kept_tokens,
+    label_example,
+    text_batches,
+)
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.readers import LoadedDataset
 from worker.pipeline.report import LogFn, no_log
@@ -161,11 +167,10 @@ def tokenize_chats(
         raise PipelineError("chat mode needs a fast tokenizer (tokenizer.json) for offsets")
     out: list[TokenizedExample] = []
     truncated = dropped = 0
-    batch_size = 1000
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
+    for batch in text_batches(examples, lambda e: len(e.text)):
         enc = tokenizer(
-            [e.text for e in batch], add_special_tokens=False, return_offsets_mapping=True
+            [e.text for e in batch], add_special_tokens=False, return_offsets_mapping=True,
+            **kept_tokens(cutoff_len),
         )
         for example, ids, offsets in zip(
             batch, enc["input_ids"], enc["offset_mapping"], strict=True

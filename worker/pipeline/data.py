@@ -9,7 +9,7 @@ computed.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -205,6 +205,35 @@ def label_example(
     return TokenizedExample(ids, labels), was_cut
 
 
+# Characters handed to the tokenizer at once. The tokenizer holds every token of a batch, with
+# its offsets, before anything is cut to cutoff_len; a batch bounded by examples alone could
+# hold a thousand examples each as long as the render bound allows.
+TOKENIZE_BATCH_CHARS = 1_000_000
+TOKENIZE_BATCH_EXAMPLES = 1000
+
+
+def text_batches(items: Sequence[Item], length: Callable[[Item], int]) -> Iterator[Sequence[Item]]:
+    """`items` in order, in batches of at most TOKENIZE_BATCH_EXAMPLES items and
+    TOKENIZE_BATCH_CHARS characters (`length` of each), one item at least."""
+    start = 0
+    while start < len(items):
+        end, chars = start, 0
+        while end < len(items) and end - start < TOKENIZE_BATCH_EXAMPLES:
+            chars += length(items[end])
+            if chars > TOKENIZE_BATCH_CHARS and end > start:
+                break
+            end += 1
+        yield items[start:end]
+        start = end
+
+
+def kept_tokens(cutoff_len: int) -> dict[str, Any]:
+    """Tokenizer arguments that keep cutoff_len + 1 tokens of each text: the first cutoff_len
+    are the same as without them, and the one more tells `label_example` that the text was cut.
+    Nothing past it is ever turned into Python lists."""
+    return {"truncation": True, "max_length": cutoff_len + 1}
+
+
 def tokenize(
     examples: Sequence[Example],
     tokenizer: Any,
@@ -228,10 +257,8 @@ def tokenize(
         raise PipelineError("the model's tokenizer has no EOS token; cannot mark example ends")
     out: list[TokenizedExample] = []
     truncated = dropped = 0
-    batch_size = 1000
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        for ids, in_completion in _encode(batch, tokenizer):
+    for batch in text_batches(examples, lambda e: len(e.prompt) + len(e.completion)):
+        for ids, in_completion in _encode(batch, tokenizer, cutoff_len):
             if ids and ids[-1] == eos_id:
                 # Already there: the template ends with the EOS text (ChatML's <|im_end|>), or
                 # the tokenizer appends one itself, with empty offsets. Either way, train it.
@@ -258,10 +285,13 @@ def tokenize(
     return out
 
 
-def _encode(batch: Sequence[Example], tokenizer: Any) -> list[tuple[list[int], list[bool]]]:
+def _encode(
+    batch: Sequence[Example], tokenizer: Any, cutoff_len: int
+) -> list[tuple[list[int], list[bool]]]:
     texts = [e.prompt + e.completion for e in batch]
+    keep = kept_tokens(cutoff_len)
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True, **keep)
         result = []
         for example, ids, offsets in zip(
             batch, enc["input_ids"], enc["offset_mapping"], strict=True
@@ -271,8 +301,8 @@ def _encode(batch: Sequence[Example], tokenizer: Any) -> list[tuple[list[int], l
             result.append((list(ids), [end > boundary for _start, end in offsets]))
         return result
     # Slow tokenizers have no offsets: count the prompt's own tokens instead.
-    full = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    prompts = tokenizer([e.prompt for e in batch], add_special_tokens=True)["input_ids"]
+    full = tokenizer(texts, add_special_tokens=True, **keep)["input_ids"]
+    prompts = tokenizer([e.prompt for e in batch], add_special_tokens=True, **keep)["input_ids"]
     return [
         (list(ids), [i >= len(prompt_ids) for i in range(len(ids))])
         for ids, prompt_ids in zip(full, prompts, strict=True)

@@ -4,9 +4,9 @@ file being parsed, tokenizing.
 The training loop reads `should_stop()` between steps; the stages before it run library code
 (httpx, `datasets`, transformers' loaders) that never asks. Inside an `InterruptibleRegion`
 the heartbeat thread, once it has a reason to stop, sends the main thread `STOP_SIGNAL`
-(`interrupt_main_thread`), whose handler raises `TrainingStopped` wherever the main thread
-is: between two bytecodes, or in a blocking socket read (the signal interrupts the system
-call, and Python runs the handler before retrying it, PEP 475).
+(`interrupt_main_thread`), whose handler raises wherever the main thread is: between two
+bytecodes, or in a blocking socket read (the signal interrupts the system call, and Python
+runs the handler before retrying it, PEP 475). The region turns that into `TrainingStopped`.
 
 Only inside a region, and not inside `uninterruptible()` (the reporter's database writes):
 never during uploads, checkpoint writes or the training loop. The handler itself checks that
@@ -42,6 +42,12 @@ _active: InterruptibleRegion | None = None
 _shield_depth = 0
 """Open `uninterruptible()` blocks of the main thread."""
 _handler_installed = False
+
+
+class _StopSignal(BaseException):
+    """What the stop signal's handler raises; the region turns it into `TrainingStopped`. A
+    BaseException, so that a library's `except Exception` cannot swallow it: W&B's start-up,
+    for one, catches and retries around the very waits a cancel interrupts."""
 
 
 class InterruptibleRegion:
@@ -86,6 +92,8 @@ class InterruptibleRegion:
                  tb: TracebackType | None) -> None:
         was_open = self._open
         self.end()
+        if exc_type is not None and issubclass(exc_type, _StopSignal):
+            raise TrainingStopped(str(exc)) from None
         if not was_open or exc_type is None or not issubclass(exc_type, Exception):
             return
         if issubclass(exc_type, TrainingStopped):
@@ -129,7 +137,7 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
         return
     reason = region.should_stop()
     if reason:
-        raise TrainingStopped(reason)
+        raise _StopSignal(reason)
 
 
 def _install_handler() -> None:

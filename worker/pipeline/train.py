@@ -318,7 +318,8 @@ def run_trainer(
             "reduce_lr_on_plateau: no warm-up; the learning rate halves after an evaluation "
             "without improvement"
         )
-    with wandb_reporting(logging, output_dir, log=reporter.log):
+    with wandb_reporting(logging, output_dir, log=reporter.log,
+                         should_stop=reporter.should_stop):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state = trainer.state
     has_validation = trainer.eval_dataset is not None

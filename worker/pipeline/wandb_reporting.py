@@ -21,6 +21,7 @@ from pathlib import Path
 from shared.schema import LoggingConfig
 from shared.settings import get_settings
 from worker.pipeline.errors import PipelineError
+from worker.pipeline.interrupts import InterruptibleRegion, ShouldStop
 from worker.pipeline.report import LogFn, no_log
 
 
@@ -48,14 +49,15 @@ def wandb_environment(
 @contextmanager
 def wandb_reporting(
     config: LoggingConfig | None, run_dir: Path, *, log: LogFn = no_log,
-    init_timeout_s: float | None = None,
+    init_timeout_s: float | None = None, should_stop: ShouldStop | None = None,
 ) -> Iterator[None]:
     """Around `trainer.train()`: the job's W&B settings in the environment, its run started
     (waiting at most `init_timeout_s`, default `TUNERY_WANDB_INIT_TIMEOUT_S`) and finished
     afterwards. Does nothing unless `config.use_wandb`.
 
     A W&B error (bad key, unknown entity, no network, no answer in time) becomes a
-    `PipelineError` that never shows the key.
+    `PipelineError` that never shows the key. While the run starts, a stop that
+    `should_stop` reports (a cancel) interrupts the wait with `TrainingStopped`.
     """
     if config is None or not config.use_wandb:
         yield
@@ -73,8 +75,10 @@ def wandb_reporting(
     try:
         try:
             # WandbCallback reports into the run started here rather than starting its own.
-            wandb.init(project=config.wandb_project, name=config.wandb_run_name or None,
-                       settings=wandb.Settings(init_timeout=init_timeout_s))
+            # Start-up waits on W&B's servers for up to init_timeout_s: a cancel must not.
+            with InterruptibleRegion(should_stop or _never_stop):
+                wandb.init(project=config.wandb_project, name=config.wandb_run_name or None,
+                           settings=wandb.Settings(init_timeout=init_timeout_s))
         except wandb.errors.Error as exc:
             message = _without_key(str(exc), config)
             if "timed out" in message.lower():
@@ -105,3 +109,7 @@ def _without_key(message: str, config: LoggingConfig) -> str:
     if config.wandb_login_key:
         message = message.replace(config.wandb_login_key, "***")
     return message
+
+
+def _never_stop() -> str | None:
+    return None
