@@ -2,10 +2,10 @@
 a causal mask hides.
 
 PyTorch's fused CPU attention (what SDPA dispatches to) is slow for training at the lengths of
-fine-tuning data: on 2 cores of a Zen 5 EPYC, forward + backward of 4 x 9 heads took 6.6 ms at
-48 positions in bf16 where two matmuls and a softmax take 2.0 ms, and 61 ms at 420 positions
-where the same, in blocks of 128 query positions that skip the hidden upper triangle, take
-38 ms. In a SmolLM2-135M training step that is 30% of the step (issue 8's notes).
+fine-tuning data: its forward + backward costs several times two plain matmuls and a softmax,
+and at a few hundred positions attention becomes a large share of a small model's training
+step (`bench/train_throughput.py` times the service's recipe against transformers' default
+attention).
 
 Each block of queries attends to the keys up to its own last position only; inside that range
 the mask (transformers' SDPA boolean mask: causal plus padding, or None for "causal, no
@@ -28,8 +28,9 @@ import torch
 from torch.nn import functional
 
 NAME = "tunery_cpu_causal"
-# Blocks of 128 query positions: at 420 positions, 4 blocks compute 62% of the full score
-# matrix; smaller blocks skip more but their matmuls run slower (measured 37.5 ms at 128).
+# Blocks of 128 query positions: at a few hundred positions most of the hidden upper triangle
+# is skipped, while smaller blocks, which would skip more, make each matmul too small to run
+# at full speed.
 QUERY_BLOCK = 128
 _FEATURES_ONLY_SDPA_HAS = ("softcap", "sliding_window", "s_aux", "position_bias")
 
@@ -85,7 +86,7 @@ def causal_attention(
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         # In the scores' dtype: the CPU kernel accumulates bf16 in float32 anyway, and autograd
         # then keeps only these weights for the backward, not a float32 copy beside them
-        # (a third of the memory the attention keeps: 0.9 GB less at 4 x 420 on SmolLM2).
+        # (a third of the memory the attention keeps).
         weights = torch.softmax(scores, dim=-1)
         if dropout > 0.0 and module.training:
             weights = functional.dropout(weights, p=dropout)
