@@ -1,4 +1,5 @@
-"""Typed dependencies: a route asks for `SessionDep`, `TenantDep`, `StorageDep`."""
+"""Typed dependencies: a route asks for `SessionDep`, `TenantDep`, `StorageDep`; a router
+asks for `RateLimited`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from api.limits.auth_failures import refuse_if_over
+from api.limits.rate import RateLimiter
 from shared.db import session_factory
 from shared.keys import authenticate, record_use
 from shared.models import KeyRole
@@ -98,3 +100,18 @@ def get_caller(request: Request, credentials: BearerDep, session: SessionDep) ->
 
 
 TenantDep = Annotated[Caller, Depends(get_caller)]
+
+
+def limit_rate(request: Request, caller: TenantDep) -> None:
+    """A router dependency: 429 with Retry-After once the caller's key is over its rate."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = limiter.retry_after(caller.key_id)
+    if wait is not None:
+        raise ApiError(429, "rate_limited",
+                       f"too many requests for this API key: at most {limiter.per_minute} per "
+                       f"minute; retry in {wait} s",
+                       headers={"Retry-After": str(wait)})
+
+
+# For `include_router(..., dependencies=[RateLimited])`.
+RateLimited = Depends(limit_rate)

@@ -7,12 +7,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import Match
+from starlette.types import Scope
 
 from api.access_log import install_access_log_filter
+from api.deps import RateLimited
 from api.errors import install_error_handlers
-from api.limits.install import install_limits
-from api.limits.rate import RateLimited
+from api.limits.auth_failures import FailedAuthLimiter
+from api.limits.body import RequestBodyLimit
+from api.limits.rate import RateLimiter
 from api.routes import datasets, deploy, finetune, health, me, upload
+from api.uploads import MULTIPART_OVERHEAD
 from shared.private_files import restrict_umask
 from shared.queue import declare_queue
 from shared.settings import get_settings
@@ -54,6 +60,35 @@ def create_app() -> FastAPI:
     app.include_router(upload.router)
     install_limits(app)
     return app
+
+
+# The routes that receive dataset files. They stream them to disk under their own
+# max_dataset_bytes check; the general limit must not cut them off.
+DATASET_UPLOAD_ROUTES = ("upload_dataset", "receive_upload")
+
+
+def install_limits(app: FastAPI) -> None:
+    """The body size middleware, the rate limiter that the `RateLimited` dependency reads, and
+    the limiter of failed authentications that `get_caller` and the upload PUT count into.
+
+    The upload routes are found by name in their routers, whose paths carry their prefix:
+    the app must include those routers without another one.
+    """
+    app.state.rate_limiter = RateLimiter(get_settings().rate_limit_per_minute)
+    app.state.auth_failure_limiter = FailedAuthLimiter(get_settings().auth_failures_per_minute)
+    uploads = [r for r in (*datasets.router.routes, *upload.router.routes)
+               if isinstance(r, APIRoute) and r.name in DATASET_UPLOAD_ROUTES]
+    if len(uploads) != len(DATASET_UPLOAD_ROUTES):
+        raise RuntimeError(f"dataset upload routes {DATASET_UPLOAD_ROUTES} not all found")
+
+    def limit_for(scope: Scope) -> int:
+        # Settings are read per request, as the routes read them (SettingsDep).
+        settings = get_settings()
+        if any(route.matches(scope)[0] == Match.FULL for route in uploads):
+            return settings.max_dataset_bytes + MULTIPART_OVERHEAD
+        return settings.max_request_bytes
+
+    app.add_middleware(RequestBodyLimit, limit_for=limit_for)
 
 
 app = create_app()

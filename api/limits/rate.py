@@ -13,11 +13,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastapi import Depends, Request
-
-from api.deps import TenantDep
-from api.errors import ApiError
-
 
 @dataclass
 class _Bucket:
@@ -54,18 +49,3 @@ class RateLimiter:
                 bucket.tokens -= 1.0
                 return None
             return max(1, math.ceil((1.0 - bucket.tokens) / rate))
-
-
-def limit_rate(request: Request, caller: TenantDep) -> None:
-    """A router dependency: 429 with Retry-After once the caller's key is over its rate."""
-    limiter: RateLimiter = request.app.state.rate_limiter
-    wait = limiter.retry_after(caller.key_id)
-    if wait is not None:
-        raise ApiError(429, "rate_limited",
-                       f"too many requests for this API key: at most {limiter.per_minute} per "
-                       f"minute; retry in {wait} s",
-                       headers={"Retry-After": str(wait)})
-
-
-# For `include_router(..., dependencies=[RateLimited])`.
-RateLimited = Depends(limit_rate)

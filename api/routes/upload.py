@@ -16,10 +16,9 @@ from fastapi import APIRouter, Path, Query, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ScratchDirDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.deps import RateLimited, ScratchDirDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import AUTHENTICATED, error_responses
 from api.limits.auth_failures import refuse_if_over
-from api.limits.rate import RateLimited
 from api.routes.datasets import check_quota, commit_or_discard
 from api.schemas import DatasetOut, UploadUrlOut
 from api.uploads import receive_body
