@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.local_stack import LocalStack
+from cli.local_stack import LocalStack
+from cli.process_commands import tunery_command
 from tests.conftest import ASSETS_DIR, make_payload
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
@@ -57,10 +58,9 @@ def start_stack(tmp_path: Path) -> Iterator[Callable[..., LocalStack]]:
 
 def create_key(env: dict[str, str], name: str = "e2e") -> str:
     import subprocess
-    import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "keys", "create", "--name", name, "--quiet"],
+        tunery_command("keys", "create", "--name", name, "--quiet"),
         env=env,
         check=True,
         capture_output=True,
