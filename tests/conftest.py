@@ -18,9 +18,13 @@ from shared.settings import PROJECT_ROOT, get_settings
 ASSETS_DIR = PROJECT_ROOT / "worker" / "assets"
 SAMPLE_DATASET = ASSETS_DIR / "alpaca_sample.jsonl"
 
+# The Alpaca prompt format as MonsterAPI's docs (and `tunery demo`) write it.
 ALPACA_TEMPLATE = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
 )
+# The same fields without blank lines, for the worker tests: they train with cutoff_len 64,
+# and their loss thresholds and the tuned model's answers were measured with this format.
+SHORT_ALPACA_TEMPLATE = "### Instruction: {instruction}\n### Input: {input}\n### Response: {output}"
 
 
 TESTS_DIR = Path(__file__).parent
@@ -162,6 +166,15 @@ def s3_credentials() -> dict[str, str]:
     """S3Storage keyword arguments; explicit so boto3 never reads a developer's ~/.aws."""
     # moto accepts any credentials.
     return {"access_key_id": "tunery-test", "secret_access_key": "tunery-test-secret"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (and its tokenizer), built offline once per session."""
+    # Imported here: the API tests load this file and must not pull torch.
+    from worker.assets.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")

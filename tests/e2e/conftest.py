@@ -19,13 +19,6 @@ from tests.conftest import ASSETS_DIR, make_payload
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.assets.tiny_model import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
 def stack_env(data_dir: Path, allowed: list[Path], **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNERY_")}
     env.update(
