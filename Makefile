@@ -30,6 +30,8 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	# The layer contracts of pyproject.toml [tool.importlinter]: no upward imports, no cycles.
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) data

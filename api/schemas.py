@@ -9,7 +9,8 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from shared import datasets
 from shared.models import Dataset, Job, JobStatus, KeyRole
-from shared.schema import PromptTemplate, redact_payload
+from shared.payload_secrets import drop_secrets
+from shared.schema import PromptTemplate
 
 
 def _utc(moment: datetime) -> datetime:
@@ -73,7 +74,7 @@ class JobOut(BaseModel):
             finished_at=job.finished_at,
             updated_at=job.updated_at,
             artifacts_url=f"/v1/finetune/llm/{job.id}/artifacts",
-            payload=redact_payload(job.payload),
+            payload=drop_secrets(job.payload),
         )
 
 

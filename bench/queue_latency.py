@@ -52,6 +52,7 @@ from bench.common.machine import (
     write_results,
 )
 from bench.common.models import prepare_model
+from cli.process_commands import tunery_command
 
 ASSETS_DIR = PROJECT_ROOT / "worker" / "assets"
 DATASET = ASSETS_DIR / "alpaca_sample.jsonl"
@@ -208,7 +209,7 @@ def wait_for_worker(log_path: Path, timeout_s: float) -> float:
 
 def create_key(env: dict[str, str]) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "keys", "create", "--name", "bench", "--quiet"],
+        tunery_command("keys", "create", "--name", "bench", "--quiet"),
         env=env, check=True, capture_output=True, text=True,
     )
     return out.stdout.strip().splitlines()[-1]
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sqlalchemy import create_engine
 
-    from shared.local_stack import LocalStack
+    from cli.local_stack import LocalStack
 
     timings: list[JobTiming] = []
     worker_ready_s = None

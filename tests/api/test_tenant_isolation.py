@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from cli.main import main as tunery
 from shared import jobs
-from shared.cli import main as tunery
 from shared.db import make_engine, session_scope
 from shared.keys import create_api_key
 from shared.migrate import upgrade_database

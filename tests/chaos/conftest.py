@@ -29,13 +29,6 @@ from tests.conftest import POSTGRES_ADMIN_URL  # noqa: E402
 POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.assets.tiny_model import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
 @pytest.fixture
 def postgres_database() -> Iterator[str]:
     """A fresh database on the machine's PostgreSQL; its name. Dropped WITH (FORCE) after."""

@@ -12,12 +12,12 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
 
+from cli.process_commands import tunery_command
 from shared.settings import PROJECT_ROOT
 from tests.chaos.polling import wait_until
 
@@ -33,11 +33,11 @@ def free_port() -> int:
 
 
 def run_cli(env: Mapping[str, str], *args: str) -> str:
-    """Run `python -m shared.cli ARGS` to completion; its stdout."""
-    done = subprocess.run([sys.executable, "-m", "shared.cli", *args], env=dict(env),
+    """Run `tunery ARGS` to completion; its stdout."""
+    done = subprocess.run(tunery_command(*args), env=dict(env),
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
-        raise RuntimeError(f"shared.cli {' '.join(args)} failed ({done.returncode}):\n"
+        raise RuntimeError(f"tunery {' '.join(args)} failed ({done.returncode}):\n"
                            f"{done.stdout}\n{done.stderr}")
     return done.stdout
 
@@ -98,10 +98,10 @@ class ServiceProcess:
 
 
 class WorkerProcess(ServiceProcess):
-    """`python -m shared.cli worker`: a Celery worker, solo pool, one job at a time."""
+    """`tunery worker`: a Celery worker, solo pool, one job at a time."""
 
     def __init__(self, name: str, env: Mapping[str, str], log_path: Path) -> None:
-        super().__init__(name, [sys.executable, "-m", "shared.cli", "worker"], env, log_path)
+        super().__init__(name, tunery_command("worker"), env, log_path)
 
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> WorkerProcess:
         def ready() -> bool:
@@ -131,12 +131,12 @@ class WorkerProcess(ServiceProcess):
 
 
 class ApiProcess(ServiceProcess):
-    """`python -m shared.cli api --port P`."""
+    """`tunery api --port P`."""
 
     def __init__(self, name: str, env: Mapping[str, str], log_path: Path) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "shared.cli", "api", "--port", str(self.port)]
+        argv = tunery_command("api", "--port", str(self.port))
         super().__init__(name, argv, env, log_path)
 
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> ApiProcess:

@@ -12,17 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.local_stack import LocalStack
+from cli.local_stack import LocalStack
+from cli.process_commands import tunery_command
 from tests.conftest import ASSETS_DIR, make_payload
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.assets.tiny_model import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 def stack_env(data_dir: Path, allowed: list[Path], **overrides: str) -> dict[str, str]:
@@ -57,10 +51,9 @@ def start_stack(tmp_path: Path) -> Iterator[Callable[..., LocalStack]]:
 
 def create_key(env: dict[str, str], name: str = "e2e") -> str:
     import subprocess
-    import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "keys", "create", "--name", name, "--quiet"],
+        tunery_command("keys", "create", "--name", name, "--quiet"),
         env=env,
         check=True,
         capture_output=True,

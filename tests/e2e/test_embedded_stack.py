@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.local_stack import LocalStack
+from cli.local_stack import LocalStack
 from tests.conftest import ASSETS_DIR
 from tests.e2e.conftest import (
     assert_adapter_changes_the_model,

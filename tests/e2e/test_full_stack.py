@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.local_stack import LocalStack
+from cli.local_stack import LocalStack
 from shared.storage import S3Storage
 from tests.conftest import ASSETS_DIR
 from tests.e2e.conftest import (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from monsterapi import client as monsterapi_client
 
-from shared.local_stack import LocalStack
+from cli.local_stack import LocalStack
 from tests.conftest import ASSETS_DIR
 from tests.e2e.conftest import create_key, stack_env, tiny_payload
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import httpx
 
-from shared.local_stack import LocalStack
+from cli.demo import QUESTIONS, TEMPLATE, answers
+from cli.local_stack import LocalStack
 from tests.conftest import ASSETS_DIR, make_payload
 from tests.e2e.conftest import create_key, download_artifacts, stack_env, wait_for_terminal
-from worker.demo import QUESTIONS, TEMPLATE, answers
 
 
 def test_smollm2_learns_the_datasets_answer_style_through_the_service(

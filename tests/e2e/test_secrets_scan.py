@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from sqlalchemy import MetaData, create_engine, select
 
-from shared.local_stack import LocalStack
+from cli.local_stack import LocalStack
 from tests.conftest import ASSETS_DIR
 from tests.e2e.conftest import create_key, stack_env, tiny_payload, wait_for_terminal
 

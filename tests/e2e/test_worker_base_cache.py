@@ -9,7 +9,7 @@ import httpx
 import torch
 from safetensors.torch import load_file
 
-from shared.local_stack import LocalStack
+from cli.local_stack import LocalStack
 from tests.conftest import ASSETS_DIR
 from tests.e2e.conftest import (
     create_key,

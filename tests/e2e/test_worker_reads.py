@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.local_stack import LocalStack
+from cli.local_stack import LocalStack
 from tests.conftest import SAMPLE_DATASET
 from tests.e2e.conftest import create_key, stack_env, tiny_payload, wait_for_terminal
 

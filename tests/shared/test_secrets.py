@@ -26,7 +26,7 @@ from shared.payload_secrets import (
     seal_secrets,
     secret_values,
 )
-from shared.schema import FinetuneRequest, redact_payload
+from shared.schema import FinetuneRequest
 from shared.settings import Settings
 from tests.conftest import make_payload
 
@@ -59,7 +59,7 @@ def test_sealed_payload_holds_no_plaintext_and_opens_to_the_original(keyed: Sett
     assert payload["hf_config"]["hf_token"] == HF_TOKEN  # the caller's dict is left alone
     assert open_secrets(sealed, keyed) == payload
     assert seal_secrets(sealed, keyed) == sealed  # sealing twice does not double-encrypt
-    assert redact_payload(sealed)["hf_config"]["hf_token"] == "***"
+    assert drop_secrets(sealed)["hf_config"]["hf_token"] == "***"
 
 
 def test_payload_without_secrets_needs_no_key(tmp_path: Path) -> None:

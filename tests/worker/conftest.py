@@ -1,4 +1,4 @@
-"""Fixtures for the worker tests: a tiny Llama built once per session, settings, requests."""
+"""Fixtures for the worker tests: the tiny Llama's tokenizer, settings, requests on it."""
 
 from __future__ import annotations
 
@@ -16,15 +16,8 @@ import pytest  # noqa: E402
 
 from shared.schema import FinetuneRequest  # noqa: E402
 from shared.settings import Settings  # noqa: E402
+from tests.conftest import SHORT_ALPACA_TEMPLATE  # noqa: E402
 from worker.assets.build_dataset import DATASET_PATH  # noqa: E402
-from worker.assets.tiny_model import build_tiny_llama  # noqa: E402
-
-ALPACA_TEMPLATE = "### Instruction: {instruction}\n### Input: {input}\n### Response: {output}"
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +51,7 @@ def build_request(
             "pretrainedmodel_config": {"model_path": str(model_dir), **(model or {})},
             "data_config": {
                 "data_path": str(data_path),
-                "prompt_template": ALPACA_TEMPLATE,
+                "prompt_template": SHORT_ALPACA_TEMPLATE,
                 "cutoff_len": 64,
                 "data_split_config": {"train": 0.08, "validation": 0.04},
                 **(data or {}),

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+from cli.process_commands import worker_command
 from shared.private_files import restrict_umask
 from shared.settings import get_settings
 
@@ -58,21 +58,12 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_command(queues: str | None = None) -> list[str]:
-    settings = get_settings()
-    # One job per process (solo pool): a training job owns the GPU. Gossip and mingle use
-    # broadcast exchanges that the embedded SQLite transport does not provide.
-    return [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", "--pool", "solo",
-            "--concurrency", "1", "-Q", queues or settings.queue_name, "--loglevel", "INFO",
-            "--without-gossip", "--without-mingle"]
-
-
 def _worker(args: argparse.Namespace) -> int:
     return subprocess.call(worker_command(args.queues))
 
 
 def _up(args: argparse.Namespace) -> int:
-    from shared.local_stack import LocalStack
+    from cli.local_stack import LocalStack
 
     with LocalStack(port=args.port, env=os.environ.copy()) as stack:
         print(f"Tunery is up at {stack.base_url} (API + worker); Ctrl-C stops both")
@@ -94,7 +85,7 @@ def _assets(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from cli.demo import run_demo
 
     return run_demo(tiny=args.tiny)
 
@@ -151,6 +142,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

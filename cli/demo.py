@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any
 
 import httpx
 
-from shared.local_stack import LocalStack
+from cli.local_stack import LocalStack
+from cli.process_commands import tunery_command
 from shared.settings import PROJECT_ROOT
 from worker.assets.build_dataset import DATASET_PATH
 
@@ -75,7 +75,7 @@ def demo_payload(model_dir: Path, tiny: bool) -> dict[str, Any]:
 
 def create_key(env: dict[str, str]) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "keys", "create", "--name", "demo", "--quiet"],
+        tunery_command("keys", "create", "--name", "demo", "--quiet"),
         env=env,
         check=True,
         capture_output=True,

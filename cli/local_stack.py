@@ -6,14 +6,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
 
 import httpx
 
-from shared.cli import worker_command
+from cli.process_commands import tunery_command, worker_command
 
 
 def free_port() -> int:
@@ -49,10 +48,9 @@ class LocalStack:
 
     def start_api(self) -> None:
         # Migrations run once here, before the worker starts, so the two never race on them.
-        subprocess.run([sys.executable, "-m", "shared.cli", "db", "upgrade"], env=self.env,
-                       check=True, stdout=subprocess.DEVNULL)
-        self.api = self._spawn("api", [sys.executable, "-m", "shared.cli", "api",
-                                       "--port", str(self.port)])
+        subprocess.run(tunery_command("db", "upgrade"), env=self.env, check=True,
+                       stdout=subprocess.DEVNULL)
+        self.api = self._spawn("api", tunery_command("api", "--port", str(self.port)))
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.api.poll() is not None:
