@@ -7,11 +7,11 @@ submit too). Two ways in:
 
 - `POST /v1/datasets`: the API receives the file and calls `create_dataset`.
 - MonsterAPI's flow, `GET /v1/upload`: `start_upload` makes a `pending` row and, on S3, a
-  presigned PUT URL to a staging key under ``uploads/{id}/``. With local storage the API
+  presigned PUT URL to a staging key (`upload_staging_prefix`). With local storage the API
   receives the PUT itself and calls `finish_upload`; with S3 nobody is told when the PUT
   ends, so `check_pending` finishes the upload the first time the dataset is referenced.
 
-Only checked files live under ``datasets/{id}/``, whose file name always carries the format
+Only checked files live under `dataset_prefix`, whose file name always carries the format
 suffix, so the worker needs no database to read one.
 """
 
@@ -46,6 +46,7 @@ from shared.prompt_template import Example, missing_columns, render_preview
 from shared.schema import template_placeholders
 from shared.settings import get_settings
 from shared.storage import ObjectNotFound, Storage
+from shared.storage_keys import dataset_key, dataset_prefix, upload_staging_prefix
 from shared.tenancy import Scope, newest_first, visible_to
 
 FIRST_ROWS = 5
@@ -113,7 +114,7 @@ def safe_file_name(name: str | None, fmt: str | None = None) -> str:
     """A storage-safe version of a client's file name, ending in `.{fmt}` when given.
 
     Only the last path segment is kept and anything outside ``[A-Za-z0-9._-]`` becomes "_",
-    so a name can neither escape ``datasets/{id}/`` nor confuse a URL.
+    so a name can neither escape its dataset's folder nor confuse a URL.
     """
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
     base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
@@ -125,14 +126,6 @@ def safe_file_name(name: str | None, fmt: str | None = None) -> str:
     if fmt is not None and format_of_name(base) != fmt:
         base = f"{base}.{fmt}"
     return base
-
-
-def dataset_key(dataset_id: str, file_name: str) -> str:
-    return f"datasets/{dataset_id}/{file_name}"
-
-
-def staging_prefix(dataset_id: str) -> str:
-    return f"uploads/{dataset_id}/"
 
 
 def create_dataset(
@@ -263,13 +256,13 @@ def start_upload(
     dataset_id = new_dataset_id()
     name = safe_file_name(filename)
     token = secrets.token_urlsafe(32)
-    upload_url = storage.presigned_upload_url(staging_prefix(dataset_id) + name, expires_s)
+    upload_url = storage.presigned_upload_url(upload_staging_prefix(dataset_id) + name, expires_s)
     dataset = Dataset(
         id=dataset_id,
         tenant_id=tenant_id,
         name=name,
         status=DatasetStatus.PENDING.value,
-        storage_key=staging_prefix(dataset_id) + name,
+        storage_key=upload_staging_prefix(dataset_id) + name,
         upload_token_hash=_token_hash(token),
         upload_expires_at=utcnow() + timedelta(seconds=expires_s),
     )
@@ -326,7 +319,7 @@ def check_pending(
     """
     if dataset.status != DatasetStatus.PENDING.value:
         return
-    prefix = staging_prefix(dataset.id)
+    prefix = upload_staging_prefix(dataset.id)
     staged = storage.list(prefix)
     if not staged:
         return  # the client has not uploaded yet
@@ -443,8 +436,8 @@ def _store_checked(
 
 def discard_objects(storage: Storage, dataset_id: str) -> None:
     """Remove everything stored for the dataset: its checked file and any staged upload."""
-    storage.delete_prefix(f"datasets/{dataset_id}/")
-    storage.delete_prefix(staging_prefix(dataset_id))
+    storage.delete_prefix(dataset_prefix(dataset_id))
+    storage.delete_prefix(upload_staging_prefix(dataset_id))
 
 
 def _sample(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

@@ -38,8 +38,6 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.CANCELLED: frozenset(),
 }
 
-PHASES = ("loading_data", "loading_model", "training", "uploading")
-
 MAX_LOG_LINE = 4000
 
 
@@ -390,7 +388,3 @@ def list_metrics(session: Session, job_id: str) -> list[JobMetric]:
             select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.id)
         ).all()
     )
-
-
-def artifact_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/"

@@ -1,9 +1,9 @@
 """Object storage for datasets, checkpoints and adapters: one small interface, two backends.
 
 `LocalStorage` keeps objects as files under one directory (the embedded default);
-`S3Storage` keeps them in an S3-compatible bucket (AWS, MinIO). Keys are always server-built
-relative paths such as ``jobs/{job_id}/adapter_model.safetensors``; `validate_key` refuses
-anything that could escape the store root or confuse a URL.
+`S3Storage` keeps them in an S3-compatible bucket (AWS, MinIO). This module moves bytes and
+knows no layout: keys are relative paths that `shared.storage_keys` builds, and `validate_key`
+refuses anything that could escape the store root or confuse a URL.
 
 boto3 is imported inside `S3Storage` only, so importing this module (and `api.main`) stays cheap.
 """
@@ -96,7 +96,7 @@ class Storage(Protocol):
 
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object under `prefix`, which must end with '/' (a whole "directory"),
-        so that deleting ``jobs/1/`` can never touch ``jobs/10/``."""
+        so that deleting ``a/1/`` can never touch ``a/10/``."""
         ...
 
     def presigned_url(self, key: str, expires_s: int) -> str | None:
@@ -252,7 +252,7 @@ class LocalStorage(Storage):
     def list(self, prefix: str) -> builtins.list[StoredObject]:
         _validate_prefix(prefix)
         # Walk only the deepest directory the prefix names, then filter by string prefix so
-        # "jobs/ab" matches "jobs/abc/x" exactly as S3 would.
+        # "a/ab" matches "a/abc/x" exactly as S3 would.
         base = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
         if not base.is_dir():
             return []

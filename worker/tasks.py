@@ -33,6 +33,7 @@ from shared.queue import TRAIN_TASK, declare_queue, get_celery
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from shared.storage import StorageError, storage_from_settings
+from shared.storage_keys import job_artifact_key, job_artifact_prefix
 from worker.heartbeat import CANCELLED, TIMEOUT, Heartbeat
 from worker.job_reporter import DatabaseReporter
 
@@ -215,7 +216,7 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
                              base_models=base_model_cache(), hub_cache_dir=hub_cache)
         reporter.phase("uploading")
         uploaded = upload_outputs(claim.job_id, result.output_dir, heartbeat)
-        reporter.log(f"uploaded {len(uploaded)} files to {jobs.artifact_prefix(claim.job_id)}")
+        reporter.log(f"uploaded {len(uploaded)} files to {job_artifact_prefix(claim.job_id)}")
         summary = {
             "steps": result.steps,
             "first_loss": result.first_loss,
@@ -296,13 +297,12 @@ def upload_outputs(job_id: str, output_dir: Path, heartbeat: Heartbeat | None = 
     from worker.pipeline.errors import TrainingStopped
 
     storage = storage_from_settings(get_settings())
-    prefix = jobs.artifact_prefix(job_id)
     names = []
     for path in sorted(p for p in output_dir.rglob("*") if p.is_file()):
         if heartbeat is not None and heartbeat.stop_reason is not None:
             raise TrainingStopped(heartbeat.stop_reason)
         name = path.relative_to(output_dir).as_posix()
-        storage.put_file(prefix + name, path)
+        storage.put_file(job_artifact_key(job_id, name), path)
         names.append(name)
     return names
 

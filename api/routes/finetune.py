@@ -23,7 +23,7 @@ from api.schemas import (
     MetricOut,
     MetricsOut,
 )
-from shared import datasets, idempotency, jobs
+from shared import datasets, idempotency, jobs, storage_keys
 from shared.models import JobStatus
 from shared.queue import enqueue_training
 from shared.resume import resume_problems
@@ -176,11 +176,12 @@ def job_metrics(job_id: JobId, caller: TenantDep, session: SessionDep) -> Metric
 def job_artifacts(job_id: JobId, caller: TenantDep, session: SessionDep, storage: StorageDep,
                   settings: SettingsDep) -> ArtifactsOut:
     job = jobs.get_job(session, caller.scope, job_id)
-    prefix = jobs.artifact_prefix(job.id)
     artifacts = []
     if job.status == JobStatus.COMPLETED:
-        for obj in storage.list(prefix):
-            name = obj.key.removeprefix(prefix)
+        for obj in storage.list(storage_keys.job_artifact_prefix(job.id)):
+            name = storage_keys.artifact_name(job.id, obj.key)
+            if name is None:
+                continue
             url = storage.presigned_url(obj.key, settings.s3_presign_expiry_s)
             artifacts.append(ArtifactOut(
                 name=name, size=obj.size,
@@ -202,7 +203,9 @@ def download_artifact(job_id: JobId, name: str, caller: TenantDep, session: Sess
     if job.status != JobStatus.COMPLETED:
         raise not_found
     try:
-        key = validate_key(jobs.artifact_prefix(job.id) + name)
+        key = validate_key(storage_keys.job_artifact_key(job.id, name))
+        if storage_keys.artifact_name(job.id, key) is None:
+            raise not_found
         size = storage.size(key)
     except (ObjectNotFound, StorageError, ValueError):
         raise not_found from None

@@ -36,6 +36,7 @@ from shared.keys import create_api_key
 from shared.models import TERMINAL_STATUSES, Base, Job, JobEvent, JobStatus, utcnow
 from shared.schema import FinetuneRequest
 from shared.storage import LocalStorage
+from shared.storage_keys import job_artifact_key
 from tests.conftest import make_payload
 
 MAX_ATTEMPTS = 2
@@ -44,7 +45,7 @@ REQUEST = FinetuneRequest.model_validate(make_payload())
 
 
 def adapter_key(job_id: str) -> str:
-    return f"{jobs.artifact_prefix(job_id)}adapter_model.safetensors"
+    return job_artifact_key(job_id, "adapter_model.safetensors")
 
 
 class JobLifecycle(RuleBasedStateMachine):

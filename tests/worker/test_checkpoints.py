@@ -22,6 +22,7 @@ from shared.models import Job as DbJob
 from shared.models import JobStatus, utcnow
 from shared.settings import Settings, get_settings
 from shared.storage import LocalStorage, storage_from_settings
+from shared.storage_keys import checkpoint_step_prefix, job_artifact_key, job_checkpoint_prefix
 from worker.assets.build_dataset import DATASET_PATH
 from worker.pipeline.callbacks import BestAdapterCallback
 from worker.pipeline.checkpoints import (
@@ -80,7 +81,7 @@ def uninterrupted(stack: Stack, make_request: Any) -> Job:
         make_request(), stack.work / "a", reporter, stack.settings, store(stack, "job-a")
     )
     for path in result.output_dir.iterdir():
-        stack.storage.put_file(f"jobs/job-a/{path.name}", path)
+        stack.storage.put_file(job_artifact_key("job-a", path.name), path)
     return Job(result, reporter)
 
 
@@ -98,7 +99,8 @@ def test_checkpoints_go_to_storage_every_n_steps_and_only_the_latest_k_stay(
         "checkpoint at step 6",
     ]
     assert [c.step for c in list_checkpoints(stack.storage, "job-a")] == [4, 6]
-    names = {o.key.rsplit("/", 1)[1] for o in stack.storage.list("jobs/job-a/checkpoints/step-6/")}
+    step_6 = checkpoint_step_prefix(job_checkpoint_prefix("job-a"), 6)
+    names = {o.key.rsplit("/", 1)[1] for o in stack.storage.list(step_6)}
     # Adapter only, never the base model; no pickled TrainingArguments.
     assert names == {
         "adapter_model.safetensors",
@@ -192,11 +194,10 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_drops_check
         job_id = jobs.create_job(session, tenant_id, request, max_attempts=3).id
         assert jobs.claim_job(session, job_id, "worker-1", settings.lease_seconds) is not None
     # Attempt 1 got as far as the uninterrupted run's step 4 checkpoint, then its worker died.
-    checkpoint = "jobs/job-a/checkpoints/step-4/"
-    for obj in stack.storage.list(checkpoint):
+    for obj in stack.storage.list(checkpoint_step_prefix(job_checkpoint_prefix("job-a"), 4)):
         local = stack.work / "copy" / obj.key
         stack.storage.download_file(obj.key, local)
-        storage.put_file(obj.key.replace("jobs/job-a/", f"jobs/{job_id}/"), local)
+        storage.put_file(obj.key.replace("/job-a/", f"/{job_id}/"), local)
     with session_scope() as session:
         expired = utcnow() - timedelta(seconds=1)
         session.execute(update(DbJob).where(DbJob.id == job_id).values(lease_expires_at=expired))
@@ -215,8 +216,8 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_drops_check
         steps = [m.step for m in jobs.list_metrics(session, job_id) if "loss" in m.values]
     assert "resuming from step 4" in lines
     assert steps == [5, 6]
-    assert storage.list(f"jobs/{job_id}/checkpoints/") == []
-    assert storage.exists(f"jobs/{job_id}/adapter_model.safetensors")
+    assert storage.list(job_checkpoint_prefix(job_id)) == []
+    assert storage.exists(job_artifact_key(job_id, "adapter_model.safetensors"))
 
 
 def write_checkpoint(storage: LocalStorage, job_id: str, step: int, tmp: Path) -> None:
@@ -231,7 +232,7 @@ def test_checkpoint_without_its_marker_is_ignored(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "storage")
     write_checkpoint(storage, "j", 4, tmp_path)
     # A later upload cut off before its marker: files there, no complete.json.
-    storage.put_bytes("jobs/j/checkpoints/step-6/adapter_model.safetensors", b"half")
+    storage.put_bytes("checkpoints/j/step-6/adapter_model.safetensors", b"half")
 
     latest = find_latest_checkpoint(storage, "j")
 
@@ -252,7 +253,7 @@ def test_marker_naming_a_file_tunery_does_not_write_makes_the_checkpoint_unusabl
     storage = LocalStorage(tmp_path / "storage")
     write_checkpoint(storage, "j", 2, tmp_path)
     marker = {"step": 4, "files": {"adapter_model.safetensors": 3, **files}}
-    storage.put_bytes(f"jobs/j/checkpoints/step-4/{MARKER}", json.dumps(marker).encode())
+    storage.put_bytes(f"checkpoints/j/step-4/{MARKER}", json.dumps(marker).encode())
 
     assert [c.step for c in list_checkpoints(storage, "j")] == [2]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from shared.dataset_files import DatasetFileError, read_file
-from shared.datasets import dataset_key
 from shared.storage import LocalStorage
+from shared.storage_keys import dataset_key
 from worker.pipeline.data import load_dataset, render_examples
 from worker.pipeline.errors import PipelineError
 

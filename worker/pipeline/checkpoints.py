@@ -2,9 +2,11 @@
 
 Every `every_steps` optimizer steps the Trainer writes `checkpoint-N/` locally (adapter only,
 never the base model, plus optimizer, scheduler, RNG and trainer state);
-`CheckpointUploadCallback` copies it to ``jobs/{job_id}/checkpoints/step-N/`` and writes
-`complete.json` last. Readers ignore a checkpoint without that marker, so one cut off mid-upload
-is never resumed from. Only the latest `keep` complete checkpoints stay in storage.
+`CheckpointUploadCallback` copies it to the step's folder under `job_checkpoint_prefix` and
+writes `complete.json` last. Readers ignore a checkpoint without that marker, so one cut off
+mid-upload is never resumed from. Only the latest `keep` complete checkpoints stay in storage.
+Checkpoints written under the legacy layout (`shared.storage_keys`) are read, pruned and
+deleted alike.
 
 What is read back is limited to `CHECKPOINT_FILES` under the job's own checkpoints prefix:
 the optimizer, scheduler and RNG files are pickles, which transformers (5.x) loads with
@@ -24,10 +26,16 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from shared.jobs import artifact_prefix
 from shared.resume import parse_resume_path
 from shared.schema import PretrainedModelConfig
 from shared.storage import ObjectNotFound, Storage
+from shared.storage_keys import (
+    checkpoint_step_prefix,
+    job_artifact_key,
+    job_checkpoint_prefix,
+    job_checkpoint_prefixes,
+    parse_checkpoint_key,
+)
 from worker.pipeline.callbacks import BEST_ADAPTER_FILE
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.export import ADAPTER_FILES
@@ -51,15 +59,10 @@ CHECKPOINT_FILES = frozenset(
 )
 # One RNG file per process in multi-GPU runs.
 _PER_PROCESS_RNG = re.compile(r"rng_state_[0-9]{1,4}\.pth")
-_STEP_DIR = re.compile(r"step-([1-9][0-9]{0,9})")
 
 
 def is_checkpoint_file(name: str) -> bool:
     return name in CHECKPOINT_FILES or bool(_PER_PROCESS_RNG.fullmatch(name))
-
-
-def checkpoints_prefix(job_id: str) -> str:
-    return f"{artifact_prefix(job_id)}checkpoints/"
 
 
 @dataclass(frozen=True)
@@ -70,28 +73,34 @@ class StoredCheckpoint:
     step: int
     files: dict[str, int]
     """File name -> size in bytes."""
+    under: str = ""
+    """The checkpoints prefix it lives under; empty for `job_checkpoint_prefix`, where every
+    new checkpoint goes (a legacy one names its own)."""
 
     @property
     def prefix(self) -> str:
-        return f"{checkpoints_prefix(self.job_id)}step-{self.step}/"
+        return checkpoint_step_prefix(self.under or job_checkpoint_prefix(self.job_id), self.step)
 
 
 def list_checkpoints(storage: Storage, job_id: str) -> list[StoredCheckpoint]:
-    """The job's complete checkpoints, oldest first; incomplete or unreadable ones are skipped."""
-    prefix = checkpoints_prefix(job_id)
-    found = []
-    for obj in storage.list(prefix):
-        step_dir, _, name = obj.key.removeprefix(prefix).partition("/")
-        match = _STEP_DIR.fullmatch(step_dir)
-        if name != MARKER or match is None:
-            continue
-        checkpoint = _read_marker(storage, job_id, int(match[1]), obj.key)
-        if checkpoint is not None:
-            found.append(checkpoint)
-    return sorted(found, key=lambda c: c.step)
+    """The job's complete checkpoints, oldest first; incomplete or unreadable ones are skipped.
+
+    A step stored under both layouts counts once, from the current one."""
+    found: dict[int, StoredCheckpoint] = {}
+    for prefix in job_checkpoint_prefixes(job_id):
+        for obj in storage.list(prefix):
+            parsed = parse_checkpoint_key(prefix, obj.key)
+            if parsed is None or parsed[1] != MARKER or parsed[0] in found:
+                continue
+            checkpoint = _read_marker(storage, job_id, prefix, parsed[0], obj.key)
+            if checkpoint is not None:
+                found[checkpoint.step] = checkpoint
+    return sorted(found.values(), key=lambda c: c.step)
 
 
-def _read_marker(storage: Storage, job_id: str, step: int, key: str) -> StoredCheckpoint | None:
+def _read_marker(
+    storage: Storage, job_id: str, prefix: str, step: int, key: str
+) -> StoredCheckpoint | None:
     try:
         marker = json.loads(b"".join(storage.iter_bytes(key)))
         files = {str(name): int(size) for name, size in marker["files"].items()}
@@ -99,7 +108,8 @@ def _read_marker(storage: Storage, job_id: str, step: int, key: str) -> StoredCh
         return None  # deleted while we listed, or not a marker we wrote: not resumable
     if marker.get("step") != step or not files or not all(map(is_checkpoint_file, files)):
         return None
-    return StoredCheckpoint(job_id, step, files)
+    under = "" if prefix == job_checkpoint_prefix(job_id) else prefix
+    return StoredCheckpoint(job_id, step, files, under)
 
 
 def find_latest_checkpoint(storage: Storage, job_id: str) -> StoredCheckpoint | None:
@@ -159,21 +169,28 @@ def upload_checkpoint(
 
 def prune_checkpoints(storage: Storage, job_id: str, keep: int) -> list[int]:
     """Delete all but the latest `keep` complete checkpoints, and any incomplete one older
-    than the latest complete one (a crashed upload). Returns the deleted steps."""
-    complete = [c.step for c in list_checkpoints(storage, job_id)]
+    than the latest complete one (a crashed upload). Returns the deleted steps.
+
+    Nothing is written under the legacy layout any more, so there any checkpoint not kept
+    goes, whatever its step."""
+    complete = list_checkpoints(storage, job_id)
     if not complete:
         return []
-    prefix = checkpoints_prefix(job_id)
-    present = set()
-    for obj in storage.list(prefix):
-        match = _STEP_DIR.fullmatch(obj.key.removeprefix(prefix).partition("/")[0])
-        if match is not None:
-            present.add(int(match[1]))
-    kept = set(complete[-keep:])
-    doomed = sorted(step for step in present if step not in kept and step < complete[-1])
-    for step in doomed:
-        storage.delete_prefix(f"{prefix}step-{step}/")
-    return doomed
+    kept = {c.prefix for c in complete[-keep:]}
+    latest = complete[-1].step
+    current = job_checkpoint_prefix(job_id)
+    doomed: dict[str, int] = {}
+    for prefix in job_checkpoint_prefixes(job_id):
+        for obj in storage.list(prefix):
+            parsed = parse_checkpoint_key(prefix, obj.key)
+            if parsed is None:
+                continue
+            step_prefix = checkpoint_step_prefix(prefix, parsed[0])
+            if step_prefix not in kept and (parsed[0] < latest or prefix != current):
+                doomed[step_prefix] = parsed[0]
+    for step_prefix in doomed:
+        storage.delete_prefix(step_prefix)
+    return sorted(set(doomed.values()))
 
 
 @dataclass(frozen=True)
@@ -194,8 +211,9 @@ class CheckpointStore:
         return checkpoint
 
     def delete_all(self) -> None:
-        """Drop the job's checkpoints; the final adapter supersedes them."""
-        self.storage.delete_prefix(checkpoints_prefix(self.job_id))
+        """Drop the job's checkpoints, under either layout; the final adapter supersedes them."""
+        for prefix in job_checkpoint_prefixes(self.job_id):
+            self.storage.delete_prefix(prefix)
 
 
 class CheckpointUploadCallback(TrainerCallback):
@@ -240,7 +258,6 @@ def download_initial_adapter(
         source = parse_resume_path(resume_path)
     except ValueError as exc:
         raise PipelineError(f"resume_checkpoint_path: {exc}") from None
-    final = artifact_prefix(source.job_id)
     checkpoint: StoredCheckpoint | None = None
     if source.step is not None:
         checkpoint = next(
@@ -251,7 +268,7 @@ def download_initial_adapter(
                 f"resume_checkpoint_path: job {source.job_id} has no complete checkpoint at "
                 f"step {source.step}"
             )
-    elif not storage.exists(final + ADAPTER_FILES[0]):
+    elif not storage.exists(job_artifact_key(source.job_id, ADAPTER_FILES[0])):
         checkpoint = find_latest_checkpoint(storage, source.job_id) if source.latest else None
         if checkpoint is None:
             raise PipelineError(
@@ -264,7 +281,7 @@ def download_initial_adapter(
     if dest.exists():
         shutil.rmtree(dest)
     for name in ADAPTER_FILES:
-        storage.download_file(final + name, dest / name)
+        storage.download_file(job_artifact_key(source.job_id, name), dest / name)
     log(f"continuing from the final adapter of job {source.job_id}")
     return dest
 

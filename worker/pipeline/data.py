@@ -21,6 +21,7 @@ from shared.schema import TemplateError, template_placeholders
 from shared.settings import get_settings
 from shared.sources import SourceError, classify_source, redact_url
 from shared.storage import ObjectNotFound, Storage, StorageError
+from shared.storage_keys import dataset_prefix
 from shared.url_guard import UrlPolicy
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.readers import (
@@ -115,12 +116,12 @@ def _download_uploaded(
     """Copy an uploaded dataset's file (its name carries the format) into `download_dir`.
 
     The API checked at submit that the dataset belongs to the job's tenant and parsed; only
-    validated files live under `datasets/{id}/`.
+    validated files live under its `dataset_prefix`.
     """
     if storage is None:
         raise PipelineError(f"data_path {dataset_id!r} is an uploaded dataset: no storage given")
     try:
-        objects = storage.list(f"datasets/{dataset_id}/")
+        objects = storage.list(dataset_prefix(dataset_id))
         if not objects:
             raise ObjectNotFound(dataset_id)
         key = objects[0].key

@@ -1,0 +1,83 @@
+"""Every key Tunery reads or writes in storage: the layout, in one place.
+
+    jobs/{job_id}/{name}                   a job's artifacts: the adapter it exported
+    checkpoints/{job_id}/step-{N}/{name}   a job's resumable checkpoints
+    datasets/{dataset_id}/{file_name}      an uploaded dataset that passed its checks
+    uploads/{dataset_id}/{name}            a presigned upload waiting for its checks
+
+Checkpoints were once written inside the job's artifacts, at
+``jobs/{job_id}/checkpoints/step-N/``. Jobs written then still exist, so readers and deleters
+look under both checkpoint prefixes (`job_checkpoint_prefixes`), and the artifacts of a job
+never include that legacy folder (`artifact_name`). Only the new layout is ever written.
+
+Pure functions, no I/O: `shared.storage` moves the bytes, this module names them. The
+user-facing reference ``jobs/{job_id}/checkpoints/step-N`` of `resume_checkpoint_path`
+(`shared.resume`) is public API, not a storage key, and does not change with this layout.
+"""
+
+from __future__ import annotations
+
+import re
+
+_STEP_DIR = re.compile(r"step-([1-9][0-9]{0,9})")
+
+
+def job_artifact_prefix(job_id: str) -> str:
+    """The folder of a job's artifacts; also holds legacy checkpoints (see `artifact_name`)."""
+    return f"jobs/{job_id}/"
+
+
+def job_artifact_key(job_id: str, name: str) -> str:
+    return job_artifact_prefix(job_id) + name
+
+
+def artifact_name(job_id: str, key: str) -> str | None:
+    """The artifact name of `key`, or None when it is no artifact of the job: outside its
+    folder, or a checkpoint written there under the legacy layout."""
+    prefix = job_artifact_prefix(job_id)
+    if not key.startswith(prefix) or key.startswith(_legacy_checkpoint_prefix(job_id)):
+        return None
+    return key.removeprefix(prefix)
+
+
+def job_checkpoint_prefix(job_id: str) -> str:
+    """Where a job's checkpoints are written, apart from its artifacts."""
+    return f"checkpoints/{job_id}/"
+
+
+def _legacy_checkpoint_prefix(job_id: str) -> str:
+    return f"{job_artifact_prefix(job_id)}checkpoints/"
+
+
+def job_checkpoint_prefixes(job_id: str) -> tuple[str, str]:
+    """Every prefix a job's checkpoints may live under, the current layout first."""
+    return job_checkpoint_prefix(job_id), _legacy_checkpoint_prefix(job_id)
+
+
+def checkpoint_step_prefix(checkpoints_prefix: str, step: int) -> str:
+    """The folder of the checkpoint at `step` under one of `job_checkpoint_prefixes`."""
+    return f"{checkpoints_prefix}step-{step}/"
+
+
+def parse_checkpoint_key(checkpoints_prefix: str, key: str) -> tuple[int, str] | None:
+    """(step, file name) of a key under `checkpoints_prefix`, or None when it is not in a
+    ``step-N/`` folder there."""
+    if not key.startswith(checkpoints_prefix):
+        return None
+    step_dir, _, name = key.removeprefix(checkpoints_prefix).partition("/")
+    match = _STEP_DIR.fullmatch(step_dir)
+    return None if match is None else (int(match[1]), name)
+
+
+def dataset_prefix(dataset_id: str) -> str:
+    """The folder of an uploaded dataset's checked file; nothing unchecked is ever put here."""
+    return f"datasets/{dataset_id}/"
+
+
+def dataset_key(dataset_id: str, file_name: str) -> str:
+    return dataset_prefix(dataset_id) + file_name
+
+
+def upload_staging_prefix(dataset_id: str) -> str:
+    """Where a presigned upload lands before the API has checked it."""
+    return f"uploads/{dataset_id}/"
