@@ -275,6 +275,29 @@ def test_artifacts_of_completed_job_download_through_the_api(client: TestClient)
         assert client.get(f"/v1/finetune/llm/{job_id}/artifacts/{name}").status_code == 404
 
 
+def test_artifacts_never_include_checkpoints_of_either_layout(client: TestClient) -> None:
+    # A completed job's checkpoints are deleted; if that failed they must still not show.
+    # Before checkpoints got their own prefix they were written inside the job's artifacts.
+    from shared.settings import get_settings
+    from shared.storage import storage_from_settings
+
+    job_id = submit(client)["job_id"]
+    storage = storage_from_settings(get_settings())
+    storage.put_bytes(f"jobs/{job_id}/adapter_model.safetensors", b"final")
+    storage.put_bytes(f"jobs/{job_id}/checkpoints/step-4/optimizer.pt", b"legacy")
+    storage.put_bytes(f"checkpoints/{job_id}/step-6/optimizer.pt", b"current")
+    with session_scope() as session:
+        claim = jobs.claim_job(session, job_id, "w", 60)
+        assert claim is not None
+        assert jobs.transition(session, job_id, JobStatus.COMPLETED, attempt=claim.attempt)
+
+    listing = client.get(f"/v1/finetune/llm/{job_id}/artifacts").json()["artifacts"]
+
+    assert [a["name"] for a in listing] == ["adapter_model.safetensors"]
+    legacy = f"/v1/finetune/llm/{job_id}/artifacts/checkpoints/step-4/optimizer.pt"
+    assert client.get(legacy).status_code == 404
+
+
 def test_health_and_readiness(app_client: TestClient) -> None:
     assert app_client.get("/healthz").json() == {"status": "ok"}
     ready = app_client.get("/readyz")
