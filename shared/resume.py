@@ -8,6 +8,9 @@ checkpoints only from its own storage, so nothing a client uploads is ever unpic
     jobs/{job_id}                      the job's final adapter (the job must have completed)
     jobs/{job_id}/checkpoints/step-N   the checkpoint written at optimizer step N
 
+These references are public API, not storage keys: where the adapter or checkpoint is stored
+is `shared.storage_keys`' business, and the worker looks it up there.
+
 The schema checks the grammar (`parse_resume_path`); the API checks at submit that the job
 exists, belongs to the caller and can be continued (`resume_problems`); the worker then reads
 the adapter weights from storage. Standard library and SQLAlchemy only: the API has no torch.
