@@ -172,7 +172,10 @@ def test_earlier_adapter_with_another_rank_is_refused_before_training(
     assert "training" not in reporter.phases
 
 
+# "legacy": attempt 1 ran before checkpoints had their own prefix, attempt 2 after.
+@pytest.mark.parametrize("layout", ["current", "legacy"])
 def test_second_attempt_of_a_job_resumes_from_storage_and_completion_drops_checkpoints(
+    layout: str,
     stack: Stack,
     uninterrupted: Job,
     tunery_env: Path,
@@ -194,10 +197,15 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_drops_check
         job_id = jobs.create_job(session, tenant_id, request, max_attempts=3).id
         assert jobs.claim_job(session, job_id, "worker-1", settings.lease_seconds) is not None
     # Attempt 1 got as far as the uninterrupted run's step 4 checkpoint, then its worker died.
-    for obj in stack.storage.list(checkpoint_step_prefix(job_checkpoint_prefix("job-a"), 4)):
+    source = checkpoint_step_prefix(job_checkpoint_prefix("job-a"), 4)
+    dest = {
+        "current": checkpoint_step_prefix(job_checkpoint_prefix(job_id), 4),
+        "legacy": f"jobs/{job_id}/checkpoints/step-4/",
+    }[layout]
+    for obj in stack.storage.list(source):
         local = stack.work / "copy" / obj.key
         stack.storage.download_file(obj.key, local)
-        storage.put_file(obj.key.replace("/job-a/", f"/{job_id}/"), local)
+        storage.put_file(dest + obj.key.removeprefix(source), local)
     with session_scope() as session:
         expired = utcnow() - timedelta(seconds=1)
         session.execute(update(DbJob).where(DbJob.id == job_id).values(lease_expires_at=expired))
@@ -217,6 +225,7 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_drops_check
     assert "resuming from step 4" in lines
     assert steps == [5, 6]
     assert storage.list(job_checkpoint_prefix(job_id)) == []
+    assert storage.list(f"jobs/{job_id}/checkpoints/") == []
     assert storage.exists(job_artifact_key(job_id, "adapter_model.safetensors"))
 
 
