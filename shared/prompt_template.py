@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import math
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from shared.schema import template_placeholders
 
 Row = Mapping[str, Any]
 
@@ -90,11 +88,3 @@ def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return value if isinstance(value, str) else str(value)
-
-
-def missing_columns(template: str, columns: Sequence[str]) -> list[str]:
-    """The template's placeholders that are not among `columns`, each once, in template order.
-
-    Raises `shared.schema.TemplateError` for a template that is not allowed at all.
-    """
-    return [name for name in dict.fromkeys(template_placeholders(template)) if name not in columns]

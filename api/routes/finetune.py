@@ -24,6 +24,7 @@ from api.schemas import (
     MetricsOut,
 )
 from shared import datasets, idempotency, jobs
+from shared.dataset_columns import missing_columns_message, missing_preference_columns_message
 from shared.models import JobStatus
 from shared.queue import enqueue_training
 from shared.resume import resume_problems
@@ -90,10 +91,10 @@ def _dataset_problems(request: FinetuneRequest, settings: Settings, session: Ses
         return [{"path": where, "message": reason}]
     if request.training_config.preference_optimization == "ORPO":
         # ORPO reads prompt / chosen / rejected and ignores the prompt_template.
-        message = datasets.missing_preference_columns_message(dataset.columns or [])
+        message = missing_preference_columns_message(dataset.columns or [])
         path = "training_config.preference_optimization"
     else:
-        message = datasets.missing_columns_message(data.prompt_template, dataset.columns or [])
+        message = missing_columns_message(data.prompt_template, dataset.columns or [])
         path = "data_config.prompt_template"
     return [{"path": path, "message": message}] if message else []
 

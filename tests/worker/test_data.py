@@ -10,17 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from worker.pipeline.data import (
-    IGNORE_INDEX,
-    Example,
-    LoadedDataset,
-    load_dataset,
-    render_example,
-    render_examples,
-    split,
-    tokenize,
-)
+from shared.dataset_files import LoadedDataset
+from shared.prompt_template import Example, render_example
+from worker.pipeline.data_source import load_dataset
 from worker.pipeline.errors import PipelineError
+from worker.pipeline.examples import render_examples, split, tokenize
+from worker.pipeline.labels import IGNORE_INDEX
 from worker.pipeline.train import PadToLongest
 
 TEMPLATE = "### Instruction: {instruction}\n### Input: {input}\n### Output: {output}"

@@ -18,9 +18,8 @@ from typing import Any
 import pytest
 
 from shared.url_guard import UrlPolicy, check_url_resolves
-from worker.pipeline.data import load_dataset
+from worker.pipeline.data_source import MAX_REDIRECTS, download_url, load_dataset
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.readers import MAX_REDIRECTS, download_url
 
 ROWS = [{"instruction": "a", "input": "b", "output": "c"}]
 BODY = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
