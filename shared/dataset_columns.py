@@ -38,13 +38,13 @@ def missing_columns_message(template: str, columns: Sequence[str]) -> str | None
 
     Raises `shared.schema.TemplateError` for a template that is not allowed at all.
     """
-    missing = missing_columns(template, columns)
+    placeholders = list(dict.fromkeys(template_placeholders(template)))
+    missing = [name for name in placeholders if name not in columns]
     if not missing:
         return None
     return (
         f"prompt_template uses columns the dataset does not have: {missing}. Template "
-        f"placeholders: {list(dict.fromkeys(template_placeholders(template)))}; dataset "
-        f"columns: {list(columns)}"
+        f"placeholders: {placeholders}; dataset columns: {list(columns)}"
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -60,16 +61,18 @@ def load_dataset(
     source = _classified(data_path, source_type, allowed_local_dirs, url_policy)
     if source.kind == "hub":
         dataset = load_hub_dataset(data_path, subset, token=token, cache_dir=hub_cache_dir)
-    elif source.kind == "url":
-        downloaded = download_url(data_path, download_dir, policy=url_policy, client=client,
-                                  log=log)
-        dataset = _parsed(downloaded, max_rows=max_rows, origin=redact_url(data_path))
-    elif source.kind == "dataset":
-        downloaded = _download_uploaded(data_path, storage, download_dir, log)
-        dataset = _parsed(downloaded, max_rows=max_rows, origin=data_path)
     else:
-        assert source.path is not None
-        dataset = _parsed_local(source.path, allowed_local_dirs, shown=data_path)
+        file = _data_file(source, download_dir, storage=storage, url_policy=url_policy,
+                          client=client, log=log)
+        try:
+            if file.local:
+                dataset = dataset_files.read_local(file.path, allowed_local_dirs,
+                                                   shown=file.origin)
+            else:
+                dataset = dataset_files.read_file(file.path, max_rows=max_rows)
+                dataset.origin = file.origin
+        except DatasetFileError as exc:
+            raise PipelineError(str(exc)) from None
     if not dataset.rows:
         raise PipelineError(f"the dataset {dataset.origin} has no rows")
     # Files stop reading past `max_rows`; hub datasets and local directories are counted here.
@@ -99,6 +102,29 @@ def _classified(
     return source
 
 
+@dataclass(frozen=True)
+class DataFile:
+    """A dataset file on this worker and how messages call it. A `local` one is read in place
+    (every read checked against allowed_local_dirs) and may be a directory of files; the
+    others were fetched into the job's download directory."""
+
+    path: Path
+    origin: str
+    local: bool = False
+
+
+def _data_file(
+    source: Source, download_dir: Path, *, storage: Storage | None, url_policy: UrlPolicy,
+    client: httpx.Client | None, log: LogFn,
+) -> DataFile:
+    if source.kind == "dataset":
+        return _download_uploaded(source.value, storage, download_dir, log)
+    if source.kind == "url":
+        return download_url(source.value, download_dir, policy=url_policy, client=client, log=log)
+    assert source.path is not None
+    return DataFile(source.path, source.value, local=True)
+
+
 def download_url(
     url: str,
     dest_dir: Path,
@@ -106,9 +132,9 @@ def download_url(
     policy: UrlPolicy | None = None,
     client: httpx.Client | None = None,
     log: LogFn = no_log,
-) -> Path:
+) -> DataFile:
     """Download a URL that `policy` allows into `dest_dir` and return the file, its suffix the
-    format.
+    format, called by the URL without its query.
 
     Every hop (the URL and up to `MAX_REDIRECTS` redirects) passes `policy`'s scheme and host
     checks, and the default client connects only to addresses that passed them. A `client`
@@ -117,13 +143,14 @@ def download_url(
     the query string (a presigned URL's signature).
     """
     policy = policy or UrlPolicy()
-    shown = redact_url(url)
+    file_name = _url_file_name(url)
     dest_dir.mkdir(parents=True, exist_ok=True)
     partial = dest_dir / "download.part"
     own_client = client is None
     client = client or pinned_client(policy)
     try:
         with _get_following_redirects(client, url, policy) as response:
+            shown = redact_url(url)
             if response.status_code != 200:
                 hint = " (a presigned link may have expired)" if response.status_code == 403 else ""
                 raise PipelineError(
@@ -140,15 +167,17 @@ def download_url(
                     out.write(chunk)
             content_type = response.headers.get("content-type", "")
     except httpx.HTTPError as exc:
-        raise PipelineError(f"downloading {shown} failed: {type(exc).__name__}: {exc}") from None
+        raise PipelineError(
+            f"downloading {redact_url(url)} failed: {type(exc).__name__}: {exc}"
+        ) from None
     finally:
         if own_client:
             client.close()
-    fmt = dataset_files.detect_format(partial, _url_file_name(url), content_type)
+    fmt = dataset_files.detect_format(partial, file_name, content_type)
     path = dest_dir / f"dataset.{fmt}"
     partial.replace(path)
     log(f"downloaded {shown}: {size} bytes, read as {fmt}")
-    return path
+    return DataFile(path, shown)
 
 
 @contextmanager
@@ -164,7 +193,8 @@ def _get_following_redirects(
             response = client.send(client.build_request("GET", hop_url), stream=True,
                                    follow_redirects=False)
         except UrlRefused as exc:
-            raise PipelineError(_refused_hop_message(url, hop_url, hop, exc)) from None
+            where = " refused" if hop == 0 else f": redirect {hop} to {redact_url(hop_url)} refused"
+            raise PipelineError(f"downloading {redact_url(url)}{where}: {exc}") from None
         if not response.is_redirect:
             try:
                 yield response
@@ -184,14 +214,6 @@ def _get_following_redirects(
     )
 
 
-def _refused_hop_message(url: str, hop_url: str, hop: int, exc: UrlRefused) -> str:
-    if hop == 0:
-        return f"downloading {redact_url(url)} refused: {exc}"
-    return (
-        f"downloading {redact_url(url)}: redirect {hop} to {redact_url(hop_url)} refused: {exc}"
-    )
-
-
 def _url_file_name(url: str) -> str:
     """The last path segment of a URL (query ignored), e.g. `train.jsonl`; may be empty."""
     return PurePosixPath(urlsplit(url).path).name
@@ -199,7 +221,7 @@ def _url_file_name(url: str) -> str:
 
 def _download_uploaded(
     dataset_id: str, storage: Storage | None, download_dir: Path, log: LogFn
-) -> Path:
+) -> DataFile:
     """Copy an uploaded dataset's file (its name carries the format) into `download_dir`.
 
     The API checked at submit that the dataset belongs to the job's tenant and parsed; only
@@ -221,7 +243,7 @@ def _download_uploaded(
     except StorageError as exc:
         raise PipelineError(f"cannot read uploaded dataset {dataset_id}: {exc}") from None
     log(f"downloaded uploaded dataset {dataset_id}: {objects[0].size} bytes, {dest.name}")
-    return dest
+    return DataFile(dest, dataset_id)
 
 
 def load_hub_dataset(
@@ -258,24 +280,3 @@ def load_hub_dataset(
         name = "train" if "train" in loaded else next(iter(loaded))
         loaded = loaded[name]
     return LoadedDataset(list(loaded.column_names), loaded, label)
-
-
-def _parsed(path: Path, *, max_rows: int | None, origin: str) -> LoadedDataset:
-    """A fetched file's rows (the format from its suffix), shown to the user as `origin`;
-    reading stops with `PipelineError` past `max_rows` rows."""
-    try:
-        dataset = dataset_files.read_file(path, max_rows=max_rows)
-    except DatasetFileError as exc:
-        raise PipelineError(str(exc)) from None
-    dataset.origin = origin
-    return dataset
-
-
-def _parsed_local(path: Path, allowed_dirs: list[Path], *, shown: str) -> LoadedDataset:
-    """A local file, or every data file of a directory in name order; only files that, as
-    opened, lie inside `allowed_dirs` (see `shared.local_files`). Errors call the file
-    `shown` (the user's data_path), never a link's target."""
-    try:
-        return dataset_files.read_local(path, allowed_dirs, shown=shown)
-    except DatasetFileError as exc:
-        raise PipelineError(str(exc)) from None

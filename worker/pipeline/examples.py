@@ -9,7 +9,7 @@ here, where it is computed.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from shared.dataset_columns import (
@@ -79,8 +79,8 @@ def render_examples(
     prompt first, so a prompt past the bound leaves no completion and the example is dropped
     at tokenization); `PipelineError` (listing both sides) if a placeholder has no column."""
     try:
-        placeholders = template_placeholders(template)
         missing = missing_columns_message(template, dataset.columns)
+        placeholders = template_placeholders(template)
     except TemplateError as exc:
         raise PipelineError(f"prompt_template: {exc}") from None
     if missing:
@@ -117,22 +117,21 @@ def tokenize(
         raise PipelineError("the model's tokenizer has no EOS token; cannot mark example ends")
     out: list[TokenizedExample] = []
     truncated = dropped = 0
-    for batch in text_batches(examples, lambda e: len(e.prompt) + len(e.completion)):
-        for ids, in_completion in _encode(batch, tokenizer, cutoff_len):
-            if ids and ids[-1] == eos_id:
-                # Already there: the template ends with the EOS text (ChatML's <|im_end|>), or
-                # the tokenizer appends one itself, with empty offsets. Either way, train it.
-                in_completion = [*in_completion[:-1], True]
-            else:
-                ids, in_completion = [*ids, eos_id], [*in_completion, True]
-            example, was_cut = label_example(
-                ids, in_completion, cutoff_len, train_on_inputs=train_on_inputs
-            )
-            truncated += was_cut
-            if example is None:
-                dropped += 1
-            else:
-                out.append(example)
+    for ids, in_completion in _encoded(examples, tokenizer, cutoff_len):
+        if ids and ids[-1] == eos_id:
+            # Already there: the template ends with the EOS text (ChatML's <|im_end|>), or
+            # the tokenizer appends one itself, with empty offsets. Either way, train it.
+            in_completion = [*in_completion[:-1], True]
+        else:
+            ids, in_completion = [*ids, eos_id], [*in_completion, True]
+        example, was_cut = label_example(
+            ids, in_completion, cutoff_len, train_on_inputs=train_on_inputs
+        )
+        truncated += was_cut
+        if example is None:
+            dropped += 1
+        else:
+            out.append(example)
     log(
         f"tokenized {len(examples)} examples: {truncated} truncated to cutoff_len {cutoff_len}, "
         f"{dropped} dropped (no completion token within cutoff_len)"
@@ -145,28 +144,29 @@ def tokenize(
     return out
 
 
-def _encode(
-    batch: Sequence[Example], tokenizer: Any, cutoff_len: int
-) -> list[tuple[list[int], list[bool]]]:
-    texts = [e.prompt + e.completion for e in batch]
+def _encoded(
+    examples: Sequence[Example], tokenizer: Any, cutoff_len: int
+) -> Iterator[tuple[list[int], list[bool]]]:
+    """Each example's token ids (at most cutoff_len + 1) and whether each is in the
+    completion, tokenized in `text_batches`."""
     keep = kept_tokens(cutoff_len)
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True, **keep)
-        result = []
-        for example, ids, offsets in zip(
-            batch, enc["input_ids"], enc["offset_mapping"], strict=True
-        ):
-            boundary = len(example.prompt)
-            # Special tokens (BOS) have empty (0, 0) offsets and land in the prompt.
-            result.append((list(ids), [end > boundary for _start, end in offsets]))
-        return result
-    # Slow tokenizers have no offsets: count the prompt's own tokens instead.
-    full = tokenizer(texts, add_special_tokens=True, **keep)["input_ids"]
-    prompts = tokenizer([e.prompt for e in batch], add_special_tokens=True, **keep)["input_ids"]
-    return [
-        (list(ids), [i >= len(prompt_ids) for i in range(len(ids))])
-        for ids, prompt_ids in zip(full, prompts, strict=True)
-    ]
+    for batch in text_batches(examples, lambda e: len(e.prompt) + len(e.completion)):
+        texts = [e.prompt + e.completion for e in batch]
+        if getattr(tokenizer, "is_fast", False):
+            enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True, **keep)
+            for example, ids, offsets in zip(
+                batch, enc["input_ids"], enc["offset_mapping"], strict=True
+            ):
+                boundary = len(example.prompt)
+                # Special tokens (BOS) have empty (0, 0) offsets and land in the prompt.
+                yield list(ids), [end > boundary for _start, end in offsets]
+            continue
+        # Slow tokenizers have no offsets: count the prompt's own tokens instead.
+        full = tokenizer(texts, add_special_tokens=True, **keep)["input_ids"]
+        prompts = tokenizer([e.prompt for e in batch], add_special_tokens=True,
+                            **keep)["input_ids"]
+        for ids, prompt_ids in zip(full, prompts, strict=True):
+            yield list(ids), [i >= len(prompt_ids) for i in range(len(ids))]
 
 
 def preference_rows(dataset: LoadedDataset, *, log: LogFn = no_log) -> list[PreferenceRow]:
