@@ -25,6 +25,20 @@ def is_chat_template(template: str) -> bool:
     return template.strip() == "{" + MESSAGES_COLUMN + "}"
 
 
+def missing_job_columns_message(
+    columns: Sequence[str], *, prompt_template: str, preference_optimization: str | None
+) -> str | None:
+    """A message naming the columns the job reads that `columns` lacks; None if none. ORPO
+    reads its preference columns and ignores the prompt_template; every other job reads the
+    template's placeholders (chat mode's `{messages}` is one).
+
+    Raises `shared.schema.TemplateError` for a template that is not allowed at all.
+    """
+    if preference_optimization == "ORPO":
+        return missing_preference_columns_message(columns)
+    return missing_columns_message(prompt_template, columns)
+
+
 def missing_columns(template: str, columns: Sequence[str]) -> list[str]:
     """The template's placeholders that are not among `columns`, each once, in template order.
 

@@ -52,6 +52,13 @@ def render_preview(row: Row, template: str, *, max_part_chars: int) -> Example:
     return Example(prompt, completion, prompt_cut, completion_cut)
 
 
+def completion_placeholder(template: str) -> str | None:
+    """The placeholder the completion starts at: the template's last one (None if none)."""
+    fields = [field for _literal, field, _spec, _conversion in string.Formatter().parse(template)
+              if field is not None]
+    return fields[-1] if fields else None
+
+
 def _parts(row: Row, template: str) -> tuple[list[str], list[str]]:
     """The template's literal texts and cell values in order, split at the last placeholder
     into the prompt's and the completion's. The lists hold references, never copies."""

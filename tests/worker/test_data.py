@@ -14,7 +14,7 @@ from shared.dataset_files import LoadedDataset
 from shared.prompt_template import Example, render_example
 from worker.pipeline.data_source import load_dataset
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.examples import render_examples, split, tokenize
+from worker.pipeline.examples import split, tokenize
 from worker.pipeline.labels import IGNORE_INDEX
 from worker.pipeline.train import PadToLongest
 
@@ -56,18 +56,6 @@ def test_none_nan_and_missing_cells_render_as_empty() -> None:
 
 def test_non_string_cells_render_with_str() -> None:
     assert render_example({"a": 3, "b": 1.5}, "{a} -> {b}") == Example("3 -> ", "1.5")
-
-
-def test_missing_template_column_error_lists_placeholders_and_columns() -> None:
-    dataset = LoadedDataset(["question", "answer"], [{"question": "q", "answer": "a"}], "x")
-
-    with pytest.raises(PipelineError) as info:
-        render_examples(dataset, "Q: {question} {context} A: {response}")
-
-    message = str(info.value)
-    assert "['context', 'response']" in message
-    assert "['question', 'context', 'response']" in message
-    assert "['question', 'answer']" in message
 
 
 def test_labels_mask_the_prompt_and_train_completion_and_eos(tiny_tokenizer: Any) -> None:

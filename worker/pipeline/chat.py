@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared.dataset_columns import MESSAGES_COLUMN, missing_columns_message
+from shared.dataset_columns import MESSAGES_COLUMN
 from shared.dataset_files import LoadedDataset
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.labels import TokenizedExample, kept_tokens, label_example, text_batches
@@ -115,10 +115,8 @@ def render_chats(
     log: LogFn = no_log,
 ) -> list[ChatExample]:
     """Render every row's `messages` with the tokenizer's chat template, each conversation
-    cut by `bound_turns` first."""
-    missing = missing_columns_message("{" + MESSAGES_COLUMN + "}", dataset.columns)
-    if missing:
-        raise PipelineError(missing)
+    cut by `bound_turns` first. The caller checked that the column exists
+    (`shared.dataset_columns`); each row's value is checked here."""
     if not getattr(tokenizer, "chat_template", None):
         raise PipelineError(
             "the model's tokenizer has no chat template, which a {messages} prompt_template "

@@ -15,12 +15,10 @@ from typing import Any, TypeVar
 from shared.dataset_columns import (
     PREFERENCE_COLUMNS,
     is_chat_template,
-    missing_columns_message,
-    missing_preference_columns_message,
 )
 from shared.dataset_files import LoadedDataset
-from shared.prompt_template import Example, render_example
-from shared.schema import DataConfig, TemplateError, template_placeholders
+from shared.prompt_template import Example, completion_placeholder, render_example
+from shared.schema import DataConfig
 from worker.pipeline.chat import render_chats, tokenize_chats
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.labels import TokenizedExample, kept_tokens, label_example, text_batches
@@ -77,17 +75,12 @@ def render_examples(
 ) -> list[Example]:
     """Render every row, each cut at `max_chars` characters (see `max_render_chars`; the
     prompt first, so a prompt past the bound leaves no completion and the example is dropped
-    at tokenization); `PipelineError` (listing both sides) if a placeholder has no column."""
-    try:
-        missing = missing_columns_message(template, dataset.columns)
-        placeholders = template_placeholders(template)
-    except TemplateError as exc:
-        raise PipelineError(f"prompt_template: {exc}") from None
-    if missing:
-        raise PipelineError(missing)
+    at tokenization). The caller checked the columns (`shared.dataset_columns`); a cell the
+    row lacks renders as ""."""
     examples = [render_example(row, template, max_chars=max_chars) for row in dataset.rows]
+    completion = completion_placeholder(template)
     cut = sum(e.prompt_cut or e.completion_cut for e in examples)
-    log(f"rendered {len(examples)} examples; loss on {{{placeholders[-1]}}} and what follows it")
+    log(f"rendered {len(examples)} examples; loss on {{{completion}}} and what follows it")
     if cut:
         log(f"{cut} examples were longer than {max_chars} characters and were cut there, "
             "beyond what cutoff_len tokens can hold")
@@ -170,11 +163,8 @@ def _encoded(
 
 
 def preference_rows(dataset: LoadedDataset, *, log: LogFn = no_log) -> list[PreferenceRow]:
-    """The rows' `prompt`, `chosen` and `rejected` texts; `PipelineError` naming the missing
-    columns if the dataset lacks any of them."""
-    message = missing_preference_columns_message(dataset.columns)
-    if message:
-        raise PipelineError(f"preference_optimization: {message}")
+    """The rows' `prompt`, `chosen` and `rejected` texts; the caller checked that the dataset
+    has these columns (`shared.dataset_columns`)."""
     rows = [
         {name: "" if row[name] is None else str(row[name]) for name in PREFERENCE_COLUMNS}
         for row in dataset.rows

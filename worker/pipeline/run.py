@@ -8,14 +8,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shared.schema import FinetuneRequest
+from shared.dataset_columns import missing_job_columns_message
+from shared.schema import FinetuneRequest, TemplateError
 from shared.settings import Settings
 from shared.storage import storage_from_settings
 from shared.url_guard import UrlPolicy
 from worker.pipeline.base_cache import BaseModelCache
 from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
 from worker.pipeline.data_source import load_dataset
-from worker.pipeline.errors import TrainingStopped
+from worker.pipeline.errors import PipelineError, TrainingStopped
 from worker.pipeline.examples import preference_rows, render_and_tokenize, split
 from worker.pipeline.export import export_adapter, push_to_hub
 from worker.pipeline.interrupts import InterruptibleRegion
@@ -141,12 +142,23 @@ def _prepare_data(
         base.model_path, allowed_local_dirs=allowed, token=hf.hf_token, cache_dir=hub_cache_dir,
         log=log,
     )
+    preference = request.training_config.preference_optimization
+    try:
+        missing = missing_job_columns_message(
+            dataset.columns, prompt_template=data.prompt_template,
+            preference_optimization=preference,
+        )
+    except TemplateError as exc:
+        raise PipelineError(f"prompt_template: {exc}") from None
+    if missing:
+        raise PipelineError(f"preference_optimization: {missing}" if preference == "ORPO"
+                            else missing)
     # ORPO trains on the raw preference rows (TRL tokenizes them), the rest on tokenized ones.
     examples: list[Any]
     train_set: list[Any]
     eval_set: list[Any]
     fit: Callable[..., TrainStats]
-    if request.training_config.preference_optimization == "ORPO":
+    if preference == "ORPO":
         examples = preference_rows(dataset, log=log)
         fit = partial(train_orpo, max_length=data.cutoff_len)
     else:
