@@ -62,8 +62,8 @@ def load_dataset(
     if source.kind == "hub":
         dataset = load_hub_dataset(data_path, subset, token=token, cache_dir=hub_cache_dir)
     else:
-        file = _data_file(source, download_dir, storage=storage, url_policy=url_policy,
-                          client=client, log=log)
+        file = _data_file(data_path, source, download_dir, storage=storage,
+                          url_policy=url_policy, client=client, log=log)
         try:
             if file.local:
                 dataset = dataset_files.read_local(file.path, allowed_local_dirs,
@@ -114,15 +114,17 @@ class DataFile:
 
 
 def _data_file(
-    source: Source, download_dir: Path, *, storage: Storage | None, url_policy: UrlPolicy,
-    client: httpx.Client | None, log: LogFn,
+    data_path: str, source: Source, download_dir: Path, *, storage: Storage | None,
+    url_policy: UrlPolicy, client: httpx.Client | None, log: LogFn,
 ) -> DataFile:
+    """The file `data_path` names: an uploaded dataset's or a URL's fetched into
+    `download_dir`, a local one (resolved by the classification) where it lies."""
     if source.kind == "dataset":
-        return _download_uploaded(source.value, storage, download_dir, log)
+        return _download_uploaded(data_path, storage, download_dir, log)
     if source.kind == "url":
-        return download_url(source.value, download_dir, policy=url_policy, client=client, log=log)
+        return download_url(data_path, download_dir, policy=url_policy, client=client, log=log)
     assert source.path is not None
-    return DataFile(source.path, source.value, local=True)
+    return DataFile(source.path, data_path, local=True)
 
 
 def download_url(
