@@ -15,6 +15,7 @@ import csv
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -199,22 +200,36 @@ def read_local(path: Path, allowed_dirs: Iterable[Path], *, shown: str | None = 
     (`shared.local_files`): a link inside the directory cannot lead elsewhere. Errors name
     the file as `shown` (the user's data_path; default: `path`) and the entry below it."""
     shown = shown or str(path)
+    directory = path.is_dir()
     try:
-        if not path.is_dir():
-            with local_files.open_file(path, allowed_dirs, shown=shown) as opened:
-                return read_file(opened.reopen, format_of_name(path.name),
-                                 name=Path(shown).name)
-        with local_files.open_tree(path, allowed_dirs, shown=shown, recursive=False,
-                                   wanted=lambda name: format_of_name(name) is not None) as tree:
-            if not tree.files:
-                raise DatasetFileError(f"{shown} has no {'/'.join(FORMATS)} files")
-            parts = [read_file(f.reopen, format_of_name(f.name), name=f.name)
-                     for f in tree.files]
+        with _opened_local(path, allowed_dirs, shown=shown, directory=directory) as files:
+            # A file's format comes from the name it resolved to; a directory's files from theirs.
+            parts = [read_file(f.reopen, format_of_name(f.name if directory else path.name),
+                               name=f.name) for f in files]
     except local_files.LocalFileRefused as exc:
         raise DatasetFileError(f"data_path {exc}") from None
+    if not directory:
+        return parts[0]
     columns = list(dict.fromkeys(c for part in parts for c in part.columns))
     rows = [row for part in parts for row in part.rows]
     return LoadedDataset(columns, rows, shown)
+
+
+@contextmanager
+def _opened_local(
+    path: Path, allowed_dirs: Iterable[Path], *, shown: str, directory: bool
+) -> Iterator[list[local_files.OpenedFile]]:
+    """The file `path`, or every data file of the `directory` in name order, each opened and
+    verified; the file named `shown` (a directory's files by their own names)."""
+    if not directory:
+        with local_files.open_file(path, allowed_dirs, shown=shown) as opened:
+            yield [opened]
+        return
+    with local_files.open_tree(path, allowed_dirs, shown=shown, recursive=False,
+                               wanted=lambda name: format_of_name(name) is not None) as tree:
+        if not tree.files:
+            raise DatasetFileError(f"{shown} has no {'/'.join(FORMATS)} files")
+        yield tree.files
 
 
 def read_file(path: Path, fmt: str | None = None, *, name: str | None = None,

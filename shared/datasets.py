@@ -24,7 +24,7 @@ import re
 import secrets
 import unicodedata
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from shared.dataset_columns import missing_columns
 from shared.dataset_files import (
     MAX_NESTING,
     DatasetFileError,
@@ -42,7 +43,7 @@ from shared.dataset_files import (
     summarize_file,
 )
 from shared.models import Dataset, DatasetStatus, Job, JobStatus, utcnow
-from shared.prompt_template import Example, missing_columns, render_preview
+from shared.prompt_template import Example, render_preview
 from shared.schema import template_placeholders
 from shared.settings import get_settings
 from shared.storage import ObjectNotFound, Storage
@@ -371,33 +372,6 @@ def preview(dataset: Dataset, template: str, n: int) -> Preview:
         completion_placeholder=placeholders[-1],
         missing_columns=missing_columns(template, columns),
         examples=examples,
-    )
-
-
-def missing_columns_message(template: str, columns: Sequence[str]) -> str | None:
-    """A message naming the placeholders `columns` lacks, both lists shown; None if none."""
-    missing = missing_columns(template, columns)
-    if not missing:
-        return None
-    return (
-        f"prompt_template uses columns the dataset does not have: {missing}. Template "
-        f"placeholders: {list(dict.fromkeys(template_placeholders(template)))}; dataset "
-        f"columns: {list(columns)}"
-    )
-
-
-# The columns `preference_optimization: ORPO` trains on; the worker checks them too.
-PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
-
-
-def missing_preference_columns_message(columns: Sequence[str]) -> str | None:
-    """A message naming the preference columns `columns` lacks, both lists shown; None if none."""
-    missing = [name for name in PREFERENCE_COLUMNS if name not in columns]
-    if not missing:
-        return None
-    return (
-        f"ORPO needs the columns {list(PREFERENCE_COLUMNS)}; the dataset lacks {missing}. "
-        f"Dataset columns: {list(columns)}"
     )
 
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import math
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from shared.schema import template_placeholders
 
 Row = Mapping[str, Any]
 
@@ -54,6 +52,13 @@ def render_preview(row: Row, template: str, *, max_part_chars: int) -> Example:
     return Example(prompt, completion, prompt_cut, completion_cut)
 
 
+def completion_placeholder(template: str) -> str | None:
+    """The placeholder the completion starts at: the template's last one (None if none)."""
+    fields = [field for _literal, field, _spec, _conversion in string.Formatter().parse(template)
+              if field is not None]
+    return fields[-1] if fields else None
+
+
 def _parts(row: Row, template: str) -> tuple[list[str], list[str]]:
     """The template's literal texts and cell values in order, split at the last placeholder
     into the prompt's and the completion's. The lists hold references, never copies."""
@@ -90,11 +95,3 @@ def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return value if isinstance(value, str) else str(value)
-
-
-def missing_columns(template: str, columns: Sequence[str]) -> list[str]:
-    """The template's placeholders that are not among `columns`, each once, in template order.
-
-    Raises `shared.schema.TemplateError` for a template that is not allowed at all.
-    """
-    return [name for name in dict.fromkeys(template_placeholders(template)) if name not in columns]

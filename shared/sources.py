@@ -1,5 +1,6 @@
-"""Where a dataset or a base model comes from: a local path, an https URL, an uploaded
-dataset id, or a hub id.
+"""What kind of source a `data_path` or `model_path` is: a local path, an https URL, an
+uploaded dataset id, or a hub id. Classification only: the worker fetches and reads
+(`worker.pipeline.data_source`, `worker.pipeline.model`).
 
 The API calls `classify_source` at submit time so a refused value is a 422 before anything is
 queued; the worker calls it again before reading, because the worker's settings decide what it
@@ -11,11 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from shared.url_guard import UrlPolicy, UrlRefused, check_url, check_url_resolves
+from shared.url_guard import UrlPolicy, UrlRefused, check_url, check_url_resolves, redact_url
 
 SourceKind = Literal["local", "url", "dataset", "hub"]
 HTTPS_ONLY = UrlPolicy()
@@ -136,22 +137,3 @@ def check_url_source_resolves(url: str, url_policy: UrlPolicy) -> None:
         check_url_resolves(url, url_policy)
     except UrlRefused as exc:
         raise SourceError(f"{redact_url(url)!r}: {exc}") from None
-
-
-def redact_url(url: str) -> str:
-    """The URL without credentials and query string, safe for logs and error messages.
-
-    A presigned URL's query is its signature: whoever reads a log line must not be able to
-    fetch the data with it.
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    query = "?…" if parts.query else ""
-    return f"{parts.scheme}://{host}{parts.path}{query}"
-
-
-def url_file_name(url: str) -> str:
-    """The last path segment of a URL (query ignored), e.g. `train.jsonl`; may be empty."""
-    return PurePosixPath(urlsplit(url).path).name

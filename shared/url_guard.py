@@ -210,3 +210,17 @@ def check_url_resolves(url: str, policy: UrlPolicy) -> list[str]:
     """`check_url`, then `resolve_allowed` for its host: the full check at submit time."""
     target = check_url(url, policy)
     return resolve_allowed(target.host, target.port, policy)
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials and query string, safe for logs and error messages.
+
+    A presigned URL's query is its signature: whoever reads a log line must not be able to
+    fetch the data with it.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    query = "?…" if parts.query else ""
+    return f"{parts.scheme}://{host}{parts.path}{query}"

@@ -16,6 +16,7 @@ from api.errors import AUTHENTICATED, ApiError, error_responses
 from api.schemas import DatasetList, DatasetOut, ExampleOut, PreviewIn, PreviewOut
 from api.uploads import ReceivedFile, receive_multipart_file
 from shared import datasets
+from shared.dataset_columns import missing_columns_message
 from shared.models import Dataset, DatasetStatus
 from shared.settings import Settings
 from shared.storage import Storage
@@ -148,7 +149,7 @@ def preview_dataset(dataset_id: DatasetId, body: PreviewIn, caller: TenantDep,
     if reason:
         raise ApiError(409, "conflict", reason)
     preview = datasets.preview(dataset, body.prompt_template, body.n)
-    message = datasets.missing_columns_message(body.prompt_template, dataset.columns or [])
+    message = missing_columns_message(body.prompt_template, dataset.columns or [])
     if message is None:
         message = (f"every placeholder has a column; the loss is computed on "
                    f"{{{preview.completion_placeholder}}} and the text after it")

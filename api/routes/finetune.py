@@ -24,6 +24,7 @@ from api.schemas import (
     MetricsOut,
 )
 from shared import datasets, idempotency, jobs, storage_keys
+from shared.dataset_columns import missing_job_columns_message
 from shared.models import JobStatus
 from shared.queue import enqueue_training
 from shared.resume import resume_problems
@@ -88,13 +89,13 @@ def _dataset_problems(request: FinetuneRequest, settings: Settings, session: Ses
     reason = datasets.not_ready_reason(dataset)
     if reason:
         return [{"path": where, "message": reason}]
-    if request.training_config.preference_optimization == "ORPO":
-        # ORPO reads prompt / chosen / rejected and ignores the prompt_template.
-        message = datasets.missing_preference_columns_message(dataset.columns or [])
-        path = "training_config.preference_optimization"
-    else:
-        message = datasets.missing_columns_message(data.prompt_template, dataset.columns or [])
-        path = "data_config.prompt_template"
+    preference = request.training_config.preference_optimization
+    message = missing_job_columns_message(
+        dataset.columns or [], prompt_template=data.prompt_template,
+        preference_optimization=preference,
+    )
+    path = ("training_config.preference_optimization" if preference == "ORPO"
+            else "data_config.prompt_template")
     return [{"path": path, "message": message}] if message else []
 
 

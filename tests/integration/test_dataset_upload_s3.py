@@ -69,7 +69,7 @@ def test_presigned_put_goes_to_the_bucket_and_is_checked_when_first_referenced(
                            data_config={"data_source_type": "s3_presigned_link"})
     assert s3_client.post("/v1/finetune/llm", json=payload).status_code == 201
 
-    from worker.pipeline.data import load_dataset
+    from worker.pipeline.data_source import load_dataset
 
     loaded = load_dataset(dataset_id, allowed_local_dirs=[], download_dir=tmp_path,
                           source_type="s3_presigned_link", storage=s3_storage)

@@ -13,7 +13,6 @@ from shared.sources import (
     SourceError,
     check_url_source_resolves,
     classify_source,
-    redact_url,
 )
 from shared.url_guard import UrlPolicy
 
@@ -174,12 +173,6 @@ def test_resolution_errors_show_the_redacted_url() -> None:
 
     assert str(info.value).startswith("'https://localhost/x.jsonl?…': host localhost")
     assert "secret" not in str(info.value)
-
-
-def test_redact_url_drops_query_and_credentials() -> None:
-    url = "https://u:p@bucket.example.com:8443/d/train.jsonl?X-Amz-Signature=secret"
-
-    assert redact_url(url) == "https://bucket.example.com:8443/d/train.jsonl?…"
 
 
 def test_importing_sources_does_not_import_torch() -> None:

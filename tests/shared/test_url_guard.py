@@ -14,6 +14,7 @@ from shared.url_guard import (
     UrlRefused,
     check_url,
     check_url_resolves,
+    redact_url,
     refusal_reason,
     resolve_allowed,
 )
@@ -154,3 +155,9 @@ def test_importing_url_guard_imports_only_the_standard_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
     assert out.stdout.strip() == "[]"
+
+
+def test_redact_url_drops_query_and_credentials() -> None:
+    url = "https://u:p@bucket.example.com:8443/d/train.jsonl?X-Amz-Signature=secret"
+
+    assert redact_url(url) == "https://bucket.example.com:8443/d/train.jsonl?…"

@@ -13,7 +13,7 @@ import torch
 
 from shared.schema import PretrainedModelConfig
 from worker.pipeline.batching import LengthBucketBatches, choose_layout
-from worker.pipeline.data import IGNORE_INDEX, TokenizedExample
+from worker.pipeline.labels import IGNORE_INDEX, TokenizedExample
 from worker.pipeline.model import attention_implementation, load_model
 from worker.pipeline.train import PadToLongest, _Examples
 from worker.pipeline.trainer import TuneryTrainer

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
+from shared.dataset_columns import is_chat_template
+from shared.dataset_files import LoadedDataset
 from shared.settings import Settings
 from worker.assets.build_dataset import DATASET_PATH
-from worker.pipeline.chat import is_chat_template, render_chat, render_chats, tokenize_chats
-from worker.pipeline.data import IGNORE_INDEX
+from worker.pipeline.chat import render_chat, render_chats, tokenize_chats
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.readers import LoadedDataset
+from worker.pipeline.labels import IGNORE_INDEX
 from worker.pipeline.report import RecordingReporter
 from worker.pipeline.run import run_job
 

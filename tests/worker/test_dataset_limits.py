@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from shared import dataset_files
-from worker.pipeline.data import LoadedDataset, load_dataset
+from shared.dataset_files import LoadedDataset
+from worker.pipeline.data_source import load_dataset
 from worker.pipeline.errors import PipelineError
 
 ROWS = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]

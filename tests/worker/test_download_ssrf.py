@@ -18,9 +18,8 @@ from typing import Any
 import pytest
 
 from shared.url_guard import UrlPolicy, check_url_resolves
-from worker.pipeline.data import load_dataset
+from worker.pipeline.data_source import MAX_REDIRECTS, download_url, load_dataset
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.readers import MAX_REDIRECTS, download_url
 
 ROWS = [{"instruction": "a", "input": "b", "output": "c"}]
 BODY = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
@@ -75,7 +74,7 @@ def server() -> Iterator[LocalServer]:
 
 
 def test_an_allowed_local_url_downloads(server: LocalServer, tmp_path: Path) -> None:
-    path = download_url(f"{server.url}/data.jsonl", tmp_path, policy=LOCAL)
+    path = download_url(f"{server.url}/data.jsonl", tmp_path, policy=LOCAL).path
 
     assert path.read_bytes() == BODY
 
@@ -186,7 +185,7 @@ def test_the_connection_goes_to_the_address_that_was_checked(
     policy = UrlPolicy(allow_http=True, allowed_private_hosts=frozenset({"minio.internal"}))
 
     path = download_url(f"http://minio.internal:{server.port}/data.jsonl", tmp_path,
-                        policy=policy)
+                        policy=policy).path
 
     assert path.read_bytes() == BODY
     assert lookups == ["127.0.0.1"]

@@ -10,8 +10,8 @@ import torch
 
 from shared.schema import PretrainedModelConfig
 from worker.pipeline import labelled_loss
-from worker.pipeline.data import IGNORE_INDEX
 from worker.pipeline.labelled_loss import causal_lm_parts, decoder_inputs, labelled_causal_lm_loss
+from worker.pipeline.labels import IGNORE_INDEX
 from worker.pipeline.model import CpuBf16, load_model
 from worker.pipeline.trainer import TuneryTrainer
 

@@ -14,7 +14,7 @@ import pytest
 from shared import local_files
 from shared.schema import PretrainedModelConfig
 from worker.pipeline.base_cache import base_key
-from worker.pipeline.data import load_dataset
+from worker.pipeline.data_source import load_dataset
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.model import load_model, load_tokenizer, opened_model_source
 

@@ -114,7 +114,7 @@ def test_data_subset_reaches_the_hub_loader(
     import datasets
 
     from shared.schema import DataConfig
-    from worker.pipeline.data import load_dataset
+    from worker.pipeline.data_source import load_dataset
 
     calls: list[tuple[str, str | None, str | None]] = []
 

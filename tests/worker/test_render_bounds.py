@@ -6,18 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.dataset_files import LoadedDataset
 from shared.schema import DataConfig
 from worker.pipeline.chat import bound_turns, render_chats, tokenize_chats
-from worker.pipeline.data import (
-    IGNORE_INDEX,
-    TOKENIZE_BATCH_CHARS,
-    LoadedDataset,
-    label_example,
+from worker.pipeline.examples import (
     max_render_chars,
+    render_and_tokenize,
     render_examples,
     tokenize,
 )
-from worker.pipeline.run import render_and_tokenize
+from worker.pipeline.labels import IGNORE_INDEX, TOKENIZE_BATCH_CHARS, label_example
 
 CUTOFF = 48
 TEMPLATE = "Q: {instruction} {instruction} {instruction}\nA: {output}"

@@ -17,8 +17,8 @@ import torch
 from shared.schema import LR_SCHEDULERS, TrainingConfig
 from shared.settings import Settings
 from worker.assets.build_dataset import DATASET_PATH
-from worker.pipeline.data import split
 from worker.pipeline.errors import PipelineError, TrainingStopped
+from worker.pipeline.examples import split
 from worker.pipeline.export import push_to_hub
 from worker.pipeline.model import attention_implementation, compute_dtype
 from worker.pipeline.report import PHASES, RecordingReporter
@@ -410,7 +410,7 @@ def _eval_loss_of_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from worker.pipeline.data import load_dataset
+    from worker.pipeline.data_source import load_dataset
 
     data = request.data_config
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)

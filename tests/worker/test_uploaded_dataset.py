@@ -10,8 +10,9 @@ import pytest
 from shared.dataset_files import DatasetFileError, read_file
 from shared.storage import LocalStorage
 from shared.storage_keys import dataset_key
-from worker.pipeline.data import load_dataset, render_examples
+from worker.pipeline.data_source import load_dataset
 from worker.pipeline.errors import PipelineError
+from worker.pipeline.examples import render_examples
 
 DATASET_ID = "ds_" + "1" * 32
 ROWS = [{"q": "2+2?", "a": "4"}, {"q": "3+3?", "a": "6"}]

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from worker.pipeline.data import render_example
+from shared.prompt_template import render_example
 
 ALPACA_TEMPLATE = "### Instruction: {instruction}\n### Input: {input}\n### Response: {output}"
 

@@ -6,7 +6,8 @@ model is prompted with at inference. The loss is on the assistant turns only: ea
 content and the end-of-turn marker the template writes after it (`</s>`, `<|im_end|>`,
 `<|eot_id|>`), which is how the model learns to stop. No extra EOS is appended.
 
-Chat mode is selected by a `prompt_template` that is exactly `{messages}`.
+Chat mode is selected by a `prompt_template` that is exactly `{messages}`
+(`shared.dataset_columns.is_chat_template`).
 """
 
 from __future__ import annotations
@@ -15,26 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worker.pipeline.data import (
-    TokenizedExample,
-    check_template_columns,
-    kept_tokens,
-    label_example,
-    text_batches,
-)
+from shared.dataset_columns import MESSAGES_COLUMN
+from shared.dataset_files import LoadedDataset
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.readers import LoadedDataset
+from worker.pipeline.labels import TokenizedExample, kept_tokens, label_example, text_batches
 from worker.pipeline.report import LogFn, no_log
 
 Turn = Mapping[str, Any]
-
-MESSAGES_COLUMN = "messages"
-
-
-def is_chat_template(template: str) -> bool:
-    """True for a prompt_template that selects chat mode: `{messages}`, nothing else."""
-    return template.strip() == "{" + MESSAGES_COLUMN + "}"
-
 
 @dataclass(frozen=True)
 class ChatExample:
@@ -127,8 +115,8 @@ def render_chats(
     log: LogFn = no_log,
 ) -> list[ChatExample]:
     """Render every row's `messages` with the tokenizer's chat template, each conversation
-    cut by `bound_turns` first."""
-    check_template_columns("{" + MESSAGES_COLUMN + "}", dataset.columns)
+    cut by `bound_turns` first. The caller checked that the column exists
+    (`shared.dataset_columns`); each row's value is checked here."""
     if not getattr(tokenizer, "chat_template", None):
         raise PipelineError(
             "the model's tokenizer has no chat template, which a {messages} prompt_template "

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from worker.pipeline.data import IGNORE_INDEX
+from worker.pipeline.labels import IGNORE_INDEX
 
 # About 256 MiB of float32 logits per chunk (1,365 positions at SmolLM2's vocabulary); the
 # backward holds that again for their gradient, and a recomputed chunk's activations once more.

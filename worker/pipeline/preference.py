@@ -13,13 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.datasets import PREFERENCE_COLUMNS, missing_preference_columns_message
 from shared.schema import LoggingConfig, TrainingConfig
 from worker.pipeline.checkpoints import CheckpointStore
-from worker.pipeline.errors import PipelineError
+from worker.pipeline.examples import PreferenceRow
 from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
-from worker.pipeline.readers import LoadedDataset
-from worker.pipeline.report import JobReporter, LogFn, no_log
+from worker.pipeline.report import JobReporter
 from worker.pipeline.train import (
     DEFAULT_BATCH_SIZE,
     TrainingWatch,
@@ -27,8 +25,6 @@ from worker.pipeline.train import (
     run_argument_values,
     run_trainer,
 )
-
-PreferenceRow = dict[str, str]
 
 # TRL's log keys, and the metric names they are recorded under. The log-odds ratio and the
 # reward margin grow as the model learns to prefer the chosen answers; nll_loss is the
@@ -39,23 +35,6 @@ ORPO_METRICS = {
     "rewards/margins": "reward_margin",
     "rewards/accuracies": "reward_accuracy",
 }
-
-
-def preference_rows(dataset: LoadedDataset, *, log: LogFn = no_log) -> list[PreferenceRow]:
-    """The rows' `prompt`, `chosen` and `rejected` texts; `PipelineError` naming the missing
-    columns if the dataset lacks any of them."""
-    message = missing_preference_columns_message(dataset.columns)
-    if message:
-        raise PipelineError(f"preference_optimization: {message}")
-    rows = [
-        {name: "" if row[name] is None else str(row[name]) for name in PREFERENCE_COLUMNS}
-        for row in dataset.rows
-    ]
-    log(
-        "ORPO: the prompt_template is not used; each row's prompt is followed directly by its "
-        "chosen and its rejected answer"
-    )
-    return rows
 
 
 def train_orpo(

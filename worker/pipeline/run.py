@@ -8,27 +8,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shared.schema import DataConfig, FinetuneRequest
+from shared.dataset_columns import missing_job_columns_message
+from shared.schema import FinetuneRequest, TemplateError
 from shared.settings import Settings
 from shared.storage import storage_from_settings
 from shared.url_guard import UrlPolicy
 from worker.pipeline.base_cache import BaseModelCache
-from worker.pipeline.chat import is_chat_template, render_chats, tokenize_chats
 from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
-from worker.pipeline.data import (
-    TokenizedExample,
-    load_dataset,
-    max_render_chars,
-    render_examples,
-    split,
-    tokenize,
-)
-from worker.pipeline.errors import TrainingStopped
+from worker.pipeline.data_source import load_dataset
+from worker.pipeline.errors import PipelineError, TrainingStopped
+from worker.pipeline.examples import preference_rows, render_and_tokenize, split
 from worker.pipeline.export import export_adapter, push_to_hub
 from worker.pipeline.interrupts import InterruptibleRegion
 from worker.pipeline.model import add_lora, load_tokenizer
-from worker.pipeline.preference import preference_rows, train_orpo
-from worker.pipeline.readers import LoadedDataset
+from worker.pipeline.preference import train_orpo
 from worker.pipeline.report import JobReporter, LogFn
 from worker.pipeline.train import TrainStats, train
 
@@ -149,12 +142,23 @@ def _prepare_data(
         base.model_path, allowed_local_dirs=allowed, token=hf.hf_token, cache_dir=hub_cache_dir,
         log=log,
     )
+    preference = request.training_config.preference_optimization
+    try:
+        missing = missing_job_columns_message(
+            dataset.columns, prompt_template=data.prompt_template,
+            preference_optimization=preference,
+        )
+    except TemplateError as exc:
+        raise PipelineError(f"prompt_template: {exc}") from None
+    if missing:
+        raise PipelineError(f"preference_optimization: {missing}" if preference == "ORPO"
+                            else missing)
     # ORPO trains on the raw preference rows (TRL tokenizes them), the rest on tokenized ones.
     examples: list[Any]
     train_set: list[Any]
     eval_set: list[Any]
     fit: Callable[..., TrainStats]
-    if request.training_config.preference_optimization == "ORPO":
+    if preference == "ORPO":
         examples = preference_rows(dataset, log=log)
         fit = partial(train_orpo, max_length=data.cutoff_len)
     else:
@@ -162,24 +166,6 @@ def _prepare_data(
         fit = train
     train_set, eval_set = split(examples, data.data_split_config, log=log)
     return train_set, eval_set, fit, tokenizer
-
-
-def render_and_tokenize(
-    dataset: LoadedDataset, tokenizer: Any, data: DataConfig, *, log: LogFn
-) -> list[TokenizedExample]:
-    """Rows to training examples: through the model's chat template when the prompt_template
-    is `{messages}` (chat mode), through the prompt_template otherwise."""
-    max_chars = max_render_chars(data.cutoff_len, tokenizer)
-    if is_chat_template(data.prompt_template):
-        chats = render_chats(dataset, tokenizer, max_chars=max_chars,
-                             max_turns=data.cutoff_len, log=log)
-        return tokenize_chats(
-            chats, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs, log=log
-        )
-    examples = render_examples(dataset, data.prompt_template, max_chars=max_chars, log=log)
-    return tokenize(
-        examples, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs, log=log
-    )
 
 
 def _gib(gigabytes: float | None) -> float | None:

@@ -25,8 +25,8 @@ from worker.pipeline.callbacks import (
     StopCallback,
 )
 from worker.pipeline.checkpoints import CheckpointStore, CheckpointUploadCallback
-from worker.pipeline.data import IGNORE_INDEX, TokenizedExample
 from worker.pipeline.errors import TrainingStopped
+from worker.pipeline.labels import IGNORE_INDEX, TokenizedExample
 from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
 from worker.pipeline.model import loaded_dtype
 from worker.pipeline.report import JobReporter
