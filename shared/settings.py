@@ -13,9 +13,10 @@ environment and for keyword arguments (`Settings(max_dataset_rows=5)`) alike.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -302,6 +303,15 @@ class Settings(BaseSettings):
                 values = values.model_dump(exclude_unset=True)
             data[group] = {**values, field: data.pop(flat)}
         return data
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """As pydantic's, but a flat name in `update` is refused: model_copy does not validate,
+        so `update={"cpu_bf16": ...}` would set a stray attribute and change nothing."""
+        stray = sorted(set(update or ()) - set(type(self).model_fields))
+        if stray:
+            raise ValueError(f"not settings fields: {stray}; copy the group instead, e.g. "
+                             "update={'training': s.training.model_copy(update={...})}")
+        return super().model_copy(update=update, deep=deep)
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:

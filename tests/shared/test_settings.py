@@ -128,6 +128,15 @@ def test_keyword_wins_over_environment(clean_env: pytest.MonkeyPatch) -> None:
     assert (settings.limits.max_dataset_rows, settings.limits.max_lora_r) == (5, 16)
 
 
+def test_model_copy_refuses_a_flat_name(clean_env: pytest.MonkeyPatch) -> None:
+    settings = Settings()
+    with pytest.raises(ValueError, match="cpu_bf16"):
+        settings.model_copy(update={"cpu_bf16": "off"})
+    copied = settings.model_copy(
+        update={"training": settings.training.model_copy(update={"cpu_bf16": "off"})})
+    assert copied.training.cpu_bf16 == "off"
+
+
 def test_no_environment_gives_the_embedded_stack(clean_env: pytest.MonkeyPatch,
                                                   tmp_path: Path) -> None:
     clean_env.delenv("TUNERY_DATA_DIR")
