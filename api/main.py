@@ -28,10 +28,10 @@ from shared.settings import get_settings
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level)
-    if settings.auto_migrate:
+    if settings.database.auto_migrate:
         from shared.migrate import upgrade_database
 
-        upgrade_database(settings.database_url)
+        upgrade_database(settings.database.url)
     try:
         declare_queue()
     except Exception:  # noqa: BLE001 - the API serves without a broker; jobs wait as QUEUED
@@ -74,8 +74,9 @@ def install_limits(app: FastAPI) -> None:
     The upload routes are found by name in their routers, whose paths carry their prefix:
     the app must include those routers without another one.
     """
-    app.state.rate_limiter = RateLimiter(get_settings().rate_limit_per_minute)
-    app.state.auth_failure_limiter = FailedAuthLimiter(get_settings().auth_failures_per_minute)
+    limits = get_settings().limits
+    app.state.rate_limiter = RateLimiter(limits.rate_limit_per_minute)
+    app.state.auth_failure_limiter = FailedAuthLimiter(limits.auth_failures_per_minute)
     uploads = [r for r in (*datasets.router.routes, *upload.router.routes)
                if isinstance(r, APIRoute) and r.name in DATASET_UPLOAD_ROUTES]
     if len(uploads) != len(DATASET_UPLOAD_ROUTES):
@@ -85,8 +86,8 @@ def install_limits(app: FastAPI) -> None:
         # Settings are read per request, as the routes read them (SettingsDep).
         settings = get_settings()
         if any(route.matches(scope)[0] == Match.FULL for route in uploads):
-            return settings.max_dataset_bytes + MULTIPART_OVERHEAD
-        return settings.max_request_bytes
+            return settings.limits.max_dataset_bytes + MULTIPART_OVERHEAD
+        return settings.limits.max_request_bytes
 
     app.add_middleware(RequestBodyLimit, limit_for=limit_for)
 

@@ -16,7 +16,7 @@ from shared.settings import get_settings
 def _db_upgrade(_: argparse.Namespace) -> int:
     from shared.migrate import upgrade_database
 
-    upgrade_database(get_settings().database_url)
+    upgrade_database(get_settings().database.url)
     print("database schema is up to date")
     return 0
 
@@ -27,8 +27,8 @@ def _keys_create(args: argparse.Namespace) -> int:
     from shared.migrate import upgrade_database
 
     settings = get_settings()
-    if settings.auto_migrate:
-        upgrade_database(settings.database_url)
+    if settings.database.auto_migrate:
+        upgrade_database(settings.database.url)
     with session_scope() as session:
         created = create_api_key(session, args.name, args.tenant, admin=args.admin)
     if args.quiet:

@@ -20,5 +20,5 @@ def worker_command(queues: str | None = None) -> list[str]:
     # One job per process (solo pool): a training job owns the GPU. Gossip and mingle use
     # broadcast exchanges that the embedded SQLite transport does not provide.
     return [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", "--pool", "solo",
-            "--concurrency", "1", "-Q", queues or settings.queue_name, "--loglevel", "INFO",
+            "--concurrency", "1", "-Q", queues or settings.broker.queue_name, "--loglevel", "INFO",
             "--without-gossip", "--without-mingle"]

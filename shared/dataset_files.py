@@ -71,7 +71,7 @@ def max_row_bytes() -> int:
     length, so parsing a file takes memory in proportion to this, not to the file."""
     from shared.settings import get_settings
 
-    return get_settings().max_row_bytes
+    return get_settings().limits.max_row_bytes
 
 
 def _row_too_long(name: str, where: str, limit: int, unit: str = "bytes") -> DatasetFileError:

@@ -384,7 +384,7 @@ def _store_checked(
     fmt = detect_format(path, dataset.name, content_type)
     try:
         summary = summarize_file(path, fmt, name=dataset.name, keep_rows=SAMPLE_ROWS,
-                                 max_rows=get_settings().max_dataset_rows)
+                                 max_rows=get_settings().limits.max_dataset_rows)
     except TooManyRows as exc:
         # 413 like max_dataset_bytes: the file is valid, only bigger than this server takes.
         raise DatasetRejected(str(exc), too_large=True) from None

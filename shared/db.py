@@ -48,8 +48,8 @@ def _engine_for(url: str, pool_size: int, max_overflow: int) -> Engine:
 
 
 def get_engine() -> Engine:
-    settings = get_settings()
-    return _engine_for(settings.database_url, settings.db_pool_size, settings.db_max_overflow)
+    database = get_settings().database
+    return _engine_for(database.url, database.pool_size, database.max_overflow)
 
 
 def session_factory() -> sessionmaker[Session]:

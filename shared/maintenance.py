@@ -44,14 +44,14 @@ def reap(settings: Settings) -> SweepResult:
     """Re-queue or fail jobs whose worker is gone or past the hard time limit."""
     result = SweepResult()
     with session_scope() as session:
-        result.timed_out = jobs.fail_past_hard_limit(session, settings.job_hard_time_limit_s)
+        result.timed_out = jobs.fail_past_hard_limit(session, settings.leases.job_hard_time_limit_s)
         for job_id, status in jobs.requeue_expired_leases(session):
             {
                 JobStatus.QUEUED: result.requeued,
                 JobStatus.FAILED: result.failed,
                 JobStatus.CANCELLED: result.cancelled,
             }[status].append(job_id)
-        result.expired_keys = idempotency.delete_expired(session, settings.idempotency_ttl_s)
+        result.expired_keys = idempotency.delete_expired(session, settings.limits.idempotency_ttl_s)
     return result
 
 
@@ -92,7 +92,7 @@ def sweep(settings: Settings) -> SweepResult:
 
 
 class MaintenanceLoop(threading.Thread):
-    """`sweep()` every `settings.reaper_interval_s` until `stop()`; an outage of the database
+    """`sweep()` every `settings.leases.reaper_interval_s` until `stop()`; an outage of the database
     or the broker is logged and retried at the next tick, never fatal."""
 
     def __init__(self, settings: Settings) -> None:
@@ -106,7 +106,7 @@ class MaintenanceLoop(threading.Thread):
                 sweep(self.settings)
             except Exception as exc:  # noqa: BLE001 - an outage must not end the loop
                 log.warning("maintenance sweep failed (will retry): %s", exc)
-            if self._stopped.wait(self.settings.reaper_interval_s):
+            if self._stopped.wait(self.settings.leases.reaper_interval_s):
                 return
 
     def stop(self) -> None:

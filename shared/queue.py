@@ -25,23 +25,23 @@ log = logging.getLogger(__name__)
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("tunery", broker=settings.broker_url, set_as_current=False)
+    app = Celery("tunery", broker=settings.broker.url, set_as_current=False)
     transport_options: dict[str, object] = {}
-    if settings.broker_url.startswith(("redis://", "rediss://")):
+    if settings.broker.url.startswith(("redis://", "rediss://")):
         # Redis redelivers an unacked message after visibility_timeout, and a training task
         # holds its message unacked until it ends (acks_late). Above the hard time limit, a
         # running job's message is never redelivered; if it were, the claim in the database
         # would still refuse a second run.
         transport_options["visibility_timeout"] = (
-            settings.job_hard_time_limit_s + 2 * settings.lease_seconds
+            settings.leases.job_hard_time_limit_s + 2 * settings.leases.lease_seconds
         )
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
-        task_default_queue=settings.queue_name,
-        task_routes={TRAIN_TASK: {"queue": settings.queue_name}},
+        task_default_queue=settings.broker.queue_name,
+        task_routes={TRAIN_TASK: {"queue": settings.broker.queue_name}},
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -1,61 +1,85 @@
-"""Tunery's settings: one class, `TUNERY_` environment variables, embedded defaults.
+"""Tunery's settings: `TUNERY_` environment variables in groups, embedded defaults.
 
 With no environment at all, everything lives under one data directory: a SQLite database, a
 broker kept in a SQLite file (kombu's `sqla+sqlite` transport, no server), and a local storage
 directory. The full stack points the same three URLs at PostgreSQL, Redis and S3.
+
+Each group is a nested model (`settings.limits.max_dataset_rows`). A setting is read from its
+flat name (`TUNERY_MAX_DATASET_ROWS`, the name every deployment already uses and the README
+documents) or from its nested one (`TUNERY_LIMITS__MAX_DATASET_ROWS`); the nested one wins when
+both are set. `LEGACY_NAMES` is the one table from flat names to groups, read for the
+environment and for keyword arguments (`Settings(max_dataset_rows=5)`) alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from shared.private_files import create_private_sqlite_file, make_private_dir, tighten_tree
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "TUNERY_"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TUNERY_", env_file=None, extra="ignore")
-
-    data_dir: Path = Field(
-        PROJECT_ROOT / "data", description="Root for the embedded database, broker and storage."
-    )
-    database_url: str = Field("", description="SQLAlchemy URL; default: SQLite in data_dir.")
-    broker_url: str = Field("", description="Celery broker URL; default: SQLite file in data_dir.")
+class DatabaseSettings(BaseModel):
+    url: str = Field("", description="SQLAlchemy URL; default: SQLite in data_dir.")
     # SQLAlchemy's default is 5 kept + 10 overflow: the same 15 at most, but under load every
     # request past the fifth concurrent one opened a PostgreSQL connection and closed it
     # again (a backend process started per request). Keeping all 15 costs only idle backends.
-    db_pool_size: int = Field(
+    pool_size: int = Field(
         15, ge=1, description="PostgreSQL connections each process may hold; once opened they "
         "stay open for the next request."
     )
-    db_max_overflow: int = Field(
-        0, ge=0, description="Connections a process may open beyond db_pool_size under load, "
+    max_overflow: int = Field(
+        0, ge=0, description="Connections a process may open beyond pool_size under load, "
         "each closed again as soon as it is given back."
     )
-    storage_url: str = Field(
+    auto_migrate: bool = Field(True, description="Run `alembic upgrade head` when the API starts.")
+
+
+class BrokerSettings(BaseModel):
+    url: str = Field("", description="Celery broker URL; default: SQLite file in data_dir.")
+    queue_name: str = Field("train", description="Celery queue the training tasks go to.")
+
+
+class StorageSettings(BaseModel):
+    url: str = Field(
         "", description="file:///abs/dir or s3://bucket/prefix; default: data_dir/storage."
     )
-
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. MinIO's URL.")
-    s3_access_key_id: str | None = None
-    s3_secret_access_key: str | None = None
+    s3_access_key_id: str | None = Field(None, description="S3 access key id.")
+    s3_secret_access_key: str | None = Field(None, description="S3 secret access key.")
     s3_public_endpoint_url: str | None = Field(
         None, description="Endpoint used in presigned URLs handed to clients, when it differs "
         "from the one the services use (e.g. http://minio:9000 inside compose)."
     )
-    s3_region: str = "us-east-1"
-    secret_key: SecretStr | None = Field(
-        None, description="Fernet key(s), comma-separated (the first encrypts, all decrypt), "
-        "for the secrets stored in job payloads (hf_token, wandb_login_key). The API and every "
-        "worker need the same one. Unset: generated once into data_dir/secret.key (mode 0600)."
+    s3_region: str = Field("us-east-1", description="S3 region.")
+    s3_presign_expiry_s: int = Field(
+        3600, description="How long a presigned upload or download URL stays valid."
     )
-    s3_presign_expiry_s: int = 3600
+
+
+class SourceSettings(BaseModel):
+    """Where a job's data_path and model_path may point; `UrlPolicy.from_settings` reads it."""
 
     allowed_local_dirs: list[Path] = Field(
         default_factory=list,
@@ -72,7 +96,14 @@ class Settings(BaseSettings):
         "they resolve to loopback, private or link-local addresses, e.g. [\"minio\"]. Empty: "
         "such hosts, and redirects to them, are refused.",
     )
-    work_dir: Path | None = Field(None, description="Scratch space for worker jobs.")
+
+    @field_validator("allowed_local_dirs")
+    @classmethod
+    def _absolute(cls, dirs: list[Path]) -> list[Path]:
+        return [Path(p).resolve() for p in dirs]
+
+
+class LimitSettings(BaseModel):
     max_dataset_bytes: int = Field(
         1024**3, ge=1, description="Largest dataset file accepted by POST /v1/datasets and "
         "the upload flow; larger ones get 413."
@@ -125,7 +156,11 @@ class Settings(BaseSettings):
         86400, ge=1, description="How long a submission's Idempotency-Key replays its first "
         "response; an older key starts a new job."
     )
-    queue_name: str = "train"
+
+
+class LeaseSettings(BaseModel):
+    """How long a worker's claim on a job lasts, and when a job is given up."""
+
     lease_seconds: int = Field(120, ge=2, description="How long a claim lasts without a heartbeat.")
     heartbeat_seconds: float = Field(
         2.0, gt=0, description="How often a running job renews its lease and looks for a cancel."
@@ -144,6 +179,23 @@ class Settings(BaseSettings):
     job_hard_time_limit_s: int = Field(
         24 * 3600 + 1800, ge=1, description="Backstop: a job still running this long is failed "
         "by the reaper, and a worker stuck past it exits so its GPU is freed."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LeaseSettings:
+        if self.heartbeat_seconds * 2 >= self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be under half of "
+                f"lease_seconds ({self.lease_seconds}), or a slow renewal loses the lease"
+            )
+        if self.job_hard_time_limit_s <= self.job_soft_time_limit_s:
+            raise ValueError("job_hard_time_limit_s must be above job_soft_time_limit_s")
+        return self
+
+
+class TrainingSettings(BaseModel):
+    work_dir: Path | None = Field(
+        None, description="Scratch space for worker jobs; default: data_dir/work."
     )
     checkpoint_every_steps: int = Field(
         50, ge=0, description="Upload a resumable checkpoint every N optimizer steps; 0: never."
@@ -170,34 +222,140 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How long a job with logging_config.use_wandb waits for "
         "Weights & Biases to start its run before it fails with a reason that says so."
     )
-    auto_migrate: bool = Field(True, description="Run `alembic upgrade head` when the API starts.")
-    log_level: str = "INFO"
+
+
+GROUPS: dict[str, type[BaseModel]] = {
+    "database": DatabaseSettings,
+    "broker": BrokerSettings,
+    "storage": StorageSettings,
+    "sources": SourceSettings,
+    "limits": LimitSettings,
+    "leases": LeaseSettings,
+    "training": TrainingSettings,
+}
+
+# Flat name (as in `TUNERY_<NAME>` and in keyword arguments) -> (group, field). Every grouped
+# field has exactly one entry, so every name that worked before the grouping still does.
+LEGACY_NAMES: dict[str, tuple[str, str]] = {
+    "database_url": ("database", "url"),
+    "db_pool_size": ("database", "pool_size"),
+    "db_max_overflow": ("database", "max_overflow"),
+    "auto_migrate": ("database", "auto_migrate"),
+    "broker_url": ("broker", "url"),
+    "queue_name": ("broker", "queue_name"),
+    "storage_url": ("storage", "url"),
+    **{name: ("storage", name) for name in (
+        "s3_endpoint_url", "s3_access_key_id", "s3_secret_access_key",
+        "s3_public_endpoint_url", "s3_region", "s3_presign_expiry_s",
+    )},
+    **{name: (group, name) for group in ("sources", "limits", "leases", "training")
+       for name in GROUPS[group].model_fields},
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", env_file=None, extra="ignore"
+    )
+
+    data_dir: Path = Field(
+        PROJECT_ROOT / "data", description="Root for the embedded database, broker and storage."
+    )
+    secret_key: SecretStr | None = Field(
+        None, description="Fernet key(s), comma-separated (the first encrypts, all decrypt), "
+        "for the secrets stored in job payloads (hf_token, wandb_login_key). The API and every "
+        "worker need the same one. Unset: generated once into data_dir/secret.key (mode 0600)."
+    )
+    log_level: str = Field("INFO", description="Log level of the API and the workers.")
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    sources: SourceSettings = Field(default_factory=SourceSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    leases: LeaseSettings = Field(default_factory=LeaseSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, LegacyEnvSource(settings_cls), dotenv_settings,
+                file_secret_settings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _group_flat_names(cls, data: Any) -> Any:
+        """`Settings(max_dataset_rows=5)` sets `limits.max_dataset_rows`: a flat keyword wins
+        over the same setting from the environment, as any keyword does."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for flat in [key for key in data if key in LEGACY_NAMES]:
+            group, field = LEGACY_NAMES[flat]
+            values = data.get(group) or {}
+            if isinstance(values, BaseModel):
+                values = values.model_dump(exclude_unset=True)
+            data[group] = {**values, field: data.pop(flat)}
+        return data
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """As pydantic's, but a flat name in `update` is refused: model_copy does not validate,
+        so `update={"cpu_bf16": ...}` would set a stray attribute and change nothing."""
+        stray = sorted(set(update or ()) - set(type(self).model_fields))
+        if stray:
+            raise ValueError(f"not settings fields: {stray}; copy the group instead, e.g. "
+                             "update={'training': s.training.model_copy(update={...})}")
+        return super().model_copy(update=update, deep=deep)
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
         data = self.data_dir.resolve()
         self.data_dir = data
-        if not self.database_url:
-            self.database_url = f"sqlite:///{data / 'tunery.db'}"
-        if not self.broker_url:
-            self.broker_url = f"sqla+sqlite:///{data / 'broker.db'}"
-        if not self.storage_url:
-            self.storage_url = (data / "storage").as_uri()
-        if self.work_dir is None:
-            self.work_dir = data / "work"
-        self.allowed_local_dirs = [Path(p).resolve() for p in self.allowed_local_dirs]
-        if self.heartbeat_seconds * 2 >= self.lease_seconds:
-            raise ValueError(
-                f"heartbeat_seconds ({self.heartbeat_seconds}) must be under half of "
-                f"lease_seconds ({self.lease_seconds}), or a slow renewal loses the lease"
-            )
-        if self.job_hard_time_limit_s <= self.job_soft_time_limit_s:
-            raise ValueError("job_hard_time_limit_s must be above job_soft_time_limit_s")
+        if not self.database.url:
+            self.database.url = f"sqlite:///{data / 'tunery.db'}"
+        if not self.broker.url:
+            self.broker.url = f"sqla+sqlite:///{data / 'broker.db'}"
+        if not self.storage.url:
+            self.storage.url = (data / "storage").as_uri()
+        if self.training.work_dir is None:
+            self.training.work_dir = data / "work"
         return self
 
-    @property
-    def is_embedded_broker(self) -> bool:
-        return self.broker_url.startswith("sqla+")
+
+class LegacyEnvSource(PydanticBaseSettingsSource):
+    """Reads the flat `TUNERY_<NAME>` variables of `LEGACY_NAMES` into their groups, parsed as
+    pydantic-settings parses any variable (JSON for lists)."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self._env = EnvSettingsSource(_flat_model(), env_prefix=ENV_PREFIX, case_sensitive=False)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # everything is read in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        grouped: dict[str, dict[str, Any]] = {}
+        for flat, value in self._env().items():
+            group, field = LEGACY_NAMES[flat]
+            grouped.setdefault(group, {})[field] = value
+        return grouped
+
+
+@lru_cache(maxsize=1)
+def _flat_model() -> type[BaseSettings]:
+    """A model with one field per flat name, typed as its grouped field, so that the
+    environment source knows which values to decode as JSON."""
+    fields: dict[str, Any] = {
+        flat: (GROUPS[group].model_fields[field].annotation, None)
+        for flat, (group, field) in LEGACY_NAMES.items()
+    }
+    return create_model("FlatSettings", __base__=BaseSettings, **fields)
 
 
 @lru_cache(maxsize=1)
@@ -213,6 +371,7 @@ def prepare_data_dir(settings: Settings) -> None:
     them, and take group/other permissions off whatever an older version left in it."""
     make_private_dir(settings.data_dir)
     tighten_tree(settings.data_dir)
-    create_private_sqlite_file(settings.database_url)
-    if settings.is_embedded_broker:
-        create_private_sqlite_file(settings.broker_url)
+    create_private_sqlite_file(settings.database.url)
+    # An embedded broker (kombu's sqla+sqlite transport) is one more SQLite file in data_dir.
+    if settings.broker.url.startswith("sqla+"):
+        create_private_sqlite_file(settings.broker.url)

@@ -540,18 +540,18 @@ class S3Storage(Storage):
 
 
 def storage_from_settings(settings: Settings) -> Storage:
-    """The store named by `settings.storage_url` (``file:///abs/dir`` or ``s3://b/p``).
+    """The store named by `settings.storage.url` (``file:///abs/dir`` or ``s3://b/p``).
 
     Equal settings return the same store object: building a boto3 client costs ~0.2 s of CPU,
     too much to pay per request, and one client is safe to share between threads.
     """
     return _cached_store(
-        settings.storage_url,
-        settings.s3_endpoint_url,
-        settings.s3_access_key_id,
-        settings.s3_secret_access_key,
-        settings.s3_region,
-        settings.s3_public_endpoint_url,
+        settings.storage.url,
+        settings.storage.s3_endpoint_url,
+        settings.storage.s3_access_key_id,
+        settings.storage.s3_secret_access_key,
+        settings.storage.s3_region,
+        settings.storage.s3_public_endpoint_url,
     )
 
 

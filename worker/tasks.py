@@ -64,7 +64,7 @@ CLAIM_PATIENCE_S = 60.0
 @worker_init.connect
 def _prepare_before_consuming(**_: object) -> None:
     declare_queue()
-    work_dir = get_settings().work_dir
+    work_dir = get_settings().training.work_dir
     assert work_dir is not None
     make_private_dir(work_dir)
     # torch and transformers take seconds to import (7.8 s measured here): paid once at start,
@@ -100,7 +100,7 @@ def base_model_cache() -> BaseModelCache:
     if _base_models is None:
         from worker.pipeline.base_cache import BaseModelCache
 
-        _base_models = BaseModelCache(enabled=get_settings().base_model_cache)
+        _base_models = BaseModelCache(enabled=get_settings().training.base_model_cache)
     return _base_models
 
 
@@ -147,9 +147,9 @@ def claim_with_patience(job_id: str) -> tuple[Claim, dict[str, Any]] | None:
 
     def claim_one() -> tuple[Claim, dict[str, Any]] | None:
         with session_scope() as session:
-            claim = jobs.claim_job(session, job_id, owner, settings.lease_seconds)
+            claim = jobs.claim_job(session, job_id, owner, settings.leases.lease_seconds)
             if claim is None:
-                claim = jobs.claim_next(session, owner, settings.lease_seconds)
+                claim = jobs.claim_next(session, owner, settings.leases.lease_seconds)
             if claim is None:
                 return None
             return claim, session.get_one(jobs.Job, claim.job_id).payload
@@ -178,10 +178,10 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
     # First thing after the claim: the lease it set runs from now on.
     heartbeat = Heartbeat(
         claim,
-        lease_seconds=settings.lease_seconds,
-        every_s=settings.heartbeat_seconds,
-        soft_limit_s=settings.job_soft_time_limit_s,
-        hard_limit_s=settings.job_hard_time_limit_s,
+        lease_seconds=settings.leases.lease_seconds,
+        every_s=settings.leases.heartbeat_seconds,
+        soft_limit_s=settings.leases.job_soft_time_limit_s,
+        hard_limit_s=settings.leases.job_hard_time_limit_s,
     )
     heartbeat.start()
     # Imported here so the Celery app (and the API, which shares shared.queue) loads fast; a
@@ -199,11 +199,11 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
     checkpoints = CheckpointStore(
         storage_from_settings(settings),
         claim.job_id,
-        every_steps=settings.checkpoint_every_steps,
-        keep=settings.checkpoints_to_keep,
+        every_steps=settings.training.checkpoint_every_steps,
+        keep=settings.training.checkpoints_to_keep,
     )
-    assert settings.work_dir is not None
-    work_dir = Path(settings.work_dir) / f"{claim.job_id}-{claim.attempt}"
+    assert settings.training.work_dir is not None
+    work_dir = Path(settings.training.work_dir) / f"{claim.job_id}-{claim.attempt}"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     try:
@@ -234,7 +234,7 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
             reporter.log("training stopped: cancelled by the user")
             finish(claim, reporter, JobStatus.CANCELLED, reason="cancelled by the user")
         elif stop.reason == TIMEOUT:
-            reason = timeout_reason(claim, checkpoints, settings.job_soft_time_limit_s)
+            reason = timeout_reason(claim, checkpoints, settings.leases.job_soft_time_limit_s)
             reporter.log(f"failed: {reason}")
             finish(claim, reporter, JobStatus.FAILED, reason=reason)
         else:
@@ -253,7 +253,7 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
         heartbeat.end()
         # Reports held through a database outage (an attempt that lost its lease to one
         # stops without a finish() that would write them).
-        flush_reports(reporter, patience_s=settings.lease_seconds)
+        flush_reports(reporter, patience_s=settings.leases.lease_seconds)
         shutil.rmtree(work_dir, ignore_errors=True)
         release_accelerator_memory()
 

@@ -16,11 +16,11 @@ def check_payload_limits(request: FinetuneRequest, settings: Settings) -> None:
     """422 naming every field above its operator limit, and the limit."""
     checks = (
         ("data_config.cutoff_len", request.data_config.cutoff_len,
-         settings.max_cutoff_len, "TUNERY_MAX_CUTOFF_LEN"),
+         settings.limits.max_cutoff_len, "TUNERY_MAX_CUTOFF_LEN"),
         ("training_config.num_train_epochs", request.training_config.num_train_epochs,
-         settings.max_epochs, "TUNERY_MAX_EPOCHS"),
+         settings.limits.max_epochs, "TUNERY_MAX_EPOCHS"),
         ("pretrainedmodel_config.lora_r", request.pretrainedmodel_config.lora_r,
-         settings.max_lora_r, "TUNERY_MAX_LORA_R"),
+         settings.limits.max_lora_r, "TUNERY_MAX_LORA_R"),
     )
     problems = [
         {"path": path, "message": f"{value:g} is above this server's limit of {limit:g} "

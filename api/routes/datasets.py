@@ -57,9 +57,9 @@ def resolve_dataset(
             usage = datasets.tenant_usage(session, dataset.tenant_id)
             try:
                 datasets.check_pending(
-                    storage, dataset, FilePath(tmp), max_bytes=settings.max_dataset_bytes,
+                    storage, dataset, FilePath(tmp), max_bytes=settings.limits.max_dataset_bytes,
                     quota_problem=lambda size: datasets.dataset_bytes_problem(
-                        usage, size, settings.max_tenant_dataset_bytes),
+                        usage, size, settings.limits.max_tenant_dataset_bytes),
                 )
             finally:
                 session.commit()
@@ -75,7 +75,7 @@ async def upload_dataset(request: Request, caller: TenantDep, session: SessionDe
     # Refused before the body is read when the tenant is already past its quota.
     await run_in_threadpool(check_quota, session, settings, caller.tenant_id, 0)
     received = await receive_multipart_file(
-        request, scratch / "upload", settings.max_dataset_bytes
+        request, scratch / "upload", settings.limits.max_dataset_bytes
     )
     # Parsing a large file and copying it to storage take seconds: off the event loop.
     dataset = await run_in_threadpool(_create, session, storage, settings, caller.tenant_id,
@@ -88,10 +88,10 @@ def check_quota(session: Session, settings: Settings, tenant_id: str, new_bytes:
     """413 when the tenant cannot keep one more dataset (`new_dataset`) or `new_bytes` more
     bytes of them; the message says what is used and the limit."""
     usage = datasets.tenant_usage(session, tenant_id)
-    problem = datasets.dataset_count_problem(usage, settings.max_tenant_datasets) if (
+    problem = datasets.dataset_count_problem(usage, settings.limits.max_tenant_datasets) if (
         new_dataset) else None
     problem = problem or datasets.dataset_bytes_problem(
-        usage, new_bytes, settings.max_tenant_dataset_bytes)
+        usage, new_bytes, settings.limits.max_tenant_dataset_bytes)
     if problem:
         raise ApiError(413, "payload_too_large", problem)
 
@@ -112,7 +112,7 @@ def _create(session: Session, storage: Storage, settings: Settings, tenant_id: s
     check_quota(session, settings, tenant_id, received.size)
     dataset = datasets.create_dataset(
         session, storage, tenant_id, received.path, name=received.filename,
-        content_type=received.content_type, max_bytes=settings.max_dataset_bytes,
+        content_type=received.content_type, max_bytes=settings.limits.max_dataset_bytes,
     )
     commit_or_discard(session, storage, dataset)
     return dataset

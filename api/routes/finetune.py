@@ -52,7 +52,7 @@ def check_sources(request: FinetuneRequest, settings: Settings, *, session: Sess
     """Refuse model and data locations the worker would refuse, before anything is stored;
     an uploaded dataset must be the caller's, parsed, and have the template's columns."""
     problems = []
-    url_policy = UrlPolicy.from_settings(settings)
+    url_policy = UrlPolicy.from_settings(settings.sources)
     # (field, value, is_model): a model may be a URL-less bare hub name (`gpt2`); data may be
     # a URL, and a hub dataset must be `owner/name`.
     for path, value, is_model in (
@@ -60,8 +60,9 @@ def check_sources(request: FinetuneRequest, settings: Settings, *, session: Sess
         ("data_config.data_path", request.data_config.data_path, False),
     ):
         try:
-            source = classify_source(value, settings.allowed_local_dirs, allow_urls=not is_model,
-                                     url_policy=url_policy, bare_hub_names=is_model)
+            source = classify_source(value, settings.sources.allowed_local_dirs,
+                                     allow_urls=not is_model, url_policy=url_policy,
+                                     bare_hub_names=is_model)
             if source.kind == "url":
                 check_url_source_resolves(value, url_policy)
         except SourceError as exc:
@@ -103,19 +104,19 @@ def submit_job(request: FinetuneRequest, caller: TenantDep, session: SessionDep,
                settings: SettingsDep, storage: StorageDep,
                idempotency_key: IdempotencyKeyHeader = None) -> JobSubmitted | JSONResponse:
     keyed = idempotency.keyed_request(caller.key_id, idempotency_key, request,
-                                      settings.idempotency_ttl_s)
+                                      settings.limits.idempotency_ttl_s)
     if keyed and (earlier := keyed.earlier_response(session)):
         return _replay(earlier)
     check_payload_limits(request, settings)
     check_sources(request, settings, session=session, storage=storage, tenant_id=caller.tenant_id)
-    job = jobs.create_job(session, caller.tenant_id, request, settings.max_attempts)
+    job = jobs.create_job(session, caller.tenant_id, request, settings.leases.max_attempts)
     submitted = JobSubmitted(job_id=job.id, deployment_id=job.id, status=JobStatus.QUEUED,
                              message="job queued")
     response = idempotency.StoredResponse(201, submitted.model_dump(mode="json"))
     if keyed and (earlier := keyed.record(session, job.id, response)):
         return _replay(earlier)  # a concurrent retry won; this job was rolled back
     # Last before the commit: the tenant is locked from this count to the commit only.
-    check_active_jobs(session, job, settings.max_active_jobs_per_tenant)
+    check_active_jobs(session, job, settings.limits.max_active_jobs_per_tenant)
     session.commit()
     # After the commit: a worker that wakes up must find the row. Replays send nothing.
     enqueue_training(job.id)
@@ -183,7 +184,7 @@ def job_artifacts(job_id: JobId, caller: TenantDep, session: SessionDep, storage
             name = storage_keys.artifact_name(job.id, obj.key)
             if name is None:
                 continue
-            url = storage.presigned_url(obj.key, settings.s3_presign_expiry_s)
+            url = storage.presigned_url(obj.key, settings.storage.s3_presign_expiry_s)
             artifacts.append(ArtifactOut(
                 name=name, size=obj.size,
                 download_url=url or f"/v1/finetune/llm/{job.id}/artifacts/{name}",

@@ -21,6 +21,6 @@ def read_me(caller: TenantDep, settings: SettingsDep) -> CallerOut:
         key_name=caller.key_name,
         role=KeyRole.ADMIN if caller.is_admin else KeyRole.MEMBER,
         tenant_id=caller.tenant_id,
-        rate_limit_per_minute=settings.rate_limit_per_minute,
-        max_active_jobs=settings.max_active_jobs_per_tenant,
+        rate_limit_per_minute=settings.limits.rate_limit_per_minute,
+        max_active_jobs=settings.limits.max_active_jobs_per_tenant,
     )

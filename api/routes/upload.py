@@ -39,7 +39,7 @@ UploadId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-
 def upload_url(filename: Annotated[str, Query(min_length=1, max_length=255)],
                request: Request, caller: TenantDep, session: SessionDep,
                storage: StorageDep, settings: SettingsDep) -> UploadUrlOut:
-    expires_s = settings.s3_presign_expiry_s
+    expires_s = settings.storage.s3_presign_expiry_s
     check_quota(session, settings, caller.tenant_id, 0)
     dataset, token, url = datasets.start_upload(
         session, storage, caller.tenant_id, filename, expires_s
@@ -67,7 +67,7 @@ async def receive_upload(upload_id: UploadId,
             refuse_if_over(request, "upload tokens")
         raise
     path = scratch / dataset.name
-    size = await receive_body(request, path, settings.max_dataset_bytes)
+    size = await receive_body(request, path, settings.limits.max_dataset_bytes)
     # The pending row is counted already; only the bytes are new. Refused, it stays pending.
     await run_in_threadpool(check_quota, session, settings, dataset.tenant_id, size,
                             new_dataset=False)
@@ -80,7 +80,7 @@ def _finish(session: Session, storage: Storage, settings: Settings, dataset: Dat
             content_type: str | None, path: FilePath) -> None:
     try:
         datasets.finish_upload(storage, dataset, path, content_type=content_type,
-                               max_bytes=settings.max_dataset_bytes)
+                               max_bytes=settings.limits.max_dataset_bytes)
     finally:
         # A rejected file leaves the upload "failed" with the reason.
         commit_or_discard(session, storage, dataset)

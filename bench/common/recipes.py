@@ -342,7 +342,7 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
     reported = reporter.values("tokens_per_s")
     return TrainRun(
         adapter_dir=result.output_dir,
-        precision="bf16" if compute_dtype(settings.cpu_bf16) == torch.bfloat16 else "fp32",
+        precision="bf16" if compute_dtype(settings.training.cpu_bf16) == torch.bfloat16 else "fp32",
         steps=result.steps,
         start=start,
         end=end,

@@ -138,7 +138,7 @@ def test_refused_local_path_names_no_server_directory(client: TestClient) -> Non
 
     message = response.json()["error"]["fields"][0]["message"]
     assert "TUNERY_ALLOWED_LOCAL_DIRS" in message
-    assert not any(str(d) in message for d in get_settings().allowed_local_dirs)
+    assert not any(str(d) in message for d in get_settings().sources.allowed_local_dirs)
 
 
 @pytest.mark.parametrize("data_path", ["text", "json", "csv", "parquet", "imagefolder", "alpaca"])

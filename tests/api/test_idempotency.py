@@ -101,7 +101,7 @@ def test_keys_are_scoped_to_the_api_key(client: TestClient) -> None:
 
 def test_an_expired_key_starts_a_new_job_and_replaces_its_record(client: TestClient) -> None:
     first = post(client, "k").json()["job_id"]
-    ttl = get_settings().idempotency_ttl_s
+    ttl = get_settings().limits.idempotency_ttl_s
     with session_scope() as session:
         session.execute(update(IdempotencyKey).values(
             created_at=utcnow() - timedelta(seconds=ttl + 1)))

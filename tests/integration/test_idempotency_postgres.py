@@ -156,7 +156,7 @@ def test_different_api_keys_with_the_same_idempotency_key_get_two_jobs(
 def test_an_expired_key_is_taken_over_by_a_new_job(pg_client: TestClient) -> None:
     # The record's upsert overwrites an expired record of the key, and only an expired one.
     first = pg_client.post(URL, json=make_payload(), headers={"Idempotency-Key": "k"})
-    ttl = get_settings().idempotency_ttl_s
+    ttl = get_settings().limits.idempotency_ttl_s
     with session_scope() as session:
         session.execute(update(IdempotencyKey).values(
             created_at=utcnow() - timedelta(seconds=ttl + 1)))

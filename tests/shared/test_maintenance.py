@@ -32,7 +32,7 @@ def submit(n: int) -> list[str]:
 
 def embedded(tunery_env: Path) -> Settings:
     settings = get_settings()
-    upgrade_database(settings.database_url)
+    upgrade_database(settings.database.url)
     declare_queue()
     return settings
 
@@ -55,7 +55,7 @@ def test_cancelled_and_running_jobs_get_no_wake_up(tunery_env: Path) -> None:
     settings = embedded(tunery_env)
     running, cancelled = submit(2)
     with session_scope() as session:
-        assert jobs.claim_job(session, running, "w", settings.lease_seconds) is not None
+        assert jobs.claim_job(session, running, "w", settings.leases.lease_seconds) is not None
         tenant = session.get_one(Job, cancelled).tenant_id
         jobs.request_cancel(session, tenant, cancelled)
     assert wake_queued_jobs() == []
@@ -66,7 +66,7 @@ def test_sweep_requeues_a_dead_workers_job_and_wakes_it(tunery_env: Path) -> Non
     settings = embedded(tunery_env)
     (job_id,) = submit(1)
     with session_scope() as session:
-        assert jobs.claim_job(session, job_id, "dead-worker", settings.lease_seconds)
+        assert jobs.claim_job(session, job_id, "dead-worker", settings.leases.lease_seconds)
         session.execute(
             update(Job).where(Job.id == job_id)
             .values(lease_expires_at=utcnow() - timedelta(seconds=1))
@@ -79,7 +79,7 @@ def test_sweep_requeues_a_dead_workers_job_and_wakes_it(tunery_env: Path) -> Non
     with session_scope() as session:
         job = session.get_one(Job, job_id)
         assert (job.status, job.attempt, job.lease_owner) == ("QUEUED", 1, None)
-        again = jobs.claim_job(session, job_id, "new-worker", settings.lease_seconds)
+        again = jobs.claim_job(session, job_id, "new-worker", settings.leases.lease_seconds)
     assert again is not None and again.attempt == 2
 
 
@@ -92,7 +92,7 @@ def test_a_lost_attempt_cannot_end_the_job_the_sweep_requeued(
     settings = embedded(tunery_env)
     (job_id,) = submit(1)
     with session_scope() as session:
-        lost = jobs.claim_job(session, job_id, "lost-worker", settings.lease_seconds)
+        lost = jobs.claim_job(session, job_id, "lost-worker", settings.leases.lease_seconds)
         assert lost is not None
         session.execute(
             update(Job).where(Job.id == job_id)
@@ -108,13 +108,16 @@ def test_a_lost_attempt_cannot_end_the_job_the_sweep_requeued(
     with session_scope() as session:
         job = session.get_one(Job, job_id)
         assert (job.status, job.error) == ("QUEUED", None)
-        assert jobs.claim_job(session, job_id, "new-worker", settings.lease_seconds)
+        assert jobs.claim_job(session, job_id, "new-worker", settings.leases.lease_seconds)
 
 
 def test_the_loop_survives_a_failing_sweep_and_stops_when_asked(
     tunery_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = embedded(tunery_env).model_copy(update={"reaper_interval_s": 0.05})
+    base = embedded(tunery_env)
+    settings = base.model_copy(
+        update={"leases": base.leases.model_copy(update={"reaper_interval_s": 0.05})}
+    )
     calls: list[int] = []
 
     def flaky(_: Settings) -> None:
@@ -140,7 +143,7 @@ def test_job_status_after_sweep_of_last_attempt_is_failed(tunery_env: Path) -> N
     (job_id,) = submit(1)  # max_attempts 2
     for owner in ("w1", "w2"):
         with session_scope() as session:
-            assert jobs.claim_job(session, job_id, owner, settings.lease_seconds)
+            assert jobs.claim_job(session, job_id, owner, settings.leases.lease_seconds)
             session.execute(
                 update(Job).where(Job.id == job_id)
                 .values(lease_expires_at=utcnow() - timedelta(seconds=1))
@@ -158,7 +161,7 @@ def test_sweep_forgets_idempotency_keys_past_their_ttl(tunery_env: Path) -> None
     old_job, new_job = submit(2)
     with session_scope() as session:
         key_id = session.scalars(select(ApiKey.id)).first()
-        for job_id, age in ((old_job, settings.idempotency_ttl_s + 60), (new_job, 60)):
+        for job_id, age in ((old_job, settings.limits.idempotency_ttl_s + 60), (new_job, 60)):
             session.add(IdempotencyKey(
                 api_key_id=key_id, key=f"k-{job_id}", request_hash="h", job_id=job_id,
                 response_status=201, response_body={}, created_at=utcnow() - timedelta(seconds=age),

@@ -130,7 +130,11 @@ def test_a_job_that_turned_checkpointing_on_for_lack_of_memory_leaves_the_base_c
 ) -> None:
     cache = BaseModelCache()
     short = Jobs(jobs.tmp / "short", jobs.settings.model_copy(
-        update={"training_memory_gb": 2**-10}), jobs.make_request)
+        update={
+            "training": jobs.settings.training.model_copy(update={
+                "training_memory_gb": 2**-10,
+            }),
+        }), jobs.make_request)
     _, first = short.run(cache, jobs.make_request())
     assert any(line.startswith("gradient checkpointing on: ") for line in first.lines)
 
@@ -393,4 +397,4 @@ def test_the_worker_setting_turns_the_cache_off(monkeypatch: pytest.MonkeyPatch)
     finally:
         get_settings.cache_clear()
     monkeypatch.delenv("TUNERY_BASE_MODEL_CACHE")
-    assert Settings().base_model_cache is True  # the default
+    assert Settings().training.base_model_cache is True  # the default

@@ -189,13 +189,14 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_drops_check
     monkeypatch.setenv("TUNERY_CHECKPOINT_EVERY_STEPS", "2")
     get_settings.cache_clear()
     settings = get_settings()
-    upgrade_database(settings.database_url)
+    upgrade_database(settings.database.url)
     storage = storage_from_settings(settings)
     request = make_request()
     with session_scope() as session:
         tenant_id = create_api_key(session, "resume").tenant_id
         job_id = jobs.create_job(session, tenant_id, request, max_attempts=3).id
-        assert jobs.claim_job(session, job_id, "worker-1", settings.lease_seconds) is not None
+        lease_s = settings.leases.lease_seconds
+        assert jobs.claim_job(session, job_id, "worker-1", lease_s) is not None
     # Attempt 1 got as far as the uninterrupted run's step 4 checkpoint, then its worker died.
     source = checkpoint_step_prefix(job_checkpoint_prefix("job-a"), 4)
     dest = {
@@ -211,7 +212,7 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_drops_check
         session.execute(update(DbJob).where(DbJob.id == job_id).values(lease_expires_at=expired))
     with session_scope() as session:
         assert jobs.requeue_expired_leases(session) == [(job_id, JobStatus.QUEUED)]
-        second = jobs.claim_job(session, job_id, "worker-2", settings.lease_seconds)
+        second = jobs.claim_job(session, job_id, "worker-2", settings.leases.lease_seconds)
     assert second is not None and second.attempt == 2
 
     run_claimed_job(second, request)

@@ -41,7 +41,7 @@ class FakeClock:
 
 @pytest.fixture
 def claim(tunery_env: Path) -> Claim:
-    upgrade_database(get_settings().database_url)
+    upgrade_database(get_settings().database.url)
     with session_scope() as session:
         tenant = create_api_key(session, "hb").tenant_id
         job_id = jobs.create_job(
@@ -55,7 +55,7 @@ def claim(tunery_env: Path) -> Claim:
 @pytest.fixture
 def outage(monkeypatch: pytest.MonkeyPatch, tunery_env: Path) -> Iterator[object]:
     """Call `outage.start()` / `outage.end()` to take the database away and give it back."""
-    real_url = get_settings().database_url
+    real_url = get_settings().database.url
 
     class Outage:
         def start(self) -> None:

@@ -131,7 +131,7 @@ def test_a_region_outside_the_main_thread_only_checks() -> None:
 
 @pytest.fixture
 def claim(tunery_env: Path) -> Claim:
-    upgrade_database(get_settings().database_url)
+    upgrade_database(get_settings().database.url)
     with session_scope() as session:
         tenant = create_api_key(session, "hb").tenant_id
         job_id = jobs.create_job(

@@ -50,11 +50,11 @@ def _run_hub_job(
     request = make_request(HUB_DATASET, hf=hf)
     get_settings.cache_clear()
     settings = get_settings()
-    upgrade_database(settings.database_url)
+    upgrade_database(settings.database.url)
     with session_scope() as session:
         tenant = create_api_key(session, "job-dirs").tenant_id
         job_id = jobs.create_job(session, tenant, request, max_attempts=1).id
-        claim = jobs.claim_job(session, job_id, "w", settings.lease_seconds)
+        claim = jobs.claim_job(session, job_id, "w", settings.leases.lease_seconds)
     assert claim is not None and claim.tenant_id == tenant
 
     run_claimed_job(claim, request)
@@ -78,7 +78,7 @@ def test_a_job_runs_in_an_empty_private_directory_and_gives_the_old_one_back(
 
     job_id, _, seen = _run_hub_job(tunery_env, tiny_model_dir, make_request, monkeypatch, hf={})
 
-    work_dir = get_settings().work_dir
+    work_dir = get_settings().training.work_dir
     assert work_dir is not None
     assert seen["cwd"] == str(work_dir / f"{job_id}-1" / "cwd")
     assert seen["cwd_entries"] == []

@@ -102,7 +102,11 @@ def test_a_job_short_of_memory_trains_with_checkpointing_and_says_why(
 ) -> None:
     reporter = RecordingReporter()
     # 1 MiB: far less than the tiny model's batches keep for the backward.
-    short = settings.model_copy(update={"training_memory_gb": 2**-10})
+    short = settings.model_copy(update={
+        "training": settings.training.model_copy(update={
+            "training_memory_gb": 2**-10,
+        }),
+    })
 
     result = run_job(make_request(), tmp_path / "short", reporter, short)
 

@@ -124,7 +124,11 @@ def test_lora_job_trains_in_either_cpu_precision(
     reporter = RecordingReporter()
 
     result = run_job(make_request(), tmp_path / "work", reporter,
-                     settings.model_copy(update={"cpu_bf16": cpu_bf16}))
+                     settings.model_copy(update={
+                         "training": settings.training.model_copy(update={
+                             "cpu_bf16": cpu_bf16,
+                         }),
+                     }))
 
     assert any(line.startswith(loaded) for line in reporter.lines)
     assert result.steps == 6 and result.last_loss < result.first_loss  # type: ignore[operator]
@@ -416,13 +420,13 @@ def _eval_loss_of_adapter(
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     dataset = load_dataset(
         data.data_path,
-        allowed_local_dirs=settings.allowed_local_dirs,
+        allowed_local_dirs=settings.sources.allowed_local_dirs,
         download_dir=settings.data_dir,
     )
     _, eval_set = split(
         render_and_tokenize(dataset, tokenizer, data, log=lambda line: None), data.data_split_config
     )
-    dtype = compute_dtype(settings.cpu_bf16)
+    dtype = compute_dtype(settings.training.cpu_bf16)
     base = AutoModelForCausalLM.from_pretrained(
         base_dir, dtype=dtype, attn_implementation=attention_implementation(dtype)
     )
@@ -481,8 +485,9 @@ def test_early_stopping_ends_training_and_exports_the_best_eval_adapter(
     contradicting_data: Path,
 ) -> None:
     request = _overfitting_request(make_request, contradicting_data, patience=1)
+    allowed = [*settings.sources.allowed_local_dirs, contradicting_data.parent]
     settings = settings.model_copy(
-        update={"allowed_local_dirs": [*settings.allowed_local_dirs, contradicting_data.parent]}
+        update={"sources": settings.sources.model_copy(update={"allowed_local_dirs": allowed})}
     )
     reporter = RecordingReporter()
 
@@ -507,8 +512,9 @@ def test_early_stopping_ends_exactly_patience_evaluations_after_the_best(
     contradicting_data: Path,
 ) -> None:
     request = _overfitting_request(make_request, contradicting_data, patience)
+    allowed = [*settings.sources.allowed_local_dirs, contradicting_data.parent]
     settings = settings.model_copy(
-        update={"allowed_local_dirs": [*settings.allowed_local_dirs, contradicting_data.parent]}
+        update={"sources": settings.sources.model_copy(update={"allowed_local_dirs": allowed})}
     )
     reporter = RecordingReporter()
 

@@ -29,7 +29,7 @@ WANDB_KEY = "wk" + "z" * 38
 
 @pytest.fixture
 def submit(tunery_env: Path, make_request: Any) -> Any:
-    upgrade_database(get_settings().database_url)
+    upgrade_database(get_settings().database.url)
 
     def submit_job() -> str:
         request = make_request(hf={"hf_token": HF_TOKEN},

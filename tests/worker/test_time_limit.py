@@ -65,11 +65,11 @@ def test_a_job_past_its_soft_limit_fails_with_reason_timeout(
     request = make_request(training={"num_train_epochs": 20})
     get_settings.cache_clear()
     settings = get_settings()
-    upgrade_database(settings.database_url)
+    upgrade_database(settings.database.url)
     with session_scope() as session:
         tenant = create_api_key(session, "timeout").tenant_id
         job_id = jobs.create_job(session, tenant, request, max_attempts=3).id
-        claim = jobs.claim_job(session, job_id, "w", settings.lease_seconds)
+        claim = jobs.claim_job(session, job_id, "w", settings.leases.lease_seconds)
     assert claim is not None
 
     run_claimed_job(claim, request)

@@ -57,7 +57,7 @@ def load_dataset(
     loaded, and more than `max_rows` rows. `hub_cache_dir` is where hub downloads go
     (default: the shared Hugging Face cache; see `worker.pipeline.job_dirs`).
     """
-    url_policy = url_policy or UrlPolicy.from_settings(get_settings())
+    url_policy = url_policy or UrlPolicy.from_settings(get_settings().sources)
     allowed_local_dirs = list(allowed_local_dirs)
     source = _classified(data_path, source_type, allowed_local_dirs, url_policy)
     if source.kind == "hub":

@@ -58,7 +58,7 @@ def run_job(
     `reporter.should_stop()` asked for it. The caller uploads the output ("uploading" phase).
     """
     base, hf = request.pretrainedmodel_config, request.hf_config
-    allowed = settings.allowed_local_dirs
+    allowed = settings.sources.allowed_local_dirs
     work_dir.mkdir(parents=True, exist_ok=True)
     log = reporter.log
 
@@ -78,7 +78,7 @@ def run_job(
             base_models = BaseModelCache(enabled=False)
         with base_models.use(
             base.model_path, base, allowed_local_dirs=allowed, token=hf.hf_token,
-            cache_dir=hub_cache_dir, cpu_bf16=settings.cpu_bf16, log=log,
+            cache_dir=hub_cache_dir, cpu_bf16=settings.training.cpu_bf16, log=log,
         ) as base_model:
             model = add_lora(base_model, base, log=log)
             resume_from = restore_starting_point(model, base, checkpoints, work_dir, log=log)
@@ -99,7 +99,7 @@ def run_job(
                 checkpoints=checkpoints,
                 resume_from=resume_from,
                 logging=request.logging_config,
-                memory_limit_bytes=_gib(settings.training_memory_gb),
+                memory_limit_bytes=_gib(settings.training.training_memory_gb),
             )
             output_dir = export_adapter(model, tokenizer, work_dir / "output", log=log)
     if hf.hf_model_path:
@@ -124,7 +124,7 @@ def _prepare_data(
     """The "loading_data" stage: train and eval sets, the function that trains on them, and
     the tokenizer."""
     data, base, hf = request.data_config, request.pretrainedmodel_config, request.hf_config
-    allowed = settings.allowed_local_dirs
+    allowed = settings.sources.allowed_local_dirs
     dataset = load_dataset(
         data.data_path,
         allowed_local_dirs=allowed,
@@ -133,8 +133,8 @@ def _prepare_data(
         source_type=data.data_source_type,
         token=hf.hf_token,
         storage=storage_from_settings(settings),
-        max_rows=settings.max_dataset_rows,
-        url_policy=UrlPolicy.from_settings(settings),
+        max_rows=settings.limits.max_dataset_rows,
+        url_policy=UrlPolicy.from_settings(settings.sources),
         hub_cache_dir=hub_cache_dir,
         log=log,
     )

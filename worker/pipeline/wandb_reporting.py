@@ -65,7 +65,7 @@ def wandb_reporting(
     import wandb
 
     if init_timeout_s is None:
-        init_timeout_s = get_settings().wandb_init_timeout_s
+        init_timeout_s = get_settings().training.wandb_init_timeout_s
     env = wandb_environment(config, run_dir, init_timeout_s)
     saved = {name: os.environ.get(name) for name in env}
     run_dir.mkdir(parents=True, exist_ok=True)

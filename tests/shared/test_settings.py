@@ -1,0 +1,199 @@
+"""Settings: every flat `TUNERY_*` name still lands in its group, the nested names work, the
+embedded defaults hold, and the README documents every setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from shared.settings import GROUPS, LEGACY_NAMES, PROJECT_ROOT, Settings
+
+TOP_LEVEL = ("data_dir", "secret_key", "log_level")
+
+# Flat environment value -> the value the grouped field must hold. Every flat name has a row
+# (test_every_legacy_name_has_a_row), so a new setting cannot skip this test.
+LEGACY_ENV: dict[str, tuple[str, Any]] = {
+    "database_url": ("postgresql+psycopg://u:p@db/tunery", "postgresql+psycopg://u:p@db/tunery"),
+    "db_pool_size": ("7", 7),
+    "db_max_overflow": ("3", 3),
+    "auto_migrate": ("false", False),
+    "broker_url": ("redis://redis:6379/0", "redis://redis:6379/0"),
+    "queue_name": ("gpu", "gpu"),
+    "storage_url": ("s3://bucket/prefix", "s3://bucket/prefix"),
+    "s3_endpoint_url": ("http://minio:9000", "http://minio:9000"),
+    "s3_access_key_id": ("key-id", "key-id"),
+    "s3_secret_access_key": ("key-secret", "key-secret"),
+    "s3_public_endpoint_url": ("https://files.example", "https://files.example"),
+    "s3_region": ("eu-west-3", "eu-west-3"),
+    "s3_presign_expiry_s": ("600", 600),
+    "allowed_local_dirs": ('["/srv/data"]', [Path("/srv/data").resolve()]),
+    "allow_http_urls": ("true", True),
+    "allowed_private_url_hosts": ('["minio"]', ["minio"]),
+    "max_dataset_bytes": ("1000", 1000),
+    "max_request_bytes": ("2000", 2000),
+    "max_dataset_rows": ("30", 30),
+    "max_row_bytes": ("4096", 4096),
+    "max_tenant_dataset_bytes": ("0", 0),
+    "max_tenant_datasets": ("5", 5),
+    "max_cutoff_len": ("512", 512),
+    "max_epochs": ("1.5", 1.5),
+    "max_lora_r": ("8", 8),
+    "rate_limit_per_minute": ("0", 0),
+    "max_active_jobs_per_tenant": ("2", 2),
+    "auth_failures_per_minute": ("4", 4),
+    "idempotency_ttl_s": ("60", 60),
+    "lease_seconds": ("10", 10),
+    "heartbeat_seconds": ("0.5", 0.5),
+    "reaper_interval_s": ("1.5", 1.5),
+    "max_attempts": ("5", 5),
+    "job_soft_time_limit_s": ("100", 100),
+    "job_hard_time_limit_s": ("90000", 90000),
+    "work_dir": ("/srv/work", Path("/srv/work")),
+    "checkpoint_every_steps": ("0", 0),
+    "checkpoints_to_keep": ("4", 4),
+    "training_memory_gb": ("12.5", 12.5),
+    "cpu_bf16": ("off", "off"),
+    "base_model_cache": ("false", False),
+    "wandb_init_timeout_s": ("5", 5.0),
+}
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith("TUNERY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TUNERY_DATA_DIR", str(tmp_path))
+    return monkeypatch
+
+
+def grouped(settings: Settings, flat: str) -> Any:
+    group, field = LEGACY_NAMES[flat]
+    return getattr(getattr(settings, group), field)
+
+
+def test_the_table_maps_every_grouped_field_once() -> None:
+    targets = list(LEGACY_NAMES.values())
+    assert len(targets) == len(set(targets))
+    assert set(targets) == {(g, f) for g, model in GROUPS.items() for f in model.model_fields}
+    assert set(Settings.model_fields) == set(TOP_LEVEL) | set(GROUPS)
+    assert not set(LEGACY_NAMES) & (set(GROUPS) | set(TOP_LEVEL))
+
+
+def test_every_legacy_name_has_a_row() -> None:
+    assert set(LEGACY_ENV) == set(LEGACY_NAMES)
+
+
+@pytest.mark.parametrize("flat", sorted(LEGACY_ENV))
+def test_legacy_env_name_lands_in_its_group(clean_env: pytest.MonkeyPatch, flat: str) -> None:
+    raw, expected = LEGACY_ENV[flat]
+    clean_env.setenv(f"TUNERY_{flat.upper()}", raw)
+    assert grouped(Settings(), flat) == expected
+
+
+def test_all_legacy_env_names_at_once(clean_env: pytest.MonkeyPatch) -> None:
+    for flat, (raw, _) in LEGACY_ENV.items():
+        clean_env.setenv(f"TUNERY_{flat.upper()}", raw)
+    settings = Settings()
+    for flat, (_, expected) in LEGACY_ENV.items():
+        assert grouped(settings, flat) == expected, flat
+
+
+@pytest.mark.parametrize("flat", sorted(LEGACY_ENV))
+def test_flat_keyword_lands_in_its_group(clean_env: pytest.MonkeyPatch, flat: str) -> None:
+    _, expected = LEGACY_ENV[flat]
+    assert grouped(Settings(**{flat: expected}), flat) == expected
+
+
+def test_nested_env_name_works_and_wins_over_the_flat_one(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("TUNERY_LIMITS__MAX_DATASET_ROWS", "11")
+    assert Settings().limits.max_dataset_rows == 11
+    clean_env.setenv("TUNERY_MAX_DATASET_ROWS", "22")
+    clean_env.setenv("TUNERY_DATABASE__POOL_SIZE", "4")
+    settings = Settings()
+    assert settings.limits.max_dataset_rows == 11
+    assert settings.database.pool_size == 4
+    assert settings.limits.max_lora_r == 256  # the rest of the group keeps its defaults
+
+
+def test_keyword_wins_over_environment(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("TUNERY_MAX_DATASET_ROWS", "22")
+    clean_env.setenv("TUNERY_MAX_LORA_R", "16")
+    settings = Settings(max_dataset_rows=5)
+    assert (settings.limits.max_dataset_rows, settings.limits.max_lora_r) == (5, 16)
+
+
+def test_model_copy_refuses_a_flat_name(clean_env: pytest.MonkeyPatch) -> None:
+    settings = Settings()
+    with pytest.raises(ValueError, match="cpu_bf16"):
+        settings.model_copy(update={"cpu_bf16": "off"})
+    copied = settings.model_copy(
+        update={"training": settings.training.model_copy(update={"cpu_bf16": "off"})})
+    assert copied.training.cpu_bf16 == "off"
+
+
+def test_no_environment_gives_the_embedded_stack(clean_env: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    clean_env.delenv("TUNERY_DATA_DIR")
+    settings = Settings()
+    data = (PROJECT_ROOT / "data").resolve()
+    assert settings.data_dir == data
+    assert settings.database.url == f"sqlite:///{data / 'tunery.db'}"
+    assert settings.broker.url == f"sqla+sqlite:///{data / 'broker.db'}"
+    assert settings.storage.url == (data / "storage").as_uri()
+    assert settings.training.work_dir == data / "work"
+    assert settings.sources.allowed_local_dirs == []
+    assert settings.limits.max_dataset_rows == 1_000_000
+    assert settings.leases.lease_seconds == 120
+    assert settings.secret_key is None
+
+
+@pytest.mark.parametrize("env", [
+    {"TUNERY_HEARTBEAT_SECONDS": "60"},
+    {"TUNERY_JOB_SOFT_TIME_LIMIT_S": "100", "TUNERY_JOB_HARD_TIME_LIMIT_S": "100"},
+])
+def test_inconsistent_leases_are_refused(clean_env: pytest.MonkeyPatch,
+                                         env: dict[str, str]) -> None:
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def readme_rows() -> dict[str, list[str]]:
+    text = (PROJECT_ROOT / "README.md").read_text()
+    section = text[text.index("## Configuration"):]
+    rows: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `TUNERY_") and len(cells) == 4:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_readme_documents_every_setting() -> None:
+    rows = readme_rows()
+    expected = {f"`TUNERY_{name.upper()}`": name for name in TOP_LEVEL}
+    expected |= {f"`TUNERY_{flat.upper()}`": ".".join(path) for flat, path in LEGACY_NAMES.items()}
+    assert sorted(set(expected) - set(rows)) == []
+    for variable, path in expected.items():
+        _, setting, default, meaning = rows[variable]
+        assert setting == f"`{path}`", variable
+        assert default and meaning, f"{variable}: a default and a meaning, please"
+    assert sorted(set(rows) - set(expected)) == [], "README lists a setting the code lacks"
+
+
+def test_every_field_has_a_description() -> None:
+    fields = [(name, f) for name, f in Settings.model_fields.items() if name in TOP_LEVEL]
+    fields += [(f"{g}.{n}", f) for g, m in GROUPS.items() for n, f in m.model_fields.items()]
+    assert [name for name, field in fields if not field.description] == []
+
+
+def test_readme_shows_the_nested_form() -> None:
+    text = (PROJECT_ROOT / "README.md").read_text()
+    assert "`TUNERY_LIMITS__MAX_DATASET_ROWS`" in text
