@@ -33,7 +33,7 @@ from shared.queue import TRAIN_TASK, declare_queue, get_celery
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from shared.storage import StorageError, storage_from_settings
-from worker.heartbeat import CANCELLED, TIMEOUT, Heartbeat
+from worker.heartbeat import Heartbeat
 from worker.job_reporter import DatabaseReporter
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
     # Imported here so the Celery app (and the API, which shares shared.queue) loads fast; a
     # worker has them loaded already (see _prepare_before_consuming).
     from worker.pipeline.checkpoints import CheckpointStore
-    from worker.pipeline.errors import PipelineError, TrainingStopped
+    from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
     from worker.pipeline.job_dirs import job_working_directory, tenant_hub_cache
     from worker.pipeline.run import run_job
 
@@ -229,10 +229,10 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
         if finish(claim, reporter, JobStatus.COMPLETED, result=summary):
             discard_checkpoints(checkpoints)
     except TrainingStopped as stop:
-        if stop.reason == CANCELLED:
+        if stop.reason == StopReason.CANCELLED:
             reporter.log("training stopped: cancelled by the user")
             finish(claim, reporter, JobStatus.CANCELLED, reason="cancelled by the user")
-        elif stop.reason == TIMEOUT:
+        elif stop.reason == StopReason.TIMEOUT:
             reason = timeout_reason(claim, checkpoints, settings.job_soft_time_limit_s)
             reporter.log(f"failed: {reason}")
             finish(claim, reporter, JobStatus.FAILED, reason=reason)

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from worker.pipeline.batching import PadToLongest
 from worker.pipeline.data import (
     IGNORE_INDEX,
     Example,
@@ -21,7 +22,6 @@ from worker.pipeline.data import (
     tokenize,
 )
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.train import PadToLongest
 
 TEMPLATE = "### Instruction: {instruction}\n### Input: {input}\n### Output: {output}"
 ROWS = [

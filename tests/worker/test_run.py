@@ -17,14 +17,15 @@ import torch
 from shared.schema import LR_SCHEDULERS, TrainingConfig
 from shared.settings import Settings
 from worker.assets.build_dataset import DATASET_PATH
+from worker.pipeline.batching import PadToLongest
 from worker.pipeline.data import split
 from worker.pipeline.errors import PipelineError, TrainingStopped
 from worker.pipeline.export import push_to_hub
 from worker.pipeline.model import attention_implementation, compute_dtype
 from worker.pipeline.report import PHASES, RecordingReporter
 from worker.pipeline.run import TrainResult, render_and_tokenize, run_job
-from worker.pipeline.train import PadToLongest, training_arguments
 from worker.pipeline.trainer import TuneryTrainer
+from worker.pipeline.training_args import training_arguments
 
 LOG_LINE = re.compile(
     r"epoch \d+ \| step \d+/\d+ \(\d+%\) \| loss \d+\.\d{4} \| lr \d\.\de[-+]\d\d \| "

@@ -2,7 +2,7 @@
 
 Every `every_steps` optimizer steps the Trainer writes `checkpoint-N/` locally (adapter only,
 never the base model, plus optimizer, scheduler, RNG and trainer state);
-`CheckpointUploadCallback` copies it to ``jobs/{job_id}/checkpoints/step-N/`` and writes
+`callbacks.CheckpointCallback` copies it to ``jobs/{job_id}/checkpoints/step-N/`` and writes
 `complete.json` last. Readers ignore a checkpoint without that marker, so one cut off mid-upload
 is never resumed from. Only the latest `keep` complete checkpoints stay in storage.
 
@@ -22,18 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-
 from shared.jobs import artifact_prefix
 from shared.resume import parse_resume_path
 from shared.schema import PretrainedModelConfig
 from shared.storage import ObjectNotFound, Storage
-from worker.pipeline.callbacks import BEST_ADAPTER_FILE
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.export import ADAPTER_FILES
 from worker.pipeline.report import LogFn, no_log
 
 MARKER = "complete.json"
+# The best adapter so far (`callbacks.BestAdapterCallback`), with its eval_loss and step.
+BEST_ADAPTER_FILE = "best_adapter.safetensors"
 # What transformers' Trainer needs for resume_from_checkpoint with a peft model. Tokenizer
 # files are not needed, and training_args.bin is a pickle of the whole TrainingArguments that
 # resume never reads: neither is uploaded.
@@ -196,27 +195,6 @@ class CheckpointStore:
     def delete_all(self) -> None:
         """Drop the job's checkpoints; the final adapter supersedes them."""
         self.storage.delete_prefix(checkpoints_prefix(self.job_id))
-
-
-class CheckpointUploadCallback(TrainerCallback):
-    """After the Trainer saves `checkpoint-N/` locally, copy it to storage.
-
-    Synchronous on purpose: the upload is an adapter and its optimizer state (megabytes), and
-    a checkpoint only counts once it is in storage, where the next attempt looks.
-    """
-
-    def __init__(self, store: CheckpointStore, log: LogFn = no_log) -> None:
-        self.store = store
-        self.log = log
-
-    def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        assert args.output_dir is not None  # train() always sets one
-        local_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        checkpoint = self.store.upload(state.global_step, local_dir)
-        size = sum(checkpoint.files.values())
-        self.log(f"checkpoint at step {checkpoint.step} saved to storage ({size / 1e6:.1f} MB)")
 
 
 def download_resume_checkpoint(

@@ -15,18 +15,15 @@ from typing import Any
 
 from shared.datasets import PREFERENCE_COLUMNS, missing_preference_columns_message
 from shared.schema import LoggingConfig, TrainingConfig
+from worker.pipeline.callbacks import TrainingWatch
 from worker.pipeline.checkpoints import CheckpointStore
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
+from worker.pipeline.model import loaded_dtype
 from worker.pipeline.readers import LoadedDataset
 from worker.pipeline.report import JobReporter, LogFn, no_log
-from worker.pipeline.train import (
-    DEFAULT_BATCH_SIZE,
-    TrainingWatch,
-    TrainStats,
-    run_argument_values,
-    run_trainer,
-)
+from worker.pipeline.trainer import TrainStats, run_trainer
+from worker.pipeline.training_args import DEFAULT_BATCH_SIZE, training_arguments
 
 PreferenceRow = dict[str, str]
 
@@ -88,24 +85,32 @@ def train_orpo(
         warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    values = run_argument_values(
-        model, config, has_validation=bool(eval_rows), output_dir=output_dir,
-        batch_size=batch_size, checkpoints=checkpoints, logging=logging,
-    )
-    # TRL's collator hands the Trainer chosen_/rejected_input_ids, never `input_ids`: the
-    # Trainer cannot count tokens (it would warn at every step), so the run reports no tok/s.
-    values["include_num_input_tokens_seen"] = "no"
+    overrides: dict[str, Any] = {
+        # TRL's collator hands the Trainer chosen_/rejected_input_ids, never `input_ids`: the
+        # Trainer cannot count tokens (it would warn at every step), so the run reports no
+        # tok/s.
+        "include_num_input_tokens_seen": "no",
+    }
     if config.group_by_length:
         # The length-grouped sampler reads `input_ids`, which ORPO rows do not have.
-        values["train_sampling_strategy"] = "random"
+        overrides["train_sampling_strategy"] = "random"
         reporter.log("ORPO: group_by_length is not applied")
-    args = ORPOConfig(
-        **values,
+    args = training_arguments(
+        config,
+        output_dir=output_dir,
+        has_validation=bool(eval_rows),
+        quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+        dtype=loaded_dtype(model),
+        batch_size=batch_size,
+        save_steps=checkpoints.every_steps if checkpoints else 0,
+        wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
+        arguments_class=ORPOConfig,
         max_length=max_length,
         # ORPOConfig turns these on by default; load_model already decided on checkpointing,
         # and the request's lora_dropout, not TRL, decides on dropout.
         gradient_checkpointing=False,
         disable_dropout=False,
+        **overrides,
     )
     # A batch holds every example's chosen and rejected answer, each up to max_length.
     checkpoint_if_short_of_memory(model, [(2 * batch_size, max_length)],
