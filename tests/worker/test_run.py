@@ -16,16 +16,17 @@ import torch
 
 from shared.schema import LR_SCHEDULERS, TrainingConfig
 from shared.settings import Settings
+from shared.storage import LocalStorage
 from worker.assets.build_dataset import DATASET_PATH
 from worker.pipeline.batching import PadToLongest
 from worker.pipeline.data import split
 from worker.pipeline.errors import PipelineError, TrainingStopped
-from worker.pipeline.export import push_to_hub
 from worker.pipeline.model import attention_implementation, compute_dtype
 from worker.pipeline.report import PHASES, RecordingReporter
 from worker.pipeline.run import TrainResult, render_and_tokenize, run_job
 from worker.pipeline.trainer import TuneryTrainer
 from worker.pipeline.training_args import training_arguments
+from worker.publish import publish_outputs, push_to_hub
 
 LOG_LINE = re.compile(
     r"epoch \d+ \| step \d+/\d+ \(\d+%\) \| loss \d+\.\d{4} \| lr \d\.\de[-+]\d\d \| "
@@ -43,6 +44,7 @@ class Job:
     reporter: RecordingReporter
     work_dir: Path
     hub_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    uploaded: list[str] = field(default_factory=list)
     # The W&B variables as transformers' WandbCallback saw them when training began.
     wandb_env_at_train_begin: dict[str, str | None] = field(default_factory=dict)
 
@@ -98,6 +100,11 @@ def lora_job(
         patch.setattr(HfApi, "upload_folder", upload_folder)
         patch.setattr(WandbCallback, "on_train_begin", watch_wandb_on_train_begin)
         job.result = run_job(request, job.work_dir, job.reporter, settings)
+        # The pipeline leaves the adapter on disk; the attempt publishes it.
+        job.uploaded = publish_outputs(
+            "lora-job", job.result.output_dir, request.hf_config, LocalStorage(tmp / "storage"),
+            should_stop=job.reporter.should_stop, log=job.reporter.log,
+        )
         yield job
 
 
@@ -291,6 +298,8 @@ def test_lora_job_pushes_the_exported_adapter_to_a_private_hub_repo(lora_job: Jo
     assert "adapter pushed to the hub: https://huggingface.co/me/tiny-adapter/commit/1" in (
         lora_job.reporter.lines
     )
+    # One publish stage: the same files go to storage too.
+    assert set(upload["files"]) <= set(lora_job.uploaded)
 
 
 def test_failed_hub_push_is_a_pipeline_error_naming_the_repo_without_the_token(

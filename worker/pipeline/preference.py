@@ -70,6 +70,7 @@ def train_orpo(
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
     memory_limit_bytes: float | None = None,
+    wandb_init_timeout_s: float,
 ) -> TrainStats:
     """Train the adapter of `model` in place with ORPO, as `train()` does with the supervised
     loss: same training_config mapping, metrics, log lines, cancel, early stopping on eval_loss
@@ -133,5 +134,6 @@ def train_orpo(
     )
     reporter.log(f"ORPO: beta {args.beta}, max_length {max_length} tokens")
     return run_trainer(
-        trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging
+        trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging,
+        wandb_init_timeout_s=wandb_init_timeout_s,
     )

@@ -24,13 +24,14 @@ from worker.pipeline.data import (
     tokenize,
 )
 from worker.pipeline.errors import TrainingStopped
-from worker.pipeline.export import export_adapter, push_to_hub
+from worker.pipeline.export import export_adapter
 from worker.pipeline.interrupts import InterruptibleRegion
 from worker.pipeline.model import add_lora, load_tokenizer
 from worker.pipeline.preference import preference_rows, train_orpo
 from worker.pipeline.readers import LoadedDataset
 from worker.pipeline.report import JobReporter, LogFn
-from worker.pipeline.train import TrainStats, train
+from worker.pipeline.train import train
+from worker.pipeline.trainer import TrainStats
 
 
 @dataclass
@@ -62,7 +63,10 @@ def run_job(
     downloads go to `hub_cache_dir` (None: the shared Hugging Face cache; see `job_dirs`).
 
     Raises `PipelineError` for problems the user can fix and `TrainingStopped` when
-    `reporter.should_stop()` asked for it. The caller uploads the output ("uploading" phase).
+    `reporter.should_stop()` asked for it. The output leaves the worker in
+    `worker.publish` ("uploading" phase), the hub push included.
+
+    Settings come in as `settings` only; the stages get what they need from it as arguments.
     """
     base, hf = request.pretrainedmodel_config, request.hf_config
     allowed = settings.allowed_local_dirs
@@ -107,11 +111,9 @@ def run_job(
                 resume_from=resume_from,
                 logging=request.logging_config,
                 memory_limit_bytes=_gib(settings.training_memory_gb),
+                wandb_init_timeout_s=settings.wandb_init_timeout_s,
             )
             output_dir = export_adapter(model, tokenizer, work_dir / "output", log=log)
-    if hf.hf_model_path:
-        assert hf.hf_token is not None  # the schema requires it with hf_model_path
-        push_to_hub(output_dir, hf.hf_model_path, token=hf.hf_token, log=log)
     return TrainResult(
         output_dir=output_dir,
         steps=stats.steps,

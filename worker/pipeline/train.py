@@ -45,6 +45,7 @@ def train(
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
     memory_limit_bytes: float | None = None,
+    wandb_init_timeout_s: float,
 ) -> TrainStats:
     """Train the adapter in place; raises `TrainingStopped` if the reporter asks to stop.
 
@@ -111,5 +112,6 @@ def train(
         train_batches=train_batches,
     )
     return run_trainer(
-        trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging
+        trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging,
+        wandb_init_timeout_s=wandb_init_timeout_s,
     )
