@@ -1,6 +1,7 @@
 """How the pipeline talks to whoever runs it: phases, log lines, metrics, progress, stop.
 
-The Celery task implements `JobReporter` against the database; tests use `RecordingReporter`.
+`worker.job_reporter.DatabaseReporter` implements `JobReporter` against the database; tests use
+`RecordingReporter`.
 """
 
 from __future__ import annotations
