@@ -20,13 +20,13 @@ from shared.storage import LocalStorage
 from worker.assets.build_dataset import DATASET_PATH
 from worker.pipeline.batching import PadToLongest
 from worker.pipeline.data import split
-from worker.pipeline.errors import PipelineError, TrainingStopped
+from worker.pipeline.errors import TrainingStopped
 from worker.pipeline.model import attention_implementation, compute_dtype
 from worker.pipeline.report import PHASES, RecordingReporter
 from worker.pipeline.run import TrainResult, render_and_tokenize, run_job
 from worker.pipeline.trainer import TuneryTrainer
 from worker.pipeline.training_args import training_arguments
-from worker.publish import publish_outputs, push_to_hub
+from worker.publish import publish_outputs
 
 LOG_LINE = re.compile(
     r"epoch \d+ \| step \d+/\d+ \(\d+%\) \| loss \d+\.\d{4} \| lr \d\.\de[-+]\d\d \| "
@@ -300,25 +300,6 @@ def test_lora_job_pushes_the_exported_adapter_to_a_private_hub_repo(lora_job: Jo
     )
     # One publish stage: the same files go to storage too.
     assert set(upload["files"]) <= set(lora_job.uploaded)
-
-
-def test_failed_hub_push_is_a_pipeline_error_naming_the_repo_without_the_token(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The hub is replaced at the edge: create_repo answers as the hub does to a read token.
-    from huggingface_hub import HfApi
-
-    def refuse(self: Any, repo_id: str, **kwargs: Any) -> None:
-        raise PermissionError(f"403 Forbidden: token {kwargs['token']} cannot write {repo_id}")
-
-    monkeypatch.setattr(HfApi, "create_repo", refuse)
-
-    with pytest.raises(PipelineError) as info:
-        push_to_hub(tmp_path, "me/tiny-adapter", token=HF_TOKEN)
-
-    message = str(info.value)
-    assert message.startswith("pushing the adapter to the hub repo 'me/tiny-adapter' failed")
-    assert "403 Forbidden" in message and HF_TOKEN not in message
 
 
 def test_gradient_checkpointing_job_with_accumulation_trains_without_validation(
