@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainingArguments
+
 from shared.schema import LoggingConfig, TrainingConfig
 from worker.pipeline.batching import (
     ExampleDataset,
@@ -59,7 +61,7 @@ def train(
     device's free memory, at most `memory_limit_bytes` (`memory_plan`).
     """
     has_validation = bool(eval_set)
-    args = training_arguments(
+    args: TrainingArguments = training_arguments(
         config,
         output_dir=output_dir,
         has_validation=has_validation,

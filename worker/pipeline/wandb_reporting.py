@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shared.schema import LoggingConfig
-from worker.pipeline.errors import PipelineError
+from worker.pipeline.errors import PipelineError, StopReason
 from worker.pipeline.interrupts import InterruptibleRegion, ShouldStop
 from worker.pipeline.report import LogFn, no_log
 
@@ -108,5 +108,5 @@ def _without_key(message: str, config: LoggingConfig) -> str:
     return message
 
 
-def _never_stop() -> str | None:
+def _never_stop() -> StopReason | None:
     return None
