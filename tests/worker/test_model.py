@@ -189,7 +189,7 @@ def test_bf16_training_on_cpu_keeps_the_adapter_and_its_optimizer_in_fp32(
     from worker.pipeline.training_args import training_arguments
 
     args = training_arguments(
-        TrainingConfig(), output_dir=tmp_path, has_validation=False, quantized=False,
+        TrainingConfig(), output_dir=tmp_path, has_validation=True, quantized=False,
         dtype=loaded_dtype(model),
     )
     assert (args.bf16, args.fp16, args.optim) == (True, False, "adamw_torch_fused")
