@@ -95,7 +95,7 @@ def run_variant(variant: str, model_dir: Path, cutoff_len: int, rows_per_example
     from shared.schema import PretrainedModelConfig
     from worker.pipeline.labelled_loss import causal_lm_parts, labelled_causal_lm_loss
     from worker.pipeline.model import load_model, loaded_dtype
-    from worker.pipeline.train import optimizer_name
+    from worker.pipeline.training_args import optimizer_name
 
     torch.set_num_threads(threads)
     rss_start = current_rss_bytes()

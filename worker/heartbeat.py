@@ -22,14 +22,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from shared import jobs
 from shared.db import session_scope
 from shared.jobs import Claim
+from worker.pipeline.errors import StopReason
 from worker.pipeline.interrupts import interrupt_main_thread
 
 log = logging.getLogger("tunery.worker")
-
-CANCELLED = "cancelled"
-LEASE_LOST = "lease_lost"
-TIMEOUT = "timeout"
-
 
 def exit_stuck_worker() -> None:
     """Past the hard limit, training ignored every request to stop: free the GPU the only sure
@@ -73,7 +69,7 @@ class Heartbeat(threading.Thread):
         self.clock = clock
         self.started_at = clock()
         self.last_renewed_at = self.started_at  # the claim itself set the lease
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self._ended = threading.Event()
 
     def run(self) -> None:
@@ -93,11 +89,11 @@ class Heartbeat(threading.Thread):
         now = self.clock()
         elapsed = now - self.started_at
         if elapsed >= self.hard_limit_s:
-            self._request_stop(TIMEOUT)
+            self._request_stop(StopReason.TIMEOUT)
             self.on_hard_limit()
             return
         if elapsed >= self.soft_limit_s:
-            self._request_stop(TIMEOUT)
+            self._request_stop(StopReason.TIMEOUT)
         try:
             with session_scope() as session:
                 held, cancel = jobs.renew_lease(session, self.claim, int(self.lease_seconds))
@@ -106,15 +102,15 @@ class Heartbeat(threading.Thread):
             log.warning("job %s: lease renewal failed (%.0f s without one): %s",
                         self.claim.job_id, unreachable_s, exc)
             if unreachable_s >= self.lease_seconds:
-                self._request_stop(LEASE_LOST)
+                self._request_stop(StopReason.LEASE_LOST)
             return
         self.last_renewed_at = now
         if not held:
-            self._request_stop(LEASE_LOST)
+            self._request_stop(StopReason.LEASE_LOST)
         elif cancel:
-            self._request_stop(CANCELLED)
+            self._request_stop(StopReason.CANCELLED)
 
-    def _request_stop(self, reason: str) -> None:
+    def _request_stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
             if self._ended.is_set():  # a beat that overlapped the end of the attempt

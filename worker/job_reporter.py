@@ -16,6 +16,7 @@ from shared.db import session_scope
 from shared.jobs import Claim
 from shared.payload_secrets import redact_secrets
 from worker.heartbeat import Heartbeat
+from worker.pipeline.errors import StopReason
 from worker.pipeline.interrupts import uninterruptible
 
 log = logging.getLogger("tunery.worker")
@@ -67,7 +68,7 @@ class DatabaseReporter:
             )
         )
 
-    def should_stop(self) -> str | None:
+    def should_stop(self) -> StopReason | None:
         return self.heartbeat.stop_reason
 
     def flush(self) -> bool:

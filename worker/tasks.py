@@ -1,53 +1,39 @@
-"""Celery entry point: `celery -A worker.tasks worker` (or `tunery worker`)."""
+"""Celery entry point: `celery -A worker.tasks worker` (or `tunery worker`).
+
+A task claims a job and hands it to `worker.attempt`, which runs it."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import os
-import shutil
 import socket
-import time
-import traceback
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from pydantic import ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared import jobs
 from shared.db import session_scope
 from shared.jobs import Claim
 from shared.maintenance import MaintenanceLoop
 from shared.models import JobStatus
-from shared.payload_secrets import (
-    SecretsUnreadable,
-    open_secrets,
-    redact_secrets,
-    secret_values,
-)
+from shared.payload_secrets import SecretsUnreadable, open_secrets
 from shared.private_files import make_private_dir, restrict_umask
 from shared.queue import TRAIN_TASK, declare_queue, get_celery
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
-from shared.storage import StorageError, storage_from_settings
-from shared.storage_keys import job_artifact_key, job_artifact_prefix
-from worker.heartbeat import CANCELLED, TIMEOUT, Heartbeat
-from worker.job_reporter import DatabaseReporter
+from worker.attempt import run_attempt
+from worker.outage import through_outage
 
 if TYPE_CHECKING:
     from worker.pipeline.base_cache import BaseModelCache
-    from worker.pipeline.checkpoints import CheckpointStore
 
 log = logging.getLogger("tunery.worker")
 
 # At import, which is the worker process's start (`celery -A worker.tasks worker`): the job
 # files, the work dir and the SQLite files it writes are for the Tunery user alone.
 restrict_umask()
-
-T = TypeVar("T")
 
 app = get_celery()
 
@@ -67,12 +53,12 @@ def _prepare_before_consuming(**_: object) -> None:
     work_dir = get_settings().training.work_dir
     assert work_dir is not None
     make_private_dir(work_dir)
-    # torch and transformers take seconds to import (7.8 s measured here): paid once at start,
+    # torch and transformers take seconds to import: paid once at start,
     # not after a claim, where it would delay the first heartbeat and every recovery.
     import worker.pipeline.run  # noqa: F401
 
     # The imports leave ~570k objects (modules, classes, functions) that live as long as the
-    # process. Every full collection scans them: 0.3-0.8 s here, and one runs on the way to
+    # process. Every full collection scans them, and one runs on the way to
     # each job's first step (accelerate's free_memory in Trainer.train) and one when a base
     # model is dropped. Frozen, collections only scan what jobs create.
     gc.collect()
@@ -157,198 +143,6 @@ def claim_with_patience(job_id: str) -> tuple[Claim, dict[str, Any]] | None:
     return through_outage(claim_one, CLAIM_PATIENCE_S, f"the wake-up for job {job_id}")
 
 
-def through_outage(action: Callable[[], T], patience_s: float, what: str) -> T | None:
-    """`action()`, retried every 2 s while the database is unreachable, for up to
-    `patience_s`; None if it stays unreachable that long."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        try:
-            return action()
-        except (OperationalError, InterfaceError) as exc:
-            if time.monotonic() > deadline:
-                log.error("%s: given up, database unreachable for %.0f s: %s", what,
-                          patience_s, exc)
-                return None
-            log.warning("%s waits: database unreachable: %s", what, exc)
-            time.sleep(2.0)
-
-
 def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
-    settings = get_settings()
-    # First thing after the claim: the lease it set runs from now on.
-    heartbeat = Heartbeat(
-        claim,
-        lease_seconds=settings.leases.lease_seconds,
-        every_s=settings.leases.heartbeat_seconds,
-        soft_limit_s=settings.leases.job_soft_time_limit_s,
-        hard_limit_s=settings.leases.job_hard_time_limit_s,
-    )
-    heartbeat.start()
-    # Imported here so the Celery app (and the API, which shares shared.queue) loads fast; a
-    # worker has them loaded already (see _prepare_before_consuming).
-    from worker.pipeline.checkpoints import CheckpointStore
-    from worker.pipeline.errors import PipelineError, TrainingStopped
-    from worker.pipeline.job_dirs import job_working_directory, tenant_hub_cache
-    from worker.pipeline.run import run_job
-
-    # Hub and W&B errors may quote the token they were given: every log line and failure
-    # reason of this job is scrubbed of the job's secrets.
-    secrets = secret_values(request.model_dump(mode="json"))
-    reporter = DatabaseReporter(claim, heartbeat, secrets=secrets)
-    # An earlier attempt's checkpoints live here; this attempt resumes from the latest.
-    checkpoints = CheckpointStore(
-        storage_from_settings(settings),
-        claim.job_id,
-        every_steps=settings.training.checkpoint_every_steps,
-        keep=settings.training.checkpoints_to_keep,
-    )
-    assert settings.training.work_dir is not None
-    work_dir = Path(settings.training.work_dir) / f"{claim.job_id}-{claim.attempt}"
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
-    try:
-        reporter.log(f"attempt {claim.attempt} started on {claim.owner}")
-        hub_cache = tenant_hub_cache(settings.data_dir, claim.tenant_id,
-                                     request.hf_config.hf_token)
-        # Never the checkout or the data dir: loaders read relative names from here.
-        with job_working_directory(work_dir / "cwd"):
-            result = run_job(request, work_dir, reporter, settings, checkpoints,
-                             base_models=base_model_cache(), hub_cache_dir=hub_cache)
-        reporter.phase("uploading")
-        uploaded = upload_outputs(claim.job_id, result.output_dir, heartbeat)
-        reporter.log(f"uploaded {len(uploaded)} files to {job_artifact_prefix(claim.job_id)}")
-        summary = {
-            "steps": result.steps,
-            "first_loss": result.first_loss,
-            "last_loss": result.last_loss,
-            "train_rows": result.train_rows,
-            "eval_rows": result.eval_rows,
-            "best_eval_loss": result.best_eval_loss,
-            "best_step": result.best_step,
-            "artifacts": uploaded,
-        }
-        if finish(claim, reporter, JobStatus.COMPLETED, result=summary):
-            discard_checkpoints(checkpoints)
-    except TrainingStopped as stop:
-        if stop.reason == CANCELLED:
-            reporter.log("training stopped: cancelled by the user")
-            finish(claim, reporter, JobStatus.CANCELLED, reason="cancelled by the user")
-        elif stop.reason == TIMEOUT:
-            reason = timeout_reason(claim, checkpoints, settings.leases.job_soft_time_limit_s)
-            reporter.log(f"failed: {reason}")
-            finish(claim, reporter, JobStatus.FAILED, reason=reason)
-        else:
-            log.warning("job %s attempt %s stopped: %s", claim.job_id, claim.attempt, stop.reason)
-    except PipelineError as exc:
-        reason = redact_secrets(str(exc), secrets)
-        reporter.log(f"failed: {reason}")
-        finish(claim, reporter, JobStatus.FAILED, reason=reason)
-    except Exception as exc:
-        log.error("job %s attempt %s crashed\n%s", claim.job_id, claim.attempt,
-                  redact_secrets(traceback.format_exc(), secrets))
-        reason = redact_secrets(f"internal error: {type(exc).__name__}: {exc}", secrets)[:2000]
-        reporter.log(f"failed: {reason}")
-        finish(claim, reporter, JobStatus.FAILED, reason=reason)
-    finally:
-        heartbeat.end()
-        # Reports held through a database outage (an attempt that lost its lease to one
-        # stops without a finish() that would write them).
-        flush_reports(reporter, patience_s=settings.leases.lease_seconds)
-        shutil.rmtree(work_dir, ignore_errors=True)
-        release_accelerator_memory()
-
-
-def flush_reports(reporter: DatabaseReporter, patience_s: float) -> None:
-    deadline = time.monotonic() + patience_s
-    while not reporter.flush():
-        if time.monotonic() > deadline:
-            log.error("job %s: log lines and metrics lost: database unreachable for %.0f s",
-                      reporter.claim.job_id, patience_s)
-            return
-        time.sleep(0.5)
-
-
-def timeout_reason(claim: Claim, checkpoints: CheckpointStore, limit_s: int) -> str:
-    reason = f"timeout: the attempt ran past the time limit of {limit_s} s"
-    try:
-        latest = checkpoints.latest()
-    except StorageError:
-        latest = None
-    if latest is None:
-        return reason
-    return (f"{reason}; its checkpoint of step {latest.step} is kept: submit a new job with "
-            f"resume_checkpoint_path \"{claim.job_id}\" to continue from it")
-
-
-def release_accelerator_memory() -> None:
-    """Give the GPU memory of a finished, failed or cancelled job back before the next one."""
-    gc.collect()
-    try:
-        import torch
-    except ImportError:
-        return
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def upload_outputs(job_id: str, output_dir: Path, heartbeat: Heartbeat | None = None) -> list[str]:
-    """Upload the adapter under the job's prefix; stops between files if the attempt lost its
-    lease, so a stale attempt stops writing where a newer one writes the job's one adapter."""
-    from worker.pipeline.errors import TrainingStopped
-
-    storage = storage_from_settings(get_settings())
-    names = []
-    for path in sorted(p for p in output_dir.rglob("*") if p.is_file()):
-        if heartbeat is not None and heartbeat.stop_reason is not None:
-            raise TrainingStopped(heartbeat.stop_reason)
-        name = path.relative_to(output_dir).as_posix()
-        storage.put_file(job_artifact_key(job_id, name), path)
-        names.append(name)
-    return names
-
-
-def discard_checkpoints(checkpoints: CheckpointStore) -> None:
-    """Delete a completed job's checkpoints: its final adapter supersedes them, and they would
-    otherwise be listed among its artifacts."""
-    try:
-        checkpoints.delete_all()
-    except StorageError as exc:
-        log.warning("job %s: could not delete its checkpoints: %s", checkpoints.job_id, exc)
-
-
-# How long the outcome of an attempt waits for an unreachable database. Past it the lease
-# expires, the reaper re-queues the job, and the next attempt redoes the work since the last
-# checkpoint: slower, but nothing is lost.
-FINISH_PATIENCE_S = 300.0
-
-
-def finish(
-    claim: Claim,
-    reporter: DatabaseReporter,
-    status: JobStatus,
-    *,
-    reason: str | None = None,
-    result: dict | None = None,
-) -> bool:
-    """Record the attempt's outcome, after the reports still waiting; False when a newer
-    attempt or a cancel owns the job, or the database stayed unreachable."""
-
-    def record() -> bool:
-        reporter.flush()
-        with session_scope() as session:
-            return jobs.transition(
-                session, claim.job_id, status, attempt=claim.attempt, reason=reason,
-                result=result,
-            )
-
-    what = f"job {claim.job_id} attempt {claim.attempt}: recording {status}"
-    done = through_outage(record, FINISH_PATIENCE_S, what)
-    reporter.heartbeat.end()  # the attempt is over: its lease need not be renewed
-    if done is None:
-        return False
-    if not done:
-        log.warning(
-            "job %s attempt %s: could not record %s; a newer attempt or a cancel owns the job",
-            claim.job_id, claim.attempt, status,
-        )
-    return done
+    """Run the claimed attempt with this process's settings and base model cache."""
+    run_attempt(claim, request, get_settings(), base_models=base_model_cache())

@@ -12,10 +12,14 @@ import pytest
 import torch
 
 from shared.schema import PretrainedModelConfig
-from worker.pipeline.batching import LengthBucketBatches, choose_layout
+from worker.pipeline.batching import (
+    ExampleDataset,
+    LengthBucketBatches,
+    PadToLongest,
+    choose_layout,
+)
 from worker.pipeline.labels import IGNORE_INDEX, TokenizedExample
 from worker.pipeline.model import attention_implementation, load_model
-from worker.pipeline.train import PadToLongest, _Examples
 from worker.pipeline.trainer import TuneryTrainer
 
 
@@ -143,7 +147,7 @@ def test_trainer_trains_on_the_bucketed_batches_and_skips_them_on_resume(
     trainer = TuneryTrainer(
         model=tiny_lora,
         args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
-        train_dataset=_Examples(examples),
+        train_dataset=ExampleDataset(examples),
         data_collator=PadToLongest(pad_token_id=0),
         train_batches=batches,
     )

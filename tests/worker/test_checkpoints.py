@@ -298,7 +298,7 @@ def test_best_adapter_so_far_survives_a_resume(tmp_path: Path) -> None:
         model.weight.add_(1.0)
     before.on_evaluate(args, TrainerState(global_step=4), TrainerControl(), model=model,
                        metrics={"eval_loss": 2.0})
-    before.on_save(args, TrainerState(global_step=4), TrainerControl())
+    before.save_into(tmp_path / "checkpoint-4")
 
     after = BestAdapterCallback()
     after.load_checkpoint(tmp_path / "checkpoint-4")
@@ -309,3 +309,30 @@ def test_best_adapter_so_far_survives_a_resume(tmp_path: Path) -> None:
     assert (after.best_step, after.best_loss, after.restored) == (2, 1.5, True)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), best_weights[name], atol=0, rtol=0)
+
+
+def test_checkpoint_reaches_storage_with_the_best_adapter_in_it(tmp_path: Path) -> None:
+    # The best adapter must be in the local checkpoint before it is uploaded: a checkpoint in
+    # storage without it would resume into a worse adapter than an uninterrupted run keeps.
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from worker.pipeline.callbacks import CheckpointCallback
+    from worker.pipeline.checkpoints import BEST_ADAPTER_FILE
+
+    model = torch.nn.Linear(2, 2)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    local = tmp_path / "checkpoint-4"
+    local.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (local / name).write_bytes(b"{}")
+    best = BestAdapterCallback()
+    best.on_evaluate(args, TrainerState(global_step=2), TrainerControl(), model=model,
+                     metrics={"eval_loss": 1.5})
+    storage = LocalStorage(tmp_path / "storage")
+    store = CheckpointStore(storage, "j", every_steps=2)
+
+    CheckpointCallback(store, best).on_save(args, TrainerState(global_step=4), TrainerControl())
+
+    latest = find_latest_checkpoint(storage, "j")
+    assert latest is not None and latest.step == 4
+    assert BEST_ADAPTER_FILE in latest.files

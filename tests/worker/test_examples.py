@@ -9,10 +9,10 @@ import pytest
 
 from shared.dataset_files import LoadedDataset
 from shared.prompt_template import Example, completion_placeholder, render_example
+from worker.pipeline.batching import PadToLongest
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.examples import split, tokenize
 from worker.pipeline.labels import IGNORE_INDEX
-from worker.pipeline.train import PadToLongest
 
 TEMPLATE = "### Instruction: {instruction}\n### Input: {input}\n### Output: {output}"
 ROWS = [

@@ -24,8 +24,9 @@ from shared.models import Job, JobLog, JobMetric, utcnow
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from tests.conftest import make_payload
-from worker.heartbeat import CANCELLED, LEASE_LOST, TIMEOUT, Heartbeat
+from worker.heartbeat import Heartbeat
 from worker.job_reporter import DatabaseReporter
+from worker.pipeline.errors import StopReason
 
 LEASE_S = 30.0
 UNREACHABLE_DB = "postgresql+psycopg://postgres@127.0.0.1:9/down"
@@ -104,7 +105,7 @@ def test_a_cancel_is_seen_at_the_next_beat(claim: Claim) -> None:
         tenant = session.get_one(Job, claim.job_id).tenant_id
         jobs.request_cancel(session, tenant, claim.job_id)
     beat.beat()
-    assert beat.stop_reason == CANCELLED
+    assert beat.stop_reason == StopReason.CANCELLED
 
 
 def test_a_job_requeued_by_the_reaper_stops_the_old_attempt(claim: Claim) -> None:
@@ -115,7 +116,7 @@ def test_a_job_requeued_by_the_reaper_stops_the_old_attempt(claim: Claim) -> Non
     with session_scope() as session:
         jobs.requeue_expired_leases(session)
     beat.beat()
-    assert beat.stop_reason == LEASE_LOST
+    assert beat.stop_reason == StopReason.LEASE_LOST
 
 
 def test_an_outage_shorter_than_the_lease_stops_nothing_a_longer_one_stops_training(
@@ -130,7 +131,7 @@ def test_an_outage_shorter_than_the_lease_stops_nothing_a_longer_one_stops_train
     assert beat.stop_reason is None
     clock.now += LEASE_S / 2  # a whole lease without a renewal: the reaper may have moved on
     beat.beat()
-    assert beat.stop_reason == LEASE_LOST
+    assert beat.stop_reason == StopReason.LEASE_LOST
 
 
 def test_an_outage_that_ends_in_time_lets_the_lease_be_renewed(
@@ -157,7 +158,7 @@ def test_the_soft_limit_asks_for_a_stop_and_the_hard_limit_acts(claim: Claim) ->
     assert beat.stop_reason is None
     clock.now += 1
     beat.beat()
-    assert beat.stop_reason == TIMEOUT and hard_hits == []
+    assert beat.stop_reason == StopReason.TIMEOUT and hard_hits == []
     clock.now += 10
     beat.beat()
     assert hard_hits == [1]

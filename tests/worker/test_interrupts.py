@@ -23,10 +23,10 @@ from shared.models import Job
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from tests.conftest import make_payload
-from worker.heartbeat import CANCELLED, Heartbeat
+from worker.heartbeat import Heartbeat
 from worker.job_reporter import DatabaseReporter
 from worker.pipeline import interrupts
-from worker.pipeline.errors import PipelineError, TrainingStopped
+from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
 from worker.pipeline.interrupts import (
     InterruptibleRegion,
     interrupt_main_thread,
@@ -161,7 +161,7 @@ def test_the_heartbeat_interrupts_a_stalled_download_on_cancel(
             reporter.phase("loading_data")  # a database write inside the region
             later(0.5, cancel)
             silent_socket.recv(1)
-        assert stopped.value.reason == CANCELLED
+        assert stopped.value.reason == StopReason.CANCELLED
         assert time.monotonic() - started < 10
     finally:
         beat.end()

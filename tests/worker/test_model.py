@@ -186,13 +186,13 @@ def test_bf16_training_on_cpu_keeps_the_adapter_and_its_optimizer_in_fp32(
                for line in lines)
     # The Trainer computes under bf16 autocast; AdamW keeps its moments like its weights.
     from shared.schema import TrainingConfig
-    from worker.pipeline.train import run_argument_values
+    from worker.pipeline.training_args import training_arguments
 
-    args = run_argument_values(
-        model, TrainingConfig(), has_validation=False, output_dir=tmp_path, batch_size=4,
-        checkpoints=None, logging=None,
+    args = training_arguments(
+        TrainingConfig(), output_dir=tmp_path, has_validation=True, quantized=False,
+        dtype=loaded_dtype(model),
     )
-    assert (args["bf16"], args["fp16"], args["optim"]) == (True, False, "adamw_torch_fused")
+    assert (args.bf16, args.fp16, args.optim) == (True, False, "adamw_torch_fused")
     # Under autocast peft's cast of each LoRA input to fp32 would only be undone again.
     lora_layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert lora_layers and not any(m.cast_input_dtype_enabled for m in lora_layers)

@@ -13,7 +13,7 @@ import torch
 
 from shared.schema import PretrainedModelConfig, TrainingConfig
 from worker.pipeline.model import load_model
-from worker.pipeline.train import training_arguments
+from worker.pipeline.training_args import training_arguments
 
 
 def args_for(tmp_path: Path, **fields: Any) -> Any:
@@ -48,8 +48,8 @@ def test_training_field_reaches_the_trainer_arguments(
 def test_early_stopping_patience_reaches_the_early_stopping_callback(patience: int) -> None:
     from transformers import EarlyStoppingCallback
 
+    from worker.pipeline.callbacks import TrainingWatch
     from worker.pipeline.report import RecordingReporter
-    from worker.pipeline.train import TrainingWatch
 
     watch = TrainingWatch(
         RecordingReporter(), TrainingConfig(early_stopping_patience=patience), has_validation=True

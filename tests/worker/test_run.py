@@ -16,15 +16,17 @@ import torch
 
 from shared.schema import LR_SCHEDULERS, TrainingConfig
 from shared.settings import Settings
+from shared.storage import LocalStorage
 from worker.assets.build_dataset import DATASET_PATH
-from worker.pipeline.errors import PipelineError, TrainingStopped
+from worker.pipeline.batching import PadToLongest
+from worker.pipeline.errors import TrainingStopped
 from worker.pipeline.examples import split
-from worker.pipeline.export import push_to_hub
 from worker.pipeline.model import attention_implementation, compute_dtype
 from worker.pipeline.report import PHASES, RecordingReporter
 from worker.pipeline.run import TrainResult, render_and_tokenize, run_job
-from worker.pipeline.train import PadToLongest, training_arguments
 from worker.pipeline.trainer import TuneryTrainer
+from worker.pipeline.training_args import training_arguments
+from worker.publish import publish_outputs
 
 LOG_LINE = re.compile(
     r"epoch \d+ \| step \d+/\d+ \(\d+%\) \| loss \d+\.\d{4} \| lr \d\.\de[-+]\d\d \| "
@@ -42,6 +44,7 @@ class Job:
     reporter: RecordingReporter
     work_dir: Path
     hub_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    uploaded: list[str] = field(default_factory=list)
     # The W&B variables as transformers' WandbCallback saw them when training began.
     wandb_env_at_train_begin: dict[str, str | None] = field(default_factory=dict)
 
@@ -97,6 +100,11 @@ def lora_job(
         patch.setattr(HfApi, "upload_folder", upload_folder)
         patch.setattr(WandbCallback, "on_train_begin", watch_wandb_on_train_begin)
         job.result = run_job(request, job.work_dir, job.reporter, settings)
+        # The pipeline leaves the adapter on disk; the attempt publishes it.
+        job.uploaded = publish_outputs(
+            "lora-job", job.result.output_dir, request.hf_config, LocalStorage(tmp / "storage"),
+            should_stop=job.reporter.should_stop, log=job.reporter.log,
+        )
         yield job
 
 
@@ -294,25 +302,8 @@ def test_lora_job_pushes_the_exported_adapter_to_a_private_hub_repo(lora_job: Jo
     assert "adapter pushed to the hub: https://huggingface.co/me/tiny-adapter/commit/1" in (
         lora_job.reporter.lines
     )
-
-
-def test_failed_hub_push_is_a_pipeline_error_naming_the_repo_without_the_token(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The hub is replaced at the edge: create_repo answers as the hub does to a read token.
-    from huggingface_hub import HfApi
-
-    def refuse(self: Any, repo_id: str, **kwargs: Any) -> None:
-        raise PermissionError(f"403 Forbidden: token {kwargs['token']} cannot write {repo_id}")
-
-    monkeypatch.setattr(HfApi, "create_repo", refuse)
-
-    with pytest.raises(PipelineError) as info:
-        push_to_hub(tmp_path, "me/tiny-adapter", token=HF_TOKEN)
-
-    message = str(info.value)
-    assert message.startswith("pushing the adapter to the hub repo 'me/tiny-adapter' failed")
-    assert "403 Forbidden" in message and HF_TOKEN not in message
+    # One publish stage: the same files go to storage too.
+    assert set(upload["files"]) <= set(lora_job.uploaded)
 
 
 def test_gradient_checkpointing_job_with_accumulation_trains_without_validation(

@@ -16,7 +16,7 @@ Three layouts, chosen from the attention kernel the model runs and the request:
 
 SDPA and eager attention have no variable-length form: packing several examples into one row
 there needs a dense block-diagonal mask over the whole packed row, which measured slower on CPU
-than length-grouped padding (issue 8, recipes (b) and (c)).
+than length-grouped padding.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
+
+from worker.pipeline.labels import IGNORE_INDEX, TokenizedExample
 
 BatchLayout = Literal["padding_free", "length_buckets", "fixed_size"]
 
@@ -158,3 +160,37 @@ def exactly(batch_count: int, rows: list[int]) -> list[int]:
         half = rows[largest] // 2
         rows[largest : largest + 1] = [rows[largest] - half, half]
     return rows
+
+
+class PadToLongest:
+    """Pads a batch to its longest example: pad id / attention 0 / label -100."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: Sequence[TokenizedExample | dict[str, Any]]) -> dict[str, Any]:
+        rows = [b if isinstance(b, dict) else vars(b) for b in batch]
+        width = max(len(r["input_ids"]) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """Items as dicts: the Trainer's length-grouped sampler reads `item["input_ids"]`."""
+
+    def __init__(self, examples: Sequence[TokenizedExample]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        example = self.examples[index]
+        return {"input_ids": example.input_ids, "labels": example.labels}

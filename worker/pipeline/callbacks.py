@@ -1,4 +1,5 @@
-"""Trainer callbacks that connect a training run to its `JobReporter`."""
+"""Trainer callbacks that connect a training run to its `JobReporter` and to storage, and
+`TrainingWatch`, the set every trainer (supervised, ORPO) runs with."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
-from worker.pipeline.report import JobReporter
+from shared.schema import TrainingConfig
+from worker.pipeline.checkpoints import BEST_ADAPTER_FILE, CheckpointStore
+from worker.pipeline.errors import StopReason
+from worker.pipeline.report import JobReporter, LogFn, no_log
 
 
 def format_duration(seconds: float) -> str:
@@ -139,14 +149,16 @@ class StopCallback(TrainerCallback):
     The step's metrics are still logged and the evaluation the Trainer may have planned for
     that step is skipped. A stop for one of `save_on` (a time limit: the job is worth going on
     with later) saves a checkpoint of that step; any other (a cancel, a lost lease: another
-    attempt owns the job) saves nothing. `train()` raises `TrainingStopped` once the Trainer
-    returns.
+    attempt owns the job) saves nothing. `run_trainer` raises `TrainingStopped` once the
+    Trainer returns.
     """
 
-    def __init__(self, reporter: JobReporter, save_on: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, reporter: JobReporter, save_on: frozenset[StopReason] = frozenset()
+    ) -> None:
         self.reporter = reporter
         self.save_on = save_on
-        self.reason: str | None = None
+        self.reason: StopReason | None = None
         self.step: int | None = None
 
     def on_step_end(
@@ -158,9 +170,6 @@ class StopCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_evaluate = False
             control.should_save = reason in self.save_on
-
-
-BEST_ADAPTER_FILE = "best_adapter.safetensors"
 
 
 class BestAdapterCallback(TrainerCallback):
@@ -215,19 +224,16 @@ class BestAdapterCallback(TrainerCallback):
                     param.copy_(self._weights[name])
         self.restored = True
 
-    def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        # The best weights so far go into the checkpoint: an attempt resumed from it sees only
-        # later evaluations and would otherwise keep a worse adapter than an uninterrupted run.
+    def save_into(self, checkpoint_dir: Path) -> None:
+        """Write the best weights so far into a local checkpoint: an attempt resumed from it
+        sees only later evaluations and would otherwise keep a worse adapter than an
+        uninterrupted run."""
         if not self._weights:
             return
         from safetensors.torch import save_file
 
-        assert args.output_dir is not None  # train() always sets one
-        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         metadata = {"best_loss": repr(self.best_loss), "best_step": str(self.best_step)}
-        save_file(self._weights, str(directory / BEST_ADAPTER_FILE), metadata=metadata)
+        save_file(self._weights, str(checkpoint_dir / BEST_ADAPTER_FILE), metadata=metadata)
 
     def load_checkpoint(self, checkpoint_dir: Path) -> None:
         """Take over the best weights an interrupted attempt saved with its checkpoint."""
@@ -240,3 +246,67 @@ class BestAdapterCallback(TrainerCallback):
             metadata = saved.metadata()
             self._weights = {name: saved.get_tensor(name) for name in saved.keys()}  # noqa: SIM118
         self.best_loss, self.best_step = float(metadata["best_loss"]), int(metadata["best_step"])
+
+
+class CheckpointCallback(TrainerCallback):
+    """After the Trainer saves `checkpoint-N/` locally: add the best adapter so far to it
+    (with a validation set), then copy it to storage, in that order, so that the checkpoint in
+    storage carries the best adapter.
+
+    Synchronous on purpose: the upload is an adapter and its optimizer state (megabytes), and
+    a checkpoint only counts once it is in storage, where the next attempt looks.
+    """
+
+    def __init__(
+        self, store: CheckpointStore, best: BestAdapterCallback | None, log: LogFn = no_log
+    ) -> None:
+        self.store = store
+        self.best = best
+        self.log = log
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        assert args.output_dir is not None  # training_arguments always sets one
+        local_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.best is not None:
+            self.best.save_into(local_dir)
+        checkpoint = self.store.upload(state.global_step, local_dir)
+        size = sum(checkpoint.files.values())
+        self.log(f"checkpoint at step {checkpoint.step} saved to storage ({size / 1e6:.1f} MB)")
+
+
+class TrainingWatch:
+    """The callbacks every training run gets: metrics and log lines, progress, cancel, and with
+    a validation set early stopping and the best adapter; with `checkpoints`, uploads."""
+
+    def __init__(
+        self,
+        reporter: JobReporter,
+        config: TrainingConfig,
+        *,
+        has_validation: bool,
+        checkpoints: CheckpointStore | None = None,
+        extra_metrics: Mapping[str, str] | None = None,
+        resume_from: Path | None = None,
+    ) -> None:
+        self.reporter = reporter
+        self.metrics = MetricsCallback(reporter, extra=extra_metrics)
+        saves = checkpoints is not None and checkpoints.every_steps > 0
+        # A job stopped by its time limit keeps a checkpoint of where it got to.
+        save_on = frozenset({StopReason.TIMEOUT}) if saves else frozenset()
+        self.stop = StopCallback(reporter, save_on=save_on)
+        self.best = BestAdapterCallback()
+        if resume_from:
+            # The best adapter so far lives in the checkpoint, not in this process's memory.
+            self.best.load_checkpoint(resume_from)
+        self.callbacks: list[TrainerCallback] = [
+            self.metrics,
+            ProgressReportCallback(reporter),
+            self.stop,
+        ]
+        if has_validation:
+            self.callbacks += [EarlyStoppingCallback(config.early_stopping_patience), self.best]
+        if checkpoints is not None and saves:
+            best = self.best if has_validation else None
+            self.callbacks.append(CheckpointCallback(checkpoints, best, reporter.log))

@@ -2,11 +2,11 @@
 
 Every `every_steps` optimizer steps the Trainer writes `checkpoint-N/` locally (adapter only,
 never the base model, plus optimizer, scheduler, RNG and trainer state);
-`CheckpointUploadCallback` copies it to the step's folder under `job_checkpoint_prefix` and
-writes `complete.json` last. Readers ignore a checkpoint without that marker, so one cut off
-mid-upload is never resumed from. Only the latest `keep` complete checkpoints stay in storage.
-Checkpoints written under the legacy layout (`shared.storage_keys`) are read, pruned and
-deleted alike.
+`callbacks.CheckpointCallback` copies it to the step's folder under `job_checkpoint_prefix`
+and writes `complete.json` last. Readers ignore a checkpoint without that marker, so one cut
+off mid-upload is never resumed from. Only the latest `keep` complete checkpoints stay in
+storage. Checkpoints written under the legacy layout (`shared.storage_keys`) are read, pruned
+and deleted alike.
 
 What is read back is limited to `CHECKPOINT_FILES` under the job's own checkpoints prefix:
 the optimizer, scheduler and RNG files are pickles, which transformers (5.x) loads with
@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-
 from shared.resume import parse_resume_path
 from shared.schema import PretrainedModelConfig
 from shared.storage import ObjectNotFound, Storage
@@ -36,12 +34,13 @@ from shared.storage_keys import (
     job_checkpoint_prefixes,
     parse_checkpoint_key,
 )
-from worker.pipeline.callbacks import BEST_ADAPTER_FILE
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.export import ADAPTER_FILES
 from worker.pipeline.report import LogFn, no_log
 
 MARKER = "complete.json"
+# The best adapter so far (`callbacks.BestAdapterCallback`), with its eval_loss and step.
+BEST_ADAPTER_FILE = "best_adapter.safetensors"
 # What transformers' Trainer needs for resume_from_checkpoint with a peft model. Tokenizer
 # files are not needed, and training_args.bin is a pickle of the whole TrainingArguments that
 # resume never reads: neither is uploaded.
@@ -214,27 +213,6 @@ class CheckpointStore:
         """Drop the job's checkpoints, under either layout; the final adapter supersedes them."""
         for prefix in job_checkpoint_prefixes(self.job_id):
             self.storage.delete_prefix(prefix)
-
-
-class CheckpointUploadCallback(TrainerCallback):
-    """After the Trainer saves `checkpoint-N/` locally, copy it to storage.
-
-    Synchronous on purpose: the upload is an adapter and its optimizer state (megabytes), and
-    a checkpoint only counts once it is in storage, where the next attempt looks.
-    """
-
-    def __init__(self, store: CheckpointStore, log: LogFn = no_log) -> None:
-        self.store = store
-        self.log = log
-
-    def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        assert args.output_dir is not None  # train() always sets one
-        local_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        checkpoint = self.store.upload(state.global_step, local_dir)
-        size = sum(checkpoint.files.values())
-        self.log(f"checkpoint at step {checkpoint.step} saved to storage ({size / 1e6:.1f} MB)")
 
 
 def download_resume_checkpoint(

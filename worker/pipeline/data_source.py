@@ -20,7 +20,6 @@ import httpx
 
 from shared import dataset_files
 from shared.dataset_files import DatasetFileError, LoadedDataset
-from shared.settings import get_settings
 from shared.sources import Source, SourceError, classify_source
 from shared.storage import ObjectNotFound, Storage, StorageError
 from shared.storage_keys import dataset_prefix
@@ -28,6 +27,9 @@ from shared.url_guard import UrlPolicy, UrlRefused, check_url, redact_url
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.pinned_http import pinned_client
 from worker.pipeline.report import LogFn, no_log
+
+# No http URLs, no private hosts: what `UrlPolicy()` allows when nobody passes a policy.
+STRICT_URLS = UrlPolicy()
 
 MAX_DOWNLOAD_BYTES = 20 * 1024**3
 MAX_REDIRECTS = 5
@@ -42,7 +44,7 @@ def load_dataset(
     source_type: str = "hub_link",
     token: str | None = None,
     client: httpx.Client | None = None,
-    url_policy: UrlPolicy | None = None,
+    url_policy: UrlPolicy = STRICT_URLS,
     storage: Storage | None = None,
     max_rows: int | None = None,
     hub_cache_dir: Path | None = None,
@@ -51,13 +53,13 @@ def load_dataset(
     """Load the rows `data_path` names: a local file/dir, an https URL, an uploaded dataset id
     (`ds_…`, read from `storage`), or a hub dataset id.
 
-    URLs follow `url_policy` (default: this worker's settings) at every redirect hop, and the
-    download connects only to addresses it allows. Raises `PipelineError` for refused paths,
+    URLs follow `url_policy` (default: no exceptions to the rules; `run_job` passes the
+    operator's) at every redirect hop, and the download connects only to addresses it
+    allows. Raises `PipelineError` for refused paths,
     unreadable or unparseable data (naming the line or row), hub datasets that cannot be
     loaded, and more than `max_rows` rows. `hub_cache_dir` is where hub downloads go
     (default: the shared Hugging Face cache; see `worker.pipeline.job_dirs`).
     """
-    url_policy = url_policy or UrlPolicy.from_settings(get_settings().sources)
     allowed_local_dirs = list(allowed_local_dirs)
     source = _classified(data_path, source_type, allowed_local_dirs, url_policy)
     if source.kind == "hub":

@@ -1,6 +1,21 @@
-"""The two ways a job ends early on purpose; anything else escaping run_job is a bug."""
+"""The two ways a job ends early on purpose, and why training was asked to stop; anything
+else escaping run_job is a bug."""
 
 from __future__ import annotations
+
+from enum import StrEnum
+
+
+class StopReason(StrEnum):
+    """Why a running attempt was asked to stop; set by the heartbeat, read by the pipeline
+    (`JobReporter.should_stop()`) and by the attempt, which maps it to the job's outcome."""
+
+    CANCELLED = "cancelled"
+    """The user asked."""
+    LEASE_LOST = "lease_lost"
+    """The job moved on without this attempt; another attempt owns it now."""
+    TIMEOUT = "timeout"
+    """The attempt ran past its soft time limit."""
 
 
 class PipelineError(Exception):
@@ -12,9 +27,10 @@ class PipelineError(Exception):
 
 
 class TrainingStopped(Exception):
-    """Training stopped because `JobReporter.should_stop()` returned `reason` (e.g. "cancelled")."""
+    """Training stopped because `JobReporter.should_stop()` returned `reason`."""
 
-    def __init__(self, reason: str, step: int | None = None) -> None:
-        super().__init__(reason if step is None else f"{reason} (at step {step})")
+    def __init__(self, reason: StopReason, step: int | None = None) -> None:
+        reason = StopReason(reason)
+        super().__init__(reason.value if step is None else f"{reason.value} (at step {step})")
         self.reason = reason
         self.step = step

@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType, TracebackType
 
-from worker.pipeline.errors import TrainingStopped
+from worker.pipeline.errors import StopReason, TrainingStopped
 
 log = logging.getLogger("tunery.worker")
 
-ShouldStop = Callable[[], str | None]
+ShouldStop = Callable[[], StopReason | None]
 
 # Celery uses SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1 and SIGUSR2; a real-time signal is
 # free (absent on macOS: no interruption there, as before).
@@ -48,6 +48,10 @@ class _StopSignal(BaseException):
     """What the stop signal's handler raises; the region turns it into `TrainingStopped`. A
     BaseException, so that a library's `except Exception` cannot swallow it: W&B's start-up,
     for one, catches and retries around the very waits a cancel interrupts."""
+
+    def __init__(self, reason: StopReason) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class InterruptibleRegion:
@@ -93,7 +97,8 @@ class InterruptibleRegion:
         was_open = self._open
         self.end()
         if exc_type is not None and issubclass(exc_type, _StopSignal):
-            raise TrainingStopped(str(exc)) from None
+            assert isinstance(exc, _StopSignal)
+            raise TrainingStopped(exc.reason) from None
         if not was_open or exc_type is None or not issubclass(exc_type, Exception):
             return
         if issubclass(exc_type, TrainingStopped):

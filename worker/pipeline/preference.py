@@ -14,17 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from shared.schema import LoggingConfig, TrainingConfig
+from worker.pipeline.callbacks import TrainingWatch
 from worker.pipeline.checkpoints import CheckpointStore
 from worker.pipeline.examples import PreferenceRow
 from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
+from worker.pipeline.model import loaded_dtype
 from worker.pipeline.report import JobReporter
-from worker.pipeline.train import (
-    DEFAULT_BATCH_SIZE,
-    TrainingWatch,
-    TrainStats,
-    run_argument_values,
-    run_trainer,
-)
+from worker.pipeline.trainer import TrainStats, run_trainer
+from worker.pipeline.training_args import DEFAULT_BATCH_SIZE, training_arguments
 
 # TRL's log keys, and the metric names they are recorded under. The log-odds ratio and the
 # reward margin grow as the model learns to prefer the chosen answers; nll_loss is the
@@ -52,6 +49,7 @@ def train_orpo(
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
     memory_limit_bytes: float | None = None,
+    wandb_init_timeout_s: float,
 ) -> TrainStats:
     """Train the adapter of `model` in place with ORPO, as `train()` does with the supervised
     loss: same training_config mapping, metrics, log lines, cancel, early stopping on eval_loss
@@ -67,24 +65,32 @@ def train_orpo(
         warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    values = run_argument_values(
-        model, config, has_validation=bool(eval_rows), output_dir=output_dir,
-        batch_size=batch_size, checkpoints=checkpoints, logging=logging,
-    )
-    # TRL's collator hands the Trainer chosen_/rejected_input_ids, never `input_ids`: the
-    # Trainer cannot count tokens (it would warn at every step), so the run reports no tok/s.
-    values["include_num_input_tokens_seen"] = "no"
+    overrides: dict[str, Any] = {
+        # TRL's collator hands the Trainer chosen_/rejected_input_ids, never `input_ids`: the
+        # Trainer cannot count tokens (it would warn at every step), so the run reports no
+        # tok/s.
+        "include_num_input_tokens_seen": "no",
+    }
     if config.group_by_length:
         # The length-grouped sampler reads `input_ids`, which ORPO rows do not have.
-        values["train_sampling_strategy"] = "random"
+        overrides["train_sampling_strategy"] = "random"
         reporter.log("ORPO: group_by_length is not applied")
-    args = ORPOConfig(
-        **values,
+    args = training_arguments(
+        config,
+        output_dir=output_dir,
+        has_validation=bool(eval_rows),
+        quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+        dtype=loaded_dtype(model),
+        batch_size=batch_size,
+        save_steps=checkpoints.every_steps if checkpoints else 0,
+        wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
+        arguments_class=ORPOConfig,
         max_length=max_length,
         # ORPOConfig turns these on by default; load_model already decided on checkpointing,
         # and the request's lora_dropout, not TRL, decides on dropout.
         gradient_checkpointing=False,
         disable_dropout=False,
+        **overrides,
     )
     # A batch holds every example's chosen and rejected answer, each up to max_length.
     checkpoint_if_short_of_memory(model, [(2 * batch_size, max_length)],
@@ -107,5 +113,6 @@ def train_orpo(
     )
     reporter.log(f"ORPO: beta {args.beta}, max_length {max_length} tokens")
     return run_trainer(
-        trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging
+        trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging,
+        wandb_init_timeout_s=wandb_init_timeout_s,
     )

@@ -1,6 +1,7 @@
 """How the pipeline talks to whoever runs it: phases, log lines, metrics, progress, stop.
 
-The Celery task implements `JobReporter` against the database; tests use `RecordingReporter`.
+`worker.job_reporter.DatabaseReporter` implements `JobReporter` against the database; tests use
+`RecordingReporter`.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from worker.pipeline.errors import StopReason
 
 PHASES = ("loading_data", "loading_model", "training", "uploading")
 METRIC_KEYS = frozenset(
@@ -50,8 +53,8 @@ class JobReporter(Protocol):
     def progress(self, fraction: float) -> None:
         """Training progress in [0, 1]: optimizer steps done over steps planned."""
 
-    def should_stop(self) -> str | None:
-        """Polled after every optimizer step: a reason such as "cancelled" stops training."""
+    def should_stop(self) -> StopReason | None:
+        """Polled after every optimizer step: a reason stops training."""
 
 
 @dataclass
@@ -67,7 +70,7 @@ class RecordingReporter:
     metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     fractions: list[float] = field(default_factory=list)
     stop_after_step: int | None = None
-    stop_reason: str | None = None
+    stop_reason: StopReason | None = None
     polls: int = 0
 
     def phase(self, name: str) -> None:
@@ -79,16 +82,16 @@ class RecordingReporter:
     def metric(self, step: int, values: dict[str, float]) -> None:
         self.metrics.append((step, dict(values)))
         if self.stop_after_step is not None and step >= self.stop_after_step:
-            self.request_stop("cancelled")
+            self.request_stop(StopReason.CANCELLED)
 
     def progress(self, fraction: float) -> None:
         self.fractions.append(fraction)
 
-    def should_stop(self) -> str | None:
+    def should_stop(self) -> StopReason | None:
         self.polls += 1
         return self.stop_reason
 
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
 

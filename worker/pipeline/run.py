@@ -18,12 +18,13 @@ from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
 from worker.pipeline.data_source import load_dataset
 from worker.pipeline.errors import PipelineError, TrainingStopped
 from worker.pipeline.examples import preference_rows, render_and_tokenize, split
-from worker.pipeline.export import export_adapter, push_to_hub
+from worker.pipeline.export import export_adapter
 from worker.pipeline.interrupts import InterruptibleRegion
 from worker.pipeline.model import add_lora, load_tokenizer
 from worker.pipeline.preference import train_orpo
 from worker.pipeline.report import JobReporter, LogFn
-from worker.pipeline.train import TrainStats, train
+from worker.pipeline.train import train
+from worker.pipeline.trainer import TrainStats
 
 
 @dataclass
@@ -55,7 +56,10 @@ def run_job(
     downloads go to `hub_cache_dir` (None: the shared Hugging Face cache; see `job_dirs`).
 
     Raises `PipelineError` for problems the user can fix and `TrainingStopped` when
-    `reporter.should_stop()` asked for it. The caller uploads the output ("uploading" phase).
+    `reporter.should_stop()` asked for it. The output leaves the worker in
+    `worker.publish` ("uploading" phase), the hub push included.
+
+    Settings come in as `settings` only; the stages get what they need from it as arguments.
     """
     base, hf = request.pretrainedmodel_config, request.hf_config
     allowed = settings.sources.allowed_local_dirs
@@ -100,11 +104,9 @@ def run_job(
                 resume_from=resume_from,
                 logging=request.logging_config,
                 memory_limit_bytes=_gib(settings.training.training_memory_gb),
+                wandb_init_timeout_s=settings.training.wandb_init_timeout_s,
             )
             output_dir = export_adapter(model, tokenizer, work_dir / "output", log=log)
-    if hf.hf_model_path:
-        assert hf.hf_token is not None  # the schema requires it with hf_model_path
-        push_to_hub(output_dir, hf.hf_model_path, token=hf.hf_token, log=log)
     return TrainResult(
         output_dir=output_dir,
         steps=stats.steps,

@@ -1,19 +1,35 @@
 """`TuneryTrainer`: transformers' Trainer with the loss at labelled positions only and the
-training batches of `batching`."""
+training batches of `batching`; `run_trainer`, which runs any Trainer (this one, TRL's) with a
+`TrainingWatch` and says how it ended."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import PrinterCallback, Trainer
 
+from shared.schema import LoggingConfig, TrainingConfig
+from worker.pipeline.callbacks import TrainingWatch
+from worker.pipeline.errors import TrainingStopped
 from worker.pipeline.labelled_loss import (
     CausalLMParts,
     causal_lm_parts,
     decoder_inputs,
     labelled_causal_lm_loss,
 )
+from worker.pipeline.wandb_reporting import wandb_reporting
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    best_eval_loss: float | None = None
+    best_step: int | None = None
 
 
 class TuneryTrainer(Trainer):
@@ -95,3 +111,54 @@ class TuneryTrainer(Trainer):
         if self.accelerator.num_processes != 1 or self.accelerator.unwrap_model(model) is not model:
             return None
         return causal_lm_parts(model)
+
+
+def run_trainer(
+    trainer: Trainer,
+    watch: TrainingWatch,
+    config: TrainingConfig,
+    *,
+    output_dir: Path,
+    resume_from: Path | None = None,
+    logging: LoggingConfig | None = None,
+    wandb_init_timeout_s: float,
+) -> TrainStats:
+    """Run `trainer` (built with `watch.callbacks`) and say how it ended, in log lines and
+    `TrainStats`; raises `TrainingStopped` if the reporter asked to stop. With
+    `logging.use_wandb`, W&B gets `wandb_init_timeout_s` to start its run."""
+    reporter, stop, best, metrics = watch.reporter, watch.stop, watch.best, watch.metrics
+    # Log lines go to the reporter; the Trainer's own printer would duplicate them on stdout.
+    trainer.remove_callback(PrinterCallback)
+    if config.lr_scheduler_type == "reduce_lr_on_plateau":
+        reporter.log(
+            "reduce_lr_on_plateau: no warm-up; the learning rate halves after an evaluation "
+            "without improvement"
+        )
+    with wandb_reporting(logging, output_dir, log=reporter.log,
+                         init_timeout_s=wandb_init_timeout_s, should_stop=reporter.should_stop):
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    state = trainer.state
+    has_validation = trainer.eval_dataset is not None
+    if stop.reason:
+        reporter.log(f"training stopped at step {stop.step}: {stop.reason}")
+        raise TrainingStopped(stop.reason, step=stop.step)
+    if has_validation and state.global_step < state.max_steps:
+        patience = config.early_stopping_patience
+        reporter.log(
+            f"early stopping at step {state.global_step}/{state.max_steps}: eval_loss did not "
+            f"improve for {patience} evaluation{'s' if patience > 1 else ''} "
+            f"(best {state.best_metric:.4f})"
+        )
+    if best.restored:
+        reporter.log(
+            f"kept the adapter of step {best.best_step}, the best eval_loss {best.best_loss:.4f}, "
+            f"instead of the last step's"
+        )
+    reporter.progress(1.0)
+    return TrainStats(
+        steps=state.global_step,
+        first_loss=metrics.losses[0] if metrics.losses else None,
+        last_loss=metrics.losses[-1] if metrics.losses else None,
+        best_eval_loss=best.best_loss,
+        best_step=best.best_step,
+    )

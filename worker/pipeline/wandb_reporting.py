@@ -19,8 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shared.schema import LoggingConfig
-from shared.settings import get_settings
-from worker.pipeline.errors import PipelineError
+from worker.pipeline.errors import PipelineError, StopReason
 from worker.pipeline.interrupts import InterruptibleRegion, ShouldStop
 from worker.pipeline.report import LogFn, no_log
 
@@ -48,11 +47,11 @@ def wandb_environment(
 
 @contextmanager
 def wandb_reporting(
-    config: LoggingConfig | None, run_dir: Path, *, log: LogFn = no_log,
-    init_timeout_s: float | None = None, should_stop: ShouldStop | None = None,
+    config: LoggingConfig | None, run_dir: Path, *, init_timeout_s: float,
+    log: LogFn = no_log, should_stop: ShouldStop | None = None,
 ) -> Iterator[None]:
     """Around `trainer.train()`: the job's W&B settings in the environment, its run started
-    (waiting at most `init_timeout_s`, default `TUNERY_WANDB_INIT_TIMEOUT_S`) and finished
+    (waiting at most `init_timeout_s`, the worker's `TUNERY_WANDB_INIT_TIMEOUT_S`) and finished
     afterwards. Does nothing unless `config.use_wandb`.
 
     A W&B error (bad key, unknown entity, no network, no answer in time) becomes a
@@ -64,8 +63,6 @@ def wandb_reporting(
         return
     import wandb
 
-    if init_timeout_s is None:
-        init_timeout_s = get_settings().training.wandb_init_timeout_s
     env = wandb_environment(config, run_dir, init_timeout_s)
     saved = {name: os.environ.get(name) for name in env}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,5 +108,5 @@ def _without_key(message: str, config: LoggingConfig) -> str:
     return message
 
 
-def _never_stop() -> str | None:
+def _never_stop() -> StopReason | None:
     return None

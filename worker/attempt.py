@@ -1,0 +1,206 @@
+"""One attempt at a claimed job: the pipeline run under a heartbeat (lease, cancel, time
+limits), its outputs published, and its outcome recorded as the job's transition."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shared import jobs
+from shared.db import session_scope
+from shared.jobs import Claim
+from shared.models import JobStatus
+from shared.payload_secrets import redact_secrets, secret_values
+from shared.schema import FinetuneRequest
+from shared.settings import Settings
+from shared.storage import StorageError, storage_from_settings
+from worker.heartbeat import Heartbeat
+from worker.job_reporter import DatabaseReporter
+from worker.outage import through_outage
+from worker.pipeline.errors import StopReason
+
+if TYPE_CHECKING:
+    from worker.pipeline.base_cache import BaseModelCache
+    from worker.pipeline.checkpoints import CheckpointStore
+
+log = logging.getLogger("tunery.worker")
+
+# How long the outcome of an attempt waits for an unreachable database. Past it the lease
+# expires, the reaper re-queues the job, and the next attempt redoes the work since the last
+# checkpoint: slower, but nothing is lost.
+FINISH_PATIENCE_S = 300.0
+
+
+def run_attempt(
+    claim: Claim,
+    request: FinetuneRequest,
+    settings: Settings,
+    *,
+    base_models: BaseModelCache | None = None,
+) -> None:
+    """Train, publish and record the outcome of `claim`'s attempt; never raises."""
+    # First thing after the claim: the lease it set runs from now on.
+    heartbeat = Heartbeat(
+        claim,
+        lease_seconds=settings.leases.lease_seconds,
+        every_s=settings.leases.heartbeat_seconds,
+        soft_limit_s=settings.leases.job_soft_time_limit_s,
+        hard_limit_s=settings.leases.job_hard_time_limit_s,
+    )
+    heartbeat.start()
+    # Imported here so the Celery app (and the API, which shares shared.queue) loads fast; a
+    # worker has them loaded already (`worker.tasks`, at worker_init).
+    from worker.pipeline.checkpoints import CheckpointStore
+    from worker.pipeline.errors import PipelineError, TrainingStopped
+    from worker.pipeline.job_dirs import job_working_directory, tenant_hub_cache
+    from worker.pipeline.run import run_job
+    from worker.publish import publish_outputs
+
+    # Hub and W&B errors may quote the token they were given: every log line and failure
+    # reason of this job is scrubbed of the job's secrets.
+    secrets = secret_values(request.model_dump(mode="json"))
+    reporter = DatabaseReporter(claim, heartbeat, secrets=secrets)
+    storage = storage_from_settings(settings)
+    # An earlier attempt's checkpoints live here; this attempt resumes from the latest.
+    checkpoints = CheckpointStore(
+        storage,
+        claim.job_id,
+        every_steps=settings.training.checkpoint_every_steps,
+        keep=settings.training.checkpoints_to_keep,
+    )
+    assert settings.training.work_dir is not None
+    work_dir = Path(settings.training.work_dir) / f"{claim.job_id}-{claim.attempt}"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    try:
+        reporter.log(f"attempt {claim.attempt} started on {claim.owner}")
+        hub_cache = tenant_hub_cache(settings.data_dir, claim.tenant_id,
+                                     request.hf_config.hf_token)
+        # Never the checkout or the data dir: loaders read relative names from here.
+        with job_working_directory(work_dir / "cwd"):
+            result = run_job(request, work_dir, reporter, settings, checkpoints,
+                             base_models=base_models, hub_cache_dir=hub_cache)
+        reporter.phase("uploading")
+        uploaded = publish_outputs(
+            claim.job_id, result.output_dir, request.hf_config, storage,
+            should_stop=reporter.should_stop, log=reporter.log,
+        )
+        summary = {
+            "steps": result.steps,
+            "first_loss": result.first_loss,
+            "last_loss": result.last_loss,
+            "train_rows": result.train_rows,
+            "eval_rows": result.eval_rows,
+            "best_eval_loss": result.best_eval_loss,
+            "best_step": result.best_step,
+            "artifacts": uploaded,
+        }
+        if finish(claim, reporter, JobStatus.COMPLETED, result=summary):
+            discard_checkpoints(checkpoints)
+    except TrainingStopped as stop:
+        if stop.reason == StopReason.CANCELLED:
+            reporter.log("training stopped: cancelled by the user")
+            finish(claim, reporter, JobStatus.CANCELLED, reason="cancelled by the user")
+        elif stop.reason == StopReason.TIMEOUT:
+            reason = timeout_reason(claim, checkpoints, settings.leases.job_soft_time_limit_s)
+            reporter.log(f"failed: {reason}")
+            finish(claim, reporter, JobStatus.FAILED, reason=reason)
+        else:
+            # A lost lease: another attempt owns the job and records its outcome.
+            log.warning("job %s attempt %s stopped: %s", claim.job_id, claim.attempt, stop.reason)
+    except PipelineError as exc:
+        reason = redact_secrets(str(exc), secrets)
+        reporter.log(f"failed: {reason}")
+        finish(claim, reporter, JobStatus.FAILED, reason=reason)
+    except Exception as exc:
+        log.error("job %s attempt %s crashed\n%s", claim.job_id, claim.attempt,
+                  redact_secrets(traceback.format_exc(), secrets))
+        reason = redact_secrets(f"internal error: {type(exc).__name__}: {exc}", secrets)[:2000]
+        reporter.log(f"failed: {reason}")
+        finish(claim, reporter, JobStatus.FAILED, reason=reason)
+    finally:
+        heartbeat.end()
+        # Reports held through a database outage (an attempt that lost its lease to one
+        # stops without a finish() that would write them).
+        flush_reports(reporter, patience_s=settings.leases.lease_seconds)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        release_accelerator_memory()
+
+
+def finish(
+    claim: Claim,
+    reporter: DatabaseReporter,
+    status: JobStatus,
+    *,
+    reason: str | None = None,
+    result: dict | None = None,
+) -> bool:
+    """Record the attempt's outcome, after the reports still waiting; False when a newer
+    attempt or a cancel owns the job, or the database stayed unreachable."""
+
+    def record() -> bool:
+        reporter.flush()
+        with session_scope() as session:
+            return jobs.transition(
+                session, claim.job_id, status, attempt=claim.attempt, reason=reason,
+                result=result,
+            )
+
+    what = f"job {claim.job_id} attempt {claim.attempt}: recording {status}"
+    done = through_outage(record, FINISH_PATIENCE_S, what)
+    reporter.heartbeat.end()  # the attempt is over: its lease need not be renewed
+    if done is None:
+        return False
+    if not done:
+        log.warning(
+            "job %s attempt %s: could not record %s; a newer attempt or a cancel owns the job",
+            claim.job_id, claim.attempt, status,
+        )
+    return done
+
+
+def timeout_reason(claim: Claim, checkpoints: CheckpointStore, limit_s: int) -> str:
+    reason = f"timeout: the attempt ran past the time limit of {limit_s} s"
+    try:
+        latest = checkpoints.latest()
+    except StorageError:
+        latest = None
+    if latest is None:
+        return reason
+    return (f"{reason}; its checkpoint of step {latest.step} is kept: submit a new job with "
+            f"resume_checkpoint_path \"{claim.job_id}\" to continue from it")
+
+
+def flush_reports(reporter: DatabaseReporter, patience_s: float) -> None:
+    deadline = time.monotonic() + patience_s
+    while not reporter.flush():
+        if time.monotonic() > deadline:
+            log.error("job %s: log lines and metrics lost: database unreachable for %.0f s",
+                      reporter.claim.job_id, patience_s)
+            return
+        time.sleep(0.5)
+
+
+def discard_checkpoints(checkpoints: CheckpointStore) -> None:
+    """Delete a completed job's checkpoints: its final adapter supersedes them, and they would
+    otherwise be listed among its artifacts."""
+    try:
+        checkpoints.delete_all()
+    except StorageError as exc:
+        log.warning("job %s: could not delete its checkpoints: %s", checkpoints.job_id, exc)
+
+
+def release_accelerator_memory() -> None:
+    """Give the GPU memory of a finished, failed or cancelled job back before the next one."""
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

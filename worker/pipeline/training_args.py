@@ -1,0 +1,105 @@
+"""The request's training_config as transformers' TrainingArguments, for every trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from transformers import TrainingArguments
+
+from shared.schema import TrainingConfig
+
+SEED = 42
+DEFAULT_BATCH_SIZE = 4
+# About ten evaluations per run: enough for early stopping and reduce_lr_on_plateau to act,
+# few enough that evaluation does not dominate a run.
+EVAL_EVERY_FRACTION = 0.1
+# torch's ReduceLROnPlateau waits 10 evaluations by default, which never happens in ten.
+PLATEAU_KWARGS = {"patience": 1, "factor": 0.5}
+
+Arguments = TypeVar("Arguments", bound=TrainingArguments)
+
+
+def training_arguments(
+    config: TrainingConfig,
+    *,
+    output_dir: Path,
+    has_validation: bool,
+    quantized: bool,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    save_steps: int = 0,
+    wandb_run_name: str | None = None,
+    arguments_class: type[Arguments] = TrainingArguments,  # type: ignore[assignment]
+    **overrides: Any,
+) -> Arguments:
+    """Map the request's training_config onto transformers 5 TrainingArguments.
+
+    `dtype` is the one the base model was loaded in (`model.loaded_dtype`): half precision
+    trains under autocast. `save_steps` > 0 saves a checkpoint that often. A trainer with its
+    own arguments class (TRL's `ORPOConfig`) passes it as `arguments_class`, with its own
+    fields and any value it must change in `overrides`.
+    """
+    cuda = torch.cuda.is_available()
+    scheduler_kwargs = PLATEAU_KWARGS if config.lr_scheduler_type == "reduce_lr_on_plateau" else {}
+    evaluation: dict[str, Any] = {"eval_strategy": "no"}
+    if has_validation:
+        evaluation = {
+            "eval_strategy": "steps",
+            "eval_steps": EVAL_EVERY_FRACTION,
+            # The base model's validation loss: the baseline every later eval_loss is read against.
+            "eval_on_start": True,
+            "per_device_eval_batch_size": batch_size,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+        }
+    # Storage keeps the checkpoints a later attempt resumes from; one local copy is enough.
+    saving: dict[str, Any] = {"save_strategy": "no"}
+    if save_steps > 0:
+        saving = {"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 1}
+    values: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        num_train_epochs=config.num_train_epochs,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        # The supervised recipe replaces the Trainer's length-grouped sampler by
+        # `LengthBucketBatches`, also when the request leaves group_by_length out; TRL's
+        # trainers use this as is.
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        optim=optimizer_name(quantized=quantized, cuda=cuda),
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not cuda,
+        logging_strategy="steps",
+        logging_steps=1,
+        include_num_input_tokens_seen="non_padding",
+        report_to=["wandb"] if wandb_run_name is not None else "none",
+        run_name=wandb_run_name or None,
+        seed=SEED,
+        data_seed=SEED,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        **evaluation,
+        **saving,
+    )
+    return arguments_class(**{**values, **overrides})
+
+
+def optimizer_name(*, quantized: bool, cuda: bool) -> str:
+    """LoRA: torch's fused AdamW, one kernel for all the adapter's tensors (on CPU the default
+    AdamW loops over them one by one). QLoRA keeps AdamW's two moments in 8 bit
+    (bitsandbytes), paged on CUDA.
+
+    bitsandbytes runs 8-bit AdamW on CPU too (same losses as torch's AdamW to 1e-3 on the tiny
+    model), but has no paging there: `paged_adamw_8bit` on CPU warns "Paged optimizers are not
+    supported on CPU" and behaves as `adamw_8bit`, so CPU asks for that directly.
+    """
+    if not quantized:
+        return "adamw_torch_fused"
+    return "paged_adamw_8bit" if cuda else "adamw_8bit"
