@@ -66,7 +66,9 @@ def causal_lm_parts(model: nn.Module) -> CausalLMParts | None:
     test Llama) it is still the plain `nn.Linear` the full forward calls, and with LoRA on it
     the wrapped module adds its adapter as in the full forward.
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # A transformers or peft model: its methods are attributes Module's typing cannot see.
+    wrapper: Any = model
+    causal_lm: Any = wrapper.get_base_model() if hasattr(wrapper, "get_base_model") else wrapper
     if type(causal_lm).__name__ not in PLAIN_HEAD_CAUSAL_LMS:
         return None
     if getattr(causal_lm.config, "loss_type", None) not in (None, "ForCausalLM"):
@@ -112,7 +114,10 @@ def labelled_causal_lm_loss(
     labelled = targets != IGNORE_INDEX
     hidden, targets = hidden_states[labelled], targets[labelled]
     count = hidden.shape[0]
-    vocab = vocab_size or getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
+    vocab = vocab_size or getattr(lm_head, "out_features", None)
+    if not vocab:
+        head_weight: torch.Tensor = lm_head.weight  # type: ignore[assignment]
+        vocab = head_weight.shape[0]
     step = chunk_positions(vocab)
     # With several chunks, each chunk's logits would stay alive for the backward; recomputing
     # them there keeps one chunk's at a time. A single chunk has nothing to gain from that.

@@ -123,7 +123,7 @@ def activation_bound(config: Any) -> ActivationCost | None:
              ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")]
     if not all(isinstance(size, int) and size > 0 for size in sizes):
         return None
-    hidden, intermediate, heads, layers = sizes
+    hidden, intermediate, heads, layers = (int(size) for size in sizes if size is not None)
     return ActivationCost(per_token=4.0 * layers * (16 * hidden + 6 * intermediate),
                           per_token_and_position=4.0 * layers * 2 * heads)
 

@@ -348,7 +348,7 @@ def train_lora_inputs_in_half_precision(model: torch.nn.Module) -> None:
     """
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False
+            setattr(module, "cast_input_dtype_enabled", False)  # noqa: B010 - typed Module
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
