@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.schema import LoggingConfig, TrainingConfig
+from shared.training_plan import BATCH_SIZE
 from worker.pipeline.callbacks import TrainingWatch
 from worker.pipeline.checkpoints import CheckpointStore
 from worker.pipeline.examples import PreferenceRow
@@ -21,7 +22,7 @@ from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
 from worker.pipeline.model import loaded_dtype
 from worker.pipeline.report import JobReporter
 from worker.pipeline.trainer import TrainStats, run_trainer
-from worker.pipeline.training_args import DEFAULT_BATCH_SIZE, training_arguments
+from worker.pipeline.training_args import training_arguments
 
 # TRL's log keys, and the metric names they are recorded under. The log-odds ratio and the
 # reward margin grow as the model learns to prefer the chosen answers; nll_loss is the
@@ -44,7 +45,7 @@ def train_orpo(
     output_dir: Path,
     reporter: JobReporter,
     max_length: int,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = BATCH_SIZE,
     checkpoints: CheckpointStore | None = None,
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,

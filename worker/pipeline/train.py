@@ -16,6 +16,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from shared.schema import LoggingConfig, TrainingConfig
+from shared.training_plan import BATCH_SIZE
 from worker.pipeline.batching import (
     ExampleDataset,
     LengthBucketBatches,
@@ -30,7 +31,7 @@ from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
 from worker.pipeline.model import loaded_dtype
 from worker.pipeline.report import JobReporter
 from worker.pipeline.trainer import TrainStats, TuneryTrainer, run_trainer
-from worker.pipeline.training_args import DEFAULT_BATCH_SIZE, training_arguments
+from worker.pipeline.training_args import training_arguments
 
 
 def train(
@@ -42,7 +43,7 @@ def train(
     *,
     output_dir: Path,
     reporter: JobReporter,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = BATCH_SIZE,
     checkpoints: CheckpointStore | None = None,
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,

@@ -9,9 +9,9 @@ import torch
 from transformers import TrainingArguments
 
 from shared.schema import TrainingConfig
+from shared.training_plan import BATCH_SIZE
 
 SEED = 42
-DEFAULT_BATCH_SIZE = 4
 # About ten evaluations per run: enough for early stopping and reduce_lr_on_plateau to act,
 # few enough that evaluation does not dominate a run.
 EVAL_EVERY_FRACTION = 0.1
@@ -28,7 +28,7 @@ def training_arguments(
     has_validation: bool,
     quantized: bool,
     dtype: torch.dtype = torch.float32,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = BATCH_SIZE,
     save_steps: int = 0,
     wandb_run_name: str | None = None,
     arguments_class: type[Arguments] = TrainingArguments,  # type: ignore[assignment]

@@ -1,0 +1,80 @@
+"""How many optimizer steps a job runs and how much of it warms up.
+
+One rule for both sides: the API's preflight estimates the steps from the dataset's row count
+before anything is queued, and the worker applies the same warm-up rule to the steps its
+trainer really runs (examples dropped by `cutoff_len` or the validation split included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Examples per micro-batch on every device the worker runs on.
+BATCH_SIZE = 4
+# Warm-up that reaches this share of the run is cut down: the run would otherwise spend most
+# of its steps, or all of them, below the learning rate asked for (a 50-step warm-up on an
+# 11-step run never gets past a fifth of it).
+WARMUP_CAP_FROM_SHARE = 0.5
+# What a cut warm-up becomes, rounded down: a tenth of the run, as is common practice.
+WARMUP_CAPPED_SHARE = 0.1
+# Warm-up from this share of the run (and below the cap) is kept, with a warning.
+WARMUP_WARN_FROM_SHARE = 0.25
+# Fewer training examples than this rarely teach a model anything it keeps.
+FEW_EXAMPLES = 16
+
+
+def optimizer_steps(
+    train_examples: int, *, epochs: float, gradient_accumulation_steps: int,
+    batch_size: int = BATCH_SIZE,
+) -> int:
+    """The optimizer steps of a run over `train_examples` examples, counted as transformers'
+    Trainer counts them: the last, partial accumulation of an epoch is a step too."""
+    if train_examples <= 0:
+        return 0
+    batches = math.ceil(train_examples / batch_size)
+    per_epoch = math.ceil(batches / gradient_accumulation_steps)
+    return max(1, math.ceil(per_epoch * epochs))
+
+
+@dataclass(frozen=True)
+class WarmupPlan:
+    """The warm-up the run uses and, when it differs from what was asked or takes a large
+    share of the run, a sentence that says so."""
+
+    steps: int
+    warning: str | None = None
+
+    @property
+    def capped(self) -> bool:
+        return self.warning is not None and self.warning.startswith(CAPPED_PREFIX)
+
+
+CAPPED_PREFIX = "warm-up capped"
+
+
+def warmup_plan(asked: int, total_steps: int) -> WarmupPlan:
+    """The warm-up of a run of `total_steps` optimizer steps when `asked` were requested."""
+    if total_steps <= 0 or asked <= 0:
+        return WarmupPlan(max(asked, 0))
+    share = asked / total_steps
+    if share >= WARMUP_CAP_FROM_SHARE:
+        steps = math.floor(total_steps * WARMUP_CAPPED_SHARE)
+        return WarmupPlan(steps, (
+            f"{CAPPED_PREFIX} from {asked} to {steps} steps: training_config.warmup_steps "
+            f"{asked} is {_share_words(share)} the run's {total_steps} optimizer steps, so the "
+            f"learning rate would stay below learning_rate for most or all of it; a warm-up "
+            f"from {WARMUP_CAP_FROM_SHARE:.0%} of the steps is cut to "
+            f"{WARMUP_CAPPED_SHARE:.0%} of them"
+        ))
+    if share >= WARMUP_WARN_FROM_SHARE:
+        return WarmupPlan(asked, (
+            f"training_config.warmup_steps {asked} is {share:.0%} of the run's {total_steps} "
+            f"optimizer steps: the learning rate reaches learning_rate only after that"
+        ))
+    return WarmupPlan(asked)
+
+
+def _share_words(share: float) -> str:
+    return "longer than" if share > 1 else ("as long as" if share == 1 else
+                                           f"{share:.0%} of")

@@ -1,0 +1,48 @@
+"""The step count and the warm-up rule the preflight and the worker share."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.training_plan import (
+    WARMUP_CAPPED_SHARE,
+    optimizer_steps,
+    warmup_plan,
+)
+
+
+@pytest.mark.parametrize(("examples", "epochs", "accumulation", "steps"), [
+    (0, 1, 1, 0),
+    (1, 1, 1, 1),
+    (2, 1, 1, 1),
+    (44, 1, 1, 11),
+    (45, 1, 1, 12),
+    (44, 2, 1, 22),
+    (44, 1, 4, 3),
+    (44, 0.5, 1, 6),
+])
+def test_optimizer_steps_count_partial_batches_and_accumulations(
+        examples: int, epochs: float, accumulation: int, steps: int) -> None:
+    assert optimizer_steps(examples, epochs=epochs,
+                           gradient_accumulation_steps=accumulation) == steps
+
+
+def test_the_default_warmup_on_an_eleven_step_run_is_capped_and_says_so() -> None:
+    plan = warmup_plan(50, 11)
+    assert plan.steps == int(11 * WARMUP_CAPPED_SHARE) == 1
+    assert plan.capped
+    assert plan.warning is not None
+    assert "from 50 to 1" in plan.warning and "longer than the run's 11" in plan.warning
+
+
+def test_a_one_step_run_trains_at_the_full_rate() -> None:
+    plan = warmup_plan(50, 1)
+    assert plan.steps == 0 and plan.capped
+
+
+def test_a_large_share_is_kept_with_a_warning_and_a_small_one_silently() -> None:
+    kept = warmup_plan(30, 100)
+    assert kept.steps == 30 and not kept.capped
+    assert kept.warning is not None and "30%" in kept.warning
+    assert warmup_plan(10, 100).warning is None
+    assert warmup_plan(50, 100).capped  # half the run: cut
