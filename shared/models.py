@@ -102,6 +102,9 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # Sentences about what the service changed in, or doubts about, this job (a capped
+    # warm-up, a default prompt template); shown with the job, never a reason to fail it.
+    warnings: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -171,6 +174,8 @@ class Dataset(Base):
     size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     rows: Mapped[int | None] = mapped_column(BigInteger, default=None)
     columns: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    # The delimiter a CSV was read with (sniffed from its header); None for other formats.
+    csv_delimiter: Mapped[str | None] = mapped_column(String(1), default=None)
     sample_rows: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     # The upload flow's PUT carries no API key: an unguessable token, stored hashed, stands in.
