@@ -137,6 +137,11 @@ class DatasetOut(BaseModel):
     status: str = Field(description="ready; pending while an upload URL waits for its PUT; "
                                     "failed (see error) when the file was rejected.")
     format: str | None = Field(description="jsonl, json, csv or parquet.")
+    csv_delimiter: str | None = Field(
+        description="The delimiter a CSV file was read with, told from its header line: "
+        "',', ';' or a tab ('\\t'); a comma when the header line leaves it in doubt. Null for "
+        "other formats."
+    )
     size_bytes: int | None
     rows: int | None
     columns: list[str] | None
@@ -155,6 +160,7 @@ class DatasetOut(BaseModel):
             name=dataset.name,
             status=dataset.status,
             format=dataset.format,
+            csv_delimiter=dataset.csv_delimiter,
             size_bytes=dataset.size_bytes,
             rows=dataset.rows,
             columns=dataset.columns,
