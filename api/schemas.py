@@ -121,6 +121,10 @@ class ArtifactsOut(BaseModel):
     job_id: str
     status: JobStatus
     artifacts: list[ArtifactOut]
+    archive_url: str | None = Field(
+        None, description="Every artifact in one tar.gz that unpacks into a folder "
+        "'{job_id}-adapter'; null until the job has completed with artifacts."
+    )
 
 
 class TerminateIn(BaseModel):
