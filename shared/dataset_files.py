@@ -3,7 +3,8 @@
 The API validates uploads with these readers and the worker loads training data with them, so
 a file accepted at upload is read the same way at training time. Every reader streams: a
 summary of a 1 GiB upload keeps a few rows in memory, not the file. Parse errors name the file
-and the line (or parquet row), because the user has to find and fix them.
+and the line (or parquet row), because the user has to find and fix them. A CSV file is read
+with the delimiter its header line uses (`shared.csv_files`).
 
 Pure standard library plus pyarrow, imported only for parquet; never torch or `datasets`.
 """
@@ -392,7 +393,7 @@ def _csv_rows(
                 if len(fields) != len(header):
                     raise DatasetFileError(
                         f"{name} line {reader.line_num}: the row has "
-                        f"{_count(len(fields), 'field')} but the header line has {len(header)}; "
+                        f"{_plural(len(fields), 'field')} but the header line has {len(header)}; "
                         f"fields are split at each {describe_delimiter(delimiter)}, the "
                         "delimiter the header line uses, so quote a field that contains one"
                     )
@@ -403,7 +404,7 @@ def _csv_rows(
             ) from None
 
 
-def _count(n: int, noun: str) -> str:
+def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
