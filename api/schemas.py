@@ -121,6 +121,10 @@ class ArtifactsOut(BaseModel):
     job_id: str
     status: JobStatus
     artifacts: list[ArtifactOut]
+    archive_url: str | None = Field(
+        None, description="Every artifact in one tar.gz that unpacks into a folder "
+        "'{job_id}-adapter'; null until the job has completed with artifacts."
+    )
 
 
 class TerminateIn(BaseModel):
@@ -137,6 +141,11 @@ class DatasetOut(BaseModel):
     status: str = Field(description="ready; pending while an upload URL waits for its PUT; "
                                     "failed (see error) when the file was rejected.")
     format: str | None = Field(description="jsonl, json, csv or parquet.")
+    csv_delimiter: str | None = Field(
+        description="The delimiter a CSV file was read with, told from its header line: "
+        "',', ';' or a tab ('\\t'); a comma when the header line leaves it in doubt. Null for "
+        "other formats."
+    )
     size_bytes: int | None
     rows: int | None
     columns: list[str] | None
@@ -155,6 +164,7 @@ class DatasetOut(BaseModel):
             name=dataset.name,
             status=dataset.status,
             format=dataset.format,
+            csv_delimiter=dataset.csv_delimiter,
             size_bytes=dataset.size_bytes,
             rows=dataset.rows,
             columns=dataset.columns,

@@ -3,7 +3,8 @@
 The API validates uploads with these readers and the worker loads training data with them, so
 a file accepted at upload is read the same way at training time. Every reader streams: a
 summary of a 1 GiB upload keeps a few rows in memory, not the file. Parse errors name the file
-and the line (or parquet row), because the user has to find and fix them.
+and the line (or parquet row), because the user has to find and fix them. A CSV file is read
+with the delimiter its header line uses (`shared.csv_files`).
 
 Pure standard library plus pyarrow, imported only for parquet; never torch or `datasets`.
 """
@@ -16,11 +17,12 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from shared import local_files
+from shared.csv_files import describe_delimiter, sniff_delimiter
 
 __all__ = [
     "CONTENT_TYPES",
@@ -142,11 +144,13 @@ def compression_of(path: Path) -> str | None:
 
 @dataclass
 class LoadedDataset:
-    """Rows (dicts, or a `datasets.Dataset`, which iterates as dicts) and their column names."""
+    """Rows (dicts, or a `datasets.Dataset`, which iterates as dicts) and their column names;
+    `csv_delimiters`: the delimiter each CSV file read was read with, by file name."""
 
     columns: list[str]
     rows: Sequence[Row]
     origin: str
+    csv_delimiters: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,8 @@ class FileSummary:
     rows: int
     columns: list[str]
     first_rows: list[dict[str, Any]]
+    csv_delimiter: str | None = None
+    """The delimiter a CSV file was read with (`shared.csv_files`); None for other formats."""
 
 
 def format_of_name(name: str) -> str | None:
@@ -212,7 +218,8 @@ def read_local(path: Path, allowed_dirs: Iterable[Path], *, shown: str | None = 
         return parts[0]
     columns = list(dict.fromkeys(c for part in parts for c in part.columns))
     rows = [row for part in parts for row in part.rows]
-    return LoadedDataset(columns, rows, shown)
+    delimiters = {name: d for part in parts for name, d in part.csv_delimiters.items()}
+    return LoadedDataset(columns, rows, shown, delimiters)
 
 
 @contextmanager
@@ -242,8 +249,8 @@ def read_file(path: Path, fmt: str | None = None, *, name: str | None = None,
     if fmt is None:
         raise DatasetFileError(f"{name}: unknown format; use one of {', '.join(FORMATS)}")
     rows: list[dict[str, Any]] = []
-    columns, _count = _scan(path, fmt, name, rows, keep=None, max_rows=max_rows)
-    return LoadedDataset(columns, rows, name)
+    columns, _count, delimiter = _scan(path, fmt, name, rows, keep=None, max_rows=max_rows)
+    return LoadedDataset(columns, rows, name, {name: delimiter} if delimiter else {})
 
 
 def summarize_file(path: Path, fmt: str, *, name: str, keep_rows: int = 5,
@@ -253,15 +260,16 @@ def summarize_file(path: Path, fmt: str, *, name: str, keep_rows: int = 5,
     if fmt not in FORMATS:
         raise DatasetFileError(f"{name}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     kept: list[dict[str, Any]] = []
-    columns, count = _scan(path, fmt, name, kept, keep=keep_rows, max_rows=max_rows)
-    return FileSummary(fmt, count, columns, kept)
+    columns, count, delimiter = _scan(path, fmt, name, kept, keep=keep_rows, max_rows=max_rows)
+    return FileSummary(fmt, count, columns, kept, delimiter)
 
 
 def _scan(
     path: Path, fmt: str, name: str, kept: list[dict[str, Any]], keep: int | None,
     max_rows: int | None = None,
-) -> tuple[list[str], int]:
-    """Walk every row, append the first `keep` (None: all) to `kept`; return columns, count.
+) -> tuple[list[str], int, str | None]:
+    """Walk every row, append the first `keep` (None: all) to `kept`; return columns, count
+    and, for CSV, the delimiter.
 
     Columns are the header (csv) or schema (parquet); for JSON, every key seen, in order.
     """
@@ -273,10 +281,12 @@ def _scan(
         )
     header: list[str] = []
     limit = max_row_bytes()
+    delimiter = None
     if fmt == "parquet":
         rows = _parquet_rows(path, name, header)
     elif fmt == "csv":
-        rows = _csv_rows(path, name, header, limit)
+        delimiter = _csv_delimiter(path, name, limit)
+        rows = _csv_rows(path, name, header, limit, delimiter)
     elif fmt == "json":
         rows = _json_rows(path, name, limit)
     elif fmt == "jsonl":
@@ -295,7 +305,7 @@ def _scan(
             kept.append(row)
         if not header:
             seen.update(dict.fromkeys(row))
-    return (header or list(seen)), count
+    return (header or list(seen)), count, delimiter
 
 
 def _not_utf8(name: str, line: int) -> DatasetFileError:
@@ -321,9 +331,13 @@ def _jsonl_rows(
     path: Path, name: str, limit: int, *, from_json: bool = False
 ) -> Iterator[dict[str, Any]]:
     with path.open("rb") as f:
+        first = True
         for number, line in enumerate(_utf8_lines(f, name, limit), start=1):
             if not line.strip():
                 continue
+            if first and not from_json and line.lstrip().startswith("["):
+                raise _array_not_json_lines(name, number)
+            first = False
             try:
                 row = json.loads(line)
             except RecursionError:
@@ -344,29 +358,54 @@ def _jsonl_rows(
             yield row
 
 
-def _csv_rows(path: Path, name: str, header: list[str], limit: int) -> Iterator[dict[str, Any]]:
+def _array_not_json_lines(name: str, line: int) -> DatasetFileError:
+    return DatasetFileError(
+        f"{name} line {line}: the file is a JSON array ('[' ... ']'), not JSON Lines: a "
+        "JSON Lines file (.jsonl) holds one JSON object per line, with no brackets around "
+        "them. Rename it to .json to send it as a JSON array of objects, or write one object "
+        "per line"
+    )
+
+
+def _csv_delimiter(path: Path, name: str, limit: int) -> str:
+    """The delimiter of the CSV file's header line, its first line that is not blank."""
+    with path.open("rb") as f:
+        header_line = next((line for line in _utf8_lines(f, name, limit) if line.strip()), "")
+    return sniff_delimiter(header_line)
+
+
+def _csv_rows(
+    path: Path, name: str, header: list[str], limit: int, delimiter: str
+) -> Iterator[dict[str, Any]]:
     with path.open("rb") as f:
         # Lines keep their line ends, so quoted fields may hold line breaks; a record of many
         # lines is bounded as a whole.
         record = _RecordBudget(_utf8_lines(f, name, limit), name, limit)
-        reader = csv.DictReader(record, strict=True)
+        reader = csv.reader(record, delimiter=delimiter, strict=True)
         try:
-            header.extend(reader.fieldnames or [])
+            # Blank lines are no records, before the header as after it.
+            header.extend(next((fields for fields in reader if fields), []))
             record.start()
-            for row in reader:
+            for fields in reader:
                 record.start()
-                # DictReader files surplus fields under the key None and fills missing ones
-                # with None: either way the row does not match the header.
-                if None in row or None in row.values():
+                if not fields:
+                    continue
+                if len(fields) != len(header):
                     raise DatasetFileError(
-                        f"{name} line {reader.line_num}: the row's number of fields differs "
-                        f"from the header's {len(header)}"
+                        f"{name} line {reader.line_num}: the row has "
+                        f"{_plural(len(fields), 'field')} but the header line has {len(header)}; "
+                        f"fields are split at each {describe_delimiter(delimiter)}, the "
+                        "delimiter the header line uses, so quote a field that contains one"
                     )
-                yield row
+                yield dict(zip(header, fields, strict=True))
         except csv.Error as exc:
             raise DatasetFileError(
                 f"{name} line {reader.line_num}: invalid CSV ({exc})"
             ) from None
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _parquet_rows(path: Path, name: str, header: list[str]) -> Iterator[dict[str, Any]]:

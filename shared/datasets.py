@@ -404,6 +404,7 @@ def _store_checked(
         raise
     dataset.format, dataset.size_bytes, dataset.storage_key = fmt, size, key
     dataset.rows, dataset.columns = summary.rows, summary.columns
+    dataset.csv_delimiter = summary.csv_delimiter
     dataset.sample_rows = sample
     _mark(dataset, DatasetStatus.READY, error=None)
 

@@ -24,6 +24,7 @@ from api.schemas import (
     MetricsOut,
 )
 from shared import datasets, idempotency, jobs, storage_keys
+from shared.artifacts import ARCHIVE, archive_folder, list_artifacts, stream_archive
 from shared.dataset_columns import missing_job_columns_message
 from shared.models import JobStatus
 from shared.queue import enqueue_training
@@ -178,18 +179,42 @@ def job_metrics(job_id: JobId, caller: TenantDep, session: SessionDep) -> Metric
 def job_artifacts(job_id: JobId, caller: TenantDep, session: SessionDep, storage: StorageDep,
                   settings: SettingsDep) -> ArtifactsOut:
     job = jobs.get_job(session, caller.scope, job_id)
+    found = list_artifacts(storage, job.id) if job.status == JobStatus.COMPLETED else []
     artifacts = []
-    if job.status == JobStatus.COMPLETED:
-        for obj in storage.list(storage_keys.job_artifact_prefix(job.id)):
-            name = storage_keys.artifact_name(job.id, obj.key)
-            if name is None:
-                continue
-            url = storage.presigned_url(obj.key, settings.storage.s3_presign_expiry_s)
-            artifacts.append(ArtifactOut(
-                name=name, size=obj.size,
-                download_url=url or f"/v1/finetune/llm/{job.id}/artifacts/{name}",
-            ))
-    return ArtifactsOut(job_id=job.id, status=JobStatus(job.status), artifacts=artifacts)
+    for artifact in found:
+        url = storage.presigned_url(artifact.key, settings.storage.s3_presign_expiry_s)
+        artifacts.append(ArtifactOut(
+            name=artifact.name, size=artifact.size,
+            download_url=url or f"/v1/finetune/llm/{job.id}/artifacts/{artifact.name}",
+        ))
+    archive_url = f"/v1/finetune/llm/{job.id}/artifacts/{ARCHIVE}" if found else None
+    return ArtifactsOut(job_id=job.id, status=JobStatus(job.status), artifacts=artifacts,
+                        archive_url=archive_url)
+
+
+# Before `/artifacts/{name:path}`, which would otherwise take "archive" for a file name.
+@router.get(f"/{{job_id}}/artifacts/{ARCHIVE}",
+            summary="Download every artifact in one tar.gz (the adapter and its tokenizer)",
+            response_class=StreamingResponse, responses={
+                200: {"content": {"application/gzip": {"schema": {
+                    "type": "string", "format": "binary"}}}},
+                **error_responses(404),
+            })
+def download_artifacts_archive(job_id: JobId, caller: TenantDep, session: SessionDep,
+                               storage: StorageDep) -> StreamingResponse:
+    job = jobs.get_job(session, caller.scope, job_id)
+    if job.status != JobStatus.COMPLETED:
+        raise ApiError(404, "not_found", f"job {job.id} is {job.status}: its artifacts can be "
+                       "downloaded once it has COMPLETED")
+    found = list_artifacts(storage, job.id)
+    if not found:
+        raise ApiError(404, "not_found", f"job {job.id} has no artifacts in storage")
+    folder = archive_folder(job.id)
+    return StreamingResponse(
+        stream_archive(storage, found, folder=folder, mtime=job.finished_at),
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{folder}.tar.gz"'},
+    )
 
 
 @router.get("/{job_id}/artifacts/{name:path}", summary="Download one artifact",

@@ -127,6 +127,7 @@ ROUTES: list[tuple[str, str, Request, int]] = [
     ("artifact list", "done_job", _get("/v1/finetune/llm/{id}/artifacts"), 404),
     ("artifact download", "done_job",
      _get("/v1/finetune/llm/{id}/artifacts/adapter_config.json"), 404),
+    ("artifact archive", "done_job", _get("/v1/finetune/llm/{id}/artifacts/archive"), 404),
     ("cancel", "queued_job", _post("/v1/finetune/llm/{id}/cancel"), 404),
     ("deploy status", "done_job", _get("/v1/deploy/status/{id}"), 404),
     ("deploy logs", "done_job", _get("/v1/deploy/logs/{id}"), 404),

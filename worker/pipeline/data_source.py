@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from shared import dataset_files
+from shared.csv_files import COMMA, describe_delimiter
 from shared.dataset_files import DatasetFileError, LoadedDataset
 from shared.sources import Source, SourceError, classify_source
 from shared.storage import ObjectNotFound, Storage, StorageError
@@ -76,6 +77,7 @@ def load_dataset(
                 dataset.origin = file.origin
         except DatasetFileError as exc:
             raise PipelineError(str(exc)) from None
+        _log_csv_delimiters(dataset, directory=file.local and file.path.is_dir(), log=log)
     if not dataset.rows:
         raise PipelineError(f"the dataset {dataset.origin} has no rows")
     # Files stop reading past `max_rows`; hub datasets and local directories are counted here.
@@ -86,6 +88,16 @@ def load_dataset(
         )
     log(f"dataset {dataset.origin}: {len(dataset.rows)} rows, columns {dataset.columns}")
     return dataset
+
+
+def _log_csv_delimiters(dataset: LoadedDataset, *, directory: bool, log: LogFn) -> None:
+    """Say which CSV files were read with another delimiter than a comma: a user who meant
+    commas learns why the columns are what they are."""
+    for file_name, delimiter in dataset.csv_delimiters.items():
+        if delimiter != COMMA:
+            shown = f"{dataset.origin}/{file_name}" if directory else dataset.origin
+            log(f"dataset {shown}: CSV read with {describe_delimiter(delimiter)} between "
+                "fields, the delimiter its header line uses")
 
 
 def _classified(

@@ -13,15 +13,20 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 def export_adapter(
-    model: Any, tokenizer: Any, output_dir: Path, *, log: LogFn = no_log
+    model: Any, tokenizer: Any, output_dir: Path, *, base_model: str, log: LogFn = no_log
 ) -> Path:
     """Write `adapter_model.safetensors`, `adapter_config.json` and the tokenizer files.
 
-    `output_dir` is emptied first, so a retried attempt never uploads a stale file.
+    `adapter_config.json` names its base `base_model`: the model_path the user gave, a hub id
+    their machine can load too, or the local path they chose; never the directory this worker
+    resolved it to. `output_dir` is emptied first, so a retried attempt never uploads a stale
+    file.
     """
     if output_dir.exists():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True)
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_model
     model.save_pretrained(output_dir, safe_serialization=True)
     # peft's generated model card carries nothing the client needs.
     (output_dir / "README.md").unlink(missing_ok=True)

@@ -285,8 +285,8 @@ def load_base_model_from(
         raise PipelineError(
             f"could not load model {model_path!r}: {type(exc).__name__}: {exc}{hint}"
         ) from None
-    # The exported adapter records its base by this name: the source, not the private view
-    # the files were read through.
+    # Named by the source, not by the private view the files were read through; the exported
+    # adapter names its base as the user did (`export_adapter`).
     model.config._name_or_path = model.name_or_path = source.source
     if config.use_quantization:
         keep_4bit_weights_trainable(model)

@@ -106,7 +106,8 @@ def run_job(
                 memory_limit_bytes=_gib(settings.training.training_memory_gb),
                 wandb_init_timeout_s=settings.training.wandb_init_timeout_s,
             )
-            output_dir = export_adapter(model, tokenizer, work_dir / "output", log=log)
+            output_dir = export_adapter(model, tokenizer, work_dir / "output",
+                                        base_model=base.model_path.strip(), log=log)
     return TrainResult(
         output_dir=output_dir,
         steps=stats.steps,
