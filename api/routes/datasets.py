@@ -158,23 +158,9 @@ def preview_dataset(dataset_id: DatasetId, body: PreviewIn, caller: TenantDep,
     if reason:
         raise ApiError(409, "conflict", reason)
     preview = datasets.preview(dataset, body.prompt_template, body.n)
-    message = missing_columns_message(body.prompt_template, dataset.columns or []) or (
-        _loss_message(preview))
-    tokenized: list[token_preview.TokenizedRow | None] = [None] * len(preview.examples)
-    if body.model_path is not None:
-        try:
-            tokenized = list(token_preview.preview_tokens(
-                body.model_path, preview.rows, prompt_template=body.prompt_template,
-                cutoff_len=body.cutoff_len, train_on_inputs=body.train_on_inputs,
-                allowed_local_dirs=settings.sources.allowed_local_dirs))
-        except token_preview.NotLocalModel as exc:
-            message += f" No tokens: {exc}."
-        except token_preview.TokenPreviewError as exc:
-            raise ApiError(422, "invalid_request", f"model_path: {exc}",
-                           [{"path": "model_path", "message": str(exc)}]) from None
-    elif preview.chat:
-        message += (" The model's chat template, its tokens and what cutoff_len cuts are shown "
-                    "only with model_path (a local model folder).")
+    tokenized, tokens_note = _tokenize(body, preview, settings)
+    message = (missing_columns_message(body.prompt_template, dataset.columns or [])
+               or _loss_message(preview)) + tokens_note
     if len(message) > datasets.PREVIEW_MESSAGE_CHARS:
         message = message[: datasets.PREVIEW_MESSAGE_CHARS - 1] + "…"
     return PreviewOut(
@@ -186,6 +172,29 @@ def preview_dataset(dataset_id: DatasetId, body: PreviewIn, caller: TenantDep,
                   for e, problem, tokens in zip(preview.examples, preview.problems, tokenized,
                                                 strict=True)],
     )
+
+
+def _tokenize(body: PreviewIn, preview: datasets.Preview, settings: Settings
+              ) -> tuple[list[token_preview.TokenizedRow | None], str]:
+    """The examples' tokens with a local model_path (None each without one) and what the
+    message adds about them; 422 naming model_path when it cannot give them."""
+    if body.model_path is None:
+        note = (" The model's chat template, its tokens and what cutoff_len cuts are shown only "
+                "with model_path (a local model folder).") if preview.chat else ""
+        return [None] * len(preview.examples), note
+    try:
+        rows = token_preview.preview_tokens(
+            body.model_path, preview.rows, prompt_template=body.prompt_template,
+            cutoff_len=body.cutoff_len, train_on_inputs=body.train_on_inputs,
+            allowed_local_dirs=settings.sources.allowed_local_dirs)
+    except token_preview.NotLocalModel as exc:
+        return [None] * len(preview.examples), f" No tokens: {exc}."
+    except token_preview.TokenPreviewError as exc:
+        raise ApiError(422, "invalid_request", f"model_path: {exc}",
+                       [{"path": "model_path", "message": str(exc)}]) from None
+    through = ", through the model's chat template" if preview.chat else ""
+    return list(rows), (f" tokens: as a job on {body.model_path!r} with cutoff_len "
+                        f"{body.cutoff_len} trains on them{through}.")
 
 
 def _loss_message(preview: datasets.Preview) -> str:

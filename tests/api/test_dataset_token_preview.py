@@ -167,6 +167,7 @@ def test_a_chat_preview_with_a_model_trains_each_assistant_turn_through_its_temp
     )
     assert text_of(parts, "trained") == ["Lima.</s>", "Santiago.</s>"]
     assert example["tokens"]["first_tokens"][0]["text"] == BOS  # written by the template
+    assert "through the model's chat template" in response.json()["message"]
 
 
 def test_train_on_inputs_trains_every_kept_token(client: TestClient, model_dir: Path) -> None:
