@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from shared import datasets
+from shared import datasets, token_preview
 from shared.models import Dataset, Job, JobStatus, KeyRole
 from shared.payload_secrets import drop_secrets
 from shared.schema import PromptTemplate
@@ -188,16 +188,76 @@ class PreviewIn(BaseModel):
                                  description="The template a job would use.")
     n: int = Field(datasets.FIRST_ROWS, ge=1, le=datasets.SAMPLE_ROWS, strict=True,
                    description="How many of the first rows to render.")
+    model_path: str | None = Field(
+        None, min_length=1, max_length=512,
+        description="A local model folder (inside TUNERY_ALLOWED_LOCAL_DIRS, checked as a job's "
+        "model_path is) whose tokenizer.json and chat template render each example's "
+        "`tokens`: what the job trains on and what cutoff_len cuts. A hub id gets the text "
+        "preview only: the API downloads no model.")
+    cutoff_len: int = Field(512, gt=0, le=32768, strict=True,
+                            description="The job's data_config.cutoff_len; used with model_path.")
+    train_on_inputs: bool = Field(False, description="The job's data_config.train_on_inputs; "
+                                                     "used with model_path.")
+
+
+class TokenOut(BaseModel):
+    position: int = Field(description="Index in the example's tokens.")
+    id: int
+    text: str = Field(description="The characters the token covers; a special token that "
+                                  "covers none (BOS, an appended EOS) shows as itself.")
+    trained: bool = Field(description="The loss is computed on this token.")
+
+
+class TextPartOut(BaseModel):
+    text: str
+    kind: Literal["trained", "ignored", "cut"] = Field(
+        description="trained: the loss is computed on it; ignored: the model reads it, no "
+        "loss; cut: past cutoff_len, the model never sees it.")
+
+
+class TokensOut(BaseModel):
+    """An example as the job would train on it, rendered and tokenized with model_path's
+    tokenizer (in chat mode, through its chat template)."""
+
+    parts: list[TextPartOut] = Field(description="The rendered text in consecutive parts of "
+                                                 "one kind, at most "
+                                                 f"{token_preview.SHOWN_TEXT_CHARS} characters.")
+    text_cut: bool = Field(description="`parts` show only the start of the text.")
+    token_count: int = Field(description="Tokens of the rendered example, the EOS a "
+                                         "prompt-template example ends with included.")
+    kept_tokens: int = Field(description="The first tokens the model sees: at most cutoff_len.")
+    trained_tokens: int = Field(description="Kept tokens the loss is computed on.")
+    first_tokens: list[TokenOut] = Field(description=f"The first {token_preview.SHOWN_TOKENS} "
+                                                     "kept tokens.")
+    last_tokens: list[TokenOut] = Field(description="The last kept tokens not among "
+                                                    f"first_tokens, at most "
+                                                    f"{token_preview.SHOWN_TOKENS}.")
+    dropped: bool = Field(description="No trained token within cutoff_len: the job leaves "
+                                      "this example out.")
+    render_cut: bool = Field(description="The row is longer than the preview renders; "
+                                         "token_count counts only its start.")
+
+    @classmethod
+    def of(cls, row: token_preview.TokenizedRow) -> TokensOut:
+        return cls.model_validate(row, from_attributes=True)
 
 
 class ExampleOut(BaseModel):
     prompt: str = Field(description=f"At most {datasets.PREVIEW_PART_CHARS} characters; "
-                                    "`prompt_cut` says when more were left out.")
+                                    "`prompt_cut` says when more were left out. In chat mode, "
+                                    "the turns before the last assistant turn as 'role: "
+                                    "content' lines, then 'assistant: '.")
     completion: str = Field(description="The part the loss is computed on: the last "
-                                        "placeholder's value and the text after it; at most "
+                                        "placeholder's value and the text after it (in chat "
+                                        "mode: the last assistant turn; every assistant turn "
+                                        "is trained); at most "
                                         f"{datasets.PREVIEW_PART_CHARS} characters.")
     prompt_cut: bool = Field(False, description="The prompt is longer than shown.")
     completion_cut: bool = Field(False, description="The completion is longer than shown.")
+    problem: str | None = Field(None, description="Why a job would fail on this row or leave "
+                                                  "it out; null when it trains.")
+    tokens: TokensOut | None = Field(None, description="With a local model_path: the example "
+                                                       "as the job tokenizes it.")
 
 
 class PreviewOut(BaseModel):

@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.dataset_columns import missing_columns
+from shared.dataset_columns import MESSAGES_COLUMN, is_chat_template, missing_columns
 from shared.dataset_files import (
     MAX_NESTING,
     DatasetFileError,
@@ -42,6 +42,7 @@ from shared.dataset_files import (
     format_of_name,
     summarize_file,
 )
+from shared.loss_mask import LossMaskError, check_turns
 from shared.models import Dataset, DatasetStatus, Job, JobStatus, utcnow
 from shared.prompt_template import Example, render_preview
 from shared.schema import template_placeholders
@@ -105,6 +106,14 @@ class Preview:
     """The last placeholder: the loss is computed on its value and the text after it."""
     missing_columns: list[str]
     examples: list[Example]
+    problems: list[str | None]
+    """For each example, why a job would fail on its row or leave it out; None when it
+    trains."""
+    chat: bool
+    """The template is `{messages}`: examples show each conversation as readable
+    `role: content` lines, not through the model's chat template."""
+    rows: list[dict[str, Any]]
+    """The rows the examples were rendered from."""
 
 
 def new_dataset_id() -> str:
@@ -362,17 +371,58 @@ def first_rows(dataset: Dataset) -> list[dict[str, Any]]:
 def preview(dataset: Dataset, template: str, n: int) -> Preview:
     """The first `n` (at most SAMPLE_ROWS) rows rendered with `template`, each prompt and
     completion cut at PREVIEW_PART_CHARS; placeholders the dataset lacks render as "" and are
-    listed in `missing_columns`."""
+    listed in `missing_columns`. A `{messages}` template (chat mode) shows each conversation
+    as `chat_preview` does: the model's chat template needs its tokenizer
+    (`shared.token_preview`)."""
     columns = dataset.columns or []
-    examples = [render_preview(row, template, max_part_chars=PREVIEW_PART_CHARS)
-                for row in (dataset.sample_rows or [])[:n]]
+    rows = (dataset.sample_rows or [])[:n]
+    chat = is_chat_template(template)
+    problems: list[str | None]
+    if chat:
+        shown = [chat_preview(row, number) for number, row in enumerate(rows, start=1)]
+        examples, problems = [e for e, _ in shown], [p for _, p in shown]
+    else:
+        examples = [render_preview(row, template, max_part_chars=PREVIEW_PART_CHARS)
+                    for row in rows]
+        problems = [None] * len(examples)
     placeholders = template_placeholders(template)
     return Preview(
         placeholders=list(dict.fromkeys(placeholders)),
         completion_placeholder=placeholders[-1],
         missing_columns=missing_columns(template, columns),
         examples=examples,
+        problems=problems,
+        chat=chat,
+        rows=rows,
     )
+
+
+def chat_preview(row: dict[str, Any], row_number: int) -> tuple[Example, str | None]:
+    """A chat row readable without the model: the prompt is the turns before the last
+    assistant turn as `role: content` lines, then `assistant: `; the completion is that
+    turn's content and any turns after it. Each part cut at PREVIEW_PART_CHARS. Also why a
+    job would fail on the row (its `messages` are not turns) or leave it out (no assistant
+    turn), or None."""
+    try:
+        turns = check_turns(row.get(MESSAGES_COLUMN), row_number)
+    except LossMaskError as exc:
+        return Example("", ""), str(exc)
+    assistant = [i for i, turn in enumerate(turns) if turn["role"] == "assistant"]
+    if not assistant:
+        lines = "".join(f"{t['role']}: {t['content']}\n" for t in turns)
+        return _cut_example(lines, ""), (
+            f"row {row_number} has no assistant turn: the loss is computed on assistant turns "
+            "only, so a job leaves it out (unless train_on_inputs)")
+    last = assistant[-1]
+    prompt = "".join(f"{t['role']}: {t['content']}\n" for t in turns[:last]) + "assistant: "
+    completion = turns[last]["content"] + "".join(
+        f"\n{t['role']}: {t['content']}" for t in turns[last + 1:])
+    return _cut_example(prompt, completion), None
+
+
+def _cut_example(prompt: str, completion: str) -> Example:
+    return Example(prompt[:PREVIEW_PART_CHARS], completion[:PREVIEW_PART_CHARS],
+                   len(prompt) > PREVIEW_PART_CHARS, len(completion) > PREVIEW_PART_CHARS)
 
 
 def _store_checked(

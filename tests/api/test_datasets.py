@@ -17,7 +17,9 @@ from shared.settings import get_settings
 from tests.api.conftest import new_key
 from tests.conftest import make_payload
 
-NOT_CUT = {"prompt_cut": False, "completion_cut": False}
+# An example of a prompt-template preview without a model_path: nothing cut, no problem, no
+# tokens.
+NOT_CUT = {"prompt_cut": False, "completion_cut": False, "problem": None, "tokens": None}
 ROWS = [
     {"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"} for i in range(8)
 ]

@@ -7,14 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from shared.dataset_files import LoadedDataset
+from shared.loss_mask import bound_turns, max_render_chars
 from shared.schema import DataConfig
-from worker.pipeline.chat import bound_turns, render_chats, tokenize_chats
-from worker.pipeline.examples import (
-    max_render_chars,
-    render_and_tokenize,
-    render_examples,
-    tokenize,
-)
+from worker.pipeline.chat import render_chats, tokenize_chats
+from worker.pipeline.examples import render_and_tokenize, render_examples, tokenize
 from worker.pipeline.labels import IGNORE_INDEX, TOKENIZE_BATCH_CHARS, label_example
 
 CUTOFF = 48

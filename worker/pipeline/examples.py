@@ -17,6 +17,7 @@ from shared.dataset_columns import (
     is_chat_template,
 )
 from shared.dataset_files import LoadedDataset
+from shared.loss_mask import after_prompt, max_render_chars, with_trained_eos
 from shared.prompt_template import Example, completion_placeholder, render_example
 from shared.schema import DataConfig
 from worker.pipeline.chat import render_chats, tokenize_chats
@@ -29,13 +30,6 @@ Item = TypeVar("Item")
 PreferenceRow = dict[str, str]
 
 SPLIT_SEED = 42
-
-# A token covers at most as many characters as its vocabulary entry is long: byte-level BPE
-# writes one vocabulary character per byte and a character is at least one byte; SentencePiece
-# writes one per character. Twice the longest entry leaves room for normalizers that fold
-# several characters into one (NFC, NFKC). Used when a tokenizer lists no vocabulary.
-_FALLBACK_TOKEN_CHARS = 128
-
 
 def render_and_tokenize(
     dataset: LoadedDataset, tokenizer: Any, data: DataConfig, *, log: LogFn
@@ -53,17 +47,6 @@ def render_and_tokenize(
     return tokenize_chats(
         chats, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs, log=log
     )
-
-
-def max_render_chars(cutoff_len: int, tokenizer: Any) -> int:
-    """The most characters of one rendered example that tokenization can keep: what lies
-    beyond `cutoff_len` tokens is cut before training anyway, so rendering stops there and a
-    template that repeats a long cell cannot blow up the worker's memory."""
-    try:
-        longest = max((len(token) for token in tokenizer.get_vocab()), default=0)
-    except (AttributeError, NotImplementedError, TypeError):
-        longest = 0
-    return cutoff_len * 2 * (longest or _FALLBACK_TOKEN_CHARS)
 
 
 def render_examples(
@@ -97,13 +80,10 @@ def tokenize(
 ) -> list[TokenizedExample]:
     """Tokenize prompt + completion + EOS, labels -100 on the prompt, cut to `cutoff_len`.
 
-    With `train_on_inputs` every token is trained (labels equal the input ids).
-
-    The prompt mask comes from character offsets, never from token ids: with pad == EOS
-    (SmolLM2) masking pad ids would also mask the EOS the model must learn to emit. A token
-    straddling the prompt/completion boundary counts as completion, so the first answer token
-    is always trained. An example longer than `cutoff_len` is cut and gets no EOS (teaching the
-    model to stop mid-answer would be worse); one with no completion token left is dropped.
+    With `train_on_inputs` every token is trained (labels equal the input ids). Which tokens
+    are trained is `shared.loss_mask`'s rule (`after_prompt`, `with_trained_eos`,
+    `label_example`): an example longer than `cutoff_len` is cut and gets no EOS; one with no
+    completion token left is dropped.
     """
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
@@ -111,14 +91,9 @@ def tokenize(
     out: list[TokenizedExample] = []
     truncated = dropped = 0
     for ids, in_completion in _encoded(examples, tokenizer, cutoff_len):
-        if ids and ids[-1] == eos_id:
-            # Already there: the template ends with the EOS text (ChatML's <|im_end|>), or
-            # the tokenizer appends one itself, with empty offsets. Either way, train it.
-            in_completion = [*in_completion[:-1], True]
-        else:
-            ids, in_completion = [*ids, eos_id], [*in_completion, True]
         example, was_cut = label_example(
-            ids, in_completion, cutoff_len, train_on_inputs=train_on_inputs
+            *with_trained_eos(ids, in_completion, eos_id), cutoff_len,
+            train_on_inputs=train_on_inputs,
         )
         truncated += was_cut
         if example is None:
@@ -150,9 +125,7 @@ def _encoded(
             for example, ids, offsets in zip(
                 batch, enc["input_ids"], enc["offset_mapping"], strict=True
             ):
-                boundary = len(example.prompt)
-                # Special tokens (BOS) have empty (0, 0) offsets and land in the prompt.
-                yield list(ids), [end > boundary for _start, end in offsets]
+                yield list(ids), after_prompt(offsets, len(example.prompt))
             continue
         # Slow tokenizers have no offsets: count the prompt's own tokens instead.
         full = tokenizer(texts, add_special_tokens=True, **keep)["input_ids"]

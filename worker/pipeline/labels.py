@@ -1,41 +1,29 @@
 """Token ids and their labels: what supervised and chat examples both become.
 
-Labels are -100 (`IGNORE_INDEX`, ignored by the loss) on tokens the model is not trained to
-write. Prompt-template examples (`worker.pipeline.examples`) and chat examples
-(`worker.pipeline.chat`) compute which tokens are trained their own way and label them here.
+Which tokens are trained, and the labels that say so, is `shared.loss_mask`'s rule, shared
+with the API's token preview; its names are re-exported here for the pipeline's stages. This
+module adds how texts are handed to transformers' tokenizer: in bounded batches, each kept to
+what cutoff_len can use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from shared.loss_mask import IGNORE_INDEX, TokenizedExample, label_example
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TOKENIZE_BATCH_CHARS",
+    "TOKENIZE_BATCH_EXAMPLES",
+    "TokenizedExample",
+    "kept_tokens",
+    "label_example",
+    "text_batches",
+]
+
 Item = TypeVar("Item")
-
-IGNORE_INDEX = -100
-
-
-@dataclass
-class TokenizedExample:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def label_example(
-    ids: Sequence[int], trained: Sequence[bool], cutoff_len: int, *, train_on_inputs: bool
-) -> tuple[TokenizedExample | None, bool]:
-    """Cut `ids` to `cutoff_len` and label them: -100 where `trained` is False, or every token
-    with `train_on_inputs`. Returns (example, whether it was cut); the example is None when no
-    trained token is left."""
-    was_cut = len(ids) > cutoff_len
-    ids, trained = list(ids[:cutoff_len]), trained[:cutoff_len]
-    if train_on_inputs:
-        return TokenizedExample(ids, list(ids)), was_cut
-    if not any(trained):
-        return None, was_cut
-    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)]
-    return TokenizedExample(ids, labels), was_cut
 
 
 # Characters handed to the tokenizer at once. The tokenizer holds every token of a batch, with
