@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+from cli.key_commands import add_key_commands
 from cli.process_commands import worker_command
 from shared.private_files import restrict_umask
-from shared.settings import get_settings
+from shared.settings import get_settings, settings_problems
 
 
 def _db_upgrade(_: argparse.Namespace) -> int:
@@ -19,36 +21,6 @@ def _db_upgrade(_: argparse.Namespace) -> int:
     upgrade_database(get_settings().database.url)
     print("database schema is up to date")
     return 0
-
-
-def _keys_create(args: argparse.Namespace) -> int:
-    from shared.db import session_scope
-    from shared.keys import create_api_key
-    from shared.migrate import upgrade_database
-
-    settings = get_settings()
-    if settings.database.auto_migrate:
-        upgrade_database(settings.database.url)
-    with session_scope() as session:
-        created = create_api_key(session, args.name, args.tenant, admin=args.admin)
-    if args.quiet:
-        print(created.plaintext)
-    else:
-        role = "admin key (sees every tenant)" if args.admin else "API key"
-        print(f"{role} for tenant {args.tenant or args.name!r} (shown once, store it now):")
-        print(created.plaintext)
-    return 0
-
-
-def _keys_revoke(args: argparse.Namespace) -> int:
-    from shared.db import session_scope
-    from shared.keys import revoke_api_key
-
-    prefix = args.key.split("_")[1] if args.key.startswith("tun_") else args.key
-    with session_scope() as session:
-        revoked = revoke_api_key(session, prefix)
-    print("revoked" if revoked else "no live key with that prefix")
-    return 0 if revoked else 1
 
 
 def _api(args: argparse.Namespace) -> int:
@@ -97,17 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="run alembic upgrade head").set_defaults(func=_db_upgrade)
 
-    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
-    create = keys.add_parser("create", help="create a key and print it once")
-    create.add_argument("--name", required=True)
-    create.add_argument("--tenant", help="tenant name (default: the key's name)")
-    create.add_argument("--quiet", action="store_true", help="print only the key")
-    create.add_argument("--admin", action="store_true",
-                        help="an operator key: sees and cancels every tenant's jobs and datasets")
-    create.set_defaults(func=_keys_create)
-    revoke = keys.add_parser("revoke", help="revoke a key by its prefix or the key itself")
-    revoke.add_argument("key")
-    revoke.set_defaults(func=_keys_revoke)
+    add_key_commands(sub)
 
     api = sub.add_parser("api", help="serve the HTTP API")
     api.add_argument("--host", default="127.0.0.1")
@@ -140,5 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     # umask the shell or service manager handed down.
     restrict_umask()
     args = build_parser().parse_args(argv)
+    problems = settings_problems()
+    if problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        print("tunery: fix the settings above (README.md, Configuration, lists each one)",
+              file=sys.stderr)
+        return 2
     return int(args.func(args) or 0)
 
