@@ -26,7 +26,7 @@ def _db_upgrade(_: argparse.Namespace) -> int:
 def _api(args: argparse.Namespace) -> int:
     from api.serve import serve
 
-    serve(args.host, args.port, args.workers)
+    serve(args.host, args.port, args.workers, quiet=args.quiet)
     return 0
 
 
@@ -35,12 +35,29 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cli.local_stack import LocalStack
+    from cli.local_stack import EVERY_ADDRESS, LocalStack, StopRequested, stop_on_signals
 
-    with LocalStack(port=args.port, env=os.environ.copy()) as stack:
-        print(f"Tunery is up at {stack.base_url} (API + worker); Ctrl-C stops both")
-        stack.wait()
-    return 0
+    if args.host in EVERY_ADDRESS:
+        print(f"tunery up: warning: --host {args.host} serves the API on every network this "
+              "machine is on; an API key is all that stands between it and them",
+              file=sys.stderr)
+    with stop_on_signals():
+        try:
+            with LocalStack(env=os.environ.copy(), port=args.port, host=args.host,
+                            quiet=not args.verbose) as stack:
+                print(f"Tunery is up at {stack.base_url} (API + worker; API reference at "
+                      f"{stack.base_url}/docs); Ctrl-C stops both", flush=True)
+                if not args.verbose:
+                    print("job logs: GET /v1/finetune/llm/{job_id}/logs; `tunery up --verbose` "
+                          "shows the services' own output", flush=True)
+                name, code = stack.wait()
+        except StopRequested:
+            return 0
+        except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+            print(f"tunery up: could not start: {exc}", file=sys.stderr)
+            return 1
+    print(f"tunery up: the {name} exited with code {code}; stopped the rest", file=sys.stderr)
+    return 1
 
 
 def _assets(args: argparse.Namespace) -> int:
@@ -58,8 +75,14 @@ def _assets(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from cli.demo import run_demo
+    from cli.local_stack import StopRequested, stop_on_signals
 
-    return run_demo(tiny=args.tiny)
+    with stop_on_signals():
+        try:
+            return run_demo(tiny=args.tiny)
+        except StopRequested:
+            print("tunery demo: stopped", file=sys.stderr)
+            return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1,
                      help="API processes sharing the port (default 1)")
+    api.add_argument("--quiet", action="store_true",
+                     help="no access log, only warnings and errors")
     api.set_defaults(func=_api)
 
     worker = sub.add_parser("worker", help="run a training worker (one job at a time)")
@@ -83,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=_worker)
 
     up = sub.add_parser("up", help="run the API and one worker together")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="address the API listens on (default 127.0.0.1, this machine only)")
     up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--verbose", action="store_true",
+                    help="show the services' own output: Celery's banner and INFO lines, "
+                         "uvicorn's access log, every warning")
     up.set_defaults(func=_up)
 
     assets = sub.add_parser("assets", help="build the bundled models for offline use")
