@@ -31,6 +31,8 @@ class RunningUp:
             self.proc = subprocess.Popen(tunery_command("up", "--port", str(self.port), *args),
                                          env=self.env, stdout=out, stderr=subprocess.STDOUT)
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.children: set[int] = set()
+        """Every process seen below `tunery up`: the teardown ends those a failure left."""
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
@@ -52,9 +54,14 @@ class RunningUp:
             now = self.console.stat().st_size
             if now != size:
                 size, since = now, time.monotonic()
-            elif time.monotonic() - since >= quiet_s and len(descendants(self.proc.pid)) >= 2:
+            elif time.monotonic() - since >= quiet_s and len(self.current_children()) >= 2:
                 return
             time.sleep(0.2)
+
+    def current_children(self) -> set[int]:
+        found = descendants(self.proc.pid)
+        self.children |= found
+        return found
 
     def console_text(self) -> str:
         return self.console.read_text(errors="replace")
@@ -106,19 +113,21 @@ def start_up(tmp_path: Path) -> Iterator[type[RunningUp]]:
 
     yield Started
     for up in started:  # whatever a failed test left running
-        leftovers = descendants(up.proc.pid) if up.proc.poll() is None else set()
+        if up.proc.poll() is None:
+            up.current_children()
         up.proc.kill()
         up.proc.wait()
-        for pid in leftovers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for pid in up.children:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_sigterm_to_tunery_up_stops_the_api_and_the_worker(start_up: type[RunningUp]) -> None:
     up = start_up()
     up.wait_ready()
     up.wait_console_settled()
-    children = descendants(up.proc.pid)
+    children = up.current_children()
     assert len(children) >= 2, up.console_text()  # the API and the worker
 
     up.proc.send_signal(signal.SIGTERM)
@@ -131,7 +140,7 @@ def test_a_child_that_dies_takes_the_stack_down_and_is_named(start_up: type[Runn
     up = start_up()
     up.wait_ready()
     up.wait_console_settled()
-    children = descendants(up.proc.pid)
+    children = up.current_children()
     (worker,) = [pid for pid in children
                  if b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
