@@ -73,6 +73,11 @@ class Caller:
 
 
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
+# The same words for every caller, so they tell a remote one nothing about this server.
+UNKNOWN_KEY_MESSAGE = (
+    "invalid or revoked API key; a key works only with the database (by default the data dir) "
+    "it was created in: `tunery keys list` on the server shows that database's keys"
+)
 # Declared through FastAPI's scheme so the OpenAPI document says how to authenticate; errors
 # stay ours (auto_error=False), in the one error shape.
 _BEARER = HTTPBearer(auto_error=False, scheme_name="ApiKey",
@@ -92,7 +97,7 @@ def get_caller(request: Request, credentials: BearerDep, session: SessionDep) ->
     key = authenticate(session, token.strip())
     if key is None:
         refuse_if_over(request, "authentications")
-        raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=_UNAUTHORIZED)
+        raise ApiError(401, "unauthorized", UNKNOWN_KEY_MESSAGE, headers=_UNAUTHORIZED)
     if record_use(session, key):
         session.commit()
     return Caller(tenant_id=key.tenant_id, key_id=key.id, key_prefix=key.prefix, key_name=key.name,

@@ -97,7 +97,7 @@ def _validation_fields(exc: RequestValidationError) -> list[dict[str, str]]:
     for err in exc.errors():
         message = str(err.get("msg", "invalid value"))
         if err.get("type") == "extra_forbidden":
-            message = "unknown field; check its spelling against the API reference"
+            message = "unknown field; check its spelling against the API reference at /docs"
         message = message.removeprefix("Value error, ")
         # A body that is not JSON at all has the character offset as its location.
         path = "body" if err.get("type") == "json_invalid" else _field_path(

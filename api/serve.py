@@ -27,13 +27,16 @@ def bind_tcp_listener(config: object) -> socket.socket:
     return marked
 
 
-def serve(host: str, port: int, workers: int = 1) -> None:
-    """Serve the API until interrupted; `workers` > 1 starts that many processes."""
+def serve(host: str, port: int, workers: int = 1, quiet: bool = False) -> None:
+    """Serve the API until interrupted; `workers` > 1 starts that many processes. `quiet`:
+    no access log and only uvicorn's warnings and errors."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    log_level = "warning" if quiet else "info"
     if workers <= 1:
-        uvicorn.run(APP, host=host, port=port, log_level="info")
+        uvicorn.run(APP, host=host, port=port, log_level=log_level, access_log=not quiet)
         return
-    config = uvicorn.Config(APP, host=host, port=port, workers=workers, log_level="info")
+    config = uvicorn.Config(APP, host=host, port=port, workers=workers, log_level=log_level,
+                            access_log=not quiet)
     Multiprocess(config, sockets=[bind_tcp_listener(config)]).run()

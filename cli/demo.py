@@ -1,9 +1,10 @@
 """`tunery demo`: one real fine-tuning job through the HTTP API on the embedded stack.
 
 It starts the API and a worker as child processes (SQLite, the SQLite broker, local storage
-under `data/demo`), creates a key, submits a MonsterAPI payload that fine-tunes
-SmolLM2-135M-Instruct on the bundled instruction dataset, follows the job, downloads the
-adapter through the API and shows the base and the fine-tuned model's answers side by side.
+under `<data dir>/demo`, a data dir of its own that each run starts afresh), creates a key,
+submits a MonsterAPI payload that fine-tunes SmolLM2-135M-Instruct on the bundled instruction
+dataset, follows the job, downloads the adapter through the API and shows the base and the
+fine-tuned model's answers side by side.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import httpx
 
 from cli.local_stack import LocalStack
 from cli.process_commands import tunery_command
-from shared.settings import PROJECT_ROOT
+from shared.private_files import make_private_dir
+from shared.settings import get_settings
 from worker.assets.build_dataset import DATASET_PATH
 
-DEMO_DIR = PROJECT_ROOT / "data" / "demo"
-MODELS_DIR = PROJECT_ROOT / "data" / "models"
+# Written into the folder the demo creates: only a folder holding it is ever deleted.
+DEMO_MARKER = ".tunery-demo"
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
 QUESTIONS = [
     ("What is the capital of Japan?", ""),
@@ -35,14 +37,31 @@ QUESTIONS = [
 ]
 
 
-def prepare_model(tiny: bool) -> Path:
+class DemoDirTaken(Exception):
+    """The demo's folder exists and the demo did not create it."""
+
+
+def fresh_demo_dir(path: Path) -> Path:
+    """`path`, empty, marked as the demo's own. A `path` left by an earlier demo is cleared;
+    any other existing `path` is left alone (`DemoDirTaken`)."""
+    if path.exists():
+        if not (path / DEMO_MARKER).is_file():
+            raise DemoDirTaken(f"{path} exists and was not made by `tunery demo`; it is left "
+                               "as it is: move it away, or set TUNERY_DATA_DIR to another dir")
+        shutil.rmtree(path)
+    make_private_dir(path)
+    (path / DEMO_MARKER).write_text("made by `tunery demo`, which clears it on its next run\n")
+    return path
+
+
+def prepare_model(models_dir: Path, tiny: bool) -> Path:
     if tiny:
         from worker.assets.tiny_model import build_tiny_llama
 
-        return build_tiny_llama(MODELS_DIR / "tiny-llama")
+        return build_tiny_llama(models_dir / "tiny-llama")
     from worker.assets.smollm2 import prepare_smollm2
 
-    return prepare_smollm2(MODELS_DIR / "smollm2-135m-instruct")
+    return prepare_smollm2(models_dir / "smollm2-135m-instruct")
 
 
 def demo_payload(model_dir: Path, tiny: bool) -> dict[str, Any]:
@@ -147,18 +166,24 @@ def print_side_by_side(rows: list[tuple[str, str, str]]) -> None:
 def run_demo(tiny: bool = False) -> int:
     started = time.monotonic()
     random.seed(0)
+    data_dir = get_settings().data_dir
+    try:
+        demo_dir = fresh_demo_dir(data_dir / "demo")
+    except DemoDirTaken as exc:
+        print(f"tunery demo: {exc}")
+        return 1
+    models_dir = data_dir / "models"
     print("1/5 preparing the base model (offline, from the bundled package)")
-    model_dir = prepare_model(tiny)
-    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    model_dir = prepare_model(models_dir, tiny)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNERY_")}
     env.update(
         {
-            "TUNERY_DATA_DIR": str(DEMO_DIR),
-            "TUNERY_ALLOWED_LOCAL_DIRS": json.dumps([str(DATASET_PATH.parent), str(MODELS_DIR)]),
+            "TUNERY_DATA_DIR": str(demo_dir),
+            "TUNERY_ALLOWED_LOCAL_DIRS": json.dumps([str(DATASET_PATH.parent), str(models_dir)]),
         }
     )
-    print(f"2/5 starting the embedded stack (API + worker) under {DEMO_DIR}")
-    with LocalStack(env=env, log_dir=DEMO_DIR / "logs") as stack:
+    print(f"2/5 starting the embedded stack (API + worker) under {demo_dir}")
+    with LocalStack(env=env, log_dir=demo_dir / "logs") as stack:
         key = create_key(env)
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=stack.base_url, headers=headers, timeout=60) as client:
@@ -172,9 +197,9 @@ def run_demo(tiny: bool = False) -> int:
             job = follow(client, job_id)
             if job["status"] != "COMPLETED":
                 print(f"job {job_id} ended {job['status']}: {job['error']}")
-                print(f"service logs: {DEMO_DIR / 'logs'}")
+                print(f"service logs: {demo_dir / 'logs'}")
                 return 1
-            adapter_dir = DEMO_DIR / "downloads" / job_id
+            adapter_dir = demo_dir / "downloads" / job_id
             print(f"4/5 downloading the adapter through the API to {adapter_dir}")
             size = download(client, job_id, adapter_dir)
             metrics = client.get(f"/v1/finetune/llm/{job_id}/metrics").json()["metrics"]

@@ -7,12 +7,27 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 import httpx
 
 from cli.process_commands import tunery_command, worker_command
+
+# What a quiet stack sets in its children's environment, unless the environment already says:
+# the services' own INFO lines, Python's warnings more than once each (the worker imports and
+# trains the same code for every job), transformers' advice and progress bars.
+QUIET_ENV = {
+    "TUNERY_LOG_LEVEL": "WARNING",
+    # The last entry is applied first: deprecations stay as silent as Python keeps them.
+    "PYTHONWARNINGS": "once,ignore::DeprecationWarning,ignore::PendingDeprecationWarning,"
+                      "ignore::ImportWarning,ignore::ResourceWarning",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+EVERY_ADDRESS = ("0.0.0.0", "::")
 
 
 def free_port() -> int:
@@ -21,19 +36,53 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def local_url(host: str, port: int) -> str:
+    """The URL a client on this machine reaches an API bound to `host` at."""
+    if host in EVERY_ADDRESS:
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT reached `tunery up`: leave the `with LocalStack` block, stopping it."""
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise `StopRequested` once; later ones are ignored,
+    so the stack's own shutdown runs to its end instead of leaving children behind."""
+    caught = (signal.SIGTERM, signal.SIGINT)
+
+    def request_stop(signum: int, _: FrameType | None) -> None:
+        for sig in caught:
+            signal.signal(sig, signal.SIG_IGN)
+        raise StopRequested(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in caught}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class LocalStack:
     """API + worker processes sharing one environment (and so one database, broker, storage).
 
     Output goes to `log_dir` when given (tests read it on failure), else to this terminal.
+    A `quiet` stack leaves out the banners, the access log and the INFO lines (`QUIET_ENV`).
     """
 
     def __init__(self, env: dict[str, str], port: int | None = None,
-                 log_dir: Path | None = None, start_timeout_s: float = 60.0) -> None:
-        self.env = env
+                 log_dir: Path | None = None, start_timeout_s: float = 60.0,
+                 host: str = "127.0.0.1", quiet: bool = False) -> None:
+        self.env = {**QUIET_ENV, **env} if quiet else env
         self.port = port or free_port()
+        self.host = host
+        self.quiet = quiet
         self.log_dir = log_dir
         self.start_timeout_s = start_timeout_s
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = local_url(host, self.port)
         self.api: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
 
@@ -50,7 +99,9 @@ class LocalStack:
         # Migrations run once here, before the worker starts, so the two never race on them.
         subprocess.run(tunery_command("db", "upgrade"), env=self.env, check=True,
                        stdout=subprocess.DEVNULL)
-        self.api = self._spawn("api", tunery_command("api", "--port", str(self.port)))
+        quiet = ["--quiet"] if self.quiet else []
+        self.api = self._spawn("api", tunery_command("api", "--host", self.host,
+                                                     "--port", str(self.port), *quiet))
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.api.poll() is not None:
@@ -64,7 +115,7 @@ class LocalStack:
         raise TimeoutError(f"the API did not answer on {self.base_url} in time")
 
     def start_worker(self) -> None:
-        self.worker = self._spawn("worker", worker_command())
+        self.worker = self._spawn("worker", worker_command(quiet=self.quiet))
 
     def __enter__(self) -> LocalStack:
         try:
@@ -75,12 +126,13 @@ class LocalStack:
             raise
         return self
 
-    def wait(self) -> None:
-        try:
-            while all(p is not None and p.poll() is None for p in (self.api, self.worker)):
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
+    def wait(self) -> tuple[str, int | None]:
+        """Block until a child exits; which one ("API" or "worker") and its exit code."""
+        while True:
+            for name, proc in (("API", self.api), ("worker", self.worker)):
+                if proc is None or proc.poll() is not None:
+                    return name, proc.returncode if proc else None
+            time.sleep(0.5)
 
     def stop_worker(self, sig: int = signal.SIGTERM) -> None:
         _stop(self.worker, sig)

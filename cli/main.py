@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+from cli.key_commands import add_key_commands
 from cli.process_commands import worker_command
 from shared.private_files import restrict_umask
-from shared.settings import get_settings
+from shared.settings import get_settings, settings_problems
 
 
 def _db_upgrade(_: argparse.Namespace) -> int:
@@ -21,40 +23,10 @@ def _db_upgrade(_: argparse.Namespace) -> int:
     return 0
 
 
-def _keys_create(args: argparse.Namespace) -> int:
-    from shared.db import session_scope
-    from shared.keys import create_api_key
-    from shared.migrate import upgrade_database
-
-    settings = get_settings()
-    if settings.database.auto_migrate:
-        upgrade_database(settings.database.url)
-    with session_scope() as session:
-        created = create_api_key(session, args.name, args.tenant, admin=args.admin)
-    if args.quiet:
-        print(created.plaintext)
-    else:
-        role = "admin key (sees every tenant)" if args.admin else "API key"
-        print(f"{role} for tenant {args.tenant or args.name!r} (shown once, store it now):")
-        print(created.plaintext)
-    return 0
-
-
-def _keys_revoke(args: argparse.Namespace) -> int:
-    from shared.db import session_scope
-    from shared.keys import revoke_api_key
-
-    prefix = args.key.split("_")[1] if args.key.startswith("tun_") else args.key
-    with session_scope() as session:
-        revoked = revoke_api_key(session, prefix)
-    print("revoked" if revoked else "no live key with that prefix")
-    return 0 if revoked else 1
-
-
 def _api(args: argparse.Namespace) -> int:
     from api.serve import serve
 
-    serve(args.host, args.port, args.workers)
+    serve(args.host, args.port, args.workers, quiet=args.quiet)
     return 0
 
 
@@ -63,12 +35,29 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cli.local_stack import LocalStack
+    from cli.local_stack import EVERY_ADDRESS, LocalStack, StopRequested, stop_on_signals
 
-    with LocalStack(port=args.port, env=os.environ.copy()) as stack:
-        print(f"Tunery is up at {stack.base_url} (API + worker); Ctrl-C stops both")
-        stack.wait()
-    return 0
+    if args.host in EVERY_ADDRESS:
+        print(f"tunery up: warning: --host {args.host} serves the API on every network this "
+              "machine is on; an API key is all that stands between it and them",
+              file=sys.stderr)
+    with stop_on_signals():
+        try:
+            with LocalStack(env=os.environ.copy(), port=args.port, host=args.host,
+                            quiet=not args.verbose) as stack:
+                print(f"Tunery is up at {stack.base_url} (API + worker; API reference at "
+                      f"{stack.base_url}/docs); Ctrl-C stops both", flush=True)
+                if not args.verbose:
+                    print("job logs: GET /v1/finetune/llm/{job_id}/logs; `tunery up --verbose` "
+                          "shows the services' own output", flush=True)
+                name, code = stack.wait()
+        except StopRequested:
+            return 0
+        except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+            print(f"tunery up: could not start: {exc}", file=sys.stderr)
+            return 1
+    print(f"tunery up: the {name} exited with code {code}; stopped the rest", file=sys.stderr)
+    return 1
 
 
 def _assets(args: argparse.Namespace) -> int:
@@ -86,8 +75,14 @@ def _assets(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from cli.demo import run_demo
+    from cli.local_stack import StopRequested, stop_on_signals
 
-    return run_demo(tiny=args.tiny)
+    with stop_on_signals():
+        try:
+            return run_demo(tiny=args.tiny)
+        except StopRequested:
+            print("tunery demo: stopped", file=sys.stderr)
+            return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,23 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="run alembic upgrade head").set_defaults(func=_db_upgrade)
 
-    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
-    create = keys.add_parser("create", help="create a key and print it once")
-    create.add_argument("--name", required=True)
-    create.add_argument("--tenant", help="tenant name (default: the key's name)")
-    create.add_argument("--quiet", action="store_true", help="print only the key")
-    create.add_argument("--admin", action="store_true",
-                        help="an operator key: sees and cancels every tenant's jobs and datasets")
-    create.set_defaults(func=_keys_create)
-    revoke = keys.add_parser("revoke", help="revoke a key by its prefix or the key itself")
-    revoke.add_argument("key")
-    revoke.set_defaults(func=_keys_revoke)
+    add_key_commands(sub)
 
     api = sub.add_parser("api", help="serve the HTTP API")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1,
                      help="API processes sharing the port (default 1)")
+    api.add_argument("--quiet", action="store_true",
+                     help="no access log, only warnings and errors")
     api.set_defaults(func=_api)
 
     worker = sub.add_parser("worker", help="run a training worker (one job at a time)")
@@ -121,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=_worker)
 
     up = sub.add_parser("up", help="run the API and one worker together")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="address the API listens on (default 127.0.0.1, this machine only)")
     up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--verbose", action="store_true",
+                    help="show the services' own output: Celery's banner and INFO lines, "
+                         "uvicorn's access log, every warning")
     up.set_defaults(func=_up)
 
     assets = sub.add_parser("assets", help="build the bundled models for offline use")
@@ -140,5 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     # umask the shell or service manager handed down.
     restrict_umask()
     args = build_parser().parse_args(argv)
+    problems = settings_problems()
+    if problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        print("tunery: fix the settings above (README.md, Configuration, lists each one)",
+              file=sys.stderr)
+        return 2
     return int(args.func(args) or 0)
 

@@ -14,11 +14,14 @@ def tunery_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli", *args]
 
 
-def worker_command(queues: str | None = None) -> list[str]:
-    """A Celery training worker consuming `queues` (default: the configured queue)."""
+def worker_command(queues: str | None = None, quiet: bool = False) -> list[str]:
+    """A Celery training worker consuming `queues` (default: the configured queue), started
+    through `cli.celery_worker` (each distinct warning once); a `quiet` one prints no banner
+    and only warnings and errors."""
     settings = get_settings()
+    banner = ["--quiet"] if quiet else []
     # One job per process (solo pool): a training job owns the GPU. Gossip and mingle use
     # broadcast exchanges that the embedded SQLite transport does not provide.
-    return [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", "--pool", "solo",
-            "--concurrency", "1", "-Q", queues or settings.broker.queue_name, "--loglevel", "INFO",
-            "--without-gossip", "--without-mingle"]
+    return [sys.executable, "-m", "cli.celery_worker", "-A", "worker.tasks", *banner, "worker",
+            "--pool", "solo", "--concurrency", "1", "-Q", queues or settings.broker.queue_name,
+            "--loglevel", "WARNING" if quiet else "INFO", "--without-gossip", "--without-mingle"]

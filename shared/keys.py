@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
@@ -100,9 +100,43 @@ def record_use(session: Session, key: ApiKey) -> bool:
     return written.rowcount == 1  # type: ignore[attr-defined]
 
 
-def revoke_api_key(session: Session, prefix: str) -> bool:
-    key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-    if key is None or key.revoked_at is not None:
+@dataclass(frozen=True)
+class KeyListing:
+    """What `tunery keys list` shows of a key: everything but its secret (only a hash of it is
+    kept anyway)."""
+
+    key_id: str
+    prefix: str
+    name: str
+    role: str
+    tenant: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+def list_api_keys(session: Session) -> list[KeyListing]:
+    """Every key, revoked ones included, oldest first."""
+    rows = session.execute(
+        select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .order_by(ApiKey.created_at, ApiKey.id)
+    ).all()
+    return [KeyListing(key.id, key.prefix, key.name, key.role, tenant, key.created_at,
+                       key.last_used_at, key.revoked_at) for key, tenant in rows]
+
+
+def find_api_key(session: Session, ref: str) -> ApiKey | None:
+    """The key `ref` names: its id (as `tunery keys list` shows it), its prefix, or the whole
+    key (`tun_<prefix>_<secret>`, found by its prefix)."""
+    ref = ref.strip()
+    split = _split_key(ref)
+    prefix = split[0] if split else ref
+    return session.scalar(select(ApiKey).where(or_(ApiKey.id == ref, ApiKey.prefix == prefix)))
+
+
+def revoke_api_key(session: Session, key: ApiKey) -> bool:
+    """Revoke `key` from now on; False when it was revoked already."""
+    if key.revoked_at is not None:
         return False
     key.revoked_at = utcnow()
     return True

@@ -13,6 +13,8 @@ environment and for keyword arguments (`Settings(max_dataset_rows=5)`) alike.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +24,7 @@ from pydantic import (
     BaseModel,
     Field,
     SecretStr,
+    ValidationError,
     create_model,
     field_validator,
     model_validator,
@@ -32,6 +35,7 @@ from pydantic_settings import (
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from shared.private_files import create_private_sqlite_file, make_private_dir, tighten_tree
@@ -83,6 +87,7 @@ class SourceSettings(BaseModel):
 
     allowed_local_dirs: list[Path] = Field(
         default_factory=list,
+        examples=[["/data/models", "/data/datasets"]],
         description="Directories whose files data_path / model_path may name directly. "
         "Empty: local paths are refused.",
     )
@@ -92,6 +97,7 @@ class SourceSettings(BaseModel):
     )
     allowed_private_url_hosts: list[str] = Field(
         default_factory=list,
+        examples=[["minio"]],
         description="Hosts (names or IP literals, any port) that data_path URLs may name although "
         "they resolve to loopback, private or link-local addresses, e.g. [\"minio\"]. Empty: "
         "such hosts, and redirects to them, are refused.",
@@ -285,8 +291,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, LegacyEnvSource(settings_cls), dotenv_settings,
-                file_secret_settings)
+        return (init_settings, LenientEnvSource(settings_cls), LegacyEnvSource(settings_cls),
+                dotenv_settings, file_secret_settings)
 
     @model_validator(mode="before")
     @classmethod
@@ -328,13 +334,26 @@ class Settings(BaseSettings):
         return self
 
 
+class LenientEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source, except that a value which should be JSON and is
+    not goes on as the string it is. Validation then reports it beside every other problem,
+    under its field's name, where the stock source stops at the first one with a SettingsError
+    that names neither the variable nor the value."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            return value
+
+
 class LegacyEnvSource(PydanticBaseSettingsSource):
     """Reads the flat `TUNERY_<NAME>` variables of `LEGACY_NAMES` into their groups, parsed as
     pydantic-settings parses any variable (JSON for lists)."""
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
-        self._env = EnvSettingsSource(_flat_model(), env_prefix=ENV_PREFIX, case_sensitive=False)
+        self._env = LenientEnvSource(_flat_model(), env_prefix=ENV_PREFIX, case_sensitive=False)
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False  # everything is read in __call__
@@ -375,3 +394,94 @@ def prepare_data_dir(settings: Settings) -> None:
     # An embedded broker (kombu's sqla+sqlite transport) is one more SQLite file in data_dir.
     if settings.broker.url.startswith("sqla+"):
         create_private_sqlite_file(settings.broker.url)
+
+
+def settings_problems(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per invalid setting in the environment (nothing when they are all valid), for
+    the command line to print before it starts anything."""
+    try:
+        Settings()
+    except (ValidationError, SettingsError) as exc:
+        return settings_error_lines(exc, environ)
+    return []
+
+
+# Values of these settings are never repeated in an error line.
+_UNECHOED = ("secret", "access_key")
+_LONGEST_ECHO = 120
+_BOUND_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
+
+
+def settings_error_lines(exc: ValidationError | SettingsError,
+                         environ: Mapping[str, str] | None = None) -> list[str]:
+    """`exc` as one line per problem: the variable to fix, the form it expects and the value
+    it holds, e.g. `TUNERY_ALLOWED_LOCAL_DIRS: expected a JSON list such as '["/data"]', got
+    '/data'`. Secret values are not repeated."""
+    env = {name.upper(): value for name, value in (os.environ if environ is None
+                                                   else environ).items()}
+    if isinstance(exc, SettingsError):
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        return [f"settings: {exc}{cause}"]
+    lines = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if len(loc) == 1 and loc[0] in GROUPS:
+            lines.append(f"{_group_variables(loc[0], env)}: {message}")
+            continue
+        variable = _variable_name(loc, env)
+        item = f" item {loc[2]}:" if len(loc) > 2 else ""
+        expected = _expected_form(loc, error["type"], message)
+        lines.append(f"{variable}:{item} {expected}{_echo(variable, loc, error, env)}")
+    return lines
+
+
+def _variable_name(loc: tuple[str, ...], env: Mapping[str, str]) -> str:
+    """The variable a user set for the setting at `loc`: the nested name when it is set (it
+    wins), else the flat one."""
+    if loc[0] not in GROUPS or len(loc) < 2:
+        return f"{ENV_PREFIX}{loc[0].upper()}"
+    nested = f"{ENV_PREFIX}{loc[0]}__{loc[1]}".upper()
+    flat = next((f"{ENV_PREFIX}{name}".upper() for name, target in LEGACY_NAMES.items()
+                 if target == (loc[0], loc[1])), nested)
+    return nested if nested in env else flat
+
+
+def _group_variables(group: str, env: Mapping[str, str]) -> str:
+    """The variables set for `group`, for a problem between several of its settings."""
+    names = sorted({_variable_name((group, field), env)
+                    for field in GROUPS[group].model_fields})
+    set_names = [name for name in names if name in env]
+    return ", ".join(set_names or names)
+
+
+def _expected_form(loc: tuple[str, ...], error_type: str, message: str) -> str:
+    field = _field_info(loc)
+    if field is not None and len(loc) == 2 and getattr(field.annotation, "__origin__",
+                                                       None) is list:
+        example = json.dumps(field.examples[0]) if field.examples else "[]"
+        return f"expected a JSON list such as '{example}'"
+    if not message.startswith("Input should be "):
+        return message
+    form = message.removeprefix("Input should be ")
+    if error_type in _BOUND_ERRORS:
+        form = f"a number {form}"
+    return f"expected {form}"
+
+
+def _field_info(loc: tuple[str, ...]) -> FieldInfo | None:
+    if loc[0] in GROUPS and len(loc) >= 2:
+        return GROUPS[loc[0]].model_fields.get(loc[1])
+    return Settings.model_fields.get(loc[0])
+
+
+def _echo(variable: str, loc: tuple[str, ...], error: Any, env: Mapping[str, str]) -> str:
+    if any(word in part for part in loc for word in _UNECHOED):
+        return ""
+    value = env.get(variable, error.get("input"))
+    if not isinstance(value, str | int | float):
+        return ""
+    shown = str(value)
+    if len(shown) > _LONGEST_ECHO:
+        shown = shown[:_LONGEST_ECHO] + "…"
+    return f", got {shown!r}"

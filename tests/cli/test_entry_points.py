@@ -3,9 +3,15 @@ stack start the same way."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import tomllib
+import warnings
 
+import pytest
+
+from cli.celery_worker import FirstOccurrenceOnly
+from cli.local_stack import LocalStack
 from cli.process_commands import tunery_command, worker_command
 from shared.settings import PROJECT_ROOT
 
@@ -30,3 +36,43 @@ def test_worker_command_runs_one_job_at_a_time_on_the_given_queue() -> None:
     assert argv[argv.index("-Q") + 1] == "train-a100"
     assert argv[argv.index("--pool") + 1] == "solo"
     assert argv[argv.index("--concurrency") + 1] == "1"
+
+
+def test_a_quiet_worker_prints_no_banner_and_only_warnings() -> None:
+    quiet, verbose = worker_command(quiet=True), worker_command()
+
+    assert "--quiet" in quiet and "--quiet" not in verbose
+    assert quiet[quiet.index("--loglevel") + 1] == "WARNING"
+    assert verbose[verbose.index("--loglevel") + 1] == "INFO"
+
+
+def test_a_quiet_stack_quiets_its_children_unless_the_environment_says_otherwise() -> None:
+    env = {"TUNERY_LOG_LEVEL": "DEBUG", "PATH": "/usr/bin"}
+
+    assert LocalStack(env=env).env == env  # --verbose: the environment as it is
+    quiet = LocalStack(env=env, quiet=True).env
+    assert quiet["TUNERY_LOG_LEVEL"] == "DEBUG"
+    assert quiet["TRANSFORMERS_VERBOSITY"] == "error"
+    assert quiet["PYTHONWARNINGS"].startswith("once,")
+
+
+def test_the_worker_logs_each_distinct_warning_once(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("py.warnings")
+    once = FirstOccurrenceOnly()
+    logger.addFilter(once)
+    logging.captureWarnings(True)
+    try:
+        for _job in range(3):
+            # What libraries do between jobs; it resets Python's own "once" bookkeeping.
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning,
+                              stacklevel=1)
+                warnings.warn("another one", UserWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+        logger.removeFilter(once)
+
+    messages = [r.getMessage() for r in caplog.records if r.name == "py.warnings"]
+    assert len(messages) == 2
+    assert "is_gradient_checkpointing" in messages[0] and "another one" in messages[1]

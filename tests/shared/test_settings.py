@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from shared.settings import GROUPS, LEGACY_NAMES, PROJECT_ROOT, Settings
+from shared.settings import (
+    GROUPS,
+    LEGACY_NAMES,
+    PROJECT_ROOT,
+    Settings,
+    settings_error_lines,
+    settings_problems,
+)
 
 TOP_LEVEL = ("data_dir", "secret_key", "log_level")
 
@@ -163,6 +170,30 @@ def test_inconsistent_leases_are_refused(clean_env: pytest.MonkeyPatch,
         clean_env.setenv(name, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+@pytest.mark.parametrize("variable", ["TUNERY_ALLOWED_LOCAL_DIRS",
+                                      "TUNERY_SOURCES__ALLOWED_LOCAL_DIRS"])
+def test_a_list_that_is_not_json_is_reported_under_the_variable_set(
+        clean_env: pytest.MonkeyPatch, variable: str) -> None:
+    clean_env.setenv(variable, "/some/dir")
+
+    assert settings_problems() == [
+        f"{variable}: expected a JSON list such as '[\"/data/models\", \"/data/datasets\"]', "
+        "got '/some/dir'"
+    ]
+
+
+def test_valid_settings_have_no_problems(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("TUNERY_ALLOWED_LOCAL_DIRS", '["/srv/data"]')
+    assert settings_problems() == []
+
+
+def test_a_secret_setting_is_never_repeated_in_its_error(clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(secret_key=987654321)
+
+    assert settings_error_lines(caught.value, {}) == ["TUNERY_SECRET_KEY: expected a valid string"]
 
 
 def readme_rows() -> dict[str, list[str]]:

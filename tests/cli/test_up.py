@@ -1,0 +1,191 @@
+"""`tunery up` as a user runs it, a real process with real children: a quiet console, SIGTERM
+stops the whole stack, a child that dies takes the stack down with a message, `--host`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cli.local_stack import free_port
+from cli.process_commands import tunery_command
+from tests.cli.conftest import clean_env
+
+
+class RunningUp:
+    """A `tunery up` process, its console in a file."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.port = free_port()
+        self.env = clean_env(tmp_path / "data")
+        self.console = tmp_path / "console.txt"
+        with self.console.open("wb") as out:
+            self.proc = subprocess.Popen(tunery_command("up", "--port", str(self.port), *args),
+                                         env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.children: set[int] = set()
+        """Every process seen below `tunery up`: the teardown ends those a failure left."""
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.console_text()
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"no /readyz in time:\n{self.console_text()}")
+
+    def wait_console_settled(self, quiet_s: float = 3.0, timeout_s: float = 90) -> None:
+        """Until the console has not grown for `quiet_s`: the worker has started."""
+        deadline = time.monotonic() + timeout_s
+        size, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            now = self.console.stat().st_size
+            if now != size:
+                size, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet_s and len(self.current_children()) >= 2:
+                return
+            time.sleep(0.2)
+
+    def current_children(self) -> set[int]:
+        found = descendants(self.proc.pid)
+        self.children |= found
+        return found
+
+    def console_text(self) -> str:
+        return self.console.read_text(errors="replace")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def wait_gone(pids: set[int], timeout_s: float) -> set[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return {p for p in pids if alive(p)}
+
+
+@pytest.fixture
+def start_up(tmp_path: Path) -> Iterator[type[RunningUp]]:
+    started: list[RunningUp] = []
+
+    class Started(RunningUp):
+        def __init__(self, *args: str) -> None:
+            super().__init__(tmp_path, *args)
+            started.append(self)
+
+    yield Started
+    for up in started:  # whatever a failed test left running
+        if up.proc.poll() is None:
+            up.current_children()
+        up.proc.kill()
+        up.proc.wait()
+        for pid in up.children:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_to_tunery_up_stops_the_api_and_the_worker(start_up: type[RunningUp]) -> None:
+    up = start_up()
+    up.wait_ready()
+    up.wait_console_settled()
+    children = up.current_children()
+    assert len(children) >= 2, up.console_text()  # the API and the worker
+
+    up.proc.send_signal(signal.SIGTERM)
+
+    assert up.proc.wait(timeout=30) == 0, up.console_text()
+    assert wait_gone(children, timeout_s=5) == set(), up.console_text()
+
+
+def test_a_child_that_dies_takes_the_stack_down_and_is_named(start_up: type[RunningUp]) -> None:
+    up = start_up()
+    up.wait_ready()
+    up.wait_console_settled()
+    children = up.current_children()
+    (worker,) = [pid for pid in children
+                 if b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+    os.kill(worker, signal.SIGKILL)
+
+    assert up.proc.wait(timeout=30) == 1
+    assert "tunery up: the worker exited with code -9; stopped the rest" in up.console_text()
+    assert wait_gone(children, timeout_s=5) == set()
+
+
+def test_the_console_stays_quiet_while_clients_poll(start_up: type[RunningUp]) -> None:
+    up = start_up("--host", "127.0.0.1")
+    up.wait_ready()
+    up.wait_console_settled()
+    key = subprocess.run(tunery_command("keys", "create", "--name", "poller", "--quiet"),
+                         env=up.env, capture_output=True, text=True, check=True).stdout.strip()
+    before = up.console_text().splitlines()
+
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=up.base_url, headers=headers, timeout=10) as client:
+        for _ in range(10):
+            assert client.get("/v1/finetune/llm").status_code == 200
+            assert client.get("/readyz").status_code == 200
+        assert client.get("/v1/finetune/llm/no-such-job").status_code == 404
+    time.sleep(1.0)
+
+    after = up.console_text().splitlines()
+    assert len(after) - len(before) <= 2, "\n".join(after[len(before):])
+    assert not any('"GET /' in line for line in after)  # uvicorn's access log
+    assert not any("celery@" in line for line in after)  # Celery's banner
+    assert len(after) <= 12, "\n".join(after)
+
+
+def test_up_on_every_address_warns_and_a_start_failure_is_one_line(
+        start_up: type[RunningUp]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        up = start_up("--host", "0.0.0.0", "--port", str(port))  # the last --port wins
+
+        assert up.proc.wait(timeout=60) == 1
+
+    console = up.console_text()
+    assert "tunery up: warning: --host 0.0.0.0 serves the API on every network" in console
+    assert "address already in use" in console
+    assert "tunery up: could not start: the API exited with code" in console
+    assert "Traceback" not in console
