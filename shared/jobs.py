@@ -40,6 +40,8 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 MAX_LOG_LINE = 4000
+# job_logs.id is a 32-bit INTEGER: PostgreSQL refuses a larger number even in a comparison.
+MAX_LOG_ID = 2**31 - 1
 
 
 class JobNotFound(LookupError):
@@ -399,7 +401,7 @@ def logs_after(session: Session, job_id: str, after_id: int, n_lines: int) -> li
     the last id seen to follow a running job without reading a line twice.
 
     Ids grow in the order lines are committed as long as one writer logs for the job at a
-    time, as an attempt's worker does: it commits each line before it writes the next.
+    time, as an attempt's worker does, one transaction after another.
     """
     return list(session.scalars(
         select(JobLog)

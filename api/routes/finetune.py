@@ -42,7 +42,7 @@ JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]
 NLines = Annotated[int, Query(ge=1, le=10000, description="How many lines: the last ones, or "
                                                            "with `after` the first ones after it.")]
 AfterLine = Annotated[int | None, Query(
-    ge=0, le=2**63 - 1,
+    ge=0, le=jobs.MAX_LOG_ID,
     description="Only lines with a higher id, oldest first: the `next_after` of the previous "
     "answer, to follow a running job without reading a line twice; 0 reads from the start.",
 )]

@@ -96,8 +96,11 @@ def test_after_skips_lines_of_other_jobs_and_an_empty_log_starts_at_zero(
     assert client.get(url, params={"after": first["next_after"]}).json()["logs"] == ["mine 2"]
 
 
-def test_a_negative_after_is_a_422_naming_it(client: TestClient) -> None:
+@pytest.mark.parametrize("after", [-1, jobs.MAX_LOG_ID + 1, "last"])
+def test_an_after_that_is_no_line_id_is_a_422_naming_it(
+    client: TestClient, after: object
+) -> None:
     job_id, _ = _running_job(client)
-    response = client.get(f"/v1/finetune/llm/{job_id}/logs", params={"after": -1})
+    response = client.get(f"/v1/finetune/llm/{job_id}/logs", params={"after": after})
     assert response.status_code == 422
     assert [f["path"] for f in response.json()["error"]["fields"]] == ["after"]
