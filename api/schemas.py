@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
 from shared import datasets, token_preview
-from shared.models import Dataset, Job, JobStatus, KeyRole
+from shared.models import Dataset, Job, JobLog, JobStatus, KeyRole
 from shared.payload_secrets import drop_secrets
 from shared.schema import PromptTemplate
 
@@ -28,6 +29,18 @@ MONSTERAPI_STATUS = {
     JobStatus.FAILED: "FAILED",
     JobStatus.CANCELLED: "TERMINATED",
 }
+_STATUS_NAMES = {status.value: status for status in JobStatus} | {
+    name: status for status, name in MONSTERAPI_STATUS.items()
+}
+
+
+def job_status_named(name: str) -> JobStatus:
+    """The status `name` stands for: one of ours or MonsterAPI's, in any case."""
+    try:
+        return _STATUS_NAMES[name.strip().upper()]
+    except KeyError:
+        raise ValueError(f"unknown status {name!r}; use one of {', '.join(_STATUS_NAMES)} "
+                         "(in any case)") from None
 
 
 class JobOut(BaseModel):
@@ -92,11 +105,30 @@ class JobList(BaseModel):
     offset: int
 
 
+class LogLineOut(BaseModel):
+    id: int = Field(description="Grows with every line the job writes: pass the last one seen "
+                                "as `after` to read only newer lines.")
+    at: UtcDatetime = Field(description="When the line was written.")
+    attempt: int = Field(description="The attempt that wrote it; a re-queued job counts on.")
+    line: str
+
+
 class LogsOut(BaseModel):
     job_id: str
     deployment_id: str
     status: JobStatus
-    logs: list[str]
+    logs: list[str] = Field(description="The lines' text, as MonsterAPI clients read it.")
+    lines: list[LogLineOut] = Field(description="The same lines, each with its id, time and "
+                                                "attempt, oldest first.")
+    next_after: int = Field(description="The id of the last line here (with none, the `after` "
+                                        "asked for, or 0): pass it as `after` next time.")
+
+    @classmethod
+    def of(cls, job: Job, rows: Sequence[JobLog], after: int | None) -> LogsOut:
+        lines = [LogLineOut(id=r.id, at=r.at, attempt=r.attempt, line=r.line) for r in rows]
+        return cls(job_id=job.id, deployment_id=job.id, status=JobStatus(job.status),
+                   logs=[line.line for line in lines], lines=lines,
+                   next_after=lines[-1].id if lines else after or 0)
 
 
 class MetricOut(BaseModel):

@@ -6,11 +6,12 @@ the attempt number so a stale worker cannot overwrite a newer attempt, and recor
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import ColumnElement, Table, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import (
@@ -39,6 +40,8 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 MAX_LOG_LINE = 4000
+# job_logs.id is a 32-bit INTEGER: PostgreSQL refuses a larger number even in a comparison.
+MAX_LOG_ID = 2**31 - 1
 
 
 class JobNotFound(LookupError):
@@ -113,8 +116,18 @@ def get_job(session: Session, scope: Scope, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, scope: Scope, limit: int, offset: int) -> tuple[list[Job], int]:
-    return newest_first(session, Job, scope, limit, offset)
+def list_jobs(
+    session: Session, scope: Scope, limit: int, offset: int, *,
+    statuses: Collection[JobStatus] = (), base_model: str | None = None,
+) -> tuple[list[Job], int]:
+    """One page of the jobs `scope` sees, newest first, and how many there are in all; with
+    `statuses`, only jobs in one of them; with `base_model`, only jobs of that exact model."""
+    filters: list[ColumnElement[bool]] = []
+    if statuses:
+        filters.append(Job.status.in_([status.value for status in statuses]))
+    if base_model is not None:
+        filters.append(Job.base_model == base_model)
+    return newest_first(session, Job, scope, limit, offset, filters)
 
 
 def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> Claim | None:
@@ -376,10 +389,26 @@ def record_metric(session: Session, job_id: str, attempt: int, step: int,
 
 
 def tail_logs(session: Session, job_id: str, n_lines: int) -> list[JobLog]:
+    """The job's last `n_lines` log lines, oldest first."""
     rows = session.scalars(
         select(JobLog).where(JobLog.job_id == job_id).order_by(JobLog.id.desc()).limit(n_lines)
     ).all()
     return list(reversed(rows))
+
+
+def logs_after(session: Session, job_id: str, after_id: int, n_lines: int) -> list[JobLog]:
+    """Up to `n_lines` of the job's log lines with an id above `after_id`, oldest first: pass
+    the last id seen to follow a running job without reading a line twice.
+
+    Ids grow in the order lines are committed as long as one writer logs for the job at a
+    time, as an attempt's worker does, one transaction after another.
+    """
+    return list(session.scalars(
+        select(JobLog)
+        .where(JobLog.job_id == job_id, JobLog.id > after_id)
+        .order_by(JobLog.id)
+        .limit(n_lines)
+    ).all())
 
 
 def list_metrics(session: Session, job_id: str) -> list[JobMetric]:

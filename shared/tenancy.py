@@ -9,9 +9,10 @@ existed, and no route needs an `if admin` of its own.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Final, TypeVar
 
-from sqlalchemy import ColumnElement, func, select, true
+from sqlalchemy import ColumnElement, and_, func, select, true
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from shared.models import Dataset, Job
@@ -38,10 +39,12 @@ Listed = TypeVar("Listed", Job, Dataset)
 
 
 def newest_first(
-    session: Session, model: type[Listed], scope: Scope, limit: int, offset: int
+    session: Session, model: type[Listed], scope: Scope, limit: int, offset: int,
+    filters: Sequence[ColumnElement[bool]] = (),
 ) -> tuple[list[Listed], int]:
-    """One page of the `model` rows `scope` sees, newest first, and how many it sees in all."""
-    where = visible_to(scope, model.tenant_id)
+    """One page of the `model` rows `scope` sees that match every one of `filters`, newest
+    first, and how many of them it sees in all."""
+    where = and_(visible_to(scope, model.tenant_id), *filters)
     total = session.scalar(select(func.count()).select_from(model).where(where))
     rows = session.scalars(
         select(model)

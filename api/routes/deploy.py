@@ -7,10 +7,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from pydantic import Field
 
 from api.deps import SessionDep, TenantDep
 from api.errors import AUTHENTICATED, error_responses
-from api.routes.finetune import JobId, NLines, cancel_job, get_job, job_logs, list_jobs
+from api.routes.finetune import (
+    AfterLine,
+    JobId,
+    JobListQuery,
+    NLines,
+    cancel_job,
+    get_job,
+    job_logs,
+    list_jobs,
+)
 from api.schemas import JobList, JobOut, LogsOut, TerminateIn
 
 router = APIRouter(prefix="/v1/deploy", tags=["monsterapi compatibility"],
@@ -26,15 +36,18 @@ def deployment_status(deployment_id: JobId, caller: TenantDep, session: SessionD
 @router.get("/logs/{deployment_id}", summary="Alias of GET /v1/finetune/llm/{job_id}/logs",
             responses=error_responses(404))
 def deployment_logs(deployment_id: JobId, caller: TenantDep, session: SessionDep,
-                    n_lines: NLines = 100) -> LogsOut:
-    return job_logs(deployment_id, caller, session, n_lines)
+                    n_lines: NLines = 100, after: AfterLine = None) -> LogsOut:
+    return job_logs(deployment_id, caller, session, n_lines, after)
+
+
+class DeploymentListQuery(JobListQuery):
+    limit: int = Field(100, ge=1, le=100)
 
 
 @router.get("/list", summary="Alias of GET /v1/finetune/llm")
 def deployment_list(caller: TenantDep, session: SessionDep,
-                    limit: Annotated[int, Query(ge=1, le=100)] = 100,
-                    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> JobList:
-    return list_jobs(caller, session, limit, offset)
+                    query: Annotated[DeploymentListQuery, Query()]) -> JobList:
+    return list_jobs(caller, session, query)
 
 
 @router.post("/terminate", summary="Alias of POST /v1/finetune/llm/{job_id}/cancel",

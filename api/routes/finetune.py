@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, BeforeValidator, Field
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
@@ -22,6 +23,7 @@ from api.schemas import (
     LogsOut,
     MetricOut,
     MetricsOut,
+    job_status_named,
 )
 from shared import datasets, idempotency, jobs, storage_keys
 from shared.artifacts import ARCHIVE, archive_folder, list_artifacts, stream_archive
@@ -38,7 +40,13 @@ from shared.url_guard import UrlPolicy
 router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
-NLines = Annotated[int, Query(ge=1, le=10000, description="How many of the last lines.")]
+NLines = Annotated[int, Query(ge=1, le=10000, description="How many lines: the last ones, or "
+                                                           "with `after` the first ones after it.")]
+AfterLine = Annotated[int | None, Query(
+    ge=0, le=jobs.MAX_LOG_ID,
+    description="Only lines with a higher id, oldest first: the `next_after` of the previous "
+    "answer, to follow a running job without reading a line twice; 0 reads from the start.",
+)]
 IdempotencyKeyHeader = Annotated[str | None, Header(
     alias=idempotency.HEADER,
     description="Optional, 1 to 255 printable ASCII characters, scoped to the API key. A retry "
@@ -133,12 +141,38 @@ router.add_api_route("", submit_job, methods=["POST"], status_code=201,
                      summary="Submit a fine-tuning job (MonsterAPI payload)")
 
 
+def _statuses(names: list[str]) -> list[JobStatus]:
+    return [job_status_named(name) for name in names]
+
+
+class JobListQuery(BaseModel):
+    """The job list's query parameters. Any other is refused: FastAPI would ignore it, and a
+    misspelt filter (`?state=FAILED`) would list every job as if it had matched."""
+
+    model_config = {"extra": "forbid"}
+
+    limit: int = Field(20, ge=1, le=100)
+    offset: int = Field(0, ge=0, le=1_000_000)
+    status: Annotated[
+        list[JobStatus], BeforeValidator(_statuses, json_schema_input_type=list[str])
+    ] = Field(default_factory=list, description=(
+        "Only jobs in this status; repeat it for several (`?status=FAILED&status=CANCELLED`). "
+        "QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, or MonsterAPI's IN_QUEUE, IN_PROGRESS, "
+        "TERMINATED, in any case."
+    ))
+    base_model: str | None = Field(None, min_length=1, max_length=512, description=(
+        "Only jobs of this base model, exactly as submitted in "
+        "`pretrainedmodel_config.model_path`."
+    ))
+
+
 @router.get("", summary="List this key's jobs (an admin key: every tenant's), newest first")
 def list_jobs(caller: TenantDep, session: SessionDep,
-              limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> JobList:
-    items, total = jobs.list_jobs(session, caller.scope, limit, offset)
-    return JobList(items=[JobOut.of(j) for j in items], total=total, limit=limit, offset=offset)
+              query: Annotated[JobListQuery, Query()]) -> JobList:
+    items, total = jobs.list_jobs(session, caller.scope, query.limit, query.offset,
+                                  statuses=query.status, base_model=query.base_model)
+    return JobList(items=[JobOut.of(j) for j in items], total=total, limit=query.limit,
+                   offset=query.offset)
 
 
 @router.get("/{job_id}", summary="A job's status, phase, progress and result",
@@ -155,13 +189,14 @@ def cancel_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
     return JobOut.of(job)
 
 
-@router.get("/{job_id}/logs", summary="The last log lines of a job",
+@router.get("/{job_id}/logs", summary="A job's last log lines, or those after a line id",
             responses=error_responses(404))
 def job_logs(job_id: JobId, caller: TenantDep, session: SessionDep,
-             n_lines: NLines = 100) -> LogsOut:
+             n_lines: NLines = 100, after: AfterLine = None) -> LogsOut:
     job = jobs.get_job(session, caller.scope, job_id)
-    lines = [row.line for row in jobs.tail_logs(session, job.id, n_lines)]
-    return LogsOut(job_id=job.id, deployment_id=job.id, status=JobStatus(job.status), logs=lines)
+    rows = (jobs.tail_logs(session, job.id, n_lines) if after is None
+            else jobs.logs_after(session, job.id, after, n_lines))
+    return LogsOut.of(job, rows, after)
 
 
 @router.get("/{job_id}/metrics", summary="Per-step training metrics",

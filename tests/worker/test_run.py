@@ -30,7 +30,7 @@ from worker.publish import publish_outputs
 
 LOG_LINE = re.compile(
     r"epoch \d+ \| step \d+/\d+ \(\d+%\) \| loss \d+\.\d{4} \| lr \d\.\de[-+]\d\d \| "
-    r"\d+ tok/s \| eta (\d+s|\d+m\d\ds|\d+h\d\dm)"
+    r"\d+ tok/s \| eta (–|\d+s|\d+m\d\ds|\d+h\d\dm)"
 )
 WANDB_KEY = "wandb-key-" + "k" * 30
 WANDB_ENTITY = "tiny-team"
@@ -182,8 +182,10 @@ def test_reporter_gets_phases_metrics_log_lines_and_progress(lora_job: Job) -> N
     assert reporter.phases == ["loading_data", "loading_model", "training"]
     assert set(reporter.phases) <= set(PHASES)
     assert reporter.steps("loss") == [1, 2, 3, 4, 5, 6]
-    first = next(values for _, values in reporter.metrics if "loss" in values)
-    assert set(first) == {
+    # The first step's ETA would be its warm-up extrapolated: there is none.
+    first, second = [values for _, values in reporter.metrics if "loss" in values][:2]
+    assert "eta_s" not in first
+    assert set(first) | {"eta_s"} == set(second) == {
         "epoch",
         "loss",
         "learning_rate",
@@ -196,11 +198,13 @@ def test_reporter_gets_phases_metrics_log_lines_and_progress(lora_job: Job) -> N
     assert all(v > 0 for v in reporter.values("tokens_per_s"))
     assert set(reporter.values("total_steps")) == {6}
     assert reporter.values("percent") == pytest.approx([100 * s / 6 for s in range(1, 7)])
+    assert reporter.steps("eta_s") == [2, 3, 4, 5, 6]
     etas = reporter.values("eta_s")
     assert all(eta > 0 for eta in etas[:-1]) and etas[-1] == 0
     train_lines = [line for line in reporter.lines if "| loss " in line]
     assert len(train_lines) == 6 and all(LOG_LINE.fullmatch(line) for line in train_lines)
     assert train_lines[0].startswith("epoch 1 | step 1/6 (17%) | loss ")
+    assert train_lines[0].endswith("| eta –")
     assert train_lines[-1].endswith("| eta 0s")
     assert any(
         re.fullmatch(r"epoch 1 \| step 6/6 \(100%\) \| eval_loss \d+\.\d{4}", x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,28 +40,36 @@ class MetricsCallback(TrainerCallback):
     tokens/s counts non-padding tokens (`include_num_input_tokens_seen="non_padding"`) over
     wall time, evaluation time excluded; a run that counts no tokens
     (`include_num_input_tokens_seen="no"`) reports none. The ETA extrapolates the wall time per
-    step so far, evaluations included, since they recur at the same pace until the end.
+    step since the run's first step ended, evaluations included, since they recur at the same
+    pace until the end; until a second step has ended there is none (`eta –`, no `eta_s`).
 
     `extra` maps further Trainer log keys (a TRL trainer's own numbers) to the metric names
-    they are recorded under; they are appended to the log line too.
+    they are recorded under; they are appended to the log line too. `clock` gives seconds.
     """
 
-    def __init__(self, reporter: JobReporter, extra: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        reporter: JobReporter,
+        extra: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.reporter = reporter
         self.extra = dict(extra or {})
+        self.clock = clock
         self.losses: list[float] = []
         self._last_time = 0.0
         self._last_tokens = 0
-        self._start_time = 0.0
-        self._start_step = 0
+        # (time, step) when this run's first step ended: the pace counts from there, because
+        # the first step also pays for warm-up (compilation, kernel autotuning, allocator
+        # growth) and a short job's ETA extrapolated from it is many times too long.
+        self._paced_from: tuple[float, int] | None = None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._last_time = self._start_time = time.perf_counter()
+        self._last_time = self.clock()
         self._last_tokens = state.num_input_tokens_seen
-        # A resumed run starts past step 0; its pace counts from where it started.
-        self._start_step = state.global_step
+        self._paced_from = None
         loader = kwargs.get("train_dataloader")
         examples = f" of {len(loader.dataset)} examples" if loader is not None else ""
         epochs = args.num_train_epochs
@@ -76,7 +84,24 @@ class MetricsCallback(TrainerCallback):
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._last_time = time.perf_counter()
+        self._last_time = self.clock()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # A resumed run starts past step 0: its first step is the first one it trains.
+        if self._paced_from is None:
+            self._paced_from = (self.clock(), state.global_step)
+
+    def eta_s(self, now: float, step: int, total: int) -> float | None:
+        """Seconds left after `step` of `total` at the pace of the steps after the run's
+        first; None until a second step has ended."""
+        if self._paced_from is None:
+            return None
+        since, from_step = self._paced_from
+        if step <= from_step:
+            return None
+        return (now - since) / (step - from_step) * max(total - step, 0)
 
     def on_log(
         self,
@@ -99,11 +124,10 @@ class MetricsCallback(TrainerCallback):
             return
         if "loss" not in logs:
             return  # the end-of-training summary; its numbers were all reported already
-        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        now, tokens = self.clock(), state.num_input_tokens_seen
         tokens_per_s = (tokens - self._last_tokens) / max(now - self._last_time, 1e-9)
         self._last_time, self._last_tokens = now, tokens
-        steps_done = step - self._start_step
-        eta_s = (now - self._start_time) / max(steps_done, 1) * max(total - step, 0)
+        eta_s = self.eta_s(now, step, total)
         loss = float(logs["loss"])
         self.losses.append(loss)
         counts_tokens = args.include_num_input_tokens_seen != "no"
@@ -113,8 +137,9 @@ class MetricsCallback(TrainerCallback):
             "learning_rate": float(logs.get("learning_rate", 0.0)),
             "total_steps": float(total),
             "percent": percent,
-            "eta_s": eta_s,
         }
+        if eta_s is not None:
+            values["eta_s"] = eta_s
         if counts_tokens:
             values["tokens_per_s"] = tokens_per_s
         if logs.get("grad_norm") is not None:
@@ -124,9 +149,10 @@ class MetricsCallback(TrainerCallback):
         self.reporter.metric(step, values)
         throughput = f"{tokens_per_s:.0f} tok/s | " if counts_tokens else ""
         more = "".join(f" | {name} {value:.4f}" for name, value in extra.items())
+        eta = format_duration(eta_s) if eta_s is not None else "–"
         self.reporter.log(
             f"{head} | loss {loss:.4f} | lr {values['learning_rate']:.1e} | "
-            f"{throughput}eta {format_duration(eta_s)}{more}"
+            f"{throughput}eta {eta}{more}"
         )
 
 
