@@ -96,7 +96,7 @@ def create_job(
         "id": job.id,
         "tenant_id": tenant_id,
         "status": JobStatus.QUEUED.value,
-        "payload": seal_secrets(stored_payload(request)),
+        "payload": seal_secrets(_stored_payload(request)),
         "base_model": request.pretrainedmodel_config.model_path,
         "max_attempts": max_attempts,
         "warnings": [w[:MAX_LOG_LINE] for w in warnings] or None,
@@ -108,7 +108,7 @@ def create_job(
     return job
 
 
-def stored_payload(request: FinetuneRequest) -> dict[str, Any]:
+def _stored_payload(request: FinetuneRequest) -> dict[str, Any]:
     """The request as the job keeps it, defaults filled in, except a prompt_template the
     request left out: it stays out, so that the worker, which reads the payload back through
     the schema, can tell the user it trains on the schema's default template."""
