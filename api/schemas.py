@@ -59,6 +59,12 @@ class JobOut(BaseModel):
     attempt: int
     cancel_requested: bool
     result: dict[str, Any] | None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the service changed in the job or doubts about it (a warm-up cut to "
+        "fit a short run, the default prompt template used), at submit time or as the worker "
+        "found it; never a reason the job failed.",
+    )
     created_at: UtcDatetime
     started_at: UtcDatetime | None
     finished_at: UtcDatetime | None
@@ -82,6 +88,7 @@ class JobOut(BaseModel):
             attempt=job.attempt,
             cancel_requested=job.cancel_requested,
             result=job.result,
+            warnings=job.warnings or [],
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,

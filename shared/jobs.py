@@ -6,7 +6,7 @@ the attempt number so a stale worker cannot overwrite a newer attempt, and recor
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -82,10 +82,12 @@ class NewJob:
 
 
 def create_job(
-    session: Session, tenant_id: str, request: FinetuneRequest, max_attempts: int
+    session: Session, tenant_id: str, request: FinetuneRequest, max_attempts: int,
+    *, warnings: Sequence[str] = (),
 ) -> NewJob:
     """Insert a QUEUED job for `request`, its secrets encrypted, and its first event; the
-    caller commits.
+    caller commits. `warnings` are sentences found at submit time, shown with the job; the
+    worker adds its own (`add_warning`).
 
     Two Core INSERTs built once, rather than ORM objects: every submit goes through here,
     and building statements and flushing a unit of work cost several times what PostgreSQL
@@ -96,15 +98,26 @@ def create_job(
         "id": job.id,
         "tenant_id": tenant_id,
         "status": JobStatus.QUEUED.value,
-        "payload": seal_secrets(request.model_dump(mode="json")),
+        "payload": seal_secrets(_stored_payload(request)),
         "base_model": request.pretrainedmodel_config.model_path,
         "max_attempts": max_attempts,
+        "warnings": [w[:MAX_LOG_LINE] for w in warnings] or None,
     })
     session.execute(_INSERT_EVENT, {
         "job_id": job.id, "from_status": None, "to_status": JobStatus.QUEUED.value,
         "attempt": 0,
     })
     return job
+
+
+def _stored_payload(request: FinetuneRequest) -> dict[str, Any]:
+    """The request as the job keeps it, defaults filled in, except a prompt_template the
+    request left out: it stays out, so that the worker, which reads the payload back through
+    the schema, can tell the user it trains on the schema's default template."""
+    payload = request.model_dump(mode="json")
+    if "prompt_template" not in request.data_config.model_fields_set:
+        del payload["data_config"]["prompt_template"]
+    return payload
 
 
 def get_job(session: Session, scope: Scope, job_id: str) -> Job:
@@ -375,6 +388,25 @@ def set_phase(session: Session, claim: Claim, phase: str | None = None,
         .where(Job.id == claim.job_id, Job.attempt == claim.attempt,
                Job.status == JobStatus.RUNNING.value)
         .values(**values)
+    )
+    return done.rowcount == 1  # type: ignore[attr-defined]
+
+
+def add_warning(session: Session, claim: Claim, warning: str) -> bool:
+    """Add `warning` to the job's warnings, fenced on the claim's attempt like the worker's
+    other writes; False when that attempt no longer owns the job. A sentence the job already
+    carries is not added again: a retried or resumed attempt says the same things."""
+    fence = (Job.id == claim.job_id, Job.attempt == claim.attempt,
+             Job.status == JobStatus.RUNNING.value)
+    found = session.execute(select(Job.warnings).where(*fence).with_for_update()).one_or_none()
+    if found is None:
+        return False
+    warning = warning[:MAX_LOG_LINE]
+    warnings = list(found.warnings or [])
+    if warning in warnings:
+        return True
+    done = session.execute(
+        update(Job).where(*fence).values(warnings=[*warnings, warning], updated_at=utcnow())
     )
     return done.rowcount == 1  # type: ignore[attr-defined]
 

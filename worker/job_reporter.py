@@ -18,6 +18,7 @@ from shared.payload_secrets import redact_secrets
 from worker.heartbeat import Heartbeat
 from worker.pipeline.errors import StopReason
 from worker.pipeline.interrupts import uninterruptible
+from worker.pipeline.report import WARNING_PREFIX
 
 log = logging.getLogger("tunery.worker")
 
@@ -60,6 +61,11 @@ class DatabaseReporter:
         self._write(
             lambda session: jobs.append_log(session, self.claim.job_id, self.claim.attempt, line)
         )
+
+    def warn(self, warning: str) -> None:
+        warning = redact_secrets(warning, self._secrets)
+        self._write(lambda session: jobs.add_warning(session, self.claim, warning))
+        self.log(f"{WARNING_PREFIX}{warning}")
 
     def metric(self, step: int, values: dict[str, float]) -> None:
         self._write(

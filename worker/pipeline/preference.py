@@ -22,7 +22,7 @@ from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
 from worker.pipeline.model import loaded_dtype
 from worker.pipeline.report import JobReporter
 from worker.pipeline.trainer import TrainStats, run_trainer
-from worker.pipeline.training_args import training_arguments
+from worker.pipeline.training_args import planned_warmup, training_arguments
 
 # TRL's log keys, and the metric names they are recorded under. The log-odds ratio and the
 # reward margin grow as the model learns to prefer the chosen answers; nll_loss is the
@@ -84,6 +84,9 @@ def train_orpo(
         dtype=loaded_dtype(model),
         batch_size=batch_size,
         save_steps=checkpoints.every_steps if checkpoints else 0,
+        # TRL truncates long rows, drops none: every row is a training example.
+        warmup_steps=planned_warmup(config, train_examples=len(rows), batch_size=batch_size,
+                                    reporter=reporter),
         wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
         arguments_class=ORPOConfig,
         max_length=max_length,

@@ -32,6 +32,9 @@ METRIC_KEYS = frozenset(
     }
 )
 
+# How a warning's log line starts.
+WARNING_PREFIX = "warning: "
+
 # Where a pipeline function writes its user-visible log lines; usually `JobReporter.log`.
 LogFn = Callable[[str], None]
 
@@ -46,6 +49,10 @@ class JobReporter(Protocol):
 
     def log(self, line: str) -> None:
         """One user-visible log line, e.g. `epoch 1 | step 5/40 (12%) | loss 2.31 | ...`."""
+
+    def warn(self, warning: str) -> None:
+        """A sentence the user must read with the job's outcome (a warm-up cut to fit the run,
+        the default template used): logged as `warning: ...` and kept in the job's warnings."""
 
     def metric(self, step: int, values: dict[str, float]) -> None:
         """Metrics at optimizer step `step`; keys among `METRIC_KEYS`."""
@@ -67,6 +74,7 @@ class RecordingReporter:
 
     phases: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     fractions: list[float] = field(default_factory=list)
     stop_after_step: int | None = None
@@ -78,6 +86,11 @@ class RecordingReporter:
 
     def log(self, line: str) -> None:
         self.lines.append(line)
+
+    def warn(self, warning: str) -> None:
+        self.log(f"{WARNING_PREFIX}{warning}")
+        if warning not in self.warnings:
+            self.warnings.append(warning)
 
     def metric(self, step: int, values: dict[str, float]) -> None:
         self.metrics.append((step, dict(values)))

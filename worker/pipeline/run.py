@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.dataset_columns import missing_job_columns_message
-from shared.schema import FinetuneRequest, TemplateError
+from shared.schema import DataConfig, FinetuneRequest, TemplateError
 from shared.settings import Settings
 from shared.storage import storage_from_settings
 from shared.url_guard import UrlPolicy
@@ -25,6 +26,9 @@ from worker.pipeline.preference import train_orpo
 from worker.pipeline.report import JobReporter, LogFn
 from worker.pipeline.train import train
 from worker.pipeline.trainer import TrainStats
+
+# How much of the prompt template the log shows.
+TEMPLATE_SHOWN_CHARS = 200
 
 
 @dataclass
@@ -165,10 +169,25 @@ def _prepare_data(
         examples = preference_rows(dataset, log=log)
         fit = partial(train_orpo, max_length=data.cutoff_len)
     else:
+        _report_prompt_template(data, reporter)
         examples = render_and_tokenize(dataset, tokenizer, data, log=log)
         fit = train
     train_set, eval_set = split(examples, data.data_split_config, log=log)
     return train_set, eval_set, fit, tokenizer
+
+
+def _report_prompt_template(data: DataConfig, reporter: JobReporter) -> None:
+    """Say which prompt template the examples are rendered with; the schema's default, which
+    the request gets by leaving the field out, with a job warning: it names an alpaca dataset
+    and rarely fits the user's."""
+    template = data.prompt_template
+    shown = json.dumps(template[:TEMPLATE_SHOWN_CHARS], ensure_ascii=False)
+    if len(template) > TEMPLATE_SHOWN_CHARS:
+        shown += "…"
+    if "prompt_template" in data.model_fields_set:
+        reporter.log(f"prompt_template: {shown}")
+    else:
+        reporter.warn(f"prompt_template: the default template (left out of the request): {shown}")
 
 
 def _gib(gigabytes: float | None) -> float | None:

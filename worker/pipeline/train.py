@@ -31,7 +31,7 @@ from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
 from worker.pipeline.model import loaded_dtype
 from worker.pipeline.report import JobReporter
 from worker.pipeline.trainer import TrainStats, TuneryTrainer, run_trainer
-from worker.pipeline.training_args import training_arguments
+from worker.pipeline.training_args import planned_warmup, training_arguments
 
 
 def train(
@@ -70,6 +70,9 @@ def train(
         dtype=loaded_dtype(model),
         batch_size=batch_size,
         save_steps=checkpoints.every_steps if checkpoints else 0,
+        # Every layout below makes ceil(examples / batch_size) batches an epoch.
+        warmup_steps=planned_warmup(config, train_examples=len(train_set),
+                                    batch_size=batch_size, reporter=reporter),
         wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
     )
 

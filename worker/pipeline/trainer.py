@@ -154,6 +154,13 @@ def run_trainer(
             f"kept the adapter of step {best.best_step}, the best eval_loss {best.best_loss:.4f}, "
             f"instead of the last step's"
         )
+        if best.best_step == 0:
+            reporter.warn(
+                f"training never improved on the eval_loss before its first step "
+                f"({best.best_loss:.4f}): the adapter kept is the one training started from, "
+                f"untrained unless the job continues another job's adapter; a different "
+                f"learning_rate, more epochs or more data may help"
+            )
     reporter.progress(1.0)
     return TrainStats(
         steps=state.global_step,

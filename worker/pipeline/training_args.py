@@ -1,4 +1,5 @@
-"""The request's training_config as transformers' TrainingArguments, for every trainer."""
+"""The request's training_config as transformers' TrainingArguments, for every trainer, and
+the warm-up the run really gets (`planned_warmup`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from transformers import TrainingArguments
 
 from shared.schema import TrainingConfig
-from shared.training_plan import BATCH_SIZE
+from shared.training_plan import BATCH_SIZE, optimizer_steps, warmup_plan
+from worker.pipeline.report import JobReporter
 
 SEED = 42
 # About ten evaluations per run: enough for early stopping and reduce_lr_on_plateau to act,
@@ -18,7 +20,43 @@ EVAL_EVERY_FRACTION = 0.1
 # torch's ReduceLROnPlateau waits 10 evaluations by default, which never happens in ten.
 PLATEAU_KWARGS = {"patience": 1, "factor": 0.5}
 
+# transformers' schedulers without a warm-up: they ignore warmup_steps.
+SCHEDULERS_WITHOUT_WARMUP = frozenset({"constant", "reduce_lr_on_plateau"})
+
 Arguments = TypeVar("Arguments", bound=TrainingArguments)
+
+
+def planned_warmup(
+    config: TrainingConfig, *, train_examples: int, batch_size: int, reporter: JobReporter
+) -> int:
+    """The warm-up steps to give the Trainer for a run over `train_examples` examples (those
+    left after tokenization and the validation split): `shared.training_plan`'s rule on the
+    optimizer steps the Trainer will run, said in the log, and a job warning when the rule cut
+    the warm-up or it takes a large share of the run.
+
+    transformers' warm-up runs step s, counted from 0, at learning_rate * s / warm-up: the
+    first step of any warm-up runs at 0 (AdamW still takes its gradient into its moments),
+    and step warm-up + 1 is the first at learning_rate. A run too short for a tenth of it to
+    make a step gets no warm-up, hence no step at 0.
+    """
+    if config.lr_scheduler_type in SCHEDULERS_WITHOUT_WARMUP:
+        return config.warmup_steps
+    total = optimizer_steps(
+        train_examples, epochs=config.num_train_epochs,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, batch_size=batch_size,
+    )
+    plan = warmup_plan(config.warmup_steps, total)
+    if plan.warning:
+        reporter.warn(plan.warning)
+    rate = f"learning_rate {config.learning_rate:.1e}"
+    if plan.steps:
+        reporter.log(
+            f"warm-up: {plan.steps} of {total} steps; the learning rate rises from 0 at step 1 "
+            f"to {rate} at step {plan.steps + 1}"
+        )
+    else:
+        reporter.log(f"warm-up: none; training starts at {rate} (step 1 of {total})")
+    return plan.steps
 
 
 def training_arguments(
@@ -30,6 +68,7 @@ def training_arguments(
     dtype: torch.dtype = torch.float32,
     batch_size: int = BATCH_SIZE,
     save_steps: int = 0,
+    warmup_steps: int | None = None,
     wandb_run_name: str | None = None,
     arguments_class: type[Arguments] = TrainingArguments,  # type: ignore[assignment]
     **overrides: Any,
@@ -37,7 +76,9 @@ def training_arguments(
     """Map the request's training_config onto transformers 5 TrainingArguments.
 
     `dtype` is the one the base model was loaded in (`model.loaded_dtype`): half precision
-    trains under autocast. `save_steps` > 0 saves a checkpoint that often. A trainer with its
+    trains under autocast. `save_steps` > 0 saves a checkpoint that often. A run that trains
+    passes its `planned_warmup` as `warmup_steps`; None keeps the request's (arguments that
+    only evaluate). A trainer with its
     own arguments class (TRL's `ORPOConfig`) passes it as `arguments_class`, with its own
     fields and any value it must change in `overrides`.
     """
@@ -63,7 +104,7 @@ def training_arguments(
         per_device_train_batch_size=batch_size,
         num_train_epochs=config.num_train_epochs,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_steps=config.warmup_steps,
+        warmup_steps=config.warmup_steps if warmup_steps is None else warmup_steps,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
         lr_scheduler_kwargs=scheduler_kwargs,
