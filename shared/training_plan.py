@@ -20,6 +20,8 @@ WARMUP_CAP_FROM_SHARE = 0.5
 WARMUP_CAPPED_SHARE = 0.1
 # Warm-up from this share of the run (and below the cap) is kept, with a warning.
 WARMUP_WARN_FROM_SHARE = 0.25
+# transformers' schedulers without a warm-up: they ignore warmup_steps, so no rule applies.
+SCHEDULERS_WITHOUT_WARMUP = frozenset({"constant", "reduce_lr_on_plateau"})
 # Fewer training examples than this rarely teach a model anything it keeps.
 FEW_EXAMPLES = 16
 

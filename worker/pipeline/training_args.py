@@ -10,7 +10,12 @@ import torch
 from transformers import TrainingArguments
 
 from shared.schema import TrainingConfig
-from shared.training_plan import BATCH_SIZE, optimizer_steps, warmup_plan
+from shared.training_plan import (
+    BATCH_SIZE,
+    SCHEDULERS_WITHOUT_WARMUP,
+    optimizer_steps,
+    warmup_plan,
+)
 from worker.pipeline.report import JobReporter
 
 SEED = 42
@@ -19,9 +24,6 @@ SEED = 42
 EVAL_EVERY_FRACTION = 0.1
 # torch's ReduceLROnPlateau waits 10 evaluations by default, which never happens in ten.
 PLATEAU_KWARGS = {"patience": 1, "factor": 0.5}
-
-# transformers' schedulers without a warm-up: they ignore warmup_steps.
-SCHEDULERS_WITHOUT_WARMUP = frozenset({"constant", "reduce_lr_on_plateau"})
 
 Arguments = TypeVar("Arguments", bound=TrainingArguments)
 
