@@ -49,9 +49,12 @@ class HubClient:
         try:
             with httpx.Client(timeout=self.timeout_s, follow_redirects=True) as client:
                 response = client.get(f"{self.endpoint}/api/{kind}/{repo_id}", headers=headers)
+        except httpx.TimeoutException:
+            return HubAnswer("unchecked", f"the hub ({self.endpoint}) could not be reached: "
+                                          f"no answer within {self.timeout_s:g} s")
         except httpx.HTTPError as exc:
             return HubAnswer("unchecked", f"the hub ({self.endpoint}) could not be reached "
-                                          f"within {self.timeout_s:g} s ({type(exc).__name__})")
+                                          f"({type(exc).__name__})")
         if response.status_code == 200:
             return HubAnswer("found")
         if response.status_code == 404:

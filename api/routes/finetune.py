@@ -56,7 +56,7 @@ FinetuneBody = Annotated[
     # section that fails and say nothing of the data's columns. OpenAPI still shows the body
     # as FinetuneRequest.
     PlainValidator(lambda body: body, json_schema_input_type=FinetuneRequest),
-    Body(description="The MonsterAPI fine-tuning payload."),
+    Body(),
 ]
 DryRun = Annotated[bool, Query(
     description="true: run every check a submit runs, and also ask the hub whether hub models "
