@@ -20,4 +20,5 @@ def preview_examples(dataset: Dataset | None, data: DataConfig,
         return []
     preview = datasets.preview(dataset, data.prompt_template, datasets.FIRST_ROWS)
     return [ExampleOut(prompt=e.prompt, completion=e.completion, prompt_cut=e.prompt_cut,
-                       completion_cut=e.completion_cut) for e in preview.examples]
+                       completion_cut=e.completion_cut, problem=problem)
+            for e, problem in zip(preview.examples, preview.problems, strict=True)]

@@ -403,6 +403,9 @@ def test_dry_run_reports_a_chat_dataset_and_creates_nothing(
     assert body["steps"]["warmup_steps"] == 0
     assert body["warnings"][0].startswith("warm-up capped from 50 to 0 steps")
     assert len(body["examples"]) == 5
+    assert body["examples"][1] | {"tokens": None} == {
+        "prompt": "user: What is 1 + 1?\nassistant: ", "completion": "2", "prompt_cut": False,
+        "completion_cut": False, "problem": None, "tokens": None}
     assert jobs_stored() == []
 
 
@@ -427,7 +430,8 @@ def test_two_rows_with_the_default_warmup_warn_of_the_cut_warmup_and_few_example
         "1 training example, fewer than 16: a model rarely keeps anything it learnt from so few",
     ]
     assert body["examples"][0] == {"prompt": "Q: Add 0 and 0. A: ", "completion": "0",
-                                   "prompt_cut": False, "completion_cut": False}
+                                   "prompt_cut": False, "completion_cut": False,
+                                   "problem": None, "tokens": None}
 
 
 def set_dataset(dataset_id: str, **values: Any) -> None:
