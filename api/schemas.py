@@ -376,8 +376,10 @@ class PreflightSteps(BaseModel):
     optimizer_steps: int | None = Field(description="Before examples longer than cutoff_len "
                                                     "are dropped; null when rows are unknown.")
     warmup_steps_asked: int
-    warmup_steps: int | None = Field(description="The warm-up the run uses (a warm-up from "
-                                                 "half the run is cut to a tenth of it).")
+    warmup_steps: int | None = Field(description="The warm-up the run uses: a warm-up from "
+                                                 "half the run is cut to a tenth of it; 0 "
+                                                 "with constant and reduce_lr_on_plateau, "
+                                                 "which have none.")
     note: str | None = Field(None, description="Why a number is unknown.")
 
 

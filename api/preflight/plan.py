@@ -7,7 +7,13 @@ from api.preflight.body import Problem
 from api.schemas import PreflightSteps, PreflightTemplate
 from shared.dataset_columns import PREFERENCE_COLUMNS, is_chat_template
 from shared.schema import DataConfig, TrainingConfig, template_placeholders
-from shared.training_plan import BATCH_SIZE, FEW_EXAMPLES, optimizer_steps, warmup_plan
+from shared.training_plan import (
+    BATCH_SIZE,
+    FEW_EXAMPLES,
+    SCHEDULERS_WITHOUT_WARMUP,
+    optimizer_steps,
+    warmup_plan,
+)
 
 DATA_FIELD = "data_config.data_path"
 
@@ -60,9 +66,13 @@ def step_plan(train_rows: int | None, training: TrainingConfig
         return steps, [{"path": DATA_FIELD, "message": (
             "the dataset leaves no example to train on after data_config.data_split_config: "
             "the job would train 0 optimizer steps")}], []
-    warmup = warmup_plan(training.warmup_steps, total)
-    steps.warmup_steps = warmup.steps
-    warnings = [warmup.warning] if warmup.warning else []
+    warnings = []
+    if training.lr_scheduler_type in SCHEDULERS_WITHOUT_WARMUP:
+        steps.warmup_steps = 0
+    else:
+        warmup = warmup_plan(training.warmup_steps, total)
+        steps.warmup_steps = warmup.steps
+        warnings += [warmup.warning] if warmup.warning else []
     if train_rows < FEW_EXAMPLES:
         warnings.append(
             f"{train_rows} training example{'s' if train_rows != 1 else ''}, fewer than "

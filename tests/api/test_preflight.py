@@ -387,6 +387,7 @@ def test_dry_run_reports_a_chat_dataset_and_creates_nothing(
 ) -> None:
     dataset_id = uploaded(client, CHAT_ROWS)
     payload = with_data(dataset_id, prompt_template="{messages}")
+    payload["training_config"]["lr_scheduler_type"] = "cosine"
 
     body = report(client.post(DRY_RUN, json=payload))
 
@@ -414,6 +415,7 @@ def test_two_rows_with_the_default_warmup_warn_of_the_cut_warmup_and_few_example
 ) -> None:
     payload = with_data(uploaded(client, ALPACA_ROWS[:2]),
                         prompt_template="Q: {instruction} A: {output}")
+    payload["training_config"]["lr_scheduler_type"] = "linear"
 
     body = report(client.post(DRY_RUN, json=payload))
 
@@ -432,6 +434,19 @@ def test_two_rows_with_the_default_warmup_warn_of_the_cut_warmup_and_few_example
     assert body["examples"][0] == {"prompt": "Q: Add 0 and 0. A: ", "completion": "0",
                                    "prompt_cut": False, "completion_cut": False,
                                    "problem": None, "tokens": None}
+
+
+def test_a_scheduler_without_warmup_plans_none_and_warns_of_none(
+    client: TestClient, hub: list[str]
+) -> None:
+    payload = with_data(uploaded(client, ALPACA_ROWS[:2]),
+                        prompt_template="Q: {instruction} A: {output}")
+    assert payload["training_config"]["lr_scheduler_type"] == "reduce_lr_on_plateau"
+
+    body = report(client.post(DRY_RUN, json=payload))
+
+    assert (body["steps"]["warmup_steps_asked"], body["steps"]["warmup_steps"]) == (50, 0)
+    assert not [w for w in body["warnings"] if "warm" in w]
 
 
 def set_dataset(dataset_id: str, **values: Any) -> None:
