@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -93,8 +94,13 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 
 def _validation_fields(exc: RequestValidationError) -> list[dict[str, str]]:
+    return validation_fields(exc.errors())
+
+
+def validation_fields(errors: Sequence[Any]) -> list[dict[str, str]]:
+    """pydantic's errors as `fields` of the error shape: a dotted path and a message."""
     fields = []
-    for err in exc.errors():
+    for err in errors:
         message = str(err.get("msg", "invalid value"))
         if err.get("type") == "extra_forbidden":
             message = "unknown field; check its spelling against the API reference at /docs"

@@ -333,3 +333,68 @@ class CallerOut(BaseModel):
                                                    "each API process; 0: no limit.")
     max_active_jobs: int = Field(description="Queued plus running jobs the tenant may have; "
                                              "0: no limit.")
+
+
+class PreflightDataset(BaseModel):
+    kind: Literal["uploaded", "local", "url", "hub"] = Field(
+        description="uploaded: a `ds_…` id of yours; local: a file on this server; url: an "
+        "https (or allowed http) URL; hub: a Hugging Face hub dataset.")
+    data_path: str = Field(description="As given; a URL without its query string.")
+    checked: str = Field(description="What the preflight checked, or why it could not.")
+    rows: int | None = Field(description="Known for uploaded datasets; null: unknown until "
+                                         "the worker reads it.")
+    train_rows: int | None = Field(description="Rows the split gives to training.")
+    validation_rows: int | None = Field(description="Rows the split keeps for validation.")
+    columns: list[str] | None
+    format: str | None = Field(description="jsonl, json, csv or parquet, where known.")
+    csv_delimiter: str | None = Field(description="The delimiter a CSV is read with, where "
+                                                  "known.")
+
+
+class PreflightModel(BaseModel):
+    kind: Literal["local", "hub"]
+    model_path: str
+    checked: str = Field(description="What the preflight checked, or why it could not.")
+
+
+class PreflightTemplate(BaseModel):
+    mode: Literal["template", "chat", "orpo"] = Field(
+        description="template: rows rendered with prompt_template; chat: `{messages}` turns; "
+        "orpo: the prompt / chosen / rejected columns, prompt_template unused.")
+    prompt_template: str
+    is_default: bool = Field(description="prompt_template was left out: the default one, "
+                                          "written for tatsu-lab/alpaca, is used.")
+    columns: list[str] = Field(description="The dataset columns the job reads.")
+
+
+class PreflightSteps(BaseModel):
+    train_examples: int | None = Field(description="null: unknown until the worker reads "
+                                                   "the dataset.")
+    batch_size: int = Field(description="Examples per micro-batch.")
+    gradient_accumulation_steps: int
+    num_train_epochs: float
+    optimizer_steps: int | None = Field(description="Before examples longer than cutoff_len "
+                                                    "are dropped; null when rows are unknown.")
+    warmup_steps_asked: int
+    warmup_steps: int | None = Field(description="The warm-up the run uses: a warm-up from "
+                                                 "half the run is cut to a tenth of it; 0 "
+                                                 "with constant and reduce_lr_on_plateau, "
+                                                 "which have none.")
+    note: str | None = Field(None, description="Why a number is unknown.")
+
+
+class PreflightOut(BaseModel):
+    """`POST /v1/finetune/llm?dry_run=true`: what a submit of the same body would train, and
+    what to double-check. Nothing is created; any problem is a 422 instead."""
+
+    ok: bool = Field(description="true: a submit of this body would be queued.")
+    dataset: PreflightDataset
+    model: PreflightModel
+    template: PreflightTemplate
+    steps: PreflightSteps
+    warnings: list[str] = Field(description="Defaults the payload relies on, a warm-up that "
+                                            "takes much of the run, few examples, a CSV "
+                                            "delimiter other than ',', sources not checked.")
+    examples: list[ExampleOut] = Field(description="The first rows rendered as the job "
+                                                   "would train on them (uploaded datasets "
+                                                   "only).")

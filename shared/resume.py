@@ -12,8 +12,9 @@ These references are public API, not storage keys: where the adapter or checkpoi
 is `shared.storage_keys`' business, and the worker looks it up there.
 
 The schema checks the grammar (`parse_resume_path`); the API checks at submit that the job
-exists, belongs to the caller and can be continued (`resume_problems`); the worker then reads
-the adapter weights from storage. Standard library and SQLAlchemy only: the API has no torch.
+exists, belongs to the caller and has what the path names (`resume_problems`: a completed job
+its final adapter, any other job a complete checkpoint in storage); the worker then reads the
+adapter weights from storage. Standard library and SQLAlchemy only: the API has no torch.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shared.models import Job, JobStatus
+from shared.storage_keys import CHECKPOINT_MARKER, job_checkpoint_prefixes, parse_checkpoint_key
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
+
+    from shared.storage import Storage
 
 FIELD = "pretrainedmodel_config.resume_checkpoint_path"
 
@@ -64,8 +68,21 @@ def parse_resume_path(value: str) -> ResumeSource:
     return ResumeSource(match["job"], step=step)
 
 
+def checkpoint_steps(storage: Storage, job_id: str) -> list[int]:
+    """The steps of the job's checkpoints whose upload finished (their marker is stored),
+    under either storage layout, in order. The worker reads each marker again before it
+    resumes from one."""
+    steps = set()
+    for prefix in job_checkpoint_prefixes(job_id):
+        for obj in storage.list(prefix):
+            parsed = parse_checkpoint_key(prefix, obj.key)
+            if parsed is not None and parsed[1] == CHECKPOINT_MARKER:
+                steps.add(parsed[0])
+    return sorted(steps)
+
+
 def resume_problems(
-    session: Session, tenant_id: str, config: Any
+    session: Session, storage: Storage, tenant_id: str, config: Any
 ) -> list[dict[str, str]]:
     """Why the caller cannot continue from `config.resume_checkpoint_path`, as error fields.
 
@@ -92,6 +109,8 @@ def resume_problems(
     elif source.step is not None and completed:
         # The worker deletes a job's checkpoints once its final adapter is uploaded.
         message = f"job {job.id} completed and kept only its final adapter; use 'jobs/{job.id}'"
+    elif not completed and (missing := _missing_checkpoint(storage, job, source.step)):
+        message = missing
     elif job.base_model != config.model_path:
         message = (
             f"job {job.id} trained an adapter for {job.base_model!r}, but model_path is "
@@ -107,3 +126,21 @@ def resume_problems(
                 )
                 break
     return [{"path": FIELD, "message": message}] if message else []
+
+
+def _missing_checkpoint(storage: Storage, job: Job, step: int | None) -> str | None:
+    """Why the unfinished `job` has no checkpoint to continue from (at `step`, or any when
+    None); None when it has one."""
+    steps = checkpoint_steps(storage, job.id)
+    if step is not None and step in steps:
+        return None
+    if step is None and steps:
+        return None
+    if not steps:
+        wait = ("; wait for its first checkpoint" if job.status in (
+            JobStatus.QUEUED.value, JobStatus.RUNNING.value) else "")
+        return f"job {job.id} is {job.status} and has no checkpoint to continue from{wait}"
+    return (
+        f"job {job.id} has no checkpoint at step {step}; its checkpoints are at steps "
+        f"{steps} ('jobs/{job.id}/checkpoints/step-N', or just its id for the latest)"
+    )

@@ -103,10 +103,27 @@ class SourceSettings(BaseModel):
         "such hosts, and redirects to them, are refused.",
     )
 
+    hub_endpoint: str = Field(
+        "", description="The Hugging Face hub whose metadata API the preflight asks whether a "
+        "hub model or dataset exists. Empty: HF_ENDPOINT, as the worker reads it, else "
+        "https://huggingface.co."
+    )
+    hub_check_timeout_s: float = Field(
+        3.0, gt=0, le=60, description="How long the preflight waits for the hub's answer; "
+        "past it the hub id is reported as not checked, not refused."
+    )
+
     @field_validator("allowed_local_dirs")
     @classmethod
     def _absolute(cls, dirs: list[Path]) -> list[Path]:
         return [Path(p).resolve() for p in dirs]
+
+    @field_validator("hub_endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("https://", "http://")):
+            raise ValueError(f"{value!r} is not an http(s) URL like https://huggingface.co")
+        return value.rstrip("/")
 
 
 class LimitSettings(BaseModel):

@@ -23,7 +23,10 @@ HTTPS_ONLY = UrlPolicy()
 
 # Ids of datasets uploaded to Tunery (`POST /v1/datasets`, `GET /v1/upload`): "ds_" and a
 # uuid4 in hex. Checked before hub ids, which this grammar would also match.
-DATASET_ID = re.compile(r"ds_[0-9a-f]{32}")
+DATASET_ID_PREFIX = "ds_"
+DATASET_ID = re.compile(rf"{DATASET_ID_PREFIX}[0-9a-f]{{32}}")
+UPLOAD_HINT = ("upload it with POST /v1/datasets (or GET /v1/upload) and pass the 'ds_…' id it "
+               "returns as data_path")
 
 # Hub ids are `name` or `owner/name`, as the Hugging Face Hub spells them: each part 1 to 96
 # characters, starting with a letter or digit and ending with a letter, digit or `_`, with no
@@ -65,7 +68,8 @@ def classify_source(
       `http:` only where `url_policy` allows it; any other scheme, `file:` included, is
       refused. The host must pass `shared.url_guard.check_url` (grammar and IP literals, no
       DNS); `check_url_source_resolves` adds the resolution.
-    - `ds_` + 32 hex digits is an uploaded dataset (its tenant is checked by the API).
+    - `ds_` + 32 hex digits is an uploaded dataset (its tenant is checked by the API); any
+      other data value starting with `ds_` is an uploaded dataset that cannot exist.
     - Everything else must be a hub id: `owner/name`, or also a bare `name` with
       `bare_hub_names` (models: transformers resolves `gpt2` on the hub). Datasets never take
       a bare name: `datasets.load_dataset("text")` is a packaged builder that reads files under
@@ -84,14 +88,19 @@ def classify_source(
         return Source("url", _checked_url(value, allow_urls, url_policy))
     if DATASET_ID.fullmatch(value):
         return Source("dataset", value)
+    if not bare_hub_names and value.startswith(DATASET_ID_PREFIX) and "/" not in value:
+        raise SourceError(
+            f"no dataset with id {value}: uploaded dataset ids are 'ds_' and 32 hex digits; "
+            "GET /v1/datasets lists yours"
+        )
     if _HUB_ID.fullmatch(value) and ".." not in value and "--" not in value:
         if "/" in value or bare_hub_names:
             return Source("hub", value)
         raise SourceError(
-            f"{value!r} is not a hub dataset id: hub datasets are named 'owner/name' (e.g. "
-            "'tatsu-lab/alpaca'). To train on your own file, give its absolute path inside a "
-            "directory this server allows (TUNERY_ALLOWED_LOCAL_DIRS), or upload it with "
-            "POST /v1/datasets and pass the 'ds_…' id it returns"
+            f"{value!r} is neither an uploaded dataset id ('ds_…'), a hub dataset id (hub "
+            "datasets are named 'owner/name', e.g. 'tatsu-lab/alpaca'), nor an absolute path "
+            "inside a directory this server allows (TUNERY_ALLOWED_LOCAL_DIRS). To train on "
+            f"your own file, {UPLOAD_HINT}"
         )
     raise SourceError(
         f"{value!r} is neither an absolute local path, an https URL, nor a hub id like 'owner/name'"
@@ -137,3 +146,15 @@ def check_url_source_resolves(url: str, url_policy: UrlPolicy) -> None:
         check_url_resolves(url, url_policy)
     except UrlRefused as exc:
         raise SourceError(f"{redact_url(url)!r}: {exc}") from None
+
+
+def check_source_type(source: Source, source_type: str) -> None:
+    """Raise `SourceError` unless `data_config.data_source_type` fits the classified
+    data_path: `s3_presigned_link` reads a URL or an uploaded dataset, never a hub id or a
+    local file. An uploaded dataset's id is what `GET /v1/upload` hands out as the
+    "presigned" link."""
+    if source_type == "s3_presigned_link" and source.kind not in ("url", "dataset"):
+        raise SourceError(
+            "data_source_type 's3_presigned_link' needs an https URL or an uploaded dataset "
+            f"id as data_path, got {source.value!r}"
+        )

@@ -21,6 +21,10 @@ import re
 
 _STEP_DIR = re.compile(r"step-([1-9][0-9]{0,9})")
 
+# Written last into a checkpoint's step folder: a folder without it was cut off mid-upload
+# and is never resumed from.
+CHECKPOINT_MARKER = "complete.json"
+
 
 def job_artifact_prefix(job_id: str) -> str:
     """The folder of a job's artifacts; also holds legacy checkpoints (see `artifact_name`)."""

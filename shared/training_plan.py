@@ -8,6 +8,7 @@ trainer really runs (examples dropped by `cutoff_len` or the validation split in
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # Examples per micro-batch on every device the worker runs on.
@@ -24,6 +25,19 @@ WARMUP_WARN_FROM_SHARE = 0.25
 SCHEDULERS_WITHOUT_WARMUP = frozenset({"constant", "reduce_lr_on_plateau"})
 # Fewer training examples than this rarely teach a model anything it keeps.
 FEW_EXAMPLES = 16
+
+
+def split_sizes(examples: int, split_config: Mapping[str, float]) -> tuple[int, int]:
+    """(train, validation): how many of `examples` the worker's split puts in each, by
+    `data_config.data_split_config`. Validation gets at least one example when asked for and
+    there are two or more; train at least one of those left, so only an empty dataset trains
+    on none."""
+    train_fraction = split_config.get("train", 0.9)
+    val_fraction = split_config.get("validation", 0.0)
+    n_val = (min(examples - 1, max(1, round(examples * val_fraction)))
+             if val_fraction > 0 and examples > 1 else 0)
+    n_train = min(examples - n_val, max(1, round(examples * train_fraction)))
+    return n_train, n_val
 
 
 def optimizer_steps(

@@ -54,6 +54,9 @@ def tunery_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     monkeypatch.setenv("TUNERY_ALLOWED_LOCAL_DIRS", f'["{ASSETS_DIR}", "{tmp_path}"]')
     for name in ("TUNERY_DATABASE_URL", "TUNERY_BROKER_URL", "TUNERY_STORAGE_URL"):
         monkeypatch.delenv(name, raising=False)
+    # A dry run asks the hub; no test may reach the internet, so by default nothing answers
+    # there (tests/api/test_preflight.py serves a hub of its own).
+    monkeypatch.setenv("TUNERY_HUB_ENDPOINT", "http://127.0.0.1:9")
     _reset_caches()
     yield data_dir
     _reset_caches()

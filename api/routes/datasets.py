@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path as FilePath
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api.dataset_lookup import resolve_dataset
 from api.deps import ScratchDirDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import AUTHENTICATED, ApiError, error_responses
 from api.schemas import (
@@ -24,11 +23,10 @@ from api.schemas import (
 from api.uploads import ReceivedFile, receive_multipart_file
 from shared import datasets, token_preview
 from shared.dataset_columns import missing_columns_message
-from shared.models import Dataset, DatasetStatus
+from shared.models import Dataset
 from shared.prompt_template import Example
 from shared.settings import Settings
 from shared.storage import Storage
-from shared.tenancy import Scope
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=AUTHENTICATED)
 
@@ -48,30 +46,6 @@ _MULTIPART_BODY = {
         },
     }
 }
-
-
-def resolve_dataset(
-    session: Session, storage: Storage, settings: Settings, scope: Scope, dataset_id: str
-) -> Dataset:
-    """The dataset if `scope` sees it, its upload checked first if the bytes arrived by
-    presigned PUT.
-
-    Raises `DatasetNotFound`, or `DatasetRejected` when that first check fails (the row then
-    records the failure, so it is committed either way).
-    """
-    dataset = datasets.get_dataset(session, scope, dataset_id)
-    if dataset.status == DatasetStatus.PENDING.value:
-        with tempfile.TemporaryDirectory(prefix="tunery-upload-") as tmp:
-            usage = datasets.tenant_usage(session, dataset.tenant_id)
-            try:
-                datasets.check_pending(
-                    storage, dataset, FilePath(tmp), max_bytes=settings.limits.max_dataset_bytes,
-                    quota_problem=lambda size: datasets.dataset_bytes_problem(
-                        usage, size, settings.limits.max_tenant_dataset_bytes),
-                )
-            finally:
-                session.commit()
-    return dataset
 
 
 @router.post("", status_code=201, openapi_extra=_MULTIPART_BODY,

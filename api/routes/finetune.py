@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query
+from fastapi import APIRouter, Body, Header, Path, Query
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, Field
-from sqlalchemy.orm import Session
+from pydantic import BaseModel, BeforeValidator, Field, PlainValidator
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import AUTHENTICATED, ApiError, error_responses
 from api.limits.active_jobs import check_active_jobs
-from api.limits.payload import check_payload_limits
-from api.routes.datasets import resolve_dataset
+from api.preflight.checks import Preflight
 from api.schemas import (
     ArtifactOut,
     ArtifactsOut,
@@ -23,19 +21,15 @@ from api.schemas import (
     LogsOut,
     MetricOut,
     MetricsOut,
+    PreflightOut,
     job_status_named,
 )
-from shared import datasets, idempotency, jobs, storage_keys
+from shared import idempotency, jobs, storage_keys
 from shared.artifacts import ARCHIVE, archive_folder, list_artifacts, stream_archive
-from shared.dataset_columns import missing_job_columns_message
 from shared.models import JobStatus
 from shared.queue import enqueue_training
-from shared.resume import resume_problems
 from shared.schema import FinetuneRequest
-from shared.settings import Settings
-from shared.sources import SourceError, check_url_source_resolves, classify_source
-from shared.storage import ObjectNotFound, Storage, StorageError, validate_key
-from shared.url_guard import UrlPolicy
+from shared.storage import ObjectNotFound, StorageError, validate_key
 
 router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
 
@@ -56,68 +50,34 @@ IdempotencyKeyHeader = Annotated[str | None, Header(
 )]
 
 
-def check_sources(request: FinetuneRequest, settings: Settings, *, session: Session,
-                  storage: Storage, tenant_id: str) -> None:
-    """Refuse model and data locations the worker would refuse, before anything is stored;
-    an uploaded dataset must be the caller's, parsed, and have the template's columns."""
-    problems = []
-    url_policy = UrlPolicy.from_settings(settings.sources)
-    # (field, value, is_model): a model may be a URL-less bare hub name (`gpt2`); data may be
-    # a URL, and a hub dataset must be `owner/name`.
-    for path, value, is_model in (
-        ("pretrainedmodel_config.model_path", request.pretrainedmodel_config.model_path, True),
-        ("data_config.data_path", request.data_config.data_path, False),
-    ):
-        try:
-            source = classify_source(value, settings.sources.allowed_local_dirs,
-                                     allow_urls=not is_model, url_policy=url_policy,
-                                     bare_hub_names=is_model)
-            if source.kind == "url":
-                check_url_source_resolves(value, url_policy)
-        except SourceError as exc:
-            problems.append({"path": path, "message": str(exc)})
-            continue
-        if source.kind == "dataset" and path.startswith("pretrainedmodel_config"):
-            problems.append({"path": path, "message": f"{value!r} is a dataset id, not a model"})
-        elif source.kind == "dataset":
-            problems.extend(_dataset_problems(request, settings, session, storage, tenant_id))
-    problems.extend(resume_problems(session, tenant_id, request.pretrainedmodel_config))
-    if problems:
-        summary = "; ".join(f"{p['path']}: {p['message']}" for p in problems)
-        raise ApiError(422, "invalid_request", summary, problems)
+FinetuneBody = Annotated[
+    Any,
+    # Read as it came, validated by `Preflight.parse`: pydantic alone would stop at the first
+    # section that fails and say nothing of the data's columns. OpenAPI still shows the body
+    # as FinetuneRequest.
+    PlainValidator(lambda body: body, json_schema_input_type=FinetuneRequest),
+    Body(),
+]
+DryRun = Annotated[bool, Query(
+    description="true: run every check a submit runs, and also ask the hub whether hub models "
+    "and datasets exist; answer 200 with what the job would train (PreflightOut) and create "
+    "nothing. Every problem is one 422, as for a submit.",
+)]
 
 
-def _dataset_problems(request: FinetuneRequest, settings: Settings, session: Session,
-                      storage: Storage, tenant_id: str) -> list[dict[str, str]]:
-    data, where = request.data_config, "data_config.data_path"
-    try:
-        dataset = resolve_dataset(session, storage, settings, tenant_id, data.data_path)
-    except datasets.DatasetNotFound:
-        return [{"path": where, "message": f"no dataset with id {data.data_path}"}]
-    except datasets.DatasetRejected as exc:
-        return [{"path": where, "message": exc.message}]
-    reason = datasets.not_ready_reason(dataset)
-    if reason:
-        return [{"path": where, "message": reason}]
-    preference = request.training_config.preference_optimization
-    message = missing_job_columns_message(
-        dataset.columns or [], prompt_template=data.prompt_template,
-        preference_optimization=preference,
-    )
-    path = ("training_config.preference_optimization" if preference == "ORPO"
-            else "data_config.prompt_template")
-    return [{"path": path, "message": message}] if message else []
-
-
-def submit_job(request: FinetuneRequest, caller: TenantDep, session: SessionDep,
+def submit_job(body: FinetuneBody, caller: TenantDep, session: SessionDep,
                settings: SettingsDep, storage: StorageDep,
-               idempotency_key: IdempotencyKeyHeader = None) -> JobSubmitted | JSONResponse:
+               idempotency_key: IdempotencyKeyHeader = None,
+               dry_run: DryRun = False) -> JobSubmitted | JSONResponse:
+    preflight = Preflight(session, storage, settings, caller.tenant_id, ask_hub=dry_run)
+    request = preflight.parse(body)
+    if dry_run:
+        return JSONResponse(preflight.check(request).model_dump(mode="json"))
     keyed = idempotency.keyed_request(caller.key_id, idempotency_key, request,
                                       settings.limits.idempotency_ttl_s)
     if keyed and (earlier := keyed.earlier_response(session)):
         return _replay(earlier)
-    check_payload_limits(request, settings)
-    check_sources(request, settings, session=session, storage=storage, tenant_id=caller.tenant_id)
+    preflight.check(request)
     job = jobs.create_job(session, caller.tenant_id, request, settings.leases.max_attempts)
     submitted = JobSubmitted(job_id=job.id, deployment_id=job.id, status=JobStatus.QUEUED,
                              message="job queued")
@@ -137,8 +97,14 @@ def _replay(earlier: idempotency.StoredResponse) -> JSONResponse:
 
 
 router.add_api_route("", submit_job, methods=["POST"], status_code=201,
-                     response_model=JobSubmitted, responses=error_responses(413),
-                     summary="Submit a fine-tuning job (MonsterAPI payload)")
+                     response_model=JobSubmitted, responses={
+                         200: {"model": PreflightOut,
+                               "description": "dry_run=true: what the job would train; "
+                                              "nothing was created"},
+                         **error_responses(413),
+                     },
+                     summary="Submit a fine-tuning job (MonsterAPI payload), or check it "
+                             "with dry_run=true")
 
 
 def _statuses(names: list[str]) -> list[JobStatus]:

@@ -3,6 +3,7 @@ earlier jobs, in a state that has what the path names, on the same base model an
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -11,6 +12,9 @@ from fastapi.testclient import TestClient
 from shared import jobs
 from shared.db import session_scope
 from shared.models import JobStatus
+from shared.settings import get_settings
+from shared.storage import storage_from_settings
+from shared.storage_keys import CHECKPOINT_MARKER
 from tests.api.conftest import new_key
 from tests.conftest import make_payload
 
@@ -48,11 +52,53 @@ def test_completed_jobs_final_adapter_or_id_is_accepted(client: TestClient) -> N
     assert submit(client, job_id).status_code == 201
 
 
+def store_checkpoint(job_id: str, step: int, *, complete: bool = True) -> None:
+    """A checkpoint in storage as the worker leaves it: its files, then its marker."""
+    storage = storage_from_settings(get_settings())
+    prefix = f"checkpoints/{job_id}/step-{step}/"
+    storage.put_bytes(prefix + "adapter_model.safetensors", b"weights")
+    if complete:
+        marker = {"step": step, "files": {"adapter_model.safetensors": 7}}
+        storage.put_bytes(prefix + CHECKPOINT_MARKER, json.dumps(marker).encode())
+
+
 def test_unfinished_jobs_checkpoint_or_id_is_accepted(client: TestClient) -> None:
     job_id = earlier_job(client, completed=False)
+    store_checkpoint(job_id, 50)
 
     assert submit(client, f"jobs/{job_id}/checkpoints/step-50").status_code == 201
     assert submit(client, job_id).status_code == 201
+
+
+def test_a_job_cancelled_before_its_first_checkpoint_is_refused(client: TestClient) -> None:
+    job_id = earlier_job(client, completed=False)
+    assert client.post(f"/v1/finetune/llm/{job_id}/cancel").status_code == 200
+    store_checkpoint(job_id, 50, complete=False)  # cut off mid-upload: not resumable
+
+    assert refusal(submit(client, job_id)) == (
+        f"job {job_id} is CANCELLED and has no checkpoint to continue from")
+    assert "no checkpoint" in refusal(submit(client, f"jobs/{job_id}/checkpoints/step-50"))
+
+
+def test_a_queued_job_without_checkpoints_is_refused_until_it_writes_one(
+    client: TestClient,
+) -> None:
+    job_id = earlier_job(client, completed=False)
+
+    assert "wait for its first checkpoint" in refusal(submit(client, job_id))
+
+
+def test_a_checkpoint_step_that_is_not_stored_is_refused_naming_the_stored_ones(
+    client: TestClient,
+) -> None:
+    job_id = earlier_job(client, completed=False)
+    store_checkpoint(job_id, 50)
+    store_checkpoint(job_id, 100)
+
+    message = refusal(submit(client, f"jobs/{job_id}/checkpoints/step-75"))
+
+    assert f"job {job_id} has no checkpoint at step 75" in message
+    assert "[50, 100]" in message
 
 
 def test_unknown_job_is_a_422_naming_the_field(client: TestClient) -> None:

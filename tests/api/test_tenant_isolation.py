@@ -24,6 +24,7 @@ from shared.migrate import upgrade_database
 from shared.models import Job, JobStatus
 from shared.settings import get_settings
 from shared.storage import storage_from_settings
+from shared.storage_keys import CHECKPOINT_MARKER
 from tests.api.conftest import new_key
 from tests.conftest import make_payload
 
@@ -63,16 +64,20 @@ def populate(client: TestClient, name: str) -> Tenant:
     done, queued = (client.post("/v1/finetune/llm", json=make_payload(), headers=headers)
                     for _ in range(2))
     assert done.status_code == queued.status_code == 201, done.text
-    done_id = done.json()["job_id"]
-    storage_from_settings(get_settings()).put_bytes(f"jobs/{done_id}/adapter_config.json",
-                                                    b'{"r": 8}')
+    done_id, queued_id = done.json()["job_id"], queued.json()["job_id"]
+    storage = storage_from_settings(get_settings())
+    storage.put_bytes(f"jobs/{done_id}/adapter_config.json", b'{"r": 8}')
+    # The queued job's first checkpoint, so that its owner may resume from it.
+    storage.put_bytes(f"checkpoints/{queued_id}/step-1/adapter_config.json", b'{"r": 8}')
+    storage.put_bytes(f"checkpoints/{queued_id}/step-1/{CHECKPOINT_MARKER}",
+                      b'{"step": 1, "files": {"adapter_config.json": 8}}')
     with session_scope() as session:
         claim = jobs.claim_job(session, done_id, "test-worker", 60)
         assert claim is not None
         jobs.append_log(session, done_id, claim.attempt, f"{name} step 1 | loss 1.0")
         jobs.record_metric(session, done_id, claim.attempt, 1, {"loss": 1.0})
         assert jobs.transition(session, done_id, JobStatus.COMPLETED, attempt=claim.attempt)
-    return Tenant(key, done_id, queued.json()["job_id"], uploaded.json()["id"])
+    return Tenant(key, done_id, queued_id, uploaded.json()["id"])
 
 
 @pytest.fixture

@@ -39,6 +39,8 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "allowed_local_dirs": ('["/srv/data"]', [Path("/srv/data").resolve()]),
     "allow_http_urls": ("true", True),
     "allowed_private_url_hosts": ('["minio"]', ["minio"]),
+    "hub_endpoint": ("http://hub.internal:8080/", "http://hub.internal:8080"),
+    "hub_check_timeout_s": ("0.5", 0.5),
     "max_dataset_bytes": ("1000", 1000),
     "max_request_bytes": ("2000", 2000),
     "max_dataset_rows": ("30", 30),

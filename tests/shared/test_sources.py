@@ -11,6 +11,8 @@ import pytest
 from shared.sources import (
     Source,
     SourceError,
+    SourceKind,
+    check_source_type,
     check_url_source_resolves,
     classify_source,
 )
@@ -181,3 +183,17 @@ def test_importing_sources_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
     assert out.stdout.strip() == "False"
+
+
+def test_a_data_value_shaped_like_an_upload_id_is_a_dataset_that_does_not_exist() -> None:
+    with pytest.raises(SourceError, match="^no dataset with id ds_doesnotexist: "):
+        classify_source("ds_doesnotexist", [])
+
+
+@pytest.mark.parametrize(("kind", "value"), [("hub", "owner/name"),
+                                           ("local", "/data/train.jsonl")])
+def test_presigned_link_type_refuses_hub_ids_and_local_files(kind: SourceKind, value: str) -> None:
+    with pytest.raises(SourceError, match="'s3_presigned_link' needs an https URL"):
+        check_source_type(Source(kind, value), "s3_presigned_link")
+    check_source_type(Source(kind, value), "hub_link")
+    check_source_type(Source("dataset", "ds_" + "0" * 32), "s3_presigned_link")

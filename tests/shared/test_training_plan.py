@@ -7,6 +7,7 @@ import pytest
 from shared.training_plan import (
     WARMUP_CAPPED_SHARE,
     optimizer_steps,
+    split_sizes,
     warmup_plan,
 )
 
@@ -46,3 +47,16 @@ def test_a_large_share_is_kept_with_a_warning_and_a_small_one_silently() -> None
     assert kept.warning is not None and "30%" in kept.warning
     assert warmup_plan(10, 100).warning is None
     assert warmup_plan(50, 100).capped  # half the run: cut
+
+
+@pytest.mark.parametrize(("examples", "split", "expected"), [
+    (40, {"train": 0.9, "validation": 0.1}, (36, 4)),
+    (2, {"train": 0.9, "validation": 0.1}, (1, 1)),
+    (1, {"train": 0.9, "validation": 0.1}, (1, 0)),
+    (10, {"train": 0.5, "validation": 0.0}, (5, 0)),
+    (0, {"train": 0.9, "validation": 0.1}, (0, 0)),
+])
+def test_split_sizes_leave_only_an_empty_dataset_without_training_examples(
+    examples: int, split: dict[str, float], expected: tuple[int, int]
+) -> None:
+    assert split_sizes(examples, split) == expected

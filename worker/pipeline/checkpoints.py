@@ -28,6 +28,7 @@ from shared.resume import parse_resume_path
 from shared.schema import PretrainedModelConfig
 from shared.storage import ObjectNotFound, Storage
 from shared.storage_keys import (
+    CHECKPOINT_MARKER,
     checkpoint_step_prefix,
     job_artifact_key,
     job_checkpoint_prefix,
@@ -38,7 +39,7 @@ from worker.pipeline.errors import PipelineError
 from worker.pipeline.export import ADAPTER_FILES
 from worker.pipeline.report import LogFn, no_log
 
-MARKER = "complete.json"
+MARKER = CHECKPOINT_MARKER
 # The best adapter so far (`callbacks.BestAdapterCallback`), with its eval_loss and step.
 BEST_ADAPTER_FILE = "best_adapter.safetensors"
 # What transformers' Trainer needs for resume_from_checkpoint with a peft model. Tokenizer

@@ -21,7 +21,7 @@ import httpx
 from shared import dataset_files
 from shared.csv_files import COMMA, describe_delimiter
 from shared.dataset_files import DatasetFileError, LoadedDataset
-from shared.sources import Source, SourceError, classify_source
+from shared.sources import Source, SourceError, check_source_type, classify_source
 from shared.storage import ObjectNotFound, Storage, StorageError
 from shared.storage_keys import dataset_prefix
 from shared.url_guard import UrlPolicy, UrlRefused, check_url, redact_url
@@ -106,14 +106,9 @@ def _classified(
     """`data_path` classified with this worker's settings, which decide what it may read."""
     try:
         source = classify_source(data_path, allowed_local_dirs, url_policy=url_policy)
+        check_source_type(source, source_type)
     except SourceError as exc:
         raise PipelineError(f"data_path: {exc}") from None
-    # An uploaded dataset's id is what GET /v1/upload hands out as the "presigned" link.
-    if source_type == "s3_presigned_link" and source.kind not in ("url", "dataset"):
-        raise PipelineError(
-            "data_source_type 's3_presigned_link' needs an https URL or an uploaded dataset id "
-            f"as data_path, got {data_path!r}"
-        )
     return source
 
 

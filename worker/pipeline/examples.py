@@ -20,6 +20,7 @@ from shared.dataset_files import LoadedDataset
 from shared.loss_mask import after_prompt, max_render_chars, with_trained_eos
 from shared.prompt_template import Example, completion_placeholder, render_example
 from shared.schema import DataConfig
+from shared.training_plan import split_sizes
 from worker.pipeline.chat import render_chats, tokenize_chats
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.labels import TokenizedExample, kept_tokens, label_example, text_batches
@@ -161,13 +162,9 @@ def split(
     The same examples and fractions always give the same split. Rows beyond
     train + validation < 1 are left out. Validation 0 gives an empty validation list.
     """
-    n = len(examples)
-    train_fraction = split_config.get("train", 0.9)
-    val_fraction = split_config.get("validation", 0.0)
-    order = list(range(n))
+    order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
-    n_train = min(n - n_val, max(1, round(n * train_fraction)))
+    n_train, n_val = split_sizes(len(examples), split_config)
     validation = [examples[i] for i in order[:n_val]]
     train = [examples[i] for i in order[n_val : n_val + n_train]]
     log(f"split (seed {seed}): {len(train)} train, {len(validation)} validation examples")

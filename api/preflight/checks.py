@@ -1,0 +1,84 @@
+"""`Preflight`: every check a submission passes before anything is stored or queued."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from api.limits.payload import payload_limit_problems
+from api.preflight.body import Problem, Sections, read_body
+from api.preflight.dataset import DatasetContext, DatasetFindings, check_dataset
+from api.preflight.examples import preview_examples
+from api.preflight.hub import HubClient
+from api.preflight.model import ModelFindings, check_model
+from api.preflight.plan import default_warnings, step_plan, template_plan
+from api.schemas import PreflightOut
+from shared.resume import resume_problems
+from shared.schema import FinetuneRequest
+from shared.settings import Settings
+from shared.storage import Storage
+
+
+class Preflight:
+    """The checks of one submission by `tenant_id`. With `ask_hub` (the dry run) hub ids are
+    looked up on the hub; a submit does not wait on it."""
+
+    def __init__(self, session: Session, storage: Storage, settings: Settings, tenant_id: str,
+                 *, ask_hub: bool) -> None:
+        self.session, self.storage, self.settings = session, storage, settings
+        self.tenant_id = tenant_id
+        self.hub = HubClient.from_settings(settings.sources) if ask_hub else None
+
+    def parse(self, body: Any) -> FinetuneRequest:
+        """The body as a request; a 422 otherwise, naming the schema's problems and those
+        of the sections that passed it (a dataset that lacks a column, a model that does not
+        exist), all in one answer."""
+        read = read_body(body)
+        if read.request is not None:
+            return read.request
+        problems = read.problems + self._inspect(read.sections)[0]
+        raise _refusal(problems)
+
+    def check(self, request: FinetuneRequest) -> PreflightOut:
+        """The report of a request that passes every check; a 422 naming every problem
+        otherwise."""
+        problems, dataset, model, warnings = self._inspect(Sections.of(request))
+        data, training = request.data_config, request.training_config
+        train_rows = dataset.report.train_rows if dataset.report else None
+        steps, step_problems, step_warnings = step_plan(train_rows, training)
+        problems += step_problems
+        if problems:
+            raise _refusal(problems)
+        assert dataset.report is not None and model.report is not None  # else a problem
+        return PreflightOut(
+            ok=True, dataset=dataset.report, model=model.report,
+            template=template_plan(data, training), steps=steps,
+            warnings=[*default_warnings(data, training), *warnings, *step_warnings],
+            examples=preview_examples(dataset.uploaded, data, training),
+        )
+
+    def _inspect(self, sections: Sections
+                 ) -> tuple[list[Problem], DatasetFindings, ModelFindings, list[str]]:
+        """The operator limits and the sources of the sections that passed the schema."""
+        token = sections.hf.hf_token if sections.hf else None
+        problems = payload_limit_problems(self.settings, model=sections.model,
+                                          data=sections.data, training=sections.training)
+        model, dataset = ModelFindings(), DatasetFindings()
+        if sections.model is not None:
+            model = check_model(sections.model, self.settings, hub=self.hub, token=token)
+            problems += model.problems
+        if sections.data is not None:
+            dataset = check_dataset(sections.data, sections.training, DatasetContext(
+                self.session, self.storage, self.settings, self.tenant_id, self.hub, token))
+            problems += dataset.problems
+        if sections.model is not None:
+            problems += resume_problems(self.session, self.storage, self.tenant_id,
+                                        sections.model)
+        return problems, dataset, model, [*model.warnings, *dataset.warnings]
+
+
+def _refusal(problems: list[Problem]) -> ApiError:
+    summary = "; ".join(f"{p['path']}: {p['message']}" for p in problems)
+    return ApiError(422, "invalid_request", summary, problems)

@@ -1,0 +1,81 @@
+"""What a job would train: its template, its optimizer steps and warm-up, and the defaults it
+leans on. The steps come from `shared.training_plan`, the rule the worker applies."""
+
+from __future__ import annotations
+
+from api.preflight.body import Problem
+from api.schemas import PreflightSteps, PreflightTemplate
+from shared.dataset_columns import PREFERENCE_COLUMNS, is_chat_template
+from shared.schema import DataConfig, TrainingConfig, template_placeholders
+from shared.training_plan import (
+    BATCH_SIZE,
+    FEW_EXAMPLES,
+    SCHEDULERS_WITHOUT_WARMUP,
+    optimizer_steps,
+    warmup_plan,
+)
+
+DATA_FIELD = "data_config.data_path"
+
+
+def template_plan(data: DataConfig, training: TrainingConfig) -> PreflightTemplate:
+    is_default = "prompt_template" not in data.model_fields_set
+    if training.preference_optimization == "ORPO":
+        return PreflightTemplate(mode="orpo", prompt_template=data.prompt_template,
+                                 is_default=is_default, columns=list(PREFERENCE_COLUMNS))
+    return PreflightTemplate(
+        mode="chat" if is_chat_template(data.prompt_template) else "template",
+        prompt_template=data.prompt_template, is_default=is_default,
+        columns=list(dict.fromkeys(template_placeholders(data.prompt_template))),
+    )
+
+
+def default_warnings(data: DataConfig, training: TrainingConfig) -> list[str]:
+    """The defaults a payload relies on without saying so, where they decide what is learnt."""
+    warnings = []
+    if "data_path" not in data.model_fields_set:
+        warnings.append(f"{DATA_FIELD} left out: training uses the default dataset "
+                        f"{data.data_path}")
+    if ("prompt_template" not in data.model_fields_set
+            and training.preference_optimization != "ORPO"):
+        warnings.append(
+            "data_config.prompt_template left out: training uses the default template "
+            f"{data.prompt_template!r}, written for tatsu-lab/alpaca's instruction and output "
+            "columns; set one that names your dataset's columns"
+        )
+    return warnings
+
+
+def step_plan(train_rows: int | None, training: TrainingConfig
+              ) -> tuple[PreflightSteps, list[Problem], list[str]]:
+    """The optimizer steps and warm-up of a run over `train_rows` examples (None: unknown),
+    a problem when it would train none, and warnings on the warm-up and few examples."""
+    steps = PreflightSteps(
+        train_examples=train_rows, batch_size=BATCH_SIZE,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        num_train_epochs=training.num_train_epochs, optimizer_steps=None,
+        warmup_steps_asked=training.warmup_steps, warmup_steps=None,
+    )
+    if train_rows is None:
+        steps.note = "unknown until the worker reads the dataset"
+        return steps, [], []
+    total = optimizer_steps(train_rows, epochs=training.num_train_epochs,
+                            gradient_accumulation_steps=training.gradient_accumulation_steps)
+    steps.optimizer_steps = total
+    if total == 0:
+        return steps, [{"path": DATA_FIELD, "message": (
+            "the dataset leaves no example to train on after data_config.data_split_config: "
+            "the job would train 0 optimizer steps")}], []
+    warnings = []
+    if training.lr_scheduler_type in SCHEDULERS_WITHOUT_WARMUP:
+        steps.warmup_steps = 0
+    else:
+        warmup = warmup_plan(training.warmup_steps, total)
+        steps.warmup_steps = warmup.steps
+        warnings += [warmup.warning] if warmup.warning else []
+    if train_rows < FEW_EXAMPLES:
+        warnings.append(
+            f"{train_rows} training example{'s' if train_rows != 1 else ''}, fewer than "
+            f"{FEW_EXAMPLES}: a model rarely keeps anything it learnt from so few"
+        )
+    return steps, [], warnings
