@@ -380,6 +380,9 @@ class PreflightSteps(BaseModel):
                                                  "half the run is cut to a tenth of it; 0 "
                                                  "with constant and reduce_lr_on_plateau, "
                                                  "which have none.")
+    warmup_warning: str | None = Field(None, description="Why the warm-up was cut or takes a "
+                                                         "large share of the run (also in "
+                                                         "`warnings`).")
     note: str | None = Field(None, description="Why a number is unknown.")
 
 

@@ -13,7 +13,7 @@ from api.preflight.dataset import DatasetContext, DatasetFindings, check_dataset
 from api.preflight.examples import preview_examples
 from api.preflight.hub import HubClient
 from api.preflight.model import ModelFindings, check_model
-from api.preflight.plan import default_warnings, step_plan, template_plan
+from api.preflight.plan import default_warnings, step_plan, template_plan, template_warning
 from api.schemas import PreflightOut
 from shared.resume import resume_problems
 from shared.schema import FinetuneRequest
@@ -22,14 +22,16 @@ from shared.storage import Storage
 
 
 class Preflight:
-    """The checks of one submission by `tenant_id`. With `ask_hub` (the dry run) hub ids are
-    looked up on the hub; a submit does not wait on it."""
+    """The checks of one submission by `tenant_id`. The dry run also looks hub ids up on the
+    hub and tokenizes the first rows; a submit waits on neither."""
 
     def __init__(self, session: Session, storage: Storage, settings: Settings, tenant_id: str,
-                 *, ask_hub: bool) -> None:
+                 *, dry_run: bool) -> None:
         self.session, self.storage, self.settings = session, storage, settings
         self.tenant_id = tenant_id
-        self.hub = HubClient.from_settings(settings.sources) if ask_hub else None
+        self.hub = HubClient.from_settings(settings.sources) if dry_run else None
+        self.dry_run = dry_run
+        self.job_warnings: list[str] = []
 
     def parse(self, body: Any) -> FinetuneRequest:
         """The body as a request; a 422 otherwise, naming the schema's problems and those
@@ -43,7 +45,8 @@ class Preflight:
 
     def check(self, request: FinetuneRequest) -> PreflightOut:
         """The report of a request that passes every check; a 422 naming every problem
-        otherwise."""
+        otherwise. `job_warnings` then holds the warnings a job created from it keeps: those
+        the worker does not restate from the run it trains (the template, the warm-up)."""
         problems, dataset, model, warnings = self._inspect(Sections.of(request))
         data, training = request.data_config, request.training_config
         train_rows = dataset.report.train_rows if dataset.report else None
@@ -52,11 +55,15 @@ class Preflight:
         if problems:
             raise _refusal(problems)
         assert dataset.report is not None and model.report is not None  # else a problem
+        examples, example_warnings = (preview_examples(dataset.uploaded, request, self.settings)
+                                      if self.dry_run else ([], []))
+        self.job_warnings = [*default_warnings(data), *warnings, *step_warnings]
+        restated = [w for w in (template_warning(data, training), steps.warmup_warning) if w]
         return PreflightOut(
             ok=True, dataset=dataset.report, model=model.report,
             template=template_plan(data, training), steps=steps,
-            warnings=[*default_warnings(data, training), *warnings, *step_warnings],
-            examples=preview_examples(dataset.uploaded, data, training),
+            warnings=[*restated, *self.job_warnings, *example_warnings],
+            examples=examples,
         )
 
     def _inspect(self, sections: Sections

@@ -30,26 +30,29 @@ def template_plan(data: DataConfig, training: TrainingConfig) -> PreflightTempla
     )
 
 
-def default_warnings(data: DataConfig, training: TrainingConfig) -> list[str]:
-    """The defaults a payload relies on without saying so, where they decide what is learnt."""
-    warnings = []
-    if "data_path" not in data.model_fields_set:
-        warnings.append(f"{DATA_FIELD} left out: training uses the default dataset "
-                        f"{data.data_path}")
-    if ("prompt_template" not in data.model_fields_set
-            and training.preference_optimization != "ORPO"):
-        warnings.append(
-            "data_config.prompt_template left out: training uses the default template "
+def default_warnings(data: DataConfig) -> list[str]:
+    """The defaults a payload relies on without saying so, where they decide what is learnt
+    and the worker does not say so again."""
+    if "data_path" in data.model_fields_set:
+        return []
+    return [f"{DATA_FIELD} left out: training uses the default dataset {data.data_path}"]
+
+
+def template_warning(data: DataConfig, training: TrainingConfig) -> str | None:
+    """A left-out template; the worker says so again in the job's log and warnings."""
+    if ("prompt_template" in data.model_fields_set
+            or training.preference_optimization == "ORPO"):
+        return None
+    return ("data_config.prompt_template left out: training uses the default template "
             f"{data.prompt_template!r}, written for tatsu-lab/alpaca's instruction and output "
-            "columns; set one that names your dataset's columns"
-        )
-    return warnings
+            "columns; set one that names your dataset's columns")
 
 
 def step_plan(train_rows: int | None, training: TrainingConfig
               ) -> tuple[PreflightSteps, list[Problem], list[str]]:
     """The optimizer steps and warm-up of a run over `train_rows` examples (None: unknown),
-    a problem when it would train none, and warnings on the warm-up and few examples."""
+    a problem when it would train none, and a warning on few examples. A warning on the
+    warm-up is `steps.warmup_warning`: the worker restates it from the steps it really runs."""
     steps = PreflightSteps(
         train_examples=train_rows, batch_size=BATCH_SIZE,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
@@ -72,7 +75,7 @@ def step_plan(train_rows: int | None, training: TrainingConfig
     else:
         warmup = warmup_plan(training.warmup_steps, total)
         steps.warmup_steps = warmup.steps
-        warnings += [warmup.warning] if warmup.warning else []
+        steps.warmup_warning = warmup.warning
     if train_rows < FEW_EXAMPLES:
         warnings.append(
             f"{train_rows} training example{'s' if train_rows != 1 else ''}, fewer than "

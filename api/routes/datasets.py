@@ -12,19 +12,12 @@ from starlette.concurrency import run_in_threadpool
 from api.dataset_lookup import resolve_dataset
 from api.deps import ScratchDirDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import AUTHENTICATED, ApiError, error_responses
-from api.schemas import (
-    DatasetList,
-    DatasetOut,
-    ExampleOut,
-    PreviewIn,
-    PreviewOut,
-    TokensOut,
-)
+from api.example_preview import render_examples
+from api.schemas import DatasetList, DatasetOut, PreviewIn, PreviewOut
 from api.uploads import ReceivedFile, receive_multipart_file
 from shared import datasets, token_preview
 from shared.dataset_columns import missing_columns_message
 from shared.models import Dataset
-from shared.prompt_template import Example
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -132,9 +125,16 @@ def preview_dataset(dataset_id: DatasetId, body: PreviewIn, caller: TenantDep,
     if reason:
         raise ApiError(409, "conflict", reason)
     preview = datasets.preview(dataset, body.prompt_template, body.n)
-    tokenized, tokens_note = _tokenize(body, preview, settings)
+    try:
+        rendered = render_examples(
+            preview, model_path=body.model_path, prompt_template=body.prompt_template,
+            cutoff_len=body.cutoff_len, train_on_inputs=body.train_on_inputs,
+            allowed_local_dirs=settings.sources.allowed_local_dirs)
+    except token_preview.TokenPreviewError as exc:
+        raise ApiError(422, "invalid_request", f"model_path: {exc}",
+                       [{"path": "model_path", "message": str(exc)}]) from None
     message = (missing_columns_message(body.prompt_template, dataset.columns or [])
-               or _loss_message(preview)) + tokens_note
+               or _loss_message(preview)) + rendered.note
     if len(message) > datasets.PREVIEW_MESSAGE_CHARS:
         message = message[: datasets.PREVIEW_MESSAGE_CHARS - 1] + "…"
     return PreviewOut(
@@ -142,33 +142,8 @@ def preview_dataset(dataset_id: DatasetId, body: PreviewIn, caller: TenantDep,
         placeholders=preview.placeholders,
         missing_columns=preview.missing_columns,
         message=message,
-        examples=[_example_out(e, problem, tokens, body.cutoff_len)
-                  for e, problem, tokens in zip(preview.examples, preview.problems, tokenized,
-                                                strict=True)],
+        examples=rendered.examples,
     )
-
-
-def _tokenize(body: PreviewIn, preview: datasets.Preview, settings: Settings
-              ) -> tuple[list[token_preview.TokenizedRow | None], str]:
-    """The examples' tokens with a local model_path (None each without one) and what the
-    message adds about them; 422 naming model_path when it cannot give them."""
-    if body.model_path is None:
-        note = (" The model's chat template, its tokens and what cutoff_len cuts are shown only "
-                "with model_path (a local model folder).") if preview.chat else ""
-        return [None] * len(preview.examples), note
-    try:
-        rows = token_preview.preview_tokens(
-            body.model_path, preview.rows, prompt_template=body.prompt_template,
-            cutoff_len=body.cutoff_len, train_on_inputs=body.train_on_inputs,
-            allowed_local_dirs=settings.sources.allowed_local_dirs)
-    except token_preview.NotLocalModel as exc:
-        return [None] * len(preview.examples), f" No tokens: {exc}."
-    except token_preview.TokenPreviewError as exc:
-        raise ApiError(422, "invalid_request", f"model_path: {exc}",
-                       [{"path": "model_path", "message": str(exc)}]) from None
-    through = ", through the model's chat template" if preview.chat else ""
-    return list(rows), (f" tokens: as a job on {body.model_path!r} with cutoff_len "
-                        f"{body.cutoff_len} trains on them{through}.")
 
 
 def _loss_message(preview: datasets.Preview) -> str:
@@ -177,22 +152,6 @@ def _loss_message(preview: datasets.Preview) -> str:
                 "computed on every assistant turn (the completion shows the last one).")
     return (f"every placeholder has a column; the loss is computed on "
             f"{{{preview.completion_placeholder}}} and the text after it.")
-
-
-def _example_out(example: Example, problem: str | None,
-                 tokens: token_preview.TokenizedRow | None, cutoff_len: int) -> ExampleOut:
-    """The example's text preview and, with a model, its tokens; its problem is the first of
-    the text's, the tokenization's, or being left out for want of a trained token."""
-    if tokens is not None and problem is None:
-        problem = tokens.problem
-        if problem is None and tokens.dropped:
-            problem = (f"no token the loss applies to within cutoff_len {cutoff_len}: a job "
-                       "leaves this example out")
-    return ExampleOut(
-        prompt=example.prompt, completion=example.completion, prompt_cut=example.prompt_cut,
-        completion_cut=example.completion_cut, problem=problem,
-        tokens=TokensOut.of(tokens) if tokens is not None and tokens.problem is None else None,
-    )
 
 
 @router.delete("/{dataset_id}", status_code=204, responses=error_responses(404, 409),

@@ -69,7 +69,7 @@ def submit_job(body: FinetuneBody, caller: TenantDep, session: SessionDep,
                settings: SettingsDep, storage: StorageDep,
                idempotency_key: IdempotencyKeyHeader = None,
                dry_run: DryRun = False) -> JobSubmitted | JSONResponse:
-    preflight = Preflight(session, storage, settings, caller.tenant_id, ask_hub=dry_run)
+    preflight = Preflight(session, storage, settings, caller.tenant_id, dry_run=dry_run)
     request = preflight.parse(body)
     if dry_run:
         return JSONResponse(preflight.check(request).model_dump(mode="json"))
@@ -78,7 +78,8 @@ def submit_job(body: FinetuneBody, caller: TenantDep, session: SessionDep,
     if keyed and (earlier := keyed.earlier_response(session)):
         return _replay(earlier)
     preflight.check(request)
-    job = jobs.create_job(session, caller.tenant_id, request, settings.leases.max_attempts)
+    job = jobs.create_job(session, caller.tenant_id, request, settings.leases.max_attempts,
+                          warnings=preflight.job_warnings)
     submitted = JobSubmitted(job_id=job.id, deployment_id=job.id, status=JobStatus.QUEUED,
                              message="job queued")
     response = idempotency.StoredResponse(201, submitted.model_dump(mode="json"))

@@ -423,7 +423,7 @@ def test_two_rows_with_the_default_warmup_warn_of_the_cut_warmup_and_few_example
     assert body["steps"] | {"note": None} == {
         "train_examples": 1, "batch_size": 4, "gradient_accumulation_steps": 1,
         "num_train_epochs": 1.0, "optimizer_steps": 1, "warmup_steps_asked": 50,
-        "warmup_steps": 0, "note": None,
+        "warmup_steps": 0, "note": None, "warmup_warning": body["warnings"][0],
     }
     assert body["warnings"] == [
         "warm-up capped from 50 to 0 steps: training_config.warmup_steps 50 is longer than the "
@@ -499,3 +499,44 @@ def test_openapi_documents_the_body_as_finetune_request_and_the_report(
     assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/PreflightOut"}
     assert "dry_run" in [p["name"] for p in operation["parameters"]]
+
+
+def test_a_submit_keeps_the_warnings_the_worker_does_not_restate(
+    client: TestClient, hub: list[str]
+) -> None:
+    """The warm-up and the default template are stated again by the worker from the run it
+    really trains; the job keeps the rest of what the preflight found."""
+    payload = with_data(uploaded(client, ALPACA_ROWS[:2]))
+    del payload["data_config"]["prompt_template"]
+    payload["training_config"]["lr_scheduler_type"] = "linear"
+
+    response = client.post(URL, json=payload)
+
+    assert response.status_code == 201, response.text
+    job = client.get(f"{URL}/{response.json()['job_id']}").json()
+    assert job["warnings"] == [
+        "1 training example, fewer than 16: a model rarely keeps anything it learnt from so few"]
+
+
+def test_a_dry_run_on_a_local_model_shows_the_tokens_the_loss_applies_to(
+    client: TestClient, hub: list[str], tunery_env: Path
+) -> None:
+    # A tokenizer folder built with `tokenizers` alone (no torch in the API's tests), with
+    # weights and a config beside it so that the model check passes.
+    from tests.api.test_dataset_token_preview import EOS, tokenizer_folder
+
+    folder = tokenizer_folder(tunery_env.parent / "local-model")
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes(b"{}")
+    payload = with_data(uploaded(client, CHAT_ROWS), prompt_template="{messages}")
+    payload["pretrainedmodel_config"]["model_path"] = str(folder)
+
+    body = report(client.post(DRY_RUN, json=payload))
+
+    tokens = body["examples"][0]["tokens"]
+    assert tokens is not None
+    trained = "".join(part["text"] for part in tokens["parts"] if part["kind"] == "trained")
+    # The assistant's answer and the end-of-turn marker, nothing of the user's turn.
+    assert trained.strip() == f"0{EOS}"
+    assert not any(w.startswith("examples:") for w in body["warnings"])
+    assert jobs_stored() == []
