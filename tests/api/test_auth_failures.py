@@ -14,17 +14,10 @@ from fastapi.testclient import TestClient
 from api.limits.auth_failures import FailedAuthLimiter
 from shared.settings import get_settings
 from tests.api.conftest import new_key
+from tests.fake_clock import FakeClock
 
 LIMIT = 5
 WRONG = {"Authorization": "Bearer tun_wrong_0123456789abcdef"}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

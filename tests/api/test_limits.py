@@ -31,6 +31,7 @@ from shared.models import Job, JobStatus
 from shared.settings import get_settings
 from tests.api.conftest import new_key
 from tests.conftest import make_payload
+from tests.fake_clock import FakeClock
 
 URL = "/v1/finetune/llm"
 ROWS = [{"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"}
@@ -315,14 +316,6 @@ def test_a_1_gib_gzip_bomb_streamed_in_is_refused_with_flat_memory(make_client: 
 
 
 # Rate limit ----------------------------------------------------------------------------------
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 def fake_limiter(client: TestClient, per_minute: int) -> FakeClock:
     clock = FakeClock()

@@ -24,20 +24,13 @@ from shared.models import Job, JobLog, JobMetric, utcnow
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from tests.conftest import make_payload
+from tests.fake_clock import FakeClock
 from worker.heartbeat import Heartbeat
 from worker.job_reporter import DatabaseReporter
 from worker.pipeline.errors import StopReason
 
 LEASE_S = 30.0
 UNREACHABLE_DB = "postgresql+psycopg://postgres@127.0.0.1:9/down"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

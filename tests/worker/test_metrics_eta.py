@@ -9,16 +9,9 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from tests.fake_clock import FakeClock
 from worker.pipeline.callbacks import MetricsCallback
 from worker.pipeline.report import RecordingReporter
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
