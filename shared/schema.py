@@ -356,6 +356,10 @@ class HuggingfaceConfig(_Strict):
     def _token_to_push(cls, value: str | None, info: ValidationInfo) -> str | None:
         if info.data.get("hf_model_path") and not value:
             raise ValueError("hf_model_path needs an hf_token with write access to the repo")
+        # It travels in an HTTP header (the dry run's hub lookup, the worker's downloads),
+        # which takes printable ASCII only.
+        if value and not all("!" <= c <= "~" for c in value):
+            raise ValueError("a token is printable ASCII without spaces, such as hf_…")
         return value
 
 

@@ -348,3 +348,16 @@ def test_orpo_is_accepted() -> None:
     payload = make_payload(training_config={"preference_optimization": "ORPO"})
     request = FinetuneRequest.model_validate(payload)
     assert request.training_config.preference_optimization == "ORPO"
+
+
+@pytest.mark.parametrize("token", ["hf_\x80abc", "hf abc", "hf_ä"])
+def test_an_hf_token_that_no_http_header_can_carry_is_refused_naming_it(token: str) -> None:
+    payload = make_payload("HuggingFaceTB/SmolLM2-135M-Instruct")
+    payload["hf_config"] = {"hf_token": token}
+
+    with pytest.raises(ValidationError) as caught:
+        FinetuneRequest.model_validate(payload)
+
+    error = caught.value.errors()[0]
+    assert error["loc"] == ("hf_config", "hf_token")
+    assert "printable ASCII" in error["msg"]
