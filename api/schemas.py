@@ -383,7 +383,7 @@ class PreflightSteps(BaseModel):
     warmup_warning: str | None = Field(None, description="Why the warm-up was cut or takes a "
                                                          "large share of the run (also in "
                                                          "`warnings`).")
-    note: str | None = Field(None, description="Why a number is unknown.")
+    note: str | None = Field(None, description="Why a number is unknown, or not used.")
 
 
 class PreflightOut(BaseModel):

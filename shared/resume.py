@@ -102,10 +102,12 @@ def resume_problems(
     completed = job.status == JobStatus.COMPLETED.value
     message = None
     if source.step is None and not source.latest and not completed:
-        message = (
-            f"job {job.id} is {job.status}, so it has no final adapter; name one of its "
-            f"checkpoints ('jobs/{job.id}/checkpoints/step-N') or just its id"
-        )
+        message = f"job {job.id} is {job.status}, so it has no final adapter"
+        if checkpoint_steps(storage, job.id):
+            message += (f"; name one of its checkpoints ('jobs/{job.id}/checkpoints/step-N') "
+                        "or just its id for the latest")
+        else:
+            message += " and no checkpoint to continue from"
     elif source.step is not None and completed:
         # The worker deletes a job's checkpoints once its final adapter is uploaded.
         message = f"job {job.id} completed and kept only its final adapter; use 'jobs/{job.id}'"

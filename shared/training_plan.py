@@ -76,12 +76,14 @@ def warmup_plan(asked: int, total_steps: int) -> WarmupPlan:
     share = asked / total_steps
     if share >= WARMUP_CAP_FROM_SHARE:
         steps = math.floor(total_steps * WARMUP_CAPPED_SHARE)
+        cut_to = (f"{WARMUP_CAPPED_SHARE:.0%} of them, rounded down: none for a run this short, "
+                  "which trains at learning_rate from its first step" if steps == 0 else
+                  f"{WARMUP_CAPPED_SHARE:.0%} of them")
         return WarmupPlan(steps, (
             f"{CAPPED_PREFIX} from {asked} to {steps} steps: training_config.warmup_steps "
             f"{asked} is {_share_words(share)} the run's {total_steps} optimizer steps, so the "
             f"learning rate would stay below learning_rate for most or all of it; a warm-up "
-            f"from {WARMUP_CAP_FROM_SHARE:.0%} of the steps is cut to "
-            f"{WARMUP_CAPPED_SHARE:.0%} of them"
+            f"from {WARMUP_CAP_FROM_SHARE:.0%} of the steps is cut to {cut_to}"
         ))
     if share >= WARMUP_WARN_FROM_SHARE:
         return WarmupPlan(asked, (

@@ -72,6 +72,8 @@ def step_plan(train_rows: int | None, training: TrainingConfig
     warnings = []
     if training.lr_scheduler_type in SCHEDULERS_WITHOUT_WARMUP:
         steps.warmup_steps = 0
+        steps.note = (f"lr_scheduler_type {training.lr_scheduler_type!r} has no warm-up: "
+                      "warmup_steps is not used")
     else:
         warmup = warmup_plan(training.warmup_steps, total)
         steps.warmup_steps = warmup.steps

@@ -428,7 +428,8 @@ def test_two_rows_with_the_default_warmup_warn_of_the_cut_warmup_and_few_example
     assert body["warnings"] == [
         "warm-up capped from 50 to 0 steps: training_config.warmup_steps 50 is longer than the "
         "run's 1 optimizer steps, so the learning rate would stay below learning_rate for most "
-        "or all of it; a warm-up from 50% of the steps is cut to 10% of them",
+        "or all of it; a warm-up from 50% of the steps is cut to 10% of them, rounded down: "
+        "none for a run this short, which trains at learning_rate from its first step",
         "1 training example, fewer than 16: a model rarely keeps anything it learnt from so few",
     ]
     assert body["examples"][0] == {"prompt": "Q: Add 0 and 0. A: ", "completion": "0",
@@ -446,6 +447,8 @@ def test_a_scheduler_without_warmup_plans_none_and_warns_of_none(
     body = report(client.post(DRY_RUN, json=payload))
 
     assert (body["steps"]["warmup_steps_asked"], body["steps"]["warmup_steps"]) == (50, 0)
+    assert body["steps"]["note"] == ("lr_scheduler_type 'reduce_lr_on_plateau' has no warm-up: "
+                                     "warmup_steps is not used")
     assert not [w for w in body["warnings"] if "warm" in w]
 
 

@@ -78,6 +78,10 @@ def test_a_job_cancelled_before_its_first_checkpoint_is_refused(client: TestClie
     assert refusal(submit(client, job_id)) == (
         f"job {job_id} is CANCELLED and has no checkpoint to continue from")
     assert "no checkpoint" in refusal(submit(client, f"jobs/{job_id}/checkpoints/step-50"))
+    # Its final adapter's path: no hint at an id or a checkpoint that would be refused too.
+    assert refusal(submit(client, f"jobs/{job_id}")) == (
+        f"job {job_id} is CANCELLED, so it has no final adapter and no checkpoint to continue "
+        "from")
 
 
 def test_a_queued_job_without_checkpoints_is_refused_until_it_writes_one(

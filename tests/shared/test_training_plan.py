@@ -36,9 +36,12 @@ def test_the_default_warmup_on_an_eleven_step_run_is_capped_and_says_so() -> Non
     assert "from 50 to 1" in plan.warning and "longer than the run's 11" in plan.warning
 
 
-def test_a_one_step_run_trains_at_the_full_rate() -> None:
+def test_a_one_step_run_trains_at_the_full_rate_and_says_why() -> None:
     plan = warmup_plan(50, 1)
     assert plan.steps == 0 and plan.capped
+    assert plan.warning is not None and plan.warning.endswith(
+        "cut to 10% of them, rounded down: none for a run this short, which trains at "
+        "learning_rate from its first step")
 
 
 def test_a_large_share_is_kept_with_a_warning_and_a_small_one_silently() -> None:

@@ -75,7 +75,8 @@ class MetricsCallback(TrainerCallback):
         epochs = args.num_train_epochs
         resumed = f", resuming at step {state.global_step}" if state.global_step else ""
         self.reporter.log(
-            f"training {state.max_steps} steps: {epochs:g} epoch{'s' if epochs != 1 else ''}"
+            f"training {state.max_steps} step{'s' if state.max_steps != 1 else ''}: "
+            f"{epochs:g} epoch{'s' if epochs != 1 else ''}"
             f"{examples}, batch {args.per_device_train_batch_size} x "
             f"{args.gradient_accumulation_steps}, optimizer "
             f"{getattr(args.optim, 'value', args.optim)}{resumed}"
