@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from api.errors import validation_fields
 from shared.schema import (
@@ -56,7 +56,7 @@ def read_body(body: Any) -> ReadBody:
     try:
         request = FinetuneRequest.model_validate(body)
     except ValidationError as exc:
-        problems = validation_fields(exc.errors())
+        problems = [_with_hint(p) for p in validation_fields(exc.errors())]
     else:
         return ReadBody(request, Sections.of(request), [])
     raw = body if isinstance(body, dict) else {}
@@ -71,6 +71,20 @@ def read_body(body: Any) -> ReadBody:
     if "data_config" in raw and "training_config" in raw:
         problems += _cross_section_problems(sections)
     return ReadBody(None, sections, problems)
+
+
+def _with_hint(problem: Problem) -> Problem:
+    """A missing section whose every field has a default: say that `{}` is enough."""
+    section = FinetuneRequest.model_fields.get(problem["path"])
+    if problem["message"] != "Field required" or section is None:
+        return problem
+    model = section.annotation
+    if isinstance(model, type) and issubclass(model, BaseModel) and all(
+            not field.is_required() for field in model.model_fields.values()):
+        return {**problem, "message": (
+            f"Field required; every field inside has a default, so "
+            f'"{problem["path"]}": {{}} is enough')}
+    return problem
 
 
 def _section(
