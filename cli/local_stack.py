@@ -30,6 +30,23 @@ QUIET_ENV = {
 EVERY_ADDRESS = ("0.0.0.0", "::")
 
 
+def wait_until_answers(url: str, process: subprocess.Popen[bytes], *, name: str,
+                       timeout_s: float, interval_s: float = 0.2) -> None:
+    """Until GET `url` answers 200. RuntimeError when `process` (`name`, which serves it)
+    exits first; TimeoutError past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval_s)
+    raise TimeoutError(f"{name} did not answer on {url} in {timeout_s:g} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,17 +119,8 @@ class LocalStack:
         quiet = ["--quiet"] if self.quiet else []
         self.api = self._spawn("api", tunery_command("api", "--host", self.host,
                                                      "--port", str(self.port), *quiet))
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if self.api.poll() is not None:
-                raise RuntimeError(f"the API exited with code {self.api.returncode}")
-            try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"the API did not answer on {self.base_url} in time")
+        wait_until_answers(f"{self.base_url}/healthz", self.api, name="the API",
+                           timeout_s=self.start_timeout_s)
 
     def start_worker(self) -> None:
         self.worker = self._spawn("worker", worker_command(quiet=self.quiet))

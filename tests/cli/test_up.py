@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.local_stack import free_port
+from cli.local_stack import free_port, wait_until_answers
 from cli.process_commands import tunery_command
 from tests.cli.conftest import clean_env
 
@@ -35,16 +35,11 @@ class RunningUp:
         """Every process seen below `tunery up`: the teardown ends those a failure left."""
 
     def wait_ready(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.console_text()
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"no /readyz in time:\n{self.console_text()}")
+        try:
+            wait_until_answers(f"{self.base_url}/readyz", self.proc, name="tunery up",
+                               timeout_s=timeout_s)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}:\n{self.console_text()}") from None
 
     def wait_console_settled(self, quiet_s: float = 3.0, timeout_s: float = 90) -> None:
         """Until the console has not grown for `quiet_s`: the worker has started."""
