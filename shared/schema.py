@@ -270,6 +270,13 @@ class DataConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
+    max_eval_examples: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="Tunery extension: how many validation examples each evaluation reads (a "
+        "fixed, seeded sample of the split, the same every time). None: as many as keep all "
+        "evaluations within about 5% of the training compute (TUNERY_EVAL_COMPUTE_SHARE), at "
+        "least 32; a smaller split is read whole.",
+    )
     early_stopping_patience: int = Field(
         5, gt=0, le=100_000, description="Evaluations without improvement before training stops."
     )

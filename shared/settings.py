@@ -241,6 +241,12 @@ class TrainingSettings(BaseModel):
         "between jobs, so that the next job on the same base skips loading it. Off: every job "
         "loads its base and the worker holds no model while idle."
     )
+    eval_compute_share: float = Field(
+        0.05, gt=0, le=1, description="Share of a job's training compute that all its "
+        "evaluations together may cost: each evaluation reads a fixed, seeded sample of the "
+        "validation split sized to fit (at least 32 examples). A job's "
+        "training_config.max_eval_examples overrides it."
+    )
     wandb_init_timeout_s: float = Field(
         30.0, gt=0, description="How long a job with logging_config.use_wandb waits for "
         "Weights & Biases to start its run before it fails with a reason that says so."

@@ -25,6 +25,19 @@ WARMUP_WARN_FROM_SHARE = 0.25
 SCHEDULERS_WITHOUT_WARMUP = frozenset({"constant", "reduce_lr_on_plateau"})
 # Fewer training examples than this rarely teach a model anything it keeps.
 FEW_EXAMPLES = 16
+# A run evaluates before its first step (the baseline) and after every tenth of its steps:
+# enough for early stopping and reduce_lr_on_plateau to act, few enough to stay cheap.
+EVAL_EVERY_FRACTION = 0.1
+EVALUATIONS = 1 + round(1 / EVAL_EVERY_FRACTION)
+# All evaluations of a run together cost about this share of its training compute, unless
+# the operator (`training.eval_compute_share`) or the job (`max_eval_examples`) says otherwise.
+EVAL_COMPUTE_SHARE = 0.05
+# Evaluating one example is a forward pass: about a third of training on it (forward and
+# backward).
+EVAL_COST_PER_TRAIN_EXAMPLE = 1 / 3
+# Fewer evaluated examples than this make eval_loss too noisy to pick the best step by; a
+# smaller validation split is evaluated whole.
+MIN_EVAL_EXAMPLES = 32
 
 
 def split_sizes(examples: int, split_config: Mapping[str, float]) -> tuple[int, int]:
@@ -96,3 +109,19 @@ def warmup_plan(asked: int, total_steps: int) -> WarmupPlan:
 def _share_words(share: float) -> str:
     return "longer than" if share > 1 else ("as long as" if share == 1 else
                                            f"{share:.0%} of")
+
+
+def evaluation_examples(
+    validation_examples: int, train_examples: int, *, epochs: float,
+    compute_share: float = EVAL_COMPUTE_SHARE, max_examples: int | None = None,
+) -> int:
+    """How many of the validation split's examples each evaluation reads: `max_examples` when
+    the job names it, else as many as keep all `EVALUATIONS` within `compute_share` of the
+    training compute, at least `MIN_EVAL_EXAMPLES`, never more than the split holds."""
+    if validation_examples <= 0:
+        return 0
+    if max_examples is not None:
+        return min(validation_examples, max_examples)
+    budget = compute_share * train_examples * epochs / (
+        EVALUATIONS * EVAL_COST_PER_TRAIN_EXAMPLE)
+    return min(validation_examples, max(MIN_EVAL_EXAMPLES, math.floor(budget)))

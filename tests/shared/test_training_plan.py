@@ -6,6 +6,7 @@ import pytest
 
 from shared.training_plan import (
     WARMUP_CAPPED_SHARE,
+    evaluation_examples,
     optimizer_steps,
     split_sizes,
     warmup_plan,
@@ -63,3 +64,24 @@ def test_split_sizes_leave_only_an_empty_dataset_without_training_examples(
     examples: int, split: dict[str, float], expected: tuple[int, int]
 ) -> None:
     assert split_sizes(examples, split) == expected
+
+
+@pytest.mark.parametrize(("validation", "train", "epochs", "share", "most", "evaluated"), [
+    # Ten thousand rows split 90/10: 11 evaluations of 122 examples cost 5% of an epoch.
+    (1000, 9000, 1, 0.05, None, 122),
+    (10_000, 90_000, 1, 0.05, None, 1227),
+    (10_000, 90_000, 3, 0.05, None, 3681),
+    # Small splits: at least 32, and never more than the split holds.
+    (150, 150, 1, 0.05, None, 32),
+    (30, 270, 1, 0.05, None, 30),
+    (0, 270, 1, 0.05, None, 0),
+    # The operator's share and the job's own number.
+    (1000, 9000, 1, 0.5, None, 1000),
+    (1000, 9000, 1, 0.05, 500, 500),
+    (100, 9000, 1, 0.05, 500, 100),
+])
+def test_evaluation_reads_a_sample_sized_to_a_share_of_the_training_compute(
+        validation: int, train: int, epochs: float, share: float, most: int | None,
+        evaluated: int) -> None:
+    assert evaluation_examples(validation, train, epochs=epochs, compute_share=share,
+                               max_examples=most) == evaluated

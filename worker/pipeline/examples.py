@@ -19,8 +19,8 @@ from shared.dataset_columns import (
 from shared.dataset_files import LoadedDataset
 from shared.loss_mask import after_prompt, max_render_chars, with_trained_eos
 from shared.prompt_template import Example, completion_placeholder, render_example
-from shared.schema import DataConfig
-from shared.training_plan import split_sizes
+from shared.schema import DataConfig, TrainingConfig
+from shared.training_plan import evaluation_examples, split_sizes
 from worker.pipeline.chat import render_chats, tokenize_chats
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.labels import TokenizedExample, kept_tokens, label_example, text_batches
@@ -171,3 +171,22 @@ def split(
     if not validation:
         log("validation split is 0: evaluation and early stopping are disabled")
     return train, validation
+
+
+def evaluated_sample(
+    validation: list[Item], *, train_examples: int, config: TrainingConfig,
+    compute_share: float, log: LogFn = no_log,
+) -> list[Item]:
+    """The validation examples every evaluation reads, the baseline before training included:
+    the first of the split (`split` shuffled it with a fixed seed), as many as
+    `shared.training_plan.evaluation_examples` allows."""
+    count = evaluation_examples(
+        len(validation), train_examples, epochs=config.num_train_epochs,
+        compute_share=compute_share, max_examples=config.max_eval_examples,
+    )
+    if count < len(validation):
+        why = ("training_config.max_eval_examples" if config.max_eval_examples is not None
+               else f"all evaluations within {compute_share:.0%} of the training compute")
+        log(f"evaluation: {count} of the {len(validation)} validation examples, the same "
+            f"seeded sample every time ({why})")
+    return validation[:count]

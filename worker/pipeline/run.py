@@ -18,7 +18,12 @@ from worker.pipeline.base_cache import BaseModelCache
 from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
 from worker.pipeline.data_source import load_dataset
 from worker.pipeline.errors import PipelineError, TrainingStopped
-from worker.pipeline.examples import preference_rows, render_and_tokenize, split
+from worker.pipeline.examples import (
+    evaluated_sample,
+    preference_rows,
+    render_and_tokenize,
+    split,
+)
 from worker.pipeline.export import export_adapter
 from worker.pipeline.interrupts import InterruptibleRegion
 from worker.pipeline.model import add_lora, load_tokenizer
@@ -173,6 +178,9 @@ def _prepare_data(
         examples = render_and_tokenize(dataset, tokenizer, data, log=log)
         fit = train
     train_set, eval_set = split(examples, data.data_split_config, log=log)
+    eval_set = evaluated_sample(eval_set, train_examples=len(train_set),
+                                config=request.training_config,
+                                compute_share=settings.training.eval_compute_share, log=log)
     return train_set, eval_set, fit, tokenizer
 
 

@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 from shared.schema import TrainingConfig
 from shared.training_plan import (
     BATCH_SIZE,
+    EVAL_EVERY_FRACTION,
     SCHEDULERS_WITHOUT_WARMUP,
     optimizer_steps,
     warmup_plan,
@@ -19,9 +20,6 @@ from shared.training_plan import (
 from worker.pipeline.report import JobReporter
 
 SEED = 42
-# About ten evaluations per run: enough for early stopping and reduce_lr_on_plateau to act,
-# few enough that evaluation does not dominate a run.
-EVAL_EVERY_FRACTION = 0.1
 # torch's ReduceLROnPlateau waits 10 evaluations by default, which never happens in ten.
 PLATEAU_KWARGS = {"patience": 1, "factor": 0.5}
 
