@@ -120,6 +120,10 @@ def _contains_nul(value: Any) -> bool:
     return False
 
 
+# Number fields, optional ones included, that must refuse a JSON boolean.
+_NUMBERS = (int, float, int | None, float | None)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -128,7 +132,7 @@ class _Strict(BaseModel):
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # Lax validation reads JSON true as 1: `"lora_r": true` would train with rank 1.
         field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and field.annotation in (int, float):
+        if isinstance(value, bool) and field is not None and field.annotation in _NUMBERS:
             raise ValueError("a number is required, not a boolean")
         return value
 
