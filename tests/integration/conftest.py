@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 import pytest
+from sqlalchemy.orm import Session
 
+from shared.db import make_engine
+from shared.migrate import upgrade_database
 from shared.storage import S3Storage
+
+
+@pytest.fixture
+def pg_session(postgres_url: str) -> Iterator[Session]:
+    """A session on the migrated PostgreSQL test database."""
+    upgrade_database(postgres_url)
+    engine = make_engine(postgres_url)
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+    engine.dispose()
 
 
 @pytest.fixture

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from sqlalchemy.orm import Session
 
 from shared import jobs
-from shared.db import make_engine
 from shared.keys import create_api_key
-from shared.migrate import upgrade_database
 from shared.models import JobStatus
 from shared.schema import FinetuneRequest
 from shared.tenancy import ALL_TENANTS
 from tests.conftest import make_payload
-
-
-@pytest.fixture
-def pg_session(postgres_url: str) -> Iterator[Session]:
-    upgrade_database(postgres_url)
-    engine = make_engine(postgres_url)
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
-    engine.dispose()
 
 
 def test_status_and_model_filters_count_and_page_in_sql(pg_session: Session) -> None:

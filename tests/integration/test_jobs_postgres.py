@@ -14,19 +14,9 @@ from shared import jobs
 from shared.db import make_engine
 from shared.jobs import Claim
 from shared.keys import authenticate, create_api_key
-from shared.migrate import upgrade_database
 from shared.models import Job, JobEvent, JobStatus
 from shared.schema import FinetuneRequest
 from tests.conftest import make_payload
-
-
-@pytest.fixture
-def pg_session(postgres_url: str):  # type: ignore[no-untyped-def]
-    upgrade_database(postgres_url)
-    engine = make_engine(postgres_url)
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
-    engine.dispose()
 
 
 def queued_job(session: Session) -> Job:

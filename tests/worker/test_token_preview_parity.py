@@ -17,6 +17,7 @@ from shared.loss_mask import IGNORE_INDEX
 from shared.schema import DataConfig
 from shared.token_preview import SHOWN_TOKENS, preview_tokens
 from tests.conftest import SHORT_ALPACA_TEMPLATE
+from tests.worker.test_chat import CONVERSATION
 from worker.assets.build_dataset import DATASET_PATH
 from worker.pipeline.examples import render_and_tokenize
 from worker.pipeline.model import load_tokenizer
@@ -25,13 +26,6 @@ from worker.pipeline.model import load_tokenizer
 CUTOFF = 64
 assert CUTOFF <= 2 * SHOWN_TOKENS
 
-CONVERSATION = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": "What is the capital of Peru?"},
-    {"role": "assistant", "content": "Answer: Lima."},
-    {"role": "user", "content": "And of Chile?"},
-    {"role": "assistant", "content": "Answer: Santiago."},
-]
 CHAT_ROWS = [
     {"messages": CONVERSATION},
     {"messages": CONVERSATION[1:3]},
