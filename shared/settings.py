@@ -251,6 +251,11 @@ class TrainingSettings(BaseModel):
         30.0, gt=0, description="How long a job with logging_config.use_wandb waits for "
         "Weights & Biases to start its run before it fails with a reason that says so."
     )
+    wandb_finish_timeout_s: float = Field(
+        120.0, gt=0, description="How long a job with logging_config.use_wandb waits for "
+        "Weights & Biases to upload the run's last data and stop, after training, before the "
+        "worker stops W&B's service process and goes on (the run may then lack its last data)."
+    )
 
 
 GROUPS: dict[str, type[BaseModel]] = {

@@ -67,6 +67,7 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "cpu_bf16": ("off", "off"),
     "base_model_cache": ("false", False),
     "wandb_init_timeout_s": ("5", 5.0),
+    "wandb_finish_timeout_s": ("7.5", 7.5),
     "eval_compute_share": ("0.2", 0.2),
 }
 

@@ -23,6 +23,7 @@ from worker.pipeline.model import loaded_dtype
 from worker.pipeline.report import JobReporter
 from worker.pipeline.trainer import TrainStats, run_trainer
 from worker.pipeline.training_args import planned_warmup, training_arguments
+from worker.pipeline.wandb_reporting import WandbTimeouts
 
 # TRL's log keys, and the metric names they are recorded under. The log-odds ratio and the
 # reward margin grow as the model learns to prefer the chosen answers; nll_loss is the
@@ -50,7 +51,7 @@ def train_orpo(
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
     memory_limit_bytes: float | None = None,
-    wandb_init_timeout_s: float,
+    wandb_timeouts: WandbTimeouts,
 ) -> TrainStats:
     """Train the adapter of `model` in place with ORPO, as `train()` does with the supervised
     loss: same training_config mapping, metrics, log lines, cancel, early stopping on eval_loss
@@ -118,5 +119,5 @@ def train_orpo(
     reporter.log(f"ORPO: beta {args.beta}, max_length {max_length} tokens")
     return run_trainer(
         trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging,
-        wandb_init_timeout_s=wandb_init_timeout_s,
+        wandb_timeouts=wandb_timeouts,
     )

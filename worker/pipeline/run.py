@@ -31,6 +31,7 @@ from worker.pipeline.preference import train_orpo
 from worker.pipeline.report import JobReporter, LogFn
 from worker.pipeline.train import train
 from worker.pipeline.trainer import TrainStats
+from worker.pipeline.wandb_reporting import WandbTimeouts
 
 # How much of the prompt template the log shows.
 TEMPLATE_SHOWN_CHARS = 200
@@ -113,7 +114,10 @@ def run_job(
                 resume_from=resume_from,
                 logging=request.logging_config,
                 memory_limit_bytes=_gib(settings.training.training_memory_gb),
-                wandb_init_timeout_s=settings.training.wandb_init_timeout_s,
+                wandb_timeouts=WandbTimeouts(
+                    start_s=settings.training.wandb_init_timeout_s,
+                    finish_s=settings.training.wandb_finish_timeout_s,
+                ),
             )
             output_dir = export_adapter(model, tokenizer, work_dir / "output",
                                         base_model=base.model_path.strip(), log=log)

@@ -32,6 +32,7 @@ from worker.pipeline.model import loaded_dtype
 from worker.pipeline.report import JobReporter
 from worker.pipeline.trainer import TrainStats, TuneryTrainer, run_trainer
 from worker.pipeline.training_args import planned_warmup, training_arguments
+from worker.pipeline.wandb_reporting import WandbTimeouts
 
 
 def train(
@@ -48,7 +49,7 @@ def train(
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
     memory_limit_bytes: float | None = None,
-    wandb_init_timeout_s: float,
+    wandb_timeouts: WandbTimeouts,
 ) -> TrainStats:
     """Train the adapter in place; raises `TrainingStopped` if the reporter asks to stop.
 
@@ -119,5 +120,5 @@ def train(
     )
     return run_trainer(
         trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging,
-        wandb_init_timeout_s=wandb_init_timeout_s,
+        wandb_timeouts=wandb_timeouts,
     )

@@ -20,7 +20,7 @@ from worker.pipeline.labelled_loss import (
     decoder_inputs,
     labelled_causal_lm_loss,
 )
-from worker.pipeline.wandb_reporting import wandb_reporting
+from worker.pipeline.wandb_reporting import WandbTimeouts, wandb_reporting
 
 
 @dataclass
@@ -121,11 +121,11 @@ def run_trainer(
     output_dir: Path,
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
-    wandb_init_timeout_s: float,
+    wandb_timeouts: WandbTimeouts,
 ) -> TrainStats:
     """Run `trainer` (built with `watch.callbacks`) and say how it ended, in log lines and
     `TrainStats`; raises `TrainingStopped` if the reporter asked to stop. With
-    `logging.use_wandb`, W&B gets `wandb_init_timeout_s` to start its run."""
+    `logging.use_wandb`, W&B gets `wandb_timeouts` to start and to finish its run."""
     reporter, stop, best, metrics = watch.reporter, watch.stop, watch.best, watch.metrics
     # Log lines go to the reporter; the Trainer's own printer would duplicate them on stdout.
     trainer.remove_callback(PrinterCallback)
@@ -135,7 +135,7 @@ def run_trainer(
             "without improvement"
         )
     with wandb_reporting(logging, output_dir, log=reporter.log,
-                         init_timeout_s=wandb_init_timeout_s, should_stop=reporter.should_stop):
+                         timeouts=wandb_timeouts, should_stop=reporter.should_stop):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state = trainer.state
     has_validation = trainer.eval_dataset is not None
