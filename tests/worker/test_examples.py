@@ -125,7 +125,8 @@ def test_split_is_seeded_reproducible_and_disjoint(tiny_tokenizer: Any) -> None:
     assert (len(train_a), len(val_a)) == (35, 10)
     assert [e.input_ids for e in train_a] == [e.input_ids for e in train_b]
     assert [e.input_ids for e in val_a] == [e.input_ids for e in val_b]
-    assert not {id(e) for e in train_a} & {id(e) for e in val_a}
+    # Every example differs (Q0, Q1, ...): no example is in both.
+    assert not {tuple(e.input_ids) for e in train_a} & {tuple(e.input_ids) for e in val_a}
     # Shuffled: the split is not just the first rows.
     assert [e.input_ids for e in train_a] != [e.input_ids for e in examples[:35]]
     other_seed, _ = split(examples, config, seed=7)

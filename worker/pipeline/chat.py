@@ -14,17 +14,21 @@ Chat mode is selected by a `prompt_template` that is exactly `{messages}`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from shared import loss_mask
 from shared.dataset_columns import MESSAGES_COLUMN
 from shared.dataset_files import LoadedDataset
-from shared.loss_mask import ChatExample, LossMaskError, Turn, in_spans
+from shared.loss_mask import ChatExample, LossMaskError, Turn
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.labels import TokenizedExample, kept_tokens, label_example, text_batches
+from worker.pipeline.labels import kept_tokens, label_batch, text_batches
 from worker.pipeline.report import LogFn, no_log
+from worker.pipeline.token_store import TokenStore, TokenStoreWriter
 
 
 def render_chat(messages: Sequence[Turn], tokenizer: Any) -> ChatExample:
@@ -61,72 +65,102 @@ def render_chats(
     max_turns: int | None = None,
     log: LogFn = no_log,
 ) -> list[ChatExample]:
-    """Render every row's `messages` with the tokenizer's chat template, each conversation
-    cut by `shared.loss_mask.bound_turns` first. The caller checked that the column exists
-    (`shared.dataset_columns`); each row's value is checked here."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise PipelineError(
-            "the model's tokenizer has no chat template, which a {messages} prompt_template "
-            "needs; use a base model with one or a prompt_template with columns"
-        )
-    examples = [
-        render_chat(
-            loss_mask.bound_turns(check_turns(row.get(MESSAGES_COLUMN), n), max_chars,
-                                  max_turns),
-            tokenizer,
-        )
-        for n, row in enumerate(dataset.rows, start=1)
-    ]
-    turns = sum(len(e.trained_spans) for e in examples)
-    log(
-        f"chat mode: rendered {len(examples)} conversations with the model's chat template; "
-        f"loss on {turns} assistant turns"
-    )
+    """Every row's `messages` rendered (`RenderedChats`), as a list."""
+    chats = RenderedChats(dataset, tokenizer, max_chars=max_chars, max_turns=max_turns)
+    examples = list(chats)
+    chats.log_rendered(log)
     return examples
 
 
+class RenderedChats(Iterator[ChatExample]):
+    """Render each row's `messages` with the tokenizer's chat template as it is read, each
+    conversation cut by `shared.loss_mask.bound_turns` first; counts what it rendered for
+    `log_rendered`. The caller checked that the column exists (`shared.dataset_columns`);
+    each row's value is checked here."""
+
+    def __init__(self, dataset: LoadedDataset, tokenizer: Any, *, max_chars: int | None = None,
+                 max_turns: int | None = None) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise PipelineError(
+                "the model's tokenizer has no chat template, which a {messages} prompt_template "
+                "needs; use a base model with one or a prompt_template with columns"
+            )
+        self._rows = enumerate(dataset.rows, start=1)
+        self._tokenizer, self._max_chars, self._max_turns = tokenizer, max_chars, max_turns
+        self.conversations = self.turns = 0
+
+    def __next__(self) -> ChatExample:
+        n, row = next(self._rows)
+        turns = check_turns(row.get(MESSAGES_COLUMN), n)
+        example = render_chat(loss_mask.bound_turns(turns, self._max_chars, self._max_turns),
+                              self._tokenizer)
+        self.conversations += 1
+        self.turns += len(example.trained_spans)
+        return example
+
+    def log_rendered(self, log: LogFn) -> None:
+        log(
+            f"chat mode: rendered {self.conversations} conversations with the model's chat "
+            f"template; loss on {self.turns} assistant turns"
+        )
+
+
 def tokenize_chats(
-    examples: Sequence[ChatExample],
+    examples: Iterable[ChatExample],
     tokenizer: Any,
     cutoff_len: int,
     *,
     train_on_inputs: bool = False,
     log: LogFn = no_log,
-) -> list[TokenizedExample]:
+    directory: Path | None = None,
+) -> TokenStore:
     """Tokenize rendered conversations, labels -100 outside the trained spans, cut to
-    `cutoff_len`. A conversation with no trained token left is dropped.
+    `cutoff_len`, into a `TokenStore` under `directory` (in memory without one). A
+    conversation with no trained token left is dropped. Given `RenderedChats`, it says what
+    was rendered first.
 
     The template writes the special tokens itself (BOS too), so the tokenizer adds none, as
     `apply_chat_template(tokenize=True)` does. Needs a fast tokenizer (character offsets).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise PipelineError("chat mode needs a fast tokenizer (tokenizer.json) for offsets")
-    out: list[TokenizedExample] = []
-    truncated = dropped = 0
+    writer = TokenStoreWriter(directory)
+    conversations = truncated = dropped = 0
     for batch in text_batches(examples, lambda e: len(e.text)):
         enc = tokenizer(
             [e.text for e in batch], add_special_tokens=False, return_offsets_mapping=True,
-            **kept_tokens(cutoff_len),
+            padding=True, padding_side="right", return_tensors="np", **kept_tokens(cutoff_len),
         )
-        for example, ids, offsets in zip(
-            batch, enc["input_ids"], enc["offset_mapping"], strict=True
-        ):
-            tokenized, was_cut = label_example(
-                ids, in_spans(offsets, example.trained_spans), cutoff_len,
-                train_on_inputs=train_on_inputs,
-            )
-            truncated += was_cut
-            if tokenized is None:
-                dropped += 1
-            else:
-                out.append(tokenized)
+        offsets = enc["offset_mapping"]
+        trained = np.stack([in_spans_row(offsets[i], e.trained_spans)
+                            for i, e in enumerate(batch)])
+        labelled = label_batch(enc["input_ids"], trained, enc["attention_mask"].sum(axis=1),
+                               cutoff_len, train_on_inputs=train_on_inputs, eos_id=None)
+        writer.add(labelled.kept)
+        conversations += len(batch)
+        truncated += labelled.truncated
+        dropped += labelled.dropped
+    store = writer.finish()
+    if isinstance(examples, RenderedChats):
+        examples.log_rendered(log)
     log(
-        f"tokenized {len(examples)} conversations: {truncated} truncated to cutoff_len "
+        f"tokenized {conversations} conversations: {truncated} truncated to cutoff_len "
         f"{cutoff_len}, {dropped} dropped (no assistant token within cutoff_len)"
     )
-    if not out:
+    if not len(store):
         raise PipelineError(
             f"no conversation has an assistant token within cutoff_len {cutoff_len}; "
             "raise cutoff_len or add assistant turns"
         )
-    return out
+    return store
+
+
+def in_spans_row(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """`shared.loss_mask.in_spans` on one row of a padded batch (offsets of shape (width, 2)):
+    whether each token overlaps a trained span; padding and special tokens, with empty
+    offsets, overlap nothing."""
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    trained = np.zeros(len(offsets), dtype=bool)
+    for start, end in spans:
+        trained |= (starts < end) & (ends > start)
+    return trained

@@ -9,22 +9,33 @@ here, where it is computed.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
 
 from shared.dataset_columns import (
     PREFERENCE_COLUMNS,
     is_chat_template,
 )
 from shared.dataset_files import LoadedDataset
-from shared.loss_mask import after_prompt, max_render_chars, with_trained_eos
+from shared.loss_mask import max_render_chars
 from shared.prompt_template import Example, completion_placeholder, render_example
 from shared.schema import DataConfig, TrainingConfig
 from shared.training_plan import evaluation_examples, split_sizes
-from worker.pipeline.chat import render_chats, tokenize_chats
+from worker.pipeline.chat import RenderedChats, tokenize_chats
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.labels import TokenizedExample, kept_tokens, label_example, text_batches
+from worker.pipeline.labels import (
+    LabelledBatch,
+    kept_tokens,
+    label_batch,
+    padded,
+    text_batches,
+)
 from worker.pipeline.report import LogFn, no_log
+from worker.pipeline.token_store import TokenStore, TokenStoreWriter
 
 # Tokenized examples for supervised training, raw preference rows for ORPO.
 Item = TypeVar("Item")
@@ -32,22 +43,43 @@ PreferenceRow = dict[str, str]
 
 SPLIT_SEED = 42
 
+
 def render_and_tokenize(
-    dataset: LoadedDataset, tokenizer: Any, data: DataConfig, *, log: LogFn
-) -> list[TokenizedExample]:
+    dataset: LoadedDataset, tokenizer: Any, data: DataConfig, *, log: LogFn,
+    directory: Path | None = None,
+) -> TokenStore:
     """Rows to training examples: through the prompt_template, or through the model's chat
-    template when the prompt_template is `{messages}` (chat mode)."""
+    template when the prompt_template is `{messages}` (chat mode). Rendered and tokenized a
+    batch at a time into a `TokenStore` under `directory` (in memory without one): the
+    rendered texts of the whole dataset are never held at once."""
     max_chars = max_render_chars(data.cutoff_len, tokenizer)
     if not is_chat_template(data.prompt_template):
-        examples = render_examples(dataset, data.prompt_template, max_chars=max_chars, log=log)
-        return tokenize(
-            examples, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs, log=log
+        rendered = _RenderCount()
+        examples = (
+            rendered.add(render_example(row, data.prompt_template, max_chars=max_chars))
+            for row in dataset.rows
         )
-    chats = render_chats(dataset, tokenizer, max_chars=max_chars, max_turns=data.cutoff_len,
-                         log=log)
+        store, counts = tokenized_store(
+            examples, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs,
+            directory=directory,
+        )
+        _log_rendered(rendered.count, rendered.cut, data.prompt_template, max_chars, log)
+        return _checked(store, counts, data.cutoff_len, log)
+    chats = RenderedChats(dataset, tokenizer, max_chars=max_chars, max_turns=data.cutoff_len)
     return tokenize_chats(
-        chats, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs, log=log
+        chats, tokenizer, data.cutoff_len, train_on_inputs=data.train_on_inputs, log=log,
+        directory=directory,
     )
+
+
+class _RenderCount:
+    def __init__(self) -> None:
+        self.count = self.cut = 0
+
+    def add(self, example: Example) -> Example:
+        self.count += 1
+        self.cut += bool(example.prompt_cut or example.completion_cut)
+        return example
 
 
 def render_examples(
@@ -62,78 +94,112 @@ def render_examples(
     at tokenization). The caller checked the columns (`shared.dataset_columns`); a cell the
     row lacks renders as ""."""
     examples = [render_example(row, template, max_chars=max_chars) for row in dataset.rows]
-    completion = completion_placeholder(template)
-    cut = sum(e.prompt_cut or e.completion_cut for e in examples)
-    log(f"rendered {len(examples)} examples; loss on {{{completion}}} and what follows it")
-    if cut:
-        log(f"{cut} examples were longer than {max_chars} characters and were cut there, "
-            "beyond what cutoff_len tokens can hold")
+    cut = sum(bool(e.prompt_cut or e.completion_cut) for e in examples)
+    _log_rendered(len(examples), cut, template, max_chars, log)
     return examples
 
 
+def _log_rendered(count: int, cut: int, template: str, max_chars: int | None,
+                  log: LogFn) -> None:
+    completion = completion_placeholder(template)
+    log(f"rendered {count} examples; loss on {{{completion}}} and what follows it")
+    if cut:
+        log(f"{cut} examples were longer than {max_chars} characters and were cut there, "
+            "beyond what cutoff_len tokens can hold")
+
+
 def tokenize(
-    examples: Sequence[Example],
+    examples: Iterable[Example],
     tokenizer: Any,
     cutoff_len: int,
     *,
     train_on_inputs: bool = False,
     log: LogFn = no_log,
-) -> list[TokenizedExample]:
+    directory: Path | None = None,
+) -> TokenStore:
     """Tokenize prompt + completion + EOS, labels -100 on the prompt, cut to `cutoff_len`.
 
     With `train_on_inputs` every token is trained (labels equal the input ids). Which tokens
     are trained is `shared.loss_mask`'s rule (`after_prompt`, `with_trained_eos`,
-    `label_example`): an example longer than `cutoff_len` is cut and gets no EOS; one with no
-    completion token left is dropped.
+    `label_example`, here on whole batches: `label_batch`): an example longer than
+    `cutoff_len` is cut and gets no EOS; one with no completion token left is dropped.
     """
+    store, counts = tokenized_store(examples, tokenizer, cutoff_len,
+                                    train_on_inputs=train_on_inputs, directory=directory)
+    return _checked(store, counts, cutoff_len, log)
+
+
+@dataclass
+class TokenCounts:
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    def add(self, batch: LabelledBatch, examples: int) -> None:
+        self.examples += examples
+        self.truncated += batch.truncated
+        self.dropped += batch.dropped
+
+
+def tokenized_store(
+    examples: Iterable[Example], tokenizer: Any, cutoff_len: int, *, train_on_inputs: bool,
+    directory: Path | None,
+) -> tuple[TokenStore, TokenCounts]:
+    """`tokenize` without its checks and log line: the store and what was cut and dropped."""
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise PipelineError("the model's tokenizer has no EOS token; cannot mark example ends")
-    out: list[TokenizedExample] = []
-    truncated = dropped = 0
-    for ids, in_completion in _encoded(examples, tokenizer, cutoff_len):
-        example, was_cut = label_example(
-            *with_trained_eos(ids, in_completion, eos_id), cutoff_len,
-            train_on_inputs=train_on_inputs,
-        )
-        truncated += was_cut
-        if example is None:
-            dropped += 1
-        else:
-            out.append(example)
+    writer = TokenStoreWriter(directory)
+    counts = TokenCounts()
+    for batch in text_batches(examples, lambda e: len(e.prompt) + len(e.completion)):
+        ids, trained, lengths = _encoded(batch, tokenizer, cutoff_len)
+        labelled = label_batch(ids, trained, lengths, cutoff_len,
+                               train_on_inputs=train_on_inputs, eos_id=eos_id)
+        writer.add(labelled.kept)
+        counts.add(labelled, len(batch))
+    return writer.finish(), counts
+
+
+def _checked(store: TokenStore, counts: TokenCounts, cutoff_len: int, log: LogFn) -> TokenStore:
     log(
-        f"tokenized {len(examples)} examples: {truncated} truncated to cutoff_len {cutoff_len}, "
-        f"{dropped} dropped (no completion token within cutoff_len)"
+        f"tokenized {counts.examples} examples: {counts.truncated} truncated to cutoff_len "
+        f"{cutoff_len}, {counts.dropped} dropped (no completion token within cutoff_len)"
     )
-    if not out:
+    if not len(store):
         raise PipelineError(
             f"no example has a completion token within cutoff_len {cutoff_len}; "
             "raise cutoff_len or shorten the prompts"
         )
-    return out
+    return store
 
 
 def _encoded(
-    examples: Sequence[Example], tokenizer: Any, cutoff_len: int
-) -> Iterator[tuple[list[int], list[bool]]]:
-    """Each example's token ids (at most cutoff_len + 1) and whether each is in the
-    completion, tokenized in `text_batches`."""
+    batch: Sequence[Example], tokenizer: Any, cutoff_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The batch's token ids (at most cutoff_len + 1 each), right-padded, whether each is in
+    the completion, and each example's token count."""
     keep = kept_tokens(cutoff_len)
-    for batch in text_batches(examples, lambda e: len(e.prompt) + len(e.completion)):
-        texts = [e.prompt + e.completion for e in batch]
-        if getattr(tokenizer, "is_fast", False):
-            enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True, **keep)
-            for example, ids, offsets in zip(
-                batch, enc["input_ids"], enc["offset_mapping"], strict=True
-            ):
-                yield list(ids), after_prompt(offsets, len(example.prompt))
-            continue
-        # Slow tokenizers have no offsets: count the prompt's own tokens instead.
-        full = tokenizer(texts, add_special_tokens=True, **keep)["input_ids"]
-        prompts = tokenizer([e.prompt for e in batch], add_special_tokens=True,
-                            **keep)["input_ids"]
-        for ids, prompt_ids in zip(full, prompts, strict=True):
-            yield list(ids), [i >= len(prompt_ids) for i in range(len(ids))]
+    texts = [e.prompt + e.completion for e in batch]
+    prompt_chars = np.array([len(e.prompt) for e in batch], dtype=np.int64)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True,
+                        padding=True, padding_side="right", return_tensors="np", **keep)
+        lengths = enc["attention_mask"].sum(axis=1)
+        return (enc["input_ids"], after_prompt_tokens(enc["offset_mapping"], prompt_chars),
+                lengths)
+    # Slow tokenizers have no offsets: count the prompt's own tokens instead.
+    full = tokenizer(texts, add_special_tokens=True, **keep)["input_ids"]
+    prompts = tokenizer([e.prompt for e in batch], add_special_tokens=True, **keep)["input_ids"]
+    trained = [[i >= len(p) for i in range(len(ids))] for ids, p in zip(full, prompts,
+                                                                        strict=True)]
+    lengths = np.array([len(ids) for ids in full], dtype=np.int64)
+    return padded(full, 0, np.int64), padded(trained, False, bool), lengths
+
+
+def after_prompt_tokens(offsets: np.ndarray, prompt_chars: np.ndarray) -> np.ndarray:
+    """`shared.loss_mask.after_prompt` on a batch (a token ending past the prompt is
+    completion): offsets of shape (rows, width, 2), each row's prompt length in characters."""
+    return offsets[:, :, 1] > prompt_chars[:, None]
 
 
 def preference_rows(dataset: LoadedDataset, *, log: LogFn = no_log) -> list[PreferenceRow]:
@@ -156,8 +222,9 @@ def split(
     *,
     seed: int = SPLIT_SEED,
     log: LogFn = no_log,
-) -> tuple[list[Item], list[Item]]:
-    """Shuffle with `seed` and cut into (train, validation) by the configured fractions.
+) -> tuple[Sequence[Item], Sequence[Item]]:
+    """Shuffle with `seed` and cut into (train, validation) by the configured fractions: views
+    of a `TokenStore`, lists of anything else.
 
     The same examples and fractions always give the same split. Rows beyond
     train + validation < 1 are left out. Validation 0 gives an empty validation list.
@@ -165,8 +232,8 @@ def split(
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_train, n_val = split_sizes(len(examples), split_config)
-    validation = [examples[i] for i in order[:n_val]]
-    train = [examples[i] for i in order[n_val : n_val + n_train]]
+    validation = _take(examples, order[:n_val])
+    train = _take(examples, order[n_val : n_val + n_train])
     log(f"split (seed {seed}): {len(train)} train, {len(validation)} validation examples")
     if not validation:
         log("validation split is 0: evaluation and early stopping are disabled")
@@ -174,9 +241,9 @@ def split(
 
 
 def evaluated_sample(
-    validation: list[Item], *, train_examples: int, config: TrainingConfig,
+    validation: Sequence[Item], *, train_examples: int, config: TrainingConfig,
     compute_share: float, log: LogFn = no_log,
-) -> list[Item]:
+) -> Sequence[Item]:
     """The validation examples every evaluation reads, the baseline before training included:
     the first of the split (`split` shuffled it with a fixed seed), as many as
     `shared.training_plan.evaluation_examples` allows."""
@@ -190,3 +257,9 @@ def evaluated_sample(
         log(f"evaluation: {count} of the {len(validation)} validation examples, the same "
             f"seeded sample every time ({why})")
     return validation[:count]
+
+
+def _take(items: Sequence[Item], indices: list[int]) -> Sequence[Item]:
+    if isinstance(items, TokenStore):
+        return items.take(indices)  # type: ignore[return-value]
+    return [items[i] for i in indices]

@@ -2,24 +2,31 @@
 
 Which tokens are trained, and the labels that say so, is `shared.loss_mask`'s rule, shared
 with the API's token preview; its names are re-exported here for the pipeline's stages. This
-module adds how texts are handed to transformers' tokenizer: in bounded batches, each kept to
-what cutoff_len can use.
+module adds how texts are handed to transformers' tokenizer (in bounded batches, each kept to
+what cutoff_len can use) and `label_batch`, the same rule on a whole batch at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 from shared.loss_mask import IGNORE_INDEX, TokenizedExample, label_example
+from worker.pipeline.token_store import TokenBatch
 
 __all__ = [
     "IGNORE_INDEX",
+    "LabelledBatch",
     "TOKENIZE_BATCH_CHARS",
     "TOKENIZE_BATCH_EXAMPLES",
     "TokenizedExample",
     "kept_tokens",
+    "label_batch",
     "label_example",
+    "padded",
     "text_batches",
 ]
 
@@ -33,19 +40,21 @@ TOKENIZE_BATCH_CHARS = 1_000_000
 TOKENIZE_BATCH_EXAMPLES = 1000
 
 
-def text_batches(items: Sequence[Item], length: Callable[[Item], int]) -> Iterator[Sequence[Item]]:
+def text_batches(items: Iterable[Item], length: Callable[[Item], int]) -> Iterator[list[Item]]:
     """`items` in order, in batches of at most TOKENIZE_BATCH_EXAMPLES items and
-    TOKENIZE_BATCH_CHARS characters (`length` of each), one item at least."""
-    start = 0
-    while start < len(items):
-        end, chars = start, 0
-        while end < len(items) and end - start < TOKENIZE_BATCH_EXAMPLES:
-            chars += length(items[end])
-            if chars > TOKENIZE_BATCH_CHARS and end > start:
-                break
-            end += 1
-        yield items[start:end]
-        start = end
+    TOKENIZE_BATCH_CHARS characters (`length` of each), one item at least. Reads `items` once,
+    as it goes: a generator of rendered examples is never held whole."""
+    batch: list[Item] = []
+    chars = 0
+    for item in items:
+        size = length(item)
+        if batch and (len(batch) >= TOKENIZE_BATCH_EXAMPLES or chars + size > TOKENIZE_BATCH_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(item)
+        chars += size
+    if batch:
+        yield batch
 
 
 def kept_tokens(cutoff_len: int) -> dict[str, Any]:
@@ -53,3 +62,61 @@ def kept_tokens(cutoff_len: int) -> dict[str, Any]:
     are the same as without them, and the one more tells `label_example` that the text was cut.
     Nothing past it is ever turned into Python lists."""
     return {"truncation": True, "max_length": cutoff_len + 1}
+
+
+@dataclass(frozen=True)
+class LabelledBatch:
+    """A tokenizer batch after `label_batch`: the examples kept, and how many of the batch
+    were cut to cutoff_len or dropped."""
+
+    kept: TokenBatch
+    truncated: int
+    dropped: int
+
+
+def label_batch(
+    ids: np.ndarray,
+    trained: np.ndarray,
+    lengths: np.ndarray,
+    cutoff_len: int,
+    *,
+    train_on_inputs: bool,
+    eos_id: int | None,
+) -> LabelledBatch:
+    """`label_example` (after `with_trained_eos` when `eos_id` is given) on every row of a
+    right-padded batch at once: `ids` and `trained` of shape (rows, width), `lengths` the
+    real tokens of each row; a row left with no token at all is dropped. In numpy, because at
+    a million examples a Python loop over tokens took longer than the tokenizer itself.
+    `tests/worker/test_label_batch.py` holds it to the one-example rule of
+    `shared.loss_mask`."""
+    rows = len(lengths)
+    lengths = lengths.astype(np.int64)
+    if eos_id is not None:
+        # One more column: an EOS appended after the longest row.
+        ids = np.concatenate([ids, np.zeros((rows, 1), ids.dtype)], axis=1)
+        trained = np.concatenate([trained, np.zeros((rows, 1), bool)], axis=1)
+        row = np.arange(rows)
+        last = np.maximum(lengths - 1, 0)
+        ends_in_eos = (lengths > 0) & (ids[row, last] == eos_id)
+        trained[row[ends_in_eos], last[ends_in_eos]] = True
+        appended = ~ends_in_eos
+        ids[row[appended], lengths[appended]] = eos_id
+        trained[row[appended], lengths[appended]] = True
+        lengths = lengths + appended
+    cut = lengths > cutoff_len
+    lengths = np.minimum(lengths, cutoff_len)
+    inside = np.arange(ids.shape[1]) < lengths[:, None]
+    trained = inside if train_on_inputs else trained.astype(bool) & inside
+    keep = (lengths > 0) & trained.any(axis=1)
+    chosen = inside & keep[:, None]
+    kept = TokenBatch(ids[chosen], trained[chosen], lengths[keep])
+    return LabelledBatch(kept, truncated=int(cut.sum()), dropped=int(rows - keep.sum()))
+
+
+def padded(rows: Sequence[Sequence[Any]], fill: Any, dtype: Any) -> np.ndarray:
+    """`rows` of different lengths as one (rows, longest) array, right-padded with `fill`."""
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out

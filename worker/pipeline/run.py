@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -136,7 +136,7 @@ def run_job(
 def _prepare_data(
     request: FinetuneRequest, work_dir: Path, reporter: JobReporter, settings: Settings,
     *, hub_cache_dir: Path | None, log: LogFn,
-) -> tuple[list[Any], list[Any], Callable[..., TrainStats], Any]:
+) -> tuple[Sequence[Any], Sequence[Any], Callable[..., TrainStats], Any]:
     """The "loading_data" stage: train and eval sets, the function that trains on them, and
     the tokenizer."""
     data, base, hf = request.data_config, request.pretrainedmodel_config, request.hf_config
@@ -170,16 +170,15 @@ def _prepare_data(
         raise PipelineError(f"preference_optimization: {missing}" if preference == "ORPO"
                             else missing)
     # ORPO trains on the raw preference rows (TRL tokenizes them), the rest on tokenized ones.
-    examples: list[Any]
-    train_set: list[Any]
-    eval_set: list[Any]
+    examples: Sequence[Any]
     fit: Callable[..., TrainStats]
     if preference == "ORPO":
         examples = preference_rows(dataset, log=log)
         fit = partial(train_orpo, max_length=data.cutoff_len)
     else:
         _report_prompt_template(data, reporter)
-        examples = render_and_tokenize(dataset, tokenizer, data, log=log)
+        examples = render_and_tokenize(dataset, tokenizer, data, log=log,
+                                       directory=work_dir / "tokens")
         fit = train
     train_set, eval_set = split(examples, data.data_split_config, log=log)
     eval_set = evaluated_sample(eval_set, train_examples=len(train_set),

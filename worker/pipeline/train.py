@@ -30,6 +30,7 @@ from worker.pipeline.labels import TokenizedExample
 from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
 from worker.pipeline.model import loaded_dtype
 from worker.pipeline.report import JobReporter
+from worker.pipeline.token_store import TokenStore, as_token_store
 from worker.pipeline.trainer import TrainStats, TuneryTrainer, run_trainer
 from worker.pipeline.training_args import planned_warmup, training_arguments
 from worker.pipeline.wandb_reporting import WandbTimeouts
@@ -38,8 +39,8 @@ from worker.pipeline.wandb_reporting import WandbTimeouts
 def train(
     model: Any,
     tokenizer: Any,
-    train_set: Sequence[TokenizedExample],
-    eval_set: Sequence[TokenizedExample],
+    train_set: TokenStore | Sequence[TokenizedExample],
+    eval_set: TokenStore | Sequence[TokenizedExample],
     config: TrainingConfig,
     *,
     output_dir: Path,
@@ -62,7 +63,9 @@ def train(
     Gradient checkpointing turns on by itself when the largest batch would not fit in the
     device's free memory, at most `memory_limit_bytes` (`memory_plan`).
     """
-    has_validation = bool(eval_set)
+    # Lists of examples (tests, benchmarks) become stores too: one way to read lengths.
+    train_set, eval_set = as_token_store(train_set), as_token_store(eval_set)
+    has_validation = bool(len(eval_set))
     args: TrainingArguments = training_arguments(
         config,
         output_dir=output_dir,
@@ -81,7 +84,8 @@ def train(
     layout = choose_layout(model, group_by_length=config.group_by_length)
     collator: Any = PadToLongest(tokenizer.pad_token_id)
     train_batches = None
-    longest = max(len(example.input_ids) for example in train_set)
+    lengths = train_set.lengths.tolist()
+    longest = max(lengths)
     # A random batch of the longest example: the worst a fixed-size or padding-free batch gets.
     batch_shapes = [(min(batch_size, len(train_set)), longest)]
     if layout == "padding_free":
@@ -89,7 +93,7 @@ def train(
         reporter.log(f"batches: {batch_size} examples in one row each, without padding")
     elif layout == "length_buckets":
         train_batches = LengthBucketBatches(
-            [len(example.input_ids) for example in train_set], batch_size=batch_size,
+            lengths, batch_size=batch_size,
             seed=args.data_seed if args.data_seed is not None else args.seed,
         )
         reporter.log(
@@ -112,7 +116,7 @@ def train(
         model=model,
         args=args,
         train_dataset=ExampleDataset(train_set),
-        eval_dataset=ExampleDataset(eval_set) if eval_set else None,
+        eval_dataset=ExampleDataset(eval_set) if has_validation else None,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=watch.callbacks,
