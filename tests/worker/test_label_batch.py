@@ -1,15 +1,20 @@
-"""`label_batch` labels a whole padded batch exactly as `shared.loss_mask` labels one example:
-the batch form the worker trains with against the one-example rule the API previews with."""
+"""The batch form of the loss mask the worker trains with (`BatchEncoder`, `label_batch`)
+against the one-example rule of `shared.loss_mask`, which the API previews with."""
 
 from __future__ import annotations
 
+import copy
 import random
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from tokenizers.processors import TemplateProcessing
+from transformers import AutoTokenizer
 
-from shared.loss_mask import label_example, with_trained_eos
-from worker.pipeline.labels import label_batch, padded
+from shared.loss_mask import after_prompt, label_example, with_trained_eos
+from worker.pipeline.labels import BatchEncoder, kept_tokens, label_batch, padded
 
 EOS = 2
 
@@ -65,3 +70,47 @@ def test_a_batch_is_labelled_as_each_example_alone(train_on_inputs: bool, eos: i
         got = batched(rows, cutoff, train_on_inputs=train_on_inputs, eos=eos)
 
         assert got == expected, f"cutoff {cutoff}"
+
+
+TEXTS = [
+    "### Instruction:\nAdd 2 and 3.\n\n### Response:\nAnswer: 5.",
+    "Q: what is  the   capital?   A:  Paris",
+    "naïve café — déjà vu ✓ 日本語のテキスト",
+    "",
+    "x",
+    "word " * 80,
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>",
+]
+
+
+@pytest.mark.parametrize("special", [True, False])
+@pytest.mark.parametrize("which", ["tiny", "tiny appending EOS", "smollm2"])
+def test_tokens_past_the_prompt_are_found_as_from_every_offset(
+    which: str, special: bool, tiny_tokenizer: Any, smollm2_dir: Path,
+) -> None:
+    tokenizer = tiny_tokenizer if which != "smollm2" else AutoTokenizer.from_pretrained(smollm2_dir)
+    if which == "tiny appending EOS":
+        # A post-processor that appends a special token with offsets (0, 0), as BERT's [SEP].
+        tokenizer = copy.deepcopy(tiny_tokenizer)
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", tokenizer.bos_token_id),
+                                                  ("</s>", tokenizer.eos_token_id)])
+    encode = BatchEncoder(tokenizer, cutoff_len=24, add_special_tokens=special)
+    rng = random.Random(3)
+    texts, boundaries = [], []
+    for text in TEXTS:
+        for chars in sorted({0, len(text), *(rng.randint(0, len(text)) for _ in range(12))}):
+            texts.append(text)
+            boundaries.append(chars)
+
+    encoded = encode(texts)
+
+    expected = np.zeros(encoded.ids.shape, dtype=bool)
+    for row, chars in enumerate(boundaries):
+        # The transformers call the rule was written against, cut as the worker cuts.
+        offsets = tokenizer(texts[row], add_special_tokens=special, return_offsets_mapping=True,
+                            **kept_tokens(24))["offset_mapping"]
+        expected[row, : len(offsets)] = after_prompt(offsets, chars)
+    got = encoded.ending_after(boundaries) & (np.arange(encoded.ids.shape[1])
+                                               < encoded.lengths[:, None])
+    assert (got == expected).all()

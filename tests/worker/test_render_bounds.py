@@ -6,12 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from shared.dataset_files import LoadedDataset
 from shared.loss_mask import bound_turns, max_render_chars
 from shared.schema import DataConfig
+from worker.pipeline import examples as examples_module
 from worker.pipeline.chat import render_chats, tokenize_chats
 from worker.pipeline.examples import render_and_tokenize, render_examples, tokenize
-from worker.pipeline.labels import IGNORE_INDEX, TOKENIZE_BATCH_CHARS, label_example
+from worker.pipeline.labels import (
+    IGNORE_INDEX,
+    TOKENIZE_BATCH_CHARS,
+    BatchEncoder,
+    EncodedBatch,
+    label_example,
+)
 
 CUTOFF = 48
 TEMPLATE = "Q: {instruction} {instruction} {instruction}\nA: {output}"
@@ -110,20 +119,14 @@ def test_a_long_conversation_renders_within_the_bound_and_trains_the_same_tokens
     )
 
 
-class RecordingTokenizer:
-    """The tiny model's tokenizer, recording the characters and tokens of each call."""
+class RecordingEncoder(BatchEncoder):
+    """The batch encoder, recording the characters and tokens of each call."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.calls: list[tuple[int, int]] = []
+    calls: list[tuple[int, int]] = []
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.tokenizer, name)
-
-    def __call__(self, texts: list[str], **kwargs: Any) -> Any:
-        encoded = self.tokenizer(texts, **kwargs)
-        longest = max(len(ids) for ids in encoded["input_ids"])
-        self.calls.append((sum(len(t) for t in texts), longest))
+    def __call__(self, texts: list[str]) -> EncodedBatch:
+        encoded = super().__call__(texts)
+        self.calls.append((sum(len(t) for t in texts), int(encoded.lengths.max())))
         return encoded
 
 
@@ -146,18 +149,20 @@ def reference_tokenize(examples: list[Any], tokenizer: Any, cutoff: int) -> list
 
 
 def test_the_tokenizer_gets_bounded_batches_and_keeps_cutoff_len_plus_one_tokens(
-    tiny_tokenizer: Any,
+    tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     long_row = {"instruction": "Say it.", "output": "x y " * 100_000}
     rows = [NORMAL, long_row] * 20
     dataset = LoadedDataset(["instruction", "output"], rows, "d")
     examples = render_examples(dataset, TEMPLATE)  # unbounded: 400,000 characters a long row
-    recording = RecordingTokenizer(tiny_tokenizer)
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(RecordingEncoder, "calls", calls)
+    monkeypatch.setattr(examples_module, "BatchEncoder", RecordingEncoder)
 
-    tokenized = tokenize(examples, recording, CUTOFF)
+    tokenized = tokenize(examples, tiny_tokenizer, CUTOFF)
 
     assert tokenized == reference_tokenize(examples, tiny_tokenizer, CUTOFF)
     # 40 examples would be one batch of examples; 8 million characters are cut into batches.
-    assert all(chars <= TOKENIZE_BATCH_CHARS for chars, _tokens in recording.calls)
-    assert len(recording.calls) >= 8
-    assert max(tokens for _chars, tokens in recording.calls) == CUTOFF + 1
+    assert all(chars <= TOKENIZE_BATCH_CHARS for chars, _tokens in calls)
+    assert len(calls) >= 8
+    assert max(tokens for _chars, tokens in calls) == CUTOFF + 1

@@ -26,7 +26,7 @@ from shared.dataset_columns import MESSAGES_COLUMN
 from shared.dataset_files import LoadedDataset
 from shared.loss_mask import ChatExample, LossMaskError, Turn
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.labels import kept_tokens, label_batch, text_batches
+from worker.pipeline.labels import BatchEncoder, label_batch, text_batches
 from worker.pipeline.report import LogFn, no_log
 from worker.pipeline.token_store import TokenStore, TokenStoreWriter
 
@@ -124,18 +124,16 @@ def tokenize_chats(
     """
     if not getattr(tokenizer, "is_fast", False):
         raise PipelineError("chat mode needs a fast tokenizer (tokenizer.json) for offsets")
+    encode = BatchEncoder(tokenizer, cutoff_len, add_special_tokens=False)
     writer = TokenStoreWriter(directory)
     conversations = truncated = dropped = 0
     for batch in text_batches(examples, lambda e: len(e.text)):
-        enc = tokenizer(
-            [e.text for e in batch], add_special_tokens=False, return_offsets_mapping=True,
-            padding=True, padding_side="right", return_tensors="np", **kept_tokens(cutoff_len),
-        )
-        offsets = enc["offset_mapping"]
+        encoded = encode([e.text for e in batch])
+        offsets = encoded.offsets()
         trained = np.stack([in_spans_row(offsets[i], e.trained_spans)
                             for i, e in enumerate(batch)])
-        labelled = label_batch(enc["input_ids"], trained, enc["attention_mask"].sum(axis=1),
-                               cutoff_len, train_on_inputs=train_on_inputs, eos_id=None)
+        labelled = label_batch(encoded.ids, trained, encoded.lengths, cutoff_len,
+                               train_on_inputs=train_on_inputs, eos_id=None)
         writer.add(labelled.kept)
         conversations += len(batch)
         truncated += labelled.truncated

@@ -9,7 +9,7 @@ here, where it is computed.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +28,7 @@ from shared.training_plan import evaluation_examples, split_sizes
 from worker.pipeline.chat import RenderedChats, tokenize_chats
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.labels import (
+    BatchEncoder,
     LabelledBatch,
     kept_tokens,
     label_batch,
@@ -149,10 +150,11 @@ def tokenized_store(
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise PipelineError("the model's tokenizer has no EOS token; cannot mark example ends")
+    encode = _encoder(tokenizer, cutoff_len)
     writer = TokenStoreWriter(directory)
     counts = TokenCounts()
     for batch in text_batches(examples, lambda e: len(e.prompt) + len(e.completion)):
-        ids, trained, lengths = _encoded(batch, tokenizer, cutoff_len)
+        ids, trained, lengths = encode(batch)
         labelled = label_batch(ids, trained, lengths, cutoff_len,
                                train_on_inputs=train_on_inputs, eos_id=eos_id)
         writer.add(labelled.kept)
@@ -173,33 +175,35 @@ def _checked(store: TokenStore, counts: TokenCounts, cutoff_len: int, log: LogFn
     return store
 
 
-def _encoded(
-    batch: Sequence[Example], tokenizer: Any, cutoff_len: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The batch's token ids (at most cutoff_len + 1 each), right-padded, whether each is in
-    the completion, and each example's token count."""
-    keep = kept_tokens(cutoff_len)
-    texts = [e.prompt + e.completion for e in batch]
-    prompt_chars = np.array([len(e.prompt) for e in batch], dtype=np.int64)
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _encoder(tokenizer: Any, cutoff_len: int) -> Callable[[Sequence[Example]], Encoded]:
+    """What turns a batch of examples into its token ids (at most cutoff_len + 1 each),
+    right-padded, whether each is in the completion, and each example's token count."""
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True,
-                        padding=True, padding_side="right", return_tensors="np", **keep)
-        lengths = enc["attention_mask"].sum(axis=1)
-        return (enc["input_ids"], after_prompt_tokens(enc["offset_mapping"], prompt_chars),
-                lengths)
+        encode = BatchEncoder(tokenizer, cutoff_len, add_special_tokens=True)
+
+        def fast(batch: Sequence[Example]) -> Encoded:
+            encoded = encode([e.prompt + e.completion for e in batch])
+            return (encoded.ids, encoded.ending_after([len(e.prompt) for e in batch]),
+                    encoded.lengths)
+
+        return fast
+    keep = kept_tokens(cutoff_len)
+
     # Slow tokenizers have no offsets: count the prompt's own tokens instead.
-    full = tokenizer(texts, add_special_tokens=True, **keep)["input_ids"]
-    prompts = tokenizer([e.prompt for e in batch], add_special_tokens=True, **keep)["input_ids"]
-    trained = [[i >= len(p) for i in range(len(ids))] for ids, p in zip(full, prompts,
-                                                                        strict=True)]
-    lengths = np.array([len(ids) for ids in full], dtype=np.int64)
-    return padded(full, 0, np.int64), padded(trained, False, bool), lengths
+    def slow(batch: Sequence[Example]) -> Encoded:
+        full = tokenizer([e.prompt + e.completion for e in batch], add_special_tokens=True,
+                         **keep)["input_ids"]
+        prompts = tokenizer([e.prompt for e in batch], add_special_tokens=True,
+                            **keep)["input_ids"]
+        trained = [[i >= len(p) for i in range(len(ids))]
+                   for ids, p in zip(full, prompts, strict=True)]
+        lengths = np.array([len(ids) for ids in full], dtype=np.int64)
+        return padded(full, 0, np.int64), padded(trained, False, bool), lengths
 
-
-def after_prompt_tokens(offsets: np.ndarray, prompt_chars: np.ndarray) -> np.ndarray:
-    """`shared.loss_mask.after_prompt` on a batch (a token ending past the prompt is
-    completion): offsets of shape (rows, width, 2), each row's prompt length in characters."""
-    return offsets[:, :, 1] > prompt_chars[:, None]
+    return slow
 
 
 def preference_rows(dataset: LoadedDataset, *, log: LogFn = no_log) -> list[PreferenceRow]:

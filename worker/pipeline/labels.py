@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, TypeVar
 
 import numpy as np
@@ -19,6 +20,8 @@ from worker.pipeline.token_store import TokenBatch
 
 __all__ = [
     "IGNORE_INDEX",
+    "BatchEncoder",
+    "EncodedBatch",
     "LabelledBatch",
     "TOKENIZE_BATCH_CHARS",
     "TOKENIZE_BATCH_EXAMPLES",
@@ -62,6 +65,81 @@ def kept_tokens(cutoff_len: int) -> dict[str, Any]:
     are the same as without them, and the one more tells `label_example` that the text was cut.
     Nothing past it is ever turned into Python lists."""
     return {"truncation": True, "max_length": cutoff_len + 1}
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """A batch of texts tokenized: ids right-padded to the longest row (shape (rows, width)),
+    each row's token count, and the tokenizer's encodings for what else is asked."""
+
+    encodings: list[Any]
+    ids: np.ndarray
+    lengths: np.ndarray
+    trailing_special: int
+
+    def offsets(self) -> np.ndarray:
+        """Each token's character offsets, shape (rows, width, 2); (0, 0) for padding."""
+        out = np.zeros((*self.ids.shape, 2), dtype=np.int64)
+        for row, encoding in enumerate(self.encodings):
+            out[row, : self.lengths[row]] = encoding.offsets
+        return out
+
+    def ending_after(self, chars: Sequence[int]) -> np.ndarray:
+        """`shared.loss_mask.after_prompt` on every row (whether each token ends past the
+        row's first `chars[row]` characters), shape (rows, width).
+
+        Tokens come in text order, so they are those from the one holding character
+        `chars[row]` on, less the special tokens the tokenizer appends (offsets (0, 0)); one
+        lookup a row instead of every token's offsets as Python tuples. A row whose
+        character is held by no token (a completion that is empty or cut off) is read from
+        its offsets."""
+        rows, width = self.ids.shape
+        column = np.arange(width)
+        out = np.zeros((rows, width), dtype=bool)
+        for row, (encoding, prompt_chars) in enumerate(zip(self.encodings, chars, strict=True)):
+            first = encoding.char_to_token(prompt_chars)
+            if first is None:
+                out[row, : len(encoding.offsets)] = [
+                    end > prompt_chars for _start, end in encoding.offsets]
+                continue
+            end = self.lengths[row] - self.trailing_special
+            out[row] = (column >= first) & (column < end)
+        return out
+
+
+class BatchEncoder:
+    """A fast tokenizer's Rust core, called directly: texts to numpy arrays, each text cut to
+    cutoff_len + 1 tokens (`kept_tokens`).
+
+    The same tokens and offsets as calling the tokenizer with `kept_tokens`, right-padded
+    with zeros here (the lengths say where each example ends). transformers' call converts
+    every token and offset into Python lists first, which cost more than the tokenization
+    itself. A copy of the core, so the truncation set here never reaches the tokenizer the
+    rest of the job uses.
+    """
+
+    def __init__(self, tokenizer: Any, cutoff_len: int, *, add_special_tokens: bool) -> None:
+        from tokenizers import Tokenizer
+
+        core = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.core, self.add_special_tokens = core, add_special_tokens
+        # What the post-processor appends after the text (Llama: nothing; BERT: [SEP]); it
+        # is kept through truncation, always the same count.
+        probe = core.encode("a", add_special_tokens=add_special_tokens).special_tokens_mask
+        self.trailing_special = len(probe) - 1 - max(
+            i for i, special in enumerate(probe) if not special)
+        core.enable_truncation(cutoff_len + 1, direction=tokenizer.truncation_side)
+        core.no_padding()
+
+    def __call__(self, texts: list[str]) -> EncodedBatch:
+        encodings = self.core.encode_batch(texts, add_special_tokens=self.add_special_tokens)
+        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+        tokens = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int64,
+                             count=int(lengths.sum()))
+        ids = np.zeros((len(encodings), int(lengths.max(initial=0))), dtype=np.int64)
+        ids[np.arange(ids.shape[1]) < lengths[:, None]] = tokens
+        return EncodedBatch(encodings=encodings, ids=ids, lengths=lengths,
+                            trailing_special=self.trailing_special)
 
 
 @dataclass(frozen=True)
