@@ -12,8 +12,8 @@ row), then each contender in its own process, one after the other:
   tokenizer on batches of 1000 texts (truncated to cutoff_len + 1), keeping the ids;
 - **map**: `datasets.load_dataset("json")` then `.map(tokenize, batched=True,
   num_proc=<cores>)`, which writes Arrow files to disk (its cache is in the scratch dir);
-- **tunery**: `worker.pipeline.run.run_job` on the same file and template, as the worker runs
-  it: from the start of the job to the "loading_model" phase is its data phase (reading,
+- **tunery**: `worker.pipeline.run.run_job` on the same file, uploaded (put in the local
+  storage as the API stores an upload), and template, as the worker runs it: from the start of the job to the "loading_model" phase is its data phase (reading,
   rendering, tokenizing, labelling, the split and the evaluation sample); it then goes on to
   its first optimizer step and is stopped there.
 
@@ -142,6 +142,7 @@ def _tunery(data: Path, model_dir: Path, scratch: Path) -> dict[str, Any]:
 
     from shared.schema import FinetuneRequest
     from shared.settings import Settings
+    from shared.storage_keys import dataset_prefix
     from worker.pipeline import run as tunery_run
     from worker.pipeline.errors import TrainingStopped
     from worker.pipeline.report import RecordingReporter
@@ -167,9 +168,14 @@ def _tunery(data: Path, model_dir: Path, scratch: Path) -> dict[str, Any]:
                 self.times.setdefault("first_step", time.perf_counter())
             super().metric(step, values)
 
+    # An uploaded dataset, as the API stores one: the worker copies it into the job's dir.
+    dataset_id = "ds_" + "0" * 32
+    stored = scratch / "tunery" / "storage" / dataset_prefix(dataset_id) / data.name
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(data, stored)
     request = FinetuneRequest.model_validate({
         "pretrainedmodel_config": {"model_path": str(model_dir), "use_quantization": False},
-        "data_config": {"data_path": str(data), "prompt_template": TEMPLATE,
+        "data_config": {"data_path": dataset_id, "prompt_template": TEMPLATE,
                         "cutoff_len": CUTOFF_LEN},
         "training_config": {"num_train_epochs": 1},
         "logging_config": {},

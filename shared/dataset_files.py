@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ __all__ = [
     "CONTENT_TYPES",
     "FORMATS",
     "DatasetFileError",
+    "FileRows",
     "FileSummary",
     "LoadedDataset",
     "TooManyRows",
@@ -240,17 +242,66 @@ def _opened_local(
 
 
 def read_file(path: Path, fmt: str | None = None, *, name: str | None = None,
-              max_rows: int | None = None) -> LoadedDataset:
+              max_rows: int | None = None, stream: bool = False) -> LoadedDataset:
     """Parse one json/jsonl/csv/parquet file, every row; the format comes from the suffix
     unless given. `name` is how errors call the file (default: its file name). More than
-    `max_rows` rows raise `TooManyRows` as soon as the next one is read."""
+    `max_rows` rows raise `TooManyRows` as soon as the next one is read.
+
+    With `stream`, the file is checked and counted here but its rows are read again each
+    time they are iterated (`FileRows`), so they are never all in memory; the file must stay
+    where it is while the dataset is used."""
     name = name or path.name
     fmt = fmt or format_of_name(path.name)
     if fmt is None:
         raise DatasetFileError(f"{name}: unknown format; use one of {', '.join(FORMATS)}")
     rows: list[dict[str, Any]] = []
-    columns, _count, delimiter = _scan(path, fmt, name, rows, keep=None, max_rows=max_rows)
-    return LoadedDataset(columns, rows, name, {name: delimiter} if delimiter else {})
+    columns, count, delimiter = _scan(path, fmt, name, rows, keep=0 if stream else None,
+                                      max_rows=max_rows)
+    delimiters = {name: delimiter} if delimiter else {}
+    if stream:
+        return LoadedDataset(columns, FileRows(path, fmt, name, count), name, delimiters)
+    return LoadedDataset(columns, rows, name, delimiters)
+
+
+class FileRows(Sequence[Row]):
+    """The rows of a file `_scan` checked, read from the file again on each pass: as dicts, a
+    million rows held about twice the file in memory for as long as the data phase ran.
+    A pass that finds another row count than the check raises `DatasetFileError`: the file
+    changed since."""
+
+    def __init__(self, path: Path, fmt: str, name: str, count: int) -> None:
+        self.path, self.fmt, self.name, self.rows = path, fmt, name, count
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __iter__(self) -> Iterator[Row]:
+        seen = 0
+        for row in _rows(self.path, self.fmt, self.name, [], max_row_bytes()):
+            seen += 1
+            if seen > self.rows:
+                break
+            yield row
+        if seen != self.rows:
+            raise DatasetFileError(
+                f"{self.name} changed while it was read: {self.rows} rows when checked, "
+                f"{'more' if seen > self.rows else seen} now"
+            )
+
+    def __getitem__(self, index: int | slice) -> Any:
+        """By position, reading the file up to it: for the odd look, never for a pass."""
+        if isinstance(index, slice):
+            return list(self)[index]
+        if index < 0:
+            index += self.rows
+        if not 0 <= index < self.rows:
+            raise IndexError(index)
+        return next(itertools.islice(iter(self), index, None))
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == other if isinstance(other, Sequence) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def summarize_file(path: Path, fmt: str, *, name: str, keep_rows: int = 5,
@@ -281,18 +332,8 @@ def _scan(
         )
     header: list[str] = []
     limit = max_row_bytes()
-    delimiter = None
-    if fmt == "parquet":
-        rows = _parquet_rows(path, name, header)
-    elif fmt == "csv":
-        delimiter = _csv_delimiter(path, name, limit)
-        rows = _csv_rows(path, name, header, limit, delimiter)
-    elif fmt == "json":
-        rows = _json_rows(path, name, limit)
-    elif fmt == "jsonl":
-        rows = _jsonl_rows(path, name, limit)
-    else:
-        raise DatasetFileError(f"{name}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    delimiter = _csv_delimiter(path, name, limit) if fmt == "csv" else None
+    rows = _rows(path, fmt, name, header, limit)
     seen: dict[str, None] = {}
     count = 0
     for row in rows:
@@ -306,6 +347,20 @@ def _scan(
         if not header:
             seen.update(dict.fromkeys(row))
     return (header or list(seen)), count, delimiter
+
+
+def _rows(path: Path, fmt: str, name: str, header: list[str], limit: int
+          ) -> Iterator[dict[str, Any]]:
+    """Every row of the file as it is read; `header` gets the csv header or parquet schema."""
+    if fmt == "parquet":
+        return _parquet_rows(path, name, header)
+    if fmt == "csv":
+        return _csv_rows(path, name, header, limit, _csv_delimiter(path, name, limit))
+    if fmt == "json":
+        return _json_rows(path, name, limit)
+    if fmt == "jsonl":
+        return _jsonl_rows(path, name, limit)
+    raise DatasetFileError(f"{name}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
 def _not_utf8(name: str, line: int) -> DatasetFileError:

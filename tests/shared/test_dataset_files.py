@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from shared import dataset_files
-from shared.dataset_files import DatasetFileError, detect_format, read_file, summarize_file
+from shared.dataset_files import (
+    DatasetFileError,
+    FileRows,
+    detect_format,
+    read_file,
+    summarize_file,
+)
 from shared.datasets import safe_file_name
 from shared.sources import Source, classify_source
 
@@ -126,3 +132,31 @@ def test_dataset_ids_are_their_own_source_kind() -> None:
 
     assert classify_source(dataset_id, []) == Source("dataset", dataset_id)
     assert classify_source("ds_notanid", [], bare_hub_names=True).kind == "hub"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_streamed_rows_are_read_from_the_file_on_each_pass(tmp_path: Path, fmt: str) -> None:
+    rows = [{"a": str(i), "b": f"row {i}"} for i in range(50)]
+    path = tmp_path / f"d.{fmt}"
+    write_rows(path, fmt, rows)
+
+    dataset = read_file(path, stream=True)
+
+    assert isinstance(dataset.rows, FileRows) and len(dataset.rows) == 50
+    assert dataset.columns == ["a", "b"]
+    assert [dict(r) for r in dataset.rows] == rows
+    assert [dict(r) for r in dataset.rows] == rows  # a second pass reads it again
+    assert dict(dataset.rows[7]) == rows[7] and dict(dataset.rows[-1]) == rows[-1]
+    write_rows(path, fmt, rows[:-1])
+    with pytest.raises(DatasetFileError, match="changed while it was read: 50 rows when "
+                                               "checked, 49 now"):
+        list(dataset.rows)
+
+
+def write_rows(path: Path, fmt: str, rows: list[dict[str, str]]) -> None:
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("a,b\n" + "".join(f"{r['a']},{r['b']}\n" for r in rows))

@@ -73,7 +73,9 @@ def load_dataset(
                 dataset = dataset_files.read_local(file.path, allowed_local_dirs,
                                                    shown=file.origin)
             else:
-                dataset = dataset_files.read_file(file.path, max_rows=max_rows)
+                # Downloaded into the job's dir, where it stays while the job runs: rows are
+                # read from it as they are used, never all held.
+                dataset = dataset_files.read_file(file.path, max_rows=max_rows, stream=True)
                 dataset.origin = file.origin
         except DatasetFileError as exc:
             raise PipelineError(str(exc)) from None
