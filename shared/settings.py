@@ -136,8 +136,10 @@ class LimitSettings(BaseModel):
         "uploads (which allow max_dataset_bytes); larger ones get 413."
     )
     max_dataset_rows: int = Field(
-        1_000_000, ge=1, description="Most rows in a dataset: an upload with more gets 413, a "
-        "URL or hub dataset with more fails the job."
+        10_000_000, ge=1, description="Most rows in a dataset: an upload with more gets 413, a "
+        "URL or hub dataset with more fails the job. The worker holds neither the rows nor "
+        "their tokens in memory (they are read from the file and memory-mapped), so the bound "
+        "is the disk's."
     )
     max_row_bytes: int = Field(
         8 * 1024**2, ge=1024, description="Longest row of a dataset file, in bytes: a JSON "

@@ -159,7 +159,7 @@ def test_no_environment_gives_the_embedded_stack(clean_env: pytest.MonkeyPatch,
     assert settings.storage.url == (data / "storage").as_uri()
     assert settings.training.work_dir == data / "work"
     assert settings.sources.allowed_local_dirs == []
-    assert settings.limits.max_dataset_rows == 1_000_000
+    assert settings.limits.max_dataset_rows == 10_000_000
     assert settings.leases.lease_seconds == 120
     assert settings.secret_key is None
 
