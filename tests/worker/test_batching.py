@@ -162,3 +162,24 @@ def test_trainer_trains_on_the_bucketed_batches_and_skips_them_on_resume(
     resumed = skip_first_batches(loader, 3)
     resumed.set_epoch(1)
     assert [batch["input_ids"].shape for batch in resumed] == widths[3:]
+
+
+def test_batches_are_the_length_order_cut_as_planned_then_shuffled() -> None:
+    """The rule a resumed attempt replays: examples longest first, ties in a seeded shuffle,
+    cut into the planned batch sizes, the batches shuffled with the same generator."""
+    draw = random.Random(5)
+    lengths = [draw.randint(1, 40) for _ in range(997)]
+    sampler = LengthBucketBatches(lengths, batch_size=8, seed=11)
+    sampler.set_epoch(3)
+
+    rng = random.Random(11 * 1_000_003 + 3)
+    tie_break = list(range(len(lengths)))
+    rng.shuffle(tie_break)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], tie_break[i]))
+    expected, start = [], 0
+    for rows in sampler.batch_rows:
+        expected.append(order[start:start + rows])
+        start += rows
+    rng.shuffle(expected)
+
+    assert list(sampler) == expected

@@ -26,6 +26,7 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from worker.pipeline.labels import IGNORE_INDEX, TokenizedExample
@@ -100,11 +101,11 @@ class LengthBucketBatches(torch.utils.data.Sampler[list[int]]):
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         tie_break = list(range(len(self.lengths)))
         rng.shuffle(tie_break)
-        order = sorted(range(len(self.lengths)), key=lambda i: (-self.lengths[i], tie_break[i]))
-        batches, start = [], 0
-        for rows in self.batch_rows:
-            batches.append(order[start : start + rows])
-            start += rows
+        # Longest first, ties in the shuffled order; numpy's sort, since sorting a million
+        # Python tuples took seconds and a hundred megabytes before each epoch.
+        order = np.lexsort((np.asarray(tie_break), -np.asarray(self.lengths)))
+        cuts = np.cumsum(self.batch_rows)[:-1]
+        batches = [batch.tolist() for batch in np.split(order, cuts)]
         rng.shuffle(batches)
         return iter(batches)
 
