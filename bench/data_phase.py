@@ -12,10 +12,13 @@ row), then each contender in its own process, one after the other:
   tokenizer on batches of 1000 texts (truncated to cutoff_len + 1), keeping the ids;
 - **map**: `datasets.load_dataset("json")` then `.map(tokenize, batched=True,
   num_proc=<cores>)`, which writes Arrow files to disk (its cache is in the scratch dir);
-- **tunery**: `worker.pipeline.run.run_job` on the same file, uploaded (put in the local
-  storage as the API stores an upload), and template, as the worker runs it: from the start of the job to the "loading_model" phase is its data phase (reading,
-  rendering, tokenizing, labelling, the split and the evaluation sample); it then goes on to
-  its first optimizer step and is stopped there.
+- **tunery**: `worker.pipeline.run.run_job` on the same file and template, uploaded (put in
+  the local storage as the API stores an upload), as the worker runs it: from the start of
+  the job to the "loading_model" phase is its data phase (reading, rendering, tokenizing,
+  labelling, the split and the evaluation sample); it then goes on to its first optimizer
+  step and is stopped there. Its tokenized-examples cache is emptied first;
+- **cached**: the same job again, as a resumed attempt or a repeated job runs it: the
+  tokenized examples come from the cache the tunery run kept.
 
 Time is wall time in the contender's process. Peak memory is the process's VmHWM plus, for
 `map`, the largest of its worker processes' (they run at once); its growth over the data
@@ -58,7 +61,7 @@ from bench.common.models import prepare_model  # noqa: E402
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
 CUTOFF_LEN = 256
 BATCH = 1000
-CONTENDERS = ("loop", "map", "tunery")
+CONTENDERS = ("loop", "map", "tunery", "cached")
 WORDS = [
     "the", "model", "data", "train", "answer", "question", "river", "city", "water", "light",
     "small", "large", "green", "blue", "red", "number", "write", "read", "list", "reverse",
@@ -137,12 +140,12 @@ def _map(data: Path, model_dir: Path, scratch: Path) -> dict[str, Any]:
             "note": f"process {gb(peak_rss_bytes())} + largest worker {gb(children)}"}
 
 
-def _tunery(data: Path, model_dir: Path, scratch: Path) -> dict[str, Any]:
+def _tunery(data: Path, model_dir: Path, scratch: Path, *, cached: bool) -> dict[str, Any]:
     from dataclasses import dataclass, field
 
     from shared.schema import FinetuneRequest
     from shared.settings import Settings
-    from shared.storage_keys import dataset_prefix
+    from shared.storage_keys import dataset_prefix, tokenized_prefix
     from worker.pipeline import run as tunery_run
     from worker.pipeline.errors import TrainingStopped
     from worker.pipeline.report import RecordingReporter
@@ -173,6 +176,9 @@ def _tunery(data: Path, model_dir: Path, scratch: Path) -> dict[str, Any]:
     stored = scratch / "tunery" / "storage" / dataset_prefix(dataset_id) / data.name
     stored.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data, stored)
+    if not cached:
+        shutil.rmtree(scratch / "tunery" / "storage" / tokenized_prefix(dataset_id),
+                      ignore_errors=True)
     request = FinetuneRequest.model_validate({
         "pretrainedmodel_config": {"model_path": str(model_dir), "use_quantization": False},
         "data_config": {"data_path": dataset_id, "prompt_template": TEMPLATE,
@@ -199,7 +205,9 @@ def _tunery(data: Path, model_dir: Path, scratch: Path) -> dict[str, Any]:
             "peak_rss_bytes": reporter.peak_at_data_end, "rss_at_start_bytes": rss_at_start,
             "first_step_seconds": first_step,
             "log": [line for line in reporter.lines
-                    if line.startswith(("tokenized", "split", "evaluation", "training "))]}
+                    if line.startswith(("tokenized", "split", "evaluation", "training "))],
+            "from_cache": any(line.startswith("tokenized examples read from the cache")
+                              for line in reporter.lines)}
 
 
 def child(kind: str, data: Path, model_dir: Path, scratch: Path, out: Path) -> None:
@@ -208,7 +216,7 @@ def child(kind: str, data: Path, model_dir: Path, scratch: Path, out: Path) -> N
     elif kind == "map":
         result = _map(data, model_dir, scratch)
     else:
-        result = _tunery(data, model_dir, scratch)
+        result = _tunery(data, model_dir, scratch, cached=kind == "cached")
     out.write_text(json.dumps(result))
 
 

@@ -48,7 +48,12 @@ from shared.prompt_template import Example, render_preview
 from shared.schema import template_placeholders
 from shared.settings import get_settings
 from shared.storage import ObjectNotFound, Storage
-from shared.storage_keys import dataset_key, dataset_prefix, upload_staging_prefix
+from shared.storage_keys import (
+    dataset_key,
+    dataset_prefix,
+    tokenized_prefix,
+    upload_staging_prefix,
+)
 from shared.tenancy import Scope, newest_first, visible_to
 
 FIRST_ROWS = 5
@@ -460,9 +465,11 @@ def _store_checked(
 
 
 def discard_objects(storage: Storage, dataset_id: str) -> None:
-    """Remove everything stored for the dataset: its checked file and any staged upload."""
+    """Remove everything stored for the dataset: its checked file, any staged upload and the
+    tokenized examples jobs kept of it."""
     storage.delete_prefix(dataset_prefix(dataset_id))
     storage.delete_prefix(upload_staging_prefix(dataset_id))
+    storage.delete_prefix(tokenized_prefix(dataset_id))
 
 
 def _sample(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

@@ -3,6 +3,8 @@
     jobs/{job_id}/{name}                   a job's artifacts: the adapter it exported
     checkpoints/{job_id}/step-{N}/{name}   a job's resumable checkpoints
     datasets/{dataset_id}/{file_name}      an uploaded dataset that passed its checks
+    tokenized/{dataset_id}/{fingerprint}/  its tokenized examples, one folder per tokenizer,
+                                           template and cutoff_len (`worker.pipeline.token_cache`)
     uploads/{dataset_id}/{name}            a presigned upload waiting for its checks
 
 Checkpoints were once written inside the job's artifacts, at
@@ -85,3 +87,8 @@ def dataset_key(dataset_id: str, file_name: str) -> str:
 def upload_staging_prefix(dataset_id: str) -> str:
     """Where a presigned upload lands before the API has checked it."""
     return f"uploads/{dataset_id}/"
+
+
+def tokenized_prefix(dataset_id: str) -> str:
+    """Where an uploaded dataset's tokenized examples are kept; removed with the dataset."""
+    return f"tokenized/{dataset_id}/"

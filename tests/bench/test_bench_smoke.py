@@ -108,9 +108,11 @@ def test_data_phase_quick_measures_every_contender(tmp_path: Path) -> None:
     result = _run("bench.data_phase", tmp_path)
     (size, measured), = result["results"].items()
     assert size == "2000" and measured["file_bytes"] > 0
-    for kind in ("loop", "map", "tunery"):
+    for kind in ("loop", "map", "tunery", "cached"):
         assert "error" not in measured[kind], measured[kind]
         assert measured[kind]["seconds"] > 0 and measured[kind]["peak_rss_bytes"] > 0
     # Tunery's run went on past its data phase to a first optimizer step.
     assert measured["tunery"]["first_step_seconds"] is not None
     assert any(line.startswith("tokenized 2000 examples") for line in measured["tunery"]["log"])
+    # The second run read what the first tokenized.
+    assert (measured["tunery"]["from_cache"], measured["cached"]["from_cache"]) == (False, True)

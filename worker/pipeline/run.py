@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from shared.dataset_columns import missing_job_columns_message
+from shared.dataset_files import LoadedDataset
 from shared.schema import DataConfig, FinetuneRequest, TemplateError
 from shared.settings import Settings
-from shared.storage import storage_from_settings
+from shared.sources import DATASET_ID
+from shared.storage import Storage, storage_from_settings
 from shared.url_guard import UrlPolicy
 from worker.pipeline.base_cache import BaseModelCache
 from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
@@ -29,6 +31,7 @@ from worker.pipeline.interrupts import InterruptibleRegion
 from worker.pipeline.model import add_lora, load_tokenizer
 from worker.pipeline.preference import train_orpo
 from worker.pipeline.report import JobReporter, LogFn
+from worker.pipeline.token_cache import TokenCache, fingerprint
 from worker.pipeline.train import train
 from worker.pipeline.trainer import TrainStats
 from worker.pipeline.wandb_reporting import WandbTimeouts
@@ -141,24 +144,69 @@ def _prepare_data(
     the tokenizer."""
     data, base, hf = request.data_config, request.pretrainedmodel_config, request.hf_config
     allowed = settings.sources.allowed_local_dirs
-    dataset = load_dataset(
-        data.data_path,
-        allowed_local_dirs=allowed,
-        download_dir=work_dir / "data",
-        subset=data.data_subset,
-        source_type=data.data_source_type,
-        token=hf.hf_token,
-        storage=storage_from_settings(settings),
-        max_rows=settings.limits.max_dataset_rows,
-        url_policy=UrlPolicy.from_settings(settings.sources),
-        hub_cache_dir=hub_cache_dir,
-        log=log,
-    )
+    storage = storage_from_settings(settings)
     tokenizer = load_tokenizer(
         base.model_path, allowed_local_dirs=allowed, token=hf.hf_token, cache_dir=hub_cache_dir,
         log=log,
     )
     preference = request.training_config.preference_optimization
+    tokens_dir = work_dir / "tokens"
+    # ORPO trains on the raw preference rows (TRL tokenizes them), the rest on tokenized ones,
+    # which an uploaded dataset may have kept from an earlier attempt or job.
+    cache = None if preference == "ORPO" else _token_cache(data, storage, tokenizer)
+    examples: Sequence[Any] | None = cache.load(tokens_dir, log=log) if cache else None
+    fit: Callable[..., TrainStats] = train
+    if examples is None:
+        dataset = load_dataset(
+            data.data_path,
+            allowed_local_dirs=allowed,
+            download_dir=work_dir / "data",
+            subset=data.data_subset,
+            source_type=data.data_source_type,
+            token=hf.hf_token,
+            storage=storage,
+            max_rows=settings.limits.max_dataset_rows,
+            url_policy=UrlPolicy.from_settings(settings.sources),
+            hub_cache_dir=hub_cache_dir,
+            log=log,
+        )
+        _check_columns(dataset, data, preference)
+        if preference == "ORPO":
+            examples = preference_rows(dataset, log=log)
+            fit = partial(train_orpo, max_length=data.cutoff_len)
+        else:
+            _report_prompt_template(data, reporter)
+            lines: list[str] = []
+
+            def log_and_keep(line: str) -> None:
+                lines.append(line)
+                log(line)
+
+            store = render_and_tokenize(dataset, tokenizer, data, directory=tokens_dir,
+                                        log=log_and_keep)
+            if cache is not None:
+                cache.save(tokens_dir, store, lines, log=log)
+            examples = store
+    else:
+        _report_prompt_template(data, reporter)
+    train_set, eval_set = split(examples, data.data_split_config, log=log)
+    eval_set = evaluated_sample(eval_set, train_examples=len(train_set),
+                                config=request.training_config,
+                                compute_share=settings.training.eval_compute_share, log=log)
+    return train_set, eval_set, fit, tokenizer
+
+
+def _token_cache(data: DataConfig, storage: Storage, tokenizer: Any) -> TokenCache | None:
+    """Where an uploaded dataset's tokenized examples are kept; None for any other source
+    (a URL's content may change between attempts, a local file's too)."""
+    dataset_id = data.data_path.strip()
+    if not DATASET_ID.fullmatch(dataset_id):
+        return None
+    return TokenCache(storage, dataset_id, fingerprint(tokenizer, data))
+
+
+def _check_columns(dataset: LoadedDataset, data: DataConfig,
+                   preference: str | None) -> None:
     try:
         missing = missing_job_columns_message(
             dataset.columns, prompt_template=data.prompt_template,
@@ -169,22 +217,6 @@ def _prepare_data(
     if missing:
         raise PipelineError(f"preference_optimization: {missing}" if preference == "ORPO"
                             else missing)
-    # ORPO trains on the raw preference rows (TRL tokenizes them), the rest on tokenized ones.
-    examples: Sequence[Any]
-    fit: Callable[..., TrainStats]
-    if preference == "ORPO":
-        examples = preference_rows(dataset, log=log)
-        fit = partial(train_orpo, max_length=data.cutoff_len)
-    else:
-        _report_prompt_template(data, reporter)
-        examples = render_and_tokenize(dataset, tokenizer, data, log=log,
-                                       directory=work_dir / "tokens")
-        fit = train
-    train_set, eval_set = split(examples, data.data_split_config, log=log)
-    eval_set = evaluated_sample(eval_set, train_examples=len(train_set),
-                                config=request.training_config,
-                                compute_share=settings.training.eval_compute_share, log=log)
-    return train_set, eval_set, fit, tokenizer
 
 
 def _report_prompt_template(data: DataConfig, reporter: JobReporter) -> None:
