@@ -3,12 +3,11 @@ shutdown, in a thread.
 
 A thread rather than a training callback, because the lease must also survive what happens
 outside optimizer steps: loading a large base model, a long first step, the upload. The
-training loop reads `stop_reason` (through the reporter's `should_stop()`) between
-micro-batches and evaluation batches, so a cancel or a lost lease ends training within one
-heartbeat and one batch. The stages
-before it (downloads, parsing, tokenizing, loading the model) never ask: while the main
-thread is in one of them, each beat with a stop reason interrupts it
-(`worker.pipeline.interrupts`), so they end within about one heartbeat too.
+training loop reads `stop_reason` (through the reporter's `should_stop()`) after every
+micro-batch and evaluation batch, so a cancel or a lost lease ends training within one
+heartbeat and one batch. The stages before it (downloads, parsing, tokenizing, loading the
+model) never ask: while the main thread is in one of them, each beat with a stop reason
+interrupts it (`worker.pipeline.interrupts`), so they end within about one heartbeat too.
 """
 
 from __future__ import annotations

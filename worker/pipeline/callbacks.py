@@ -172,8 +172,8 @@ class ProgressReportCallback(TrainerCallback):
 
 class StopCallback(TrainerCallback):
     """Polls `should_stop()` after every optimizer step, every micro-batch of gradient
-    accumulation and every evaluation batch, so that a long step or an evaluation is no
-    longer than a batch to stop.
+    accumulation and every evaluation batch: neither a long step nor an evaluation delays a
+    stop by more than one batch.
 
     After a step, training ends at that step: its metrics are still logged and the evaluation
     the Trainer may have planned for it is skipped. After a micro-batch, training ends before
