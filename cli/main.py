@@ -31,7 +31,11 @@ def _api(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    return subprocess.call(worker_command(args.queues))
+    # Replaced by Celery, not its parent: a supervisor's SIGTERM (Docker, Kubernetes, systemd)
+    # must reach the worker, which hands its job back on it. A parent would die of it at once
+    # (or, as a container's PID 1, ignore it) and leave Celery to be killed without a word.
+    command = worker_command(args.queues)
+    os.execv(command[0], command)
 
 
 def _up(args: argparse.Namespace) -> int:

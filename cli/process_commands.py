@@ -20,8 +20,9 @@ def worker_command(queues: str | None = None, quiet: bool = False) -> list[str]:
     and only warnings and errors."""
     settings = get_settings()
     banner = ["--quiet"] if quiet else []
-    # One job per process (solo pool): a training job owns the GPU. Gossip and mingle use
-    # broadcast exchanges that the embedded SQLite transport does not provide.
+    # One job per process: a training job owns the GPU. No --pool: `worker.tasks` configures
+    # its solo pool, which hands the job back on a cold shutdown (`worker.solo_pool`). Gossip
+    # and mingle use broadcast exchanges that the embedded SQLite transport does not provide.
     return [sys.executable, "-m", "cli.celery_worker", "-A", "worker.tasks", *banner, "worker",
-            "--pool", "solo", "--concurrency", "1", "-Q", queues or settings.broker.queue_name,
+            "--concurrency", "1", "-Q", queues or settings.broker.queue_name,
             "--loglevel", "WARNING" if quiet else "INFO", "--without-gossip", "--without-mingle"]

@@ -30,7 +30,8 @@ from shared.tenancy import Scope, newest_first, visible_to
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
-    # RUNNING -> QUEUED is the lease-expiry path: the worker died and attempts remain.
+    # RUNNING -> QUEUED: the lease expired (the worker died) and attempts remain, or the
+    # worker handed the job back (`hand_back`).
     JobStatus.RUNNING: frozenset(
         {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}
     ),
@@ -261,6 +262,32 @@ def requeue_expired_leases(session: Session) -> list[tuple[str, JobStatus]]:
     return moved
 
 
+def hand_back(session: Session, claim: Claim, reason: str) -> JobStatus | None:
+    """Give the job of `claim`'s attempt back to the queue because its worker is stopping:
+    QUEUED, lease released, for the next worker to resume from its last checkpoint. The
+    attempt is given back too (`max_attempts` + 1): a worker's shutdown is no fault of the job,
+    and a fleet restarted a few times must not use up the attempts kept for crashes.
+
+    A job whose cancel was asked ends CANCELLED instead. Returns the status the job moved to;
+    None when the attempt no longer owns it.
+    """
+    # Locked before reading the cancel: `request_cancel` waits for this transaction and then
+    # sees the job QUEUED, which it cancels at once.
+    job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
+    if job is None:
+        raise JobNotFound(claim.job_id)
+    if job.cancel_requested:
+        cancelled = transition(session, claim.job_id, JobStatus.CANCELLED, attempt=claim.attempt,
+                               reason="cancelled by the user")
+        return JobStatus.CANCELLED if cancelled else None
+    if not transition(session, claim.job_id, JobStatus.QUEUED, attempt=claim.attempt,
+                      reason=reason):
+        return None
+    session.execute(update(Job).where(Job.id == claim.job_id)
+                    .values(max_attempts=Job.max_attempts + 1))
+    return JobStatus.QUEUED
+
+
 def fail_past_hard_limit(session: Session, hard_limit_s: int) -> list[str]:
     """Fail RUNNING jobs whose attempt started more than `hard_limit_s` ago: the backstop for
     a worker that neither finishes nor notices its soft limit. Its fenced writes then fail and
@@ -365,13 +392,20 @@ def transition(
 def request_cancel(session: Session, scope: Scope, job_id: str) -> Job:
     """Cancel a queued job at once; ask a running one to stop at its next step."""
     job = get_job(session, scope, job_id)
-    status = JobStatus(job.status)
-    if status in TERMINAL_STATUSES:
-        raise JobConflict(f"job {job_id} is already {status.value}; only queued or running "
+    seen = JobStatus(job.status)
+    if seen in TERMINAL_STATUSES:
+        raise JobConflict(f"job {job_id} is already {seen.value}; only queued or running "
                           "jobs can be cancelled")
-    session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+    # The status the UPDATE saw, not the one read above: a worker may have handed the job back
+    # in between (the UPDATE waits for its transaction), and a QUEUED job with a cancel asked
+    # would never be claimed nor cancelled.
+    status = JobStatus(session.execute(
+        update(Job).where(Job.id == job_id).values(cancel_requested=True).returning(Job.status)
+    ).scalar_one())
     if status is JobStatus.QUEUED:
-        transition(session, job_id, JobStatus.CANCELLED, reason="cancelled before it started")
+        reason = ("cancelled before it started" if seen is JobStatus.QUEUED
+                  else "cancelled by the user")
+        transition(session, job_id, JobStatus.CANCELLED, reason=reason)
     session.refresh(job)
     return job
 

@@ -34,6 +34,10 @@ log = logging.getLogger("tunery.worker")
 # expires, the reaper re-queues the job, and the next attempt redoes the work since the last
 # checkpoint: slower, but nothing is lost.
 FINISH_PATIENCE_S = 300.0
+# How long a stopping worker waits for an unreachable database to hand its job back: its
+# supervisor kills it seconds after asking it to stop. Past it the lease's expiry re-queues
+# the job instead.
+HAND_BACK_PATIENCE_S = 10.0
 
 
 def run_attempt(
@@ -42,8 +46,10 @@ def run_attempt(
     settings: Settings,
     *,
     base_models: BaseModelCache | None = None,
-) -> None:
-    """Train, publish and record the outcome of `claim`'s attempt; never raises."""
+) -> bool:
+    """Train, publish and record the outcome of `claim`'s attempt; never raises. Returns
+    whether the job went back to the queue because this worker is stopping
+    (`worker.shutdown`)."""
     # First thing after the claim: the lease it set runs from now on.
     heartbeat = Heartbeat(
         claim,
@@ -77,6 +83,7 @@ def run_attempt(
     work_dir = Path(settings.training.work_dir) / f"{claim.job_id}-{claim.attempt}"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
+    handed_back = False
     try:
         reporter.log(f"attempt {claim.attempt} started on {claim.owner}")
         hub_cache = tenant_hub_cache(settings.data_dir, claim.tenant_id,
@@ -110,6 +117,8 @@ def run_attempt(
             reason = timeout_reason(claim, checkpoints, settings.leases.job_soft_time_limit_s)
             reporter.log(f"failed: {reason}")
             finish(claim, reporter, JobStatus.FAILED, reason=reason)
+        elif stop.reason == StopReason.WORKER_STOPPING:
+            handed_back = hand_back(claim, reporter, stop.step)
         else:
             # A lost lease: another attempt owns the job and records its outcome.
             log.warning("job %s attempt %s stopped: %s", claim.job_id, claim.attempt, stop.reason)
@@ -130,6 +139,7 @@ def run_attempt(
         flush_reports(reporter, patience_s=settings.leases.lease_seconds)
         shutil.rmtree(work_dir, ignore_errors=True)
         release_accelerator_memory()
+    return handed_back
 
 
 def finish(
@@ -162,6 +172,33 @@ def finish(
             claim.job_id, claim.attempt, status,
         )
     return done
+
+
+def hand_back(claim: Claim, reporter: DatabaseReporter, step: int | None) -> bool:
+    """The worker is stopping: put the job back in the queue for the next worker, which
+    resumes it from its last checkpoint, or end it CANCELLED if the user asked meanwhile.
+    Returns whether the job is QUEUED again."""
+
+    def record() -> JobStatus | None:
+        reporter.flush()
+        with session_scope() as session:
+            return jobs.hand_back(session, claim, reason=f"worker {claim.owner} stopping: "
+                                                         f"handed back")
+
+    what = f"job {claim.job_id} attempt {claim.attempt}: handing it back"
+    status = through_outage(record, HAND_BACK_PATIENCE_S, what)
+    reporter.heartbeat.end()
+    where = f" at step {step}" if step is not None else ""
+    if status is JobStatus.QUEUED:
+        reporter.log(f"worker stopping: job handed back{where}; the next attempt resumes from "
+                     f"its last checkpoint")
+    elif status is JobStatus.CANCELLED:
+        reporter.log("training stopped: cancelled by the user")
+    else:
+        log.warning("job %s attempt %s: worker stopping; could not hand the job back (the "
+                    "database is unreachable or it moved on); its lease expires instead",
+                    claim.job_id, claim.attempt)
+    return status is JobStatus.QUEUED
 
 
 def timeout_reason(claim: Claim, checkpoints: CheckpointStore, limit_s: int) -> str:

@@ -1,12 +1,13 @@
-"""The heartbeat of a running attempt: lease renewal, cancel, and time limits, in a thread.
+"""The heartbeat of a running attempt: lease renewal, cancel, time limits and the worker's
+shutdown, in a thread.
 
 A thread rather than a training callback, because the lease must also survive what happens
 outside optimizer steps: loading a large base model, a long first step, the upload. The
-training loop reads `stop_reason` (through the reporter's `should_stop()`), so a cancel or a
-lost lease ends training within one step or one heartbeat, whichever is later. The stages
-before it (downloads, parsing, tokenizing, loading the model) never ask: while the main
-thread is in one of them, each beat with a stop reason interrupts it
-(`worker.pipeline.interrupts`), so they end within about one heartbeat too.
+training loop reads `stop_reason` (through the reporter's `should_stop()`) after every
+micro-batch and evaluation batch, so a cancel or a lost lease ends training within one
+heartbeat and one batch. The stages before it (downloads, parsing, tokenizing, loading the
+model) never ask: while the main thread is in one of them, each beat with a stop reason
+interrupts it (`worker.pipeline.interrupts`), so they end within about one heartbeat too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from shared.db import session_scope
 from shared.jobs import Claim
 from worker.pipeline.errors import StopReason
 from worker.pipeline.interrupts import interrupt_main_thread
+from worker.shutdown import shutting_down
 
 log = logging.getLogger("tunery.worker")
 
@@ -42,7 +44,8 @@ class Heartbeat(threading.Thread):
     - `lease_lost`: the job moved on without this attempt (re-queued, failed by the reaper), or
       the database has been unreachable for longer than a lease, so the reaper will have
       re-queued it: training on would only duplicate the next attempt's work;
-    - `timeout`: the attempt has run `soft_limit_s`.
+    - `timeout`: the attempt has run `soft_limit_s`;
+    - `worker_stopping`: this worker process is shutting down (`worker.shutdown`).
 
     A database outage shorter than the lease pauses nothing: training goes on and the next
     renewal succeeds. Past `hard_limit_s`, `on_hard_limit` runs (by default: exit the process).
@@ -94,6 +97,12 @@ class Heartbeat(threading.Thread):
             return
         if elapsed >= self.soft_limit_s:
             self._request_stop(StopReason.TIMEOUT)
+        self._renew(now)
+        # After the renewal: a cancel read by the same beat wins, and the job ends CANCELLED.
+        if shutting_down():
+            self._request_stop(StopReason.WORKER_STOPPING)
+
+    def _renew(self, now: float) -> None:
         try:
             with session_scope() as session:
                 held, cancel = jobs.renew_lease(session, self.claim, int(self.lease_seconds))

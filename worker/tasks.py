@@ -1,6 +1,8 @@
 """Celery entry point: `celery -A worker.tasks worker` (or `tunery worker`).
 
-A task claims a job and hands it to `worker.attempt`, which runs it."""
+A task claims a job and hands it to `worker.attempt`, which runs it. When the worker shuts
+down, the running attempt hands its job back (`worker.shutdown`) and the task rejects its
+message back to the broker, so that another worker wakes up for the job at once."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.exceptions import Reject
+from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 from pydantic import ValidationError
 
 from shared import jobs
@@ -25,6 +28,7 @@ from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from worker.attempt import run_attempt
 from worker.outage import through_outage
+from worker.shutdown import begin_shutdown, shutting_down
 
 if TYPE_CHECKING:
     from worker.pipeline.base_cache import BaseModelCache
@@ -36,6 +40,10 @@ log = logging.getLogger("tunery.worker")
 restrict_umask()
 
 app = get_celery()
+# The solo pool, one job at a time, whose cold shutdown hands the job back (`solo_pool`).
+# Here, not in the shared Celery config, which the API loads too; `worker_command` names no
+# pool, so that this one is used.
+app.conf.worker_pool = "worker.solo_pool:HandBackSoloPool"
 
 
 _maintenance: MaintenanceLoop | None = None
@@ -74,6 +82,13 @@ def _start_maintenance(**_: object) -> None:
     _maintenance.start()
 
 
+@worker_shutting_down.connect
+def _hand_back_the_running_job(**_: object) -> None:
+    # Sent from inside Celery's signal handler, in the middle of the training job: only a
+    # flag is set here (see worker.shutdown).
+    begin_shutdown()
+
+
 @worker_shutdown.connect
 def _stop_maintenance(**_: object) -> None:
     if _maintenance is not None:
@@ -97,6 +112,9 @@ def worker_identity() -> str:
 @app.task(name=TRAIN_TASK)
 def train(job_id: str) -> None:
     """A wake-up: claim the job it names or, if that one is taken, the oldest queued job."""
+    if shutting_down():
+        # A message delivered as the worker stops: back to the broker, for the next worker.
+        raise Reject("worker stopping", requeue=True)
     claimed = claim_with_patience(job_id)
     if claimed is None:
         log.info("wake-up for job %s: nothing to claim (done, cancelled or held elsewhere)",
@@ -104,8 +122,10 @@ def train(job_id: str) -> None:
         return
     claim, payload = claimed
     request = open_request(claim, payload)
-    if request is not None:
-        run_claimed_job(claim, request)
+    if request is not None and run_claimed_job(claim, request):
+        # The job is QUEUED again: its wake-up goes back to the broker for another worker
+        # (acks_late keeps it unacknowledged until now).
+        raise Reject(f"job {claim.job_id} handed back: worker stopping", requeue=True)
 
 
 def open_request(claim: Claim, payload: dict[str, Any]) -> FinetuneRequest | None:
@@ -143,6 +163,7 @@ def claim_with_patience(job_id: str) -> tuple[Claim, dict[str, Any]] | None:
     return through_outage(claim_one, CLAIM_PATIENCE_S, f"the wake-up for job {job_id}")
 
 
-def run_claimed_job(claim: Claim, request: FinetuneRequest) -> None:
-    """Run the claimed attempt with this process's settings and base model cache."""
-    run_attempt(claim, request, get_settings(), base_models=base_model_cache())
+def run_claimed_job(claim: Claim, request: FinetuneRequest) -> bool:
+    """Run the claimed attempt with this process's settings and base model cache; whether it
+    handed the job back (`run_attempt`)."""
+    return run_attempt(claim, request, get_settings(), base_models=base_model_cache())

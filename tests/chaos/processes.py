@@ -1,7 +1,7 @@
 """Tunery processes a chaos test starts and kills: workers, the API, one-off CLI commands.
 
-Each runs in a process group of its own (`tunery worker` runs Celery as a child), so kill -9
-reaches the whole group; output goes to one log file per process, shown when a test fails.
+Each runs in a process group of its own, so kill -9 reaches whatever it started; output goes
+to one log file per process, shown when a test fails.
 """
 
 from __future__ import annotations
@@ -84,6 +84,18 @@ class ServiceProcess:
         self._signal_group(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=15)
+
+    def send(self, sig: int) -> None:
+        """Send `sig` to the process group, as a supervisor stopping the service does."""
+        self._signal_group(sig)
+
+    def wait_exit(self, timeout_s: float) -> int:
+        """The exit code once the process has exited by itself within `timeout_s`."""
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still running {timeout_s:g} s later:\n"
+                                 f"{self.log_tail()}") from None
 
     def _signal_group(self, sig: int) -> None:
         # The group id is the leader's pid (start_new_session); it stays valid while any

@@ -53,7 +53,7 @@ def test_proxy_cut_resets_open_connections_and_refuses_new_ones(
 
 
 def test_kill_reaches_the_whole_process_group(tmp_path: Path) -> None:
-    # Like `tunery worker`, which runs Celery as a child process.
+    # A service that starts children of its own (a W&B service, DataLoader workers).
     spawner = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', " \
               "'import time; time.sleep(600)']); print('child started', flush=True); " \
               "time.sleep(600)"

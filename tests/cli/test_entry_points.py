@@ -34,8 +34,22 @@ def test_worker_command_runs_one_job_at_a_time_on_the_given_queue() -> None:
     argv = worker_command("train-a100")
 
     assert argv[argv.index("-Q") + 1] == "train-a100"
-    assert argv[argv.index("--pool") + 1] == "solo"
     assert argv[argv.index("--concurrency") + 1] == "1"
+    # No pool named: a --pool would override the app's own, the solo pool whose cold shutdown
+    # hands the job back.
+    assert "--pool" not in argv and "-P" not in argv
+    assert argv[argv.index("-A") + 1] == "worker.tasks"
+
+
+def test_the_worker_app_runs_the_solo_pool_that_hands_a_job_back() -> None:
+    from celery.concurrency import get_implementation
+    from celery.concurrency.solo import TaskPool
+
+    from worker.solo_pool import HandBackSoloPool
+    from worker.tasks import app
+
+    pool = get_implementation(app.conf.worker_pool)
+    assert pool is HandBackSoloPool and issubclass(pool, TaskPool)
 
 
 def test_a_quiet_worker_prints_no_banner_and_only_warnings() -> None:

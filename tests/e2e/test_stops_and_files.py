@@ -1,6 +1,7 @@
 """One embedded stack, real API and worker processes: a cancel honoured while the dataset
 downloads, a W&B server that never answers failing its job within a bound (and freeing the
-worker), and every file Tunery leaves in its data dir readable by its user alone."""
+worker), and every file Tunery leaves in its data dir readable by its user alone. On a stack
+of its own: the worker stopped mid-training hands its job back to the next worker."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,33 @@ def test_every_file_in_the_data_dir_is_private_after_an_upload_and_a_job(
             offenders.append(f"{oct(mode)} {path.relative_to(data_dir.parent)}")
     assert any(p.name == "adapter_model.safetensors" for p in data_dir.rglob("*"))
     assert not offenders, "readable by others:\n" + "\n".join(offenders)
+
+
+def test_a_worker_stopped_mid_training_hands_its_job_back_to_the_next_worker(
+    start_stack: Callable[..., LocalStack], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    env = stack_env(tmp_path / "data", [ASSETS_DIR, tiny_model_dir],
+                    TUNERY_HEARTBEAT_SECONDS="0.5", TUNERY_CHECKPOINT_EVERY_STEPS="2")
+    stack = start_stack(env)
+    headers = {"Authorization": f"Bearer {create_key(env)}"}
+    with httpx.Client(base_url=stack.base_url, timeout=30, headers=headers) as client:
+        job_id = submit(client, tiny_payload(tiny_model_dir, num_train_epochs=1))
+
+        def logs() -> list[str]:
+            return list(client.get(f"/v1/finetune/llm/{job_id}/logs",
+                                   params={"n_lines": 1000}).json()["logs"])
+
+        deadline = time.monotonic() + 180
+        while not any("checkpoint at step" in line for line in logs()):
+            assert time.monotonic() < deadline, logs()
+            time.sleep(0.2)
+        # SIGTERM, as `tunery up` on Ctrl-C; SIGKILL if the worker is still there 20 s later.
+        stack.stop_worker()
+        handed_back = client.get(f"/v1/finetune/llm/{job_id}").json()
+        assert handed_back["status"] == "QUEUED", (handed_back, logs())
+        assert any(line.startswith("worker stopping: job handed back") for line in logs())
+
+        stack.start_worker()
+        done = wait_for_terminal(client, job_id)
+        assert done["status"] == "COMPLETED", (done, logs())
+        assert any("resuming from step" in line for line in logs()), logs()

@@ -1,12 +1,13 @@
 """A hypothesis state machine over the real job functions on a real database (SQLite file):
 workers claim, renew, finish, die and come back stale; users submit and cancel; the reaper
-sweeps. After every step:
+sweeps; stopping workers hand their jobs back. After every step:
 
 - at most one live lease per job, held by the attempt the row names;
 - every recorded transition is one `ALLOWED` permits;
 - a terminal state never changes;
 - COMPLETED implies the job's adapter is in storage;
-- no job has more attempts than `max_attempts`.
+- no job has more attempts than `max_attempts`;
+- no QUEUED job carries a cancel (nobody would claim or cancel it).
 """
 
 from __future__ import annotations
@@ -122,6 +123,26 @@ class JobLifecycle(RuleBasedStateMachine):
         # Only the attempt that runs the job records its outcome; a stale one changes nothing.
         assert recorded == owns
 
+    @rule(claim=consumes(claims))
+    def worker_stops(self, claim: Claim | None) -> None:
+        """Its worker shuts down and hands the job back."""
+        if claim is None:
+            return
+        job = self.session.get_one(Job, claim.job_id, populate_existing=True)
+        owns = job.status == "RUNNING" and job.attempt == claim.attempt
+        cancel, max_attempts = job.cancel_requested, job.max_attempts
+        moved = jobs.hand_back(self.session, claim, reason="worker stopping")
+        self.session.commit()
+        job = self.session.get_one(Job, claim.job_id, populate_existing=True)
+        if not owns:
+            assert moved is None
+        elif cancel:
+            assert moved is JobStatus.CANCELLED and job.status == "CANCELLED"
+        else:
+            # Claimable again, the attempt it used given back.
+            assert moved is JobStatus.QUEUED and job.status == "QUEUED"
+            assert job.max_attempts == max_attempts + 1
+
     @rule(job_id=jobs_)
     def worker_dies(self, job_id: str) -> None:
         """Its lease runs out: time passes without a heartbeat."""
@@ -155,6 +176,8 @@ class JobLifecycle(RuleBasedStateMachine):
                 assert job.lease_owner is not None and job.lease_expires_at is not None
             else:
                 assert job.lease_owner is None and job.lease_expires_at is None
+            # Nobody would ever claim or cancel it.
+            assert not (job.status == "QUEUED" and job.cancel_requested), job.id
 
     @invariant()
     def transitions_are_allowed_and_terminal_states_final(self) -> None:

@@ -1,6 +1,6 @@
 """The attempt's heartbeat and reporter against a real database that goes away: lease renewal,
-cancel, a lost lease, a database outage shorter and longer than the lease, time limits, and
-reports kept in memory until the database is back.
+cancel, the worker's shutdown, a lost lease, a database outage shorter and longer than the
+lease, time limits, and reports kept in memory until the database is back.
 
 The outage is real: the settings are pointed at a PostgreSQL port where nothing listens, so
 every connection is refused as it is when the server is down. The clock is a fake so that
@@ -25,6 +25,7 @@ from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from tests.conftest import make_payload
 from tests.fake_clock import FakeClock
+from worker import shutdown
 from worker.heartbeat import Heartbeat
 from worker.job_reporter import DatabaseReporter
 from worker.pipeline.errors import StopReason
@@ -99,6 +100,25 @@ def test_a_cancel_is_seen_at_the_next_beat(claim: Claim) -> None:
         jobs.request_cancel(session, tenant, claim.job_id)
     beat.beat()
     assert beat.stop_reason == StopReason.CANCELLED
+
+
+def test_the_worker_stopping_is_seen_at_the_next_beat_and_a_cancel_seen_with_it_wins(
+    claim: Claim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shutdown, "_shutting_down", False)
+    first = heartbeat(claim, FakeClock())
+    first.beat()
+    assert first.stop_reason is None
+
+    shutdown.begin_shutdown()  # as Celery's SIGTERM does
+    first.beat()
+    assert first.stop_reason == StopReason.WORKER_STOPPING
+    both = heartbeat(claim, FakeClock())
+    with session_scope() as session:
+        tenant = session.get_one(Job, claim.job_id).tenant_id
+        jobs.request_cancel(session, tenant, claim.job_id)
+    both.beat()
+    assert both.stop_reason == StopReason.CANCELLED
 
 
 def test_a_job_requeued_by_the_reaper_stops_the_old_attempt(claim: Claim) -> None:

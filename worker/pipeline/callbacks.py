@@ -20,7 +20,7 @@ from transformers import (
 
 from shared.schema import TrainingConfig
 from worker.pipeline.checkpoints import BEST_ADAPTER_FILE, CheckpointStore
-from worker.pipeline.errors import StopReason
+from worker.pipeline.errors import StopReason, TrainingStopped
 from worker.pipeline.report import JobReporter, LogFn, no_log
 
 
@@ -171,13 +171,20 @@ class ProgressReportCallback(TrainerCallback):
 
 
 class StopCallback(TrainerCallback):
-    """Polls `should_stop()` after every optimizer step and ends training at that step.
+    """Polls `should_stop()` after every optimizer step, every micro-batch of gradient
+    accumulation and every evaluation batch: neither a long step nor an evaluation delays a
+    stop by more than one batch.
 
-    The step's metrics are still logged and the evaluation the Trainer may have planned for
-    that step is skipped. A stop for one of `save_on` (a time limit: the job is worth going on
-    with later) saves a checkpoint of that step; any other (a cancel, a lost lease: another
-    attempt owns the job) saves nothing. `run_trainer` raises `TrainingStopped` once the
-    Trainer returns.
+    After a step, training ends at that step: its metrics are still logged and the evaluation
+    the Trainer may have planned for it is skipped. After a micro-batch, training ends before
+    the step's optimizer update, at the last whole step. During an evaluation, the evaluation
+    is cut short by raising `TrainingStopped` from the Trainer's loop; nothing else runs
+    between two evaluation batches, no database write nor upload, so nothing is cut in two.
+
+    A stop for one of `save_on` (a time limit: the job is worth going on with later) waits for
+    the end of the step, whose checkpoint it saves; any other (a cancel, a lost lease: another
+    attempt owns the job; the worker stopping: the next attempt resumes from the last
+    checkpoint) saves nothing. `run_trainer` raises `TrainingStopped` once the Trainer returns.
     """
 
     def __init__(
@@ -193,10 +200,34 @@ class StopCallback(TrainerCallback):
     ) -> None:
         reason = self.reporter.should_stop()
         if reason:
-            self.reason, self.step = reason, state.global_step
-            control.should_training_stop = True
-            control.should_evaluate = False
+            self._stop(reason, state, control)
             control.should_save = reason in self.save_on
+
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        reason = self._stop_now()
+        if reason:
+            self._stop(reason, state, control)
+            control.should_save = False
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        reason = self._stop_now()
+        if reason:
+            self._stop(reason, state, control)
+            raise TrainingStopped(reason, step=state.global_step)
+
+    def _stop_now(self) -> StopReason | None:
+        """A reason to stop before the step ends: any but those that save the step."""
+        reason = self.reporter.should_stop()
+        return None if reason in self.save_on else reason
+
+    def _stop(self, reason: StopReason, state: TrainerState, control: TrainerControl) -> None:
+        self.reason, self.step = reason, state.global_step
+        control.should_training_stop = True
+        control.should_evaluate = False
 
 
 class BestAdapterCallback(TrainerCallback):

@@ -16,6 +16,9 @@ class StopReason(StrEnum):
     """The job moved on without this attempt; another attempt owns it now."""
     TIMEOUT = "timeout"
     """The attempt ran past its soft time limit."""
+    WORKER_STOPPING = "worker_stopping"
+    """The worker process is shutting down (`worker.shutdown`); the job goes back to the
+    queue."""
 
 
 class PipelineError(Exception):

@@ -134,9 +134,14 @@ def run_trainer(
             "reduce_lr_on_plateau: no warm-up; the learning rate halves after an evaluation "
             "without improvement"
         )
-    with wandb_reporting(logging, output_dir, log=reporter.log,
-                         timeouts=wandb_timeouts, should_stop=reporter.should_stop):
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        with wandb_reporting(logging, output_dir, log=reporter.log,
+                             timeouts=wandb_timeouts, should_stop=reporter.should_stop):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except TrainingStopped:
+        if stop.reason is None:  # W&B's start, stopped before training began
+            raise
+        # Otherwise an evaluation cut short (`StopCallback`): told below like any stop.
     state = trainer.state
     has_validation = trainer.eval_dataset is not None
     if stop.reason:
