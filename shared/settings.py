@@ -249,6 +249,12 @@ class TrainingSettings(BaseModel):
         "validation split sized to fit (at least 32 examples). A job's "
         "training_config.max_eval_examples overrides it."
     )
+    eval_max_examples: int = Field(
+        256, ge=1, description="Most validation examples one evaluation reads, whatever "
+        "eval_compute_share allows: the baseline evaluation runs before the first step, so "
+        "this bounds how long a large job waits for its first step. A job's "
+        "training_config.max_eval_examples overrides it."
+    )
     wandb_init_timeout_s: float = Field(
         30.0, gt=0, description="How long a job with logging_config.use_wandb waits for "
         "Weights & Biases to start its run before it fails with a reason that says so."

@@ -38,6 +38,10 @@ EVAL_COST_PER_TRAIN_EXAMPLE = 1 / 3
 # Fewer evaluated examples than this make eval_loss too noisy to pick the best step by; a
 # smaller validation split is evaluated whole.
 MIN_EVAL_EXAMPLES = 32
+# More than this in one evaluation, unless the operator (`training.eval_max_examples`) or
+# the job says otherwise: the baseline evaluation comes before the first step, and a share of
+# a large run's compute would keep that step waiting for minutes.
+EVAL_MAX_EXAMPLES = 256
 
 
 def split_sizes(examples: int, split_config: Mapping[str, float]) -> tuple[int, int]:
@@ -114,14 +118,22 @@ def _share_words(share: float) -> str:
 def evaluation_examples(
     validation_examples: int, train_examples: int, *, epochs: float,
     compute_share: float = EVAL_COMPUTE_SHARE, max_examples: int | None = None,
+    cap: int = EVAL_MAX_EXAMPLES,
 ) -> int:
     """How many of the validation split's examples each evaluation reads: `max_examples` when
     the job names it, else as many as keep all `EVALUATIONS` within `compute_share` of the
-    training compute, at least `MIN_EVAL_EXAMPLES`, never more than the split holds."""
+    training compute, at least `MIN_EVAL_EXAMPLES` and at most `cap`, never more than the
+    split holds."""
     if validation_examples <= 0:
         return 0
     if max_examples is not None:
         return min(validation_examples, max_examples)
-    budget = compute_share * train_examples * epochs / (
-        EVALUATIONS * EVAL_COST_PER_TRAIN_EXAMPLE)
-    return min(validation_examples, max(MIN_EVAL_EXAMPLES, math.floor(budget)))
+    return min(validation_examples, cap,
+               max(MIN_EVAL_EXAMPLES, shared_examples(train_examples, epochs, compute_share)))
+
+
+def shared_examples(train_examples: int, epochs: float, compute_share: float) -> int:
+    """The evaluated examples that keep all `EVALUATIONS` within `compute_share` of the
+    training compute."""
+    return math.floor(compute_share * train_examples * epochs / (
+        EVALUATIONS * EVAL_COST_PER_TRAIN_EXAMPLE))

@@ -69,6 +69,7 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "wandb_init_timeout_s": ("5", 5.0),
     "wandb_finish_timeout_s": ("7.5", 7.5),
     "eval_compute_share": ("0.2", 0.2),
+    "eval_max_examples": ("64", 64),
 }
 
 

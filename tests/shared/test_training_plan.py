@@ -84,4 +84,18 @@ def test_evaluation_reads_a_sample_sized_to_a_share_of_the_training_compute(
         validation: int, train: int, epochs: float, share: float, most: int | None,
         evaluated: int) -> None:
     assert evaluation_examples(validation, train, epochs=epochs, compute_share=share,
+                               max_examples=most, cap=1_000_000) == evaluated
+
+
+@pytest.mark.parametrize(("validation", "train", "most", "evaluated"), [
+    # The share would allow 1227: the baseline before the first step reads 256.
+    (10_000, 90_000, None, 256),
+    (1000, 9000, None, 122),
+    (150, 150, None, 32),
+    # The job's own number is its own.
+    (10_000, 90_000, 2000, 2000),
+])
+def test_an_evaluation_reads_at_most_the_operators_cap(
+        validation: int, train: int, most: int | None, evaluated: int) -> None:
+    assert evaluation_examples(validation, train, epochs=1, compute_share=0.05,
                                max_examples=most) == evaluated

@@ -62,3 +62,18 @@ def test_the_sample_is_the_same_examples_every_time(make_request: Any) -> None:
                                         compute_share=0.05))
     assert samples[0] == samples[1]
     assert len(samples[0]) == 32 and samples[0] != list(range(32))  # seeded, not the file's head
+
+
+def test_a_large_split_is_sampled_up_to_the_cap_and_the_log_says_why() -> None:
+    from shared.schema import TrainingConfig
+
+    lines: list[str] = []
+    sample = evaluated_sample(list(range(10_000)), train_examples=90_000,
+                              config=TrainingConfig(), compute_share=0.05, cap=256,
+                              log=lines.append)
+
+    # The share alone would allow 1227 examples: minutes before a CPU's first step.
+    assert list(sample) == list(range(256))
+    assert lines == ["evaluation: 256 of the 10000 validation examples, the same seeded sample "
+                     "every time (at most 256 an evaluation (TUNERY_EVAL_MAX_EXAMPLES), so that "
+                     "the baseline evaluation does not hold the first step back)"]

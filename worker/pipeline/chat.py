@@ -26,7 +26,7 @@ from shared.dataset_columns import MESSAGES_COLUMN
 from shared.dataset_files import LoadedDataset
 from shared.loss_mask import ChatExample, LossMaskError, Turn
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.labels import BatchEncoder, label_batch, text_batches
+from worker.pipeline.labels import BatchEncoder, encoded_ahead, label_batch, text_batches
 from worker.pipeline.report import LogFn, no_log
 from worker.pipeline.token_store import TokenStore, TokenStoreWriter
 
@@ -127,8 +127,8 @@ def tokenize_chats(
     encode = BatchEncoder(tokenizer, cutoff_len, add_special_tokens=False)
     writer = TokenStoreWriter(directory)
     conversations = truncated = dropped = 0
-    for batch in text_batches(examples, lambda e: len(e.text)):
-        encoded = encode([e.text for e in batch])
+    batches = text_batches(examples, lambda e: len(e.text))
+    for batch, encoded in encoded_ahead(batches, lambda b: encode([e.text for e in b])):
         offsets = encoded.offsets()
         trained = np.stack([in_spans_row(offsets[i], e.trained_spans)
                             for i, e in enumerate(batch)])

@@ -24,12 +24,18 @@ from shared.dataset_files import LoadedDataset
 from shared.loss_mask import max_render_chars
 from shared.prompt_template import Example, completion_placeholder, render_example
 from shared.schema import DataConfig, TrainingConfig
-from shared.training_plan import evaluation_examples, split_sizes
+from shared.training_plan import (
+    EVAL_MAX_EXAMPLES,
+    evaluation_examples,
+    shared_examples,
+    split_sizes,
+)
 from worker.pipeline.chat import RenderedChats, tokenize_chats
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.labels import (
     BatchEncoder,
     LabelledBatch,
+    encoded_ahead,
     kept_tokens,
     label_batch,
     padded,
@@ -153,8 +159,8 @@ def tokenized_store(
     encode = _encoder(tokenizer, cutoff_len)
     writer = TokenStoreWriter(directory)
     counts = TokenCounts()
-    for batch in text_batches(examples, lambda e: len(e.prompt) + len(e.completion)):
-        ids, trained, lengths = encode(batch)
+    batches = text_batches(examples, lambda e: len(e.prompt) + len(e.completion))
+    for batch, (ids, trained, lengths) in encoded_ahead(batches, encode):
         labelled = label_batch(ids, trained, lengths, cutoff_len,
                                train_on_inputs=train_on_inputs, eos_id=eos_id)
         writer.add(labelled.kept)
@@ -246,18 +252,24 @@ def split(
 
 def evaluated_sample(
     validation: Sequence[Item], *, train_examples: int, config: TrainingConfig,
-    compute_share: float, log: LogFn = no_log,
+    compute_share: float, cap: int = EVAL_MAX_EXAMPLES, log: LogFn = no_log,
 ) -> Sequence[Item]:
     """The validation examples every evaluation reads, the baseline before training included:
     the first of the split (`split` shuffled it with a fixed seed), as many as
     `shared.training_plan.evaluation_examples` allows."""
     count = evaluation_examples(
         len(validation), train_examples, epochs=config.num_train_epochs,
-        compute_share=compute_share, max_examples=config.max_eval_examples,
+        compute_share=compute_share, max_examples=config.max_eval_examples, cap=cap,
     )
     if count < len(validation):
-        why = ("training_config.max_eval_examples" if config.max_eval_examples is not None
-               else f"all evaluations within {compute_share:.0%} of the training compute")
+        if config.max_eval_examples is not None:
+            why = "training_config.max_eval_examples"
+        elif count == cap and count < shared_examples(train_examples, config.num_train_epochs,
+                                                      compute_share):
+            why = (f"at most {cap} an evaluation (TUNERY_EVAL_MAX_EXAMPLES), so that the "
+                   "baseline evaluation does not hold the first step back")
+        else:
+            why = f"all evaluations within {compute_share:.0%} of the training compute"
         log(f"evaluation: {count} of the {len(validation)} validation examples, the same "
             f"seeded sample every time ({why})")
     return validation[:count]

@@ -8,7 +8,9 @@ what cutoff_len can use) and `label_batch`, the same rule on a whole batch at on
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, TypeVar
@@ -26,6 +28,7 @@ __all__ = [
     "TOKENIZE_BATCH_CHARS",
     "TOKENIZE_BATCH_EXAMPLES",
     "TokenizedExample",
+    "encoded_ahead",
     "kept_tokens",
     "label_batch",
     "label_example",
@@ -34,6 +37,8 @@ __all__ = [
 ]
 
 Item = TypeVar("Item")
+Batch = TypeVar("Batch")
+Encoded = TypeVar("Encoded")
 
 
 # Characters handed to the tokenizer at once. The tokenizer holds every token of a batch, with
@@ -58,6 +63,27 @@ def text_batches(items: Iterable[Item], length: Callable[[Item], int]) -> Iterat
         chars += size
     if batch:
         yield batch
+
+
+def encoded_ahead(
+    batches: Iterable[Batch], encode: Callable[[Batch], Encoded]
+) -> Iterator[tuple[Batch, Encoded]]:
+    """Each batch with `encode(batch)`, the next batch being encoded in a thread meanwhile.
+
+    The tokenizer's Rust core releases the GIL while it encodes (on every core), so reading,
+    rendering and labelling one batch in Python overlap the encoding of the next, instead of
+    each waiting for the other. One batch ahead at most: memory stays at two batches.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
+        ahead: deque[tuple[Batch, Future[Encoded]]] = deque()
+        for batch in batches:
+            ahead.append((batch, pool.submit(encode, batch)))
+            if len(ahead) > 1:
+                done, future = ahead.popleft()
+                yield done, future.result()
+        while ahead:
+            done, future = ahead.popleft()
+            yield done, future.result()
 
 
 def kept_tokens(cutoff_len: int) -> dict[str, Any]:

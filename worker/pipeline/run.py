@@ -192,7 +192,8 @@ def _prepare_data(
     train_set, eval_set = split(examples, data.data_split_config, log=log)
     eval_set = evaluated_sample(eval_set, train_examples=len(train_set),
                                 config=request.training_config,
-                                compute_share=settings.training.eval_compute_share, log=log)
+                                compute_share=settings.training.eval_compute_share,
+                                cap=settings.training.eval_max_examples, log=log)
     return train_set, eval_set, fit, tokenizer
 
 
