@@ -5,7 +5,7 @@ Tunery's first optimizer step follows it.
     .venv/bin/python -m bench.data_phase --sizes 10000,100000,1000000
     .venv/bin/python -m bench.data_phase --quick                 # tiny Llama, 2k rows
 
-For each size one generated instruction/input/output JSONL file (about 120 SmolLM2 tokens a
+For each size one generated instruction/input/output JSONL file (about 88 SmolLM2 tokens a
 row), then each contender in its own process, one after the other:
 
 - **loop**: read the file line by line, render the alpaca template, and call the fast
@@ -73,7 +73,8 @@ WORDS = [
 
 
 def write_rows(path: Path, rows: int, seed: int = 0) -> Path:
-    """`rows` rows of instruction (14 words), input (20) and output (36): about 120 tokens."""
+    """`rows` rows of instruction (14 words), input (20) and output (36): about 88 SmolLM2
+    tokens a row with the template."""
     rng = random.Random(seed)
 
     def words(n: int) -> str:
