@@ -58,6 +58,10 @@ def test_a_second_job_on_the_same_upload_reads_its_tokens_from_the_cache(
     assert not any(line.startswith("downloaded uploaded dataset") for line in second.lines)
     tokenized = [line for line in first.lines if line.startswith("tokenized 300 examples")]
     assert tokenized and all(line in second.lines for line in tokenized)
+    # In the order of a first run: the template, then what the cache holds, said as such.
+    order = [next(i for i, line in enumerate(second.lines) if line.startswith(start))
+             for start in ("prompt_template: ", READ_FROM_CACHE, "tokenized 300 examples")]
+    assert order == sorted(order), second.lines
     assert split_line(first) == split_line(second)
     assert first.metrics[0] == second.metrics[0]
 

@@ -154,9 +154,14 @@ def _prepare_data(
     # ORPO trains on the raw preference rows (TRL tokenizes them), the rest on tokenized ones,
     # which an uploaded dataset may have kept from an earlier attempt or job.
     cache = None if preference == "ORPO" else _token_cache(data, storage, tokenizer)
-    examples: Sequence[Any] | None = cache.load(tokens_dir, log=log) if cache else None
+    cached = cache.load(tokens_dir, log=log) if cache else None
+    examples: Sequence[Any]
     fit: Callable[..., TrainStats] = train
-    if examples is None:
+    if cached is not None:
+        _report_prompt_template(data, reporter)
+        cached.report(log)
+        examples = cached.store
+    else:
         dataset = load_dataset(
             data.data_path,
             allowed_local_dirs=allowed,
@@ -187,8 +192,6 @@ def _prepare_data(
             if cache is not None:
                 cache.save(tokens_dir, store, lines, log=log)
             examples = store
-    else:
-        _report_prompt_template(data, reporter)
     train_set, eval_set = split(examples, data.data_split_config, log=log)
     eval_set = evaluated_sample(eval_set, train_examples=len(train_set),
                                 config=request.training_config,

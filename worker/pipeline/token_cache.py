@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,20 @@ def fingerprint(tokenizer: Any, data: DataConfig) -> str:
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class CachedTokens:
+    store: TokenStore
+    lines: list[str]
+    """What tokenizing them logged, when they were tokenized."""
+
+    def report(self, log: LogFn) -> None:
+        log(f"tokenized examples read from the cache: {len(self.store)} examples, "
+            f"{self.store.tokens} tokens, tokenized before from this dataset with the same "
+            "tokenizer, template and cutoff_len; then:")
+        for line in self.lines:
+            log(line)
+
+
 class TokenCache:
     """The tokenized examples of dataset `dataset_id` under `fingerprint`."""
 
@@ -63,9 +78,9 @@ class TokenCache:
         self.storage = storage
         self.prefix = f"{tokenized_prefix(dataset_id)}{fingerprint}/"
 
-    def load(self, directory: Path, *, log: LogFn) -> TokenStore | None:
-        """The cached store, downloaded into `directory` and memory-mapped, with the lines
-        tokenizing it logged once more; None when there is none."""
+    def load(self, directory: Path, *, log: LogFn) -> CachedTokens | None:
+        """The cached store, downloaded into `directory` and memory-mapped; None when there is
+        none (or it cannot be read, which is logged)."""
         try:
             if not self.storage.exists(self.prefix + MANIFEST):
                 return None
@@ -80,12 +95,7 @@ class TokenCache:
         if len(store) != manifest.get("examples"):
             log("tokenized examples: the cached copy is incomplete; tokenizing")
             return None
-        for line in manifest.get("log", []):
-            log(line)
-        log(f"tokenized examples read from the cache: {len(store)} examples, {store.tokens} "
-            "tokens, tokenized before from this dataset with the same tokenizer, template and "
-            "cutoff_len")
-        return store
+        return CachedTokens(store, list(manifest.get("log", [])))
 
     def save(self, directory: Path, store: TokenStore, lines: list[str], *, log: LogFn) -> None:
         """Keep the store written in `directory` and the lines tokenizing it logged. Not cut
