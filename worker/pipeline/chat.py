@@ -26,7 +26,13 @@ from shared.dataset_columns import MESSAGES_COLUMN
 from shared.dataset_files import LoadedDataset
 from shared.loss_mask import ChatExample, LossMaskError, Turn
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.labels import BatchEncoder, encoded_ahead, label_batch, text_batches
+from worker.pipeline.labels import (
+    BatchEncoder,
+    TokenCounts,
+    encoded_ahead,
+    label_batch,
+    text_batches,
+)
 from worker.pipeline.report import LogFn, no_log
 from worker.pipeline.token_store import TokenStore, TokenStoreWriter
 
@@ -126,7 +132,7 @@ def tokenize_chats(
         raise PipelineError("chat mode needs a fast tokenizer (tokenizer.json) for offsets")
     encode = BatchEncoder(tokenizer, cutoff_len, add_special_tokens=False)
     writer = TokenStoreWriter(directory)
-    conversations = truncated = dropped = 0
+    counts = TokenCounts()
     batches = text_batches(examples, lambda e: len(e.text))
     for batch, encoded in encoded_ahead(batches, lambda b: encode([e.text for e in b])):
         offsets = encoded.offsets()
@@ -135,15 +141,14 @@ def tokenize_chats(
         labelled = label_batch(encoded.ids, trained, encoded.lengths, cutoff_len,
                                train_on_inputs=train_on_inputs, eos_id=None)
         writer.add(labelled.kept)
-        conversations += len(batch)
-        truncated += labelled.truncated
-        dropped += labelled.dropped
+        counts.add(labelled, len(batch))
     store = writer.finish()
     if isinstance(examples, RenderedChats):
         examples.log_rendered(log)
     log(
-        f"tokenized {conversations} conversations: {truncated} truncated to cutoff_len "
-        f"{cutoff_len}, {dropped} dropped (no assistant token within cutoff_len)"
+        f"tokenized {counts.examples} conversations: {counts.truncated} truncated to "
+        f"cutoff_len {cutoff_len}, {counts.dropped} dropped (no assistant token within "
+        "cutoff_len)"
     )
     if not len(store):
         raise PipelineError(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +33,7 @@ from worker.pipeline.chat import RenderedChats, tokenize_chats
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.labels import (
     BatchEncoder,
-    LabelledBatch,
+    TokenCounts,
     encoded_ahead,
     kept_tokens,
     label_batch,
@@ -100,9 +99,10 @@ def render_examples(
     prompt first, so a prompt past the bound leaves no completion and the example is dropped
     at tokenization). The caller checked the columns (`shared.dataset_columns`); a cell the
     row lacks renders as ""."""
-    examples = [render_example(row, template, max_chars=max_chars) for row in dataset.rows]
-    cut = sum(bool(e.prompt_cut or e.completion_cut) for e in examples)
-    _log_rendered(len(examples), cut, template, max_chars, log)
+    rendered = _RenderCount()
+    examples = [rendered.add(render_example(row, template, max_chars=max_chars))
+                for row in dataset.rows]
+    _log_rendered(rendered.count, rendered.cut, template, max_chars, log)
     return examples
 
 
@@ -134,18 +134,6 @@ def tokenize(
     store, counts = tokenized_store(examples, tokenizer, cutoff_len,
                                     train_on_inputs=train_on_inputs, directory=directory)
     return _checked(store, counts, cutoff_len, log)
-
-
-@dataclass
-class TokenCounts:
-    examples: int = 0
-    truncated: int = 0
-    dropped: int = 0
-
-    def add(self, batch: LabelledBatch, examples: int) -> None:
-        self.examples += examples
-        self.truncated += batch.truncated
-        self.dropped += batch.dropped
 
 
 def tokenized_store(

@@ -27,6 +27,7 @@ __all__ = [
     "LabelledBatch",
     "TOKENIZE_BATCH_CHARS",
     "TOKENIZE_BATCH_EXAMPLES",
+    "TokenCounts",
     "TokenizedExample",
     "encoded_ahead",
     "kept_tokens",
@@ -176,6 +177,20 @@ class LabelledBatch:
     kept: TokenBatch
     truncated: int
     dropped: int
+
+
+@dataclass
+class TokenCounts:
+    """What the batches of one dataset's tokenizing cut and dropped, summed."""
+
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    def add(self, batch: LabelledBatch, examples: int) -> None:
+        self.examples += examples
+        self.truncated += batch.truncated
+        self.dropped += batch.dropped
 
 
 def label_batch(
