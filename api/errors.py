@@ -82,6 +82,35 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 AUTHENTICATED = error_responses(401, 422, 429, 500, 503)
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, "
+                                  "rate_limit_error or server_error.")
+    param: str | None = Field(description="The request field at fault, when one is.")
+    code: str | None
+
+
+class OpenAIErrorOut(BaseModel):
+    """The body of every 4xx and 5xx answer of the OpenAI dialect's routes."""
+
+    error: OpenAIErrorDetail
+
+
+_OPENAI_DESCRIPTIONS = {**_ERROR_DESCRIPTIONS,
+                        400: "Invalid request, or an action the object's state refuses; "
+                             "`param` names the field"}
+
+
+def openai_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the OpenAI dialect: its error shape, and 400 where Tunery's
+    routes say 409 or 422."""
+    return {status: {"model": OpenAIErrorOut, "description": _OPENAI_DESCRIPTIONS[status]}
+            for status in sorted({400 if s in (409, 422) else s for s in statuses})}
+
+
+OPENAI_AUTHENTICATED = openai_error_responses(400, 401, 429, 500, 503)
 """What any route behind the API key may answer besides success (429: the per-key rate
 limit); set on the routers."""
 
@@ -112,17 +141,54 @@ def validation_fields(errors: Sequence[Any]) -> list[dict[str, str]]:
     return fields
 
 
+OPENAI_PATHS = ("/v1/files", "/v1/fine_tuning")
+"""Routes of the OpenAI dialect: their errors take OpenAI's shape and status codes."""
+
+_OPENAI_CODES = {"unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}
+
+
+def error_response(request: Request, status: int, code: str, message: str,
+                   fields: list[dict[str, str]] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error answer in the dialect of the route asked: Tunery's shape, or OpenAI's on
+    `OPENAI_PATHS`."""
+    if request.url.path.startswith(OPENAI_PATHS):
+        return openai_error(status, code, message, fields, headers)
+    return JSONResponse(error_body(code, message, fields), status, headers=headers)
+
+
+def openai_error(status: int, code: str, message: str,
+                 fields: list[dict[str, str]] | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    """`{"error": {"message", "type", "param", "code"}}` with OpenAI's status codes.
+
+    OpenAI's SDK retries 408, 409, 429 and 5xx unless told not to: a request that is wrong
+    (422 here) is OpenAI's 400, a conflict that no retry resolves (cancelling a finished
+    job) is a 400 too, and every 4xx but 429 says `x-should-retry: false`.
+    """
+    status = 400 if status in (409, 422) else status
+    headers = dict(headers or {})
+    if 400 <= status < 500 and status != 429:
+        headers["x-should-retry"] = "false"
+    kind = ("server_error" if status >= 500 else "rate_limit_error" if status == 429
+            else "authentication_error" if status == 401 else "invalid_request_error")
+    param = fields[0]["path"] if fields else None
+    body = {"error": {"message": message, "type": kind, "param": param,
+                      "code": _OPENAI_CODES.get(code, code)}}
+    return JSONResponse(body, status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.fields), exc.status,
-                            headers=exc.headers)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request, exc.status, exc.code, exc.message, exc.fields,
+                              exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         fields = _validation_fields(exc)
         summary = "; ".join(f"{f['path']}: {f['message']}" for f in fields[:5])
-        return JSONResponse(error_body("invalid_request", summary, fields), 422)
+        return error_response(request, 422, "invalid_request", summary, fields)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -130,57 +196,56 @@ def install_error_handlers(app: FastAPI) -> None:
             # FastAPI's answer to a body it could not decode (not UTF-8, nested past the
             # parser's depth, a number of thousands of digits), while malformed JSON is its
             # 422: one answer for both, so a client handles "the body is not JSON" once.
-            return JSONResponse(error_body("invalid_request", _UNPARSEABLE,
-                                           [{"path": "body", "message": _UNPARSEABLE}]), 422)
+            return error_response(request, 422, "invalid_request", _UNPARSEABLE,
+                                  [{"path": "body", "message": _UNPARSEABLE}])
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": _allowed_methods(request)}
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=headers)
+        return error_response(request, exc.status_code, code, str(exc.detail), headers=headers)
 
     @app.exception_handler(JobNotFound)
-    async def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
-        return JSONResponse(error_body("not_found", f"no job with id {exc.args[0]}"), 404)
+    async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
+        return error_response(request, 404, "not_found", f"no job with id {exc.args[0]}")
 
     @app.exception_handler(DatasetNotFound)
-    async def _no_dataset(_: Request, exc: DatasetNotFound) -> JSONResponse:
-        return JSONResponse(error_body("not_found", f"no dataset with id {exc.args[0]}"), 404)
+    async def _no_dataset(request: Request, exc: DatasetNotFound) -> JSONResponse:
+        return error_response(request, 404, "not_found", f"no dataset with id {exc.args[0]}")
 
     @app.exception_handler(DatasetRejected)
-    async def _rejected(_: Request, exc: DatasetRejected) -> JSONResponse:
+    async def _rejected(request: Request, exc: DatasetRejected) -> JSONResponse:
         if exc.too_large:
-            return JSONResponse(error_body("payload_too_large", exc.message), 413)
+            return error_response(request, 413, "payload_too_large", exc.message)
         fields = [{"path": "file", "message": exc.message}]
-        return JSONResponse(error_body("invalid_dataset", exc.message, fields), 422)
+        return error_response(request, 422, "invalid_dataset", exc.message, fields)
 
     @app.exception_handler(UploadRefused)
-    async def _upload_refused(_: Request, exc: UploadRefused) -> JSONResponse:
+    async def _upload_refused(request: Request, exc: UploadRefused) -> JSONResponse:
         if exc.conflict:
-            return JSONResponse(error_body("conflict", exc.message), 409)
-        return JSONResponse(error_body("forbidden", exc.message), 403)
+            return error_response(request, 409, "conflict", exc.message)
+        return error_response(request, 403, "forbidden", exc.message)
 
     @app.exception_handler(IdempotencyKeyRejected)
-    async def _idempotency(_: Request, exc: IdempotencyKeyRejected) -> JSONResponse:
+    async def _idempotency(request: Request, exc: IdempotencyKeyRejected) -> JSONResponse:
         fields = [{"path": IDEMPOTENCY_HEADER, "message": exc.message}]
-        return JSONResponse(error_body(exc.code, exc.message, fields), 422)
+        return error_response(request, 422, exc.code, exc.message, fields)
 
     @app.exception_handler(JobConflict)
-    async def _conflict(_: Request, exc: JobConflict) -> JSONResponse:
-        return JSONResponse(error_body("conflict", str(exc)), 409)
+    async def _conflict(request: Request, exc: JobConflict) -> JSONResponse:
+        return error_response(request, 409, "conflict", str(exc))
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
     async def _db_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse(
-            error_body("database_unavailable", "the database is unavailable; retry shortly"),
-            503, headers={"Retry-After": "5"},
-        )
+        return error_response(request, 503, "database_unavailable",
+                              "the database is unavailable; retry shortly",
+                              headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "internal server error"), 500)
+        return error_response(request, 500, "internal_error", "internal server error")
 
 
 def _allowed_methods(request: Request) -> str:

@@ -17,7 +17,7 @@ from api.errors import install_error_handlers
 from api.limits.auth_failures import FailedAuthLimiter
 from api.limits.body import RequestBodyLimit
 from api.limits.rate import RateLimiter
-from api.routes import datasets, deploy, finetune, health, me, upload
+from api.routes import datasets, deploy, files, fine_tuning, finetune, health, me, upload
 from api.uploads import MULTIPART_OVERHEAD
 from shared.private_files import restrict_umask
 from shared.queue import declare_queue
@@ -56,6 +56,9 @@ def create_app() -> FastAPI:
     app.include_router(deploy.router, dependencies=[RateLimited])
     app.include_router(datasets.router, dependencies=[RateLimited])
     app.include_router(me.router, dependencies=[RateLimited])
+    # OpenAI's dialect over the same jobs and datasets.
+    app.include_router(files.router, dependencies=[RateLimited])
+    app.include_router(fine_tuning.router, dependencies=[RateLimited])
     # Not rate limited as a whole: its PUT is authorized by the upload token, not a key.
     app.include_router(upload.router)
     install_limits(app)
@@ -64,7 +67,7 @@ def create_app() -> FastAPI:
 
 # The routes that receive dataset files. They stream them to disk under their own
 # max_dataset_bytes check; the general limit must not cut them off.
-DATASET_UPLOAD_ROUTES = ("upload_dataset", "receive_upload")
+DATASET_UPLOAD_ROUTES = ("upload_dataset", "receive_upload", "upload_file")
 
 
 def install_limits(app: FastAPI) -> None:
@@ -77,7 +80,7 @@ def install_limits(app: FastAPI) -> None:
     limits = get_settings().limits
     app.state.rate_limiter = RateLimiter(limits.rate_limit_per_minute)
     app.state.auth_failure_limiter = FailedAuthLimiter(limits.auth_failures_per_minute)
-    uploads = [r for r in (*datasets.router.routes, *upload.router.routes)
+    uploads = [r for r in (*datasets.router.routes, *upload.router.routes, *files.router.routes)
                if isinstance(r, APIRoute) and r.name in DATASET_UPLOAD_ROUTES]
     if len(uploads) != len(DATASET_UPLOAD_ROUTES):
         raise RuntimeError(f"dataset upload routes {DATASET_UPLOAD_ROUTES} not all found")

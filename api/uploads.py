@@ -8,7 +8,8 @@ themselves and stop at the limit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 # Part headers and boundaries around the file; a body longer than the limit plus this cannot
 # hold a file within the limit.
 MULTIPART_OVERHEAD = 64 * 1024
+# The longest text form field taken beside a file (OpenAI's `purpose`).
+MAX_TEXT_FIELD = 256
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class ReceivedFile:
     filename: str | None
     content_type: str | None
     size: int
+    form: dict[str, str] = field(default_factory=dict)
+    """The text form fields that came with the file (`text_fields` of the receiver)."""
 
 
 def too_large(max_bytes: int) -> ApiError:
@@ -62,9 +67,11 @@ async def receive_body(request: Request, dest: Path, max_bytes: int) -> int:
 
 
 async def receive_multipart_file(
-    request: Request, dest: Path, max_bytes: int, field: str = "file"
+    request: Request, dest: Path, max_bytes: int, field: str = "file",
+    text_fields: Collection[str] = (),
 ) -> ReceivedFile:
-    """Write the one file sent as form field `field` to `dest`.
+    """Write the one file sent as form field `field` to `dest`; the `text_fields` that come
+    with it (each at most MAX_TEXT_FIELD bytes of UTF-8) are in `form`.
 
     Any other form field is refused (422 naming it), as unknown JSON fields are.
     """
@@ -73,7 +80,7 @@ async def receive_multipart_file(
         raise ApiError(415, "unsupported_media_type",
                        f"send multipart/form-data with the file in the form field {field!r}")
     refuse_long_body(request, max_bytes + MULTIPART_OVERHEAD)
-    part = _FilePart(dest, field, max_bytes)
+    part = _FilePart(dest, field, max_bytes, text_fields)
     parser = MultipartParser(params[b"boundary"], part.callbacks())
     try:
         async for chunk in request.stream():
@@ -86,14 +93,18 @@ async def receive_multipart_file(
     if part.size is None:
         raise ApiError(422, "invalid_request", f"no file in the form field {field!r}",
                        [{"path": field, "message": "field required"}])
-    return ReceivedFile(dest, part.filename, part.content_type, part.size)
+    return ReceivedFile(dest, part.filename, part.content_type, part.size, part.text_values())
 
 
 class _FilePart:
     """python-multipart callbacks that write the file part to disk as it arrives."""
 
-    def __init__(self, dest: Path, field: str, max_bytes: int) -> None:
+    def __init__(self, dest: Path, field: str, max_bytes: int,
+                 text_fields: Collection[str] = ()) -> None:
         self.dest, self.field, self.max_bytes = dest, field, max_bytes
+        self.text_fields = frozenset(text_fields)
+        self.texts: dict[str, bytearray] = {}
+        self._text: bytearray | None = None
         self.headers: dict[bytes, bytes] = {}
         self._name, self._value = b"", b""
         self.out: IO[bytes] | None = None
@@ -128,6 +139,13 @@ class _FilePart:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
+        self._text = None
+        if name in self.text_fields and b"filename" not in options:
+            if name in self.texts:
+                raise ApiError(422, "invalid_request", f"send the form field {name!r} once",
+                               [{"path": name, "message": "sent more than once"}])
+            self._text = self.texts[name] = bytearray()
+            return
         if name != self.field:
             raise ApiError(422, "invalid_request",
                            f"unknown form field {name!r}; send the file as {self.field!r}",
@@ -142,13 +160,30 @@ class _FilePart:
         self.size = 0
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._text is not None:
+            self._text += data[start:end]
+            if len(self._text) > MAX_TEXT_FIELD:
+                raise ApiError(422, "invalid_request", "a form field is too long",
+                               [{"path": "form", "message": f"at most {MAX_TEXT_FIELD} bytes"}])
+            return
         assert self.out is not None and self.size is not None
         self.size += end - start
         if self.size > self.max_bytes:
             raise too_large(self.max_bytes)
         self.out.write(data[start:end])
 
+    def text_values(self) -> dict[str, str]:
+        values = {}
+        for name, raw in self.texts.items():
+            try:
+                values[name] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(422, "invalid_request", f"{name}: not UTF-8 text",
+                               [{"path": name, "message": "not UTF-8 text"}]) from None
+        return values
+
     def close(self) -> None:
+        self._text = None
         if self.out is not None:
             self.out.close()
             self.out = None

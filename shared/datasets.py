@@ -24,13 +24,13 @@ import re
 import secrets
 import unicodedata
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from shared.dataset_columns import MESSAGES_COLUMN, is_chat_template, missing_columns
@@ -54,7 +54,7 @@ from shared.storage_keys import (
     tokenized_prefix,
     upload_staging_prefix,
 )
-from shared.tenancy import Scope, newest_first, visible_to
+from shared.tenancy import Scope, newest_first, page_after, visible_to
 
 FIRST_ROWS = 5
 # Rows kept in the database for previews, and the bounds that keep that sample small even
@@ -258,6 +258,16 @@ def list_datasets(
     session: Session, scope: Scope, limit: int, offset: int
 ) -> tuple[list[Dataset], int]:
     return newest_first(session, Dataset, scope, limit, offset)
+
+
+def datasets_after(
+    session: Session, scope: Scope, after_id: str | None, limit: int, *,
+    descending: bool = True, filters: Sequence[ColumnElement[bool]] = (),
+) -> tuple[list[Dataset], bool]:
+    """A page of the datasets `scope` sees after the dataset `after_id`, and whether more
+    follow (`shared.tenancy.page_after`)."""
+    return page_after(session, Dataset, scope, after_id=after_id, limit=limit,
+                      descending=descending, filters=filters)
 
 
 def start_upload(

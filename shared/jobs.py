@@ -6,7 +6,7 @@ the attempt number so a stale worker cannot overwrite a newer attempt, and recor
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,7 +26,7 @@ from shared.models import (
 )
 from shared.payload_secrets import drop_secrets, seal_secrets
 from shared.schema import FinetuneRequest
-from shared.tenancy import Scope, newest_first, visible_to
+from shared.tenancy import Scope, newest_first, page_after, visible_to
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
@@ -84,11 +84,12 @@ class NewJob:
 
 def create_job(
     session: Session, tenant_id: str, request: FinetuneRequest, max_attempts: int,
-    *, warnings: Sequence[str] = (),
+    *, warnings: Sequence[str] = (), openai: Mapping[str, Any] | None = None,
 ) -> NewJob:
     """Insert a QUEUED job for `request`, its secrets encrypted, and its first event; the
     caller commits. `warnings` are sentences found at submit time, shown with the job; the
-    worker adds its own (`add_warning`).
+    worker adds its own (`add_warning`). `openai`: what the OpenAI dialect was asked beyond
+    the payload (`Job.openai`).
 
     Two Core INSERTs built once, rather than ORM objects: every submit goes through here,
     and building statements and flushing a unit of work cost several times what PostgreSQL
@@ -103,6 +104,7 @@ def create_job(
         "base_model": request.pretrainedmodel_config.model_path,
         "max_attempts": max_attempts,
         "warnings": [w[:MAX_LOG_LINE] for w in warnings] or None,
+        "openai": dict(openai) if openai is not None else None,
     })
     session.execute(_INSERT_EVENT, {
         "job_id": job.id, "from_status": None, "to_status": JobStatus.QUEUED.value,
@@ -142,6 +144,18 @@ def list_jobs(
     if base_model is not None:
         filters.append(Job.base_model == base_model)
     return newest_first(session, Job, scope, limit, offset, filters)
+
+
+def jobs_after(
+    session: Session, scope: Scope, after_id: str | None, limit: int, *,
+    metadata: Mapping[str, str] | None = None,
+) -> tuple[list[Job], bool]:
+    """A page of the jobs `scope` sees, newest first, after the job `after_id`, and whether
+    more follow (`shared.tenancy.page_after`); with `metadata`, only jobs created with every
+    one of those pairs (`Job.openai`)."""
+    filters = [Job.openai["metadata"][key].as_string() == value
+               for key, value in (metadata or {}).items()]
+    return page_after(session, Job, scope, after_id=after_id, limit=limit, filters=filters)
 
 
 def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> Claim | None:
@@ -332,12 +346,14 @@ def transition(
     reason: str | None = None,
     result: dict[str, Any] | None = None,
     lease_expired: bool = False,
+    error_code: str | None = None,
 ) -> bool:
     """Move a job to `to` if the move is allowed and (when given) the attempt still owns it:
     the job is RUNNING under that attempt.
 
     With `lease_expired`, the move happens only while the lease is still expired, so a worker
-    whose heartbeat renewed it in the meantime keeps its job.
+    whose heartbeat renewed it in the meantime keeps its job. `error_code` goes with the
+    `reason` of a FAILED job where the caller has a stable code for it.
 
     Returns False when the job moved on without us (another attempt, a cancel): the caller's
     view is stale and it must not write more.
@@ -361,7 +377,7 @@ def transition(
         if to is JobStatus.COMPLETED:
             values.update(progress=1.0, phase=None, error=None)
         else:
-            values["error"] = reason
+            values.update(error=reason, error_code=error_code)
         # A finished job needs its hub token and W&B key no more: they leave the database in
         # the transaction that ends the job.
         dropped = drop_secrets(job.payload)
@@ -475,6 +491,14 @@ def logs_after(session: Session, job_id: str, after_id: int, n_lines: int) -> li
         .order_by(JobLog.id)
         .limit(n_lines)
     ).all())
+
+
+def latest_metric(session: Session, job_id: str, name: str) -> JobMetric | None:
+    """The job's last metrics row, if it has the value `name` (the training rows carry the
+    ETA, evaluation rows do not)."""
+    row = session.scalar(select(JobMetric).where(JobMetric.job_id == job_id)
+                         .order_by(JobMetric.id.desc()).limit(1))
+    return row if row is not None and name in row.values else None
 
 
 def list_metrics(session: Session, job_id: str) -> list[JobMetric]:

@@ -111,6 +111,13 @@ class Job(Base):
     # When the current attempt was claimed: the hard time limit counts from here.
     attempt_started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A stable, machine-readable reason beside `error` where the service knows one (the
+    # OpenAI dialect's `invalid_training_file`, `invalid_n_examples`); None otherwise.
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    # What a job created through the OpenAI dialect was asked beyond the training payload
+    # (`shared.openai_job.OpenAIJobFields`): suffix, metadata, file ids, method and its
+    # hyperparameters as asked and as resolved. None for jobs created otherwise.
+    openai: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class JobEvent(Base):
@@ -181,6 +188,9 @@ class Dataset(Base):
     # The upload flow's PUT carries no API key: an unguessable token, stored hashed, stands in.
     upload_token_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     upload_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # OpenAI's file purpose, for files uploaded through `/v1/files`; None for datasets
+    # uploaded through `/v1/datasets`, which are training data ("fine-tune") too.
+    purpose: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 

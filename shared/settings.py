@@ -266,6 +266,25 @@ class TrainingSettings(BaseModel):
     )
 
 
+class OpenAISettings(BaseModel):
+    cutoff_len: int = Field(
+        2048, ge=1, description="Tokens per example (data_config.cutoff_len) of jobs created "
+        "through the OpenAI dialect, which has no such field: longer examples are cut."
+    )
+    wandb_api_key: SecretStr | None = Field(
+        None, description="The W&B key that OpenAI-dialect jobs with a wandb integration report "
+        "with (OpenAI keeps it per organization, not per job). Unset: such jobs are refused."
+    )
+    result_files_base64: bool = Field(
+        True, description="Serve a job's result file (`fine-tune-results`) base64-encoded, as "
+        "OpenAI does and its users' code decodes; false: plain CSV."
+    )
+    model_aliases: dict[str, str] = Field(
+        default_factory=dict, description="JSON object from model names clients send (OpenAI's "
+        "'gpt-4o-mini-2024-07-18') to the open model this server trains in their place."
+    )
+
+
 GROUPS: dict[str, type[BaseModel]] = {
     "database": DatabaseSettings,
     "broker": BrokerSettings,
@@ -274,6 +293,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "limits": LimitSettings,
     "leases": LeaseSettings,
     "training": TrainingSettings,
+    "openai": OpenAISettings,
 }
 
 # Flat name (as in `TUNERY_<NAME>` and in keyword arguments) -> (group, field). Every grouped
@@ -292,6 +312,7 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
     )},
     **{name: (group, name) for group in ("sources", "limits", "leases", "training")
        for name in GROUPS[group].model_fields},
+    **{f"openai_{name}": ("openai", name) for name in OpenAISettings.model_fields},
 }
 
 
@@ -317,6 +338,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     leases: LeaseSettings = Field(default_factory=LeaseSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
 
     @classmethod
     def settings_customise_sources(

@@ -26,6 +26,9 @@ _STEP_DIR = re.compile(r"step-([1-9][0-9]{0,9})")
 # Written last into a checkpoint's step folder: a folder without it was cut off mid-upload
 # and is never resumed from.
 CHECKPOINT_MARKER = "complete.json"
+# What a LoRA adapter is on disk, as peft writes it: in a job's artifacts and in each of its
+# checkpoints.
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 def job_artifact_prefix(job_id: str) -> str:

@@ -12,7 +12,7 @@ import enum
 from collections.abc import Sequence
 from typing import Final, TypeVar
 
-from sqlalchemy import ColumnElement, and_, func, select, true
+from sqlalchemy import ColumnElement, and_, func, select, true, tuple_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from shared.models import Dataset, Job
@@ -54,3 +54,31 @@ def newest_first(
         .offset(offset)
     ).all()
     return list(rows), total or 0
+
+
+class CursorNotFound(LookupError):
+    """The `after` cursor names no row the scope sees."""
+
+
+def page_after(
+    session: Session, model: type[Listed], scope: Scope, *, after_id: str | None, limit: int,
+    descending: bool = True, filters: Sequence[ColumnElement[bool]] = (),
+) -> tuple[list[Listed], bool]:
+    """One page of the `model` rows `scope` sees, by creation (newest first when
+    `descending`), starting after the row `after_id` (the last one of the previous page), and
+    whether more follow. A cursor, unlike an offset, skips or repeats nothing while rows are
+    added: OpenAI's lists page this way. `CursorNotFound` when `after_id` names no such row."""
+    where = and_(visible_to(scope, model.tenant_id), *filters)
+    if after_id is not None:
+        cursor = session.execute(
+            select(model.created_at, model.id)
+            .where(model.id == after_id, visible_to(scope, model.tenant_id))
+        ).one_or_none()
+        if cursor is None:
+            raise CursorNotFound(after_id)
+        key, at = tuple_(model.created_at, model.id), tuple_(*cursor)
+        where = and_(where, key < at if descending else key > at)
+    order = ((model.created_at.desc(), model.id.desc()) if descending
+             else (model.created_at, model.id))
+    rows = session.scalars(select(model).where(where).order_by(*order).limit(limit + 1)).all()
+    return list(rows[:limit]), len(rows) > limit

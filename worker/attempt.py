@@ -105,6 +105,7 @@ def run_attempt(
             "eval_rows": result.eval_rows,
             "best_eval_loss": result.best_eval_loss,
             "best_step": result.best_step,
+            "trained_tokens": result.trained_tokens,
             "artifacts": uploaded,
         }
         if finish(claim, reporter, JobStatus.COMPLETED, result=summary):
@@ -224,10 +225,10 @@ def flush_reports(reporter: DatabaseReporter, patience_s: float) -> None:
 
 
 def discard_checkpoints(checkpoints: CheckpointStore) -> None:
-    """Delete a completed job's checkpoints: its final adapter supersedes them, and they would
-    otherwise be listed among its artifacts."""
+    """Keep only the adapters of a completed job's checkpoints (`keep_adapters_only`): what
+    made them resumable is of no use any more, and takes several times their size."""
     try:
-        checkpoints.delete_all()
+        checkpoints.keep_adapters_only()
     except StorageError as exc:
         log.warning("job %s: could not delete its checkpoints: %s", checkpoints.job_id, exc)
 

@@ -14,22 +14,28 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
+from api.errors import OPENAI_PATHS, error_body, openai_error
 
 
 class _BodyTooLarge(Exception):
     """Raised into the app from `receive`; the middleware answers 413 in its place."""
 
 
-def _too_large(max_bytes: int) -> JSONResponse:
+def _too_large(scope: Scope, max_bytes: int) -> JSONResponse:
     message = f"the request body is larger than the {max_bytes} bytes this route accepts"
-    return JSONResponse(error_body("payload_too_large", message), 413)
+    return _error(scope, 413, "payload_too_large", message)
 
 
-def _encoded(encoding: str) -> JSONResponse:
+def _encoded(scope: Scope, encoding: str) -> JSONResponse:
     message = (f"request bodies with Content-Encoding {encoding!r} are not accepted; "
                "send the body uncompressed")
-    return JSONResponse(error_body("unsupported_media_type", message), 415)
+    return _error(scope, 415, "unsupported_media_type", message)
+
+
+def _error(scope: Scope, status: int, code: str, message: str) -> JSONResponse:
+    if str(scope.get("path", "")).startswith(OPENAI_PATHS):
+        return openai_error(status, code, message)
+    return JSONResponse(error_body(code, message), status)
 
 
 class RequestBodyLimit:
@@ -46,12 +52,12 @@ class RequestBodyLimit:
         headers = Headers(scope=scope)
         encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
-            await _encoded(encoding)(scope, receive, send)
+            await _encoded(scope, encoding)(scope, receive, send)
             return
         limit = self.limit_for(scope)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            await _too_large(limit)(scope, receive, send)
+            await _too_large(scope, limit)(scope, receive, send)
             return
 
         received = 0
@@ -82,4 +88,4 @@ class RequestBodyLimit:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await _too_large(limit)(scope, receive, send)
+            await _too_large(scope, limit)(scope, receive, send)

@@ -210,6 +210,16 @@ class CheckpointStore:
         prune_checkpoints(self.storage, self.job_id, self.keep)
         return checkpoint
 
+    def keep_adapters_only(self) -> None:
+        """What a completed job keeps of its checkpoints: each one's adapter and marker, which
+        the API lists as the job's checkpoints. The optimizer, scheduler and RNG state only a
+        resume reads are deleted: nothing resumes a completed job."""
+        for prefix in job_checkpoint_prefixes(self.job_id):
+            for obj in self.storage.list(prefix):
+                parsed = parse_checkpoint_key(prefix, obj.key)
+                if parsed is None or parsed[1] not in (*ADAPTER_FILES, MARKER):
+                    self.storage.delete_prefix(obj.key)
+
     def delete_all(self) -> None:
         """Drop the job's checkpoints, under either layout; the final adapter supersedes them."""
         for prefix in job_checkpoint_prefixes(self.job_id):

@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from shared.storage_keys import ADAPTER_FILES
 from worker.pipeline.report import LogFn, no_log
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+__all__ = ["ADAPTER_FILES", "export_adapter"]
 
 
 def export_adapter(

@@ -50,6 +50,7 @@ class TrainResult:
     eval_rows: int
     best_eval_loss: float | None = None
     best_step: int | None = None
+    trained_tokens: int | None = None
 
 
 def run_job(
@@ -133,6 +134,7 @@ def run_job(
         eval_rows=len(eval_set),
         best_eval_loss=stats.best_eval_loss,
         best_step=stats.best_step,
+        trained_tokens=stats.trained_tokens,
     )
 
 

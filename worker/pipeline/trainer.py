@@ -30,6 +30,9 @@ class TrainStats:
     last_loss: float | None
     best_eval_loss: float | None = None
     best_step: int | None = None
+    trained_tokens: int | None = None
+    """Tokens the training steps read, padding not counted, all epochs (and every attempt's
+    steps, as the trainer state carries the count across a resume); None where not counted."""
 
 
 class TuneryTrainer(Trainer):
@@ -173,4 +176,5 @@ def run_trainer(
         last_loss=metrics.losses[-1] if metrics.losses else None,
         best_eval_loss=best.best_loss,
         best_step=best.best_step,
+        trained_tokens=int(state.num_input_tokens_seen) or None,
     )

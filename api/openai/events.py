@@ -1,0 +1,160 @@
+"""A job's events as OpenAI lists them (`fine_tuning.job.event`), read from the rows Tunery
+already writes: its status changes (`job_events`), its log lines (`job_logs`) and its metrics
+(`job_metrics`). Nothing is written twice to be listed.
+
+Newest first across the three tables, by (time, table, row id, part): a row may read as
+several events (a job's creation is "Validating training file" then "Files validated"), each
+with its own id, so that `after` resumes exactly where the last page ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, false, or_, select, true
+from sqlalchemy.orm import Session
+
+from api.openai.ids import EventKey
+from api.openai.job_view import epoch
+from api.openai.schemas import JobEvent as EventOut
+from shared.models import Job, JobEvent, JobLog, JobMetric, JobStatus
+
+# Among rows written in the same instant: status changes after log lines after metrics.
+_RANK = {"m": 0, "l": 1, "s": 2}
+_TABLES: dict[str, type[JobEvent] | type[JobLog] | type[JobMetric]] = {
+    "s": JobEvent, "l": JobLog, "m": JobMetric}
+
+
+class UnknownCursor(LookupError):
+    """`after` names no event of this job."""
+
+
+@dataclass(frozen=True)
+class _Event:
+    at: datetime
+    key: EventKey
+    out: EventOut
+
+    @property
+    def order(self) -> tuple[datetime, int, int, int]:
+        return (self.at, _RANK[self.key.source], self.key.row_id, self.key.part)
+
+
+def list_events(session: Session, job: Job, *, after: EventKey | None, limit: int,
+                model_name: Callable[[], str]) -> tuple[list[EventOut], bool]:
+    """One page of `job`'s events, newest first, after the event `after`, and whether more
+    follow. `model_name` names the fine-tuned model, for the completion's message."""
+    cursor: tuple[datetime, int, int, int] | None = None
+    if after is not None:
+        table = _TABLES[after.source]
+        at = session.scalar(select(table.at).where(table.id == after.row_id,
+                                                   table.job_id == job.id))
+        if at is None:
+            raise UnknownCursor(after.id)
+        cursor = (at, _RANK[after.source], after.row_id, after.part)
+    found: list[_Event] = []
+    for source, table in _TABLES.items():
+        where: list[ColumnElement[bool]] = [table.job_id == job.id]
+        if cursor is not None:
+            where.append(_not_after(table, source, cursor))
+        rows = session.scalars(select(table).where(*where)
+                               .order_by(table.at.desc(), table.id.desc()).limit(limit + 2))
+        for row in rows:
+            found.extend(_events_of(source, row, job, model_name))
+    found.sort(key=lambda e: e.order, reverse=True)
+    if cursor is not None:
+        found = [e for e in found if _comparable(e.order) < _comparable(cursor)]
+    return [e.out for e in found[:limit]], len(found) > limit
+
+
+def _not_after(table: Any, source: str, cursor: tuple[datetime, int, int, int]
+               ) -> ColumnElement[bool]:
+    at, rank, row_id, _part = cursor
+    same_instant: ColumnElement[bool] = (
+        true() if _RANK[source] < rank else table.id <= row_id if _RANK[source] == rank
+        else false())
+    return or_(table.at < at, and_(table.at == at, same_instant))
+
+
+def _comparable(order: tuple[datetime, int, int, int]) -> tuple[float, int, int, int]:
+    # SQLite gives naive datetimes and PostgreSQL aware ones; compare instants.
+    at = order[0]
+    stamp = at.timestamp() if at.tzinfo else at.replace(tzinfo=None).timestamp()
+    return (stamp, *order[1:])
+
+
+def _events_of(source: str, row: Any, job: Job, model_name: Callable[[], str]) -> list[_Event]:
+    if source == "s":
+        messages = _status_messages(row, job, model_name)
+    elif source == "l":
+        messages = [(_log_level(row.line), row.line, "message", None)]
+    else:
+        messages = [_metrics_message(row)]
+    return [
+        _Event(row.at, key := EventKey(source, row.id, part), EventOut(
+            id=key.id, created_at=epoch(row.at) or 0, level=level, message=message,
+            type=kind, data=data))
+        for part, (level, message, kind, data) in enumerate(messages)
+    ]
+
+
+Message = tuple[str, str, str, dict[str, Any] | None]
+
+
+def _status_messages(row: JobEvent, job: Job, model_name: Callable[[], str]) -> list[Message]:
+    """OpenAI's words for a status change, oldest first."""
+    to, reason = row.to_status, row.reason or ""
+    if row.from_status is None:
+        fields = job.openai or {}
+        files = fields.get("training_file") or job.payload.get("data_config", {}).get(
+            "data_path", "")
+        if fields.get("validation_file"):
+            files += f" and validation file: {fields['validation_file']}"
+        return [("info", f"Validating training file: {files}", "message", None),
+                ("info", "Files validated, moving job to queued state", "message", None)]
+    if to == JobStatus.RUNNING.value:
+        text = ("Fine-tuning job started" if row.attempt <= 1
+                else f"Fine-tuning job resumed (attempt {row.attempt})")
+        return [("info", text, "message", None)]
+    if to == JobStatus.COMPLETED.value:
+        return [("info", f"New fine-tuned model created: {model_name()}", "message", None),
+                ("info", "The job has successfully completed", "message", None)]
+    if to == JobStatus.FAILED.value:
+        return [("error", f"Fine-tuning job failed: {reason}", "message", None)]
+    if to == JobStatus.CANCELLED.value:
+        return [("info", "Fine-tuning job cancelled", "message", None)]
+    if to == "PAUSED":
+        return [("info", "Fine-tuning job paused", "message", None)]
+    if to == JobStatus.QUEUED.value and row.from_status == "PAUSED":
+        return [("info", "Fine-tuning job resumed, moving job to queued state", "message", None)]
+    return [("warn", f"Job re-queued: {reason}" if reason else "Job re-queued", "message", None)]
+
+
+def _log_level(line: str) -> str:
+    lowered = line.lower()
+    if lowered.startswith("failed"):
+        return "error"
+    return "warn" if lowered.startswith("warning") else "info"
+
+
+def _metrics_message(row: JobMetric) -> Message:
+    values = row.values
+    total = int(values["total_steps"]) if "total_steps" in values else None
+    data: dict[str, Any] = {"step": row.step}
+    if total is not None:
+        data["total_steps"] = total
+    parts = []
+    for name, key in (("train_loss", "loss"), ("valid_loss", "eval_loss"),
+                      ("train_mean_token_accuracy", "mean_token_accuracy"),
+                      ("valid_mean_token_accuracy", "eval_mean_token_accuracy")):
+        if key in values:
+            data[name] = values[key]
+    if "train_loss" in data:
+        parts.append(f"training loss={data['train_loss']:.4f}")
+    if "valid_loss" in data:
+        parts.append(f"validation loss={data['valid_loss']:.4f}")
+    step = f"Step {row.step}/{total}" if total else f"Step {row.step}"
+    return ("info", f"{step}: {', '.join(parts) or 'metrics'}", "metrics", data)
