@@ -24,7 +24,7 @@ import re
 import secrets
 import unicodedata
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,7 +42,7 @@ from shared.dataset_files import (
     format_of_name,
     summarize_file,
 )
-from shared.loss_mask import LossMaskError, check_turns
+from shared.loss_mask import LossMaskError, check_turns, is_trained
 from shared.models import Dataset, DatasetStatus, Job, JobStatus, utcnow
 from shared.openai_training_file import TrainingFileChecker, not_json_lines
 from shared.prompt_template import Example, render_preview
@@ -413,25 +413,36 @@ def preview(dataset: Dataset, template: str, n: int) -> Preview:
 
 def chat_preview(row: dict[str, Any], row_number: int) -> tuple[Example, str | None]:
     """A chat row readable without the model: the prompt is the turns before the last
-    assistant turn as `role: content` lines, then `assistant: `; the completion is that
-    turn's content and any turns after it. Each part cut at PREVIEW_PART_CHARS. Also why a
-    job would fail on the row (its `messages` are not turns) or leave it out (no assistant
-    turn), or None."""
+    trained assistant turn as `role: content` lines (an assistant's tool calls as
+    `name(arguments)`), then `assistant: `; the completion is that turn's content and any
+    turns after it. Each part cut at PREVIEW_PART_CHARS. Also why a job would fail on the row
+    (its `messages` are not turns) or leave it out (no assistant turn of weight other than
+    0), or None."""
     try:
         turns = check_turns(row.get(MESSAGES_COLUMN), row_number)
     except LossMaskError as exc:
         return Example("", ""), str(exc)
-    assistant = [i for i, turn in enumerate(turns) if turn["role"] == "assistant"]
+    assistant = [i for i, turn in enumerate(turns) if is_trained(turn)]
     if not assistant:
-        lines = "".join(f"{t['role']}: {t['content']}\n" for t in turns)
+        lines = "".join(f"{t['role']}: {_turn_text(t)}\n" for t in turns)
         return _cut_example(lines, ""), (
-            f"row {row_number} has no assistant turn: the loss is computed on assistant turns "
-            "only, so a job leaves it out (unless train_on_inputs)")
+            f"row {row_number} has no assistant turn to train on (those of weight 0 are not "
+            "trained): the loss is computed on assistant turns only, so a job leaves it out "
+            "(unless train_on_inputs)")
     last = assistant[-1]
-    prompt = "".join(f"{t['role']}: {t['content']}\n" for t in turns[:last]) + "assistant: "
-    completion = turns[last]["content"] + "".join(
-        f"\n{t['role']}: {t['content']}" for t in turns[last + 1:])
+    prompt = "".join(f"{t['role']}: {_turn_text(t)}\n" for t in turns[:last]) + "assistant: "
+    completion = _turn_text(turns[last]) + "".join(
+        f"\n{t['role']}: {_turn_text(t)}" for t in turns[last + 1:])
     return _cut_example(prompt, completion), None
+
+
+def _turn_text(turn: Mapping[str, Any]) -> str:
+    if isinstance(turn.get("content"), str):
+        return str(turn["content"])
+    functions = [call.get("function") for call in turn.get("tool_calls") or []
+                 if isinstance(call, Mapping)]
+    return "; ".join(f"{f.get('name')}({f.get('arguments')})" for f in functions
+                     if isinstance(f, Mapping))
 
 
 def _cut_example(prompt: str, completion: str) -> Example:
