@@ -6,7 +6,8 @@ Where the template and its variables come from, as `from_pretrained` reads them:
 `chat_template.jinja` file wins over `tokenizer_config.json`'s `chat_template` (a string, or a
 list of named templates of which "default" is used). The template sees the tokenizer's named
 special tokens (`bos_token`, `eos_token`, ... and model-specific `*_token` entries) besides
-`messages`, `tools`, `documents` and `add_generation_prompt`.
+`messages`, `tools`, `documents` and `add_generation_prompt`; given tools, a config listing
+several templates gives its "tool_use" one, as `apply_chat_template(tools=...)` chooses.
 
 Rendering: a jinja2 `ImmutableSandboxedEnvironment` (a chat template is untrusted code) with
 trim_blocks and lstrip_blocks, loop controls and `{% generation %}` blocks, a `tojson` that does
@@ -46,16 +47,18 @@ class ChatTemplateError(ValueError):
     (`raise_exception`); the message says which."""
 
 
-def chat_template_source(config: Mapping[str, Any], jinja_file: str | None) -> str | None:
-    """The template `apply_chat_template` uses without `tools`: the `chat_template.jinja`
-    file's text if there is one, else the config's `chat_template` (its "default" entry when
-    it lists several); None when the model has none."""
+def chat_template_source(config: Mapping[str, Any], jinja_file: str | None, *,
+                         tools: bool = False) -> str | None:
+    """The template `apply_chat_template` uses: the `chat_template.jinja` file's text if there
+    is one, else the config's `chat_template`; when it lists several, the "default" entry, or
+    with `tools` the "tool_use" entry if there is one. None when the model has none."""
     if jinja_file is not None:
         return jinja_file
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-        template = named.get("default")
+        template = named.get("tool_use") if tools and "tool_use" in named \
+            else named.get("default")
     return template if isinstance(template, str) and template else None
 
 
@@ -104,12 +107,13 @@ class ChatTemplate:
         self._variables = dict(variables)
 
     def __call__(self, messages: Sequence[Mapping[str, Any]], *,
-                 add_generation_prompt: bool) -> str:
+                 add_generation_prompt: bool,
+                 tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         try:
             return self._template.render(
                 **self._variables,
                 messages=_template_messages(messages),
-                tools=None,
+                tools=_plain(list(tools)) if tools is not None else None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
             )
@@ -123,13 +127,17 @@ def _template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     is None dropped, and a message's reasoning under each name templates read it by."""
     out = []
     for message in messages:
-        plain = {str(k): json.loads(json.dumps(v, default=str)) for k, v in message.items()
-                 if v is not None}
+        plain = {str(k): _plain(v) for k, v in message.items() if v is not None}
         reasoning = next((plain[k] for k in _REASONING_FIELDS if plain.get(k) is not None), None)
         if reasoning is not None:
             plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
         out.append(plain)
     return out
+
+
+def _plain(value: Any) -> Any:
+    """A copy of plain JSON values, as transformers hands a template its inputs."""
+    return json.loads(json.dumps(value, default=str))
 
 
 class _GenerationBlocks(jinja2.ext.Extension):

@@ -15,6 +15,9 @@ from shared.schema import template_placeholders
 # Chat mode is selected by a prompt_template that is exactly `{messages}`: rows hold
 # OpenAI-style `{role, content}` turns in that column.
 MESSAGES_COLUMN = "messages"
+# In chat mode, an optional column of the function definitions a conversation may call
+# (OpenAI's `tools`), which the model's chat template renders.
+TOOLS_COLUMN = "tools"
 
 # The columns `preference_optimization: ORPO` trains on.
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")

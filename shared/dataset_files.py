@@ -16,7 +16,7 @@ import csv
 import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,19 +305,22 @@ class FileRows(Sequence[Row]):
 
 
 def summarize_file(path: Path, fmt: str, *, name: str, keep_rows: int = 5,
-                   max_rows: int | None = None) -> FileSummary:
+                   max_rows: int | None = None,
+                   each_row: Callable[[dict[str, Any]], None] | None = None) -> FileSummary:
     """Read the whole file to validate it, keeping only the first `keep_rows` rows; more than
-    `max_rows` rows raise `TooManyRows`."""
+    `max_rows` rows raise `TooManyRows`. `each_row` sees every row as it is read, so a further
+    check of the rows needs no second pass."""
     if fmt not in FORMATS:
         raise DatasetFileError(f"{name}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     kept: list[dict[str, Any]] = []
-    columns, count, delimiter = _scan(path, fmt, name, kept, keep=keep_rows, max_rows=max_rows)
+    columns, count, delimiter = _scan(path, fmt, name, kept, keep=keep_rows, max_rows=max_rows,
+                                      each_row=each_row)
     return FileSummary(fmt, count, columns, kept, delimiter)
 
 
 def _scan(
     path: Path, fmt: str, name: str, kept: list[dict[str, Any]], keep: int | None,
-    max_rows: int | None = None,
+    max_rows: int | None = None, each_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[str], int, str | None]:
     """Walk every row, append the first `keep` (None: all) to `kept`; return columns, count
     and, for CSV, the delimiter.
@@ -344,6 +347,8 @@ def _scan(
             raise _too_deep(name, f"row {count}")
         if keep is None or len(kept) < keep:
             kept.append(row)
+        if each_row is not None:
+            each_row(row)
         if not header:
             seen.update(dict.fromkeys(row))
     return (header or list(seen)), count, delimiter

@@ -24,7 +24,7 @@ import re
 import secrets
 import unicodedata
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,8 +42,9 @@ from shared.dataset_files import (
     format_of_name,
     summarize_file,
 )
-from shared.loss_mask import LossMaskError, check_turns
+from shared.loss_mask import LossMaskError, check_turns, is_trained
 from shared.models import Dataset, DatasetStatus, Job, JobStatus, utcnow
+from shared.openai_training_file import TrainingFileChecker, not_json_lines
 from shared.prompt_template import Example, render_preview
 from shared.schema import template_placeholders
 from shared.settings import get_settings
@@ -152,10 +153,14 @@ def create_dataset(
     name: str | None,
     content_type: str | None,
     max_bytes: int,
+    check_openai: bool = False,
 ) -> Dataset:
     """Check the received file at `path`, store it and add a `ready` row (not committed).
 
     Raises `DatasetRejected` (nothing stored) when the file is too large, empty or unparseable.
+    With `check_openai` (a file uploaded for OpenAI fine-tuning), the row's `openai_check` also
+    says what OpenAI's rules for training files find in it (`shared.openai_training_file`);
+    a file they refuse is still stored, as OpenAI keeps it: the job that names it fails.
     """
     dataset = Dataset(
         id=new_dataset_id(),
@@ -164,7 +169,7 @@ def create_dataset(
         status=DatasetStatus.PENDING.value,
         storage_key="",
     )
-    _store_checked(storage, dataset, path, content_type, max_bytes)
+    _store_checked(storage, dataset, path, content_type, max_bytes, check_openai=check_openai)
     session.add(dataset)
     return dataset
 
@@ -320,13 +325,16 @@ def dataset_for_upload(session: Session, dataset_id: str, token: str) -> Dataset
 
 
 def finish_upload(
-    storage: Storage, dataset: Dataset, path: Path, *, content_type: str | None, max_bytes: int
+    storage: Storage, dataset: Dataset, path: Path, *, content_type: str | None, max_bytes: int,
+    check_openai: bool = False,
 ) -> None:
     """Check and store the file received for a pending upload; the row becomes `ready`, or
     `failed` with the reason (then `DatasetRejected` is raised). The caller commits either
-    way: a failed upload stays failed, and its URL is spent (a PUT to it gets 409)."""
+    way: a failed upload stays failed, and its URL is spent (a PUT to it gets 409).
+    `check_openai` as for `create_dataset`."""
     try:
-        _store_checked(storage, dataset, path, content_type, max_bytes)
+        _store_checked(storage, dataset, path, content_type, max_bytes,
+                       check_openai=check_openai)
     except DatasetRejected as exc:
         _mark(dataset, DatasetStatus.FAILED, error=exc.message)
         raise
@@ -334,13 +342,13 @@ def finish_upload(
 
 def check_pending(
     storage: Storage, dataset: Dataset, work_dir: Path, *, max_bytes: int,
-    quota_problem: Callable[[int], str | None] | None = None,
+    quota_problem: Callable[[int], str | None] | None = None, check_openai: bool = False,
 ) -> None:
     """Finish an S3 upload whose bytes arrived by presigned PUT; no-op for other states.
 
     Raises `DatasetRejected` (row now `failed`) when the file does not pass, or when
     `quota_problem` finds a reason its size cannot be kept (a presigned PUT cannot be refused
-    while it happens); the caller commits either way.
+    while it happens); the caller commits either way. `check_openai` as for `create_dataset`.
     """
     if dataset.status != DatasetStatus.PENDING.value:
         return
@@ -356,7 +364,8 @@ def check_pending(
             raise DatasetRejected(problem, too_large=True)
         local = work_dir / dataset.name
         storage.download_file(staged[0].key, local)
-        finish_upload(storage, dataset, local, content_type=None, max_bytes=max_bytes)
+        finish_upload(storage, dataset, local, content_type=None, max_bytes=max_bytes,
+                      check_openai=check_openai)
     except DatasetRejected as exc:
         _mark(dataset, DatasetStatus.FAILED, error=exc.message)
         raise
@@ -414,25 +423,36 @@ def preview(dataset: Dataset, template: str, n: int) -> Preview:
 
 def chat_preview(row: dict[str, Any], row_number: int) -> tuple[Example, str | None]:
     """A chat row readable without the model: the prompt is the turns before the last
-    assistant turn as `role: content` lines, then `assistant: `; the completion is that
-    turn's content and any turns after it. Each part cut at PREVIEW_PART_CHARS. Also why a
-    job would fail on the row (its `messages` are not turns) or leave it out (no assistant
-    turn), or None."""
+    trained assistant turn as `role: content` lines (an assistant's tool calls as
+    `name(arguments)`), then `assistant: `; the completion is that turn's content and any
+    turns after it. Each part cut at PREVIEW_PART_CHARS. Also why a job would fail on the row
+    (its `messages` are not turns) or leave it out (no assistant turn of weight other than
+    0), or None."""
     try:
         turns = check_turns(row.get(MESSAGES_COLUMN), row_number)
     except LossMaskError as exc:
         return Example("", ""), str(exc)
-    assistant = [i for i, turn in enumerate(turns) if turn["role"] == "assistant"]
+    assistant = [i for i, turn in enumerate(turns) if is_trained(turn)]
     if not assistant:
-        lines = "".join(f"{t['role']}: {t['content']}\n" for t in turns)
+        lines = "".join(f"{t['role']}: {_turn_text(t)}\n" for t in turns)
         return _cut_example(lines, ""), (
-            f"row {row_number} has no assistant turn: the loss is computed on assistant turns "
-            "only, so a job leaves it out (unless train_on_inputs)")
+            f"row {row_number} has no assistant turn to train on (those of weight 0 are not "
+            "trained): the loss is computed on assistant turns only, so a job leaves it out "
+            "(unless train_on_inputs)")
     last = assistant[-1]
-    prompt = "".join(f"{t['role']}: {t['content']}\n" for t in turns[:last]) + "assistant: "
-    completion = turns[last]["content"] + "".join(
-        f"\n{t['role']}: {t['content']}" for t in turns[last + 1:])
+    prompt = "".join(f"{t['role']}: {_turn_text(t)}\n" for t in turns[:last]) + "assistant: "
+    completion = _turn_text(turns[last]) + "".join(
+        f"\n{t['role']}: {_turn_text(t)}" for t in turns[last + 1:])
     return _cut_example(prompt, completion), None
+
+
+def _turn_text(turn: Mapping[str, Any]) -> str:
+    if isinstance(turn.get("content"), str):
+        return str(turn["content"])
+    functions = [call.get("function") for call in turn.get("tool_calls") or []
+                 if isinstance(call, Mapping)]
+    return "; ".join(f"{f.get('name')}({f.get('arguments')})" for f in functions
+                     if isinstance(f, Mapping))
 
 
 def _cut_example(prompt: str, completion: str) -> Example:
@@ -441,15 +461,19 @@ def _cut_example(prompt: str, completion: str) -> Example:
 
 
 def _store_checked(
-    storage: Storage, dataset: Dataset, path: Path, content_type: str | None, max_bytes: int
+    storage: Storage, dataset: Dataset, path: Path, content_type: str | None, max_bytes: int,
+    *, check_openai: bool = False,
 ) -> None:
     size = path.stat().st_size
     if size > max_bytes:
         raise DatasetRejected(_too_large(dataset.name, max_bytes), too_large=True)
     fmt = detect_format(path, dataset.name, content_type)
+    # OpenAI's rules see each row as the one pass that validates the file reads it.
+    openai = TrainingFileChecker() if check_openai and fmt in ("jsonl", "json") else None
     try:
         summary = summarize_file(path, fmt, name=dataset.name, keep_rows=SAMPLE_ROWS,
-                                 max_rows=get_settings().limits.max_dataset_rows)
+                                 max_rows=get_settings().limits.max_dataset_rows,
+                                 each_row=openai.add if openai is not None else None)
     except TooManyRows as exc:
         # 413 like max_dataset_bytes: the file is valid, only bigger than this server takes.
         raise DatasetRejected(str(exc), too_large=True) from None
@@ -471,6 +495,9 @@ def _store_checked(
     dataset.rows, dataset.columns = summary.rows, summary.columns
     dataset.csv_delimiter = summary.csv_delimiter
     dataset.sample_rows = sample
+    if check_openai:
+        dataset.openai_check = (openai.result() if openai is not None
+                                else not_json_lines(fmt)).to_json()
     _mark(dataset, DatasetStatus.READY, error=None)
 
 

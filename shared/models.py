@@ -184,6 +184,7 @@ class Dataset(Base):
     # The delimiter a CSV was read with (sniffed from its header); None for other formats.
     csv_delimiter: Mapped[str | None] = mapped_column(String(1), default=None)
     sample_rows: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+    openai_check: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     # The upload flow's PUT carries no API key: an unguessable token, stored hashed, stands in.
     upload_token_hash: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from shared import local_files
-from shared.dataset_columns import MESSAGES_COLUMN, is_chat_template
+from shared.dataset_columns import MESSAGES_COLUMN, TOOLS_COLUMN, is_chat_template
 from shared.loss_mask import (
     IGNORE_INDEX,
     LossMaskError,
     after_prompt,
     bound_turns,
+    check_tools,
     check_turns,
     in_spans,
     label_example,
@@ -148,9 +149,10 @@ def preview_tokens(
     tokens = special_tokens(config, legacy)
     max_chars = min(max_render_chars(cutoff_len, tokenizer), PREVIEW_RENDER_CHARS)
     if is_chat_template(prompt_template):
-        template = _chat_template(model_path, config, files, tokens)
+        # Rows with tools get the template `apply_chat_template(tools=...)` would choose.
+        templates = _ChatTemplates(model_path, config, files, tokens)
         max_turns = min(cutoff_len, PREVIEW_TURNS)
-        return [_chat_row(row, n, tokenizer, template, cutoff_len, train_on_inputs, max_chars,
+        return [_chat_row(row, n, tokenizer, templates, cutoff_len, train_on_inputs, max_chars,
                           max_turns)
                 for n, row in enumerate(rows, start=1)]
     eos = tokens.get("eos_token")
@@ -224,19 +226,36 @@ def _json_object(model_path: str, files: Mapping[str, str], name: str) -> dict[s
     return value
 
 
-def _chat_template(model_path: str, config: Mapping[str, Any], files: Mapping[str, str],
-                   tokens: Mapping[str, str]) -> ChatTemplate:
-    from shared.chat_template import ChatTemplate, ChatTemplateError, chat_template_source
+class _ChatTemplates:
+    """The model's chat template, and its tool-use template for rows with tools, compiled
+    when first needed. `TokenPreviewError` when the model has none or it does not compile."""
 
-    source = chat_template_source(config, files.get("chat_template.jinja"))
-    if source is None:
-        raise TokenPreviewError(
-            f"{model_path!r}: the model's tokenizer has no chat template, which a {{messages}} "
-            "prompt_template needs; use a base model with one or a prompt_template with columns")
-    try:
-        return ChatTemplate(source, tokens)
-    except ChatTemplateError as exc:
-        raise TokenPreviewError(f"{model_path!r}: {exc}") from None
+    def __init__(self, model_path: str, config: Mapping[str, Any], files: Mapping[str, str],
+                 tokens: Mapping[str, str]) -> None:
+        self._model_path, self._config, self._files, self._tokens = (
+            model_path, config, files, tokens)
+        self._compiled: dict[bool, ChatTemplate] = {}
+        self.get(tools=False)
+
+    def get(self, *, tools: bool) -> ChatTemplate:
+        if tools not in self._compiled:
+            self._compiled[tools] = self._compile(tools)
+        return self._compiled[tools]
+
+    def _compile(self, tools: bool) -> ChatTemplate:
+        from shared.chat_template import ChatTemplate, ChatTemplateError, chat_template_source
+
+        source = chat_template_source(self._config, self._files.get("chat_template.jinja"),
+                                      tools=tools)
+        if source is None:
+            raise TokenPreviewError(
+                f"{self._model_path!r}: the model's tokenizer has no chat template, which a "
+                "{messages} prompt_template needs; use a base model with one or a "
+                "prompt_template with columns")
+        try:
+            return ChatTemplate(source, self._tokens)
+        except ChatTemplateError as exc:
+            raise TokenPreviewError(f"{self._model_path!r}: {exc}") from None
 
 
 def _template_row(row: Mapping[str, Any], prompt_template: str, tokenizer: Tokenizer,
@@ -254,14 +273,15 @@ def _template_row(row: Mapping[str, Any], prompt_template: str, tokenizer: Token
 
 
 def _chat_row(row: Mapping[str, Any], row_number: int, tokenizer: Tokenizer,
-              template: ChatTemplate, cutoff_len: int, train_on_inputs: bool, max_chars: int,
-              max_turns: int) -> TokenizedRow:
+              templates: _ChatTemplates, cutoff_len: int, train_on_inputs: bool,
+              max_chars: int, max_turns: int) -> TokenizedRow:
     from shared.chat_template import ChatTemplateError
 
     try:
         turns = check_turns(row.get(MESSAGES_COLUMN), row_number)
+        tools = check_tools(row.get(TOOLS_COLUMN), row_number)
         bounded = bound_turns(turns, max_chars, max_turns)
-        chat = render_chat(bounded, template)
+        chat = render_chat(bounded, templates.get(tools=tools is not None), tools=tools)
     except (LossMaskError, ChatTemplateError) as exc:
         return _unusable(str(exc))
     # The template writes the special tokens itself, so the tokenizer adds none.

@@ -199,3 +199,170 @@ def test_chat_dataset_trains_through_run_job(
     assert (result.train_rows, result.eval_rows) == (24, 12)
     assert result.last_loss is not None and result.first_loss is not None
     assert result.last_loss < result.first_loss
+
+
+# A chat template that renders tools and tool calls, as tool-calling models' templates do.
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<s>tools: ' + (tools | tojson) + '</s>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<s>' + message['role'] + ': ' }}"
+    "{% if message.tool_calls is defined %}"
+    "{% for call in message.tool_calls %}"
+    "{{ '<call>' + call.function.name + ' ' + call.function.arguments + '</call>' }}"
+    "{% endfor %}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{{ '</s>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s>assistant: ' }}{% endif %}"
+)
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Lima?"},
+    {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Lima"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
+    {"role": "assistant", "content": "Answer: 18 degrees."},
+]
+
+
+@pytest.fixture
+def tools_tokenizer(tiny_tokenizer: Any) -> Any:
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    return tokenizer
+
+
+def _chat_rows(*rows: dict[str, Any]) -> LoadedDataset:
+    return LoadedDataset(list(dict.fromkeys(k for row in rows for k in row)), list(rows), "chats")
+
+
+def test_weight_0_turns_have_every_label_ignored_while_weight_1_turns_are_trained(
+    tiny_tokenizer: Any
+) -> None:
+    weighted = [*CONVERSATION[:2], {**CONVERSATION[2], "weight": 0}, CONVERSATION[3],
+                {**CONVERSATION[4], "weight": 1}]
+    example = render_chat(weighted, tiny_tokenizer)
+
+    (tokenized,) = tokenize_chats([example], tiny_tokenizer, cutoff_len=256)
+
+    # The template never sees the weights: the text is the plain conversation's.
+    assert example.text == tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert example.untrained_turns == 1
+    runs = _trained_runs(tokenized.input_ids, tokenized.labels)
+    assert [tiny_tokenizer.decode(run).strip() for run in runs] == ["Answer: Santiago.</s>"]
+    lima = example.text.index("Answer: Lima.")
+    lima_tokens = [i for i, (start, end) in enumerate(tiny_tokenizer(
+        example.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"])
+        if start < lima + len("Answer: Lima.</s>") and end > lima]
+    assert lima_tokens and all(tokenized.labels[i] == IGNORE_INDEX for i in lima_tokens)
+
+
+def test_a_conversation_whose_assistant_turns_all_have_weight_0_is_dropped_and_counted(
+    tiny_tokenizer: Any
+) -> None:
+    from worker.pipeline.run import render_and_tokenize
+
+    untrained = [CONVERSATION[1], {**CONVERSATION[2], "weight": 0}]
+    lines: list[str] = []
+
+    tokenized = render_and_tokenize(
+        _chat_rows({"messages": CONVERSATION}, {"messages": untrained}), tiny_tokenizer,
+        _chat_config(), log=lines.append)
+
+    assert len(tokenized) == 1
+    assert "loss on 2 assistant turns, not on 1 of weight 0" in lines[-2]
+    assert "1 dropped (no trained assistant token within cutoff_len)" in lines[-1]
+
+
+def test_every_turn_of_weight_0_leaves_nothing_to_train_and_says_so(tiny_tokenizer: Any) -> None:
+    from worker.pipeline.run import render_and_tokenize
+
+    untrained = [CONVERSATION[1], {**CONVERSATION[2], "weight": 0}]
+
+    with pytest.raises(PipelineError, match="those of weight 0 are not trained"):
+        render_and_tokenize(_chat_rows({"messages": untrained}), tiny_tokenizer, _chat_config(),
+                            log=lambda line: None)
+
+
+@pytest.mark.parametrize("weight", [7, -1, True, "0"])
+def test_a_weight_other_than_0_or_1_is_named_with_its_row(tiny_tokenizer: Any,
+                                                           weight: Any) -> None:
+    rows = [{"messages": CONVERSATION},
+            {"messages": [CONVERSATION[1], {**CONVERSATION[2], "weight": weight}]}]
+
+    with pytest.raises(PipelineError, match=r"row 2: messages\[1\]\.weight must be 0 or 1"):
+        render_chats(_chat_rows(*rows), tiny_tokenizer)
+
+
+def test_content_given_as_text_parts_renders_as_one_string(tiny_tokenizer: Any) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital"},
+                                          {"type": "text", "text": "of Peru?"}]},
+             CONVERSATION[2]]
+
+    (example,) = render_chats(_chat_rows({"messages": parts}), tiny_tokenizer)
+
+    assert "user: What is the capital\nof Peru?</s>" in example.text
+
+
+def test_tools_reach_the_template_and_tool_calls_are_trained_but_tool_results_are_not(
+    tools_tokenizer: Any
+) -> None:
+    from worker.pipeline.run import render_and_tokenize
+
+    lines: list[str] = []
+
+    (tokenized,) = render_and_tokenize(
+        _chat_rows({"messages": TOOL_CONVERSATION, "tools": [WEATHER_TOOL]}), tools_tokenizer,
+        _chat_config(), log=lines.append)
+
+    text = tools_tokenizer.apply_chat_template(TOOL_CONVERSATION, tools=[WEATHER_TOOL],
+                                               tokenize=False)
+    assert '"name": "get_weather"' in text  # the tools were rendered
+    assert tokenized.input_ids == tools_tokenizer(text, add_special_tokens=False)["input_ids"]
+    runs = _trained_runs(tokenized.input_ids, tokenized.labels)
+    assert [tools_tokenizer.decode(run).strip() for run in runs] == [
+        '<call>get_weather {"city": "Lima"}</call></s>',
+        "Answer: 18 degrees.</s>",
+    ]
+    assert "1 with tools; loss on 2 assistant turns" in lines[-2]
+
+
+def test_a_template_that_ignores_tools_fails_the_job_naming_the_row(tiny_tokenizer: Any) -> None:
+    rows = [{"messages": CONVERSATION},
+            {"messages": CONVERSATION, "tools": [WEATHER_TOOL]}]
+
+    with pytest.raises(PipelineError, match="row 2: the model's chat template does not render "
+                                            r"the row's tools \(its tools column\)"):
+        render_chats(_chat_rows(*rows), tiny_tokenizer)
+
+
+def test_a_template_that_raises_on_tool_calls_fails_the_job_naming_the_row(
+    tiny_tokenizer: Any
+) -> None:
+    # The tiny template concatenates every message's content, which a tool call lacks.
+    rows = [{"messages": CONVERSATION}, {"messages": TOOL_CONVERSATION[:2]}]
+
+    with pytest.raises(PipelineError, match="row 2: the model's chat template cannot render "
+                                            "the conversation's tools or tool_calls"):
+        render_chats(_chat_rows(*rows), tiny_tokenizer)
+
+
+def test_a_template_that_drops_tool_calls_fails_the_job_naming_the_row(
+    tiny_tokenizer: Any
+) -> None:
+    call = {**TOOL_CONVERSATION[1], "content": ""}
+    rows = [{"messages": [TOOL_CONVERSATION[0], call]}]
+
+    with pytest.raises(PipelineError, match="row 1: the model's chat template does not render "
+                                            "the assistant turns' tool_calls"):
+        render_chats(_chat_rows(*rows), tiny_tokenizer)
+
+
+@pytest.mark.parametrize("tools", ["get_weather", [["get_weather"]], {"type": "function"}])
+def test_tools_that_are_not_a_list_of_objects_are_named_with_their_row(
+    tools_tokenizer: Any, tools: Any
+) -> None:
+    with pytest.raises(PipelineError, match="row 1: tools must be a list of tool definitions"):
+        render_chats(_chat_rows({"messages": CONVERSATION, "tools": tools}), tools_tokenizer)

@@ -17,7 +17,7 @@ from shared.loss_mask import IGNORE_INDEX
 from shared.schema import DataConfig
 from shared.token_preview import SHOWN_TOKENS, preview_tokens
 from tests.conftest import SHORT_ALPACA_TEMPLATE
-from tests.worker.test_chat import CONVERSATION
+from tests.worker.test_chat import CONVERSATION, TOOL_CONVERSATION, TOOLS_TEMPLATE, WEATHER_TOOL
 from worker.assets.build_dataset import DATASET_PATH
 from worker.pipeline.examples import render_and_tokenize
 from worker.pipeline.model import load_tokenizer
@@ -33,6 +33,15 @@ CHAT_ROWS = [
     {"messages": [CONVERSATION[1], {"role": "assistant", "content": "Answer: " + "red " * 80}]},
     # Cut before any assistant token: the worker leaves it out.
     {"messages": [{"role": "user", "content": "blue green " * 60}, CONVERSATION[2]]},
+    # A turn of weight 0 is context; one of weight 1 is trained.
+    {"messages": [CONVERSATION[1], {**CONVERSATION[2], "weight": 0}, CONVERSATION[3],
+                  {**CONVERSATION[4], "weight": 1}]},
+    # Every assistant turn of weight 0: nothing to train, the worker leaves it out.
+    {"messages": [CONVERSATION[1], {**CONVERSATION[2], "weight": 0}]},
+    # Content as OpenAI's text parts.
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "Capital of"},
+                                               {"type": "text", "text": "Peru?"}]},
+                  CONVERSATION[2]]},
 ]
 
 
@@ -135,5 +144,80 @@ def test_the_chat_template_and_special_tokens_are_read_from_where_transformers_r
     filed = AutoTokenizer.from_pretrained(folder)
 
     assert chat_template_source(config, None) == listed.get_chat_template()
+    assert chat_template_source(config, None, tools=True) == listed.get_chat_template(
+        tools=[WEATHER_TOOL])
     assert chat_template_source(config, "file {{ eos_token }}") == filed.get_chat_template()
     assert special_tokens(config) == listed.special_tokens_map
+
+
+TOOL_ROWS = [
+    {"messages": TOOL_CONVERSATION, "tools": [WEATHER_TOOL]},
+    {"messages": [*TOOL_CONVERSATION[:3], {**TOOL_CONVERSATION[3], "weight": 0}],
+     "tools": [WEATHER_TOOL]},
+    {"messages": CONVERSATION},  # no tools: the default template
+]
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_the_preview_and_the_worker_agree_on_tools_tool_calls_and_weights(
+    tiny_model_dir: Path, tmp_path: Path, train_on_inputs: bool
+) -> None:
+    # A default template that renders no tools and a tool-use one: rows with tools must get
+    # the tool-use template on both sides, as apply_chat_template(tools=...) chooses it.
+    folder = tmp_path / "tools-model"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "tokenizer.json", folder)
+    config = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = [
+        {"name": "default", "template": load_tokenizer(
+            str(tiny_model_dir), allowed_local_dirs=[tiny_model_dir.parent]).chat_template},
+        {"name": "tool_use", "template": TOOLS_TEMPLATE}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    allowed, cutoff = [tmp_path], 256
+    data = DataConfig(data_path="owner/name", prompt_template="{messages}", cutoff_len=cutoff,
+                      train_on_inputs=train_on_inputs)
+    tokenizer = load_tokenizer(str(folder), allowed_local_dirs=allowed)
+    trained = render_and_tokenize(LoadedDataset(["messages", "tools"], TOOL_ROWS, "rows"),
+                                  tokenizer, data, log=lambda line: None)
+
+    previewed = preview_tokens(str(folder), TOOL_ROWS, prompt_template="{messages}",
+                               cutoff_len=cutoff, train_on_inputs=train_on_inputs,
+                               allowed_local_dirs=allowed)
+
+    assert [row.problem for row in previewed] == [None] * len(TOOL_ROWS)
+    assert any('"name": "get_weather"' in "".join(p.text for p in row.parts)
+               for row in previewed)
+    assert len(previewed) == len(trained)
+    for row, example in zip(previewed, trained, strict=True):
+        assert row.kept_tokens == len(example.input_ids)
+        assert row.trained_tokens == sum(label != IGNORE_INDEX for label in example.labels)
+        for token in row.first_tokens + row.last_tokens:
+            assert token.id == example.input_ids[token.position]
+            assert token.trained == (example.labels[token.position] != IGNORE_INDEX)
+    if not train_on_inputs:  # the weight-0 answer of row 2 is not trained, its call is
+        assert 0 < previewed[1].trained_tokens < previewed[0].trained_tokens
+
+
+def test_a_template_that_ignores_tools_is_a_row_problem_in_the_preview(
+    tiny_model_dir: Path
+) -> None:
+    rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION, "tools": [WEATHER_TOOL]}]
+
+    first, second = preview_tokens(str(tiny_model_dir), rows, prompt_template="{messages}",
+                                   cutoff_len=CUTOFF, allowed_local_dirs=[tiny_model_dir.parent])
+
+    assert first.problem is None
+    assert second.problem is not None and second.problem.startswith(
+        "the model's chat template does not render the row's tools")
+
+
+def test_chat_templates_render_tools_and_tool_calls_as_transformers_renders_them(
+    tiny_tokenizer: Any
+) -> None:
+    for add_generation_prompt in (False, True):
+        expected = tiny_tokenizer.apply_chat_template(
+            TOOL_CONVERSATION, tools=[WEATHER_TOOL], chat_template=TOOLS_TEMPLATE,
+            tokenize=False, add_generation_prompt=add_generation_prompt)
+        rendered = ChatTemplate(TOOLS_TEMPLATE, {})(
+            TOOL_CONVERSATION, tools=[WEATHER_TOOL], add_generation_prompt=add_generation_prompt)
+        assert rendered == expected

@@ -1,11 +1,13 @@
-"""Chat mode: rows with a `messages` column of OpenAI-style `{role, content}` turns.
+"""Chat mode: rows with a `messages` column of OpenAI-style `{role, content}` turns, and
+optionally a `tools` column of the functions the conversation may call.
 
 A conversation is rendered with the base model's own chat template (transformers'
-`apply_chat_template`, a sandboxed jinja environment), so training sees exactly the format the
-model is prompted with at inference. The loss is on the assistant turns only: each turn's
-content and the end-of-turn marker the template writes after it (`</s>`, `<|im_end|>`,
-`<|eot_id|>`), which is how the model learns to stop. No extra EOS is appended. That rule is
-`shared.loss_mask`'s, which the API's token preview applies too; this module feeds it
+`apply_chat_template`, a sandboxed jinja environment, given the row's tools), so training sees
+exactly the format the model is prompted with at inference. The loss is on the assistant turns
+only, those of `weight` 0 excepted: each turn's content or tool calls and the end-of-turn
+marker the template writes after it (`</s>`, `<|im_end|>`, `<|eot_id|>`), which is how the
+model learns to stop. No extra EOS is appended. Tool results (role `tool`) are context. That
+rule is `shared.loss_mask`'s, which the API's token preview applies too; this module feeds it
 transformers' tokenizer.
 
 Chat mode is selected by a `prompt_template` that is exactly `{messages}`
@@ -19,12 +21,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 
 from shared import loss_mask
-from shared.dataset_columns import MESSAGES_COLUMN
+from shared.dataset_columns import MESSAGES_COLUMN, TOOLS_COLUMN
 from shared.dataset_files import LoadedDataset
-from shared.loss_mask import ChatExample, LossMaskError, Turn
+from shared.loss_mask import ChatExample, LossMaskError, Tools, Turn
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.labels import (
     BatchEncoder,
@@ -37,28 +40,47 @@ from worker.pipeline.report import LogFn, no_log
 from worker.pipeline.token_store import TokenStore, TokenStoreWriter
 
 
-def render_chat(messages: Sequence[Turn], tokenizer: Any) -> ChatExample:
-    """Render one conversation with the tokenizer's chat template; the trained spans are its
-    assistant turns (`shared.loss_mask.render_chat`). `PipelineError` for a template that
-    cannot tell them apart."""
+def render_chat(messages: Sequence[Turn], tokenizer: Any, *, tools: Tools | None = None,
+                row_number: int | None = None) -> ChatExample:
+    """Render one conversation and its `tools` with the tokenizer's chat template; the
+    trained spans are its assistant turns of weight 1 (`shared.loss_mask.render_chat`).
+    `PipelineError`, naming `row_number` when given, for a template that cannot tell them
+    apart, refuses the conversation, or ignores its tools or tool calls."""
     try:
-        return loss_mask.render_chat(messages, partial(_apply, tokenizer))
+        return loss_mask.render_chat(messages, partial(_apply, tokenizer), tools=tools)
     except LossMaskError as exc:
-        raise PipelineError(str(exc)) from None
+        where = f"row {row_number}: " if row_number is not None else ""
+        raise PipelineError(f"{where}{exc}") from None
 
 
-def _apply(tokenizer: Any, messages: Sequence[Turn], *, add_generation_prompt: bool) -> str:
-    return str(
-        tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+def _apply(tokenizer: Any, messages: Sequence[Turn], *, add_generation_prompt: bool,
+           tools: Tools | None = None) -> str:
+    try:
+        return str(
+            tokenizer.apply_chat_template(
+                list(messages), tools=list(tools) if tools else None, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
         )
-    )
+    # What a template raises on a conversation it cannot render: `raise_exception`, an
+    # undefined or mistyped value (a missing content concatenated as a string).
+    except (jinja2.TemplateError, TypeError, ValueError) as exc:
+        raise LossMaskError(f"the model's chat template refused the conversation: {exc}"
+                            ) from None
 
 
 def check_turns(value: Any, row_number: int) -> list[Turn]:
     """The row's `messages` as a list of turns; `PipelineError` naming the row otherwise."""
     try:
         return loss_mask.check_turns(value, row_number)
+    except LossMaskError as exc:
+        raise PipelineError(str(exc)) from None
+
+
+def check_tools(value: Any, row_number: int) -> list[dict[str, Any]] | None:
+    """The row's `tools`, None when it has none; `PipelineError` naming the row otherwise."""
+    try:
+        return loss_mask.check_tools(value, row_number)
     except LossMaskError as exc:
         raise PipelineError(str(exc)) from None
 
@@ -79,10 +101,10 @@ def render_chats(
 
 
 class RenderedChats(Iterator[ChatExample]):
-    """Render each row's `messages` with the tokenizer's chat template as it is read, each
-    conversation cut by `shared.loss_mask.bound_turns` first; counts what it rendered for
-    `log_rendered`. The caller checked that the column exists (`shared.dataset_columns`);
-    each row's value is checked here."""
+    """Render each row's `messages` (and `tools`, when the row has them) with the tokenizer's
+    chat template as it is read, each conversation cut by `shared.loss_mask.bound_turns`
+    first; counts what it rendered for `log_rendered`. The caller checked that the messages
+    column exists (`shared.dataset_columns`); each row's values are checked here."""
 
     def __init__(self, dataset: LoadedDataset, tokenizer: Any, *, max_chars: int | None = None,
                  max_turns: int | None = None) -> None:
@@ -93,21 +115,27 @@ class RenderedChats(Iterator[ChatExample]):
             )
         self._rows = enumerate(dataset.rows, start=1)
         self._tokenizer, self._max_chars, self._max_turns = tokenizer, max_chars, max_turns
-        self.conversations = self.turns = 0
+        self.conversations = self.turns = self.untrained_turns = self.with_tools = 0
 
     def __next__(self) -> ChatExample:
         n, row = next(self._rows)
         turns = check_turns(row.get(MESSAGES_COLUMN), n)
+        tools = check_tools(row.get(TOOLS_COLUMN), n)
         example = render_chat(loss_mask.bound_turns(turns, self._max_chars, self._max_turns),
-                              self._tokenizer)
+                              self._tokenizer, tools=tools, row_number=n)
         self.conversations += 1
         self.turns += len(example.trained_spans)
+        self.untrained_turns += example.untrained_turns
+        self.with_tools += tools is not None
         return example
 
     def log_rendered(self, log: LogFn) -> None:
+        untrained = (f", not on {self.untrained_turns} of weight 0" if self.untrained_turns
+                     else "")
+        tools = f"; {self.with_tools} with tools" if self.with_tools else ""
         log(
             f"chat mode: rendered {self.conversations} conversations with the model's chat "
-            f"template; loss on {self.turns} assistant turns"
+            f"template{tools}; loss on {self.turns} assistant turns{untrained}"
         )
 
 
@@ -147,13 +175,13 @@ def tokenize_chats(
         examples.log_rendered(log)
     log(
         f"tokenized {counts.examples} conversations: {counts.truncated} truncated to "
-        f"cutoff_len {cutoff_len}, {counts.dropped} dropped (no assistant token within "
-        "cutoff_len)"
+        f"cutoff_len {cutoff_len}, {counts.dropped} dropped (no trained assistant token "
+        "within cutoff_len)"
     )
     if not len(store):
         raise PipelineError(
-            f"no conversation has an assistant token within cutoff_len {cutoff_len}; "
-            "raise cutoff_len or add assistant turns"
+            f"no conversation has a trained assistant token within cutoff_len {cutoff_len}; "
+            "raise cutoff_len or add assistant turns (those of weight 0 are not trained)"
         )
     return store
 

@@ -34,7 +34,7 @@ from worker.pipeline.token_store import (
 )
 
 # Bumped whenever the files or the labelling rule change: older folders are then never read.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 FILES = (IDS_FILE, TRAINED_FILE, STARTS_FILE)
 
