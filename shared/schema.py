@@ -304,6 +304,13 @@ class TrainingConfig(_Strict):
             "GPUs with flash-attention)."
         ),
     )
+    seed: int | None = Field(
+        None, ge=0, le=2**31 - 1,
+        description="Tunery extension: the seed of everything random in training: the LoRA "
+        "initialization, dropout, the train/validation split and the order of the batches. "
+        "Two jobs with the same seed, data and configuration train the same adapter (on the "
+        "same hardware and library versions). None: the worker's fixed seed, 42.",
+    )
     preference_optimization: Literal["ORPO", "DONT"] = Field(
         "DONT",
         description=(

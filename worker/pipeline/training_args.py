@@ -14,12 +14,12 @@ from shared.training_plan import (
     BATCH_SIZE,
     EVAL_EVERY_FRACTION,
     SCHEDULERS_WITHOUT_WARMUP,
+    job_seed,
     optimizer_steps,
     warmup_plan,
 )
 from worker.pipeline.report import JobReporter
 
-SEED = 42
 # torch's ReduceLROnPlateau waits 10 evaluations by default, which never happens in ten.
 PLATEAU_KWARGS = {"patience": 1, "factor": 0.5}
 
@@ -121,8 +121,10 @@ def training_arguments(
         include_num_input_tokens_seen="non_padding",
         report_to=["wandb"] if wandb_run_name is not None else "none",
         run_name=wandb_run_name or None,
-        seed=SEED,
-        data_seed=SEED,
+        # The Trainer seeds torch (dropout) with `seed`, its samplers and `batching`'s length
+        # buckets with `data_seed`: one job seed for both.
+        seed=job_seed(config.seed),
+        data_seed=job_seed(config.seed),
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
