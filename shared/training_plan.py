@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# Examples per micro-batch on every device the worker runs on.
+# Examples per micro-batch of a job that names none (`training_config.micro_batch_size`).
 BATCH_SIZE = 4
 # The seed of a job that names none (`training_config.seed`).
 DEFAULT_SEED = 42
@@ -51,6 +51,12 @@ def job_seed(seed: int | None) -> int:
     none. It seeds the LoRA initialization, dropout, the train/validation split and the batch
     order alike."""
     return DEFAULT_SEED if seed is None else seed
+
+
+def micro_batch_size(asked: int | None) -> int:
+    """Examples per micro-batch: `training_config.micro_batch_size`, or `BATCH_SIZE` when the
+    job names none. The API's step estimate and the worker's batches both read it here."""
+    return BATCH_SIZE if asked is None else asked
 
 
 def split_sizes(examples: int, split_config: Mapping[str, float]) -> tuple[int, int]:

@@ -127,7 +127,9 @@ def test_unknown_fields_are_refused_by_path(section: str | None, field: str) -> 
         ("training_config", "learning_rate", 1, 0.5),
         ("training_config", "learning_rate", 0, 1e-6),
         ("training_config", "lr_scheduler_type", "step", "cosine_with_restarts"),
-        ("training_config", "preference_optimization", "DPO", "DONT"),
+        ("training_config", "preference_optimization", "KTO", "DONT"),
+        ("training_config", "micro_batch_size", 0, 1),
+        ("training_config", "micro_batch_size", 65, 64),
     ],
 )
 def test_bounds_name_the_field(section: str, field: str, bad: Any, good: Any) -> None:
