@@ -288,6 +288,14 @@ class TrainingConfig(_Strict):
     gradient_accumulation_steps: int = Field(
         1, gt=0, lt=1000, description="Micro-batches per optimizer step."
     )
+    micro_batch_size: int | None = Field(
+        None, ge=1, le=64,
+        description="Tunery extension: examples per micro-batch, the examples one forward and "
+        "backward pass trains on; an optimizer step trains on micro_batch_size x "
+        "gradient_accumulation_steps examples. None: 4. Length-grouped batches hold this many "
+        "on average (as many batches an epoch as fixed ones would make); a preference example "
+        "is its chosen and its rejected answer.",
+    )
     warmup_steps: int = Field(
         50, ge=1, le=1_000_000, description="Steps of linear learning-rate warm-up."
     )
@@ -303,6 +311,13 @@ class TrainingConfig(_Strict):
             "worker chooses, which today means length-grouped batches (padding-free ones on "
             "GPUs with flash-attention)."
         ),
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**31 - 1,
+        description="Tunery extension: the seed of everything random in training: the LoRA "
+        "initialization, dropout, the train/validation split and the order of the batches. "
+        "Two jobs with the same seed, data and configuration train the same adapter (on the "
+        "same hardware and library versions). None: the worker's fixed seed, 42.",
     )
     preference_optimization: Literal["ORPO", "DONT"] = Field(
         "DONT",

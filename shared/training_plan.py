@@ -11,8 +11,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# Examples per micro-batch on every device the worker runs on.
+# Examples per micro-batch of a job that names none (`training_config.micro_batch_size`).
 BATCH_SIZE = 4
+# The seed of a job that names none (`training_config.seed`).
+DEFAULT_SEED = 42
 # Warm-up that reaches this share of the run is cut down: the run would otherwise spend most
 # of its steps, or all of them, below the learning rate asked for (a 50-step warm-up on an
 # 11-step run never gets past a fifth of it).
@@ -42,6 +44,19 @@ MIN_EVAL_EXAMPLES = 32
 # the job says otherwise: the baseline evaluation comes before the first step, and a share of
 # a large run's compute would keep that step waiting for minutes.
 EVAL_MAX_EXAMPLES = 256
+
+
+def job_seed(seed: int | None) -> int:
+    """The seed a job trains with: `training_config.seed`, or `DEFAULT_SEED` when it names
+    none. It seeds the LoRA initialization, dropout, the train/validation split and the batch
+    order alike."""
+    return DEFAULT_SEED if seed is None else seed
+
+
+def micro_batch_size(asked: int | None) -> int:
+    """Examples per micro-batch: `training_config.micro_batch_size`, or `BATCH_SIZE` when the
+    job names none. The API's step estimate and the worker's batches both read it here."""
+    return BATCH_SIZE if asked is None else asked
 
 
 def split_sizes(examples: int, split_config: Mapping[str, float]) -> tuple[int, int]:

@@ -8,9 +8,9 @@ from api.schemas import PreflightSteps, PreflightTemplate
 from shared.dataset_columns import PREFERENCE_COLUMNS, is_chat_template
 from shared.schema import DataConfig, TrainingConfig, template_placeholders
 from shared.training_plan import (
-    BATCH_SIZE,
     FEW_EXAMPLES,
     SCHEDULERS_WITHOUT_WARMUP,
+    micro_batch_size,
     optimizer_steps,
     warmup_plan,
 )
@@ -53,8 +53,9 @@ def step_plan(train_rows: int | None, training: TrainingConfig
     """The optimizer steps and warm-up of a run over `train_rows` examples (None: unknown),
     a problem when it would train none, and a warning on few examples. A warning on the
     warm-up is `steps.warmup_warning`: the worker restates it from the steps it really runs."""
+    batch_size = micro_batch_size(training.micro_batch_size)
     steps = PreflightSteps(
-        train_examples=train_rows, batch_size=BATCH_SIZE,
+        train_examples=train_rows, batch_size=batch_size,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         num_train_epochs=training.num_train_epochs, optimizer_steps=None,
         warmup_steps_asked=training.warmup_steps, warmup_steps=None,
@@ -63,7 +64,8 @@ def step_plan(train_rows: int | None, training: TrainingConfig
         steps.note = "unknown until the worker reads the dataset"
         return steps, [], []
     total = optimizer_steps(train_rows, epochs=training.num_train_epochs,
-                            gradient_accumulation_steps=training.gradient_accumulation_steps)
+                            gradient_accumulation_steps=training.gradient_accumulation_steps,
+                            batch_size=batch_size)
     steps.optimizer_steps = total
     if total == 0:
         return steps, [{"path": DATA_FIELD, "message": (

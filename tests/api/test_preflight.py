@@ -411,6 +411,20 @@ def test_dry_run_reports_a_chat_dataset_and_creates_nothing(
     assert jobs_stored() == []
 
 
+def test_dry_run_counts_the_optimizer_steps_with_the_jobs_micro_batch_size(
+    client: TestClient, hub: list[str]
+) -> None:
+    payload = with_data(uploaded(client, CHAT_ROWS), prompt_template="{messages}")
+    payload["training_config"].update(lr_scheduler_type="cosine", micro_batch_size=2,
+                                      gradient_accumulation_steps=4)
+
+    steps = report(client.post(DRY_RUN, json=payload))["steps"]
+
+    # 36 examples in micro-batches of 2, 4 of them a step: 18 micro-batches, 5 steps.
+    assert (steps["train_examples"], steps["batch_size"]) == (36, 2)
+    assert steps["optimizer_steps"] == 5
+
+
 def test_two_rows_with_the_default_warmup_warn_of_the_cut_warmup_and_few_examples(
     client: TestClient, hub: list[str]
 ) -> None:

@@ -127,7 +127,9 @@ def test_unknown_fields_are_refused_by_path(section: str | None, field: str) -> 
         ("training_config", "learning_rate", 1, 0.5),
         ("training_config", "learning_rate", 0, 1e-6),
         ("training_config", "lr_scheduler_type", "step", "cosine_with_restarts"),
-        ("training_config", "preference_optimization", "DPO", "DONT"),
+        ("training_config", "preference_optimization", "KTO", "DONT"),
+        ("training_config", "micro_batch_size", 0, 1),
+        ("training_config", "micro_batch_size", 65, 64),
     ],
 )
 def test_bounds_name_the_field(section: str, field: str, bad: Any, good: Any) -> None:
@@ -361,3 +363,11 @@ def test_an_hf_token_that_no_http_header_can_carry_is_refused_naming_it(token: s
     error = caught.value.errors()[0]
     assert error["loc"] == ("hf_config", "hf_token")
     assert "printable ASCII" in error["msg"]
+
+
+@pytest.mark.parametrize(("bad", "good"), [(-1, 0), (2**31, 2**31 - 1), (True, 1), (1.5, 7)])
+def test_seed_is_an_integer_in_range_or_null(bad: Any, good: Any) -> None:
+    assert error_paths(make_payload(training_config={"seed": bad})) == ["training_config.seed"]
+    request = FinetuneRequest.model_validate(make_payload(training_config={"seed": good}))
+    assert request.training_config.seed == good
+    assert FinetuneRequest.model_validate(make_payload()).training_config.seed is None

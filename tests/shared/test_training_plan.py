@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from shared.training_plan import (
+    BATCH_SIZE,
     WARMUP_CAPPED_SHARE,
     evaluation_examples,
+    micro_batch_size,
     optimizer_steps,
     split_sizes,
     warmup_plan,
@@ -27,6 +29,13 @@ def test_optimizer_steps_count_partial_batches_and_accumulations(
         examples: int, epochs: float, accumulation: int, steps: int) -> None:
     assert optimizer_steps(examples, epochs=epochs,
                            gradient_accumulation_steps=accumulation) == steps
+
+
+def test_micro_batch_size_is_the_jobs_or_four_and_sets_the_steps() -> None:
+    assert micro_batch_size(None) == BATCH_SIZE == 4
+    assert micro_batch_size(2) == 2
+    # 44 examples: 22 micro-batches of 2; 3 of them a step, the last step takes the one left.
+    assert optimizer_steps(44, epochs=1, gradient_accumulation_steps=3, batch_size=2) == 8
 
 
 def test_the_default_warmup_on_an_eleven_step_run_is_capped_and_says_so() -> None:

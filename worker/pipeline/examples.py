@@ -24,6 +24,7 @@ from shared.loss_mask import max_render_chars
 from shared.prompt_template import Example, completion_placeholder, render_example
 from shared.schema import DataConfig, TrainingConfig
 from shared.training_plan import (
+    DEFAULT_SEED,
     EVAL_MAX_EXAMPLES,
     evaluation_examples,
     shared_examples,
@@ -46,8 +47,6 @@ from worker.pipeline.token_store import TokenStore, TokenStoreWriter
 # Tokenized examples for supervised training, raw preference rows for ORPO.
 Item = TypeVar("Item")
 PreferenceRow = dict[str, str]
-
-SPLIT_SEED = 42
 
 
 def render_and_tokenize(
@@ -218,7 +217,7 @@ def split(
     examples: Sequence[Item],
     split_config: Mapping[str, float],
     *,
-    seed: int = SPLIT_SEED,
+    seed: int = DEFAULT_SEED,
     log: LogFn = no_log,
 ) -> tuple[Sequence[Item], Sequence[Item]]:
     """Shuffle with `seed` and cut into (train, validation) by the configured fractions: views

@@ -15,10 +15,11 @@ import torch
 from shared import local_files
 from shared.schema import PretrainedModelConfig
 from shared.sources import SourceError, classify_source
+from shared.training_plan import DEFAULT_SEED
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.report import LogFn, no_log
 
-LORA_INIT_SEED = 42
+LORA_INIT_SEED = DEFAULT_SEED
 
 
 def resolve_model_path(model_path: str, allowed_local_dirs: Iterable[Path]) -> str:
@@ -301,9 +302,13 @@ def load_base_model_from(
     return model
 
 
-def add_lora(model: Any, config: PretrainedModelConfig, *, log: LogFn = no_log) -> Any:
-    """Wrap a base model from `load_base_model` with a fresh LoRA adapter as `config` says;
-    returns the `PeftModel`. Gradient checkpointing, when asked for, is turned on here."""
+def add_lora(
+    model: Any, config: PretrainedModelConfig, *, seed: int = LORA_INIT_SEED,
+    log: LogFn = no_log,
+) -> Any:
+    """Wrap a base model from `load_base_model` with a fresh LoRA adapter as `config` says,
+    drawn with `seed` (the job's, `training_plan.job_seed`); returns the `PeftModel`.
+    Gradient checkpointing, when asked for, is turned on here."""
     from peft import LoraConfig, get_peft_model
 
     if config.use_gradient_checkpointing:
@@ -323,7 +328,7 @@ def add_lora(model: Any, config: PretrainedModelConfig, *, log: LogFn = no_log) 
     )
     # lora_A is drawn from torch's global generator, and the Trainer seeds only later: seed
     # here, or two runs of the same request start from different adapters.
-    torch.manual_seed(LORA_INIT_SEED)
+    torch.manual_seed(seed)
     model = get_peft_model(model, lora)
     if loaded_dtype(model) != torch.float32:
         train_lora_inputs_in_half_precision(model)

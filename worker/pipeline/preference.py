@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.schema import LoggingConfig, TrainingConfig
-from shared.training_plan import BATCH_SIZE
+from shared.training_plan import micro_batch_size
 from worker.pipeline.callbacks import TrainingWatch
 from worker.pipeline.checkpoints import CheckpointStore
 from worker.pipeline.examples import PreferenceRow
@@ -46,7 +46,6 @@ def train_orpo(
     output_dir: Path,
     reporter: JobReporter,
     max_length: int,
-    batch_size: int = BATCH_SIZE,
     checkpoints: CheckpointStore | None = None,
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
@@ -83,11 +82,9 @@ def train_orpo(
         has_validation=bool(eval_rows),
         quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
         dtype=loaded_dtype(model),
-        batch_size=batch_size,
         save_steps=checkpoints.every_steps if checkpoints else 0,
         # TRL truncates long rows, drops none: every row is a training example.
-        warmup_steps=planned_warmup(config, train_examples=len(rows), batch_size=batch_size,
-                                    reporter=reporter),
+        warmup_steps=planned_warmup(config, train_examples=len(rows), reporter=reporter),
         wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
         arguments_class=ORPOConfig,
         max_length=max_length,
@@ -98,6 +95,7 @@ def train_orpo(
         **overrides,
     )
     # A batch holds every example's chosen and rejected answer, each up to max_length.
+    batch_size = micro_batch_size(config.micro_batch_size)
     checkpoint_if_short_of_memory(model, [(2 * batch_size, max_length)],
                                   limit_bytes=memory_limit_bytes, log=reporter.log)
     watch = TrainingWatch(

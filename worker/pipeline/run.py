@@ -15,6 +15,7 @@ from shared.schema import DataConfig, FinetuneRequest, TemplateError
 from shared.settings import Settings
 from shared.sources import DATASET_ID
 from shared.storage import Storage, storage_from_settings
+from shared.training_plan import job_seed
 from shared.url_guard import UrlPolicy
 from worker.pipeline.base_cache import BaseModelCache
 from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
@@ -98,7 +99,8 @@ def run_job(
             base.model_path, base, allowed_local_dirs=allowed, token=hf.hf_token,
             cache_dir=hub_cache_dir, cpu_bf16=settings.training.cpu_bf16, log=log,
         ) as base_model:
-            model = add_lora(base_model, base, log=log)
+            model = add_lora(base_model, base, seed=job_seed(request.training_config.seed),
+                             log=log)
             resume_from = restore_starting_point(model, base, checkpoints, work_dir, log=log)
             # Inside the block: the exit (the base model given back to the cache) must not be
             # interrupted.
@@ -194,7 +196,8 @@ def _prepare_data(
             if cache is not None:
                 cache.save(tokens_dir, store, lines, log=log)
             examples = store
-    train_set, eval_set = split(examples, data.data_split_config, log=log)
+    train_set, eval_set = split(examples, data.data_split_config,
+                                seed=job_seed(request.training_config.seed), log=log)
     eval_set = evaluated_sample(eval_set, train_examples=len(train_set),
                                 config=request.training_config,
                                 compute_share=settings.training.eval_compute_share,

@@ -16,7 +16,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from shared.schema import LoggingConfig, TrainingConfig
-from shared.training_plan import BATCH_SIZE
+from shared.training_plan import micro_batch_size
 from worker.pipeline.batching import (
     ExampleDataset,
     LengthBucketBatches,
@@ -45,7 +45,6 @@ def train(
     *,
     output_dir: Path,
     reporter: JobReporter,
-    batch_size: int = BATCH_SIZE,
     checkpoints: CheckpointStore | None = None,
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
@@ -63,6 +62,7 @@ def train(
     Gradient checkpointing turns on by itself when the largest batch would not fit in the
     device's free memory, at most `memory_limit_bytes` (`memory_plan`).
     """
+    batch_size = micro_batch_size(config.micro_batch_size)
     # Lists of examples (tests, benchmarks) become stores too: one way to read lengths.
     train_set, eval_set = as_token_store(train_set), as_token_store(eval_set)
     has_validation = bool(len(eval_set))
@@ -72,11 +72,9 @@ def train(
         has_validation=has_validation,
         quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
         dtype=loaded_dtype(model),
-        batch_size=batch_size,
         save_steps=checkpoints.every_steps if checkpoints else 0,
         # Every layout below makes ceil(examples / batch_size) batches an epoch.
-        warmup_steps=planned_warmup(config, train_examples=len(train_set),
-                                    batch_size=batch_size, reporter=reporter),
+        warmup_steps=planned_warmup(config, train_examples=len(train_set), reporter=reporter),
         wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
     )
 

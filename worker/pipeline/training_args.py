@@ -11,24 +11,22 @@ from transformers import TrainingArguments
 
 from shared.schema import TrainingConfig
 from shared.training_plan import (
-    BATCH_SIZE,
     EVAL_EVERY_FRACTION,
     SCHEDULERS_WITHOUT_WARMUP,
+    job_seed,
+    micro_batch_size,
     optimizer_steps,
     warmup_plan,
 )
 from worker.pipeline.report import JobReporter
 
-SEED = 42
 # torch's ReduceLROnPlateau waits 10 evaluations by default, which never happens in ten.
 PLATEAU_KWARGS = {"patience": 1, "factor": 0.5}
 
 Arguments = TypeVar("Arguments", bound=TrainingArguments)
 
 
-def planned_warmup(
-    config: TrainingConfig, *, train_examples: int, batch_size: int, reporter: JobReporter
-) -> int:
+def planned_warmup(config: TrainingConfig, *, train_examples: int, reporter: JobReporter) -> int:
     """The warm-up steps to give the Trainer for a run over `train_examples` examples (those
     left after tokenization and the validation split): `shared.training_plan`'s rule on the
     optimizer steps the Trainer will run, said in the log, and a job warning when the rule cut
@@ -43,7 +41,8 @@ def planned_warmup(
         return config.warmup_steps
     total = optimizer_steps(
         train_examples, epochs=config.num_train_epochs,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, batch_size=batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        batch_size=micro_batch_size(config.micro_batch_size),
     )
     plan = warmup_plan(config.warmup_steps, total)
     if plan.warning:
@@ -66,7 +65,6 @@ def training_arguments(
     has_validation: bool,
     quantized: bool,
     dtype: torch.dtype = torch.float32,
-    batch_size: int = BATCH_SIZE,
     save_steps: int = 0,
     warmup_steps: int | None = None,
     wandb_run_name: str | None = None,
@@ -76,13 +74,15 @@ def training_arguments(
     """Map the request's training_config onto transformers 5 TrainingArguments.
 
     `dtype` is the one the base model was loaded in (`model.loaded_dtype`): half precision
-    trains under autocast. `save_steps` > 0 saves a checkpoint that often. A run that trains
-    passes its `planned_warmup` as `warmup_steps`; None keeps the request's (arguments that
-    only evaluate). A trainer with its
-    own arguments class (TRL's `ORPOConfig`) passes it as `arguments_class`, with its own
+    trains under autocast. Micro-batches hold `training_config.micro_batch_size` examples
+    (`training_plan.micro_batch_size`), in training and evaluation. `save_steps` > 0 saves a
+    checkpoint that often. A run that trains passes its `planned_warmup` as `warmup_steps`;
+    None keeps the request's (arguments that only evaluate). A trainer with its own arguments
+    class (TRL's `ORPOConfig`, `DPOConfig`) passes it as `arguments_class`, with its own
     fields and any value it must change in `overrides`.
     """
     cuda = torch.cuda.is_available()
+    batch_size = micro_batch_size(config.micro_batch_size)
     scheduler_kwargs = PLATEAU_KWARGS if config.lr_scheduler_type == "reduce_lr_on_plateau" else {}
     evaluation: dict[str, Any] = {"eval_strategy": "no"}
     if has_validation:
@@ -121,8 +121,10 @@ def training_arguments(
         include_num_input_tokens_seen="non_padding",
         report_to=["wandb"] if wandb_run_name is not None else "none",
         run_name=wandb_run_name or None,
-        seed=SEED,
-        data_seed=SEED,
+        # The Trainer seeds torch (dropout) with `seed`, its samplers and `batching`'s length
+        # buckets with `data_seed`: one job seed for both.
+        seed=job_seed(config.seed),
+        data_seed=job_seed(config.seed),
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
