@@ -72,7 +72,8 @@ def create_openai_job(session: Session, storage: Storage, settings: Settings, te
         wandb_key = key.get_secret_value()
     training = _training_file(session, tenant_id, body.training_file)
     check = _file_check(training)
-    problem = check.problem or method_mismatch(check, "dpo" if method == "dpo" else "supervised")
+    problem = check.problem or method_mismatch(
+        check, "dpo" if method == "dpo" else "supervised", file_id=body.training_file)
     resolved = resolve(asked, check.examples)
     seed = body.seed if body.seed is not None else new_seed()
     payload = training_payload(

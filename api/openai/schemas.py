@@ -9,13 +9,48 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+)
 
 Auto = Literal["auto"]
-BatchSize = Auto | Annotated[int, Field(strict=True, ge=1, le=256)]
-LearningRateMultiplier = Auto | Annotated[float, Field(strict=True, gt=0, le=10)]
-Epochs = Auto | Annotated[int, Field(strict=True, ge=1, le=50)]
-Beta = Auto | Annotated[float, Field(strict=True, gt=0, le=2)]
+
+
+def _auto_or(kind: type[int] | type[float], low: float, high: float, *,
+             low_included: bool = True) -> Any:
+    """"auto" or a number of `kind` in [low, high] (`(low, high]` without `low_included`),
+    refused with one message naming both, where a plain union would list each member's
+    complaint under its own path."""
+    wanted = "an integer" if kind is int else "a number"
+    bound = f"from {low:g}" if low_included else f"above {low:g}"
+    message = f"must be 'auto' or {wanted} {bound} to {high:g}"
+
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                kind is int and not isinstance(value, int)):
+            raise ValueError(message)
+        if not (value >= low if low_included else value > low) or value > high:
+            raise ValueError(message)
+        return value
+
+    number: dict[str, Any] = {"type": "integer" if kind is int else "number", "maximum": high}
+    number["minimum" if low_included else "exclusiveMinimum"] = low
+    return Annotated[Any, PlainValidator(check), WithJsonSchema(
+        {"anyOf": [{"const": "auto", "type": "string"}, number]})]
+
+
+BatchSize = _auto_or(int, 1, 256)
+LearningRateMultiplier = _auto_or(float, 0, 10, low_included=False)
+Epochs = _auto_or(int, 1, 50)
+Beta = _auto_or(float, 0, 2, low_included=False)
 MAX_METADATA_PAIRS = 16
 _NUL = "must not contain NUL characters (\\u0000)"
 

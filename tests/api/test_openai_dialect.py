@@ -197,6 +197,7 @@ def _finish(job_id: str, steps: int) -> None:
     with session_scope() as session:
         claim = jobs.claim_job(session, job_id, "worker-test", 60)
         assert claim is not None
+        session.flush()  # the claim's event takes its time now, before what follows
         start = utcnow()
         for step in range(1, steps + 1):
             session.add(JobMetric(job_id=job_id, attempt=1, step=step,
