@@ -85,6 +85,7 @@ def train_orpo(
         dtype=loaded_dtype(model),
         batch_size=batch_size,
         save_steps=checkpoints.every_steps if checkpoints else 0,
+        resuming=resume_from is not None,
         # TRL truncates long rows, drops none: every row is a training example.
         warmup_steps=planned_warmup(config, train_examples=len(rows), batch_size=batch_size,
                                     reporter=reporter),

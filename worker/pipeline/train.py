@@ -74,6 +74,7 @@ def train(
         dtype=loaded_dtype(model),
         batch_size=batch_size,
         save_steps=checkpoints.every_steps if checkpoints else 0,
+        resuming=resume_from is not None,
         # Every layout below makes ceil(examples / batch_size) batches an epoch.
         warmup_steps=planned_warmup(config, train_examples=len(train_set),
                                     batch_size=batch_size, reporter=reporter),

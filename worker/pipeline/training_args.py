@@ -68,6 +68,7 @@ def training_arguments(
     dtype: torch.dtype = torch.float32,
     batch_size: int = BATCH_SIZE,
     save_steps: int = 0,
+    resuming: bool = False,
     warmup_steps: int | None = None,
     wandb_run_name: str | None = None,
     arguments_class: type[Arguments] = TrainingArguments,  # type: ignore[assignment]
@@ -76,7 +77,8 @@ def training_arguments(
     """Map the request's training_config onto transformers 5 TrainingArguments.
 
     `dtype` is the one the base model was loaded in (`model.loaded_dtype`): half precision
-    trains under autocast. `save_steps` > 0 saves a checkpoint that often. A run that trains
+    trains under autocast. `save_steps` > 0 saves a checkpoint that often. `resuming`: the run
+    continues an interrupted one from its checkpoint. A run that trains
     passes its `planned_warmup` as `warmup_steps`; None keeps the request's (arguments that
     only evaluate). A trainer with its
     own arguments class (TRL's `ORPOConfig`) passes it as `arguments_class`, with its own
@@ -90,7 +92,9 @@ def training_arguments(
             "eval_strategy": "steps",
             "eval_steps": EVAL_EVERY_FRACTION,
             # The base model's validation loss: the baseline every later eval_loss is read against.
-            "eval_on_start": True,
+            # Not again on resuming: an evaluation where the run resumes is one the uninterrupted
+            # run never made, yet early stopping would count it and the best adapter consider it.
+            "eval_on_start": not resuming,
             "per_device_eval_batch_size": batch_size,
             "metric_for_best_model": "eval_loss",
             "greater_is_better": False,
