@@ -124,7 +124,7 @@ def check_active_jobs(session: Session, new_job: NewJob, max_active: int) -> Non
     if count >= max_active:
         session.rollback()  # releases the lock at once
         raise ApiError(429, "too_many_active_jobs",
-                       f"this tenant already has {count} queued, running or paused jobs, the most this "
-                       f"server allows (TUNERY_MAX_ACTIVE_JOBS_PER_TENANT={max_active}); wait "
-                       "for one to finish or cancel one",
+                       f"this tenant already has {count} queued, running or paused jobs, the "
+                       f"most this server allows (TUNERY_MAX_ACTIVE_JOBS_PER_TENANT="
+                       f"{max_active}); wait for one to finish or cancel one",
                        headers={"Retry-After": str(RETRY_AFTER_S)})
