@@ -25,6 +25,8 @@ UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 MONSTERAPI_STATUS = {
     JobStatus.QUEUED: "IN_QUEUE",
     JobStatus.RUNNING: "IN_PROGRESS",
+    # MonsterAPI has no pause; its clients read an unknown status as not finished.
+    JobStatus.PAUSED: "PAUSED",
     JobStatus.COMPLETED: "COMPLETED",
     JobStatus.FAILED: "FAILED",
     JobStatus.CANCELLED: "TERMINATED",
@@ -50,7 +52,9 @@ class JobOut(BaseModel):
                                        "every tenant's).")
     status: JobStatus
     monsterapi_status: str = Field(description="IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED or "
-                                               "TERMINATED, as MonsterAPI reports it.")
+                                               "TERMINATED, as MonsterAPI reports it; PAUSED, "
+                                               "which MonsterAPI does not have, for a paused "
+                                               "job.")
     phase: str | None = Field(None, description="loading_data, loading_model, training or "
                                                 "uploading while RUNNING.")
     progress: float
@@ -58,6 +62,9 @@ class JobOut(BaseModel):
     base_model: str
     attempt: int
     cancel_requested: bool
+    pause_requested: bool = Field(description="A pause asked of a RUNNING job that its worker "
+                                              "has not reached yet (it pauses at its next "
+                                              "step).")
     result: dict[str, Any] | None
     warnings: list[str] = Field(
         default_factory=list,
@@ -87,6 +94,7 @@ class JobOut(BaseModel):
             base_model=job.base_model,
             attempt=job.attempt,
             cancel_requested=job.cancel_requested,
+            pause_requested=job.pause_requested,
             result=job.result,
             warnings=job.warnings or [],
             created_at=job.created_at,

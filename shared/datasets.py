@@ -86,7 +86,7 @@ class DatasetRejected(ValueError):
 
 
 class DatasetInUse(Exception):
-    """A dataset that queued or running jobs still train on."""
+    """A dataset that queued, running or paused jobs still train on."""
 
     def __init__(self, dataset_id: str, job_ids: list[str]) -> None:
         self.message = (
@@ -218,13 +218,15 @@ def dataset_bytes_problem(usage: TenantUsage, new_bytes: int, max_bytes: int) ->
 
 
 def jobs_using(session: Session, dataset: Dataset) -> list[str]:
-    """Ids of the QUEUED or RUNNING jobs of the dataset's tenant that train on it. A tenant
-    has few active jobs (TUNERY_MAX_ACTIVE_JOBS_PER_TENANT), so their payloads are read here
-    rather than queried as JSON, which SQLite and PostgreSQL spell differently."""
+    """Ids of the QUEUED, RUNNING or PAUSED jobs of the dataset's tenant that train on it (a
+    paused job reads it again when resumed). A tenant has few active jobs
+    (TUNERY_MAX_ACTIVE_JOBS_PER_TENANT), so their payloads are read here rather than queried
+    as JSON, which SQLite and PostgreSQL spell differently."""
     active = session.execute(
         select(Job.id, Job.payload).where(
             Job.tenant_id == dataset.tenant_id,
-            Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+            Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value,
+                            JobStatus.PAUSED.value]),
         )
     ).all()
     return [

@@ -29,12 +29,19 @@ from shared.schema import FinetuneRequest
 from shared.tenancy import Scope, newest_first, page_after, visible_to
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
-    # RUNNING -> QUEUED: the lease expired (the worker died) and attempts remain, or the
-    # worker handed the job back (`hand_back`).
-    JobStatus.RUNNING: frozenset(
-        {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}
+    # QUEUED -> PAUSED: a job nobody runs pauses at once (`request_pause`).
+    JobStatus.QUEUED: frozenset(
+        {JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.PAUSED}
     ),
+    # RUNNING -> QUEUED: the lease expired (the worker died) and attempts remain, or the
+    # worker handed the job back (`hand_back`). RUNNING -> PAUSED: the worker paused it at a
+    # step, or it died with a pause asked.
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED,
+         JobStatus.PAUSED}
+    ),
+    # PAUSED -> QUEUED: resumed (`resume_job`); the next attempt continues from the checkpoint.
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
     JobStatus.COMPLETED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
@@ -56,6 +63,16 @@ class JobConflict(Exception):
 
 class IllegalTransition(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class LeaseRenewal:
+    """What a heartbeat learns from renewing its lease."""
+
+    held: bool
+    """The attempt still runs the job; False: it moved on without it."""
+    cancel_requested: bool = False
+    pause_requested: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,8 +246,9 @@ def claim_next(
     return None
 
 
-def renew_lease(session: Session, claim: Claim, lease_seconds: int) -> tuple[bool, bool]:
-    """Extend the lease. Returns (still_held, cancel_requested)."""
+def renew_lease(session: Session, claim: Claim, lease_seconds: int) -> LeaseRenewal:
+    """Extend the lease; say whether the attempt still holds the job and whether the user
+    asked to cancel or pause it."""
     now = utcnow()
     held = session.execute(
         update(Job)
@@ -240,34 +258,44 @@ def renew_lease(session: Session, claim: Claim, lease_seconds: int) -> tuple[boo
             Job.status == JobStatus.RUNNING.value,
         )
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
-        .returning(Job.cancel_requested)
-    ).scalar_one_or_none()
+        .returning(Job.cancel_requested, Job.pause_requested)
+    ).one_or_none()
     if held is None:
-        return False, False
-    return True, bool(held)
+        return LeaseRenewal(held=False)
+    cancel, pause = held
+    return LeaseRenewal(held=True, cancel_requested=bool(cancel), pause_requested=bool(pause))
 
 
 def requeue_expired_leases(session: Session) -> list[tuple[str, JobStatus]]:
     """Jobs whose worker stopped renewing its lease: back to QUEUED while attempts remain,
-    FAILED once they are used up, CANCELLED if a cancel was asked. Returns (job id, new status).
+    FAILED once they are used up, CANCELLED if a cancel was asked, PAUSED if a pause was (the
+    user resumes it; it continues from its last checkpoint). Returns (job id, new status).
 
     Each move is fenced on the attempt that held the lease, so a worker that renews at the last
     moment, or a second reaper, makes the move a no-op instead of a double re-queue.
     """
     now = utcnow()
     expired = session.execute(
-        select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested, Job.lease_owner)
+        select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested,
+               Job.pause_requested, Job.lease_owner)
         .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
         .order_by(Job.lease_expires_at)
     ).all()
     moved: list[tuple[str, JobStatus]] = []
-    for job_id, attempt, max_attempts, cancel, owner in expired:
+    for job_id, attempt, max_attempts, cancel, pause, owner in expired:
         if cancel:
             to, reason = JobStatus.CANCELLED, "cancelled by the user; its worker stopped answering"
         elif attempt >= max_attempts:
+            # Before a pause: a paused job with no attempt left would be resumed into a queue
+            # that never runs it.
             to = JobStatus.FAILED
             reason = (f"worker lost in each of the {attempt} attempts allowed (last: {owner}); "
                       "the job may be crashing its worker, e.g. out of memory")
+        elif pause:
+            # The lost attempt counts, as for a re-queue: the worker's death may be the job's.
+            to = JobStatus.PAUSED
+            reason = (f"paused by the user; its worker {owner} was lost before it paused, so it "
+                      "resumes from its last checkpoint")
         else:
             to = JobStatus.QUEUED
             reason = f"lease of attempt {attempt} expired (worker {owner} lost); re-queued"
@@ -277,16 +305,19 @@ def requeue_expired_leases(session: Session) -> list[tuple[str, JobStatus]]:
 
 
 def hand_back(session: Session, claim: Claim, reason: str) -> JobStatus | None:
-    """Give the job of `claim`'s attempt back to the queue because its worker is stopping:
-    QUEUED, lease released, for the next worker to resume from its last checkpoint. The
-    attempt is given back too (`max_attempts` + 1): a worker's shutdown is no fault of the job,
-    and a fleet restarted a few times must not use up the attempts kept for crashes.
+    """Give the job of `claim`'s attempt back because its worker stopped it without a fault of
+    the job (the worker is shutting down, or it paused the job): QUEUED, lease released, for
+    the next worker to resume from its last checkpoint. The attempt is given back too
+    (`max_attempts` + 1): a shutdown or a pause is no fault of the job, and a fleet restarted
+    a few times must not use up the attempts kept for crashes.
 
-    A job whose cancel was asked ends CANCELLED instead. Returns the status the job moved to;
-    None when the attempt no longer owns it.
+    A job whose cancel was asked ends CANCELLED instead, one whose pause is still asked
+    PAUSED (a pause withdrawn by `resume_job` meanwhile leaves it QUEUED). `reason` is the
+    event's reason for QUEUED. Returns the status the job moved to; None when the attempt no
+    longer owns it.
     """
-    # Locked before reading the cancel: `request_cancel` waits for this transaction and then
-    # sees the job QUEUED, which it cancels at once.
+    # Locked before reading the cancel and the pause: `request_cancel`, `request_pause` and
+    # `resume_job` wait for this transaction and then see the job QUEUED or PAUSED.
     job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
     if job is None:
         raise JobNotFound(claim.job_id)
@@ -294,12 +325,13 @@ def hand_back(session: Session, claim: Claim, reason: str) -> JobStatus | None:
         cancelled = transition(session, claim.job_id, JobStatus.CANCELLED, attempt=claim.attempt,
                                reason="cancelled by the user")
         return JobStatus.CANCELLED if cancelled else None
-    if not transition(session, claim.job_id, JobStatus.QUEUED, attempt=claim.attempt,
-                      reason=reason):
+    to = JobStatus.PAUSED if job.pause_requested else JobStatus.QUEUED
+    why = "paused by the user" if to is JobStatus.PAUSED else reason
+    if not transition(session, claim.job_id, to, attempt=claim.attempt, reason=why):
         return None
     session.execute(update(Job).where(Job.id == claim.job_id)
                     .values(max_attempts=Job.max_attempts + 1))
-    return JobStatus.QUEUED
+    return to
 
 
 def fail_past_hard_limit(session: Session, hard_limit_s: int) -> list[str]:
@@ -385,8 +417,11 @@ def transition(
             values["payload"] = dropped
     if result is not None:
         values["result"] = result
-    if to is JobStatus.QUEUED:
+    if to is JobStatus.QUEUED or to is JobStatus.PAUSED:
         values.update(lease_owner=None, lease_expires_at=None, phase=None)
+    # A pause is asked of a running job only: whatever it moves to settles it.
+    if to is not JobStatus.RUNNING:
+        values["pause_requested"] = False
     where = [Job.id == job_id, Job.status == current.value, Job.attempt == job.attempt]
     if lease_expired:
         where.append(Job.lease_expires_at < now)
@@ -406,24 +441,86 @@ def transition(
 
 
 def request_cancel(session: Session, scope: Scope, job_id: str) -> Job:
-    """Cancel a queued job at once; ask a running one to stop at its next step."""
+    """Cancel a queued or paused job at once; ask a running one to stop at its next step."""
     job = get_job(session, scope, job_id)
     seen = JobStatus(job.status)
     if seen in TERMINAL_STATUSES:
-        raise JobConflict(f"job {job_id} is already {seen.value}; only queued or running "
-                          "jobs can be cancelled")
+        raise JobConflict(f"job {job_id} is already {seen.value}; only queued, running or "
+                          "paused jobs can be cancelled")
     # The status the UPDATE saw, not the one read above: a worker may have handed the job back
-    # in between (the UPDATE waits for its transaction), and a QUEUED job with a cancel asked
-    # would never be claimed nor cancelled.
+    # or paused it in between (the UPDATE waits for its transaction), and a QUEUED or PAUSED
+    # job with a cancel asked would never be claimed nor cancelled.
     status = JobStatus(session.execute(
         update(Job).where(Job.id == job_id).values(cancel_requested=True).returning(Job.status)
     ).scalar_one())
-    if status is JobStatus.QUEUED:
+    if status is JobStatus.QUEUED or status is JobStatus.PAUSED:
         reason = ("cancelled before it started" if seen is JobStatus.QUEUED
-                  else "cancelled by the user")
+                  and status is JobStatus.QUEUED else "cancelled by the user")
         transition(session, job_id, JobStatus.CANCELLED, reason=reason)
     session.refresh(job)
     return job
+
+
+def request_pause(session: Session, scope: Scope, job_id: str) -> Job:
+    """Pause a queued job at once; ask a running one to pause at its next step, where its
+    worker saves a checkpoint and moves it to PAUSED. A paused job is left as it is.
+
+    Raises `JobConflict` for a finished job, or a running one whose cancel was asked.
+    """
+    job = get_job(session, scope, job_id)
+    _refuse_finished(job, "paused")
+    # As in `request_cancel`: the UPDATE waits for a worker's transaction (a claim, a hand
+    # back, a pause) and decides on the status that committed, not on the one read above.
+    status = session.execute(
+        update(Job)
+        .where(Job.id == job_id,
+               Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+               Job.cancel_requested.is_(False))
+        .values(pause_requested=True)
+        .returning(Job.status)
+    ).scalar_one_or_none()
+    if status == JobStatus.QUEUED.value:
+        reason = ("paused before it started" if job.attempt == 0
+                  else "paused by the user while queued")
+        transition(session, job_id, JobStatus.PAUSED, reason=reason)
+    session.refresh(job)
+    if status is None:
+        # Moved on meanwhile: paused already (nothing to do), finished, or being cancelled.
+        _refuse_finished(job, "paused")
+        if job.cancel_requested and job.status == JobStatus.RUNNING.value:
+            raise JobConflict(f"job {job_id} is being cancelled; a cancelled job cannot be "
+                              "paused")
+    return job
+
+
+def resume_job(session: Session, scope: Scope, job_id: str) -> Job:
+    """Queue a paused job again, its next attempt to continue from the checkpoint of the step
+    it paused at; withdraw the pause a running job has not reached yet. A queued or running
+    job is left as it is. The caller commits, then sends the wake-up
+    (`shared.queue.enqueue_training`) if the job is QUEUED.
+
+    Raises `JobConflict` for a finished job.
+    """
+    job = get_job(session, scope, job_id)
+    _refuse_finished(job, "resumed")
+    # Locked: the worker's `hand_back` reads the pause under the same lock, so it either
+    # pauses the job before this (which then queues it) or finds the pause withdrawn.
+    session.refresh(job, with_for_update=True)
+    _refuse_finished(job, "resumed")
+    if job.status == JobStatus.PAUSED.value:
+        transition(session, job_id, JobStatus.QUEUED, reason="resumed by the user")
+        session.refresh(job)
+    elif job.status == JobStatus.RUNNING.value and job.pause_requested:
+        session.execute(update(Job).where(Job.id == job_id).values(pause_requested=False))
+        session.refresh(job)
+    return job
+
+
+def _refuse_finished(job: Job, action: str) -> None:
+    status = JobStatus(job.status)
+    if status in TERMINAL_STATUSES:
+        raise JobConflict(f"job {job.id} is already {status.value}; a finished job cannot "
+                          f"be {action}")
 
 
 def set_phase(session: Session, claim: Claim, phase: str | None = None,

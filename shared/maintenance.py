@@ -4,7 +4,7 @@ Every worker runs it in a thread (and once when it starts), so it runs wherever 
 run, the embedded default included:
 
 - jobs whose lease expired (worker killed, host lost) go back to QUEUED, or end FAILED once
-  their attempts are used up;
+  their attempts are used up (CANCELLED or PAUSED when the user asked for that);
 - jobs running past the hard time limit end FAILED;
 - QUEUED jobs get wake-ups when the broker holds fewer waiting messages than there are queued
   jobs (a Redis restart lost them, or the send after the submit failed);
@@ -35,6 +35,7 @@ class SweepResult:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    paused: list[str] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
     woken: list[str] = field(default_factory=list)
     expired_keys: int = 0
@@ -50,6 +51,7 @@ def reap(settings: Settings) -> SweepResult:
                 JobStatus.QUEUED: result.requeued,
                 JobStatus.FAILED: result.failed,
                 JobStatus.CANCELLED: result.cancelled,
+                JobStatus.PAUSED: result.paused,
             }[status].append(job_id)
         result.expired_keys = idempotency.delete_expired(session, settings.limits.idempotency_ttl_s)
     return result
@@ -83,6 +85,7 @@ def sweep(settings: Settings) -> SweepResult:
         ("re-queued after a lost lease", result.requeued),
         ("failed after their last attempt was lost", result.failed),
         ("cancelled while their worker was lost", result.cancelled),
+        ("paused while their worker was lost", result.paused),
         ("failed past the hard time limit", result.timed_out),
         ("woken: the broker had no message for them", result.woken),
     ):

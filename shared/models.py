@@ -34,6 +34,8 @@ def new_id() -> str:
 class JobStatus(enum.StrEnum):
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    """Stopped on the user's request with its progress kept; resuming queues it again."""
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
@@ -101,6 +103,8 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Set on a RUNNING job only: its worker pauses it at the next step (`jobs.request_pause`).
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     # Sentences about what the service changed in, or doubts about, this job (a capped
     # warm-up, a default prompt template); shown with the job, never a reason to fail it.

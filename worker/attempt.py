@@ -1,5 +1,5 @@
-"""One attempt at a claimed job: the pipeline run under a heartbeat (lease, cancel, time
-limits), its outputs published, and its outcome recorded as the job's transition."""
+"""One attempt at a claimed job: the pipeline run under a heartbeat (lease, cancel, pause,
+time limits), its outputs published, and its outcome recorded as the job's transition."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import shutil
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from shared.storage import StorageError, storage_from_settings
 from worker.heartbeat import Heartbeat
 from worker.job_reporter import DatabaseReporter
 from worker.outage import through_outage
-from worker.pipeline.errors import StopReason
+from worker.pipeline.errors import StopReason, TrainingStopped
 
 if TYPE_CHECKING:
     from worker.pipeline.base_cache import BaseModelCache
@@ -48,8 +49,8 @@ def run_attempt(
     base_models: BaseModelCache | None = None,
 ) -> bool:
     """Train, publish and record the outcome of `claim`'s attempt; never raises. Returns
-    whether the job went back to the queue because this worker is stopping
-    (`worker.shutdown`)."""
+    whether the job went back to the queue: this worker is stopping (`worker.shutdown`), or
+    the job was resumed while it paused."""
     # First thing after the claim: the lease it set runs from now on.
     heartbeat = Heartbeat(
         claim,
@@ -62,7 +63,7 @@ def run_attempt(
     # Imported here so the Celery app (and the API, which shares shared.queue) loads fast; a
     # worker has them loaded already (`worker.tasks`, at worker_init).
     from worker.pipeline.checkpoints import CheckpointStore
-    from worker.pipeline.errors import PipelineError, TrainingStopped
+    from worker.pipeline.errors import PipelineError
     from worker.pipeline.job_dirs import job_working_directory, tenant_hub_cache
     from worker.pipeline.run import run_job
     from worker.publish import publish_outputs
@@ -95,7 +96,7 @@ def run_attempt(
         reporter.phase("uploading")
         uploaded = publish_outputs(
             claim.job_id, result.output_dir, request.hf_config, storage,
-            should_stop=reporter.should_stop, log=reporter.log,
+            should_stop=partial(stops_upload, reporter), log=reporter.log,
         )
         summary = {
             "steps": result.steps,
@@ -118,8 +119,8 @@ def run_attempt(
             reason = timeout_reason(claim, checkpoints, settings.leases.job_soft_time_limit_s)
             reporter.log(f"failed: {reason}")
             finish(claim, reporter, JobStatus.FAILED, reason=reason)
-        elif stop.reason == StopReason.WORKER_STOPPING:
-            handed_back = hand_back(claim, reporter, stop.step)
+        elif stop.reason in (StopReason.WORKER_STOPPING, StopReason.PAUSED):
+            handed_back = hand_back(claim, reporter, stop)
         else:
             # A lost lease: another attempt owns the job and records its outcome.
             log.warning("job %s attempt %s stopped: %s", claim.job_id, claim.attempt, stop.reason)
@@ -175,30 +176,49 @@ def finish(
     return done
 
 
-def hand_back(claim: Claim, reporter: DatabaseReporter, step: int | None) -> bool:
-    """The worker is stopping: put the job back in the queue for the next worker, which
-    resumes it from its last checkpoint, or end it CANCELLED if the user asked meanwhile.
-    Returns whether the job is QUEUED again."""
+def stops_upload(reporter: DatabaseReporter) -> StopReason | None:
+    """What stops the upload of a trained job: anything but a pause, which waits for nothing
+    once training is over (the job completes)."""
+    reason = reporter.should_stop()
+    return None if reason == StopReason.PAUSED else reason
+
+
+def hand_back(claim: Claim, reporter: DatabaseReporter, stop: TrainingStopped) -> bool:
+    """The worker is stopping, or the user paused the job: put the job back in the queue for
+    the next worker, or PAUSED until resumed (a pause asked meanwhile, or not withdrawn), or
+    end it CANCELLED if the user asked meanwhile; the next attempt resumes from its last
+    checkpoint, which a pause saved at the step it stopped at. Returns whether the job is
+    QUEUED again."""
+    paused = stop.reason == StopReason.PAUSED
+    requeued = ("paused, then resumed before the pause was done: handed back" if paused
+                else f"worker {claim.owner} stopping: handed back")
 
     def record() -> JobStatus | None:
         reporter.flush()
         with session_scope() as session:
-            return jobs.hand_back(session, claim, reason=f"worker {claim.owner} stopping: "
-                                                         f"handed back")
+            return jobs.hand_back(session, claim, reason=requeued)
 
     what = f"job {claim.job_id} attempt {claim.attempt}: handing it back"
-    status = through_outage(record, HAND_BACK_PATIENCE_S, what)
+    # A stopping worker has seconds before its supervisor kills it; a pause has no hurry.
+    patience = HAND_BACK_PATIENCE_S if not paused else FINISH_PATIENCE_S
+    status = through_outage(record, patience, what)
     reporter.heartbeat.end()
-    where = f" at step {step}" if step is not None else ""
-    if status is JobStatus.QUEUED:
+    where = f" at step {stop.step}" if stop.step is not None else ""
+    if status is JobStatus.PAUSED:
+        reporter.log(f"paused{where or ' before training'}; a resume continues from the last "
+                     f"checkpoint")
+    elif status is JobStatus.QUEUED and paused:
+        reporter.log(f"resumed while pausing{where}: job handed back to the queue; the next "
+                     f"attempt resumes from its last checkpoint")
+    elif status is JobStatus.QUEUED:
         reporter.log(f"worker stopping: job handed back{where}; the next attempt resumes from "
                      f"its last checkpoint")
     elif status is JobStatus.CANCELLED:
         reporter.log("training stopped: cancelled by the user")
     else:
-        log.warning("job %s attempt %s: worker stopping; could not hand the job back (the "
-                    "database is unreachable or it moved on); its lease expires instead",
-                    claim.job_id, claim.attempt)
+        log.warning("job %s attempt %s: %s; could not hand the job back (the database is "
+                    "unreachable or it moved on); its lease expires instead",
+                    claim.job_id, claim.attempt, "pausing" if paused else "worker stopping")
     return status is JobStatus.QUEUED
 
 

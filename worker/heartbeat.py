@@ -1,5 +1,5 @@
-"""The heartbeat of a running attempt: lease renewal, cancel, time limits and the worker's
-shutdown, in a thread.
+"""The heartbeat of a running attempt: lease renewal, cancel, pause, time limits and the
+worker's shutdown, in a thread.
 
 A thread rather than a training callback, because the lease must also survive what happens
 outside optimizer steps: loading a large base model, a long first step, the upload. The
@@ -41,6 +41,7 @@ class Heartbeat(threading.Thread):
     """Renews `claim`'s lease every `every_s` and sets `stop_reason` once training should end:
 
     - `cancelled`: the user asked;
+    - `paused`: the user asked to pause (a cancel read by the same beat wins);
     - `lease_lost`: the job moved on without this attempt (re-queued, failed by the reaper), or
       the database has been unreachable for longer than a lease, so the reaper will have
       re-queued it: training on would only duplicate the next attempt's work;
@@ -105,7 +106,7 @@ class Heartbeat(threading.Thread):
     def _renew(self, now: float) -> None:
         try:
             with session_scope() as session:
-                held, cancel = jobs.renew_lease(session, self.claim, int(self.lease_seconds))
+                renewal = jobs.renew_lease(session, self.claim, int(self.lease_seconds))
         except SQLAlchemyError as exc:
             unreachable_s = now - self.last_renewed_at
             log.warning("job %s: lease renewal failed (%.0f s without one): %s",
@@ -114,10 +115,12 @@ class Heartbeat(threading.Thread):
                 self._request_stop(StopReason.LEASE_LOST)
             return
         self.last_renewed_at = now
-        if not held:
+        if not renewal.held:
             self._request_stop(StopReason.LEASE_LOST)
-        elif cancel:
+        elif renewal.cancel_requested:
             self._request_stop(StopReason.CANCELLED)
+        elif renewal.pause_requested:
+            self._request_stop(StopReason.PAUSED)
 
     def _request_stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:

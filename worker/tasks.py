@@ -123,9 +123,10 @@ def train(job_id: str) -> None:
     claim, payload = claimed
     request = open_request(claim, payload)
     if request is not None and run_claimed_job(claim, request):
-        # The job is QUEUED again: its wake-up goes back to the broker for another worker
-        # (acks_late keeps it unacknowledged until now).
-        raise Reject(f"job {claim.job_id} handed back: worker stopping", requeue=True)
+        # The job is QUEUED again (this worker is stopping, or the job was resumed while it
+        # paused): its wake-up goes back to the broker for another worker (acks_late keeps it
+        # unacknowledged until now).
+        raise Reject(f"job {claim.job_id} handed back to the queue", requeue=True)
 
 
 def open_request(claim: Claim, payload: dict[str, Any]) -> FinetuneRequest | None:

@@ -1,4 +1,4 @@
-"""The cap on a tenant's active (QUEUED or RUNNING) jobs, checked at submit."""
+"""The cap on a tenant's active (QUEUED, RUNNING or PAUSED) jobs, checked at submit."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from api.errors import ApiError
 from shared.jobs import NewJob
 from shared.models import Job, JobStatus, Tenant
 
-ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+# A paused job keeps its place: a resume queues it again without a check, so pausing jobs
+# must not make room for more.
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.PAUSED.value)
 # Jobs take minutes to hours; asking again sooner only spends the client's rate limit.
 RETRY_AFTER_S = 60
 
@@ -46,7 +48,7 @@ def lock_tenant(session: Session, tenant_id: str) -> None:
 
 
 def active_jobs(session: Session, tenant_id: str, besides: str) -> int:
-    """The tenant's QUEUED and RUNNING jobs, leaving out the job `besides`."""
+    """The tenant's QUEUED, RUNNING and PAUSED jobs, leaving out the job `besides`."""
     return session.execute(_COUNT_ACTIVE, {"tenant_id": tenant_id, "besides": besides}
                            ).scalar_one()
 
@@ -122,7 +124,7 @@ def check_active_jobs(session: Session, new_job: NewJob, max_active: int) -> Non
     if count >= max_active:
         session.rollback()  # releases the lock at once
         raise ApiError(429, "too_many_active_jobs",
-                       f"this tenant already has {count} queued or running jobs, the most this "
-                       f"server allows (TUNERY_MAX_ACTIVE_JOBS_PER_TENANT={max_active}); wait "
-                       "for one to finish or cancel one",
+                       f"this tenant already has {count} queued, running or paused jobs, the "
+                       f"most this server allows (TUNERY_MAX_ACTIVE_JOBS_PER_TENANT="
+                       f"{max_active}); wait for one to finish or cancel one",
                        headers={"Retry-After": str(RETRY_AFTER_S)})

@@ -1,4 +1,4 @@
-"""`/v1/finetune/llm`: submit, follow, cancel, and download fine-tuning jobs."""
+"""`/v1/finetune/llm`: submit, follow, cancel, pause, resume and download fine-tuning jobs."""
 
 from __future__ import annotations
 
@@ -124,8 +124,8 @@ class JobListQuery(BaseModel):
         list[JobStatus], BeforeValidator(_statuses, json_schema_input_type=list[str])
     ] = Field(default_factory=list, description=(
         "Only jobs in this status; repeat it for several (`?status=FAILED&status=CANCELLED`). "
-        "QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, or MonsterAPI's IN_QUEUE, IN_PROGRESS, "
-        "TERMINATED, in any case."
+        "QUEUED, RUNNING, PAUSED, COMPLETED, FAILED, CANCELLED, or MonsterAPI's IN_QUEUE, "
+        "IN_PROGRESS, TERMINATED, in any case."
     ))
     base_model: str | None = Field(None, min_length=1, max_length=512, description=(
         "Only jobs of this base model, exactly as submitted in "
@@ -148,11 +148,36 @@ def get_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
     return JobOut.of(jobs.get_job(session, caller.scope, job_id))
 
 
-@router.post("/{job_id}/cancel", summary="Cancel a queued or running job",
+@router.post("/{job_id}/cancel", summary="Cancel a queued, running or paused job",
              responses=error_responses(404, 409))
 def cancel_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
     job = jobs.request_cancel(session, caller.scope, job_id)
     session.commit()
+    return JobOut.of(job)
+
+
+@router.post("/{job_id}/pause",
+             summary="Pause a job (Tunery extension): a queued job at once, a running one at "
+                     "its next step, whose checkpoint it keeps (`pause_requested` until then); "
+                     "409 once finished or while a cancel is under way",
+             responses=error_responses(404, 409))
+def pause_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
+    job = jobs.request_pause(session, caller.scope, job_id)
+    session.commit()
+    return JobOut.of(job)
+
+
+@router.post("/{job_id}/resume",
+             summary="Resume a paused job (Tunery extension): QUEUED again, it continues from "
+                     "the step it paused at; withdraws a pause a running job has not reached "
+                     "yet; 409 once finished",
+             responses=error_responses(404, 409))
+def resume_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
+    job = jobs.resume_job(session, caller.scope, job_id)
+    session.commit()
+    if job.status == JobStatus.QUEUED:
+        # After the commit, as for a submit: the worker that wakes up must find it QUEUED.
+        enqueue_training(job.id)
     return JobOut.of(job)
 
 

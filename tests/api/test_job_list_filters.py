@@ -18,7 +18,7 @@ LIST_ROUTES = ("/v1/finetune/llm", "/v1/deploy/list")
 
 
 def _jobs_in_every_status(client: TestClient) -> dict[JobStatus, str]:
-    """One job per status, submitted in the order QUEUED, RUNNING, COMPLETED, FAILED,
+    """One job per status, submitted in the order QUEUED, RUNNING, PAUSED, COMPLETED, FAILED,
     CANCELLED."""
     ids = {status: submit(client)["job_id"] for status in JobStatus}
     with session_scope() as session:
@@ -27,6 +27,7 @@ def _jobs_in_every_status(client: TestClient) -> dict[JobStatus, str]:
             assert claim is not None
             if status is not JobStatus.RUNNING:
                 assert jobs.transition(session, claim.job_id, status, attempt=claim.attempt)
+        jobs.request_pause(session, ALL_TENANTS, ids[JobStatus.PAUSED])
         jobs.request_cancel(session, ALL_TENANTS, ids[JobStatus.CANCELLED])
     return ids
 
@@ -47,14 +48,16 @@ def test_list_keeps_only_the_statuses_asked_for_and_counts_only_those(
     either = _listed(client, path, status=["FAILED", "CANCELLED"])
     assert either == ([ids[JobStatus.CANCELLED], ids[JobStatus.FAILED]], 2)
     assert _listed(client, path, status="COMPLETED", limit=1, offset=1) == ([], 1)
-    assert _listed(client, path)[1] == 5
+    assert _listed(client, path, status="PAUSED") == ([ids[JobStatus.PAUSED]], 1)
+    assert _listed(client, path)[1] == 6
 
 
 def test_status_names_are_ours_or_monsterapis_in_any_case(client: TestClient) -> None:
     ids = _jobs_in_every_status(client)
     for name, status in [("failed", JobStatus.FAILED), ("Running", JobStatus.RUNNING),
                          ("IN_QUEUE", JobStatus.QUEUED), ("in_progress", JobStatus.RUNNING),
-                         ("TERMINATED", JobStatus.CANCELLED), ("completed", JobStatus.COMPLETED)]:
+                         ("TERMINATED", JobStatus.CANCELLED), ("completed", JobStatus.COMPLETED),
+                         ("paused", JobStatus.PAUSED)]:
         assert _listed(client, "/v1/deploy/list", status=name) == ([ids[status]], 1), name
 
 
@@ -69,8 +72,8 @@ def test_an_unknown_status_is_a_422_naming_the_parameter_and_the_accepted_values
     [field] = error["fields"]
     assert field["path"] == "status"
     assert "'DONE'" in field["message"]
-    for accepted in ("QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "IN_QUEUE",
-                     "IN_PROGRESS", "TERMINATED"):
+    for accepted in ("QUEUED", "RUNNING", "PAUSED", "COMPLETED", "FAILED", "CANCELLED",
+                     "IN_QUEUE", "IN_PROGRESS", "TERMINATED"):
         assert accepted in field["message"]
 
 

@@ -86,7 +86,7 @@ def test_expired_lease_is_requeued_reclaimed_and_fences_the_old_attempt(
     pg_session.commit()
 
     assert second is not None and second.attempt == 2
-    assert jobs.renew_lease(pg_session, first, 60) == (False, False)
+    assert jobs.renew_lease(pg_session, first, 60) == jobs.LeaseRenewal(held=False)
     assert not jobs.transition(pg_session, job.id, JobStatus.COMPLETED, attempt=first.attempt)
     assert jobs.transition(pg_session, job.id, JobStatus.COMPLETED, attempt=second.attempt)
     pg_session.commit()
@@ -110,7 +110,7 @@ def test_a_lease_renewed_before_the_reaper_commits_keeps_its_job(pg_session: Ses
     claim = jobs.claim_job(pg_session, job.id, "a", 60)
     assert claim is not None
     expire_lease(pg_session, job.id)
-    assert jobs.renew_lease(pg_session, claim, 60) == (True, False)
+    assert jobs.renew_lease(pg_session, claim, 60) == jobs.LeaseRenewal(held=True)
     pg_session.commit()
     assert jobs.requeue_expired_leases(pg_session) == []
     # The same holds when the renewal lands between the reaper's read and its write.

@@ -1,13 +1,15 @@
 """A hypothesis state machine over the real job functions on a real database (SQLite file):
-workers claim, renew, finish, die and come back stale; users submit and cancel; the reaper
-sweeps; stopping workers hand their jobs back. After every step:
+workers claim, renew, finish, die and come back stale; users submit, cancel, pause and
+resume; the reaper sweeps; stopping or pausing workers hand their jobs back. After every step:
 
 - at most one live lease per job, held by the attempt the row names;
 - every recorded transition is one `ALLOWED` permits;
 - a terminal state never changes;
 - COMPLETED implies the job's adapter is in storage;
 - no job has more attempts than `max_attempts`;
-- no QUEUED job carries a cancel (nobody would claim or cancel it).
+- no QUEUED job carries a cancel (nobody would claim or cancel it);
+- only a RUNNING job carries a pause (its worker is the one to act on it);
+- a QUEUED or PAUSED job has an attempt left (resumed, it would otherwise never run).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ class JobLifecycle(RuleBasedStateMachine):
     def heartbeat(self, claim: Claim | None) -> None:
         if claim is None:
             return
-        held, _ = jobs.renew_lease(self.session, claim, LEASE_S)
+        held = jobs.renew_lease(self.session, claim, LEASE_S).held
         self.session.commit()
         job = self.session.get_one(Job, claim.job_id, populate_existing=True)
         # A renewal succeeds exactly when this attempt still runs the job.
@@ -125,12 +127,12 @@ class JobLifecycle(RuleBasedStateMachine):
 
     @rule(claim=consumes(claims))
     def worker_stops(self, claim: Claim | None) -> None:
-        """Its worker shuts down and hands the job back."""
+        """Its worker shuts down, or saw a pause, and hands the job back."""
         if claim is None:
             return
         job = self.session.get_one(Job, claim.job_id, populate_existing=True)
         owns = job.status == "RUNNING" and job.attempt == claim.attempt
-        cancel, max_attempts = job.cancel_requested, job.max_attempts
+        cancel, pause, max_attempts = job.cancel_requested, job.pause_requested, job.max_attempts
         moved = jobs.hand_back(self.session, claim, reason="worker stopping")
         self.session.commit()
         job = self.session.get_one(Job, claim.job_id, populate_existing=True)
@@ -139,8 +141,9 @@ class JobLifecycle(RuleBasedStateMachine):
         elif cancel:
             assert moved is JobStatus.CANCELLED and job.status == "CANCELLED"
         else:
-            # Claimable again, the attempt it used given back.
-            assert moved is JobStatus.QUEUED and job.status == "QUEUED"
+            # Claimable again (once resumed, if paused), the attempt it used given back.
+            expected = JobStatus.PAUSED if pause else JobStatus.QUEUED
+            assert moved is expected and job.status == expected.value
             assert job.max_attempts == max_attempts + 1
 
     @rule(job_id=jobs_)
@@ -166,6 +169,32 @@ class JobLifecycle(RuleBasedStateMachine):
             assert job.status in {s.value for s in TERMINAL_STATUSES}
         self.session.commit()
 
+    @rule(job_id=jobs_)
+    def pause(self, job_id: str) -> None:
+        before = self.session.get_one(Job, job_id, populate_existing=True)
+        status, cancel = before.status, before.cancel_requested
+        try:
+            job = jobs.request_pause(self.session, self.tenant, job_id)
+        except jobs.JobConflict:
+            assert status in {s.value for s in TERMINAL_STATUSES} or cancel
+        else:
+            # A queued job pauses at once; a running one when its worker gets to it.
+            assert job.status == {"QUEUED": "PAUSED"}.get(status, status)
+            assert job.pause_requested == (status == "RUNNING")
+        self.session.commit()
+
+    @rule(job_id=jobs_)
+    def resume(self, job_id: str) -> None:
+        status = self.session.get_one(Job, job_id, populate_existing=True).status
+        try:
+            job = jobs.resume_job(self.session, self.tenant, job_id)
+        except jobs.JobConflict:
+            assert status in {s.value for s in TERMINAL_STATUSES}
+        else:
+            assert job.status == {"PAUSED": "QUEUED"}.get(status, status)
+            assert not job.pause_requested
+        self.session.commit()
+
     @invariant()
     def one_live_lease_per_job_and_attempts_bounded(self) -> None:
         if not hasattr(self, "session"):
@@ -178,6 +207,9 @@ class JobLifecycle(RuleBasedStateMachine):
                 assert job.lease_owner is None and job.lease_expires_at is None
             # Nobody would ever claim or cancel it.
             assert not (job.status == "QUEUED" and job.cancel_requested), job.id
+            assert not job.pause_requested or job.status == "RUNNING", job.id
+            if job.status in ("QUEUED", "PAUSED"):
+                assert job.attempt < job.max_attempts, job.id
 
     @invariant()
     def transitions_are_allowed_and_terminal_states_final(self) -> None:

@@ -1,5 +1,5 @@
 """The attempt's heartbeat and reporter against a real database that goes away: lease renewal,
-cancel, the worker's shutdown, a lost lease, a database outage shorter and longer than the
+cancel, pause, the worker's shutdown, a lost lease, a database outage shorter and longer than the
 lease, time limits, and reports kept in memory until the database is back.
 
 The outage is real: the settings are pointed at a PostgreSQL port where nothing listens, so
@@ -119,6 +119,33 @@ def test_the_worker_stopping_is_seen_at_the_next_beat_and_a_cancel_seen_with_it_
         jobs.request_cancel(session, tenant, claim.job_id)
     both.beat()
     assert both.stop_reason == StopReason.CANCELLED
+
+
+def test_a_pause_is_seen_at_the_next_beat_and_a_cancel_seen_with_it_wins(
+    claim: Claim,
+) -> None:
+    paused, both = heartbeat(claim, FakeClock()), heartbeat(claim, FakeClock())
+    with session_scope() as session:
+        tenant = session.get_one(Job, claim.job_id).tenant_id
+        jobs.request_pause(session, tenant, claim.job_id)
+    paused.beat()
+    assert paused.stop_reason == StopReason.PAUSED
+
+    with session_scope() as session:
+        jobs.request_cancel(session, tenant, claim.job_id)
+    both.beat()
+    assert both.stop_reason == StopReason.CANCELLED
+
+
+def test_a_pause_withdrawn_before_the_next_beat_stops_nothing(claim: Claim) -> None:
+    beat = heartbeat(claim, FakeClock())
+    with session_scope() as session:
+        tenant = session.get_one(Job, claim.job_id).tenant_id
+        jobs.request_pause(session, tenant, claim.job_id)
+    with session_scope() as session:
+        jobs.resume_job(session, tenant, claim.job_id)
+    beat.beat()
+    assert beat.stop_reason is None
 
 
 def test_a_job_requeued_by_the_reaper_stops_the_old_attempt(claim: Claim) -> None:

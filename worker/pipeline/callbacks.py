@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -185,23 +186,46 @@ class StopCallback(TrainerCallback):
     the end of the step, whose checkpoint it saves; any other (a cancel, a lost lease: another
     attempt owns the job; the worker stopping: the next attempt resumes from the last
     checkpoint) saves nothing. `run_trainer` raises `TrainingStopped` once the Trainer returns.
+
+    With `saves_pause`, a pause ends the step as an uninterrupted run would end it (the
+    evaluation planned for it, then its checkpoint) and stops after that save, so that the
+    resumed run is the uninterrupted one; a pause that comes as training ends anyway (its
+    last step, early stopping) is no stop: the job finishes. Without, a pause stops like a
+    cancel.
     """
 
     def __init__(
-        self, reporter: JobReporter, save_on: frozenset[StopReason] = frozenset()
+        self, reporter: JobReporter, save_on: frozenset[StopReason] = frozenset(),
+        *, saves_pause: bool = False,
     ) -> None:
         self.reporter = reporter
-        self.save_on = save_on
+        self.save_on = (save_on | {StopReason.PAUSED}) if saves_pause else save_on
+        self.saves_pause = saves_pause
         self.reason: StopReason | None = None
         self.step: int | None = None
+        self._pausing = False
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         reason = self.reporter.should_stop()
-        if reason:
+        if reason == StopReason.PAUSED and self.saves_pause:
+            # Stopped in `on_save`, after the step's evaluation and checkpoint.
+            self._pausing = True
+            control.should_save = True
+        elif reason:
             self._stop(reason, state, control)
             control.should_save = reason in self.save_on
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not self._pausing:
+            return
+        self._pausing = False
+        # Already set: the Trainer stops here by itself (the last step, early stopping).
+        if not control.should_training_stop:
+            self._stop(StopReason.PAUSED, state, control)
 
     def on_substep_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -306,6 +330,25 @@ class BestAdapterCallback(TrainerCallback):
         self.best_loss, self.best_step = float(metadata["best_loss"]), int(metadata["best_step"])
 
 
+def early_stopping(patience: int, resume_from: Path | None = None) -> EarlyStoppingCallback:
+    """Early stopping on eval_loss; resuming from a checkpoint, with the evaluations without
+    improvement counted by then. The Trainer restores the best eval_loss from the checkpoint
+    but not this count (it would with `restore_callback_states_from_checkpoint`, which also
+    brings back the control flags of the moment of the save, a pending save among them), and
+    a resumed run would otherwise stop later than the uninterrupted one."""
+    callback = EarlyStoppingCallback(patience)
+    if resume_from is None or not (resume_from / "trainer_state.json").is_file():
+        return callback
+    stored = json.loads((resume_from / "trainer_state.json").read_text()).get(
+        "stateful_callbacks", {}).get(type(callback).__name__)
+    if isinstance(stored, list):  # one entry per callback of the class
+        stored = stored[0] if stored else None
+    counted = (stored or {}).get("attributes", {}).get("early_stopping_patience_counter")
+    if isinstance(counted, int):
+        callback.early_stopping_patience_counter = counted
+    return callback
+
+
 class CheckpointCallback(TrainerCallback):
     """After the Trainer saves `checkpoint-N/` locally: add the best adapter so far to it
     (with a validation set), then copy it to storage, in that order, so that the checkpoint in
@@ -351,9 +394,10 @@ class TrainingWatch:
         self.reporter = reporter
         self.metrics = MetricsCallback(reporter, extra=extra_metrics)
         saves = checkpoints is not None and checkpoints.every_steps > 0
-        # A job stopped by its time limit keeps a checkpoint of where it got to.
+        # A job stopped by its time limit keeps a checkpoint of where it got to; a paused job
+        # too, even where no checkpoint is saved along the way: its resume continues from it.
         save_on = frozenset({StopReason.TIMEOUT}) if saves else frozenset()
-        self.stop = StopCallback(reporter, save_on=save_on)
+        self.stop = StopCallback(reporter, save_on=save_on, saves_pause=checkpoints is not None)
         self.best = BestAdapterCallback()
         if resume_from:
             # The best adapter so far lives in the checkpoint, not in this process's memory.
@@ -364,7 +408,8 @@ class TrainingWatch:
             self.stop,
         ]
         if has_validation:
-            self.callbacks += [EarlyStoppingCallback(config.early_stopping_patience), self.best]
-        if checkpoints is not None and saves:
+            self.callbacks += [early_stopping(config.early_stopping_patience, resume_from),
+                               self.best]
+        if checkpoints is not None:
             best = self.best if has_validation else None
             self.callbacks.append(CheckpointCallback(checkpoints, best, reporter.log))

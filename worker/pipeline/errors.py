@@ -19,6 +19,9 @@ class StopReason(StrEnum):
     WORKER_STOPPING = "worker_stopping"
     """The worker process is shutting down (`worker.shutdown`); the job goes back to the
     queue."""
+    PAUSED = "paused"
+    """The user asked to pause (`shared.jobs.request_pause`): training ends at a step, whose
+    checkpoint it saves, and the job waits PAUSED until resumed."""
 
 
 class PipelineError(Exception):

@@ -83,6 +83,7 @@ def train_orpo(
         quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
         dtype=loaded_dtype(model),
         save_steps=checkpoints.every_steps if checkpoints else 0,
+        resuming=resume_from is not None,
         # TRL truncates long rows, drops none: every row is a training example.
         warmup_steps=planned_warmup(config, train_examples=len(rows), reporter=reporter),
         wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,

@@ -73,6 +73,7 @@ def train(
         quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
         dtype=loaded_dtype(model),
         save_steps=checkpoints.every_steps if checkpoints else 0,
+        resuming=resume_from is not None,
         # Every layout below makes ceil(examples / batch_size) batches an epoch.
         warmup_steps=planned_warmup(config, train_examples=len(train_set), reporter=reporter),
         wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,

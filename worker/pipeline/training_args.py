@@ -66,6 +66,7 @@ def training_arguments(
     quantized: bool,
     dtype: torch.dtype = torch.float32,
     save_steps: int = 0,
+    resuming: bool = False,
     warmup_steps: int | None = None,
     wandb_run_name: str | None = None,
     arguments_class: type[Arguments] = TrainingArguments,  # type: ignore[assignment]
@@ -76,9 +77,10 @@ def training_arguments(
     `dtype` is the one the base model was loaded in (`model.loaded_dtype`): half precision
     trains under autocast. Micro-batches hold `training_config.micro_batch_size` examples
     (`training_plan.micro_batch_size`), in training and evaluation. `save_steps` > 0 saves a
-    checkpoint that often. A run that trains passes its `planned_warmup` as `warmup_steps`;
-    None keeps the request's (arguments that only evaluate). A trainer with its own arguments
-    class (TRL's `ORPOConfig`, `DPOConfig`) passes it as `arguments_class`, with its own
+    checkpoint that often. `resuming`: the run continues an interrupted one from its
+    checkpoint. A run that trains passes its `planned_warmup` as `warmup_steps`; None keeps
+    the request's (arguments that only evaluate). A trainer with its own arguments class
+    (TRL's `ORPOConfig`, `DPOConfig`) passes it as `arguments_class`, with its own
     fields and any value it must change in `overrides`.
     """
     cuda = torch.cuda.is_available()
@@ -90,7 +92,9 @@ def training_arguments(
             "eval_strategy": "steps",
             "eval_steps": EVAL_EVERY_FRACTION,
             # The base model's validation loss: the baseline every later eval_loss is read against.
-            "eval_on_start": True,
+            # Not again on resuming: an evaluation where the run resumes is one the uninterrupted
+            # run never made, yet early stopping would count it and the best adapter consider it.
+            "eval_on_start": not resuming,
             "per_device_eval_batch_size": batch_size,
             "metric_for_best_model": "eval_loss",
             "greater_is_better": False,
