@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass
 from typing import NoReturn
 
-from shared.openai_training_file import FileProblem, TrainingFileCheck, method_mismatch
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
@@ -31,6 +30,7 @@ from api.preflight.checks import Preflight
 from shared import datasets, jobs
 from shared.jobs import NewJob
 from shared.models import Dataset, DatasetStatus, JobStatus
+from shared.openai_training_file import FileProblem, TrainingFileCheck, method_mismatch
 from shared.settings import Settings
 from shared.storage import Storage
 

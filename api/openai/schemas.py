@@ -22,35 +22,45 @@ from pydantic import (
 Auto = Literal["auto"]
 
 
-def _auto_or(kind: type[int] | type[float], low: float, high: float, *,
-             low_included: bool = True) -> Any:
+class _AutoOr:
     """"auto" or a number of `kind` in [low, high] (`(low, high]` without `low_included`),
     refused with one message naming both, where a plain union would list each member's
     complaint under its own path."""
-    wanted = "an integer" if kind is int else "a number"
-    bound = f"from {low:g}" if low_included else f"above {low:g}"
-    message = f"must be 'auto' or {wanted} {bound} to {high:g}"
 
-    def check(value: Any) -> Any:
+    def __init__(self, kind: type[int] | type[float], low: float, high: float, *,
+                 low_included: bool = True) -> None:
+        self.kind, self.low, self.high, self.low_included = kind, low, high, low_included
+        wanted = "an integer" if kind is int else "a number"
+        bound = f"from {low:g}" if low_included else f"above {low:g}"
+        self.message = f"must be 'auto' or {wanted} {bound} to {high:g}"
+
+    def check(self, value: Any) -> Any:
         if value == "auto":
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                kind is int and not isinstance(value, int)):
-            raise ValueError(message)
-        if not (value >= low if low_included else value > low) or value > high:
-            raise ValueError(message)
+                self.kind is int and not isinstance(value, int)):
+            raise ValueError(self.message)
+        above = value >= self.low if self.low_included else value > self.low
+        if not above or value > self.high:
+            raise ValueError(self.message)
         return value
 
-    number: dict[str, Any] = {"type": "integer" if kind is int else "number", "maximum": high}
-    number["minimum" if low_included else "exclusiveMinimum"] = low
-    return Annotated[Any, PlainValidator(check), WithJsonSchema(
-        {"anyOf": [{"const": "auto", "type": "string"}, number]})]
+    def schema(self) -> dict[str, Any]:
+        number: dict[str, Any] = {"type": "integer" if self.kind is int else "number",
+                                  "maximum": self.high}
+        number["minimum" if self.low_included else "exclusiveMinimum"] = self.low
+        return {"anyOf": [{"const": "auto", "type": "string"}, number]}
 
 
-BatchSize = _auto_or(int, 1, 256)
-LearningRateMultiplier = _auto_or(float, 0, 10, low_included=False)
-Epochs = _auto_or(int, 1, 50)
-Beta = _auto_or(float, 0, 2, low_included=False)
+_BATCH = _AutoOr(int, 1, 256)
+_MULTIPLIER = _AutoOr(float, 0, 10, low_included=False)
+_EPOCHS = _AutoOr(int, 1, 50)
+_BETA = _AutoOr(float, 0, 2, low_included=False)
+BatchSize = Annotated[Any, PlainValidator(_BATCH.check), WithJsonSchema(_BATCH.schema())]
+LearningRateMultiplier = Annotated[Any, PlainValidator(_MULTIPLIER.check),
+                                   WithJsonSchema(_MULTIPLIER.schema())]
+Epochs = Annotated[Any, PlainValidator(_EPOCHS.check), WithJsonSchema(_EPOCHS.schema())]
+Beta = Annotated[Any, PlainValidator(_BETA.check), WithJsonSchema(_BETA.schema())]
 MAX_METADATA_PAIRS = 16
 _NUL = "must not contain NUL characters (\\u0000)"
 
