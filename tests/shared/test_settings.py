@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from pydantic import ValidationError
 
 from shared.settings import (
@@ -70,6 +71,11 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "wandb_finish_timeout_s": ("7.5", 7.5),
     "eval_compute_share": ("0.2", 0.2),
     "eval_max_examples": ("64", 64),
+    "openai_cutoff_len": ("1024", 1024),
+    "openai_wandb_api_key": ("wandb-secret", SecretStr("wandb-secret")),
+    "openai_result_files_base64": ("false", False),
+    "openai_model_aliases": ('{"gpt-4o-mini": "Qwen/Qwen2.5-7B-Instruct"}',
+                             {"gpt-4o-mini": "Qwen/Qwen2.5-7B-Instruct"}),
 }
 
 
