@@ -14,7 +14,7 @@ Chat mode is selected by a `prompt_template` that is exactly `{messages}`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,20 +37,27 @@ from worker.pipeline.report import LogFn, no_log
 from worker.pipeline.token_store import TokenStore, TokenStoreWriter
 
 
-def render_chat(messages: Sequence[Turn], tokenizer: Any) -> ChatExample:
-    """Render one conversation with the tokenizer's chat template; the trained spans are its
-    assistant turns (`shared.loss_mask.render_chat`). `PipelineError` for a template that
-    cannot tell them apart."""
+def render_chat(
+    messages: Sequence[Turn], tokenizer: Any, *, tools: Sequence[Mapping[str, Any]] | None = None
+) -> ChatExample:
+    """Render one conversation with the tokenizer's chat template (given `tools`, the tool
+    definitions the template may write); the trained spans are its assistant turns
+    (`shared.loss_mask.render_chat`). `PipelineError` for a template that cannot tell them
+    apart."""
     try:
-        return loss_mask.render_chat(messages, partial(_apply, tokenizer))
+        return loss_mask.render_chat(messages, partial(_apply, tokenizer, tools=tools))
     except LossMaskError as exc:
         raise PipelineError(str(exc)) from None
 
 
-def _apply(tokenizer: Any, messages: Sequence[Turn], *, add_generation_prompt: bool) -> str:
+def _apply(
+    tokenizer: Any, messages: Sequence[Turn], *, add_generation_prompt: bool,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> str:
     return str(
         tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            list(messages), tools=list(tools) if tools else None, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
     )
 
