@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from shared.dataset_columns import is_preference
 from shared.schema import LoggingConfig, TrainingConfig
 from shared.training_plan import micro_batch_size
 from worker.pipeline.callbacks import TrainingWatch
@@ -88,7 +89,7 @@ def train_preference(
     from datasets import Dataset
 
     method = config.preference_optimization
-    if method not in ("ORPO", "DPO"):
+    if not is_preference(method):
         raise ValueError(f"not a preference method: {method}")
     beta = DEFAULT_BETA if config.beta is None else config.beta
     config_class, trainer_class = _trl_classes(method)
