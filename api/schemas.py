@@ -366,9 +366,10 @@ class PreflightModel(BaseModel):
 
 
 class PreflightTemplate(BaseModel):
-    mode: Literal["template", "chat", "orpo"] = Field(
+    mode: Literal["template", "chat", "orpo", "dpo"] = Field(
         description="template: rows rendered with prompt_template; chat: `{messages}` turns; "
-        "orpo: the prompt / chosen / rejected columns, prompt_template unused.")
+        "orpo, dpo: preference pairs (the prompt / chosen / rejected columns or OpenAI's "
+        "preference format, as `columns` says), prompt_template unused.")
     prompt_template: str
     is_default: bool = Field(description="prompt_template was left out: the default one, "
                                           "written for tatsu-lab/alpaca, is used.")

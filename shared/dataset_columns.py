@@ -1,5 +1,5 @@
 """The columns a dataset must have for a job: the prompt_template's placeholders, the
-`messages` column of chat mode, or ORPO's preference columns.
+`messages` column of chat mode, or the preference columns of ORPO and DPO.
 
 The API checks them at submit time (an uploaded dataset's columns are known) and in previews;
 the worker checks them again on the rows it read. Both give the same messages. Pure standard
@@ -19,8 +19,18 @@ MESSAGES_COLUMN = "messages"
 # (OpenAI's `tools`), which the model's chat template renders.
 TOOLS_COLUMN = "tools"
 
-# The columns `preference_optimization: ORPO` trains on.
+# The methods of `preference_optimization` that train on preference pairs.
+PREFERENCE_METHODS = ("ORPO", "DPO")
+# The columns they train on: a prompt and the preferred and the other answer, as text.
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+# OpenAI's preference format: the conversation so far under `input` (`messages`, optional
+# `tools`), each answer a list of one assistant message. Both spellings of the answers occur.
+OPENAI_PREFERENCE_COLUMNS = ("input", "preferred_output", "non_preferred_output")
+OPENAI_PREFERENCE_COMPLETION_COLUMNS = ("input", "preferred_completion",
+                                        "non_preferred_completion")
+# Where a dataset has the columns of several, the first wins.
+PREFERENCE_FORMATS = (PREFERENCE_COLUMNS, OPENAI_PREFERENCE_COLUMNS,
+                      OPENAI_PREFERENCE_COMPLETION_COLUMNS)
 
 
 def is_chat_template(template: str) -> bool:
@@ -28,17 +38,27 @@ def is_chat_template(template: str) -> bool:
     return template.strip() == "{" + MESSAGES_COLUMN + "}"
 
 
+def is_preference(preference_optimization: str | None) -> bool:
+    """True for a `preference_optimization` that trains on preference pairs."""
+    return preference_optimization in PREFERENCE_METHODS
+
+
+def preference_format(columns: Sequence[str]) -> tuple[str, ...] | None:
+    """The columns of the first of `PREFERENCE_FORMATS` that `columns` has all of; None."""
+    return next((f for f in PREFERENCE_FORMATS if all(name in columns for name in f)), None)
+
+
 def missing_job_columns_message(
     columns: Sequence[str], *, prompt_template: str, preference_optimization: str | None
 ) -> str | None:
     """A message naming the columns the job reads that `columns` lacks; None if none. ORPO
-    reads its preference columns and ignores the prompt_template; every other job reads the
+    and DPO read preference columns and ignore the prompt_template; every other job reads the
     template's placeholders (chat mode's `{messages}` is one).
 
     Raises `shared.schema.TemplateError` for a template that is not allowed at all.
     """
-    if preference_optimization == "ORPO":
-        return missing_preference_columns_message(columns)
+    if preference_optimization is not None and is_preference(preference_optimization):
+        return missing_preference_columns_message(columns, method=preference_optimization)
     return missing_columns_message(prompt_template, columns)
 
 
@@ -65,12 +85,17 @@ def missing_columns_message(template: str, columns: Sequence[str]) -> str | None
     )
 
 
-def missing_preference_columns_message(columns: Sequence[str]) -> str | None:
-    """A message naming the preference columns `columns` lacks, both lists shown; None if none."""
-    missing = [name for name in PREFERENCE_COLUMNS if name not in columns]
-    if not missing:
+def missing_preference_columns_message(
+    columns: Sequence[str], *, method: str = "ORPO"
+) -> str | None:
+    """A message naming the preference columns `columns` lacks, of the format it comes
+    closest to, and the dataset's columns; None if it has one format's columns."""
+    if preference_format(columns) is not None:
         return None
+    nearest = max(PREFERENCE_FORMATS, key=lambda f: sum(name in columns for name in f))
+    missing = [name for name in nearest if name not in columns]
     return (
-        f"ORPO needs the columns {list(PREFERENCE_COLUMNS)}; the dataset lacks {missing}. "
+        f"{method} needs the columns {list(PREFERENCE_COLUMNS)} or those of OpenAI's "
+        f"preference format {list(OPENAI_PREFERENCE_COLUMNS)}; the dataset lacks {missing}. "
         f"Dataset columns: {list(columns)}"
     )

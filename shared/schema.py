@@ -319,14 +319,36 @@ class TrainingConfig(_Strict):
         "Two jobs with the same seed, data and configuration train the same adapter (on the "
         "same hardware and library versions). None: the worker's fixed seed, 42.",
     )
-    preference_optimization: Literal["ORPO", "DONT"] = Field(
+    preference_optimization: Literal["ORPO", "DPO", "DONT"] = Field(
         "DONT",
         description=(
-            "'ORPO': train on the dataset's prompt / chosen / rejected columns with ORPO "
-            "(prompt_template unused, cutoff_len caps prompt + answer); 'DONT': supervised "
+            "'ORPO' or 'DPO' (DPO is a Tunery extension): train on preference pairs, either "
+            "the dataset's prompt / chosen / rejected columns or rows in OpenAI's preference "
+            "format (input.messages, preferred_output, non_preferred_output), with ORPO (no "
+            "reference model) or DPO (the reference is the base model, the adapter disabled); "
+            "prompt_template unused, cutoff_len caps prompt + answer. 'DONT': supervised "
             "fine-tuning through the prompt_template."
         ),
     )
+    beta: float | None = Field(
+        None, gt=0, le=10,
+        description="Tunery extension, with preference_optimization 'DPO' or 'ORPO' only. DPO: "
+        "how far the adapter may move from the reference model (the base); higher keeps it "
+        "closer; the implicit rewards are beta x the log-probability ratios. ORPO: the weight "
+        "of the odds-ratio term next to the supervised loss on the chosen answer (the paper's "
+        "lambda). None: 0.1 for either.",
+    )
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_needs_preferences(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # preference_optimization is declared first, so it is in info.data once valid.
+        if value is not None and info.data.get("preference_optimization") == "DONT":
+            raise ValueError(
+                "beta applies to preference_optimization 'DPO' or 'ORPO' only; leave it out "
+                "for supervised fine-tuning"
+            )
+        return value
 
 
 class LoggingConfig(_Strict):

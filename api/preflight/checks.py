@@ -61,7 +61,7 @@ class Preflight:
         restated = [w for w in (template_warning(data, training), steps.warmup_warning) if w]
         return PreflightOut(
             ok=True, dataset=dataset.report, model=model.report,
-            template=template_plan(data, training), steps=steps,
+            template=template_plan(data, training, dataset.report.columns), steps=steps,
             warnings=[*restated, *self.job_warnings, *example_warnings],
             examples=examples,
         )

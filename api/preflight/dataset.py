@@ -19,7 +19,7 @@ from api.preflight.body import Problem
 from api.preflight.hub import HubClient
 from api.schemas import PreflightDataset
 from shared import datasets
-from shared.dataset_columns import missing_job_columns_message
+from shared.dataset_columns import is_preference, missing_job_columns_message
 from shared.dataset_files import format_of_name
 from shared.models import Dataset
 from shared.schema import DataConfig, TrainingConfig
@@ -114,7 +114,7 @@ def _uploaded(data: DataConfig, training: TrainingConfig | None,
                                               prompt_template=data.prompt_template,
                                               preference_optimization=preference)
         if message:
-            path = ("training_config.preference_optimization" if preference == "ORPO"
+            path = ("training_config.preference_optimization" if is_preference(preference)
                     else "data_config.prompt_template")
             findings.problems.append({"path": path, "message": message})
     return findings

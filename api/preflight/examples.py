@@ -10,6 +10,7 @@ from __future__ import annotations
 from api.example_preview import render_examples
 from api.schemas import ExampleOut
 from shared import datasets, token_preview
+from shared.dataset_columns import is_preference
 from shared.models import Dataset
 from shared.schema import FinetuneRequest
 from shared.settings import Settings
@@ -19,9 +20,9 @@ def preview_examples(dataset: Dataset | None, request: FinetuneRequest,
                      settings: Settings) -> tuple[list[ExampleOut], list[str]]:
     """Up to `datasets.FIRST_ROWS` rows of an uploaded `dataset` rendered as the job would
     train on them, and a warning when the model's tokens could not be shown; no examples for
-    other sources (their rows are unknown here) or ORPO (no template)."""
+    other sources (their rows are unknown here) or preference pairs (no template)."""
     data = request.data_config
-    if dataset is None or request.training_config.preference_optimization == "ORPO":
+    if dataset is None or is_preference(request.training_config.preference_optimization):
         return [], []
     preview = datasets.preview(dataset, data.prompt_template, datasets.FIRST_ROWS)
     def render(model_path: str | None) -> list[ExampleOut]:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from api.preflight.body import Problem
 from api.schemas import PreflightSteps, PreflightTemplate
-from shared.dataset_columns import PREFERENCE_COLUMNS, is_chat_template
+from shared.dataset_columns import (
+    PREFERENCE_COLUMNS,
+    is_chat_template,
+    is_preference,
+    preference_format,
+)
 from shared.schema import DataConfig, TrainingConfig, template_placeholders
 from shared.training_plan import (
     FEW_EXAMPLES,
@@ -18,11 +23,17 @@ from shared.training_plan import (
 DATA_FIELD = "data_config.data_path"
 
 
-def template_plan(data: DataConfig, training: TrainingConfig) -> PreflightTemplate:
+def template_plan(data: DataConfig, training: TrainingConfig,
+                  dataset_columns: list[str] | None = None) -> PreflightTemplate:
+    """How rows become examples; a preference job reads the preference format of
+    `dataset_columns` (the plain one when they are unknown)."""
     is_default = "prompt_template" not in data.model_fields_set
-    if training.preference_optimization == "ORPO":
-        return PreflightTemplate(mode="orpo", prompt_template=data.prompt_template,
-                                 is_default=is_default, columns=list(PREFERENCE_COLUMNS))
+    method = training.preference_optimization
+    if is_preference(method):
+        columns = preference_format(dataset_columns or []) or PREFERENCE_COLUMNS
+        return PreflightTemplate(mode="orpo" if method == "ORPO" else "dpo",
+                                 prompt_template=data.prompt_template,
+                                 is_default=is_default, columns=list(columns))
     return PreflightTemplate(
         mode="chat" if is_chat_template(data.prompt_template) else "template",
         prompt_template=data.prompt_template, is_default=is_default,
@@ -41,7 +52,7 @@ def default_warnings(data: DataConfig) -> list[str]:
 def template_warning(data: DataConfig, training: TrainingConfig) -> str | None:
     """A left-out template; the worker says so again in the job's log and warnings."""
     if ("prompt_template" in data.model_fields_set
-            or training.preference_optimization == "ORPO"):
+            or is_preference(training.preference_optimization)):
         return None
     return ("data_config.prompt_template left out: training uses the default template "
             f"{data.prompt_template!r}, written for tatsu-lab/alpaca's instruction and output "

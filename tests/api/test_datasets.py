@@ -328,6 +328,28 @@ def test_orpo_with_a_preference_dataset_is_accepted_whatever_the_template(
     assert client.post("/v1/finetune/llm", json=payload).status_code == 201
 
 
+def test_dpo_with_an_openai_preference_dataset_is_accepted_and_without_one_is_422(
+    client: TestClient,
+) -> None:
+    row = {"input": {"messages": [{"role": "user", "content": "2+2?"}]},
+           "preferred_completion": [{"role": "assistant", "content": "4"}],
+           "non_preferred_completion": [{"role": "assistant", "content": "5"}]}
+    good = upload_ok(client, "jsonl", [row])["id"]
+    bad = upload_ok(client, "jsonl", [{"input": row["input"], "preferred_output": "4"}])["id"]
+
+    accepted = client.post("/v1/finetune/llm", json=make_payload(
+        data_path=good, training_config={"preference_optimization": "DPO"}))
+    refused = client.post("/v1/finetune/llm", json=make_payload(
+        data_path=bad, training_config={"preference_optimization": "DPO"}))
+
+    assert accepted.status_code == 201, accepted.text
+    assert refused.status_code == 422
+    field = refused.json()["error"]["fields"][0]
+    assert field["path"] == "training_config.preference_optimization"
+    assert field["message"].startswith("DPO needs the columns")
+    assert "the dataset lacks ['non_preferred_output']" in field["message"]
+
+
 def test_a_dataset_id_is_not_a_model(client: TestClient) -> None:
     dataset_id = upload_ok(client)["id"]
 

@@ -425,6 +425,26 @@ def test_dry_run_counts_the_optimizer_steps_with_the_jobs_micro_batch_size(
     assert steps["optimizer_steps"] == 5
 
 
+def test_dry_run_of_dpo_on_openai_preference_rows_reads_their_columns_and_no_template(
+    client: TestClient, hub: list[str]
+) -> None:
+    rows = [{"input": {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}]},
+             "preferred_output": [{"role": "assistant", "content": f"{2 * i}"}],
+             "non_preferred_output": [{"role": "assistant", "content": "No idea."}]}
+            for i in range(40)]
+    payload = with_data(uploaded(client, rows))
+    payload["training_config"].update(preference_optimization="DPO", beta=0.2,
+                                      lr_scheduler_type="cosine")
+
+    body = report(client.post(DRY_RUN, json=payload))
+
+    assert (body["template"]["mode"], body["template"]["columns"]) == (
+        "dpo", ["input", "preferred_output", "non_preferred_output"])
+    assert body["examples"] == []
+    assert not any("prompt_template" in warning for warning in body["warnings"])
+    assert body["steps"]["optimizer_steps"] == 9
+
+
 def test_two_rows_with_the_default_warmup_warn_of_the_cut_warmup_and_few_examples(
     client: TestClient, hub: list[str]
 ) -> None:

@@ -8,6 +8,7 @@ from shared.dataset_columns import (
     is_chat_template,
     missing_columns_message,
     missing_job_columns_message,
+    preference_format,
 )
 from shared.schema import TemplateError
 
@@ -34,6 +35,32 @@ def test_orpo_jobs_read_the_preference_columns_not_the_template() -> None:
     assert message is not None
     assert "['chosen', 'rejected']" in message
     assert "['prompt', 'answer']" in message
+
+
+@pytest.mark.parametrize("method", ["ORPO", "DPO"])
+@pytest.mark.parametrize("columns", [
+    ["prompt", "chosen", "rejected", "id"],
+    ["input", "preferred_output", "non_preferred_output"],
+    ["input", "preferred_completion", "non_preferred_completion"],
+])
+def test_preference_jobs_read_either_format_whatever_the_template(
+    method: str, columns: list[str]
+) -> None:
+    assert missing_job_columns_message(columns, prompt_template="{missing}",
+                                       preference_optimization=method) is None
+    assert preference_format(columns) == tuple(c for c in columns if c != "id")
+
+
+def test_a_dataset_nearer_openais_format_is_told_what_that_format_lacks() -> None:
+    message = missing_job_columns_message(
+        ["input", "preferred_output"], prompt_template="{a}", preference_optimization="DPO"
+    )
+
+    assert message is not None
+    assert message.startswith("DPO needs the columns ['prompt', 'chosen', 'rejected'] or those "
+                              "of OpenAI's preference format")
+    assert "the dataset lacks ['non_preferred_output']" in message
+    assert preference_format(["input", "preferred_output"]) is None
 
 
 def test_chat_jobs_need_the_messages_column() -> None:

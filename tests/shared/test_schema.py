@@ -346,10 +346,28 @@ def test_resume_checkpoint_path_names_a_tunery_job_or_its_checkpoint(value: str,
     ]
 
 
-def test_orpo_is_accepted() -> None:
-    payload = make_payload(training_config={"preference_optimization": "ORPO"})
+@pytest.mark.parametrize("method", ["ORPO", "DPO"])
+def test_orpo_and_dpo_are_accepted_with_or_without_beta(method: str) -> None:
+    payload = make_payload(training_config={"preference_optimization": method})
     request = FinetuneRequest.model_validate(payload)
-    assert request.training_config.preference_optimization == "ORPO"
+    assert request.training_config.preference_optimization == method
+    assert request.training_config.beta is None
+    payload["training_config"]["beta"] = 0.25
+    assert FinetuneRequest.model_validate(payload).training_config.beta == 0.25
+
+
+@pytest.mark.parametrize("beta", [0, -0.1, 10.5, True])
+def test_beta_out_of_range_is_refused_naming_it(beta: Any) -> None:
+    payload = make_payload(training_config={"preference_optimization": "DPO", "beta": beta})
+    assert error_paths(payload) == ["training_config.beta"]
+
+
+def test_beta_without_preference_optimization_is_refused_saying_where_it_applies() -> None:
+    payload = make_payload(training_config={"beta": 0.1})
+    with pytest.raises(ValidationError, match="beta applies to preference_optimization 'DPO' "
+                       "or 'ORPO' only") as info:
+        FinetuneRequest.model_validate(payload)
+    assert [".".join(map(str, e["loc"])) for e in info.value.errors()] == ["training_config.beta"]
 
 
 @pytest.mark.parametrize("token", ["hf_\x80abc", "hf abc", "hf_ä"])

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from shared.settings import (
     GROUPS,

@@ -180,7 +180,19 @@ def orpo(jobs: Jobs, cache: BaseModelCache) -> None:
     jobs.run(cache, request)
 
 
-@pytest.mark.parametrize("first_job", [cancelled, crashed, failed_while_wrapping, orpo])
+def dpo(jobs: Jobs, cache: BaseModelCache) -> None:
+    """DPO patches the base's forward with TRL's fused LM head and writes the pad id into its
+    configs; a DPO job cancelled mid-run must undo both."""
+    data = write_preference_dataset(jobs.tmp / "preferences.jsonl")
+    request = jobs.make_request(
+        data, data={"data_split_config": {"train": 1.0, "validation": 0.0}},
+        training={"preference_optimization": "DPO"},
+    )
+    with pytest.raises(TrainingStopped):
+        jobs.run(cache, request, RecordingReporter(stop_after_step=2))
+
+
+@pytest.mark.parametrize("first_job", [cancelled, crashed, failed_while_wrapping, orpo, dpo])
 def test_a_job_that_ends_any_way_leaves_the_base_as_loaded_for_the_next(
     jobs: Jobs, alone: Callable[[bool], Adapter], first_job: Callable[[Jobs, BaseModelCache], None]
 ) -> None:

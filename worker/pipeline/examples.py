@@ -1,7 +1,7 @@
 """Rows to training examples: rendered with the prompt template (or, in chat mode, the model's
 chat template), tokenized, labelled, and split into train and validation.
 
-ORPO trains on the raw preference rows instead (TRL tokenizes them); `preference_rows` takes
+ORPO and DPO train on preference rows instead (TRL tokenizes them); `preference_rows` takes
 them out of the dataset. Every user-facing number (truncated examples, split sizes) is logged
 here, where it is computed.
 """
@@ -18,6 +18,7 @@ import numpy as np
 from shared.dataset_columns import (
     PREFERENCE_COLUMNS,
     is_chat_template,
+    preference_format,
 )
 from shared.dataset_files import LoadedDataset
 from shared.loss_mask import max_render_chars
@@ -41,10 +42,11 @@ from worker.pipeline.labels import (
     padded,
     text_batches,
 )
+from worker.pipeline.preference_chats import openai_preference_rows
 from worker.pipeline.report import LogFn, no_log
 from worker.pipeline.token_store import TokenStore, TokenStoreWriter
 
-# Tokenized examples for supervised training, raw preference rows for ORPO.
+# Tokenized examples for supervised training, preference rows for ORPO and DPO.
 Item = TypeVar("Item")
 PreferenceRow = dict[str, str]
 
@@ -199,16 +201,34 @@ def _encoder(tokenizer: Any, cutoff_len: int) -> Callable[[Sequence[Example]], E
     return slow
 
 
-def preference_rows(dataset: LoadedDataset, *, log: LogFn = no_log) -> list[PreferenceRow]:
-    """The rows' `prompt`, `chosen` and `rejected` texts; the caller checked that the dataset
-    has these columns (`shared.dataset_columns`)."""
-    rows = [
-        {name: "" if row[name] is None else str(row[name]) for name in PREFERENCE_COLUMNS}
-        for row in dataset.rows
-    ]
+def preference_rows(
+    dataset: LoadedDataset, tokenizer: Any, *, method: str, cutoff_len: int,
+    log: LogFn = no_log,
+) -> list[PreferenceRow]:
+    """The rows' prompt, chosen and rejected texts, for ORPO or DPO (`method`): the
+    `prompt` / `chosen` / `rejected` columns as they are, or rows in OpenAI's preference
+    format rendered with the model's chat template (`preference_chats`). The caller checked
+    that the dataset has one format's columns (`shared.dataset_columns`)."""
+    columns = preference_format(dataset.columns)
+    if columns is None or columns == PREFERENCE_COLUMNS:
+        rows = [
+            {name: "" if row.get(name) is None else str(row[name]) for name in PREFERENCE_COLUMNS}
+            for row in dataset.rows
+        ]
+        log(
+            f"{method}: the prompt_template is not used; each row's prompt is followed "
+            "directly by its chosen and its rejected answer"
+        )
+        return rows
+    rows = openai_preference_rows(
+        dataset.rows, tokenizer, columns, max_chars=max_render_chars(cutoff_len, tokenizer),
+        max_turns=cutoff_len,
+    )
     log(
-        "ORPO: the prompt_template is not used; each row's prompt is followed directly by its "
-        "chosen and its rejected answer"
+        f"{method}: the prompt_template is not used; {len(rows)} preference pairs in OpenAI's "
+        f"format ({', '.join(columns)}) rendered with the model's chat template: the prompt "
+        "is input.messages and the generation prompt, each answer its content and the "
+        "end-of-turn marker"
     )
     return rows
 

@@ -24,11 +24,13 @@ METRIC_KEYS = frozenset(
         "total_steps",
         "percent",
         "eta_s",
-        # ORPO runs only (preference.py).
+        # ORPO and DPO runs only (preference.py).
         "nll_loss",
         "log_odds_ratio",
         "reward_margin",
         "reward_accuracy",
+        "reward_chosen",
+        "reward_rejected",
     }
 )
 

@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shared.dataset_columns import missing_job_columns_message
+from shared.dataset_columns import is_preference, missing_job_columns_message
 from shared.dataset_files import LoadedDataset
 from shared.schema import DataConfig, FinetuneRequest, TemplateError
 from shared.settings import Settings
@@ -30,7 +30,7 @@ from worker.pipeline.examples import (
 from worker.pipeline.export import export_adapter
 from worker.pipeline.interrupts import InterruptibleRegion
 from worker.pipeline.model import add_lora, load_tokenizer
-from worker.pipeline.preference import train_orpo
+from worker.pipeline.preference import train_preference
 from worker.pipeline.report import JobReporter, LogFn
 from worker.pipeline.token_cache import TokenCache, fingerprint
 from worker.pipeline.train import train
@@ -155,9 +155,9 @@ def _prepare_data(
     )
     preference = request.training_config.preference_optimization
     tokens_dir = work_dir / "tokens"
-    # ORPO trains on the raw preference rows (TRL tokenizes them), the rest on tokenized ones,
+    # ORPO and DPO train on preference rows (TRL tokenizes them), the rest on tokenized ones,
     # which an uploaded dataset may have kept from an earlier attempt or job.
-    cache = None if preference == "ORPO" else _token_cache(data, storage, tokenizer)
+    cache = None if is_preference(preference) else _token_cache(data, storage, tokenizer)
     cached = cache.load(tokens_dir, log=log) if cache else None
     examples: Sequence[Any]
     fit: Callable[..., TrainStats] = train
@@ -180,9 +180,10 @@ def _prepare_data(
             log=log,
         )
         _check_columns(dataset, data, preference)
-        if preference == "ORPO":
-            examples = preference_rows(dataset, log=log)
-            fit = partial(train_orpo, max_length=data.cutoff_len)
+        if is_preference(preference):
+            examples = preference_rows(dataset, tokenizer, method=preference,
+                                       cutoff_len=data.cutoff_len, log=log)
+            fit = partial(train_preference, max_length=data.cutoff_len)
         else:
             _report_prompt_template(data, reporter)
             lines: list[str] = []
@@ -224,7 +225,7 @@ def _check_columns(dataset: LoadedDataset, data: DataConfig,
     except TemplateError as exc:
         raise PipelineError(f"prompt_template: {exc}") from None
     if missing:
-        raise PipelineError(f"preference_optimization: {missing}" if preference == "ORPO"
+        raise PipelineError(f"preference_optimization: {missing}" if is_preference(preference)
                             else missing)
 
 

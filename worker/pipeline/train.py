@@ -2,7 +2,7 @@
 labelled tokens only.
 
 It reads top to bottom: batch layout → batches → memory plan → trainer → run. The pieces it
-shares with ORPO (`preference.train_orpo`) live in their own modules: the arguments
+shares with ORPO and DPO (`preference.train_preference`) live in their own modules: the arguments
 (`training_args`), the callbacks (`callbacks.TrainingWatch`), the trainer and the run
 (`trainer`).
 """
