@@ -537,3 +537,80 @@ def test_nul_characters_are_refused(server: Server) -> None:
         "/v1/deploy/terminate", {"deployment_id": f"{server.done_job}\x00"}),
         statuses=(404, 422)))
     run(server, probes)
+
+
+# ---------------------------------------------------------------- OpenAI's training files
+
+
+def _chat(i: int) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": f"q{i}"},
+                         {"role": "assistant", "content": f"a{i}"}]}
+
+
+def _deep(levels: int) -> str:
+    """A JSON array nested `levels` deep, as text: json.dumps would recurse that deep."""
+    return "[" * levels + '"x"' + "]" * levels
+
+
+# Each hostile line goes after 11 good ones, as line 12 of the training file.
+HOSTILE_LINES: list[tuple[str, str]] = [
+    ("messages 10,000 levels deep", '{"messages": ' + _deep(10_000) + "}"),
+    ("content 10,000 levels deep", '{"messages": [{"role": "user", "content": '
+     + _deep(10_000) + '}, {"role": "assistant", "content": "a"}]}'),
+    ("unknown role", json.dumps({"messages": [
+        {"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]})),
+    ("NUL bytes in content", json.dumps({"messages": [
+        {"role": "user", "content": "q\x00q"}, {"role": "assistant", "content": "a"}]})),
+    ("NUL bytes in a key", json.dumps({"messages": [
+        {"role": "user", "content": "q", "na\x00me": "x"}, {"role": "assistant", "content": "a"}]})),
+    ("weight 7", json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 7}]})),
+    ("weight on a user message", json.dumps({"messages": [
+        {"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]})),
+    ("no assistant message", json.dumps({"messages": [{"role": "user", "content": "q"}]})),
+    ("unknown top-level key", json.dumps({**_chat(0), "foo": 1})),
+    ("messages is a string", json.dumps({"messages": "hello"})),
+    ("a preference line in a chat file", json.dumps({
+        "input": {"messages": [{"role": "user", "content": "q"}]},
+        "preferred_output": [{"role": "assistant", "content": "a"}],
+        "non_preferred_output": [{"role": "assistant", "content": "b"}]})),
+    ("not JSON", "{\"messages\": ["),
+    ("a JSON number", "7"),
+]
+
+
+def test_hostile_openai_training_files_are_refused_or_fail_their_job_naming_the_line(
+        server: Server) -> None:
+    """Every hostile line is either refused at upload (400 or 413 in OpenAI's shape) or makes
+    the job that names the file `failed` with `invalid_training_file` and the line; the server
+    stays up, and nothing is a 500."""
+    client, table, problems = server.client, [], []
+    good = "".join(json.dumps(_chat(i)) + "\n" for i in range(11))
+    hundred_mb = json.dumps({"messages": [
+        {"role": "user", "content": "x" * (100 * 1024**2)}, {"role": "assistant", "content": "a"}]})
+    for label, line in [*HOSTILE_LINES, ("a 100 MB single line", hundred_mb)]:
+        TRIED.append(f"openai file: {label}")
+        content = (good + line + "\n").encode()
+        up = client.post("/v1/files", files={"file": ("train.jsonl", content)},
+                         data={"purpose": "fine-tune"})
+        if up.status_code != 200:
+            error = up.json().get("error", {})
+            outcome = f"upload {up.status_code}: {error.get('message', '')[:90]}"
+            if up.status_code not in (400, 413) or set(error) != {
+                    "message", "type", "param", "code"}:
+                problems.append(f"{label}: {outcome}")
+            elif up.status_code == 400 and "12" not in error["message"]:
+                problems.append(f"{label}: the refusal does not name line 12: {outcome}")
+            table.append((label, outcome))
+            continue
+        job = client.post("/v1/fine_tuning/jobs", json={
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "training_file": up.json()["id"]})
+        body = job.json()
+        outcome = f"job {body.get('status')}: {(body.get('error') or {}).get('message', '')[:90]}"
+        if job.status_code != 200 or body["status"] != "failed" or body["error"]["code"] != (
+                "invalid_training_file") or "line 12" not in body["error"]["message"]:
+            problems.append(f"{label}: {job.status_code} {outcome}")
+        table.append((label, outcome))
+    print("\n".join(f"{label:38} {outcome}" for label, outcome in table))
+    assert not problems, "\n".join(problems)
+    assert client.get("/healthz").json() == {"status": "ok"}

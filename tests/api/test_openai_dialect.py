@@ -315,3 +315,40 @@ def test_cancelling_a_finished_job_is_a_400_that_says_not_to_retry(client: TestC
         reasons = [e.to_status for e in session.query(JobEvent).filter_by(
             job_id=job["tunery_job_id"])]
     assert reasons == ["QUEUED", "CANCELLED"]
+
+
+def preference_lines(n: int) -> bytes:
+    return "".join(json.dumps({
+        "input": {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}]},
+        "preferred_output": [{"role": "assistant", "content": str(2 * i)}],
+        "non_preferred_output": [{"role": "assistant", "content": "I cannot say."}],
+    }) + "\n" for i in range(n)).encode()
+
+
+def test_a_dpo_job_trains_the_preference_file_with_its_beta(client: TestClient) -> None:
+    file_id = upload(client, preference_lines(10)).json()["id"]
+    job = create(client, file_id, method={"type": "dpo", "dpo": {"hyperparameters": {
+        "beta": 0.2, "n_epochs": 1}}}).json()
+    assert job["status"] == "queued", job
+    assert job["method"]["type"] == "dpo"
+    assert job["hyperparameters"]["beta"] == 0.2
+    training = client.get(f"/v1/finetune/llm/{job['tunery_job_id']}").json()["payload"][
+        "training_config"]
+    assert (training["preference_optimization"], training["beta"]) == ("DPO", 0.2)
+    auto = create(client, file_id, method={"type": "dpo"}).json()
+    _finish(auto["tunery_job_id"], steps=1)
+    assert client.get(f"/v1/fine_tuning/jobs/{auto['id']}").json()["hyperparameters"][
+        "beta"] == 0.1
+
+
+def test_a_file_of_the_other_method_fails_the_job_with_openai_words(client: TestClient) -> None:
+    preference = upload(client, preference_lines(10)).json()["id"]
+    supervised = create(client, preference).json()
+    assert supervised["status"] == "failed"
+    assert supervised["error"]["code"] == "invalid_training_file"
+    assert ("is in the fine-tune-preference format, but the specified fine-tuning job is not "
+            "using 'dpo'") in supervised["error"]["message"]
+    chat = upload(client, chat_lines(10)).json()["id"]
+    dpo = create(client, chat, method={"type": "dpo"}).json()
+    assert dpo["status"] == "failed" and dpo["error"]["code"] == "invalid_training_file"
+    assert "supervised" in dpo["error"]["message"]

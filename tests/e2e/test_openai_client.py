@@ -165,3 +165,32 @@ def test_the_openai_client_trains_pages_pauses_resumes_and_downloads_unchanged(
     # A finished job cannot be cancelled: a 400 the client does not retry.
     with pytest.raises(BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_a_dpo_job_through_the_openai_client_trains_the_preferred_answers(
+        tmp_path: Path, tiny_model_dir: Path, stack: tuple[LocalStack, dict[str, str]]) -> None:
+    local, env = stack
+    client = OpenAI(api_key=create_key(env), base_url=f"{local.base_url}/v1", max_retries=0)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "input": {"messages": [{"role": "user", "content": f"Say the number {i}."}]},
+        "preferred_output": [{"role": "assistant", "content": f"NUMBER {i} !!"}],
+        "non_preferred_output": [{"role": "assistant", "content": "no"}],
+    }) + "\n" for i in range(16)))
+    uploaded = client.files.create(file=pairs.open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir), training_file=uploaded.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {
+            "beta": 0.2, "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 10}}})
+    done = wait_for(client, job.id, lambda j: j.status in DONE)
+    assert done.status == "succeeded", done.error
+    assert done.method and done.method.type == "dpo"
+    assert done.method.dpo and done.method.dpo.hyperparameters
+    assert done.method.dpo.hyperparameters.beta == 0.2
+    metrics = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
+               if e.type == "metrics" and "train_loss" in (e.data or {})]
+    assert len(metrics) == 16 * 2 // 4
+    # The same preference file given to a supervised job fails as OpenAI's validation does.
+    wrong = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=uploaded.id)
+    assert wrong.status == "failed" and wrong.error
+    assert wrong.error.code == "invalid_training_file"
