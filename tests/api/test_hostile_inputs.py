@@ -562,7 +562,8 @@ HOSTILE_LINES: list[tuple[str, str]] = [
     ("NUL bytes in content", json.dumps({"messages": [
         {"role": "user", "content": "q\x00q"}, {"role": "assistant", "content": "a"}]})),
     ("NUL bytes in a key", json.dumps({"messages": [
-        {"role": "user", "content": "q", "na\x00me": "x"}, {"role": "assistant", "content": "a"}]})),
+        {"role": "user", "content": "q", "na\x00me": "x"},
+        {"role": "assistant", "content": "a"}]})),
     ("weight 7", json.dumps({"messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 7}]})),
     ("weight on a user message", json.dumps({"messages": [
