@@ -53,8 +53,8 @@ async def upload_dataset(request: Request, caller: TenantDep, session: SessionDe
         request, scratch / "upload", settings.limits.max_dataset_bytes
     )
     # Parsing a large file and copying it to storage take seconds: off the event loop.
-    dataset = await run_in_threadpool(_create, session, storage, settings, caller.tenant_id,
-                                      received)
+    dataset = await run_in_threadpool(store_upload, session, storage, settings,
+                                      caller.tenant_id, received)
     return DatasetOut.of(dataset)
 
 
@@ -82,13 +82,17 @@ def commit_or_discard(session: Session, storage: Storage, dataset: Dataset) -> N
         raise
 
 
-def _create(session: Session, storage: Storage, settings: Settings, tenant_id: str,
-            received: ReceivedFile) -> Dataset:
+def store_upload(session: Session, storage: Storage, settings: Settings, tenant_id: str,
+                 received: ReceivedFile, *, purpose: str | None = None) -> Dataset:
+    """Check, store and commit a received dataset file within the tenant's quota. A file
+    with OpenAI's `purpose` is also checked by OpenAI's rules for training files."""
     check_quota(session, settings, tenant_id, received.size)
     dataset = datasets.create_dataset(
         session, storage, tenant_id, received.path, name=received.filename,
         content_type=received.content_type, max_bytes=settings.limits.max_dataset_bytes,
+        check_openai=purpose is not None,
     )
+    dataset.purpose = purpose
     commit_or_discard(session, storage, dataset)
     return dataset
 

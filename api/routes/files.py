@@ -3,6 +3,7 @@ and storage as `/v1/datasets`; a finished job's result file is read from its met
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
@@ -17,12 +18,10 @@ from api.openai import ids
 from api.openai.job_view import epoch
 from api.openai.results import FILE_NAME, result_csv, served
 from api.openai.schemas import FileDeleted, FileList, FileObject
-from api.routes.datasets import check_quota, commit_or_discard
-from api.uploads import ReceivedFile, receive_multipart_file
+from api.routes.datasets import check_quota, store_upload
+from api.uploads import receive_multipart_file
 from shared import datasets, jobs
 from shared.models import Dataset, DatasetStatus, JobStatus
-from shared.settings import Settings
-from shared.storage import Storage
 from shared.tenancy import CursorNotFound, Scope
 
 router = APIRouter(prefix="/v1/files", tags=["openai: files"], responses=OPENAI_AUTHENTICATED)
@@ -65,22 +64,10 @@ async def upload_file(request: Request, caller: TenantDep, session: SessionDep,
         message = (f"purpose {purpose!r} is not supported: this server takes training files, "
                    f"purpose {TRAINING_PURPOSE!r}")
         raise ApiError(422, "invalid_request", message, [{"path": "purpose", "message": message}])
-    dataset = await run_in_threadpool(_create, session, storage, settings, caller.tenant_id,
-                                      received)
+    dataset = await run_in_threadpool(partial(
+        store_upload, session, storage, settings, caller.tenant_id, received,
+        purpose=TRAINING_PURPOSE))
     return file_object(dataset)
-
-
-def _create(session: Session, storage: Storage, settings: Settings, tenant_id: str,
-            received: ReceivedFile) -> Dataset:
-    check_quota(session, settings, tenant_id, received.size)
-    dataset = datasets.create_dataset(
-        session, storage, tenant_id, received.path, name=received.filename,
-        content_type=received.content_type, max_bytes=settings.limits.max_dataset_bytes,
-        check_openai=True,
-    )
-    dataset.purpose = TRAINING_PURPOSE
-    commit_or_discard(session, storage, dataset)
-    return dataset
 
 
 @router.get("", summary="This key's files, newest first (order=asc: oldest first)")
