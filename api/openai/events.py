@@ -113,7 +113,11 @@ def _status_messages(row: JobEvent, job: Job, model_name: Callable[[], str]) -> 
             "data_path", "")
         if fields.get("validation_file"):
             files += f" and validation file: {fields['validation_file']}"
-        return [("info", f"Validating training file: {files}", "message", None),
+        validating: list[Message] = [("info", f"Validating training file: {files}", "message",
+                                      None)]
+        if _failed_validation(job):
+            return validating
+        return [*validating,
                 ("info", "Files validated, moving job to queued state", "message", None)]
     if to == JobStatus.RUNNING.value:
         text = ("Fine-tuning job started" if row.attempt <= 1
@@ -123,6 +127,8 @@ def _status_messages(row: JobEvent, job: Job, model_name: Callable[[], str]) -> 
         return [("info", f"New fine-tuned model created: {model_name()}", "message", None),
                 ("info", "The job has successfully completed", "message", None)]
     if to == JobStatus.FAILED.value:
+        if _failed_validation(job) and row.attempt == 0:
+            return [("error", f"File validation failed: {reason}", "message", None)]
         return [("error", f"Fine-tuning job failed: {reason}", "message", None)]
     if to == JobStatus.CANCELLED.value:
         return [("info", "Fine-tuning job cancelled", "message", None)]
@@ -131,6 +137,12 @@ def _status_messages(row: JobEvent, job: Job, model_name: Callable[[], str]) -> 
     if to == JobStatus.QUEUED.value and row.from_status == "PAUSED":
         return [("info", "Fine-tuning job resumed, moving job to queued state", "message", None)]
     return [("warn", f"Job re-queued: {reason}" if reason else "Job re-queued", "message", None)]
+
+
+def _failed_validation(job: Job) -> bool:
+    """Whether the job failed the check of its files, before it was ever queued."""
+    return (job.status == JobStatus.FAILED.value and job.started_at is None
+            and (job.error_code or "").startswith("invalid_"))
 
 
 def _log_level(line: str) -> str:

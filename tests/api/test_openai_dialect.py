@@ -144,6 +144,10 @@ def test_a_bad_training_file_makes_a_failed_job_with_openai_error_code(
     assert job["status"] == "failed"
     assert job["error"]["code"] == "invalid_n_examples" and "7" in job["error"]["message"]
     assert job["error"]["param"] == "training_file"
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert [e["message"] for e in reversed(events)] == [
+        f"Validating training file: {few}", f"File validation failed: {job['error']['message']}"]
+    assert events[0]["level"] == "error"
     robot = json.loads(chat_lines(1))
     robot["messages"][1]["role"] = "robot"
     lines = chat_lines(11) + (json.dumps(robot) + "\n").encode()
