@@ -56,6 +56,11 @@ rendered example, so the count multiplies the memory a render takes; real templa
 handful of columns, and 64 leaves room for a column repeated in a few-shot layout."""
 
 
+MAX_EARLY_STOPPING_PATIENCE = 100_000
+"""The highest `early_stopping_patience`: more evaluations than any run makes, so a job that
+asks for it never stops early."""
+
+
 class TemplateError(ValueError):
     """A prompt template that uses anything but bare column names as placeholders."""
 
@@ -327,7 +332,8 @@ class TrainingConfig(_Strict):
         "least 32; a smaller split is read whole.",
     )
     early_stopping_patience: int = Field(
-        5, gt=0, le=100_000, description="Evaluations without improvement before training stops."
+        5, gt=0, le=MAX_EARLY_STOPPING_PATIENCE,
+        description="Evaluations without improvement before training stops.",
     )
     num_train_epochs: float = Field(1, gt=0, le=100, description="Epochs; may be fractional.")
     gradient_accumulation_steps: int = Field(
