@@ -352,7 +352,8 @@ class PreflightDataset(BaseModel):
     rows: int | None = Field(description="Known for uploaded datasets; null: unknown until "
                                          "the worker reads it.")
     train_rows: int | None = Field(description="Rows the split gives to training.")
-    validation_rows: int | None = Field(description="Rows the split keeps for validation.")
+    validation_rows: int | None = Field(description="Rows the split keeps for validation, or "
+                                        "the rows of data_config.validation_data_path.")
     columns: list[str] | None
     format: str | None = Field(description="jsonl, json, csv or parquet, where known.")
     csv_delimiter: str | None = Field(description="The delimiter a CSV is read with, where "

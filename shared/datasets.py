@@ -90,8 +90,8 @@ class DatasetInUse(Exception):
 
     def __init__(self, dataset_id: str, job_ids: list[str]) -> None:
         self.message = (
-            f"dataset {dataset_id} is the data_path of active jobs {job_ids}; wait for them to "
-            "end or cancel them, then delete it"
+            f"dataset {dataset_id} is the data_path or validation_data_path of active jobs "
+            f"{job_ids}; wait for them to end or cancel them, then delete it"
         )
         super().__init__(self.message)
         self.job_ids = job_ids
@@ -218,10 +218,11 @@ def dataset_bytes_problem(usage: TenantUsage, new_bytes: int, max_bytes: int) ->
 
 
 def jobs_using(session: Session, dataset: Dataset) -> list[str]:
-    """Ids of the QUEUED, RUNNING or PAUSED jobs of the dataset's tenant that train on it (a
-    paused job reads it again when resumed). A tenant has few active jobs
-    (TUNERY_MAX_ACTIVE_JOBS_PER_TENANT), so their payloads are read here rather than queried
-    as JSON, which SQLite and PostgreSQL spell differently."""
+    """Ids of the QUEUED, RUNNING or PAUSED jobs of the dataset's tenant that train or
+    evaluate on it, as data_path or validation_data_path (a paused job reads both again when
+    resumed). A tenant has few active jobs (TUNERY_MAX_ACTIVE_JOBS_PER_TENANT), so their
+    payloads are read here rather than queried as JSON, which SQLite and PostgreSQL spell
+    differently."""
     active = session.execute(
         select(Job.id, Job.payload).where(
             Job.tenant_id == dataset.tenant_id,
@@ -233,7 +234,8 @@ def jobs_using(session: Session, dataset: Dataset) -> list[str]:
         job_id for job_id, payload in active
         if isinstance(payload, dict)
         and isinstance(payload.get("data_config"), dict)
-        and payload["data_config"].get("data_path") == dataset.id
+        and dataset.id in (payload["data_config"].get("data_path"),
+                           payload["data_config"].get("validation_data_path"))
     ]
 
 

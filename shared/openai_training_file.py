@@ -33,6 +33,7 @@ from typing import Any, Literal, TypeGuard, cast, get_args
 __all__ = [
     "INVALID_N_EXAMPLES",
     "INVALID_TRAINING_FILE",
+    "INVALID_VALIDATION_FILE",
     "MIN_EXAMPLES",
     "FileProblem",
     "Kind",
@@ -41,6 +42,7 @@ __all__ = [
     "check_training_file",
     "method_mismatch",
     "not_json_lines",
+    "validation_file_problem",
 ]
 
 Kind = Literal["chat", "prompt_completion", "preference"]
@@ -48,6 +50,7 @@ Method = Literal["supervised", "dpo"]
 
 INVALID_TRAINING_FILE = "invalid_training_file"
 INVALID_N_EXAMPLES = "invalid_n_examples"
+INVALID_VALIDATION_FILE = "invalid_validation_file"
 _CODES = (INVALID_TRAINING_FILE, INVALID_N_EXAMPLES)
 MIN_EXAMPLES = 10
 """OpenAI's least number of examples in a training file."""
@@ -208,6 +211,30 @@ def method_mismatch(check: TrainingFileCheck, method: Method, *,
         f"but the specified fine-tuning job is not using '{needed}' as the training method "
         f"(provided method={method}).",
         None)
+
+
+def validation_file_problem(check: TrainingFileCheck, training: TrainingFileCheck, *,
+                            file_id: str) -> FileProblem | None:
+    """The problem of evaluating a job on the file `check` describes, beside a training file
+    that `training` describes: a line that breaks OpenAI's rules, or another format than the
+    training file's, whose rendering the validation lines must share. One example is enough:
+    `MIN_EXAMPLES` is a floor on what a job trains on, not on what it evaluates. The code is
+    OpenAI's for this job error, `invalid_validation_file`."""
+    problem = check.problem
+    if problem is not None and problem.code != INVALID_N_EXAMPLES:
+        return FileProblem(INVALID_VALIDATION_FILE,
+                           f"Invalid validation file {file_id}: {problem.message}", problem.line)
+    if check.examples == 0:
+        return FileProblem(INVALID_VALIDATION_FILE,
+                           f"Invalid validation file {file_id}: it has no example", None)
+    if check.kind is not None and training.kind is not None and check.kind != training.kind:
+        return FileProblem(
+            INVALID_VALIDATION_FILE,
+            f"Invalid file format. Validation file {file_id} is in the "
+            f"{_FORMAT_NAMES[check.kind]} format, but the training file is in the "
+            f"{_FORMAT_NAMES[training.kind]} format; both must have the same format.",
+            None)
+    return None
 
 
 def not_json_lines(fmt: str) -> TrainingFileCheck:

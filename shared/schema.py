@@ -7,7 +7,7 @@ with a default wastes GPU hours; and options Tunery cannot honour yet are refuse
 message saying so, rather than accepted and ignored.
 
 Fields the client does not have are Tunery extensions (`lora_target_modules`,
-`train_on_inputs`); their defaults keep MonsterAPI's behaviour.
+`train_on_inputs`, `validation_data_path`, ...); their defaults keep MonsterAPI's behaviour.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pydantic import (
 
 from shared.payload_secrets import drop_secrets
 from shared.resume import parse_resume_path
+from shared.sources import SourceError, uploaded_dataset_id
 
 LR_SCHEDULERS = (
     "linear",
@@ -53,6 +54,11 @@ MAX_TEMPLATE_PLACEHOLDERS = 64
 """Most placeholders a prompt template may have. Each one copies a whole cell into every
 rendered example, so the count multiplies the memory a render takes; real templates name a
 handful of columns, and 64 leaves room for a column repeated in a few-shot layout."""
+
+
+MAX_EARLY_STOPPING_PATIENCE = 100_000
+"""The highest `early_stopping_patience`: more evaluations than any run makes, so a job that
+asks for it never stops early."""
 
 
 class TemplateError(ValueError):
@@ -237,9 +243,21 @@ class DataConfig(_Strict):
         "completion the loss is computed on.",
     )
     cutoff_len: int = Field(512, gt=0, le=32768, description="Maximum tokens per example.")
+    # Declared before data_split_config, whose validator reads it.
+    validation_data_path: str | None = Field(
+        None,
+        max_length=256,
+        description="Tunery extension: a dataset uploaded to Tunery (ds_...) whose rows are the "
+        "validation set, rendered as data_path's are (prompt_template, chat mode, preference "
+        "rows), instead of a split of data_path. data_split_config then may not ask for a "
+        "validation fraction (a 422 naming it): its train fraction still applies to "
+        "data_path, and left out it is {'train': 1.0, 'validation': 0.0}, every row of "
+        "data_path trained. None: validation is the split of data_path.",
+    )
     data_split_config: dict[str, float] = Field(
         default_factory=lambda: {"train": 0.9, "validation": 0.1},
-        description="Fractions of the rows used for training and validation.",
+        description="Fractions of the rows used for training and validation; with "
+        "validation_data_path, the train fraction only.",
     )
     prevalidated: bool = Field(False, description="Accepted for compatibility; has no effect.")
     train_on_inputs: bool = Field(
@@ -255,22 +273,54 @@ class DataConfig(_Strict):
     def _default_subset_is_none(cls, value: str | None) -> str | None:
         return None if value in (None, "", "default") else value
 
+    @field_validator("validation_data_path")
+    @classmethod
+    def _uploaded_dataset(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return uploaded_dataset_id(value)
+        except SourceError as exc:
+            raise ValueError(str(exc)) from None
+
     @field_validator("data_split_config")
     @classmethod
-    def _split_ratios(cls, value: dict[str, float]) -> dict[str, float]:
+    def _split_ratios(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
         unknown = set(value) - {"train", "validation"}
         if unknown:
             raise ValueError(f"unknown split names {sorted(unknown)}; use 'train' and 'validation'")
         for name, ratio in value.items():
             if not 0.0 <= ratio <= 1.0:
                 raise ValueError(f"{name} ratio {ratio} is outside [0, 1]")
+        separate = info.data.get("validation_data_path") is not None
         train = value.get("train", 0.9)
-        validation = value.get("validation", 0.0 if "train" in value else 0.1)
+        validation = value.get("validation", 0.0 if "train" in value or separate else 0.1)
+        if separate and validation > 0:
+            raise ValueError(
+                f"validation {validation:g} asks for a split of data_path, but "
+                "validation_data_path names the validation set; leave 'validation' out (the "
+                "train fraction still applies to data_path) or leave validation_data_path out"
+            )
         if train <= 0:
             raise ValueError("the train ratio must be above 0")
         if train + validation > 1.0 + 1e-9:
             raise ValueError(f"train + validation = {train + validation:g} is above 1")
         return {"train": train, "validation": validation}
+
+    @model_validator(mode="after")
+    def _no_split_beside_a_validation_dataset(self) -> DataConfig:
+        # The default split holds a tenth of data_path out; with a validation dataset that
+        # tenth would be neither trained on nor evaluated.
+        if self.validation_data_path is not None and "data_split_config" not in \
+                self.model_fields_set:
+            self.data_split_config = {"train": 1.0, "validation": 0.0}
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether the job evaluates: a validation dataset, or a split that holds rows out."""
+        return (self.validation_data_path is not None
+                or self.data_split_config["validation"] > 0)
 
 
 class TrainingConfig(_Strict):
@@ -282,7 +332,8 @@ class TrainingConfig(_Strict):
         "least 32; a smaller split is read whole.",
     )
     early_stopping_patience: int = Field(
-        5, gt=0, le=100_000, description="Evaluations without improvement before training stops."
+        5, gt=0, le=MAX_EARLY_STOPPING_PATIENCE,
+        description="Evaluations without improvement before training stops.",
     )
     num_train_epochs: float = Field(1, gt=0, le=100, description="Epochs; may be fractional.")
     gradient_accumulation_steps: int = Field(
@@ -425,11 +476,12 @@ class FinetuneRequest(_Strict):
     def _scheduler_needs_validation(self) -> FinetuneRequest:
         if (
             self.training_config.lr_scheduler_type == "reduce_lr_on_plateau"
-            and self.data_config.data_split_config["validation"] == 0
+            and not self.data_config.has_validation
         ):
             raise ValueError(
                 "lr_scheduler_type 'reduce_lr_on_plateau' needs a validation split; set "
-                "data_config.data_split_config.validation above 0 or choose another scheduler"
+                "data_config.data_split_config.validation above 0, name a "
+                "data_config.validation_data_path, or choose another scheduler"
             )
         return self
 

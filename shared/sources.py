@@ -88,11 +88,8 @@ def classify_source(
         return Source("url", _checked_url(value, allow_urls, url_policy))
     if DATASET_ID.fullmatch(value):
         return Source("dataset", value)
-    if not bare_hub_names and value.startswith(DATASET_ID_PREFIX) and "/" not in value:
-        raise SourceError(
-            f"no dataset with id {value}: uploaded dataset ids are 'ds_' and 32 hex digits; "
-            "GET /v1/datasets lists yours"
-        )
+    if not bare_hub_names and _misspelt_dataset_id(value):
+        raise SourceError(_no_such_dataset(value))
     if _HUB_ID.fullmatch(value) and ".." not in value and "--" not in value:
         if "/" in value or bare_hub_names:
             return Source("hub", value)
@@ -105,6 +102,33 @@ def classify_source(
     raise SourceError(
         f"{value!r} is neither an absolute local path, an https URL, nor a hub id like 'owner/name'"
     )
+
+
+def uploaded_dataset_id(value: str) -> str:
+    """`value` as an uploaded dataset id, by `classify_source`'s rules for them, or
+    `SourceError`: for a field that takes nothing but a dataset uploaded to Tunery
+    (`data_config.validation_data_path`). Whose dataset it is, the API checks."""
+    value = value.strip()
+    if DATASET_ID.fullmatch(value):
+        return value
+    if _misspelt_dataset_id(value):
+        raise SourceError(_no_such_dataset(value))
+    shown = value if len(value) <= 80 else value[:80] + "…"
+    raise SourceError(
+        f"{shown!r} is not an uploaded dataset id ('ds_…'): only a dataset uploaded to Tunery "
+        "can be named here; upload it with POST /v1/datasets (or GET /v1/upload) and pass the "
+        "id it returns"
+    )
+
+
+def _misspelt_dataset_id(value: str) -> bool:
+    """A value that means an uploaded dataset but cannot be one."""
+    return value.startswith(DATASET_ID_PREFIX) and "/" not in value
+
+
+def _no_such_dataset(value: str) -> str:
+    return (f"no dataset with id {value}: uploaded dataset ids are 'ds_' and 32 hex digits; "
+            "GET /v1/datasets lists yours")
 
 
 def _allowed_local_path(value: str, allowed_local_dirs: Iterable[Path]) -> Path:

@@ -2,9 +2,9 @@
 job.
 
 The files were checked by OpenAI's rules when they arrived (`shared.openai_training_file`),
-so the job is validated here at once: a bad training file makes a job that is `failed` from
-the start with OpenAI's error code and the line at fault, as OpenAI's validation would end;
-anything else wrong with the request is a 400 naming its field, and no job.
+so the job is validated here at once: a bad training or validation file makes a job that is
+`failed` from the start with OpenAI's error code and the line at fault, as OpenAI's validation
+would end; anything else wrong with the request is a 400 naming its field, and no job.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ from api.preflight.checks import Preflight
 from shared import datasets, jobs
 from shared.jobs import NewJob
 from shared.models import Dataset, DatasetStatus, JobStatus
-from shared.openai_training_file import FileProblem, TrainingFileCheck, method_mismatch
+from shared.openai_training_file import (
+    FileProblem,
+    TrainingFileCheck,
+    method_mismatch,
+    validation_file_problem,
+)
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -60,9 +65,6 @@ def create_openai_job(session: Session, storage: Storage, settings: Settings, te
                          "an open model (a hub id such as 'Qwen/Qwen2.5-7B-Instruct', or one "
                          "your operator allows), or ask your operator for an alias "
                          "(TUNERY_OPENAI_MODEL_ALIASES)")
-    if body.validation_file is not None:
-        _refuse("validation_file", "a separate validation file is not supported yet; leave it "
-                                   "out and the job trains on every line of training_file")
     wandb_key = ""
     if body.integrations:
         key = settings.openai.wandb_api_key
@@ -70,48 +72,65 @@ def create_openai_job(session: Session, storage: Storage, settings: Settings, te
             _refuse("integrations", "this server has no W&B key for integrations (its "
                                     "operator sets TUNERY_OPENAI_WANDB_API_KEY)")
         wandb_key = key.get_secret_value()
-    training = _training_file(session, tenant_id, body.training_file)
+    training = _uploaded_file(session, tenant_id, body.training_file, "training_file")
     check = _file_check(training)
     problem = check.problem or method_mismatch(
         check, "dpo" if method == "dpo" else "supervised", file_id=body.training_file)
+    failure = None if problem is None else _Failure(problem, "training_file")
+    validation = None
+    if body.validation_file is not None:
+        validation = _uploaded_file(session, tenant_id, body.validation_file, "validation_file")
+        problem = validation_file_problem(_file_check(validation), check,
+                                          file_id=body.validation_file)
+        if failure is None and problem is not None:
+            failure = _Failure(problem, "validation_file")
     resolved = resolve(asked, check.examples)
     seed = body.seed if body.seed is not None else new_seed()
     payload = training_payload(
         body.model_copy(update={"model": model}), dataset_id=training.id, kind=check.kind,
         method=method, resolved=resolved, seed=seed, cutoff_len=settings.openai.cutoff_len,
-        wandb_key=wandb_key)
+        wandb_key=wandb_key, validation_dataset_id=validation.id if validation else None)
     preflight = Preflight(session, storage, settings, tenant_id, dry_run=False)
     try:
         request = preflight.parse(payload)
-        if problem is None:
+        if failure is None:
             preflight.check(request)
     except ApiError as exc:
         raise _in_openai_terms(exc) from None
     job = jobs.create_job(session, tenant_id, request, settings.leases.max_attempts,
                           warnings=preflight.job_warnings,
-                          openai=_fields(body, method, asked.model_dump(), resolved, problem))
-    if problem is not None:
-        jobs.transition(session, job.id, JobStatus.FAILED, reason=problem.message,
-                        error_code=problem.code)
-    return Created(job, queued=problem is None)
+                          openai=_fields(body, method, asked.model_dump(), resolved, failure))
+    if failure is not None:
+        jobs.transition(session, job.id, JobStatus.FAILED, reason=failure.problem.message,
+                        error_code=failure.problem.code)
+    return Created(job, queued=failure is None)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why the job fails at once, and the body field (`error.param`) at fault."""
+
+    problem: FileProblem
+    param: str
 
 
 def _refuse(param: str, message: str) -> NoReturn:
     raise ApiError(422, "invalid_request", message, [{"path": param, "message": message}])
 
 
-def _training_file(session: Session, tenant_id: str, file_id: str) -> Dataset:
+def _uploaded_file(session: Session, tenant_id: str, file_id: str, param: str) -> Dataset:
+    """The caller's ready file `file_id`, named by the body field `param`; a 400 naming it
+    otherwise."""
     dataset_id = ids.dataset_id(file_id)
     try:
         if dataset_id is None:
             raise datasets.DatasetNotFound(file_id)
         dataset = datasets.get_dataset(session, tenant_id, dataset_id)
     except datasets.DatasetNotFound:
-        _refuse("training_file", f"no file with id {file_id}; upload it with "
-                                 "client.files.create(file=..., purpose='fine-tune')")
+        _refuse(param, f"no file with id {file_id}; upload it with "
+                       "client.files.create(file=..., purpose='fine-tune')")
     if dataset.status != DatasetStatus.READY.value:
-        _refuse("training_file", f"file {file_id} is not ready: "
-                                 f"{dataset.error or dataset.status}")
+        _refuse(param, f"file {file_id} is not ready: {dataset.error or dataset.status}")
     return dataset
 
 
@@ -130,7 +149,7 @@ def _file_check(dataset: Dataset) -> TrainingFileCheck:
 
 
 def _fields(body: JobCreate, method: str, asked: dict, resolved: Resolved,
-            problem: FileProblem | None) -> dict:
+            failure: _Failure | None) -> dict:
     fields = {
         "model": body.model,
         "training_file": body.training_file,
@@ -142,8 +161,8 @@ def _fields(body: JobCreate, method: str, asked: dict, resolved: Resolved,
         "resolved": resolved.to_json(),
         "integrations": [i.model_dump() for i in body.integrations or []] or None,
     }
-    if problem is not None:
-        fields["error_param"] = "training_file"
+    if failure is not None:
+        fields["error_param"] = failure.param
     return fields
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from api.openai.schemas import DpoHyperparameters, JobCreate, SupervisedHyperparameters
+from shared.schema import MAX_EARLY_STOPPING_PATIENCE
 from shared.training_plan import BATCH_SIZE
 
 BASE_LEARNING_RATE = 2e-4
@@ -37,6 +38,7 @@ PROMPT_COMPLETION_TEMPLATE = "{prompt}{completion}"
 OPENAI_PARAMS = {
     "pretrainedmodel_config.model_path": "model",
     "data_config.data_path": "training_file",
+    "data_config.validation_data_path": "validation_file",
     "training_config.num_train_epochs": "hyperparameters.n_epochs",
     "training_config.learning_rate": "hyperparameters.learning_rate_multiplier",
     "training_config.gradient_accumulation_steps": "hyperparameters.batch_size",
@@ -112,10 +114,11 @@ def new_seed() -> int:
 
 
 def training_payload(body: JobCreate, *, dataset_id: str, kind: str | None, method: str,
-                     resolved: Resolved, seed: int, cutoff_len: int,
-                     wandb_key: str) -> dict[str, Any]:
+                     resolved: Resolved, seed: int, cutoff_len: int, wandb_key: str,
+                     validation_dataset_id: str | None = None) -> dict[str, Any]:
     """The MonsterAPI-shaped payload that trains what `body` asks on the uploaded dataset
-    `dataset_id`, whose lines are of `kind` (`shared.openai_training_file`)."""
+    `dataset_id`, whose lines are of `kind` (`shared.openai_training_file`), evaluated on
+    `validation_dataset_id` (lines of the same kind) when given."""
     micro, accumulation = micro_batches(resolved.batch_size)
     training: dict[str, Any] = {
         "num_train_epochs": resolved.n_epochs,
@@ -132,9 +135,13 @@ def training_payload(body: JobCreate, *, dataset_id: str, kind: str | None, meth
     data: dict[str, Any] = {
         "data_path": dataset_id,
         "cutoff_len": cutoff_len,
-        # Without a validation file, OpenAI trains on every line.
+        # OpenAI trains on every line; a validation file is evaluated apart.
         "data_split_config": {"train": 1.0, "validation": 0.0},
     }
+    if validation_dataset_id is not None:
+        data["validation_data_path"] = validation_dataset_id
+        # OpenAI reports the validation loss but never stops a job early on it.
+        training["early_stopping_patience"] = MAX_EARLY_STOPPING_PATIENCE
     if method != "dpo":
         data["prompt_template"] = (PROMPT_COMPLETION_TEMPLATE if kind == "prompt_completion"
                                    else CHAT_TEMPLATE)

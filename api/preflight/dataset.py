@@ -1,9 +1,11 @@
-"""`data_config.data_path`: whether the job can read its rows, and what is known of them.
+"""`data_config.data_path` and `validation_data_path`: whether the job can read their rows,
+and what is known of them.
 
 An uploaded dataset must be the caller's, checked and hold the columns the job reads; its
 rows, columns and format are on its row. A local file must lie in an allowed directory, a URL
 must resolve to an address this server may fetch, a hub dataset must exist (asked only in a
-dry run). Of the last three nothing more is known until the worker reads them.
+dry run). Of the last three nothing more is known until the worker reads them. A validation
+dataset is always an uploaded one (the schema refuses anything else), checked as data_path's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from shared.training_plan import split_sizes
 from shared.url_guard import UrlPolicy, redact_url
 
 FIELD = "data_config.data_path"
+VALIDATION_FIELD = "data_config.validation_data_path"
 UNKNOWN_ROWS = "rows unknown until the worker reads it"
 
 
@@ -44,6 +47,8 @@ class DatasetFindings:
     report: PreflightDataset | None = None
     uploaded: Dataset | None = None
     """The uploaded dataset, when data_path names one that the job can use."""
+    validation: Dataset | None = None
+    """The validation dataset, when validation_data_path names one that the job can use."""
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -81,21 +86,41 @@ def check_dataset(data: DataConfig, training: TrainingConfig | None,
         check_source_type(source, data.data_source_type)
     except SourceError as exc:
         findings.problems.append({"path": "data_config.data_source_type", "message": str(exc)})
+    if data.validation_data_path is not None:
+        _check_validation(data, training, ctx, findings)
     return findings
+
+
+def _ready_upload(ctx: DatasetContext, dataset_id: str) -> Dataset | str:
+    """The caller's uploaded dataset `dataset_id` if a job can read it; else why not."""
+    try:
+        dataset = resolve_dataset(ctx.session, ctx.storage, ctx.settings, ctx.tenant_id,
+                                  dataset_id)
+    except datasets.DatasetNotFound:
+        return f"no dataset with id {dataset_id}; GET /v1/datasets lists yours"
+    except datasets.DatasetRejected as exc:
+        return exc.message
+    return datasets.not_ready_reason(dataset) or dataset
+
+
+def _missing_columns(dataset: Dataset, data: DataConfig, training: TrainingConfig) -> str | None:
+    return missing_job_columns_message(dataset.columns or [],
+                                       prompt_template=data.prompt_template,
+                                       preference_optimization=training.preference_optimization)
+
+
+def _delimiter_warning(dataset: Dataset) -> str | None:
+    if dataset.csv_delimiter in (None, ","):
+        return None
+    return (f"{dataset.name} is read as CSV with the delimiter {dataset.csv_delimiter!r} its "
+            f"header suggests, not ','; its columns are {dataset.columns}")
 
 
 def _uploaded(data: DataConfig, training: TrainingConfig | None,
               ctx: DatasetContext) -> DatasetFindings:
-    try:
-        dataset = resolve_dataset(ctx.session, ctx.storage, ctx.settings, ctx.tenant_id,
-                                  data.data_path)
-    except datasets.DatasetNotFound:
-        return _refused(f"no dataset with id {data.data_path}; GET /v1/datasets lists yours")
-    except datasets.DatasetRejected as exc:
-        return _refused(exc.message)
-    reason = datasets.not_ready_reason(dataset)
-    if reason:
-        return _refused(reason)
+    dataset = _ready_upload(ctx, data.data_path)
+    if isinstance(dataset, str):
+        return _refused(dataset)
     train_rows, validation_rows = (split_sizes(dataset.rows, data.data_split_config)
                                    if dataset.rows is not None else (None, None))
     findings = DatasetFindings(PreflightDataset(
@@ -103,21 +128,45 @@ def _uploaded(data: DataConfig, training: TrainingConfig | None,
         rows=dataset.rows, train_rows=train_rows, validation_rows=validation_rows,
         columns=dataset.columns, format=dataset.format, csv_delimiter=dataset.csv_delimiter,
     ), uploaded=dataset)
-    if dataset.csv_delimiter not in (None, ","):
-        findings.warnings.append(
-            f"{dataset.name} is read as CSV with the delimiter {dataset.csv_delimiter!r} its "
-            f"header suggests, not ','; its columns are {dataset.columns}"
-        )
+    warning = _delimiter_warning(dataset)
+    if warning:
+        findings.warnings.append(warning)
     if training is not None:
-        preference = training.preference_optimization
-        message = missing_job_columns_message(dataset.columns or [],
-                                              prompt_template=data.prompt_template,
-                                              preference_optimization=preference)
+        message = _missing_columns(dataset, data, training)
         if message:
-            path = ("training_config.preference_optimization" if is_preference(preference)
+            path = ("training_config.preference_optimization"
+                    if is_preference(training.preference_optimization)
                     else "data_config.prompt_template")
             findings.problems.append({"path": path, "message": message})
     return findings
+
+
+def _check_validation(data: DataConfig, training: TrainingConfig | None, ctx: DatasetContext,
+                      findings: DatasetFindings) -> None:
+    """The validation dataset, checked as an uploaded data_path is: the caller's, ready, with
+    the columns the job reads. Its problems name `VALIDATION_FIELD`; its rows go into the
+    report's `validation_rows`."""
+    assert data.validation_data_path is not None
+    dataset = _ready_upload(ctx, data.validation_data_path)
+    if isinstance(dataset, str):
+        findings.problems.append({"path": VALIDATION_FIELD, "message": dataset})
+        return
+    findings.validation = dataset
+    if findings.report is not None:
+        findings.report.validation_rows = dataset.rows
+        findings.report.checked += f"; validation: your uploaded dataset {dataset.name!r}"
+    warning = _delimiter_warning(dataset)
+    if warning:
+        findings.warnings.append(f"{VALIDATION_FIELD}: {warning}")
+    if dataset.id == data.data_path.strip():
+        findings.warnings.append(
+            f"{VALIDATION_FIELD} is data_path: the job evaluates on rows it trains on, so "
+            "eval_loss says nothing of how it does on rows it has not seen")
+    if training is not None:
+        message = _missing_columns(dataset, data, training)
+        if message:
+            findings.problems.append({"path": VALIDATION_FIELD,
+                                      "message": f"the validation dataset: {message}"})
 
 
 def _url(source: Source, url_policy: UrlPolicy) -> DatasetFindings:

@@ -247,6 +247,24 @@ def test_delete_is_409_while_a_queued_job_trains_on_the_dataset(
     assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 204
 
 
+def test_delete_is_409_while_a_queued_job_evaluates_on_the_dataset(
+    client: TestClient, tunery_env: Path
+) -> None:
+    training_id, validation_id = upload_ok(client)["id"], upload_ok(client)["id"]
+    job = client.post("/v1/finetune/llm", json=make_payload(
+        data_path=training_id, data_config={"validation_data_path": validation_id}))
+    assert job.status_code == 201, job.text
+    job_id = job.json()["job_id"]
+
+    refused = client.delete(f"/v1/datasets/{validation_id}")
+
+    assert refused.status_code == 409
+    assert job_id in refused.json()["error"]["message"]
+    assert "validation_data_path" in refused.json()["error"]["message"]
+    assert client.post(f"/v1/finetune/llm/{job_id}/cancel").status_code == 200
+    assert client.delete(f"/v1/datasets/{validation_id}").status_code == 204
+
+
 def test_another_tenants_key_gets_404_and_an_admin_key_may_delete(
     client: TestClient, tunery_env: Path
 ) -> None:

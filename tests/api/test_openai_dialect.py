@@ -156,6 +156,54 @@ def test_a_bad_training_file_makes_a_failed_job_with_openai_error_code(
     assert "line 12" in bad["error"]["message"]
 
 
+def test_a_validation_file_is_the_jobs_validation_dataset_and_never_stops_it_early(
+        client: TestClient) -> None:
+    training = upload(client, chat_lines(20)).json()["id"]
+    validation = upload(client, chat_lines(3), name="valid.jsonl").json()["id"]
+    job = create(client, training, validation_file=validation).json()
+    assert job["status"] == "queued", job
+    assert (job["training_file"], job["validation_file"]) == (training, validation)
+    payload = client.get(f"/v1/finetune/llm/{job['tunery_job_id']}").json()["payload"]
+    assert payload["data_config"]["validation_data_path"] == "ds_" + validation.removeprefix(
+        "file-")
+    assert payload["data_config"]["data_split_config"] == {"train": 1.0, "validation": 0.0}
+    assert payload["training_config"]["early_stopping_patience"] == 100_000
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert events[-1]["message"] == (f"Validating training file: {training} and validation "
+                                     f"file: {validation}")
+    # Without one, nothing changes: every line trains and patience is the default.
+    plain = create(client, training).json()
+    plain_payload = client.get(f"/v1/finetune/llm/{plain['tunery_job_id']}").json()["payload"]
+    assert plain_payload["data_config"]["validation_data_path"] is None
+    assert plain_payload["training_config"]["early_stopping_patience"] == 5
+
+
+def test_a_bad_validation_file_fails_the_job_with_invalid_validation_file(
+        client: TestClient) -> None:
+    training = upload(client, chat_lines(12)).json()["id"]
+    robot = json.loads(chat_lines(1))
+    robot["messages"][1]["role"] = "robot"
+    broken = upload(client, chat_lines(2) + (json.dumps(robot) + "\n").encode()).json()["id"]
+    completions = upload(client, "".join(json.dumps({"prompt": f"{i}+{i}=", "completion": str(
+        2 * i)}) + "\n" for i in range(5)).encode()).json()["id"]
+
+    bad_line = create(client, training, validation_file=broken).json()
+    other_format = create(client, training, validation_file=completions).json()
+
+    for job in (bad_line, other_format):
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "invalid_validation_file"
+        assert job["error"]["param"] == "validation_file"
+    assert bad_line["error"]["message"].startswith(f"Invalid validation file {broken}: line 3")
+    assert (f"Validation file {completions} is in the fine-tune-completion format, but the "
+            "training file is in the fine-tune-chat format") in other_format["error"]["message"]
+    # The training file's own problem comes first, naming training_file.
+    few = upload(client, chat_lines(7)).json()["id"]
+    both = create(client, few, validation_file=broken).json()
+    assert (both["error"]["code"], both["error"]["param"]) == ("invalid_n_examples",
+                                                               "training_file")
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"method": {"type": "reinforcement"}}, "method.type"),
     ({"model": "gpt-4o-mini-2024-07-18"}, "model"),
@@ -165,6 +213,7 @@ def test_a_bad_training_file_makes_a_failed_job_with_openai_error_code(
     ({"suffix": "x" * 65}, "suffix"),
     ({"learning_rate": 0.1}, "learning_rate"),
     ({"training_file": "file-00000000000000000000000000000000"}, "training_file"),
+    ({"validation_file": "file-00000000000000000000000000000000"}, "validation_file"),
 ])
 def test_a_wrong_creation_is_a_400_naming_the_field_and_makes_no_job(
         client: TestClient, body: dict[str, Any], param: str) -> None:

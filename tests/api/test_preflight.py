@@ -25,6 +25,7 @@ from sqlalchemy import select
 from shared.db import session_scope
 from shared.models import Dataset, Job
 from shared.settings import get_settings
+from tests.api.conftest import new_key
 from tests.api.test_datasets import upload_ok
 from tests.conftest import make_payload
 
@@ -578,3 +579,161 @@ def test_a_dry_run_on_a_local_model_shows_the_tokens_the_loss_applies_to(
     assert trained.strip() == f"0{EOS}"
     assert not any(w.startswith("examples:") for w in body["warnings"])
     assert jobs_stored() == []
+
+
+# --- validation_data_path: a dataset of the caller's as the validation set ---------------
+
+QA_TEMPLATE = "Q: {instruction} A: {output}"
+HELD_OUT_ROWS = [{"instruction": f"Double {i}.", "output": f"{2 * i}"} for i in range(12)]
+PREFERENCE_ROWS = [{"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}", "rejected": "No idea."}
+                   for i in range(12)]
+
+
+def with_validation(dataset_id: str, validation_id: str, **data: Any) -> dict[str, Any]:
+    return with_data(dataset_id, validation_data_path=validation_id, **data)
+
+
+def test_a_validation_dataset_is_the_validation_rows_and_data_path_trains_whole(
+    client: TestClient, hub: list[str]
+) -> None:
+    validation_id = uploaded(client, HELD_OUT_ROWS)
+    payload = with_validation(uploaded(client, ALPACA_ROWS), validation_id,
+                              prompt_template=QA_TEMPLATE)
+    assert payload["training_config"]["lr_scheduler_type"] == "reduce_lr_on_plateau"
+
+    body = report(client.post(DRY_RUN, json=payload))
+
+    assert (body["dataset"]["train_rows"], body["dataset"]["validation_rows"]) == (40, 12)
+    assert body["dataset"]["checked"] == ("your uploaded dataset 'train.jsonl'; validation: "
+                                          "your uploaded dataset 'train.jsonl'")
+    assert body["steps"]["optimizer_steps"] == 10  # 40 examples, 4 a step
+    created = client.post(URL, json=payload)
+    assert created.status_code == 201, created.text
+    data = client.get(f"{URL}/{created.json()['job_id']}").json()["payload"]["data_config"]
+    assert data["validation_data_path"] == validation_id
+    assert data["data_split_config"] == {"train": 1.0, "validation": 0.0}
+
+
+def test_with_a_validation_dataset_the_train_fraction_still_applies_to_data_path(
+    client: TestClient, hub: list[str]
+) -> None:
+    payload = with_validation(uploaded(client, ALPACA_ROWS), uploaded(client, HELD_OUT_ROWS),
+                              prompt_template=QA_TEMPLATE, data_split_config={"train": 0.5})
+
+    dataset = report(client.post(DRY_RUN, json=payload))["dataset"]
+
+    assert (dataset["train_rows"], dataset["validation_rows"]) == (20, 12)
+
+
+@pytest.mark.parametrize("url", [URL, DRY_RUN])
+def test_a_validation_fraction_beside_a_validation_dataset_is_refused_naming_the_split(
+    client: TestClient, hub: list[str], url: str
+) -> None:
+    payload = with_validation(uploaded(client, ALPACA_ROWS), uploaded(client, HELD_OUT_ROWS),
+                              prompt_template=QA_TEMPLATE,
+                              data_split_config={"train": 0.8, "validation": 0.2})
+
+    fields = refused(client.post(url, json=payload))
+
+    assert set(fields) == {"data_config.data_split_config"}
+    assert fields["data_config.data_split_config"].startswith(
+        "validation 0.2 asks for a split of data_path, but validation_data_path names the "
+        "validation set")
+    assert jobs_stored() == []
+
+
+@pytest.mark.parametrize("url", [URL, DRY_RUN])
+@pytest.mark.parametrize(("value", "said"), [
+    ("ds_" + "0" * 32, "no dataset with id ds_" + "0" * 32 + "; GET /v1/datasets lists yours"),
+    ("ds_nope", "no dataset with id ds_nope: uploaded dataset ids are 'ds_' and 32 hex digits"),
+    ("tatsu-lab/alpaca", "'tatsu-lab/alpaca' is not an uploaded dataset id ('ds_…')"),
+    ("https://example.com/val.jsonl", "is not an uploaded dataset id ('ds_…')"),
+])
+def test_a_validation_data_path_that_is_no_dataset_of_yours_is_refused_naming_it(
+    client: TestClient, hub: list[str], url: str, value: str, said: str
+) -> None:
+    payload = with_validation(uploaded(client, ALPACA_ROWS), value, prompt_template=QA_TEMPLATE)
+
+    fields = refused(client.post(url, json=payload))
+
+    assert set(fields) == {"data_config.validation_data_path"}
+    assert said in fields["data_config.validation_data_path"]
+    assert jobs_stored() == []
+
+
+def test_another_tenants_dataset_as_validation_is_no_dataset_at_all(
+    client: TestClient, hub: list[str]
+) -> None:
+    theirs = upload_ok(client, "jsonl", HELD_OUT_ROWS)["id"]
+    client.headers["Authorization"] = f"Bearer {new_key('tenant-b')}"
+    payload = with_validation(uploaded(client, ALPACA_ROWS), theirs,
+                              prompt_template=QA_TEMPLATE)
+
+    fields = refused(client.post(URL, json=payload))
+
+    assert fields == {"data_config.validation_data_path":
+                      f"no dataset with id {theirs}; GET /v1/datasets lists yours"}
+
+
+def test_a_validation_dataset_not_uploaded_yet_is_refused_saying_so(
+    client: TestClient, hub: list[str]
+) -> None:
+    pending = client.get("/v1/upload", params={"filename": "val.jsonl"}).json()["dataset_id"]
+    payload = with_validation(uploaded(client, ALPACA_ROWS), pending,
+                              prompt_template=QA_TEMPLATE)
+
+    fields = refused(client.post(URL, json=payload))
+
+    assert "has not been uploaded yet" in fields["data_config.validation_data_path"]
+
+
+@pytest.mark.parametrize("url", [URL, DRY_RUN])
+@pytest.mark.parametrize(("train_rows", "validation_rows", "data", "training", "said"), [
+    (ALPACA_ROWS, CHAT_ROWS[:12], {"prompt_template": QA_TEMPLATE}, {},
+     "the validation dataset: prompt_template uses columns the dataset does not have: "
+     "['instruction', 'output']"),
+    (CHAT_ROWS, HELD_OUT_ROWS, {"prompt_template": "{messages}"}, {},
+     "the validation dataset: prompt_template uses columns the dataset does not have: "
+     "['messages']"),
+    (PREFERENCE_ROWS, HELD_OUT_ROWS, {}, {"preference_optimization": "DPO"},
+     "the validation dataset: DPO needs the columns ['prompt', 'chosen', 'rejected']"),
+])
+def test_a_validation_dataset_without_the_columns_the_job_reads_is_refused_naming_it(
+    client: TestClient, hub: list[str], url: str, train_rows: list[dict[str, Any]],
+    validation_rows: list[dict[str, Any]], data: dict[str, Any], training: dict[str, Any],
+    said: str,
+) -> None:
+    payload = with_validation(uploaded(client, train_rows), uploaded(client, validation_rows),
+                              **data)
+    payload["training_config"].update(training)
+
+    fields = refused(client.post(url, json=payload))
+
+    assert set(fields) == {"data_config.validation_data_path"}
+    assert fields["data_config.validation_data_path"].startswith(said)
+    assert jobs_stored() == []
+
+
+def test_a_preference_validation_dataset_in_openais_format_passes_beside_plain_columns(
+    client: TestClient, hub: list[str]
+) -> None:
+    openai_rows = [{"input": {"messages": [{"role": "user", "content": f"What is {i}?"}]},
+                    "preferred_output": [{"role": "assistant", "content": f"{i}"}],
+                    "non_preferred_output": [{"role": "assistant", "content": "No."}]}
+                   for i in range(6)]
+    payload = with_validation(uploaded(client, PREFERENCE_ROWS), uploaded(client, openai_rows))
+    payload["training_config"]["preference_optimization"] = "ORPO"
+
+    assert report(client.post(DRY_RUN, json=payload))["dataset"]["validation_rows"] == 6
+
+
+def test_data_path_as_its_own_validation_dataset_is_a_warning(
+    client: TestClient, hub: list[str]
+) -> None:
+    dataset_id = uploaded(client, ALPACA_ROWS)
+    payload = with_validation(dataset_id, dataset_id, prompt_template=QA_TEMPLATE)
+
+    body = report(client.post(DRY_RUN, json=payload))
+
+    assert any(w.startswith("data_config.validation_data_path is data_path: the job evaluates "
+                            "on rows it trains on") for w in body["warnings"])

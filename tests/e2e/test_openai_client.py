@@ -194,3 +194,33 @@ def test_a_dpo_job_through_the_openai_client_trains_the_preferred_answers(
     wrong = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=uploaded.id)
     assert wrong.status == "failed" and wrong.error
     assert wrong.error.code == "invalid_training_file"
+
+
+def test_a_validation_file_through_the_openai_client_reports_valid_loss(
+        tmp_path: Path, tiny_model_dir: Path, stack: tuple[LocalStack, dict[str, str]]) -> None:
+    local, env = stack
+    client = OpenAI(api_key=create_key(env), base_url=f"{local.base_url}/v1", max_retries=0)
+    training = client.files.create(file=chat_file(tmp_path / "train.jsonl", 16).open("rb"),
+                                   purpose="fine-tune")
+    validation = client.files.create(file=chat_file(tmp_path / "valid.jsonl", 4).open("rb"),
+                                     purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir), training_file=training.id, validation_file=validation.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 10}}})
+    assert job.validation_file == validation.id
+
+    done = wait_for(client, job.id, lambda j: j.status in DONE)
+
+    assert done.status == "succeeded", done.error
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    valid = [e.data for e in events if e.type == "metrics" and "valid_loss" in (e.data or {})]
+    assert valid and all(d["valid_loss"] > 0 for d in valid)
+    assert any("validation loss=" in e.message for e in events if e.type == "metrics")
+    # Every training line trained: 16 lines in steps of 4.
+    steps = {e.data["step"] for e in events
+             if e.type == "metrics" and "train_loss" in (e.data or {})}
+    assert max(steps) == 4
+    csv_text = base64.b64decode(client.files.content(done.result_files[0]).read()).decode()
+    _header, *rows = csv_text.splitlines()
+    assert any(row.split(",")[3] for row in rows), "a valid_loss in the result file"

@@ -389,3 +389,49 @@ def test_seed_is_an_integer_in_range_or_null(bad: Any, good: Any) -> None:
     request = FinetuneRequest.model_validate(make_payload(training_config={"seed": good}))
     assert request.training_config.seed == good
     assert FinetuneRequest.model_validate(make_payload()).training_config.seed is None
+
+
+VALIDATION_ID = "ds_" + "a" * 32
+
+
+def test_a_validation_dataset_replaces_the_split_and_satisfies_reduce_lr_on_plateau() -> None:
+    payload = make_payload(data_config={"validation_data_path": f" {VALIDATION_ID} "})
+    assert payload["training_config"]["lr_scheduler_type"] == "reduce_lr_on_plateau"
+
+    data = FinetuneRequest.model_validate(payload).data_config
+
+    assert data.validation_data_path == VALIDATION_ID
+    assert data.data_split_config == {"train": 1.0, "validation": 0.0}
+    assert data.has_validation
+
+
+@pytest.mark.parametrize(("split", "kept"), [
+    ({"train": 0.5}, {"train": 0.5, "validation": 0.0}),
+    ({"train": 0.5, "validation": 0.0}, {"train": 0.5, "validation": 0.0}),
+    ({}, {"train": 0.9, "validation": 0.0}),
+])
+def test_beside_a_validation_dataset_the_split_keeps_its_train_fraction(
+    split: dict[str, float], kept: dict[str, float]
+) -> None:
+    payload = make_payload(data_config={"validation_data_path": VALIDATION_ID,
+                                        "data_split_config": split})
+    assert FinetuneRequest.model_validate(payload).data_config.data_split_config == kept
+
+
+def test_a_validation_fraction_beside_a_validation_dataset_is_refused_naming_the_split() -> None:
+    payload = make_payload(data_config={"validation_data_path": VALIDATION_ID,
+                                        "data_split_config": {"train": 0.9, "validation": 0.1}})
+    assert error_paths(payload) == ["data_config.data_split_config"]
+
+
+@pytest.mark.parametrize("value", ["tatsu-lab/alpaca", "ds_abc", "/data/val.jsonl",
+                                   "https://example.com/val.jsonl", ""])
+def test_validation_data_path_takes_uploaded_dataset_ids_only(value: str) -> None:
+    payload = make_payload(data_config={"validation_data_path": value})
+    assert error_paths(payload) == ["data_config.validation_data_path"]
+
+
+def test_without_any_validation_reduce_lr_on_plateau_names_both_ways_to_get_one() -> None:
+    payload = make_payload(data_config={"data_split_config": {"train": 1.0}})
+    with pytest.raises(ValidationError, match="data_config.validation_data_path"):
+        FinetuneRequest.model_validate(payload)

@@ -1,5 +1,6 @@
 """Rows to training examples: rendered with the prompt template (or, in chat mode, the model's
-chat template), tokenized, labelled, and split into train and validation.
+chat template), tokenized, labelled, and split into train and validation (or, beside a
+validation dataset, shuffled as its own validation set).
 
 ORPO and DPO train on preference rows instead (TRL tokenizes them); `preference_rows` takes
 them out of the dataset. Every user-facing number (truncated examples, split sizes) is logged
@@ -239,22 +240,41 @@ def split(
     *,
     seed: int = DEFAULT_SEED,
     log: LogFn = no_log,
+    validation_from: str | None = None,
 ) -> tuple[Sequence[Item], Sequence[Item]]:
     """Shuffle with `seed` and cut into (train, validation) by the configured fractions: views
     of a `TokenStore`, lists of anything else.
 
     The same examples and fractions always give the same split. Rows beyond
-    train + validation < 1 are left out. Validation 0 gives an empty validation list.
+    train + validation < 1 are left out. Validation 0 gives an empty validation list, which
+    the log calls disabled evaluation unless `validation_from` names where the validation
+    examples come from instead (`shuffled_validation`).
     """
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_train, n_val = split_sizes(len(examples), split_config)
     validation = _take(examples, order[:n_val])
     train = _take(examples, order[n_val : n_val + n_train])
+    if validation_from is not None:
+        log(f"split (seed {seed}): {len(train)} train examples; the validation examples are "
+            f"those of {validation_from}")
+        return train, validation
     log(f"split (seed {seed}): {len(train)} train, {len(validation)} validation examples")
     if not validation:
         log("validation split is 0: evaluation and early stopping are disabled")
     return train, validation
+
+
+def shuffled_validation(
+    examples: Sequence[Item], *, seed: int = DEFAULT_SEED, source: str, log: LogFn = no_log,
+) -> Sequence[Item]:
+    """A validation dataset's examples (every one of them) shuffled with `seed`, as `split`
+    shuffles a split's: the first ones, which `evaluated_sample` reads, are a seeded sample of
+    the dataset rather than its first rows."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    log(f"validation (seed {seed}): {len(examples)} examples of {source}")
+    return _take(examples, order)
 
 
 def evaluated_sample(
@@ -262,7 +282,8 @@ def evaluated_sample(
     compute_share: float, cap: int = EVAL_MAX_EXAMPLES, log: LogFn = no_log,
 ) -> Sequence[Item]:
     """The validation examples every evaluation reads, the baseline before training included:
-    the first of the split (`split` shuffled it with a fixed seed), as many as
+    the first of the split (`split`, or `shuffled_validation` for a validation dataset,
+    shuffled it with a fixed seed), as many as
     `shared.training_plan.evaluation_examples` allows."""
     count = evaluation_examples(
         len(validation), train_examples, epochs=config.num_train_epochs,

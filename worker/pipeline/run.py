@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from shared.dataset_columns import is_preference, missing_job_columns_message
 from shared.dataset_files import LoadedDataset
@@ -25,6 +25,7 @@ from worker.pipeline.examples import (
     evaluated_sample,
     preference_rows,
     render_and_tokenize,
+    shuffled_validation,
     split,
 )
 from worker.pipeline.export import export_adapter
@@ -87,9 +88,9 @@ def run_job(
     reporter.phase("loading_data")
     region = InterruptibleRegion(reporter.should_stop)
     with region:
-        train_set, eval_set, fit, tokenizer = _prepare_data(
-            request, work_dir, reporter, settings, hub_cache_dir=hub_cache_dir, log=log
-        )
+        prepared = prepare_data(request, work_dir, reporter, settings,
+                                hub_cache_dir=hub_cache_dir)
+        train_set, eval_set, tokenizer = prepared.train_set, prepared.eval_set, prepared.tokenizer
         _stop_if_asked(reporter)
 
         reporter.phase("loading_model")
@@ -108,7 +109,7 @@ def run_job(
             _stop_if_asked(reporter)
 
             reporter.phase("training")
-            stats = fit(
+            stats = prepared.fit(
                 model,
                 tokenizer,
                 train_set,
@@ -140,76 +141,144 @@ def run_job(
     )
 
 
-def _prepare_data(
+@dataclass(frozen=True)
+class PreparedData:
+    """What the "loading_data" stage hands to training."""
+
+    train_set: Sequence[Any]
+    eval_set: Sequence[Any]
+    """The examples every evaluation reads; empty when the job does not evaluate."""
+    fit: Callable[..., TrainStats]
+    """The recipe that trains on them: supervised, or ORPO / DPO."""
+    tokenizer: Any
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One dataset the job reads: `data_path` for training, or `validation_data_path`."""
+
+    path: str
+    role: Literal["data_path", "validation_data_path"]
+    """The field that names it: its log lines and errors say which dataset they are about."""
+    work_dir: Path
+    """Where its download and its tokens go, apart from the other dataset's."""
+    log: LogFn
+    announce_template: Callable[[], None] = lambda: None
+    """Says which prompt template renders the rows, once they are read and before they are
+    rendered or read from the cache: data_path's only, since both use the same template."""
+
+
+def prepare_data(
     request: FinetuneRequest, work_dir: Path, reporter: JobReporter, settings: Settings,
-    *, hub_cache_dir: Path | None, log: LogFn,
-) -> tuple[Sequence[Any], Sequence[Any], Callable[..., TrainStats], Any]:
-    """The "loading_data" stage: train and eval sets, the function that trains on them, and
-    the tokenizer."""
+    *, hub_cache_dir: Path | None = None,
+) -> PreparedData:
+    """The "loading_data" stage: the train and eval sets, the recipe that trains on them, and
+    the tokenizer.
+
+    The eval set is a seeded split of data_path, or with `validation_data_path` every row of
+    that dataset, read, rendered and tokenized exactly as data_path's are; either way
+    `evaluated_sample` decides how many of them each evaluation reads."""
     data, base, hf = request.data_config, request.pretrainedmodel_config, request.hf_config
-    allowed = settings.sources.allowed_local_dirs
-    storage = storage_from_settings(settings)
+    log = reporter.log
     tokenizer = load_tokenizer(
-        base.model_path, allowed_local_dirs=allowed, token=hf.hf_token, cache_dir=hub_cache_dir,
-        log=log,
+        base.model_path, allowed_local_dirs=settings.sources.allowed_local_dirs,
+        token=hf.hf_token, cache_dir=hub_cache_dir, log=log,
     )
     preference = request.training_config.preference_optimization
-    tokens_dir = work_dir / "tokens"
-    # ORPO and DPO train on preference rows (TRL tokenizes them), the rest on tokenized ones,
-    # which an uploaded dataset may have kept from an earlier attempt or job.
-    cache = None if is_preference(preference) else _token_cache(data, storage, tokenizer)
-    cached = cache.load(tokens_dir, log=log) if cache else None
-    examples: Sequence[Any]
-    fit: Callable[..., TrainStats] = train
-    if cached is not None:
-        _report_prompt_template(data, reporter)
-        cached.report(log)
-        examples = cached.store
+    seed = job_seed(request.training_config.seed)
+    fit: Callable[..., TrainStats] = (partial(train_preference, max_length=data.cutoff_len)
+                                      if is_preference(preference) else train)
+    read = partial(_examples, request=request, tokenizer=tokenizer, settings=settings,
+                   hub_cache_dir=hub_cache_dir)
+    examples = read(_Rows(data.data_path, "data_path", work_dir, log, announce_template=(
+        (lambda: None) if is_preference(preference)
+        else partial(_report_prompt_template, data, reporter))))
+    if data.validation_data_path is None:
+        train_set, eval_set = split(examples, data.data_split_config, seed=seed, log=log)
     else:
-        dataset = load_dataset(
-            data.data_path,
-            allowed_local_dirs=allowed,
-            download_dir=work_dir / "data",
-            subset=data.data_subset,
-            source_type=data.data_source_type,
-            token=hf.hf_token,
-            storage=storage,
-            max_rows=settings.limits.max_dataset_rows,
-            url_policy=UrlPolicy.from_settings(settings.sources),
-            hub_cache_dir=hub_cache_dir,
-            log=log,
-        )
-        _check_columns(dataset, data, preference)
-        if is_preference(preference):
-            examples = preference_rows(dataset, tokenizer, method=preference,
-                                       cutoff_len=data.cutoff_len, log=log)
-            fit = partial(train_preference, max_length=data.cutoff_len)
-        else:
-            _report_prompt_template(data, reporter)
-            lines: list[str] = []
+        source = f"validation_data_path {data.validation_data_path}"
+        train_set, _ = split(examples, data.data_split_config, seed=seed, log=log,
+                             validation_from=source)
 
-            def log_and_keep(line: str) -> None:
-                lines.append(line)
-                log(line)
+        def log_validation(line: str) -> None:
+            log(f"validation_data_path: {line}")
 
-            store = render_and_tokenize(dataset, tokenizer, data, directory=tokens_dir,
-                                        log=log_and_keep)
-            if cache is not None:
-                cache.save(tokens_dir, store, lines, log=log)
-            examples = store
-    train_set, eval_set = split(examples, data.data_split_config,
-                                seed=job_seed(request.training_config.seed), log=log)
+        held_out = read(_Rows(data.validation_data_path, "validation_data_path",
+                              work_dir / "validation", log_validation))
+        eval_set = shuffled_validation(held_out, seed=seed, source=source, log=log)
     eval_set = evaluated_sample(eval_set, train_examples=len(train_set),
                                 config=request.training_config,
                                 compute_share=settings.training.eval_compute_share,
                                 cap=settings.training.eval_max_examples, log=log)
-    return train_set, eval_set, fit, tokenizer
+    return PreparedData(train_set, eval_set, fit, tokenizer)
 
 
-def _token_cache(data: DataConfig, storage: Storage, tokenizer: Any) -> TokenCache | None:
+def _examples(rows: _Rows, *, request: FinetuneRequest, tokenizer: Any, settings: Settings,
+              hub_cache_dir: Path | None) -> Sequence[Any]:
+    """The examples of one dataset: preference rows for ORPO and DPO (TRL tokenizes them),
+    tokenized examples for the rest, which an uploaded dataset may have kept from an earlier
+    attempt or job. Errors name `rows.role` unless they are data_path's."""
+    try:
+        return _read_examples(rows, request=request, tokenizer=tokenizer, settings=settings,
+                              hub_cache_dir=hub_cache_dir)
+    except PipelineError as exc:
+        if rows.role == "data_path":
+            raise
+        raise PipelineError(f"{rows.role}: {exc.message}") from None
+
+
+def _read_examples(rows: _Rows, *, request: FinetuneRequest, tokenizer: Any,
+                   settings: Settings, hub_cache_dir: Path | None) -> Sequence[Any]:
+    data, log = request.data_config, rows.log
+    preference = request.training_config.preference_optimization
+    storage = storage_from_settings(settings)
+    tokens_dir = rows.work_dir / "tokens"
+    # Each uploaded dataset keeps its own tokens: the cache is keyed by the dataset's id.
+    cache = None if is_preference(preference) else _token_cache(rows.path, data, storage,
+                                                                tokenizer)
+    cached = cache.load(tokens_dir, log=log) if cache else None
+    if cached is not None:
+        rows.announce_template()
+        cached.report(log)
+        return cached.store
+    dataset = load_dataset(
+        rows.path,
+        allowed_local_dirs=settings.sources.allowed_local_dirs,
+        download_dir=rows.work_dir / "data",
+        # data_subset and data_source_type say how data_path is read; a validation
+        # dataset is always an uploaded one, which neither applies to.
+        subset=data.data_subset if rows.role == "data_path" else None,
+        source_type=data.data_source_type if rows.role == "data_path" else "hub_link",
+        token=request.hf_config.hf_token,
+        storage=storage,
+        max_rows=settings.limits.max_dataset_rows,
+        url_policy=UrlPolicy.from_settings(settings.sources),
+        hub_cache_dir=hub_cache_dir,
+        log=log,
+    )
+    _check_columns(dataset, data, preference)
+    if is_preference(preference):
+        return preference_rows(dataset, tokenizer, method=preference,
+                               cutoff_len=data.cutoff_len, log=log)
+    rows.announce_template()
+    lines: list[str] = []
+
+    def log_and_keep(line: str) -> None:
+        lines.append(line)
+        log(line)
+
+    store = render_and_tokenize(dataset, tokenizer, data, directory=tokens_dir,
+                                log=log_and_keep)
+    if cache is not None:
+        cache.save(tokens_dir, store, lines, log=log)
+    return store
+
+
+def _token_cache(path: str, data: DataConfig, storage: Storage,
+                 tokenizer: Any) -> TokenCache | None:
     """Where an uploaded dataset's tokenized examples are kept; None for any other source
     (a URL's content may change between attempts, a local file's too)."""
-    dataset_id = data.data_path.strip()
+    dataset_id = path.strip()
     if not DATASET_ID.fullmatch(dataset_id):
         return None
     return TokenCache(storage, dataset_id, fingerprint(tokenizer, data))
