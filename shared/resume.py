@@ -110,7 +110,7 @@ def resume_problems(
             message += " and no checkpoint to continue from"
     elif source.step is not None and completed:
         # The worker deletes a job's checkpoints once its final adapter is uploaded.
-        message = f"job {job.id} completed: continue from its final adapter, 'jobs/{job.id}'"
+        message = f"job {job.id} completed: continue from its final adapter; use 'jobs/{job.id}'"
     elif not completed and (missing := _missing_checkpoint(storage, job, source.step)):
         message = missing
     elif job.base_model != config.model_path:
