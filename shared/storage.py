@@ -94,6 +94,10 @@ class Storage(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def delete(self, key: str) -> None:
+        """Delete one object; nothing happens when it does not exist."""
+        ...
+
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object under `prefix`, which must end with '/' (a whole "directory"),
         so that deleting ``a/1/`` can never touch ``a/10/``."""
@@ -276,6 +280,12 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {key!r} from {self!r}: {exc}") from exc
 
     def delete_prefix(self, prefix: str) -> None:
         _validate_prefix(prefix, for_delete=True)
@@ -499,6 +509,11 @@ class S3Storage(Storage):
         except ObjectNotFound:
             return False
         return True
+
+    def delete(self, key: str) -> None:
+        validate_key(key)
+        with self._errors("delete", key):
+            self._client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
 
     def delete_prefix(self, prefix: str) -> None:
         _validate_prefix(prefix, for_delete=True)

@@ -140,6 +140,19 @@ def test_delete_prefix_removes_that_prefix_and_nothing_else(storage: Storage) ->
     storage.delete_prefix("jobs/never-existed/")  # deleting nothing is not an error
 
 
+def test_delete_removes_one_object_and_not_its_namesakes(storage: Storage) -> None:
+    storage.put_bytes("checkpoints/1/step-5/optimizer.pt", b"a")
+    storage.put_bytes("checkpoints/1/step-5/optimizer.pt.old", b"b")
+
+    storage.delete("checkpoints/1/step-5/optimizer.pt")
+    storage.delete("checkpoints/1/step-5/never-existed")  # deleting nothing is not an error
+
+    assert [o.key for o in storage.list("checkpoints/")] == [
+        "checkpoints/1/step-5/optimizer.pt.old"]
+    with pytest.raises(InvalidKey):
+        storage.delete("../outside")
+
+
 def test_delete_prefix_refuses_a_prefix_without_trailing_slash(storage: Storage) -> None:
     storage.put_bytes("jobs/10/a", b"x")
 

@@ -22,7 +22,13 @@ from shared.models import Job as DbJob
 from shared.models import JobStatus, utcnow
 from shared.settings import Settings, get_settings
 from shared.storage import LocalStorage, storage_from_settings
-from shared.storage_keys import checkpoint_step_prefix, job_artifact_key, job_checkpoint_prefix
+from shared.storage_keys import (
+    ADAPTER_FILES,
+    CHECKPOINT_MARKER,
+    checkpoint_step_prefix,
+    job_artifact_key,
+    job_checkpoint_prefix,
+)
 from worker.assets.build_dataset import DATASET_PATH
 from worker.pipeline.callbacks import BestAdapterCallback
 from worker.pipeline.checkpoints import (
@@ -174,7 +180,7 @@ def test_earlier_adapter_with_another_rank_is_refused_before_training(
 
 # "legacy": attempt 1 ran before checkpoints had their own prefix, attempt 2 after.
 @pytest.mark.parametrize("layout", ["current", "legacy"])
-def test_second_attempt_of_a_job_resumes_from_storage_and_completion_drops_checkpoints(
+def test_second_attempt_of_a_job_resumes_from_storage_and_completion_keeps_only_adapters(
     layout: str,
     stack: Stack,
     uninterrupted: Job,
@@ -225,8 +231,11 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_drops_check
         steps = [m.step for m in jobs.list_metrics(session, job_id) if "loss" in m.values]
     assert "resuming from step 4" in lines
     assert steps == [5, 6]
-    assert storage.list(job_checkpoint_prefix(job_id)) == []
-    assert storage.list(f"jobs/{job_id}/checkpoints/") == []
+    # What a resume needs is gone; each checkpoint's adapter stays, listed by the API.
+    kept = {obj.key.rsplit("/", 1)[1] for prefix in (job_checkpoint_prefix(job_id),
+                                                      f"jobs/{job_id}/checkpoints/")
+            for obj in storage.list(prefix)}
+    assert kept == {*ADAPTER_FILES, CHECKPOINT_MARKER}
     assert storage.exists(job_artifact_key(job_id, "adapter_model.safetensors"))
 
 

@@ -218,7 +218,7 @@ class CheckpointStore:
             for obj in self.storage.list(prefix):
                 parsed = parse_checkpoint_key(prefix, obj.key)
                 if parsed is None or parsed[1] not in (*ADAPTER_FILES, MARKER):
-                    self.storage.delete_prefix(obj.key)
+                    self.storage.delete(obj.key)
 
     def delete_all(self) -> None:
         """Drop the job's checkpoints, under either layout; the final adapter supersedes them."""
