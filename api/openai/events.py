@@ -132,9 +132,9 @@ def _status_messages(row: JobEvent, job: Job, model_name: Callable[[], str]) -> 
         return [("error", f"Fine-tuning job failed: {reason}", "message", None)]
     if to == JobStatus.CANCELLED.value:
         return [("info", "Fine-tuning job cancelled", "message", None)]
-    if to == "PAUSED":
+    if to == JobStatus.PAUSED.value:
         return [("info", "Fine-tuning job paused", "message", None)]
-    if to == JobStatus.QUEUED.value and row.from_status == "PAUSED":
+    if to == JobStatus.QUEUED.value and row.from_status == JobStatus.PAUSED.value:
         return [("info", "Fine-tuning job resumed, moving job to queued state", "message", None)]
     return [("warn", f"Job re-queued: {reason}" if reason else "Job re-queued", "message", None)]
 

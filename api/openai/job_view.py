@@ -18,8 +18,8 @@ STATUSES = {
     JobStatus.COMPLETED: "succeeded",
     JobStatus.FAILED: "failed",
     JobStatus.CANCELLED: "cancelled",
+    JobStatus.PAUSED: "paused",
 }
-_PAUSED = "PAUSED"
 # A job that failed for a reason the service gave no code for (its data, its model, a crash).
 FAILED_CODE = "fine_tuning_failed"
 # The seed transformers uses when a job names none (`TrainingArguments.seed`).
@@ -28,8 +28,6 @@ _NAME_SEGMENT = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def openai_status(job: Job) -> str:
-    if job.status == _PAUSED:
-        return "paused"
     return STATUSES[JobStatus(job.status)]
 
 
