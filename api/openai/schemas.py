@@ -7,6 +7,7 @@ would otherwise train with "auto". Fields that are Tunery extensions say so.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -17,6 +18,7 @@ from pydantic import (
     StringConstraints,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 Auto = Literal["auto"]
@@ -63,6 +65,10 @@ Epochs = Annotated[Any, PlainValidator(_EPOCHS.check), WithJsonSchema(_EPOCHS.sc
 Beta = Annotated[Any, PlainValidator(_BETA.check), WithJsonSchema(_BETA.schema())]
 MAX_METADATA_PAIRS = 16
 _NUL = "must not contain NUL characters (\\u0000)"
+METADATA_KEY = re.compile(r'[^"\\\x00-\x1f\x7f]{1,64}')
+"""A metadata key: 1 to 64 characters, no quote, backslash or control character, so that it
+names one member in a JSON path (the list filter) whatever the database."""
+METADATA_KEY_RULE = "1 to 64 characters without quotes, backslashes or control characters"
 
 
 class _Body(BaseModel):
@@ -95,6 +101,16 @@ class Method(_Body):
     dpo: DpoMethod | None = None
     reinforcement: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _block_of_its_type(self) -> Method:
+        # A block of another method would be ignored, and its hyperparameters with it.
+        others = [name for name in ("supervised", "dpo", "reinforcement")
+                  if name != self.type and getattr(self, name) is not None]
+        if others:
+            raise ValueError(f"type is {self.type!r}, so only a {self.type!r} block may "
+                             f"follow it, not {others[0]!r}")
+        return self
+
 
 class WandbIntegration(_Body):
     project: str = Field(min_length=1, max_length=256)
@@ -122,7 +138,9 @@ class JobCreate(_Body):
         None, description="Deprecated by OpenAI in favour of `method`; the same thing.")
     method: Method | None = None
     seed: int | None = Field(None, strict=True, ge=0, le=2**31 - 1)
-    suffix: str | None = Field(None, max_length=64)
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]*$", description=(
+        "Up to 64 letters, digits, '.', '_' and '-': the third ':'-separated segment of "
+        "`fine_tuned_model`."))
     metadata: dict[Annotated[str, StringConstraints(min_length=1, max_length=64)],
                    Annotated[str, StringConstraints(max_length=512)]] | None = Field(
         None, description=f"Up to {MAX_METADATA_PAIRS} string pairs, returned with the job "
@@ -132,15 +150,21 @@ class JobCreate(_Body):
     @field_validator("metadata")
     @classmethod
     def _few_pairs(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None and len(value) > MAX_METADATA_PAIRS:
+        if value is None:
+            return None
+        if len(value) > MAX_METADATA_PAIRS:
             raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs, not {len(value)}")
+        for key, text in value.items():
+            if not METADATA_KEY.fullmatch(key):
+                raise ValueError(f"key {key[:64]!r}: {METADATA_KEY_RULE}")
+            if "\x00" in text:
+                raise ValueError(f"value of {key!r} {_NUL}")
         return value
 
-    @field_validator("model", "training_file", "validation_file", "suffix", "metadata")
+    @field_validator("model", "training_file", "validation_file", "suffix")
     @classmethod
-    def _no_nul(cls, value: Any) -> Any:
-        text = value if isinstance(value, str) else repr(value) if value else ""
-        if "\x00" in text:
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
             raise ValueError(_NUL)
         return value
 

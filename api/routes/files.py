@@ -21,13 +21,14 @@ from api.openai.schemas import FileDeleted, FileList, FileObject
 from api.routes.datasets import check_quota, store_upload
 from api.uploads import receive_multipart_file
 from shared import datasets, jobs
-from shared.models import Dataset, DatasetStatus, JobStatus
+from shared.models import Dataset, DatasetStatus, Job, JobStatus
 from shared.tenancy import CursorNotFound, Scope
 
 router = APIRouter(prefix="/v1/files", tags=["openai: files"], responses=OPENAI_AUTHENTICATED)
 
 TRAINING_PURPOSE = "fine-tune"
 RESULTS_PURPOSE = "fine-tune-results"
+_LIST_PARAMETERS = frozenset({"after", "limit", "order", "purpose"})
 FileId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 _STATUS = {DatasetStatus.READY.value: "processed", DatasetStatus.FAILED.value: "error",
            DatasetStatus.PENDING.value: "uploaded"}
@@ -71,11 +72,15 @@ async def upload_file(request: Request, caller: TenantDep, session: SessionDep,
 
 
 @router.get("", summary="This key's files, newest first (order=asc: oldest first)")
-def list_files(caller: TenantDep, session: SessionDep,
+def list_files(request: Request, caller: TenantDep, session: SessionDep,
                after: Annotated[str | None, Query(max_length=64)] = None,
                limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
                order: Literal["asc", "desc"] = "desc",
                purpose: Annotated[str | None, Query(max_length=64)] = None) -> FileList:
+    stray = sorted(set(request.query_params) - _LIST_PARAMETERS)
+    if stray:
+        message = f"unknown query parameter {stray[0]!r}; use after, limit, order or purpose"
+        raise ApiError(422, "invalid_request", message, [{"path": stray[0], "message": message}])
     after_id = None
     if after is not None:
         after_id = ids.dataset_id(after)
@@ -106,8 +111,8 @@ def _unknown_cursor(after: str) -> ApiError:
 def get_file(file_id: FileId, caller: TenantDep, session: SessionDep) -> FileObject:
     job_id = ids.job_of_result_file(file_id)
     if job_id is not None:
-        csv_text = _result_csv(session, caller.scope, job_id, file_id)
-        job = jobs.get_job(session, caller.scope, job_id)
+        job = _result_job(session, caller.scope, job_id, file_id)
+        csv_text = result_csv(jobs.list_metrics(session, job.id))
         return FileObject(id=file_id, bytes=len(csv_text.encode()),
                           created_at=epoch(job.finished_at) or 0, filename=FILE_NAME,
                           purpose=RESULTS_PURPOSE, status="processed")
@@ -118,7 +123,9 @@ def get_file(file_id: FileId, caller: TenantDep, session: SessionDep) -> FileObj
                responses=openai_error_responses(404, 409))
 def delete_file(file_id: FileId, caller: TenantDep, session: SessionDep,
                 storage: StorageDep) -> FileDeleted:
-    if ids.job_of_result_file(file_id) is not None:
+    job_id = ids.job_of_result_file(file_id)
+    if job_id is not None:
+        _result_job(session, caller.scope, job_id, file_id)  # 404 unless the caller has it
         message = "a result file belongs to its job and is deleted with it"
         raise ApiError(409, "conflict", message)
     dataset = _dataset(session, caller.scope, file_id)
@@ -161,11 +168,17 @@ def _dataset(session: Session, scope: Scope, file_id: str) -> Dataset:
         raise datasets.DatasetNotFound(file_id) from None
 
 
-def _result_csv(session: Session, scope: Scope, job_id: str, file_id: str) -> str:
+def _result_job(session: Session, scope: Scope, job_id: str, file_id: str) -> Job:
+    """The completed job whose result file `file_id` is; 404 for the file otherwise."""
     try:
         job = jobs.get_job(session, scope, job_id)
     except jobs.JobNotFound:
         raise datasets.DatasetNotFound(file_id) from None
     if job.status != JobStatus.COMPLETED.value:
         raise datasets.DatasetNotFound(file_id)
+    return job
+
+
+def _result_csv(session: Session, scope: Scope, job_id: str, file_id: str) -> str:
+    job = _result_job(session, scope, job_id, file_id)
     return result_csv(jobs.list_metrics(session, job.id))

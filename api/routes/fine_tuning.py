@@ -19,6 +19,8 @@ from api.openai.events import UnknownCursor, list_events
 from api.openai.job_create import create_openai_job
 from api.openai.job_view import job_object, name_segment
 from api.openai.schemas import (
+    METADATA_KEY,
+    METADATA_KEY_RULE,
     CheckpointList,
     EventList,
     FineTuningJob,
@@ -91,7 +93,13 @@ def _metadata_filter(request: Request) -> dict[str, str]:
         if not (name.startswith("metadata[") and name.endswith("]") and len(name) > 10):
             message = f"unknown query parameter {name!r}; use after, limit or metadata[key]"
             raise ApiError(422, "invalid_request", message, [{"path": name, "message": message}])
-        pairs[name[len("metadata["):-1]] = value
+        key = name[len("metadata["):-1]
+        if not METADATA_KEY.fullmatch(key) or len(value) > 512 or "\x00" in value:
+            message = (f"a metadata key is {METADATA_KEY_RULE}, a value at most 512 "
+                       "characters without NUL")
+            raise ApiError(422, "invalid_request", f"metadata: {message}",
+                           [{"path": "metadata", "message": message}])
+        pairs[key] = value
     return pairs
 
 

@@ -214,6 +214,12 @@ def test_a_bad_validation_file_fails_the_job_with_invalid_validation_file(
     ({"learning_rate": 0.1}, "learning_rate"),
     ({"training_file": "file-00000000000000000000000000000000"}, "training_file"),
     ({"validation_file": "file-00000000000000000000000000000000"}, "validation_file"),
+    ({"method": {"type": "supervised", "dpo": {}}}, "method"),
+    ({"method": {"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 1}}}}, "method"),
+    ({"suffix": "../x:y"}, "suffix"),
+    ({"metadata": {"k\x00": "v"}}, "metadata"),
+    ({"metadata": {"k": "v\x00"}}, "metadata"),
+    ({"metadata": {'owner"||1||"': "v"}}, "metadata"),
 ])
 def test_a_wrong_creation_is_a_400_naming_the_field_and_makes_no_job(
         client: TestClient, body: dict[str, Any], param: str) -> None:
@@ -243,6 +249,11 @@ def test_jobs_page_newest_first_and_filter_by_metadata(client: TestClient) -> No
     assert [j["id"] for j in odd["data"]] == [made[1]] and odd["has_more"] is False
     stray = client.get("/v1/fine_tuning/jobs", params={"status": "failed"})
     assert stray.status_code == 400 and stray.json()["error"]["param"] == "status"
+    for key in ("k\x00", 'owner"||1||"', "a\\b"):
+        odd = client.get("/v1/fine_tuning/jobs", params={f"metadata[{key}]": "x"})
+        assert odd.status_code == 400 and odd.json()["error"]["param"] == "metadata", odd.text
+    stray_file = client.get("/v1/files", params={"bogus": "1"})
+    assert stray_file.status_code == 400 and stray_file.json()["error"]["param"] == "bogus"
 
 
 def _finish(job_id: str, steps: int) -> None:
@@ -308,6 +319,9 @@ def test_a_succeeded_job_has_a_result_file_of_openai_csv_columns(client: TestCli
         "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy",
         "1,2.0,,,", "2,1.0,,0.5,"]
     assert file["bytes"] == len(base64.b64decode(served))
+    assert client.delete(f"/v1/files/{result_id}").status_code == 400  # it goes with its job
+    unknown = "file-result-" + "0" * 32
+    assert client.delete(f"/v1/files/{unknown}").status_code == 404
 
 
 def test_checkpoints_list_newest_first_with_metrics_and_a_downloadable_adapter(
