@@ -285,6 +285,52 @@ class OpenAISettings(BaseModel):
     )
 
 
+class InferenceSettings(BaseModel):
+    engine_url: str = Field(
+        "http://127.0.0.1:8089", description="The inference engine the API sends chat and "
+        "completion requests to: the embedded engine `tunery up` starts (at this port), or an "
+        "OpenAI-compatible multi-LoRA server such as vLLM."
+    )
+    engines: dict[str, str] = Field(
+        default_factory=dict, description="JSON object from a base model (as jobs name it) to "
+        "the engine serving it, for bases not served at engine_url."
+    )
+    engine_token: SecretStr | None = Field(
+        None, description="Bearer token the API sends to the engines and the embedded engine "
+        "requires (vLLM's --api-key). Unset: the engine accepts requests from anyone who can "
+        "reach it, so bind it to a private address."
+    )
+    base_models: list[str] = Field(
+        default_factory=list, description="JSON list of base models offered for inference "
+        "(listed by GET /v1/models and callable by name) besides tenants' fine-tuned models."
+    )
+    max_prompt_tokens: int = Field(
+        4096, ge=1, description="Longest prompt, in tokens after the chat template, a request "
+        "may send."
+    )
+    max_tokens: int = Field(
+        1024, ge=1, description="Largest max_tokens / max_completion_tokens a request may ask."
+    )
+    max_n: int = Field(4, ge=1, le=128, description="Largest n (choices) a request may ask.")
+    timeout_s: float = Field(
+        300.0, gt=0, description="How long the API waits for an engine's answer."
+    )
+    max_adapters: int = Field(
+        8, ge=1, description="Embedded engine: LoRA adapters kept loaded; the least recently "
+        "used one is unloaded first."
+    )
+    adapter_memory_mb: int = Field(
+        1024, ge=1, description="Embedded engine: memory budget for loaded adapters; the least "
+        "recently used ones are unloaded to stay within it."
+    )
+    max_bases: int = Field(
+        1, ge=1, description="Embedded engine: base models kept loaded at once."
+    )
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="Embedded engine: sequences decoded together in one batch."
+    )
+
+
 GROUPS: dict[str, type[BaseModel]] = {
     "database": DatabaseSettings,
     "broker": BrokerSettings,
@@ -294,6 +340,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "leases": LeaseSettings,
     "training": TrainingSettings,
     "openai": OpenAISettings,
+    "inference": InferenceSettings,
 }
 
 # Flat name (as in `TUNERY_<NAME>` and in keyword arguments) -> (group, field). Every grouped
@@ -313,6 +360,7 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
     **{name: (group, name) for group in ("sources", "limits", "leases", "training")
        for name in GROUPS[group].model_fields},
     **{f"openai_{name}": ("openai", name) for name in OpenAISettings.model_fields},
+    **{f"inference_{name}": ("inference", name) for name in InferenceSettings.model_fields},
 }
 
 
@@ -339,6 +387,7 @@ class Settings(BaseSettings):
     leases: LeaseSettings = Field(default_factory=LeaseSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -465,7 +514,7 @@ def settings_problems(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 # Values of these settings are never repeated in an error line.
-_UNECHOED = ("secret", "access_key")
+_UNECHOED = ("secret", "access_key", "token")
 _LONGEST_ECHO = 120
 _BOUND_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
 

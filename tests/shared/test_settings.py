@@ -75,6 +75,19 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "openai_result_files_base64": ("false", False),
     "openai_model_aliases": ('{"gpt-4o-mini": "Qwen/Qwen2.5-7B-Instruct"}',
                              {"gpt-4o-mini": "Qwen/Qwen2.5-7B-Instruct"}),
+    "inference_engine_url": ("http://10.0.0.5:8000", "http://10.0.0.5:8000"),
+    "inference_engines": ('{"Qwen/Qwen2.5-7B-Instruct": "http://vllm:8000"}',
+                          {"Qwen/Qwen2.5-7B-Instruct": "http://vllm:8000"}),
+    "inference_engine_token": ("engine-secret", SecretStr("engine-secret")),
+    "inference_base_models": ('["Qwen/Qwen2.5-7B-Instruct"]', ["Qwen/Qwen2.5-7B-Instruct"]),
+    "inference_max_prompt_tokens": ("2048", 2048),
+    "inference_max_tokens": ("64", 64),
+    "inference_max_n": ("2", 2),
+    "inference_timeout_s": ("30", 30.0),
+    "inference_max_adapters": ("3", 3),
+    "inference_adapter_memory_mb": ("256", 256),
+    "inference_max_bases": ("2", 2),
+    "inference_max_batch_size": ("16", 16),
 }
 
 
