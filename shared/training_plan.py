@@ -15,6 +15,9 @@ from dataclasses import dataclass
 BATCH_SIZE = 4
 # The seed of a job that names none (`training_config.seed`).
 DEFAULT_SEED = 42
+# How strongly a preference job (DPO, ORPO) keeps to its reference when it names no
+# `training_config.beta`: TRL's default for either method, and the papers'.
+DEFAULT_BETA = 0.1
 # Warm-up that reaches this share of the run is cut down: the run would otherwise spend most
 # of its steps, or all of them, below the learning rate asked for (a 50-step warm-up on an
 # 11-step run never gets past a fifth of it).

@@ -17,6 +17,7 @@ from shared.resume import checkpoint_steps
 from shared.storage import Storage
 from shared.storage_keys import (
     ADAPTER_FILES,
+    CHECKPOINT_MARKER,
     checkpoint_step_prefix,
     job_checkpoint_prefixes,
     parse_checkpoint_key,
@@ -59,10 +60,20 @@ def list_checkpoints(session: Session, storage: Storage, job: Job,
 
 
 def adapter_files(storage: Storage, job_id: str, step: int) -> list[Artifact]:
-    """The adapter files of the job's complete checkpoint at `step`; empty when there is
-    none."""
-    if step not in checkpoint_steps(storage, job_id):
-        return []
+    """The adapter files of the job's complete checkpoint at `step` (its marker stored);
+    empty when there is none. One listing of the step's folder per layout."""
+    for prefix in job_checkpoint_prefixes(job_id):
+        found, complete = [], False
+        for obj in storage.list(checkpoint_step_prefix(prefix, step)):
+            parsed = parse_checkpoint_key(prefix, obj.key)
+            if parsed is None or parsed[0] != step:
+                continue
+            complete = complete or parsed[1] == CHECKPOINT_MARKER
+            if parsed[1] in ADAPTER_FILES:
+                found.append(Artifact(parsed[1], obj.key, obj.size))
+        if complete and len(found) == len(ADAPTER_FILES):
+            return sorted(found, key=lambda a: a.name)
+    return []
     for prefix in job_checkpoint_prefixes(job_id):
         found = []
         for obj in storage.list(checkpoint_step_prefix(prefix, step)):

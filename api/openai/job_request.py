@@ -16,7 +16,7 @@ from typing import Any
 
 from api.openai.schemas import DpoHyperparameters, JobCreate, SupervisedHyperparameters
 from shared.schema import MAX_EARLY_STOPPING_PATIENCE
-from shared.training_plan import BATCH_SIZE
+from shared.training_plan import BATCH_SIZE, DEFAULT_BETA
 
 BASE_LEARNING_RATE = 2e-4
 """What `learning_rate_multiplier` multiplies: a common LoRA learning rate for models of
@@ -30,7 +30,6 @@ MAX_AUTO_EPOCHS = 25
 # "auto" batch size: one example per step for every EXAMPLES_PER_BATCH_ITEM, within [1, 32].
 EXAMPLES_PER_BATCH_ITEM = 100
 MAX_AUTO_BATCH = 32
-DEFAULT_BETA = 0.1
 CHAT_TEMPLATE = "{messages}"
 PROMPT_COMPLETION_TEMPLATE = "{prompt}{completion}"
 

@@ -7,10 +7,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from api.openai import ids
-from api.openai.job_request import BASE_LEARNING_RATE, DEFAULT_BETA
+from api.openai.job_request import BASE_LEARNING_RATE
 from api.openai.schemas import FineTuningJob, Hyperparameters, JobError
 from shared.models import Job, JobStatus
-from shared.training_plan import BATCH_SIZE
+from shared.training_plan import DEFAULT_BETA, job_seed, micro_batch_size
 
 STATUSES = {
     JobStatus.QUEUED: "queued",
@@ -22,8 +22,6 @@ STATUSES = {
 }
 # A job that failed for a reason the service gave no code for (its data, its model, a crash).
 FAILED_CODE = "fine_tuning_failed"
-# The seed transformers uses when a job names none (`TrainingArguments.seed`).
-DEFAULT_SEED = 42
 _NAME_SEGMENT = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -63,7 +61,7 @@ def hyperparameters(job: Job) -> tuple[str, dict[str, Any]]:
         shown = fields["resolved"] if started else fields["asked"]
         return fields["method"], dict(shown)
     method = "dpo" if training.get("preference_optimization") == "DPO" else "supervised"
-    micro = training.get("micro_batch_size") or BATCH_SIZE
+    micro = micro_batch_size(training.get("micro_batch_size"))
     shown = {
         "n_epochs": training.get("num_train_epochs", 1),
         "batch_size": micro * training.get("gradient_accumulation_steps", 1),
@@ -100,7 +98,7 @@ def job_object(job: Job, organization: str, *, eta_s: float | None = None,
         training_file=fields.get("training_file") or (
             ids.file_id(data_path) if data_path.startswith("ds_") else data_path),
         validation_file=fields.get("validation_file"),
-        seed=training.get("seed") if training.get("seed") is not None else DEFAULT_SEED,
+        seed=job_seed(training.get("seed")),
         fine_tuned_model=fine_tuned_model(job, organization) if completed else None,
         finished_at=epoch(job.finished_at),
         trained_tokens=result.get("trained_tokens") if completed else None,

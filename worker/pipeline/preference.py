@@ -27,7 +27,7 @@ from typing import Any
 
 from shared.dataset_columns import is_preference
 from shared.schema import LoggingConfig, TrainingConfig
-from shared.training_plan import micro_batch_size
+from shared.training_plan import DEFAULT_BETA, micro_batch_size
 from worker.pipeline.callbacks import TrainingWatch
 from worker.pipeline.checkpoints import CheckpointStore
 from worker.pipeline.errors import PipelineError
@@ -39,8 +39,6 @@ from worker.pipeline.trainer import TrainStats, run_trainer
 from worker.pipeline.training_args import planned_warmup, training_arguments
 from worker.pipeline.wandb_reporting import WandbTimeouts
 
-# training_config.beta left out: TRL's default for either method, and the papers'.
-DEFAULT_BETA = 0.1
 # TRL's log keys, and the metric names they are recorded under. The log-odds ratio and the
 # reward margin grow as the model learns to prefer the chosen answers; nll_loss is the
 # supervised part of the loss.
