@@ -71,7 +71,9 @@ _ERROR_DESCRIPTIONS = {
     422: "Invalid request; `fields` names each problem",
     429: "Too many requests; retry after `Retry-After` seconds",
     500: "Internal error (no detail leaves the server)",
-    503: "The database is unavailable; retry after `Retry-After` seconds",
+    502: "The inference engine failed to answer",
+    503: "A service behind the API (the database, an inference engine) is unavailable; retry "
+         "after `Retry-After` seconds",
 }
 
 
@@ -141,7 +143,7 @@ def validation_fields(errors: Sequence[Any]) -> list[dict[str, str]]:
     return fields
 
 
-OPENAI_PATHS = ("/v1/files", "/v1/fine_tuning")
+OPENAI_PATHS = ("/v1/files", "/v1/fine_tuning", "/v1/models", "/v1/chat/", "/v1/completions")
 """Routes of the OpenAI dialect: their errors take OpenAI's shape and status codes."""
 
 _OPENAI_CODES = {"unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}

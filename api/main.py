@@ -17,7 +17,18 @@ from api.errors import install_error_handlers
 from api.limits.auth_failures import FailedAuthLimiter
 from api.limits.body import RequestBodyLimit
 from api.limits.rate import RateLimiter
-from api.routes import datasets, deploy, files, fine_tuning, finetune, health, me, upload
+from api.routes import (
+    completions,
+    datasets,
+    deploy,
+    files,
+    fine_tuning,
+    finetune,
+    health,
+    me,
+    models,
+    upload,
+)
 from api.uploads import MULTIPART_OVERHEAD
 from shared.private_files import restrict_umask
 from shared.queue import declare_queue
@@ -59,6 +70,8 @@ def create_app() -> FastAPI:
     # OpenAI's dialect over the same jobs and datasets.
     app.include_router(files.router, dependencies=[RateLimited])
     app.include_router(fine_tuning.router, dependencies=[RateLimited])
+    app.include_router(models.router, dependencies=[RateLimited])
+    app.include_router(completions.router, dependencies=[RateLimited])
     # Not rate limited as a whole: its PUT is authorized by the upload token, not a key.
     app.include_router(upload.router)
     install_limits(app)

@@ -175,6 +175,19 @@ def jobs_after(
     return page_after(session, Job, scope, after_id=after_id, limit=limit, filters=filters)
 
 
+def completed_jobs(
+    session: Session, scope: Scope, *, id_prefix: str = "", limit: int = 1000
+) -> list[Job]:
+    """The COMPLETED jobs `scope` sees, oldest first, whose id starts with `id_prefix`: the
+    fine-tuned models a tenant can call."""
+    where = [visible_to(scope, Job.tenant_id), Job.status == JobStatus.COMPLETED.value]
+    if id_prefix:
+        where.append(Job.id.startswith(id_prefix, autoescape=True))
+    return list(session.scalars(
+        select(Job).where(*where).order_by(Job.created_at, Job.id).limit(limit)
+    ).all())
+
+
 def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> Claim | None:
     """Take a QUEUED job for one attempt, or return None if it is not QUEUED (held elsewhere,
     done, cancelled) or has used up its attempts.
