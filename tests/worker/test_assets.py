@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from worker.assets import smollm2
-from worker.assets.build_dataset import CAPITALS, DATASET_PATH, PLURALS, build_rows
+from worker.assets.build_dataset import (
+    CAPITALS,
+    CHAT_DATASET_PATH,
+    DATASET_PATH,
+    PLURALS,
+    build_rows,
+)
 from worker.assets.tiny_model import MARKER, build_tiny_llama
 
 
@@ -18,6 +24,17 @@ def test_committed_dataset_matches_its_generator() -> None:
     expected = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in build_rows())
 
     assert DATASET_PATH.read_text(encoding="utf-8") == expected
+
+
+def test_committed_chat_dataset_is_the_same_rows_as_conversations() -> None:
+    chats = [json.loads(line) for line in CHAT_DATASET_PATH.read_text("utf-8").splitlines()]
+    rows = build_rows()
+    assert len(chats) == len(rows)
+    for chat, row in zip(chats, rows, strict=True):
+        user, assistant = chat["messages"]
+        assert user == {"role": "user", "content": row["instruction"] + (
+            "\n\n" + row["input"] if row["input"] else "")}
+        assert assistant == {"role": "assistant", "content": row["output"]}
 
 
 def test_dataset_answers_are_correct_and_in_one_terse_style() -> None:

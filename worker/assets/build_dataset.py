@@ -1,8 +1,10 @@
-"""Build `alpaca_sample.jsonl`: a deterministic synthetic alpaca-format dataset.
+"""Build `alpaca_sample.jsonl`: a deterministic synthetic alpaca-format dataset, and
+`chat_sample.jsonl`: the same rows as conversations (`messages`), for chat-mode training that
+a chat completion then asks in the same format.
 
 Every answer is computed by the generator and written in one terse house style
 (`Answer: 42.`), so a model fine-tuned on it answers visibly differently from its chatty base.
-Run `python -m worker.assets.build_dataset` to rewrite the committed file; the output only
+Run `python -m worker.assets.build_dataset` to rewrite the committed files; the output only
 changes when this code does.
 """
 
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 DATASET_PATH = Path(__file__).with_name("alpaca_sample.jsonl")
+CHAT_DATASET_PATH = Path(__file__).with_name("chat_sample.jsonl")
 SEED = 1234
 ROWS = 300
 
@@ -189,5 +192,20 @@ def write_dataset(path: Path = DATASET_PATH, n: int = ROWS, seed: int = SEED) ->
     return path
 
 
+def as_conversation(row: Row) -> dict[str, list[dict[str, str]]]:
+    """An alpaca row as a chat: the instruction (and its input, after a blank line) asked by
+    the user, the output answered by the assistant."""
+    question = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": row["output"]}]}
+
+
+def write_chat_dataset(path: Path = CHAT_DATASET_PATH, n: int = ROWS, seed: int = SEED) -> Path:
+    lines = [json.dumps(as_conversation(row), ensure_ascii=False) for row in build_rows(n, seed)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 if __name__ == "__main__":
     print(write_dataset())
+    print(write_chat_dataset())
