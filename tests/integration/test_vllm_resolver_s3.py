@@ -153,7 +153,7 @@ def test_concurrent_requests_for_one_adapter_download_it_once(
 
 
 def test_eviction_deletes_the_least_recently_used_adapters_no_process_holds(
-    s3_storage: S3Storage, tmp_path: Path
+    s3_storage: S3Storage, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     jobs = [put_adapter(s3_storage) for _ in range(4)]
     names = [adapter_name(job) for job in jobs]
@@ -162,8 +162,9 @@ def test_eviction_deletes_the_least_recently_used_adapters_no_process_holds(
     for name in names[:3]:
         assert earlier_run.resolve(name, {BASE})
         time.sleep(0.01)  # distinct mtimes: the order of use is the order of eviction
-    # Held by a running server, nothing may go, even over the bound.
+    # Held by a running server, nothing may go, even over the bound; the log says so.
     assert cache_dirs(tmp_path / "cache") == set(names[:3])
+    assert "in use by a running vLLM server" in caplog.text
     assert earlier_run.resolve(names[0], {BASE})  # used again: now the most recent
     earlier_run.close()  # that server stopped
 

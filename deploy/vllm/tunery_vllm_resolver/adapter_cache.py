@@ -40,6 +40,7 @@ log = logging.getLogger("tunery.vllm")
 PIN_FILE = ".pin"
 _PARTIAL_PREFIX = ".partial-"
 _EVICTING_PREFIX = ".evicting-"
+_NAME_LOCK_STRIPES = 64
 # A download folder this old was left by a process that died mid-download.
 _STALE_PARTIAL_S = 24 * 3600
 
@@ -111,6 +112,8 @@ def download_adapter(storage: Storage, job_id: str, cache_dir: Path, max_bytes: 
             f"({max_bytes} bytes, {CACHE_MAX_MB_ENV})"
         )
     make_private_dir(cache_dir)
+    # Room first, so the download itself stays within the bound.
+    evict_least_recently_used(cache_dir, max_bytes - size, quiet=True)
     partial = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=cache_dir))
     try:
         for file_name, key in keys.items():
@@ -168,9 +171,10 @@ def entry_size(entry: Path) -> int:
     return sum(path.stat().st_size for path in entry.iterdir() if path.is_file())
 
 
-def evict_least_recently_used(cache_dir: Path, max_bytes: int) -> list[str]:
+def evict_least_recently_used(cache_dir: Path, max_bytes: int, *, quiet: bool = False) -> list[str]:
     """Delete the least recently used unpinned entries until the cache holds at most
-    `max_bytes`; return the names deleted. Also clears what dead processes left behind."""
+    `max_bytes`; return the names deleted. Also clears what dead processes left behind.
+    Logs a warning when pinned entries alone hold more, unless `quiet`."""
     entries: list[tuple[float, int, Path]] = []
     now = time.time()
     for path in cache_dir.iterdir():
@@ -190,7 +194,7 @@ def evict_least_recently_used(cache_dir: Path, max_bytes: int) -> list[str]:
         if _delete_unpinned(cache_dir, path):
             total -= size
             evicted.append(path.name)
-    if total > max_bytes:
+    if total > max_bytes and not quiet:
         log.warning(
             "adapter cache %s holds %.1f MB, over its %.1f MB: every entry left is in use by "
             "a running vLLM server, which keeps each adapter it resolved until it restarts",
@@ -243,7 +247,9 @@ class AdapterCache:
         self.max_bytes = max_bytes
         self._pins: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._name_locks: dict[str, threading.Lock] = {}
+        # One lock per name would grow with every name ever asked; a fixed stripe of locks
+        # still gives each name one lock, shared now and then with an unrelated name.
+        self._name_locks = [threading.Lock() for _ in range(_NAME_LOCK_STRIPES)]
 
     def resolve(self, name: str, served_bases: Collection[str]) -> Path | None:
         """The local folder of adapter `name`, pinned for this process's lifetime.
@@ -255,9 +261,7 @@ class AdapterCache:
         job_id = job_of_adapter(name)
         if job_id is None:
             return None
-        with self._lock:
-            name_lock = self._name_locks.setdefault(name, threading.Lock())
-        with name_lock:
+        with self._name_locks[hash(name) % _NAME_LOCK_STRIPES]:
             entry = self.cache_dir / name
             if name in self._pins:
                 return self._touch(entry)
