@@ -273,21 +273,23 @@ class AdapterCache:
                 except ObjectNotFound:
                     log.info("no adapter in storage for %s", name)
                     return None
+                fd = pin_entry(entry)
+                if fd is None:
+                    continue
                 base = adapter_base_model(entry)
                 if base is None or base not in served_bases:
+                    os.close(fd)
                     log.warning(
                         "adapter %s was trained on %r, not on a base this server serves (%s)",
                         name, base, ", ".join(sorted(served_bases)),
                     )
                     evict_least_recently_used(self.cache_dir, self.max_bytes)
                     return None
-                fd = pin_entry(entry)
-                if fd is not None:
-                    with self._lock:
-                        self._pins[name] = fd
-                    self._touch(entry)
-                    evict_least_recently_used(self.cache_dir, self.max_bytes)
-                    return entry
+                with self._lock:
+                    self._pins[name] = fd
+                self._touch(entry)
+                evict_least_recently_used(self.cache_dir, self.max_bytes)
+                return entry
             raise StorageError(
                 f"adapter {name} was evicted from {self.cache_dir} as soon as it was "
                 f"downloaded; raise {CACHE_MAX_MB_ENV}"
