@@ -44,8 +44,10 @@ def convert_to_gguf(
     if outtype not in GGUF_TYPES:
         raise PipelineError(f"quantization must be one of {list(GGUF_TYPES)}, not {outtype!r}")
     output_file.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "NO_LOCAL_GGUF": "1", "PYTHONUNBUFFERED": "1"}
+    # The converter puts its own gguf-py (vendored beside it) ahead of any installed gguf,
+    # whose PyPI releases lag behind what the converter calls: NO_LOCAL_GGUF stays unset.
+    env = {key: value for key, value in os.environ.items() if key != "NO_LOCAL_GGUF"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, str(CONVERTER), str(merged_dir.resolve()),
                "--outfile", str(output_file.resolve()), "--outtype", outtype]
     log(f"converting to GGUF {outtype} with llama.cpp's convert_hf_to_gguf.py")
