@@ -21,6 +21,7 @@ from api.routes import (
     completions,
     datasets,
     deploy,
+    exports,
     files,
     fine_tuning,
     finetune,
@@ -64,6 +65,7 @@ def create_app() -> FastAPI:
     install_access_log_filter()
     app.include_router(health.router)
     app.include_router(finetune.router, dependencies=[RateLimited])
+    app.include_router(exports.router, dependencies=[RateLimited])
     app.include_router(deploy.router, dependencies=[RateLimited])
     app.include_router(datasets.router, dependencies=[RateLimited])
     app.include_router(me.router, dependencies=[RateLimited])

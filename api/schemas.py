@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, Field
 
 from shared import datasets, token_preview
-from shared.models import Dataset, Job, JobLog, JobStatus, KeyRole
+from shared.models import Dataset, ExportStatus, Job, JobExport, JobLog, JobStatus, KeyRole
 from shared.payload_secrets import drop_secrets
 from shared.schema import PromptTemplate
 
@@ -172,6 +172,36 @@ class ArtifactsOut(BaseModel):
         None, description="Every artifact in one tar.gz that unpacks into a folder "
         "'{job_id}-adapter'; null until the job has completed with artifacts."
     )
+
+
+class ExportOut(BaseModel):
+    export_id: str
+    job_id: str
+    format: str = Field(description="'merged' or 'gguf'.")
+    quantization: str | None = Field(description="'f16' or 'q8_0' for a GGUF export.")
+    status: ExportStatus
+    error: str | None = Field(description="Why it FAILED; asking for it again retries it.")
+    artifacts: list[str] = Field(
+        description="Once COMPLETED: the artifact names of its files, each downloadable at "
+        "`GET /v1/finetune/llm/{job_id}/artifacts/{name}` (a GGUF export: the .gguf file and "
+        "an Ollama `Modelfile`).")
+    created_at: UtcDatetime
+    finished_at: UtcDatetime | None
+
+    @classmethod
+    def of(cls, export: JobExport) -> ExportOut:
+        format_, _, quantization = export.kind.partition("-")
+        return cls(
+            export_id=export.id, job_id=export.job_id, format=format_,
+            quantization=quantization or None, status=ExportStatus(export.status),
+            error=export.error, artifacts=list(export.files or []),
+            created_at=export.created_at, finished_at=export.finished_at,
+        )
+
+
+class ExportsOut(BaseModel):
+    job_id: str
+    exports: list[ExportOut]
 
 
 class TerminateIn(BaseModel):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from shared.storage import Storage, StorageError
-from shared.storage_keys import artifact_name, job_artifact_prefix
+from shared.storage_keys import artifact_name, is_export_artifact, job_artifact_prefix
 
 ARCHIVE = "archive"
 """The name `GET …/artifacts/archive` answers to. A stored file of that name could not be
@@ -35,13 +35,15 @@ class Artifact:
     size: int
 
 
-def list_artifacts(storage: Storage, job_id: str) -> list[Artifact]:
-    """The job's artifacts in storage, by name."""
+def list_artifacts(storage: Storage, job_id: str, *, exports: bool = True) -> list[Artifact]:
+    """The job's artifacts in storage, by name; with `exports` False, only the adapter and
+    tokenizer the job wrote, not its exports (`exports/{kind}/...`, gigabytes each)."""
     found = []
     for obj in storage.list(job_artifact_prefix(job_id)):
         name = artifact_name(job_id, obj.key)
-        if name is not None and name != ARCHIVE:
-            found.append(Artifact(name, obj.key, obj.size))
+        if name is None or name == ARCHIVE or (not exports and is_export_artifact(name)):
+            continue
+        found.append(Artifact(name, obj.key, obj.size))
     return found
 
 

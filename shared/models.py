@@ -220,3 +220,34 @@ class IdempotencyKey(Base):
     response_status: Mapped[int] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ExportStatus(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class JobExport(Base):
+    """One export of a completed job (`shared.exports`); its files are the job's artifacts
+    under `exports/{kind}/`. Its state never touches the job's."""
+
+    __tablename__ = "job_exports"
+    __table_args__ = (UniqueConstraint("job_id", "kind", name="uq_job_exports_job_kind"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # `shared.schema.ExportRequest.kind`: "merged", "gguf-f16", "gguf-q8_0".
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default=ExportStatus.QUEUED.value)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    # Counted by each claim, so that a stale worker's finish is refused (`finish_export`).
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The artifact names of its files, once COMPLETED.
+    files: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -20,6 +20,7 @@ from kombu.utils.uuid import uuid
 from shared.settings import Settings, get_settings
 
 TRAIN_TASK = "tunery.train"
+EXPORT_TASK = "tunery.export"
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         task_default_queue=settings.broker.queue_name,
-        task_routes={TRAIN_TASK: {"queue": settings.broker.queue_name}},
+        task_routes={TRAIN_TASK: {"queue": settings.broker.queue_name},
+                     EXPORT_TASK: {"queue": settings.broker.queue_name}},
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -160,6 +162,24 @@ def enqueue_training(job_id: str, attempts: int = 3) -> bool:
                         job_id, attempt, exc_info=True)
             # A failed publish can leave the connection's session unusable: start afresh (a
             # new app gets a new sender).
+            get_celery.cache_clear()
+            time.sleep(0.2 * attempt)
+    return False
+
+
+def enqueue_export(export_id: str, attempts: int = 3) -> bool:
+    """Send `export(export_id)` for a committed export. Returns False (and logs) if the
+    broker stays unreachable: the export stays QUEUED, and asking for it again sends
+    another (a duplicate claims nothing)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            get_celery().send_task(EXPORT_TASK, args=[export_id], retry=True,
+                                   retry_policy={"max_retries": 2, "interval_start": 0.2})
+            return True
+        except Exception:  # noqa: BLE001 - any broker failure must not lose the stored export
+            if attempt == attempts:
+                log.exception("could not enqueue export %s; it stays QUEUED", export_id)
+                return False
             get_celery.cache_clear()
             time.sleep(0.2 * attempt)
     return False

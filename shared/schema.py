@@ -462,6 +462,40 @@ class HuggingfaceConfig(_Strict):
         return value
 
 
+ExportFormat = Literal["merged", "gguf"]
+GgufQuantization = Literal["f16", "q8_0"]
+
+
+class ExportRequest(_Strict):
+    """Tunery extension: one export of a completed job, for tools that load no LoRA adapter
+    (llama.cpp, Ollama). Body of `POST /v1/finetune/llm/{job_id}/exports`."""
+
+    format: ExportFormat = Field(
+        description="'merged': the base model with the adapter folded into its weights, as "
+        "safetensors shards with config and tokenizer (base loaded unquantized, even for a "
+        "QLoRA job). 'gguf': that merged model converted by llama.cpp's converter into one GGUF "
+        "file, with an Ollama Modelfile beside it.",
+    )
+    quantization: GgufQuantization | None = Field(
+        None, validate_default=True,
+        description="With format 'gguf' only: 'f16' (the default) or 'q8_0' (8-bit, about "
+        "half the size).",
+    )
+
+    @field_validator("quantization")
+    @classmethod
+    def _gguf_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        gguf = info.data.get("format") == "gguf"
+        if value is not None and not gguf:
+            raise ValueError("quantization applies to format 'gguf' only")
+        return "f16" if gguf and value is None else value
+
+    @property
+    def kind(self) -> str:
+        """What names this export among a job's: 'merged', 'gguf-f16' or 'gguf-q8_0'."""
+        return self.format if self.quantization is None else f"{self.format}-{self.quantization}"
+
+
 class FinetuneRequest(_Strict):
     """Body of `POST /v1/finetune/llm`."""
 

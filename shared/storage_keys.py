@@ -1,6 +1,8 @@
 """Every key Tunery reads or writes in storage: the layout, in one place.
 
     jobs/{job_id}/{name}                   a job's artifacts: the adapter it exported
+    jobs/{job_id}/exports/{kind}/{name}    an export of it (merged model, GGUF + Modelfile),
+                                           also an artifact, never in the adapter's archive
     checkpoints/{job_id}/step-{N}/{name}   a job's resumable checkpoints
     datasets/{dataset_id}/{file_name}      an uploaded dataset that passed its checks
     tokenized/{dataset_id}/{fingerprint}/  its tokenized examples, one folder per tokenizer,
@@ -47,6 +49,21 @@ def artifact_name(job_id: str, key: str) -> str | None:
     if not key.startswith(prefix) or key.startswith(_legacy_checkpoint_prefix(job_id)):
         return None
     return key.removeprefix(prefix)
+
+
+EXPORTS_FOLDER = "exports/"
+
+
+def job_export_prefix(job_id: str, kind: str) -> str:
+    """The folder of one export of a job (`kind`: `shared.exports.ExportKind`), inside its
+    artifacts so that the artifacts routes list and serve it."""
+    return f"{job_artifact_prefix(job_id)}{EXPORTS_FOLDER}{kind}/"
+
+
+def is_export_artifact(name: str) -> bool:
+    """Whether the artifact `name` (from `artifact_name`) belongs to an export, not to the
+    adapter the job itself wrote."""
+    return name.startswith(EXPORTS_FOLDER)
 
 
 def job_checkpoint_prefix(job_id: str) -> str:

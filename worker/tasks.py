@@ -16,14 +16,14 @@ from celery.exceptions import Reject
 from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 from pydantic import ValidationError
 
-from shared import jobs
+from shared import exports, jobs
 from shared.db import session_scope
 from shared.jobs import Claim
 from shared.maintenance import MaintenanceLoop
 from shared.models import JobStatus
 from shared.payload_secrets import SecretsUnreadable, open_secrets
 from shared.private_files import make_private_dir, restrict_umask
-from shared.queue import TRAIN_TASK, declare_queue, get_celery
+from shared.queue import EXPORT_TASK, TRAIN_TASK, declare_queue, get_celery
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from worker.attempt import run_attempt
@@ -168,3 +168,26 @@ def run_claimed_job(claim: Claim, request: FinetuneRequest) -> bool:
     """Run the claimed attempt with this process's settings and base model cache; whether it
     handed the job back (`run_attempt`)."""
     return run_attempt(claim, request, get_settings(), base_models=base_model_cache())
+
+
+@app.task(name=EXPORT_TASK)
+def export(export_id: str) -> None:
+    """Run the export it names, if this worker can claim it: a message delivered twice, or
+    for an export already running or done, claims nothing. The job is never written."""
+    if shutting_down():
+        raise Reject("worker stopping", requeue=True)
+    settings, owner = get_settings(), worker_identity()
+
+    def claim_one() -> exports.ExportClaim | None:
+        with session_scope() as session:
+            # No heartbeat renews it: the lease is the longest a job may run.
+            return exports.claim_export(session, export_id, owner,
+                                        settings.leases.job_hard_time_limit_s)
+
+    claim = through_outage(claim_one, CLAIM_PATIENCE_S, f"the export {export_id}")
+    if claim is None:
+        log.info("export %s: nothing to claim (done, or running elsewhere)", export_id)
+        return
+    from worker.export_run import run_export
+
+    run_export(claim, settings)

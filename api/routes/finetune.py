@@ -221,7 +221,7 @@ def job_artifacts(job_id: JobId, caller: TenantDep, session: SessionDep, storage
 
 # Before `/artifacts/{name:path}`, which would otherwise take "archive" for a file name.
 @router.get(f"/{{job_id}}/artifacts/{ARCHIVE}",
-            summary="Download every artifact in one tar.gz (the adapter and its tokenizer)",
+            summary="Download the adapter and its tokenizer in one tar.gz (exports apart)",
             response_class=StreamingResponse, responses={
                 200: {"content": {"application/gzip": {"schema": {
                     "type": "string", "format": "binary"}}}},
@@ -233,7 +233,8 @@ def download_artifacts_archive(job_id: JobId, caller: TenantDep, session: Sessio
     if job.status != JobStatus.COMPLETED:
         raise ApiError(404, "not_found", f"job {job.id} is {job.status}: its artifacts can be "
                        "downloaded once it has COMPLETED")
-    found = list_artifacts(storage, job.id)
+    # The archive is what `PeftModel.from_pretrained` is given; exports are downloaded alone.
+    found = list_artifacts(storage, job.id, exports=False)
     if not found:
         raise ApiError(404, "not_found", f"job {job.id} has no artifacts in storage")
     folder = archive_folder(job.id)

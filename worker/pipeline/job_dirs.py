@@ -44,8 +44,21 @@ def tenant_hub_cache(data_dir: Path, tenant_id: str | None, token: str | None) -
     owner = tenant_id if tenant_id and _PLAIN_ID.fullmatch(tenant_id) else (
         "token-" + hashlib.sha256(token.encode()).hexdigest()[:32]
     )
-    tenants = data_dir / "hf-cache" / "tenants"
+    tenants = _tenant_caches(data_dir)
     tenants.mkdir(mode=0o700, parents=True, exist_ok=True)
     cache = tenants / owner
     cache.mkdir(mode=0o700, exist_ok=True)
     return cache
+
+
+def _tenant_caches(data_dir: Path) -> Path:
+    return data_dir / "hf-cache" / "tenants"
+
+
+def existing_tenant_hub_cache(data_dir: Path, tenant_id: str) -> Path | None:
+    """The tenant's own hub cache if one of its jobs made it (it trained with a token), else
+    None. An export reads a private base from there after the job's token was dropped."""
+    if not _PLAIN_ID.fullmatch(tenant_id):
+        return None
+    cache = _tenant_caches(data_dir) / tenant_id
+    return cache if cache.is_dir() else None

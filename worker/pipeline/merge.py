@@ -40,6 +40,7 @@ def merge_adapter(
     allowed_local_dirs: Iterable[Path],
     token: str | None = None,
     cache_dir: Path | None = None,
+    local_files_only: bool = False,
     cpu_bf16: CpuBf16 = "auto",
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     log: LogFn = no_log,
@@ -50,9 +51,10 @@ def merge_adapter(
 
     The base is resolved exactly as training resolved it (`opened_model_source`, the allowed
     local directories, the job's token and hub cache), so nothing is downloaded that the job
-    did not already download. A QLoRA job is merged into the unquantized base too: folding a
-    delta into 4-bit weights would round it away. The tokenizer comes from `adapter_dir`,
-    where the job saved the one it trained with.
+    did not already download; with `local_files_only`, a hub base is read from `cache_dir`
+    alone (a private base, once the job's token is gone). A QLoRA job is merged into the
+    unquantized base too: folding a delta into 4-bit weights would round it away. The
+    tokenizer comes from `adapter_dir`, where the job saved the one it trained with.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,7 +67,7 @@ def merge_adapter(
         try:
             base: Any = AutoModelForCausalLM.from_pretrained(
                 source.load_from, dtype=dtype, trust_remote_code=False, use_safetensors=True,
-                **hub_options(token, cache_dir),
+                local_files_only=local_files_only, **hub_options(token, cache_dir),
             )
         except Exception as exc:  # any failure here means "this model cannot be loaded"
             raise PipelineError(
