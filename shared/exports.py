@@ -8,6 +8,7 @@ message delivered twice runs it once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from shared.jobs import JobConflict, get_job
 from shared.models import ExportStatus, Job, JobExport, JobStatus, utcnow
 from shared.schema import ExportRequest
-from shared.tenancy import Scope
+from shared.tenancy import ALL_TENANTS, Scope
 
 MAX_EXPORT_ERROR = 8000
 
@@ -59,6 +60,19 @@ def request_export(
             assert existing is not None
             return existing, False
     return existing, _requeue(session, existing)
+
+
+def request_on_completion(
+    session: Session, job_id: str, specs: Sequence[ExportRequest]
+) -> list[str]:
+    """The exports a just COMPLETED job asked for at submit
+    (`training_config.exports_on_completion`), created QUEUED; the ids to wake a worker for."""
+    queued = []
+    for spec in specs:
+        export, queue_it = request_export(session, ALL_TENANTS, job_id, spec)
+        if queue_it:
+            queued.append(export.id)
+    return queued
 
 
 def _find(session: Session, job_id: str, kind: str) -> JobExport | None:

@@ -323,6 +323,43 @@ class DataConfig(_Strict):
                 or self.data_split_config["validation"] > 0)
 
 
+ExportFormat = Literal["merged", "gguf"]
+GgufQuantization = Literal["f16", "q8_0"]
+
+
+class ExportRequest(_Strict):
+    """Tunery extension: one export of a completed job, for tools that load no LoRA adapter
+    (llama.cpp, Ollama). Body of `POST /v1/finetune/llm/{job_id}/exports`."""
+
+    format: ExportFormat = Field(
+        description="'merged': the base model with the adapter folded into its weights, as "
+        "safetensors shards with config and tokenizer (base loaded unquantized, even for a "
+        "QLoRA job). 'gguf': that merged model converted by llama.cpp's converter into one GGUF "
+        "file, with an Ollama Modelfile beside it.",
+    )
+    quantization: GgufQuantization | None = Field(
+        None, validate_default=True,
+        description="With format 'gguf' only: 'f16' (the default) or 'q8_0' (8-bit, about "
+        "half the size).",
+    )
+
+    @field_validator("quantization")
+    @classmethod
+    def _gguf_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        gguf = info.data.get("format") == "gguf"
+        if value is not None and not gguf:
+            raise ValueError("quantization applies to format 'gguf' only")
+        return "f16" if gguf and value is None else value
+
+    @property
+    def kind(self) -> str:
+        """What names this export among a job's: 'merged', 'gguf-f16' or 'gguf-q8_0'."""
+        return self.format if self.quantization is None else f"{self.format}-{self.quantization}"
+
+
+MAX_EXPORTS_ON_COMPLETION = 3
+
+
 class TrainingConfig(_Strict):
     max_eval_examples: int | None = Field(
         None, ge=1, le=1_000_000,
@@ -389,6 +426,23 @@ class TrainingConfig(_Strict):
         "of the odds-ratio term next to the supervised loss on the chosen answer (the paper's "
         "lambda). None: 0.1 for either.",
     )
+    exports_on_completion: list[ExportRequest] = Field(
+        default_factory=list, max_length=MAX_EXPORTS_ON_COMPLETION,
+        description="Tunery extension: exports a worker builds once the job has COMPLETED, "
+        "each as `POST /v1/finetune/llm/{job_id}/exports` would, e.g. [{\"format\": "
+        "\"merged\"}, {\"format\": \"gguf\", \"quantization\": \"q8_0\"}]. The job "
+        "completes without waiting for them; follow them at `GET "
+        "/v1/finetune/llm/{job_id}/exports`.",
+    )
+
+    @field_validator("exports_on_completion")
+    @classmethod
+    def _each_export_once(cls, value: list[ExportRequest]) -> list[ExportRequest]:
+        kinds = [spec.kind for spec in value]
+        repeated = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+        if repeated:
+            raise ValueError(f"each export is asked for once; repeated: {repeated}")
+        return value
 
     @field_validator("beta")
     @classmethod
@@ -460,40 +514,6 @@ class HuggingfaceConfig(_Strict):
         if value and not all("!" <= c <= "~" for c in value):
             raise ValueError("a token is printable ASCII without spaces, such as hf_…")
         return value
-
-
-ExportFormat = Literal["merged", "gguf"]
-GgufQuantization = Literal["f16", "q8_0"]
-
-
-class ExportRequest(_Strict):
-    """Tunery extension: one export of a completed job, for tools that load no LoRA adapter
-    (llama.cpp, Ollama). Body of `POST /v1/finetune/llm/{job_id}/exports`."""
-
-    format: ExportFormat = Field(
-        description="'merged': the base model with the adapter folded into its weights, as "
-        "safetensors shards with config and tokenizer (base loaded unquantized, even for a "
-        "QLoRA job). 'gguf': that merged model converted by llama.cpp's converter into one GGUF "
-        "file, with an Ollama Modelfile beside it.",
-    )
-    quantization: GgufQuantization | None = Field(
-        None, validate_default=True,
-        description="With format 'gguf' only: 'f16' (the default) or 'q8_0' (8-bit, about "
-        "half the size).",
-    )
-
-    @field_validator("quantization")
-    @classmethod
-    def _gguf_only(cls, value: str | None, info: ValidationInfo) -> str | None:
-        gguf = info.data.get("format") == "gguf"
-        if value is not None and not gguf:
-            raise ValueError("quantization applies to format 'gguf' only")
-        return "f16" if gguf and value is None else value
-
-    @property
-    def kind(self) -> str:
-        """What names this export among a job's: 'merged', 'gguf-f16' or 'gguf-q8_0'."""
-        return self.format if self.quantization is None else f"{self.format}-{self.quantization}"
 
 
 class FinetuneRequest(_Strict):

@@ -12,11 +12,12 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared import jobs
+from shared import exports, jobs
 from shared.db import session_scope
 from shared.jobs import Claim
 from shared.models import JobStatus
 from shared.payload_secrets import redact_secrets, secret_values
+from shared.queue import enqueue_export
 from shared.schema import FinetuneRequest
 from shared.settings import Settings
 from shared.storage import StorageError, storage_from_settings
@@ -111,6 +112,7 @@ def run_attempt(
         }
         if finish(claim, reporter, JobStatus.COMPLETED, result=summary):
             discard_checkpoints(checkpoints)
+            queue_exports(claim, request, reporter)
     except TrainingStopped as stop:
         if stop.reason == StopReason.CANCELLED:
             reporter.log("training stopped: cancelled by the user")
@@ -174,6 +176,24 @@ def finish(
             claim.job_id, claim.attempt, status,
         )
     return done
+
+
+def queue_exports(claim: Claim, request: FinetuneRequest, reporter: DatabaseReporter) -> None:
+    """Queue the exports the request asked for at submit, once the job is COMPLETED: the job
+    never waits for them, and no failure here changes it (asking again through `POST
+    .../exports` makes up for exports this could not queue)."""
+    specs = request.training_config.exports_on_completion
+    if not specs:
+        return
+    try:
+        with session_scope() as session:
+            queued = exports.request_on_completion(session, claim.job_id, specs)
+        for export_id in queued:
+            enqueue_export(export_id)
+        reporter.log(f"exports queued: {', '.join(spec.kind for spec in specs)}")
+        reporter.flush()
+    except Exception:  # noqa: BLE001 - the job is COMPLETED whatever becomes of its exports
+        log.exception("job %s: could not queue its exports", claim.job_id)
 
 
 def stops_upload(reporter: DatabaseReporter) -> StopReason | None:
