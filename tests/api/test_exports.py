@@ -17,6 +17,7 @@ from shared.storage import storage_from_settings
 from tests.api.conftest import new_key
 from tests.api.test_artifact_archive import FILES, completed_job, unpacked
 from tests.api.test_finetune_routes import submit
+from tests.conftest import make_payload
 
 
 def export(client: TestClient, job_id: str, body: dict[str, Any]) -> Any:
@@ -154,3 +155,36 @@ def test_export_files_are_artifacts_to_download_but_stay_out_of_the_adapters_arc
     assert gguf.status_code == 200 and gguf.content == b"GGUF" + bytes(600)
     assert gguf.headers["content-disposition"] == 'attachment; filename="model-f16.gguf"'
     assert sorted(archive) == sorted(f"{job_id}-adapter/{name}" for name in FILES)
+
+
+@pytest.mark.parametrize(("exports_asked", "path", "says"), [
+    ([{"format": "merged", "quantization": "f16"}],
+     "training_config.exports_on_completion.0.quantization", "format 'gguf' only"),
+    ([{"format": "gguf"}, {"format": "gguf", "quantization": "f16"}],
+     "training_config.exports_on_completion", "repeated: ['gguf-f16']"),
+    ([{"format": "merged"}] * 4, "training_config.exports_on_completion", "at most 3"),
+])
+def test_exports_asked_for_at_submit_are_checked_like_the_route_naming_the_field(
+    client: TestClient, exports_asked: list[dict[str, Any]], path: str, says: str
+) -> None:
+    payload = make_payload(training_config={"exports_on_completion": exports_asked})
+
+    response = client.post("/v1/finetune/llm", json=payload)
+
+    assert response.status_code == 422, response.text
+    fields = response.json()["error"]["fields"]
+    assert [f["path"] for f in fields] == [path]
+    assert says in fields[0]["message"]
+
+
+def test_a_job_that_asks_for_exports_at_submit_has_none_until_it_completes(
+    client: TestClient
+) -> None:
+    asked = [{"format": "merged"}, {"format": "gguf", "quantization": "q8_0"}]
+    job_id = submit(client, make_payload(training_config={"exports_on_completion": asked}))[
+        "job_id"]
+
+    stored = client.get(f"/v1/finetune/llm/{job_id}").json()["payload"]
+    assert stored["training_config"]["exports_on_completion"] == [
+        {"format": "merged", "quantization": None}, {"format": "gguf", "quantization": "q8_0"}]
+    assert client.get(f"/v1/finetune/llm/{job_id}/exports").json()["exports"] == []
