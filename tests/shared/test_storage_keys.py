@@ -6,9 +6,11 @@ from shared.storage_keys import (
     artifact_name,
     checkpoint_step_prefix,
     dataset_key,
+    is_export_artifact,
     job_artifact_key,
     job_checkpoint_prefix,
     job_checkpoint_prefixes,
+    job_export_prefix,
     parse_checkpoint_key,
     upload_staging_prefix,
 )
@@ -48,3 +50,12 @@ def test_checkpoint_keys_parse_to_step_and_file() -> None:
         "checkpoints/j10/step-1/complete.json",
     ):
         assert parse_checkpoint_key(prefix, key) is None
+
+
+def test_exports_are_artifacts_of_their_job_told_apart_from_the_adapter() -> None:
+    key = job_export_prefix("j1", "gguf-q8_0") + "model-q8_0.gguf"
+    assert key == "jobs/j1/exports/gguf-q8_0/model-q8_0.gguf"
+    name = artifact_name("j1", key)
+    assert name == "exports/gguf-q8_0/model-q8_0.gguf" and is_export_artifact(name)
+    assert not is_export_artifact("adapter_model.safetensors")
+    assert artifact_name("j2", key) is None
