@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from shared import datasets, token_preview
 from shared.models import Dataset, ExportStatus, Job, JobExport, JobLog, JobStatus, KeyRole
 from shared.payload_secrets import drop_secrets
-from shared.schema import PromptTemplate
+from shared.schema import ExportRequest, PromptTemplate
 
 
 def _utc(moment: datetime) -> datetime:
@@ -190,10 +190,10 @@ class ExportOut(BaseModel):
 
     @classmethod
     def of(cls, export: JobExport) -> ExportOut:
-        format_, _, quantization = export.kind.partition("-")
+        spec = ExportRequest.of_kind(export.kind)
         return cls(
-            export_id=export.id, job_id=export.job_id, format=format_,
-            quantization=quantization or None, status=ExportStatus(export.status),
+            export_id=export.id, job_id=export.job_id, format=spec.format,
+            quantization=spec.quantization, status=ExportStatus(export.status),
             error=export.error, artifacts=list(export.files or []),
             created_at=export.created_at, finished_at=export.finished_at,
         )

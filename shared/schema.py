@@ -353,8 +353,15 @@ class ExportRequest(_Strict):
 
     @property
     def kind(self) -> str:
-        """What names this export among a job's: 'merged', 'gguf-f16' or 'gguf-q8_0'."""
+        """What names this export among a job's: 'merged', 'gguf-f16' or 'gguf-q8_0'; the
+        folder of its files too (`shared.storage_keys.job_export_prefix`)."""
         return self.format if self.quantization is None else f"{self.format}-{self.quantization}"
+
+    @classmethod
+    def of_kind(cls, kind: str) -> ExportRequest:
+        """The request whose `kind` is `kind`; `ValueError` for a kind no request has."""
+        format_, _, quantization = kind.partition("-")
+        return cls.model_validate({"format": format_, "quantization": quantization or None})
 
 
 MAX_EXPORTS_ON_COMPLETION = 3

@@ -19,6 +19,7 @@ from shared.artifacts import list_artifacts
 from shared.db import session_scope
 from shared.exports import ExportClaim
 from shared.models import Job
+from shared.schema import ExportRequest
 from shared.settings import Settings
 from shared.storage import Storage, storage_from_settings
 from shared.storage_keys import artifact_name, job_export_prefix
@@ -26,8 +27,6 @@ from worker.pipeline.errors import PipelineError
 from worker.pipeline.report import LogFn
 
 log = logging.getLogger("tunery.worker")
-
-MERGED = "merged"
 
 
 def run_export(claim: ExportClaim, settings: Settings) -> bool:
@@ -48,29 +47,29 @@ def run_export(claim: ExportClaim, settings: Settings) -> bool:
     work_dir = Path(settings.training.work_dir) / f"export-{claim.export_id}-{claim.attempt}"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
+    files: list[str] | None = None
+    error: str | None = None
     try:
         log_line(f"started on {claim.owner}")
         with job_working_directory(work_dir / "cwd"):
             files = export_files(claim, model_path, work_dir, settings,
                                  storage_from_settings(settings), log_line)
         log_line(f"uploaded {len(files)} files")
-        outcome: dict[str, object] = {"files": files}
     except PipelineError as exc:
-        log_line(f"failed: {exc.message}")
-        outcome = {"error": exc.message}
+        error = exc.message
     except Exception as exc:
         log.error("export %s of job %s crashed\n%s", claim.export_id, claim.job_id,
                   traceback.format_exc())
-        reason = f"internal error: {type(exc).__name__}: {exc}"[:2000]
-        log_line(f"failed: {reason}")
-        outcome = {"error": reason}
+        error = f"internal error: {type(exc).__name__}: {exc}"[:2000]
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+    if error is not None:
+        log_line(f"failed: {error}")
     with session_scope() as session:
-        recorded = exports.finish_export(session, claim, **outcome)  # type: ignore[arg-type]
+        recorded = exports.finish_export(session, claim, files=files, error=error)
     if not recorded:
         log.warning("export %s: outcome not recorded, another run owns it", claim.export_id)
-    return recorded and "files" in outcome
+    return recorded and error is None
 
 
 def export_files(
@@ -78,11 +77,12 @@ def export_files(
     log: LogFn,
 ) -> list[str]:
     """Build the export in `work_dir` and upload it; the artifact names it stored."""
-    from worker.pipeline.gguf_export import GGUF_TYPES, convert_to_gguf, gguf_file_name
+    from worker.pipeline.gguf_export import convert_to_gguf, gguf_file_name
     from worker.pipeline.job_dirs import existing_tenant_hub_cache
     from worker.pipeline.merge import merge_adapter
     from worker.pipeline.modelfile import write_modelfile
 
+    spec = ExportRequest.of_kind(claim.kind)
     adapter_dir = download_adapter(storage, claim.job_id, work_dir / "adapter")
     # A job trained with a token downloaded its base into its tenant's cache, and the token
     # left with the job's end: read it from there, offline. Else as training read it.
@@ -90,18 +90,15 @@ def export_files(
     if cache is not None and not (cache / hub_cache_folder(model_path)).is_dir():
         cache = None
     merged = merge_adapter(
-        model_path, adapter_dir, work_dir / MERGED,
+        model_path, adapter_dir, work_dir / "merged",
         allowed_local_dirs=settings.sources.allowed_local_dirs, cache_dir=cache,
         local_files_only=cache is not None, cpu_bf16=settings.training.cpu_bf16, log=log,
     )
-    if claim.kind == MERGED:
+    if spec.quantization is None:
         return upload_folder(storage, claim.job_id, claim.kind, merged)
-    outtype = claim.kind.removeprefix("gguf-")
-    if outtype not in GGUF_TYPES:
-        raise PipelineError(f"unknown export kind {claim.kind!r}")
     out_dir = work_dir / claim.kind
-    gguf = convert_to_gguf(merged, out_dir / gguf_file_name(outtype), outtype,  # type: ignore[arg-type]
-                           scratch_dir=work_dir / "cwd", log=log)
+    gguf = convert_to_gguf(merged, out_dir / gguf_file_name(spec.quantization),
+                           spec.quantization, scratch_dir=work_dir / "cwd", log=log)
     from transformers import AutoTokenizer
 
     # The merged folder's tokenizer is the one the job trained with.
