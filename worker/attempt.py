@@ -8,9 +8,13 @@ import logging
 import shutil
 import time
 import traceback
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from shared import exports, jobs
 from shared.db import session_scope
@@ -18,7 +22,7 @@ from shared.jobs import Claim
 from shared.models import JobStatus
 from shared.payload_secrets import redact_secrets, secret_values
 from shared.queue import enqueue_export
-from shared.schema import FinetuneRequest
+from shared.schema import ExportRequest, FinetuneRequest
 from shared.settings import Settings
 from shared.storage import StorageError, storage_from_settings
 from worker.heartbeat import Heartbeat
@@ -110,9 +114,9 @@ def run_attempt(
             "trained_tokens": result.trained_tokens,
             "artifacts": uploaded,
         }
-        if finish(claim, reporter, JobStatus.COMPLETED, result=summary):
+        if finish(claim, reporter, JobStatus.COMPLETED, result=summary,
+                  exports_asked=request.training_config.exports_on_completion):
             discard_checkpoints(checkpoints)
-            queue_exports(claim, request, reporter)
     except TrainingStopped as stop:
         if stop.reason == StopReason.CANCELLED:
             reporter.log("training stopped: cancelled by the user")
@@ -153,17 +157,29 @@ def finish(
     *,
     reason: str | None = None,
     result: dict | None = None,
+    exports_asked: Sequence[ExportRequest] = (),
 ) -> bool:
     """Record the attempt's outcome, after the reports still waiting; False when a newer
-    attempt or a cancel owns the job, or the database stayed unreachable."""
+    attempt or a cancel owns the job, or the database stayed unreachable.
+
+    A COMPLETED job's `exports_asked` (`training_config.exports_on_completion`) are created
+    QUEUED in the same transaction, so that no crash completes the job without them, then
+    each gets its wake-up; the job waits for none of them, and failing to queue them never
+    undoes its completion (asking again through `POST .../exports` makes up for it).
+    """
+    queued: list[str] = []
 
     def record() -> bool:
         reporter.flush()
+        queued.clear()
         with session_scope() as session:
-            return jobs.transition(
+            done = jobs.transition(
                 session, claim.job_id, status, attempt=claim.attempt, reason=reason,
                 result=result,
             )
+            if done and status is JobStatus.COMPLETED and exports_asked:
+                queued.extend(create_exports(session, claim, exports_asked))
+            return done
 
     what = f"job {claim.job_id} attempt {claim.attempt}: recording {status}"
     done = through_outage(record, FINISH_PATIENCE_S, what)
@@ -175,25 +191,27 @@ def finish(
             "job %s attempt %s: could not record %s; a newer attempt or a cancel owns the job",
             claim.job_id, claim.attempt, status,
         )
+    for export_id in queued:
+        enqueue_export(export_id)
     return done
 
 
-def queue_exports(claim: Claim, request: FinetuneRequest, reporter: DatabaseReporter) -> None:
-    """Queue the exports the request asked for at submit, once the job is COMPLETED: the job
-    never waits for them, and no failure here changes it (asking again through `POST
-    .../exports` makes up for exports this could not queue)."""
-    specs = request.training_config.exports_on_completion
-    if not specs:
-        return
+def create_exports(
+    session: Session, claim: Claim, exports_asked: Sequence[ExportRequest]
+) -> list[str]:
+    """The exports a job asked for at submit, created in its completing transaction under a
+    savepoint: if they cannot be, the job completes without them (and says so in its log)."""
     try:
-        with session_scope() as session:
-            queued = exports.request_on_completion(session, claim.job_id, specs)
-        for export_id in queued:
-            enqueue_export(export_id)
-        reporter.log(f"exports queued: {', '.join(spec.kind for spec in specs)}")
-        reporter.flush()
-    except Exception:  # noqa: BLE001 - the job is COMPLETED whatever becomes of its exports
+        with session.begin_nested():
+            queued = exports.request_on_completion(session, claim.job_id, exports_asked)
+            kinds = ", ".join(spec.kind for spec in exports_asked)
+            jobs.append_log(session, claim.job_id, claim.attempt, f"exports queued: {kinds}")
+            return queued
+    except (SQLAlchemyError, jobs.JobConflict) as exc:
         log.exception("job %s: could not queue its exports", claim.job_id)
+        jobs.append_log(session, claim.job_id, claim.attempt,
+                        f"exports not queued ({type(exc).__name__}); ask for them again")
+        return []
 
 
 def stops_upload(reporter: DatabaseReporter) -> StopReason | None:

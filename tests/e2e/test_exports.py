@@ -64,6 +64,7 @@ def test_a_tiny_job_exports_a_merged_model_after_the_fact_and_its_gguf_fails_rea
 
     assert gguf["status"] == "FAILED" and "BPE pre-tokenizer" in gguf["error"]
     assert job["status"] == "COMPLETED" and job["error"] is None
+    assert "exports queued: gguf-f16" in logs["logs"]
     assert any(line.startswith("export gguf-f16: failed") for line in logs["logs"])
     merged = exports["merged"]
     assert merged["status"] == "COMPLETED", merged
