@@ -1,0 +1,282 @@
+"""The engine's thread: it owns every model, admits submitted requests, and decodes batches.
+
+A batch holds rows (one per choice of a request) of one base model, any mix of that base's
+adapters (peft's mixed-adapter forward, `adapter_names` per row) and the plain base. Prompts
+are left-padded and prefilled together, then every step decodes one token per row against a
+shared KV cache; a row that ends (EOS, a stop string, max_tokens, its client gone) leaves the
+batch at once. Requests that arrive while a batch runs wait for the next one: when the engine
+is idle it waits `GATHER_S` after the first arrival, so that requests sent together start
+together.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from inference import prompts
+from inference.events import Accepted, Delta, Finished, Refused, Submission
+from inference.models import NO_ADAPTER, LoadedBase, ModelStore
+from inference.protocol import FinishReason, RequestRefused, bad_value
+from inference.sampling import TokenSampler
+from inference.text_stream import TextStream
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Long enough for a burst of concurrent HTTP requests to be parsed and submitted, short
+# against a request's time to first token.
+GATHER_S = 0.01
+
+
+@dataclass
+class Row:
+    """One sequence being generated: choice `index` of a submission."""
+
+    submission: Submission
+    index: int
+    base: str
+    adapter: str | None
+    prompt_ids: list[int]
+    max_tokens: int
+    sampler: TokenSampler
+    text: TextStream
+    eos_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def gone(self) -> bool:
+        return self.submission.channel.cancelled
+
+
+class Engine:
+    """Start it, `submit` requests from any thread, `stop` it. `models()` lists what is
+    loaded, for `GET /v1/models`."""
+
+    def __init__(self, settings: Settings, store: ModelStore | None = None) -> None:
+        self._limits = settings.inference
+        self.store = store if store is not None else ModelStore(settings)
+        self._inbox: queue.Queue[Submission | None] = queue.Queue()
+        self._waiting: deque[Row] = deque()
+        self._thread = threading.Thread(target=self._run, name="tunery-engine", daemon=True)
+        self._models: list[tuple[str, str | None]] = []
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, submission: Submission) -> None:
+        self._inbox.put(submission)
+
+    def models(self) -> list[tuple[str, str | None]]:
+        """(name, its base or None) of every loaded base and adapter."""
+        return list(self._models)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                if not self._collect(block=not self._waiting):
+                    break
+                if self._waiting:
+                    self._run_batch(self._next_batch())
+
+    def _collect(self, block: bool) -> bool:
+        """Admit what is in the inbox (waiting for something first when `block`); False
+        when the engine is told to stop."""
+        if block:
+            first = self._inbox.get()
+            if first is None:
+                return False
+            self._admit(first)
+            time.sleep(GATHER_S)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            self._admit(item)
+
+    def _admit(self, submission: Submission) -> None:
+        try:
+            rows = self._rows_of(submission)
+        except RequestRefused as exc:
+            submission.channel.send(Refused(exc))
+            return
+        except Exception:  # a bug or a model that fails in a way nobody foresaw
+            log.exception("could not admit a request for %s", submission.model)
+            submission.channel.send(Refused(RequestRefused(
+                500, "the engine failed to prepare this request", type_="internal_error")))
+            return
+        finally:
+            self._publish_models()
+        prompt_tokens = sum(len(r.prompt_ids) for r in rows if r.index % submission.n == 0)
+        submission.channel.send(Accepted(prompt_tokens))
+        self._waiting.extend(rows)
+
+    def _rows_of(self, submission: Submission) -> list[Row]:
+        target = self.store.resolve(submission.model)
+        base = self.store.base(target.base)
+        if target.adapter is not None:
+            self.store.prepare_adapters(base, [target.adapter])
+        param = submission.prompt_param
+        if submission.kind == "chat":
+            conversation = submission.prompts[0]
+            ids = [prompts.chat_prompt_ids(base.tokenizer, conversation, submission.tools)]
+        else:
+            ids = [prompts.text_prompt_ids(base.tokenizer, text) for text in submission.prompts]
+        limit = min(self._limits.max_prompt_tokens, base.context_len - 1)
+        rows = []
+        for p, prompt_ids in enumerate(ids):
+            if len(prompt_ids) > limit:
+                raise prompts.context_exceeded(param, len(prompt_ids), limit)
+            room = base.context_len - len(prompt_ids)
+            max_tokens = submission.max_tokens
+            if max_tokens is None:
+                max_tokens = min(self._limits.max_tokens, room)
+            elif max_tokens > room:
+                raise bad_value("max_tokens", f"the prompt ({len(prompt_ids)} tokens) and "
+                                f"max_tokens ({max_tokens}) exceed the model's context of "
+                                f"{base.context_len} tokens")
+            for choice in range(submission.n):
+                index = p * submission.n + choice
+                rows.append(Row(
+                    submission, index, base.source, target.adapter, prompt_ids, max_tokens,
+                    TokenSampler(submission.sampling, choice),
+                    TextStream(base.tokenizer, submission.stop), base.eos_ids,
+                ))
+        return rows
+
+    def _next_batch(self) -> list[Row]:
+        """The oldest waiting row's base: its waiting rows in order, up to `max_batch_size`
+        and with at most `max_adapters` distinct adapters."""
+        source = self._waiting[0].base
+        batch: list[Row] = []
+        adapters: set[str] = set()
+        left: deque[Row] = deque()
+        for row in self._waiting:
+            if row.gone:
+                continue
+            fits = len(batch) < self._limits.max_batch_size and row.base == source and (
+                row.adapter is None or row.adapter in adapters
+                or len(adapters) < self._limits.max_adapters)
+            if not fits:
+                left.append(row)
+                continue
+            batch.append(row)
+            if row.adapter is not None:
+                adapters.add(row.adapter)
+        self._waiting = left
+        return batch
+
+    def _run_batch(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        try:
+            base = self.store.base(rows[0].base)
+            adapters = {r.adapter for r in rows if r.adapter is not None}
+            self.store.prepare_adapters(base, adapters)
+        except RequestRefused as exc:
+            for row in rows:
+                row.submission.channel.send(Refused(exc))
+            return
+        finally:
+            self._publish_models()
+        try:
+            self._decode(base, rows)
+        except Exception:
+            log.exception("a batch of %d rows on %s failed", len(rows), base.source)
+            error = RequestRefused(500, "the engine failed while generating",
+                                   type_="internal_error")
+            for row in rows:
+                if not row.done:
+                    row.submission.channel.send(Refused(error))
+
+    def _decode(self, base: LoadedBase, rows: list[Row]) -> None:
+        from transformers import DynamicCache
+
+        model, device = base.model, base.device
+        pad_id = base.tokenizer.pad_token_id
+        width = max(len(r.prompt_ids) for r in rows)
+        input_ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids
+                                  for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids)
+                             for r in rows], device=device)
+        # As `generate` numbers left-padded rows: each row's first real token is position 0.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        logits = self._forward(base, rows, input_ids, mask, positions, cache)
+        while True:
+            tokens = [self._step(row, logits[i]) for i, row in enumerate(rows)]
+            keep = [i for i, row in enumerate(rows) if not row.done]
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                rows = [rows[i] for i in keep]
+                tokens = [tokens[i] for i in keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            step_ids = torch.tensor(tokens, device=device).unsqueeze(1)
+            logits = self._forward(base, rows, step_ids, mask, positions, cache)
+
+    @staticmethod
+    def _forward(base: LoadedBase, rows: list[Row], input_ids: torch.Tensor,
+                 mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        extra: dict[str, Any] = {}
+        if base.has_peft:
+            extra["adapter_names"] = [r.adapter or NO_ADAPTER for r in rows]
+        out = base.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         cache=cache, use_cache=True, logits_to_keep=1, **extra)
+        return out.logits[:, -1, :]
+
+    def _step(self, row: Row, logits: torch.Tensor) -> int:
+        """Choose the row's next token and send what it adds; marks the row done when it
+        ends. Returns the token (fed back to the model only if the row goes on)."""
+        channel = row.submission.channel
+        if row.gone:
+            row.done = True
+            return 0
+        token = row.sampler.next_token(logits)
+        row.tokens.append(token)
+        reason: FinishReason | None = None
+        if token in row.eos_ids:
+            reason = "stop"
+            text = row.text.finish()
+        else:
+            text = row.text.push(token)
+            if row.text.stopped:
+                reason = "stop"
+            elif len(row.tokens) >= row.max_tokens:
+                reason = "length"
+                text += row.text.finish()
+        if text:
+            channel.send(Delta(row.index, text))
+        if reason is not None:
+            row.done = True
+            channel.send(Finished(row.index, reason, row.tokens))
+        return token
+
+    def _publish_models(self) -> None:
+        adapters = self.store.loaded_adapters()
+        self._models = [(b, None) for b in self.store.loaded_bases()] + [
+            (name, self.store.adapter_base(name)) for name in adapters]

@@ -1,0 +1,100 @@
+"""The batcher's correctness: a request decoded in a batch with other adapters, the plain
+base and other prompt lengths gives the very tokens `generate` gives it alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from inference.batcher import Engine
+from inference.events import Accepted, Delta, Finished
+from inference.sampling import SamplingParams
+from shared.settings import get_settings
+from tests.inference.conftest import run_submissions
+
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, seed=None)
+PROMPTS = [
+    "### Instruction: Name three colors.\n### Response:",
+    "Hello",
+    "Below is an instruction that describes a task. Write a response that completes it.",
+    "### Input: 12 apples and 7 pears",
+    "Answer:",
+    "The capital of France is",
+]
+
+
+def _completion(model: str, prompt: str, max_tokens: int = 16) -> dict:
+    return {"kind": "completion", "model": model, "prompts": [prompt], "tools": None, "n": 1,
+            "max_tokens": max_tokens, "sampling": GREEDY, "stop": []}
+
+
+def _generate_alone(peft_model, tokenizer, adapter: str | None, prompt: str,
+                    max_tokens: int, eos_ids: list[int]) -> list[int]:
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    kwargs = dict(max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos_ids,
+                  pad_token_id=tokenizer.pad_token_id)
+    with torch.inference_mode():
+        if adapter is None:
+            with peft_model.disable_adapter():
+                out = peft_model.generate(input_ids=ids, **kwargs)
+        else:
+            peft_model.set_adapter(adapter)
+            out = peft_model.generate(input_ids=ids, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_mixed_adapter_batch_gives_the_tokens_generate_gives_each_request_alone(
+        engine_env: Path, tiny_model_dir: Path, stored_adapter: Callable[..., str]) -> None:
+    adapters = [stored_adapter(seed) for seed in (1, 2, 3)]
+    # Base rows, every adapter, prompts of different lengths (left padding), all in one batch.
+    models = [str(tiny_model_dir), adapters[0], adapters[1], adapters[2], str(tiny_model_dir),
+              adapters[0]]
+    engine = Engine(get_settings())
+    try:
+        specs = [_completion(m, p) for m, p in zip(models, PROMPTS, strict=True)]
+        results = run_submissions(engine, specs)
+    finally:
+        engine.stop()
+    base = engine.store.base(engine.store.resolve(str(tiny_model_dir)).base)
+    assert set(base.adapters) == set(adapters)
+    eos_ids = sorted(base.eos_ids)
+    outputs = []
+    for model, prompt, events in zip(models, PROMPTS, results, strict=True):
+        assert isinstance(events[0], Accepted), events
+        finished = [e for e in events if isinstance(e, Finished)]
+        assert len(finished) == 1
+        adapter = None if model == str(tiny_model_dir) else model
+        expected = _generate_alone(base.model, base.tokenizer, adapter, prompt, 16, eos_ids)
+        assert finished[0].token_ids == expected, (model, prompt)
+        text = "".join(e.text for e in events if isinstance(e, Delta))
+        assert text == base.tokenizer.decode(
+            [t for t in expected if t not in eos_ids], skip_special_tokens=True)
+        outputs.append(tuple(expected))
+    # The adapters do change the output: the same prompt differs between base and adapter.
+    assert len(set(outputs)) == len(outputs)
+
+
+def test_a_batch_holds_at_most_max_batch_size_rows_and_still_answers_everyone(
+        engine_env: Path, tiny_model_dir: Path, stored_adapter: Callable[..., str],
+        monkeypatch) -> None:
+    monkeypatch.setenv("TUNERY_INFERENCE_MAX_BATCH_SIZE", "2")
+    get_settings.cache_clear()
+    adapter = stored_adapter(4)
+    engine = Engine(get_settings())
+    sizes: list[int] = []
+    decode = engine._decode
+
+    def counting(base, rows):
+        sizes.append(len(rows))
+        return decode(base, rows)
+
+    engine._decode = counting  # type: ignore[method-assign]
+    try:
+        results = run_submissions(engine, [_completion(adapter if i % 2 else str(tiny_model_dir),
+                                                       PROMPTS[i], 4) for i in range(5)])
+    finally:
+        engine.stop()
+    assert sizes == [2, 2, 1]
+    assert all(isinstance(e[-1], Finished) for e in results)
