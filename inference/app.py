@@ -74,9 +74,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        load = {"running_rows": running.running_rows, "waiting_rows": running.waiting_rows,
+                "decoded_tokens": running.decoded_tokens}
         if running.alive:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "engine thread stopped"}, status_code=503)
+            return JSONResponse({"status": "ok", **load})
+        return JSONResponse({"status": "engine thread stopped", **load}, status_code=503)
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:

@@ -59,7 +59,8 @@ class Row:
 
 class Engine:
     """Start it, `submit` requests from any thread, `stop` it. `models()` lists what is
-    loaded, for `GET /v1/models`."""
+    loaded, for `GET /v1/models`; `running_rows`, `waiting_rows` and `decoded_tokens` (since
+    start) say how busy it is, for `GET /health`."""
 
     def __init__(self, settings: Settings, store: ModelStore | None = None) -> None:
         self._limits = settings.inference
@@ -68,6 +69,12 @@ class Engine:
         self._waiting: deque[Row] = deque()
         self._thread = threading.Thread(target=self._run, name="tunery-engine", daemon=True)
         self._models: list[tuple[str, str | None]] = []
+        self.running_rows = 0
+        self.decoded_tokens = 0
+
+    @property
+    def waiting_rows(self) -> int:
+        return len(self._waiting)
 
     def start(self) -> None:
         self._thread.start()
@@ -210,9 +217,36 @@ class Engine:
                     row.submission.channel.send(Refused(error))
 
     def _decode(self, base: LoadedBase, rows: list[Row]) -> None:
+        """Prefill the rows together, then one token per row and step until all ended."""
+        logits, mask, positions, cache = self._prefill(base, rows)
+        self.running_rows = len(rows)
+        try:
+            while True:
+                tokens = [self._step(row, logits[i]) for i, row in enumerate(rows)]
+                keep = [i for i, row in enumerate(rows) if not row.done]
+                self.running_rows = len(keep)
+                if not keep:
+                    return
+                if len(keep) < len(rows):
+                    index = torch.tensor(keep, device=base.device)
+                    cache.batch_select_indices(index)
+                    mask, positions = mask[index], positions[index]
+                    rows = [rows[i] for i in keep]
+                    tokens = [tokens[i] for i in keep]
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                step_ids = torch.tensor(tokens, device=base.device).unsqueeze(1)
+                logits = self._forward(base, rows, step_ids, mask, positions, cache)
+        finally:
+            self.running_rows = 0
+
+    def _prefill(self, base: LoadedBase, rows: list[Row]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """The prompts left-padded into one forward: the last logits of each row, the
+        attention mask, the positions and the KV cache that decoding goes on with."""
         from transformers import DynamicCache
 
-        model, device = base.model, base.device
+        device = base.device
         pad_id = base.tokenizer.pad_token_id
         width = max(len(r.prompt_ids) for r in rows)
         input_ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids
@@ -221,23 +255,9 @@ class Engine:
                              for r in rows], device=device)
         # As `generate` numbers left-padded rows: each row's first real token is position 0.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache(config=base.model.config)
         logits = self._forward(base, rows, input_ids, mask, positions, cache)
-        while True:
-            tokens = [self._step(row, logits[i]) for i, row in enumerate(rows)]
-            keep = [i for i, row in enumerate(rows) if not row.done]
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-                rows = [rows[i] for i in keep]
-                tokens = [tokens[i] for i in keep]
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            step_ids = torch.tensor(tokens, device=device).unsqueeze(1)
-            logits = self._forward(base, rows, step_ids, mask, positions, cache)
+        return logits, mask, positions, cache
 
     @staticmethod
     def _forward(base: LoadedBase, rows: list[Row], input_ids: torch.Tensor,
@@ -258,6 +278,7 @@ class Engine:
             return 0
         token = row.sampler.next_token(logits)
         row.tokens.append(token)
+        self.decoded_tokens += 1
         reason: FinishReason | None = None
         if token in row.eos_ids:
             reason = "stop"

@@ -98,3 +98,41 @@ def test_a_batch_holds_at_most_max_batch_size_rows_and_still_answers_everyone(
         engine.stop()
     assert sizes == [2, 2, 1]
     assert all(isinstance(e[-1], Finished) for e in results)
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(
+        engine_env: Path, tiny_model_dir: Path) -> None:
+    import asyncio
+
+    from inference.events import Channel, Submission
+
+    long_request = _completion(str(tiny_model_dir), PROMPTS[0], max_tokens=400)
+    engine = Engine(get_settings())
+    try:
+        # Greedy on this prompt, the tiny model never says EOS within 400 tokens: alone, the
+        # request decodes all of them.
+        [alone] = run_submissions(engine, [long_request])
+        assert alone[-1].completion_tokens == 400 and alone[-1].reason == "length"
+        decoded_alone = engine.decoded_tokens
+
+        async def cancel_one() -> list:
+            loop = asyncio.get_running_loop()
+            cancelled = Submission(channel=Channel(loop), **long_request)
+            other = Submission(channel=Channel(loop), **{**long_request, "max_tokens": 300})
+            engine.submit(cancelled)
+            engine.submit(other)
+            while not isinstance(await cancelled.channel.receive(), Delta):
+                pass
+            cancelled.channel.cancel()
+            events = []
+            while not events or not isinstance(events[-1], Finished):
+                events.append(await asyncio.wait_for(other.channel.receive(), 120))
+            return events
+
+        other_events = asyncio.run(cancel_one())
+    finally:
+        engine.stop()
+    assert other_events[-1].completion_tokens == 300
+    # The cancelled row stopped long before its 400 tokens; the other decoded its 300.
+    assert engine.decoded_tokens - decoded_alone < 300 + 400
+    assert engine.running_rows == 0 and engine.waiting_rows == 0
