@@ -4,9 +4,9 @@ A batch holds rows (one per choice of a request) of one base model, any mix of t
 adapters (peft's mixed-adapter forward, `adapter_names` per row) and the plain base. Prompts
 are left-padded and prefilled together, then every step decodes one token per row against a
 shared KV cache; a row that ends (EOS, a stop string, max_tokens, its client gone) leaves the
-batch at once. Requests that arrive while a batch runs wait for the next one: when the engine
-is idle it waits `GATHER_S` after the first arrival, so that requests sent together start
-together.
+batch at once. Requests that arrive while a batch runs are admitted between two steps and
+join it (prefilled on their own, `kv_cache.join`) when they are for its base and there is
+room, unless rows of another base are waiting: those go first, in the next batch.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from inference import prompts
+from inference import kv_cache, prompts
 from inference.events import Accepted, Delta, Finished, Refused, Submission
+from inference.kv_cache import BatchState
 from inference.models import NO_ADAPTER, LoadedBase, ModelStore
 from inference.protocol import FinishReason, RequestRefused, bad_value
 from inference.sampling import TokenSampler
@@ -30,10 +30,6 @@ from inference.text_stream import TextStream
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# Long enough for a burst of concurrent HTTP requests to be parsed and submitted, short
-# against a request's time to first token.
-GATHER_S = 0.01
 
 
 @dataclass
@@ -67,6 +63,10 @@ class Engine:
         self.store = store if store is not None else ModelStore(settings)
         self._inbox: queue.Queue[Submission | None] = queue.Queue()
         self._waiting: deque[Row] = deque()
+        # Submitted while a batch of another base ran: admitted once it ends.
+        self._deferred: deque[Submission] = deque()
+        # The batch being decoded: its base and rows (None between batches).
+        self._running: tuple[LoadedBase, list[Row]] | None = None
         self._thread = threading.Thread(target=self._run, name="tunery-engine", daemon=True)
         self._models: list[tuple[str, str | None]] = []
         self.running_rows = 0
@@ -98,26 +98,28 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                if not self._collect(block=not self._waiting):
+                if not self._collect(block=not self._waiting and not self._deferred):
                     break
                 if self._waiting:
                     self._run_batch(self._next_batch())
 
     def _collect(self, block: bool) -> bool:
-        """Admit what is in the inbox (waiting for something first when `block`); False
-        when the engine is told to stop."""
+        """Admit what was deferred (between batches) and what is in the inbox, waiting for
+        something first when `block`; False when the engine is told to stop."""
+        while self._running is None and self._deferred:
+            self._admit(self._deferred.popleft())
         if block:
             first = self._inbox.get()
             if first is None:
                 return False
             self._admit(first)
-            time.sleep(GATHER_S)
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
             if item is None:
+                self._inbox.put(None)  # seen again by the loop once the batch ends
                 return False
             self._admit(item)
 
@@ -134,15 +136,28 @@ class Engine:
             return
         finally:
             self._publish_models()
+        if rows is None:
+            self._deferred.append(submission)
+            return
         prompt_tokens = sum(len(r.prompt_ids) for r in rows if r.index % submission.n == 0)
         submission.channel.send(Accepted(prompt_tokens))
         self._waiting.extend(rows)
 
-    def _rows_of(self, submission: Submission) -> list[Row]:
+    def _rows_of(self, submission: Submission) -> list[Row] | None:
+        """The submission's rows, its adapter loaded; None when it must wait for the running
+        batch to end (another base, or no room for its adapter beside the batch's)."""
         target = self.store.resolve(submission.model)
-        base = self.store.base(target.base)
+        if self._running is None:
+            base, in_use = self.store.base(target.base), set[str]()
+        else:
+            base, running_rows = self._running
+            in_use = {r.adapter for r in running_rows if r.adapter is not None}
+            if target.base != base.source or (
+                    target.adapter is not None and target.adapter not in in_use
+                    and len(in_use) >= self._limits.max_adapters):
+                return None
         if target.adapter is not None:
-            self.store.prepare_adapters(base, [target.adapter])
+            self.store.prepare_adapters(base, in_use | {target.adapter})
         param = submission.prompt_param
         if submission.kind == "chat":
             conversation = submission.prompts[0]
@@ -174,16 +189,19 @@ class Engine:
     def _next_batch(self) -> list[Row]:
         """The oldest waiting row's base: its waiting rows in order, up to `max_batch_size`
         and with at most `max_adapters` distinct adapters."""
-        source = self._waiting[0].base
+        return self._take_waiting(self._waiting[0].base, [])
+
+    def _take_waiting(self, source: str, running: list[Row]) -> list[Row]:
+        """Waiting rows of base `source` that fit beside the `running` ones, in order."""
         batch: list[Row] = []
-        adapters: set[str] = set()
+        adapters = {r.adapter for r in running if r.adapter is not None}
         left: deque[Row] = deque()
         for row in self._waiting:
             if row.gone:
                 continue
-            fits = len(batch) < self._limits.max_batch_size and row.base == source and (
-                row.adapter is None or row.adapter in adapters
-                or len(adapters) < self._limits.max_adapters)
+            fits = len(running) + len(batch) < self._limits.max_batch_size and \
+                row.base == source and (row.adapter is None or row.adapter in adapters
+                                        or len(adapters) < self._limits.max_adapters)
             if not fits:
                 left.append(row)
                 continue
@@ -217,33 +235,54 @@ class Engine:
                     row.submission.channel.send(Refused(error))
 
     def _decode(self, base: LoadedBase, rows: list[Row]) -> None:
-        """Prefill the rows together, then one token per row and step until all ended."""
-        logits, mask, positions, cache = self._prefill(base, rows)
+        """Prefill the rows together, then one token per row and step until all ended;
+        between steps, rows admitted meanwhile join."""
+        state = self._prefill(base, rows)
+        self._running = (base, rows)
         self.running_rows = len(rows)
         try:
             while True:
-                tokens = [self._step(row, logits[i]) for i, row in enumerate(rows)]
+                tokens = [self._step(row, state.logits[i]) for i, row in enumerate(rows)]
                 keep = [i for i, row in enumerate(rows) if not row.done]
-                self.running_rows = len(keep)
                 if not keep:
                     return
                 if len(keep) < len(rows):
-                    index = torch.tensor(keep, device=base.device)
-                    cache.batch_select_indices(index)
-                    mask, positions = mask[index], positions[index]
-                    rows = [rows[i] for i in keep]
+                    state.keep(torch.tensor(keep, device=base.device))
+                    rows[:] = [rows[i] for i in keep]
                     tokens = [tokens[i] for i in keep]
-                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-                positions = positions[:, -1:] + 1
+                state.mask = torch.cat([state.mask, state.mask.new_ones(len(rows), 1)], dim=1)
+                state.positions = state.positions + 1
                 step_ids = torch.tensor(tokens, device=base.device).unsqueeze(1)
-                logits = self._forward(base, rows, step_ids, mask, positions, cache)
+                state.logits = self._forward(base, rows, step_ids, state.mask,
+                                             state.positions, state.cache)
+                self._join_arrivals(base, rows, state)
+                self.running_rows = len(rows)
         finally:
+            self._running = None
             self.running_rows = 0
 
-    def _prefill(self, base: LoadedBase, rows: list[Row]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-        """The prompts left-padded into one forward: the last logits of each row, the
-        attention mask, the positions and the KV cache that decoding goes on with."""
+    def _join_arrivals(self, base: LoadedBase, rows: list[Row], state: BatchState) -> None:
+        """Admit what was submitted since the last step and let the rows that fit join."""
+        if not self._collect(block=False) or not kv_cache.can_join(state.cache):
+            return
+        if any(row.base != base.source for row in self._waiting) or self._deferred:
+            return  # another base waits: this batch takes no one more, and ends
+        joining = self._take_waiting(base.source, rows)
+        if not joining:
+            return
+        try:
+            self.store.prepare_adapters(base, {r.adapter for r in rows + joining
+                                               if r.adapter is not None})
+        except RequestRefused as exc:
+            for row in joining:
+                row.submission.channel.send(Refused(exc))
+                row.done = True
+            return
+        kv_cache.join(state, self._prefill(base, joining))
+        rows.extend(joining)
+
+    def _prefill(self, base: LoadedBase, rows: list[Row]) -> BatchState:
+        """The prompts left-padded into one forward: the state decoding goes on from."""
         from transformers import DynamicCache
 
         device = base.device
@@ -257,7 +296,7 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=base.model.config)
         logits = self._forward(base, rows, input_ids, mask, positions, cache)
-        return logits, mask, positions, cache
+        return BatchState(mask, positions[:, -1:], cache, logits)
 
     @staticmethod
     def _forward(base: LoadedBase, rows: list[Row], input_ids: torch.Tensor,

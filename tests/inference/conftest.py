@@ -16,6 +16,7 @@ import pytest
 from shared import served_models
 from shared.settings import get_settings
 from shared.storage import storage_from_settings
+from worker.assets.random_adapter import build_random_adapter
 
 
 @pytest.fixture
@@ -30,30 +31,6 @@ def engine_env(tunery_env: Path, tiny_model_dir: Path,
     return tunery_env
 
 
-def build_adapter(base_dir: Path, dest: Path, seed: int, r: int = 4) -> Path:
-    """A LoRA adapter for the model in `base_dir`, all linear layers, with random non-zero B
-    (a fresh adapter's B is zero, which would change nothing), saved by peft into `dest`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r,
-                                                  target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    peft_model.save_pretrained(dest)
-    config = json.loads((dest / "adapter_config.json").read_text())
-    # As `export_adapter` writes it: the base as the job named it.
-    config["base_model_name_or_path"] = str(base_dir)
-    (dest / "adapter_config.json").write_text(json.dumps(config))
-    return dest
-
-
 @pytest.fixture
 def stored_adapter(engine_env: Path, tiny_model_dir: Path,
                    tmp_path: Path) -> Callable[..., str]:
@@ -62,7 +39,7 @@ def stored_adapter(engine_env: Path, tiny_model_dir: Path,
 
     def make(seed: int, r: int = 4) -> str:
         job_id = str(uuid.uuid4())
-        folder = build_adapter(tiny_model_dir, tmp_path / f"adapter-{job_id}", seed, r)
+        folder = build_random_adapter(tiny_model_dir, tmp_path / f"adapter-{job_id}", seed, r)
         for file_name, key in served_models.adapter_keys(job_id).items():
             storage.put_file(key, folder / file_name)
         return served_models.adapter_name(job_id)

@@ -136,3 +136,52 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(
     # The cancelled row stopped long before its 400 tokens; the other decoded its 300.
     assert engine.decoded_tokens - decoded_alone < 300 + 400
     assert engine.running_rows == 0 and engine.waiting_rows == 0
+
+
+def test_a_request_that_arrives_mid_batch_joins_it_and_both_match_generate(
+        engine_env: Path, tiny_model_dir: Path, stored_adapter: Callable[..., str]) -> None:
+    import asyncio
+
+    from inference.events import Channel, Submission
+
+    adapter = stored_adapter(5)
+    first = _completion(str(tiny_model_dir), PROMPTS[2], max_tokens=200)
+    second = _completion(adapter, PROMPTS[1], max_tokens=16)
+    engine = Engine(get_settings())
+    batches: list[int] = []
+    decode = engine._decode
+
+    def counting(base, rows):
+        batches.append(len(rows))
+        return decode(base, rows)
+
+    engine._decode = counting  # type: ignore[method-assign]
+
+    async def arrive_late() -> tuple[list, list]:
+        loop = asyncio.get_running_loop()
+        early = Submission(channel=Channel(loop), **first)
+        late = Submission(channel=Channel(loop), **second)
+        engine.submit(early)
+        engine.start()
+        events: list = []
+        while not any(isinstance(e, Delta) for e in events):
+            events.append(await asyncio.wait_for(early.channel.receive(), 120))
+        engine.submit(late)
+        late_events: list = []
+        while not late_events or not isinstance(late_events[-1], Finished):
+            late_events.append(await asyncio.wait_for(late.channel.receive(), 120))
+        while not isinstance(events[-1], Finished):
+            events.append(await asyncio.wait_for(early.channel.receive(), 120))
+        return events, late_events
+
+    try:
+        early_events, late_events = asyncio.run(arrive_late())
+    finally:
+        engine.stop()
+    assert batches == [1], "the late request joined the running batch"
+    base = engine.store.base(engine.store.resolve(str(tiny_model_dir)).base)
+    eos_ids = sorted(base.eos_ids)
+    for events, spec, name in ((early_events, first, None), (late_events, second, adapter)):
+        expected = _generate_alone(base.model, base.tokenizer, name, spec["prompts"][0],
+                                   spec["max_tokens"], eos_ids)
+        assert events[-1].token_ids == expected, name
