@@ -8,7 +8,7 @@ import hmac
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -105,7 +105,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     return app
 
-def _submission(body: ChatRequest | CompletionRequest, kind: Any, prompts: list[Any],
+def _submission(body: ChatRequest | CompletionRequest, kind: Literal["chat", "completion"],
+                prompts: list[Any],
                 tools: list[dict[str, Any]] | None, max_tokens: int | None) -> Submission:
     return Submission(
         kind=kind, model=body.model, prompts=prompts, tools=tools, n=body.n,

@@ -98,10 +98,13 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                if not self._collect(block=not self._waiting and not self._deferred):
-                    break
-                if self._waiting:
-                    self._run_batch(self._next_batch())
+                try:
+                    if not self._collect(block=not self._waiting and not self._deferred):
+                        break
+                    if self._waiting:
+                        self._run_batch(self._next_batch())
+                except Exception:  # a bug: the engine must go on answering the others
+                    log.exception("the engine's loop failed; going on")
 
     def _collect(self, block: bool) -> bool:
         """Admit what was deferred (between batches) and what is in the inbox, waiting for
@@ -218,31 +221,36 @@ class Engine:
             base = self.store.base(rows[0].base)
             adapters = {r.adapter for r in rows if r.adapter is not None}
             self.store.prepare_adapters(base, adapters)
+            self._publish_models()
+            self._decode(base, rows)
         except RequestRefused as exc:
-            for row in rows:
-                row.submission.channel.send(Refused(exc))
-            return
+            self._refuse_unfinished(rows, exc)
+        except Exception:  # out of memory, a bug: these rows fail, the engine goes on
+            log.exception("a batch of %d rows on %s failed", len(rows), rows[0].base)
+            self._refuse_unfinished(rows, RequestRefused(
+                500, "the engine failed while generating", type_="internal_error"))
         finally:
             self._publish_models()
-        try:
-            self._decode(base, rows)
-        except Exception:
-            log.exception("a batch of %d rows on %s failed", len(rows), base.source)
-            error = RequestRefused(500, "the engine failed while generating",
-                                   type_="internal_error")
-            for row in rows:
-                if not row.done:
-                    row.submission.channel.send(Refused(error))
+
+    @staticmethod
+    def _refuse_unfinished(rows: list[Row], error: RequestRefused) -> None:
+        for row in rows:
+            if not row.done:
+                row.done = True
+                row.submission.channel.send(Refused(error))
 
     def _decode(self, base: LoadedBase, rows: list[Row]) -> None:
         """Prefill the rows together, then one token per row and step until all ended;
         between steps, rows admitted meanwhile join."""
         state = self._prefill(base, rows)
+        # `rows` grows as requests join: the caller's list, so a failure reaches them all.
         self._running = (base, rows)
         self.running_rows = len(rows)
         try:
             while True:
-                tokens = [self._step(row, state.logits[i]) for i, row in enumerate(rows)]
+                # One copy to the CPU per step, where every row's sampler draws.
+                logits = state.logits.float().cpu()
+                tokens = [self._step(row, logits[i]) for i, row in enumerate(rows)]
                 keep = [i for i, row in enumerate(rows) if not row.done]
                 if not keep:
                     return
@@ -278,8 +286,8 @@ class Engine:
                 row.submission.channel.send(Refused(exc))
                 row.done = True
             return
+        rows.extend(joining)  # before the prefill: should it fail, they are refused too
         kv_cache.join(state, self._prefill(base, joining))
-        rows.extend(joining)
 
     def _prefill(self, base: LoadedBase, rows: list[Row]) -> BatchState:
         """The prompts left-padded into one forward: the state decoding goes on from."""
@@ -301,11 +309,26 @@ class Engine:
     @staticmethod
     def _forward(base: LoadedBase, rows: list[Row], input_ids: torch.Tensor,
                  mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
-        extra: dict[str, Any] = {}
-        if base.has_peft:
-            extra["adapter_names"] = [r.adapter or NO_ADAPTER for r in rows]
-        out = base.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         cache=cache, use_cache=True, logits_to_keep=1, **extra)
+        """The rows' next-token logits. Rows of several adapters (or adapters and the plain
+        base) go through peft's mixed-batch forward, which runs each LoRA layer once per
+        adapter on its rows; rows of one adapter, or of the base alone, take peft's plain
+        path, the one `generate` takes, which costs less per step."""
+        model = base.model
+        inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions,
+                  "cache": cache, "use_cache": True, "logits_to_keep": 1}
+        adapters = {r.adapter for r in rows}
+        if not base.has_peft:
+            out = model(**inputs)
+        elif adapters == {None}:
+            with model.disable_adapter():
+                out = model(**inputs)
+        elif len(adapters) == 1:
+            [adapter] = adapters
+            if model.active_adapter != adapter:
+                model.set_adapter(adapter)
+            out = model(**inputs)
+        else:
+            out = model(**inputs, adapter_names=[r.adapter or NO_ADAPTER for r in rows])
         return out.logits[:, -1, :]
 
     def _step(self, row: Row, logits: torch.Tensor) -> int:

@@ -32,10 +32,10 @@ class TokenSampler:
             self._generator = torch.Generator(device="cpu").manual_seed(seed % 2**63)
 
     def next_token(self, logits: torch.Tensor) -> int:
-        """The next token id from one row of logits (vocabulary,)."""
+        """The next token id from one row of logits (vocabulary,), on the CPU."""
         if self._generator is None:
             return int(torch.argmax(logits))
-        scores = logits.float().cpu() / self.params.temperature
+        scores = logits.float() / self.params.temperature
         probs = torch.softmax(scores, dim=-1)
         if self.params.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)

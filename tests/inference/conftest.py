@@ -71,8 +71,8 @@ def engine_client(engine_env: Path) -> Iterator[Callable[..., Any]]:
 
 def run_submissions(engine: Any, specs: list[dict[str, Any]]) -> list[list[Any]]:
     """Submit every spec (keyword arguments of `Submission` besides the channel) before the
-    engine starts, so they are admitted together, then start it and collect each one's
-    events until its last choice finished or it was refused."""
+    engine starts (if it has not), so they are admitted together, then start it and collect
+    each one's events until its last choice finished or it was refused."""
     from inference.events import Channel, Finished, Refused, Submission
 
     async def main() -> list[list[Any]]:
@@ -80,7 +80,8 @@ def run_submissions(engine: Any, specs: list[dict[str, Any]]) -> list[list[Any]]
         submissions = [Submission(channel=Channel(loop), **spec) for spec in specs]
         for submission in submissions:
             engine.submit(submission)
-        engine.start()
+        if not engine.alive:
+            engine.start()
         results = []
         for submission in submissions:
             events: list[Any] = []

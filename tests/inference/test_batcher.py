@@ -185,3 +185,30 @@ def test_a_request_that_arrives_mid_batch_joins_it_and_both_match_generate(
         expected = _generate_alone(base.model, base.tokenizer, name, spec["prompts"][0],
                                    spec["max_tokens"], eos_ids)
         assert events[-1].token_ids == expected, name
+
+
+def test_a_batch_that_fails_refuses_its_rows_and_the_engine_goes_on(
+        engine_env: Path, tiny_model_dir: Path) -> None:
+    from inference.events import Refused
+
+    engine = Engine(get_settings())
+    forward = engine._forward
+    calls = 0
+
+    def fails_once(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first decode step of the first batch
+            raise RuntimeError("out of memory (injected)")
+        return forward(*args)
+
+    engine._forward = fails_once  # type: ignore[method-assign]
+    try:
+        [failed] = run_submissions(engine, [_completion(str(tiny_model_dir), PROMPTS[0])])
+        assert isinstance(failed[-1], Refused) and failed[-1].error.status == 500
+        assert "out of memory" not in failed[-1].error.message  # no internals to the client
+        engine._forward = forward  # type: ignore[method-assign]
+        [answered] = run_submissions(engine, [_completion(str(tiny_model_dir), PROMPTS[1])])
+    finally:
+        engine.stop()
+    assert isinstance(answered[-1], Finished)
