@@ -16,8 +16,12 @@ def default_address() -> tuple[str, int]:
 def serve(host: str, port: int) -> None:
     """Serve the engine until interrupted (blocking). One process: the engine's thread owns
     the models, so more uvicorn workers would each load them."""
+    import logging
+
     import uvicorn
 
     from inference.app import create_app
 
+    # As the API does: the engine's own lines (models loaded and unloaded, failed batches).
+    logging.basicConfig(level=get_settings().log_level)
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
