@@ -95,6 +95,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         check_limits(body, settings.inference)
         submission = _submission(body, "chat", [body.messages], body.tools,
                                  body.requested_max_tokens())
+        if body.max_completion_tokens is not None:
+            submission.max_tokens_param = "max_completion_tokens"
         return await _answer(running, body, submission)
 
     @app.post("/v1/completions", dependencies=auth)

@@ -177,8 +177,9 @@ class Engine:
             if max_tokens is None:
                 max_tokens = min(self._limits.max_tokens, room)
             elif max_tokens > room:
-                raise bad_value("max_tokens", f"the prompt ({len(prompt_ids)} tokens) and "
-                                f"max_tokens ({max_tokens}) exceed the model's context of "
+                name = submission.max_tokens_param
+                raise bad_value(name, f"the prompt ({len(prompt_ids)} tokens) and {name} "
+                                f"({max_tokens}) exceed the model's context of "
                                 f"{base.context_len} tokens")
             for choice in range(submission.n):
                 index = p * submission.n + choice

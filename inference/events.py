@@ -87,6 +87,8 @@ class Submission:
     sampling: SamplingParams
     stop: list[str]
     channel: Channel
+    # How the request named its max_tokens, for errors (chat: or max_completion_tokens).
+    max_tokens_param: str = "max_tokens"
 
     @property
     def prompt_param(self) -> str:

@@ -163,6 +163,11 @@ def test_bad_values_are_400_naming_the_param(engine_client, tiny_model_dir: Path
                                json={**_chat(str(tiny_model_dir)), **extra})
         assert response.status_code == 400, (extra, response.text)
         assert response.json()["error"]["param"] == param, (extra, response.json())
+    # Within max_tokens but beyond the tiny model's 512 positions.
+    too_long = client.post("/v1/chat/completions", json={**_chat(str(tiny_model_dir)),
+                                                         "max_completion_tokens": 510})
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["param"] == "max_completion_tokens"
     response = client.post("/v1/completions", content=b"{not json",
                            headers={"content-type": "application/json"})
     assert response.status_code == 400 and "error" in response.json()
@@ -243,3 +248,17 @@ def test_engine_token_guards_every_route_but_health(
     ok = {"Authorization": "Bearer s3cret"}
     assert client.post("/v1/completions", json=request, headers=ok).status_code == 200
     assert client.get("/v1/models", headers=ok).status_code == 200
+
+
+def test_bases_beyond_max_bases_unload_least_recently_used(
+        engine_client, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    other = tmp_path / "tiny-copy"
+    shutil.copytree(tiny_model_dir, other)
+    client = engine_client()  # max_bases is 1 by default
+    request = {"prompt": "Hi", "max_tokens": 2}
+    for model in (str(tiny_model_dir), str(other)):
+        assert client.post("/v1/completions", json={**request, "model": model}).status_code \
+            == 200
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [str(other)]

@@ -212,3 +212,56 @@ def test_a_batch_that_fails_refuses_its_rows_and_the_engine_goes_on(
     finally:
         engine.stop()
     assert isinstance(answered[-1], Finished)
+
+
+def test_an_adapter_a_running_batch_uses_is_never_evicted_for_a_newcomer(
+        engine_env: Path, tiny_model_dir: Path, stored_adapter: Callable[..., str],
+        monkeypatch) -> None:
+    import asyncio
+
+    from inference.events import Channel, Submission
+
+    monkeypatch.setenv("TUNERY_INFERENCE_MAX_ADAPTERS", "1")
+    get_settings.cache_clear()
+    running, newcomer = stored_adapter(8), stored_adapter(9)
+    first = _completion(running, PROMPTS[2], max_tokens=200)
+    second = _completion(newcomer, PROMPTS[1], max_tokens=16)
+    engine = Engine(get_settings())
+    batches: list[set] = []
+    decode = engine._decode
+
+    def recording(base, rows):
+        batches.append({r.adapter for r in rows})
+        return decode(base, rows)
+
+    engine._decode = recording  # type: ignore[method-assign]
+
+    async def arrive_late() -> tuple[list, list]:
+        loop = asyncio.get_running_loop()
+        early = Submission(channel=Channel(loop), **first)
+        late = Submission(channel=Channel(loop), **second)
+        engine.submit(early)
+        engine.start()
+        events: list = []
+        while not any(isinstance(e, Delta) for e in events):
+            events.append(await asyncio.wait_for(early.channel.receive(), 120))
+        engine.submit(late)
+        while not isinstance(events[-1], Finished):
+            events.append(await asyncio.wait_for(early.channel.receive(), 120))
+        late_events: list = []
+        while not late_events or not isinstance(late_events[-1], Finished):
+            late_events.append(await asyncio.wait_for(late.channel.receive(), 120))
+        return events, late_events
+
+    try:
+        early_events, late_events = asyncio.run(arrive_late())
+    finally:
+        engine.stop()
+    # The newcomer waited for the batch (one adapter at most), then the old one made room.
+    assert batches == [{running}, {newcomer}]
+    assert engine.store.loaded_adapters() == [newcomer]
+    base = engine.store.base(engine.store.resolve(str(tiny_model_dir)).base)
+    expected = _generate_alone(base.model, base.tokenizer, newcomer, PROMPTS[1], 16,
+                               sorted(base.eos_ids))
+    assert late_events[-1].token_ids == expected
+    assert early_events[-1].completion_tokens == 200
