@@ -116,3 +116,17 @@ def test_data_phase_quick_measures_every_contender(tmp_path: Path) -> None:
     assert any(line.startswith("tokenized 2000 examples") for line in measured["tunery"]["log"])
     # The second run read what the first tokenized.
     assert (measured["tunery"]["from_cache"], measured["cached"]["from_cache"]) == (False, True)
+
+
+def test_inference_quick_measures_the_engine_and_the_generate_baseline(tmp_path: Path) -> None:
+    result = _run("bench.inference", tmp_path, "--max-tokens", "4")
+    assert isinstance(result["machine"]["cpu_bf16_instructions"], bool)
+    [row] = result["results"]
+    assert row["model"] == "tiny-llama" and row["engine"]["precision"] in ("float32", "bfloat16")
+    engine, baseline = row["engine"], row["baseline"]
+    assert engine["streams_mixed"]["streams"] == result["streams"] == 8
+    assert engine["streams_mixed"]["tokens"] > 0 and baseline["tokens"] > 0
+    assert engine["ttft_s"] > 0 and engine["one_stream_tokens_per_s"] > 0
+    assert set(row["ratios"]) == {
+        "streams8_vs_one_stream", "streams8_vs_sequential_generate", "one_stream_vs_generate",
+        "mixed_adapters_vs_one_adapter", "adapter_switch_share", "adapter_first_load_share"}
