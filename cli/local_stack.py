@@ -1,4 +1,5 @@
-"""Start the API and a worker as child processes: `tunery up`, the demo and e2e tests."""
+"""Start the API, a worker and the embedded inference engine as child processes: `tunery up`,
+the demo and e2e tests."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType, TracebackType
+from urllib.parse import urlsplit
 
 import httpx
 
-from cli.process_commands import tunery_command, worker_command
+from cli.process_commands import DEFAULT_ENGINE_PORT, tunery_command, worker_command
 
 # What a quiet stack sets in its children's environment, unless the environment already says:
 # the services' own INFO lines, Python's warnings more than once each (the worker imports and
@@ -28,6 +30,8 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 EVERY_ADDRESS = ("0.0.0.0", "::")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+ENGINE_URL_VARIABLE = "TUNERY_INFERENCE_ENGINE_URL"
 
 
 def wait_until_answers(url: str, process: subprocess.Popen[bytes], *, name: str,
@@ -83,16 +87,39 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def embedded_engine_port(env: dict[str, str]) -> int | None:
+    """The port to start the embedded engine on, from the engine URL the environment names
+    (its default port when unset); None when that URL points at another machine, whose engine
+    (vLLM, say) the API uses instead."""
+    url = env.get(ENGINE_URL_VARIABLE)
+    if not url:
+        return DEFAULT_ENGINE_PORT
+    parts = urlsplit(url)
+    if parts.hostname not in LOOPBACK_HOSTS:
+        return None
+    return parts.port or 80
+
+
 class LocalStack:
-    """API + worker processes sharing one environment (and so one database, broker, storage).
+    """API + worker processes sharing one environment (and so one database, broker, storage),
+    and with `inference` the embedded inference engine beside them.
 
     Output goes to `log_dir` when given (tests read it on failure), else to this terminal.
     A `quiet` stack leaves out the banners, the access log and the INFO lines (`QUIET_ENV`).
+    `engine_port` starts the engine there (tests take a free one) and points the API at it;
+    otherwise the engine takes the port of the configured engine URL, or is not started when
+    that URL names another machine.
     """
 
     def __init__(self, env: dict[str, str], port: int | None = None,
                  log_dir: Path | None = None, start_timeout_s: float = 60.0,
-                 host: str = "127.0.0.1", quiet: bool = False) -> None:
+                 host: str = "127.0.0.1", quiet: bool = False, inference: bool = False,
+                 engine_port: int | None = None) -> None:
+        env = dict(env)
+        self.engine_port = engine_port if engine_port else (
+            embedded_engine_port(env) if inference else None)
+        if inference and engine_port:
+            env[ENGINE_URL_VARIABLE] = f"http://127.0.0.1:{engine_port}"
         self.env = {**QUIET_ENV, **env} if quiet else env
         self.port = port or free_port()
         self.host = host
@@ -102,6 +129,7 @@ class LocalStack:
         self.base_url = local_url(host, self.port)
         self.api: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
+        self.engine: subprocess.Popen[bytes] | None = None
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         out = None
@@ -125,8 +153,24 @@ class LocalStack:
     def start_worker(self) -> None:
         self.worker = self._spawn("worker", worker_command(quiet=self.quiet))
 
+    def start_engine(self) -> None:
+        """The embedded inference engine, on this machine only: the API is its one client.
+        It loads models on first use, so it is ready as soon as it answers."""
+        if self.engine_port is None:
+            return
+        quiet = ["--quiet"] if self.quiet else []
+        self.engine = self._spawn("inference", tunery_command(
+            "inference", "--host", "127.0.0.1", "--port", str(self.engine_port), *quiet))
+        wait_until_answers(f"http://127.0.0.1:{self.engine_port}/health", self.engine,
+                           name="the inference engine", timeout_s=self.start_timeout_s)
+
+    @property
+    def engine_url(self) -> str | None:
+        return None if self.engine_port is None else f"http://127.0.0.1:{self.engine_port}"
+
     def __enter__(self) -> LocalStack:
         try:
+            self.start_engine()
             self.start_api()
             self.start_worker()
         except BaseException:
@@ -135,9 +179,13 @@ class LocalStack:
         return self
 
     def wait(self) -> tuple[str, int | None]:
-        """Block until a child exits; which one ("API" or "worker") and its exit code."""
+        """Block until a child exits; which one ("API", "worker" or "inference engine") and
+        its exit code."""
+        children = [("API", self.api), ("worker", self.worker)]
+        if self.engine_port is not None:
+            children.append(("inference engine", self.engine))
         while True:
-            for name, proc in (("API", self.api), ("worker", self.worker)):
+            for name, proc in children:
                 if proc is None or proc.poll() is not None:
                     return name, proc.returncode if proc else None
             time.sleep(0.5)
@@ -150,6 +198,8 @@ class LocalStack:
         self.stop_worker()
         _stop(self.api, signal.SIGTERM)
         self.api = None
+        _stop(self.engine, signal.SIGTERM)
+        self.engine = None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

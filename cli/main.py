@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cli.key_commands import add_key_commands
-from cli.process_commands import worker_command
+from cli.process_commands import DEFAULT_ENGINE_PORT, worker_command
 from shared.private_files import restrict_umask
 from shared.settings import get_settings, settings_problems
 
@@ -38,6 +38,13 @@ def _worker(args: argparse.Namespace) -> int:
     os.execv(command[0], command)
 
 
+def _inference(args: argparse.Namespace) -> int:
+    from inference.server import serve
+
+    serve(args.host, args.port, quiet=args.quiet)
+    return 0
+
+
 def _up(args: argparse.Namespace) -> int:
     from cli.local_stack import EVERY_ADDRESS, LocalStack, StopRequested, stop_on_signals
 
@@ -48,9 +55,11 @@ def _up(args: argparse.Namespace) -> int:
     with stop_on_signals():
         try:
             with LocalStack(env=os.environ.copy(), port=args.port, host=args.host,
-                            quiet=not args.verbose) as stack:
-                print(f"Tunery is up at {stack.base_url} (API + worker; API reference at "
-                      f"{stack.base_url}/docs); Ctrl-C stops both", flush=True)
+                            quiet=not args.verbose, inference=not args.no_inference) as stack:
+                serving = ("API, worker and inference engine" if stack.engine_url
+                           else "API + worker")
+                print(f"Tunery is up at {stack.base_url} ({serving}; API reference at "
+                      f"{stack.base_url}/docs); Ctrl-C stops them all", flush=True)
                 if not args.verbose:
                     print("job logs: GET /v1/finetune/llm/{job_id}/logs; `tunery up --verbose` "
                           "shows the services' own output", flush=True)
@@ -111,13 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", default=None)
     worker.set_defaults(func=_worker)
 
-    up = sub.add_parser("up", help="run the API and one worker together")
+    inference = sub.add_parser("inference", help="serve the embedded inference engine (the API "
+                               "forwards /v1/chat/completions to it)")
+    inference.add_argument("--host", default="127.0.0.1",
+                           help="address to listen on (default 127.0.0.1: only the API, on "
+                                "this machine, should reach it)")
+    inference.add_argument("--port", type=int, default=DEFAULT_ENGINE_PORT)
+    inference.add_argument("--quiet", action="store_true",
+                           help="no access log, only warnings and errors")
+    inference.set_defaults(func=_inference)
+
+    up = sub.add_parser("up", help="run the API, one worker and the inference engine together")
     up.add_argument("--host", default="127.0.0.1",
                     help="address the API listens on (default 127.0.0.1, this machine only)")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--verbose", action="store_true",
                     help="show the services' own output: Celery's banner and INFO lines, "
                          "uvicorn's access log, every warning")
+    up.add_argument("--no-inference", action="store_true",
+                    help="do not start the embedded inference engine (the API still forwards "
+                         "chat requests to TUNERY_INFERENCE_ENGINE_URL)")
     up.set_defaults(func=_up)
 
     assets = sub.add_parser("assets", help="build the bundled models for offline use")

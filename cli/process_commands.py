@@ -7,6 +7,10 @@ import sys
 
 from shared.settings import get_settings
 
+# Where `tunery inference` listens unless told otherwise: the port of the default
+# `inference.engine_url`.
+DEFAULT_ENGINE_PORT = 8089
+
 
 def tunery_command(*args: str) -> list[str]:
     """`tunery ARGS` run with this interpreter, so a child sees the same installation even

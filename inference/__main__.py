@@ -12,8 +12,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__)
     parser.add_argument("--host", default=host, help=f"address to bind (default {host})")
     parser.add_argument("--port", type=int, default=port, help=f"port (default {port})")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no access log, only warnings and errors")
     args = parser.parse_args(argv)
-    serve(args.host, args.port)
+    serve(args.host, args.port, quiet=args.quiet)
 
 
 if __name__ == "__main__":

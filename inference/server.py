@@ -13,9 +13,10 @@ def default_address() -> tuple[str, int]:
     return url.hostname or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
 
 
-def serve(host: str, port: int) -> None:
+def serve(host: str, port: int, quiet: bool = False) -> None:
     """Serve the engine until interrupted (blocking). One process: the engine's thread owns
-    the models, so more uvicorn workers would each load them."""
+    the models, so more uvicorn workers would each load them. `quiet`: no access log and
+    only uvicorn's warnings and errors."""
     import logging
 
     import uvicorn
@@ -24,4 +25,5 @@ def serve(host: str, port: int) -> None:
 
     # As the API does: the engine's own lines (models loaded and unloaded, failed batches).
     logging.basicConfig(level=get_settings().log_level)
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(), host=host, port=port, log_level="warning" if quiet else "info",
+                access_log=not quiet)

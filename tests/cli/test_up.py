@@ -4,6 +4,7 @@ stops the whole stack, a child that dies takes the stack down with a message, `-
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -23,9 +24,12 @@ from tests.cli.conftest import clean_env
 class RunningUp:
     """A `tunery up` process, its console in a file."""
 
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, *args: str, **env: str) -> None:
         self.port = free_port()
-        self.env = clean_env(tmp_path / "data")
+        # The engine on a port of its own, not the default one another stack may hold.
+        self.engine_url = f"http://127.0.0.1:{free_port()}"
+        self.env = clean_env(tmp_path / "data", TUNERY_INFERENCE_ENGINE_URL=self.engine_url,
+                             **env)
         self.console = tmp_path / "console.txt"
         with self.console.open("wb") as out:
             self.proc = subprocess.Popen(tunery_command("up", "--port", str(self.port), *args),
@@ -102,8 +106,8 @@ def start_up(tmp_path: Path) -> Iterator[type[RunningUp]]:
     started: list[RunningUp] = []
 
     class Started(RunningUp):
-        def __init__(self, *args: str) -> None:
-            super().__init__(tmp_path, *args)
+        def __init__(self, *args: str, **env: str) -> None:
+            super().__init__(tmp_path, *args, **env)
             started.append(self)
 
     yield Started
@@ -118,12 +122,14 @@ def start_up(tmp_path: Path) -> Iterator[type[RunningUp]]:
                     os.kill(pid, signal.SIGKILL)
 
 
-def test_sigterm_to_tunery_up_stops_the_api_and_the_worker(start_up: type[RunningUp]) -> None:
+def test_sigterm_to_tunery_up_stops_the_api_the_worker_and_the_engine(
+        start_up: type[RunningUp]) -> None:
     up = start_up()
     up.wait_ready()
     up.wait_console_settled()
     children = up.current_children()
-    assert len(children) >= 2, up.console_text()  # the API and the worker
+    assert len(children) >= 3, up.console_text()  # the API, the worker and the engine
+    assert httpx.get(f"{up.engine_url}/health", timeout=5).status_code == 200
 
     up.proc.send_signal(signal.SIGTERM)
 
@@ -184,3 +190,29 @@ def test_up_on_every_address_warns_and_a_start_failure_is_one_line(
     assert "address already in use" in console
     assert "tunery up: could not start: the API exited with code" in console
     assert "Traceback" not in console
+
+
+def test_tunery_up_answers_chat_completions_through_its_engine(
+        start_up: type[RunningUp], tiny_model_dir: Path) -> None:
+    up = start_up(TUNERY_ALLOWED_LOCAL_DIRS=json.dumps([str(tiny_model_dir)]),
+                  TUNERY_INFERENCE_BASE_MODELS=json.dumps([str(tiny_model_dir)]))
+    up.wait_ready()
+    key = subprocess.run(tunery_command("keys", "create", "--name", "chat", "--quiet"),
+                         env=up.env, capture_output=True, text=True, check=True).stdout.strip()
+    answer = httpx.post(f"{up.base_url}/v1/chat/completions", timeout=120,
+                        headers={"Authorization": f"Bearer {key}"},
+                        json={"model": str(tiny_model_dir), "max_tokens": 4,
+                              "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] >= 1
+    assert "inference engine" in up.console_text()
+
+
+def test_no_inference_leaves_the_engine_out(start_up: type[RunningUp]) -> None:
+    up = start_up("--no-inference")
+    up.wait_ready()
+    up.wait_console_settled()
+    assert not any(b"inference" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                   for pid in up.current_children())
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{up.engine_url}/health", timeout=2)
