@@ -37,3 +37,48 @@ def test_monsterapi_client_launches_follows_and_terminates_jobs(
     assert any("loss" in line for line in logs)
     listed = {d["deployment_id"]: d["status"] for d in client.get_list_of_deployments()["items"]}
     assert listed == {deployment_id: "COMPLETED", second: "CANCELLED"}
+
+
+def test_monsterapi_client_deploys_a_completed_job_and_terminates_the_deployment(
+    tmp_path: Path, tiny_model_dir: Path, start_stack: Callable[..., LocalStack]
+) -> None:
+    env = stack_env(tmp_path / "data", [ASSETS_DIR, tiny_model_dir])
+    stack = start_stack(env)
+    client = monsterapi_client(api_key=create_key(env), base_url=f"{stack.base_url}/v1")
+    job_id = client.finetune(service="llm", params=tiny_payload(
+        tiny_model_dir, num_train_epochs=0.1))["deployment_id"]
+    deadline = time.monotonic() + 300
+    job = client.get_deployment_status(job_id)
+    while job["status"] not in ("COMPLETED", "FAILED") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        job = client.get_deployment_status(job_id)
+    assert job["status"] == "COMPLETED", job
+
+    # The README's QuickServe example, with the job as the adapter.
+    launched = client.deploy("llm", {
+        "basemodel_path": str(tiny_model_dir),
+        "loramodel_path": job_id,
+        "prompt_template": "{prompt}{completion}",
+        "api_auth_token": "b6a97d3b-35d0-4720-a44c-59ee33dbc25b",
+        "per_gpu_vram": 24,
+        "gpu_count": 1,
+        "deployment_name": "tiny-bot",
+    })
+    deployment_id = launched["deployment_id"]
+    assert deployment_id.startswith("dep-")
+    status = client.get_deployment_status(deployment_id)
+    assert (status["status"], status["deployment_name"]) == ("live", "tiny-bot")
+    assert status["URL"] == f"{stack.base_url}/v1/deployments/{deployment_id}"
+    assert status["job_id"] == job_id
+    logs = client.get_deployment_logs(deployment_id)["logs"]
+    assert [line.split(":")[0] for line in logs] == ["created", "live"]
+
+    listed = client.get_list_of_deployments()
+    assert [d["deployment_id"] for d in listed["deployments"]] == [deployment_id]
+    assert [j["job_id"] for j in listed["items"]] == [job_id]
+
+    assert client.terminate_deployment(deployment_id)["status"] == "TERMINATED"
+    assert client.get_deployment_status(deployment_id)["status"] == "TERMINATED"
+    assert client.get_deployment_logs(deployment_id)["logs"][-1].startswith("terminated:")
+    # The job behind it is untouched.
+    assert client.get_deployment_status(job_id)["status"] == "COMPLETED"
