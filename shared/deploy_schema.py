@@ -53,18 +53,19 @@ class DeployRequest(BaseModel):
         None, ge=1, le=1_048_576, strict=True,
         description="Context length in tokens (prompt and completion together) for this "
         "deployment's requests; left out: the base model's own.")
-    per_gpu_vram: int | None = Field(None, ge=1, le=100_000,
+    per_gpu_vram: int | None = Field(None, ge=1, le=100_000, strict=True,
                                      description=_IGNORED + "the engine's GPUs are the "
                                      "operator's.")
-    gpu_count: int | None = Field(None, ge=1, le=1024,
+    gpu_count: int | None = Field(None, ge=1, le=1024, strict=True,
                                   description=_IGNORED + "the engine's GPUs are the operator's.")
     api_auth_token: str | None = Field(
         None, max_length=1024,
         description=_IGNORED + "the endpoint takes the tenant's API key (Authorization: "
         "Bearer tun_…). Never stored.")
-    use_nightly: bool = Field(False, description=_IGNORED + "no image is built per deployment.")
-    multi_lora: bool = Field(False, description=_IGNORED + "the engine always serves many "
-                                                          "adapters on one base.")
+    use_nightly: bool = Field(False, strict=True,
+                              description=_IGNORED + "no image is built per deployment.")
+    multi_lora: bool = Field(False, strict=True, description=_IGNORED + "the engine always "
+                             "serves many adapters on one base.")
 
     def stored(self) -> dict[str, Any]:
         """The payload as a deployment keeps it: every field but the endpoint token."""

@@ -19,7 +19,7 @@ from shared import deployments, jobs
 router = APIRouter(prefix="/v1/deployments", tags=["openai: deployments"],
                    responses=OPENAI_AUTHENTICATED)
 
-DeploymentId = Annotated[str, Path(min_length=1, max_length=64)]
+DeploymentId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 
 
 @router.post("/{deployment_id}/chat/completions",
