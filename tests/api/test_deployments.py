@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from shared import jobs
 from shared.db import session_scope
+from shared.keys import create_api_key
 from shared.models import Deployment, JobStatus
 from shared.settings import get_settings
 from tests.api.conftest import new_key
@@ -159,6 +160,14 @@ def test_another_tenants_deployment_is_not_found_everywhere(app_client: TestClie
 
     app_client.headers["Authorization"] = f"Bearer {owner}"
     assert app_client.get(f"/v1/deploy/status/{deployment_id}").json()["status"] == "live"
+    # An operator's key reads and terminates every tenant's deployments, as it does jobs.
+    with session_scope() as session:
+        operator = create_api_key(session, "operator", admin=True).plaintext
+    app_client.headers["Authorization"] = f"Bearer {operator}"
+    listed = app_client.get("/v1/deploy/list").json()["deployments"]
+    assert [d["deployment_id"] for d in listed] == [deployment_id]
+    ended = app_client.post("/v1/deploy/terminate", json={"deployment_id": deployment_id})
+    assert ended.json()["status"] == "TERMINATED"
 
 
 @pytest.mark.parametrize(("fields", "status", "path", "words"), [
