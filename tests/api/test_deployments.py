@@ -149,7 +149,8 @@ def test_another_tenants_deployment_is_not_found_everywhere(app_client: TestClie
             app_client.get(f"/v1/deploy/logs/{target}"),
             app_client.post("/v1/deploy/terminate", json={"deployment_id": target}),
             app_client.post(f"/v1/deployments/{target}/chat/completions",
-                            json={"model": "m", "messages": []}),
+                            json={"model": "m", "messages": [{"role": "user",
+                                                              "content": "hi"}]}),
         ):
             assert answer.status_code == 404, answer.text
             assert target in answer.text
