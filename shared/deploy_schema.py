@@ -42,9 +42,9 @@ class DeployRequest(BaseModel):
         "(or a name TUNERY_OPENAI_MODEL_ALIASES maps to it). Left out: the job's base.")
     loramodel_path: str | None = Field(
         None, max_length=512,
-        description="The adapter to serve: the id of a COMPLETED fine-tuning job of yours (as "
-        "POST /v1/finetune/llm returned it, or `ftjob-…`). Hub ids and URLs are refused: this "
-        "server deploys its own jobs' adapters only.")
+        description="The adapter to serve: a COMPLETED fine-tuning job of yours, by its id (as "
+        "POST /v1/finetune/llm returned it, or `ftjob-…`) or its `ft:…` model name. Hub ids "
+        "and URLs are refused: this server deploys its own jobs' adapters only.")
     prompt_template: PromptTemplate = Field(
         DEFAULT_PROMPT_TEMPLATE, min_length=1, max_length=16384,
         description="Template with {column} placeholders, kept with the deployment as "

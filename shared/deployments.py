@@ -13,7 +13,6 @@ the row and its log stay readable.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 from sqlalchemy import select, update
@@ -33,8 +32,6 @@ from shared.served_models import adapter_name
 from shared.tenancy import Scope, newest_first, visible_to
 
 DEPLOYMENT_ID_PREFIX = "dep-"
-
-_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class DeploymentNotFound(LookupError):
@@ -62,22 +59,6 @@ class DeploymentRefused(Exception):
 def is_deployment_id(value: str) -> bool:
     """Whether `value` names a deployment rather than a job (which it then may not exist as)."""
     return value.startswith(DEPLOYMENT_ID_PREFIX)
-
-
-def adapter_job_id(loramodel_path: str | None) -> str:
-    """The job id a deploy payload's `loramodel_path` names, or `DeploymentRefused` (422)."""
-    value = (loramodel_path or "").strip()
-    if not value:
-        raise DeploymentRefused(
-            422, "loramodel_path", "loramodel_path is required: name the id of a COMPLETED "
-            "fine-tuning job of yours; this server deploys fine-tuned adapters, not bare base "
-            "models")
-    if _JOB_ID.fullmatch(value):
-        return value
-    raise DeploymentRefused(
-        422, "loramodel_path", f"{value[:200]!r} is not a Tunery job id: only the adapters of "
-        "this server's own fine-tuning jobs can be deployed here (a job id as POST "
-        "/v1/finetune/llm returned it); hub ids and URLs cannot, no model hub is reachable")
 
 
 def create_deployment(

@@ -12,10 +12,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from pydantic import Field
+from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import AUTHENTICATED, error_responses
-from api.openai.ids import job_id_of
+from api.inference.served import ModelNotFound, resolve_model
+from api.openai import ids
 from api.routes.finetune import (
     AfterLine,
     JobId,
@@ -37,6 +39,7 @@ from api.schemas import (
 from shared import deployments
 from shared.deploy_schema import DeployRequest
 from shared.models import Deployment
+from shared.settings import Settings
 
 router = APIRouter(prefix="/v1/deploy", tags=["monsterapi compatibility"],
                    responses=AUTHENTICATED)
@@ -51,11 +54,37 @@ def _view(deployment: Deployment, request: Request) -> DeploymentOut:
                      "(MonsterAPI's payload; loramodel_path names the job)")
 def deploy_llm(body: DeployRequest, request: Request, caller: TenantDep, session: SessionDep,
                settings: SettingsDep) -> DeploymentOut:
-    job_id = deployments.adapter_job_id(job_id_of((body.loramodel_path or "").strip()))
+    job_id = _adapter_job_id(session, caller.tenant_id, body.loramodel_path, settings)
     deployment = deployments.create_deployment(session, caller.tenant_id, body, job_id,
                                                settings.openai.model_aliases)
     session.commit()
     return _view(deployment, request)
+
+
+def _adapter_job_id(session: Session, tenant_id: str, loramodel_path: str | None,
+                    settings: Settings) -> str:
+    """The job a deploy payload's `loramodel_path` names: its id, bare or `ftjob-…`, or its
+    `fine_tuned_model` name (`ft:…`) as the OpenAI dialect shows it."""
+    value = (loramodel_path or "").strip()
+    if not value:
+        raise deployments.DeploymentRefused(
+            422, "loramodel_path", "loramodel_path is required: name the id of a COMPLETED "
+            "fine-tuning job of yours; this server deploys fine-tuned adapters, not bare base "
+            "models")
+    if value.startswith("ft:"):
+        try:
+            served = resolve_model(session, tenant_id, value, settings)
+        except ModelNotFound as exc:
+            raise deployments.DeploymentRefused(404, "loramodel_path", str(exc)) from None
+        if served.job_id is not None:
+            return served.job_id
+    job_id = ids.job_id_of(value)
+    if not ids.is_job_uuid(job_id):
+        raise deployments.DeploymentRefused(
+            422, "loramodel_path", f"{value[:200]!r} is not a Tunery job id: only the adapters "
+            "of this server's own fine-tuning jobs can be deployed here (a job id as POST "
+            "/v1/finetune/llm returned it); hub ids and URLs cannot, no model hub is reachable")
+    return job_id
 
 
 @router.get("/status/{deployment_id}",

@@ -219,3 +219,9 @@ def test_basemodel_path_may_be_left_out_or_name_an_alias_of_the_jobs_base(
     assert deploy(client, job_id, basemodel_path="smol")["basemodel_path"] == BASE
     openai_style = deploy(client, job_id, loramodel_path=f"ftjob-{job_id}")
     assert openai_style["job_id"] == job_id
+    fine_tuned = client.get(f"/v1/fine_tuning/jobs/ftjob-{job_id}").json()["fine_tuned_model"]
+    assert deploy(client, job_id, loramodel_path=fine_tuned)["job_id"] == job_id
+    unknown = client.post("/v1/deploy/llm", json=client_payload(
+        job_id, loramodel_path=fine_tuned[:-8] + "00000000"))
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["fields"][0]["path"] == "loramodel_path"
