@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from shared.datasets import DatasetNotFound, DatasetRejected, UploadRefused
+from shared.deployments import DeploymentNotFound, DeploymentRefused, DeploymentTerminated
 from shared.idempotency import HEADER as IDEMPOTENCY_HEADER
 from shared.idempotency import IdempotencyKeyRejected
 from shared.jobs import JobConflict, JobNotFound
@@ -66,6 +67,7 @@ _ERROR_DESCRIPTIONS = {
     403: "Not allowed",
     404: "No such object for this API key (another tenant's object answers the same)",
     409: "The object is in a state where this action is not possible",
+    410: "The object existed but is gone for this action (a terminated deployment)",
     413: "Request or dataset larger than this server accepts",
     415: "Unsupported content type",
     422: "Invalid request; `fields` names each problem",
@@ -143,7 +145,8 @@ def validation_fields(errors: Sequence[Any]) -> list[dict[str, str]]:
     return fields
 
 
-OPENAI_PATHS = ("/v1/files", "/v1/fine_tuning", "/v1/models", "/v1/chat/", "/v1/completions")
+OPENAI_PATHS = ("/v1/files", "/v1/fine_tuning", "/v1/models", "/v1/chat/", "/v1/completions",
+                "/v1/deployments")
 """Routes of the OpenAI dialect: their errors take OpenAI's shape and status codes."""
 
 _OPENAI_CODES = {"unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}
@@ -209,6 +212,22 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
         return error_response(request, 404, "not_found", f"no job with id {exc.args[0]}")
+
+    @app.exception_handler(DeploymentNotFound)
+    async def _no_deployment(request: Request, exc: DeploymentNotFound) -> JSONResponse:
+        return error_response(request, 404, "not_found", f"no deployment with id {exc.args[0]}")
+
+    @app.exception_handler(DeploymentTerminated)
+    async def _terminated(request: Request, exc: DeploymentTerminated) -> JSONResponse:
+        return error_response(request, 410, "deployment_terminated",
+                              f"deployment {exc.deployment.id} was terminated; deploy the job "
+                              "again (POST /v1/deploy/llm) for a new endpoint")
+
+    @app.exception_handler(DeploymentRefused)
+    async def _deploy_refused(request: Request, exc: DeploymentRefused) -> JSONResponse:
+        code = {404: "not_found", 409: "conflict"}.get(exc.status, "invalid_request")
+        return error_response(request, exc.status, code, exc.message,
+                              [{"path": exc.field, "message": exc.message}])
 
     @app.exception_handler(DatasetNotFound)
     async def _no_dataset(request: Request, exc: DatasetNotFound) -> JSONResponse:

@@ -21,6 +21,7 @@ from api.routes import (
     completions,
     datasets,
     deploy,
+    deployments,
     exports,
     files,
     fine_tuning,
@@ -74,6 +75,8 @@ def create_app() -> FastAPI:
     app.include_router(fine_tuning.router, dependencies=[RateLimited])
     app.include_router(models.router, dependencies=[RateLimited])
     app.include_router(completions.router, dependencies=[RateLimited])
+    # A deployment's endpoint: an OpenAI base URL per deployment (`POST /v1/deploy/llm`).
+    app.include_router(deployments.router, dependencies=[RateLimited])
     # Not rate limited as a whole: its PUT is authorized by the upload token, not a key.
     app.include_router(upload.router)
     install_limits(app)

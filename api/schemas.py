@@ -9,9 +9,21 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, Field
 
 from shared import datasets, token_preview
-from shared.models import Dataset, ExportStatus, Job, JobExport, JobLog, JobStatus, KeyRole
+from shared.models import (
+    Dataset,
+    Deployment,
+    DeploymentEvent,
+    DeploymentStatus,
+    ExportStatus,
+    Job,
+    JobExport,
+    JobLog,
+    JobStatus,
+    KeyRole,
+)
 from shared.payload_secrets import drop_secrets
 from shared.schema import ExportRequest, PromptTemplate
+from shared.served_models import adapter_name
 
 
 def _utc(moment: datetime) -> datetime:
@@ -209,6 +221,86 @@ class TerminateIn(BaseModel):
 
     deployment_id: str = Field(min_length=1, max_length=64)
     actor: str = Field("user", max_length=64)
+
+
+class DeploymentOut(BaseModel):
+    """A deployment (`POST /v1/deploy/llm`): a completed job's adapter behind an
+    OpenAI-compatible endpoint."""
+
+    deployment_id: str = Field(description="`dep-` and a uuid: never a job id.")
+    deployment_name: str = Field(description="The name given at deploy time, or the id.")
+    tenant_id: str
+    status: DeploymentStatus = Field(description="live: answers chat requests; TERMINATED: "
+                                                 "answers no more.")
+    URL: str = Field(description="The endpoint, MonsterAPI's name for it: an OpenAI base URL. "
+                                 "`OpenAI(base_url=URL, api_key=<your key>)` then "
+                                 "`chat.completions.create(model=<anything>, messages=...)`.")
+    job_id: str = Field(description="The job whose adapter it serves (loramodel_path).")
+    adapter: str = Field(description="The adapter's name at the inference engine.")
+    basemodel_path: str = Field(description="The job's base model.")
+    prompt_template: str
+    max_model_len: int | None = Field(description="Context length asked at deploy time; null: "
+                                                  "the base model's own.")
+    requests_served: int = Field(description="Chat requests the endpoint has answered.")
+    last_request_at: UtcDatetime | None
+    created_at: UtcDatetime
+    terminated_at: UtcDatetime | None
+    payload: dict[str, Any] = Field(description="The deploy payload as accepted, defaults "
+                                                "filled in, api_auth_token left out.")
+
+    @classmethod
+    def of(cls, deployment: Deployment, base_url: str) -> DeploymentOut:
+        """`base_url`: the API's own, as the client reached it (the request's)."""
+        return cls(
+            deployment_id=deployment.id,
+            deployment_name=deployment.name,
+            tenant_id=deployment.tenant_id,
+            status=DeploymentStatus(deployment.status),
+            URL=f"{base_url.rstrip('/')}/v1/deployments/{deployment.id}",
+            job_id=deployment.job_id,
+            adapter=adapter_name(deployment.job_id),
+            basemodel_path=deployment.base_model,
+            prompt_template=deployment.prompt_template,
+            max_model_len=deployment.max_model_len,
+            requests_served=deployment.requests_served,
+            last_request_at=deployment.last_request_at,
+            created_at=deployment.created_at,
+            terminated_at=deployment.terminated_at,
+            payload=deployment.payload,
+        )
+
+
+class DeploymentLineOut(BaseModel):
+    id: int = Field(description="Pass the last one seen as `after` to read only newer lines.")
+    at: UtcDatetime
+    line: str
+
+
+class DeploymentLogsOut(BaseModel):
+    deployment_id: str
+    status: DeploymentStatus
+    logs: list[str] = Field(description="The lines' text, as MonsterAPI clients read it: "
+                                        "created, live, terminated.")
+    lines: list[DeploymentLineOut] = Field(description="The same lines with id and time, "
+                                                       "oldest first.")
+    next_after: int = Field(description="The id of the last line here (with none, the `after` "
+                                        "asked for, or 0).")
+
+    @classmethod
+    def of(cls, deployment: Deployment, rows: Sequence[DeploymentEvent],
+           after: int | None) -> DeploymentLogsOut:
+        lines = [DeploymentLineOut(id=r.id, at=r.at, line=r.line) for r in rows]
+        return cls(deployment_id=deployment.id, status=DeploymentStatus(deployment.status),
+                   logs=[line.line for line in lines], lines=lines,
+                   next_after=lines[-1].id if lines else after or 0)
+
+
+class DeployList(JobList):
+    """`GET /v1/deploy/list`: the jobs, as MonsterAPI's client lists them, and beside them
+    the deployments, paged by the same limit and offset."""
+
+    deployments: list[DeploymentOut]
+    deployments_total: int
 
 
 class DatasetOut(BaseModel):

@@ -251,3 +251,54 @@ class JobExport(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DeploymentStatus(enum.StrEnum):
+    """A deployment's state, in MonsterAPI's words (its client and docs write them so)."""
+
+    LIVE = "live"
+    """Answers chat requests: the engine loads the adapter from storage on the first one."""
+    TERMINATED = "TERMINATED"
+    """Terminated by its tenant; it answers no more requests, and stays readable."""
+
+
+class Deployment(Base):
+    """A completed job's adapter bound to an endpoint (`POST /v1/deploy/llm`).
+
+    Nothing runs per deployment: the inference engine serves every job's adapter by name
+    (`shared.served_models.adapter_name`), so a deployment is the binding and its defaults.
+    """
+
+    __tablename__ = "deployments"
+    __table_args__ = (Index("ix_deployments_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    base_model: Mapped[str] = mapped_column(String(512))
+    prompt_template: Mapped[str] = mapped_column(Text)
+    # The context length asked for (MonsterAPI's max_model_len); None: the base model's own.
+    max_model_len: Mapped[int | None] = mapped_column(Integer, default=None)
+    status: Mapped[str] = mapped_column(String(16), default=DeploymentStatus.LIVE.value)
+    # The deploy payload as accepted, the fields this server ignores included, the endpoint
+    # token left out (`shared.deploy_schema.DeployRequest.stored`).
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    requests_served: Mapped[int] = mapped_column(Integer, default=0)
+    last_request_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    terminated_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DeploymentEvent(Base):
+    """One line of a deployment's log: created, live, terminated."""
+
+    __tablename__ = "deployment_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[str] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), index=True
+    )
+    line: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(default=utcnow)

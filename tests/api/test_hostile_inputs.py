@@ -427,6 +427,10 @@ def test_a_wrong_json_type_in_every_field_is_a_422_naming_it(server: Server) -> 
         lambda p, v: lambda c: server.post("/v1/deploy/terminate",
                                            with_value(p, v, {"deployment_id": "x"})))
     probes += wrong_type_probes(
+        server, schema, "DeployRequest",
+        lambda p, v: lambda c: server.post("/v1/deploy/llm",
+                                           with_value(p, v, {"loramodel_path": server.done_job})))
+    probes += wrong_type_probes(
         server, schema, "PreviewIn",
         lambda p, v: lambda c: server.post(f"/v1/datasets/{server.dataset}/preview",
                                            with_value(p, v, {"prompt_template": "{output}"})))

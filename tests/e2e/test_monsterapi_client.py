@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import pytest
 from monsterapi import client as monsterapi_client
+from openai import APIStatusError, OpenAI
 
-from cli.local_stack import LocalStack
+from cli.local_stack import LocalStack, free_port, wait_until_answers
+from shared.settings import PROJECT_ROOT
 from tests.conftest import ASSETS_DIR
 from tests.e2e.conftest import create_key, stack_env, tiny_payload
 
@@ -37,3 +44,95 @@ def test_monsterapi_client_launches_follows_and_terminates_jobs(
     assert any("loss" in line for line in logs)
     listed = {d["deployment_id"]: d["status"] for d in client.get_list_of_deployments()["items"]}
     assert listed == {deployment_id: "COMPLETED", second: "CANCELLED"}
+
+
+@contextmanager
+def embedded_engine(env: dict[str, str], log_dir: Path) -> Iterator[str]:
+    """`python -m inference` on a free port of 127.0.0.1, reading the stack's storage; its
+    URL."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / "engine.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "inference", "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=PROJECT_ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_answers(f"{url}/health", proc, name="the inference engine", timeout_s=120)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_monsterapi_client_deploys_a_completed_job_and_terminates_the_deployment(
+    tmp_path: Path, tiny_model_dir: Path, start_stack: Callable[..., LocalStack]
+) -> None:
+    env = stack_env(tmp_path / "data", [ASSETS_DIR, tiny_model_dir],
+                    TUNERY_RATE_LIMIT_PER_MINUTE="0")
+    with embedded_engine(env, tmp_path / "logs") as engine_url:
+        env["TUNERY_INFERENCE_ENGINE_URL"] = engine_url
+        stack = start_stack(env)
+        deploy_and_chat(stack, create_key(env), tiny_model_dir)
+
+
+def deploy_and_chat(stack: LocalStack, key: str, tiny_model_dir: Path) -> None:
+    client = monsterapi_client(api_key=key, base_url=f"{stack.base_url}/v1")
+    job_id = client.finetune(service="llm", params=tiny_payload(
+        tiny_model_dir, num_train_epochs=0.1))["deployment_id"]
+    deadline = time.monotonic() + 300
+    job = client.get_deployment_status(job_id)
+    while job["status"] not in ("COMPLETED", "FAILED") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        job = client.get_deployment_status(job_id)
+    assert job["status"] == "COMPLETED", job
+
+    # The README's QuickServe example, with the job as the adapter.
+    launched = client.deploy("llm", {
+        "basemodel_path": str(tiny_model_dir),
+        "loramodel_path": job_id,
+        "prompt_template": "{prompt}{completion}",
+        "api_auth_token": "b6a97d3b-35d0-4720-a44c-59ee33dbc25b",
+        "per_gpu_vram": 24,
+        "gpu_count": 1,
+        "deployment_name": "tiny-bot",
+    })
+    deployment_id = launched["deployment_id"]
+    assert deployment_id.startswith("dep-")
+    status = client.get_deployment_status(deployment_id)
+    assert (status["status"], status["deployment_name"]) == ("live", "tiny-bot")
+    assert status["URL"] == f"{stack.base_url}/v1/deployments/{deployment_id}"
+    assert status["job_id"] == job_id
+    logs = client.get_deployment_logs(deployment_id)["logs"]
+    assert [line.split(":")[0] for line in logs] == ["created", "live"]
+
+    # The URL is an OpenAI base URL: the real engine answers with the job's adapter, the same
+    # greedy answer the job gives through /v1/chat/completions, under the name asked.
+    question: list[Any] = [{"role": "user", "content": "What is 2 plus 3?"}]
+    deployed = OpenAI(base_url=status["URL"], api_key=key, max_retries=0)
+    answer = deployed.chat.completions.create(model="tiny-bot", messages=question,
+                                              max_tokens=8, temperature=0)
+    direct = OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+    expected = direct.chat.completions.create(model=job_id, messages=question, max_tokens=8,
+                                              temperature=0)
+    assert answer.model == "tiny-bot"
+    assert answer.usage is not None and answer.usage.completion_tokens > 0
+    assert answer.choices[0].message.content == expected.choices[0].message.content
+    assert client.get_deployment_status(deployment_id)["requests_served"] == 1
+
+    listed = client.get_list_of_deployments()
+    assert [d["deployment_id"] for d in listed["deployments"]] == [deployment_id]
+    assert [j["job_id"] for j in listed["items"]] == [job_id]
+
+    assert client.terminate_deployment(deployment_id)["status"] == "TERMINATED"
+    assert client.get_deployment_status(deployment_id)["status"] == "TERMINATED"
+    assert client.get_deployment_logs(deployment_id)["logs"][-1].startswith("terminated:")
+    with pytest.raises(APIStatusError) as gone:
+        deployed.chat.completions.create(model="tiny-bot", messages=question, max_tokens=8)
+    assert gone.value.status_code == 410
+    # The job behind it is untouched.
+    assert client.get_deployment_status(job_id)["status"] == "COMPLETED"

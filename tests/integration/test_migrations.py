@@ -15,7 +15,7 @@ from shared.models import Base
 
 TABLES = {
     "tenants", "api_keys", "jobs", "job_events", "job_logs", "job_metrics", "datasets",
-    "idempotency_keys",
+    "idempotency_keys", "deployments", "deployment_events",
 }
 
 
