@@ -36,8 +36,8 @@ def stack_env(data_dir: Path, allowed: list[Path], **overrides: str) -> dict[str
 def start_stack(tmp_path: Path) -> Iterator[Callable[..., LocalStack]]:
     stacks: list[LocalStack] = []
 
-    def start(env: dict[str, str]) -> LocalStack:
-        stack = LocalStack(env=env, log_dir=tmp_path / "logs")
+    def start(env: dict[str, str], **options: Any) -> LocalStack:
+        stack = LocalStack(env=env, log_dir=tmp_path / "logs", **options)
         stacks.append(stack)
         return stack.__enter__()
 

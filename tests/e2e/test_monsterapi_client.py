@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +11,7 @@ import pytest
 from monsterapi import client as monsterapi_client
 from openai import APIStatusError, OpenAI
 
-from cli.local_stack import LocalStack, free_port, wait_until_answers
-from shared.settings import PROJECT_ROOT
+from cli.local_stack import LocalStack, free_port
 from tests.conftest import ASSETS_DIR
 from tests.e2e.conftest import create_key, stack_env, tiny_payload
 
@@ -46,38 +42,13 @@ def test_monsterapi_client_launches_follows_and_terminates_jobs(
     assert listed == {deployment_id: "COMPLETED", second: "CANCELLED"}
 
 
-@contextmanager
-def embedded_engine(env: dict[str, str], log_dir: Path) -> Iterator[str]:
-    """`python -m inference` on a free port of 127.0.0.1, reading the stack's storage; its
-    URL."""
-    port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with (log_dir / "engine.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "inference", "--host", "127.0.0.1",
-                                 "--port", str(port)], cwd=PROJECT_ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_answers(f"{url}/health", proc, name="the inference engine", timeout_s=120)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def test_monsterapi_client_deploys_a_completed_job_and_terminates_the_deployment(
     tmp_path: Path, tiny_model_dir: Path, start_stack: Callable[..., LocalStack]
 ) -> None:
     env = stack_env(tmp_path / "data", [ASSETS_DIR, tiny_model_dir],
                     TUNERY_RATE_LIMIT_PER_MINUTE="0")
-    with embedded_engine(env, tmp_path / "logs") as engine_url:
-        env["TUNERY_INFERENCE_ENGINE_URL"] = engine_url
-        stack = start_stack(env)
-        deploy_and_chat(stack, create_key(env), tiny_model_dir)
+    stack = start_stack(env, inference=True, engine_port=free_port())
+    deploy_and_chat(stack, create_key(stack.env), tiny_model_dir)
 
 
 def deploy_and_chat(stack: LocalStack, key: str, tiny_model_dir: Path) -> None:
