@@ -4,6 +4,7 @@ the demo and e2e tests."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ QUIET_ENV = {
 EVERY_ADDRESS = ("0.0.0.0", "::")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ENGINE_URL_VARIABLE = "TUNERY_INFERENCE_ENGINE_URL"
+ENGINE_TOKEN_VARIABLE = "TUNERY_INFERENCE_ENGINE_TOKEN"
 
 
 def wait_until_answers(url: str, process: subprocess.Popen[bytes], *, name: str,
@@ -120,6 +122,11 @@ class LocalStack:
             embedded_engine_port(env) if inference else None)
         if inference and engine_port:
             env[ENGINE_URL_VARIABLE] = f"http://127.0.0.1:{engine_port}"
+        if self.engine_port is not None and not env.get(ENGINE_TOKEN_VARIABLE):
+            # The engine trusts whoever calls it to have checked the tenant: without a token,
+            # any local user could ask it for another tenant's adapter by name. The API and
+            # the engine share this one, made for this run.
+            env[ENGINE_TOKEN_VARIABLE] = secrets.token_urlsafe(32)
         self.env = {**QUIET_ENV, **env} if quiet else env
         self.port = port or free_port()
         self.host = host

@@ -130,6 +130,11 @@ def test_sigterm_to_tunery_up_stops_the_api_the_worker_and_the_engine(
     children = up.current_children()
     assert len(children) >= 3, up.console_text()  # the API, the worker and the engine
     assert httpx.get(f"{up.engine_url}/health", timeout=5).status_code == 200
+    # The engine wants the token tunery up made for this run: no local user can ask it for a
+    # tenant's adapter around the API.
+    refused = httpx.post(f"{up.engine_url}/v1/chat/completions", timeout=5,
+                         json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+    assert refused.status_code == 401
 
     up.proc.send_signal(signal.SIGTERM)
 
