@@ -1,10 +1,12 @@
-"""`tunery demo`: one real fine-tuning job through the HTTP API on the embedded stack.
+"""`tunery demo`: one real fine-tuning job through the HTTP API on the embedded stack, then
+the model it trained, called.
 
-It starts the API and a worker as child processes (SQLite, the SQLite broker, local storage
-under `<data dir>/demo`, a data dir of its own that each run starts afresh), creates a key,
-submits a MonsterAPI payload that fine-tunes SmolLM2-135M-Instruct on the bundled instruction
-dataset, follows the job, downloads the adapter through the API and shows the base and the
-fine-tuned model's answers side by side.
+It starts the API, a worker and the inference engine as child processes (SQLite, the SQLite
+broker, local storage under `<data dir>/demo`, a data dir of its own that each run starts
+afresh), creates a key, submits a MonsterAPI payload that fine-tunes SmolLM2-135M-Instruct on
+the bundled conversations (chat mode: the model's own chat template), follows the job,
+downloads the adapter through the API, and asks the base and the fine-tuned model the same
+questions through `POST /v1/chat/completions`, side by side.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from typing import Any
 
 import httpx
 
-from cli.local_stack import LocalStack
+from cli.local_stack import LocalStack, free_port
 from cli.process_commands import tunery_command
+from shared.dataset_columns import MESSAGES_COLUMN
 from shared.private_files import make_private_dir
 from shared.settings import get_settings
-from worker.assets.build_dataset import DATASET_PATH
+from worker.assets.build_dataset import CHAT_DATASET_PATH, as_conversation
 
 # Written into the folder the demo creates: only a folder holding it is ever deleted.
 DEMO_MARKER = ".tunery-demo"
@@ -74,9 +77,11 @@ def demo_payload(model_dir: Path, tiny: bool) -> dict[str, Any]:
             "lora_dropout": 0.05,
         },
         "data_config": {
-            "data_path": str(DATASET_PATH),
+            "data_path": str(CHAT_DATASET_PATH),
             "data_subset": "default",
-            "prompt_template": TEMPLATE,
+            # Chat mode: conversations rendered by the model's chat template, the format
+            # /v1/chat/completions asks the served model in.
+            "prompt_template": "{" + MESSAGES_COLUMN + "}",
             "cutoff_len": 256,
             "data_split_config": {"train": 0.9, "validation": 0.1},
         },
@@ -129,7 +134,24 @@ def download(client: httpx.Client, job_id: str, dest: Path) -> int:
     return total
 
 
+def served_answers(client: httpx.Client, base: str, tuned: str) -> list[tuple[str, str, str]]:
+    """(question, base answer, fine-tuned answer) for each of QUESTIONS, greedy, as the
+    served models give them through /v1/chat/completions."""
+
+    def ask(model: str, question: tuple[str, str]) -> str:
+        user = as_conversation({"instruction": question[0], "input": question[1],
+                                "output": ""})["messages"][0]
+        answer = client.post("/v1/chat/completions", json={
+            "model": model, "messages": [user], "max_tokens": 48, "temperature": 0})
+        answer.raise_for_status()
+        return str(answer.json()["choices"][0]["message"]["content"]).strip()
+
+    return [(f"{q} {i}".strip(), ask(base, (q, i)), ask(tuned, (q, i))) for q, i in QUESTIONS]
+
+
 def answers(model_dir: Path, adapter_dir: Path) -> list[tuple[str, str, str]]:
+    """(question, base, fine-tuned) greedy answers through the alpaca TEMPLATE, from the
+    model and adapter files themselves (no service)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,11 +201,15 @@ def run_demo(tiny: bool = False) -> int:
     env.update(
         {
             "TUNERY_DATA_DIR": str(demo_dir),
-            "TUNERY_ALLOWED_LOCAL_DIRS": json.dumps([str(DATASET_PATH.parent), str(models_dir)]),
+            "TUNERY_ALLOWED_LOCAL_DIRS": json.dumps([str(CHAT_DATASET_PATH.parent),
+                                                     str(models_dir)]),
+            # The base is offered for inference too, to compare with.
+            "TUNERY_INFERENCE_BASE_MODELS": json.dumps([str(model_dir)]),
         }
     )
-    print(f"2/5 starting the embedded stack (API + worker) under {demo_dir}")
-    with LocalStack(env=env, log_dir=demo_dir / "logs") as stack:
+    print(f"2/5 starting the embedded stack (API, worker, inference engine) under {demo_dir}")
+    with LocalStack(env=env, log_dir=demo_dir / "logs", inference=True,
+                    engine_port=free_port()) as stack:
         key = create_key(env)
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=stack.base_url, headers=headers, timeout=60) as client:
@@ -203,8 +229,9 @@ def run_demo(tiny: bool = False) -> int:
             print(f"4/5 downloading the adapter through the API to {adapter_dir}")
             size = download(client, job_id, adapter_dir)
             metrics = client.get(f"/v1/finetune/llm/{job_id}/metrics").json()["metrics"]
-    print("5/5 loading the adapter with PeftModel.from_pretrained and comparing answers")
-    rows = answers(model_dir, adapter_dir)
+            print(f"5/5 asking the base and the fine-tuned model through POST "
+                  f"{stack.base_url}/v1/chat/completions (model: {job_id})")
+            rows = served_answers(client, str(model_dir), job_id)
     print_side_by_side(rows)
     result = job["result"]
     adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
