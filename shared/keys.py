@@ -79,7 +79,9 @@ def authenticate(session: Session, plaintext: str) -> ApiKey | None:
 
 def record_use(session: Session, key: ApiKey) -> bool:
     """Set the key's `last_used_at` to now, unless it was set less than
-    `LAST_USED_RESOLUTION_S` ago; True when it wrote (the caller commits).
+    `LAST_USED_RESOLUTION_S` ago; True when it ran the UPDATE: the caller commits, which also
+    ends the write transaction when a concurrent request wrote first and this one changed
+    nothing (on SQLite an open write transaction locks the database for everyone).
 
     Most requests write nothing, so reads stay reads: no lock, no WAL growth, no contention
     on the key's row between concurrent requests. The UPDATE is conditional, so concurrent
@@ -90,14 +92,14 @@ def record_use(session: Session, key: ApiKey) -> bool:
     last = key.last_used_at
     if last is not None and (last if last.tzinfo else last.replace(tzinfo=UTC)) >= cutoff:
         return False
-    written = session.execute(
+    session.execute(
         update(ApiKey)
         .where(ApiKey.id == key.id,
                or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < cutoff))
         .values(last_used_at=now),
         execution_options={"synchronize_session": False},
     )
-    return written.rowcount == 1  # type: ignore[attr-defined]
+    return True
 
 
 @dataclass(frozen=True)

@@ -137,3 +137,31 @@ def test_last_used_is_written_at_most_once_a_minute(
     assert client.get(URL).status_code == 200
     assert last_used() > first
     assert len(key_writes) == 1
+
+
+def test_a_request_that_lost_the_race_to_write_last_used_leaves_no_write_lock(
+    client: TestClient,
+) -> None:
+    """Two requests read the key's old last_used_at; the first writes it, the second's UPDATE
+    changes nothing. The second must still end its write transaction, or on SQLite every
+    other writer waits behind it until its session closes."""
+    from shared.db import session_factory
+    from shared.keys import record_use
+
+    assert client.get(URL).status_code == 200
+    with session_scope() as session:
+        session.execute(update(ApiKey).values(
+            last_used_at=utcnow() - timedelta(seconds=LAST_USED_RESOLUTION_S + 1)))
+    first, second = session_factory()(), session_factory()()
+    try:
+        key_first = first.scalars(select(ApiKey)).one()
+        key_second = second.scalars(select(ApiKey)).one()
+        assert record_use(first, key_first)
+        first.commit()
+        # What get_caller does with the answer: commit when the UPDATE ran.
+        if record_use(second, key_second):
+            second.commit()
+        assert not second.in_transaction()
+    finally:
+        first.close()
+        second.close()
