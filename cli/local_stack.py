@@ -59,6 +59,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on `port`. SO_REUSEADDR as uvicorn binds: a port that only
+    has connections of an earlier server in TIME_WAIT is free."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def local_url(host: str, port: int) -> str:
     """The URL a client on this machine reaches an API bound to `host` at."""
     if host in EVERY_ADDRESS:
@@ -165,6 +177,12 @@ class LocalStack:
         It loads models on first use, so it is ready as soon as it answers."""
         if self.engine_port is None:
             return
+        # A program already listening there would answer the health check, and then get the
+        # engine's token and every tenant's prompts: the port must be free, not merely answer.
+        if not port_is_free(self.engine_port):
+            raise RuntimeError(
+                f"127.0.0.1:{self.engine_port}, the inference engine's port, is taken by another "
+                f"program; stop it, or point {ENGINE_URL_VARIABLE} at a free port")
         quiet = ["--quiet"] if self.quiet else []
         self.engine = self._spawn("inference", tunery_command(
             "inference", "--host", "127.0.0.1", "--port", str(self.engine_port), *quiet))

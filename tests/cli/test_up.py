@@ -27,7 +27,8 @@ class RunningUp:
     def __init__(self, tmp_path: Path, *args: str, **env: str) -> None:
         self.port = free_port()
         # The engine on a port of its own, not the default one another stack may hold.
-        self.engine_url = f"http://127.0.0.1:{free_port()}"
+        self.engine_url = (env.pop("TUNERY_INFERENCE_ENGINE_URL", "")
+                           or f"http://127.0.0.1:{free_port()}")
         self.env = clean_env(tmp_path / "data", TUNERY_INFERENCE_ENGINE_URL=self.engine_url,
                              **env)
         self.console = tmp_path / "console.txt"
@@ -221,3 +222,15 @@ def test_no_inference_leaves_the_engine_out(start_up: type[RunningUp]) -> None:
                    for pid in up.current_children())
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{up.engine_url}/health", timeout=2)
+
+
+def test_a_program_on_the_engines_port_stops_tunery_up_before_it_gets_a_prompt(
+        start_up: type[RunningUp]) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        up = start_up(TUNERY_INFERENCE_ENGINE_URL=f"http://127.0.0.1:{port}")
+        assert up.proc.wait(timeout=60) == 1
+    console = up.console_text()
+    assert f"127.0.0.1:{port}" in console and "taken by another program" in console
