@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -119,10 +120,16 @@ OPENAI_AUTHENTICATED = openai_error_responses(400, 401, 429, 500, 503)
 limit); set on the routers."""
 
 
+# What pydantic puts in an error's location for the member of a union (`str | list[str]`)
+# or a validator that refused the value: a type, never a field the client sent.
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|bytes|none|[a-z_-]+\[.*\]|[A-Z][A-Za-z0-9]*)")
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
+    parts = [p for p in parts if not _UNION_MEMBER.fullmatch(p)]
     return ".".join(parts) or "body"
 
 

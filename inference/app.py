@@ -52,7 +52,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if owned:
                 running.stop()
 
-    app = FastAPI(title="Tunery inference engine", lifespan=lifespan)
+    # No /docs or /openapi.json: only /health answers without the engine's token.
+    app = FastAPI(title="Tunery inference engine", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
     app.state.engine = running
     app.state.settings = settings
     _add_error_handlers(app)

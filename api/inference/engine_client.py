@@ -26,6 +26,9 @@ log = logging.getLogger("tunery.api.inference")
 # An engine's error body is read, at most this much, to pass its message on.
 _MAX_ERROR_BYTES = 64 * 1024
 _SSE_DATA = b"data: "
+_BROKEN_STREAM = _SSE_DATA + json.dumps({"error": {
+    "message": "the inference engine stopped before the answer was complete; retry",
+    "type": "server_error", "param": None, "code": "engine_error"}}).encode() + b"\n\n"
 
 
 def engine_url(settings: Settings, base: str) -> str:
@@ -84,14 +87,20 @@ async def stream(settings: Settings, served: ServedModel, route: str,
         raise _engine_error(served, url, response.status_code, content)
 
     async def events() -> AsyncIterator[bytes]:
+        finished = False
         try:
             async for line in response.aiter_lines():
+                finished = finished or line == "data: [DONE]"
                 yield _renamed_event(line.encode(), served.name) + b"\n"
         except httpx.HTTPError as exc:
             log.warning("engine stream for %s broke off: %s", served.engine_model, exc)
         finally:
             await response.aclose()
             await client.aclose()
+        if not finished:
+            # An answer cut short must not read as a complete one: OpenAI's clients raise on
+            # an error event, and there is no [DONE] after it.
+            yield _BROKEN_STREAM
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -57,8 +57,15 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=256)
     tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = Field(None, max_length=256)
+    tool_call_id: str | None = Field(None, max_length=256, validate_default=True)
     refusal: str | None = None
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, call_id: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not call_id:
+            raise ValueError("a message of role 'tool' needs the tool_call_id it answers")
+        return call_id
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -37,6 +37,7 @@ class RecordingEngine:
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict[str, Any], dict[str, str]]] = []
         self.reply: tuple[int, Any] | None = None
+        self.cut_stream = False
         app = FastAPI()
 
         @app.post("/v1/{route:path}")
@@ -48,7 +49,8 @@ class RecordingEngine:
                 return JSONResponse(content, status) if not isinstance(content, bytes) \
                     else Response(content, status)
             if body.get("stream"):
-                return StreamingResponse(self._chunks(body), media_type="text/event-stream")
+                return StreamingResponse(self._chunks(body, self.cut_stream),
+                                         media_type="text/event-stream")
             return JSONResponse({"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
                                  "model": body["model"], "choices": [{
                                      "index": 0, "finish_reason": "stop", "message": {
@@ -59,12 +61,14 @@ class RecordingEngine:
         self.app = app
 
     @staticmethod
-    async def _chunks(body: dict[str, Any]) -> Any:
+    async def _chunks(body: dict[str, Any], cut: bool) -> Any:
         for text in ("hel", "lo"):
             chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
                      "model": body["model"], "choices": [
                          {"index": 0, "delta": {"content": text}, "finish_reason": None}]}
             yield f"data: {json.dumps(chunk)}\n\n"
+            if cut:  # as an engine killed mid-answer: no [DONE]
+                return
         yield "data: [DONE]\n\n"
 
 
@@ -272,4 +276,34 @@ def test_a_base_served_elsewhere_goes_to_its_own_engine(
                        json.dumps({MODEL: f"http://127.0.0.1:{_free_port()}"}))
     get_settings.cache_clear()
     assert chat(client, MODEL).status_code == 503
+    assert engine.requests == []
+
+
+def test_a_stream_the_engine_cuts_short_ends_with_an_error_event_not_done(
+        client: TestClient, engine: RecordingEngine) -> None:
+    engine.cut_stream = True
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert "data: [DONE]" not in lines
+    error = json.loads(lines[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "engine_error" and error["type"] == "server_error"
+    assert json.loads(lines[0].removeprefix("data: "))["choices"][0]["delta"]["content"] == "hel"
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("/v1/completions", {"prompt": [1, 2]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]},
+     "messages.0.tool_call_id"),
+])
+def test_the_param_named_is_the_field_sent_not_a_type_of_it(
+        client: TestClient, engine: RecordingEngine, route: str, body: dict[str, Any],
+        param: str) -> None:
+    answer = client.post(route, json={"model": MODEL, **body})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
     assert engine.requests == []

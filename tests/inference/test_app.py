@@ -248,6 +248,9 @@ def test_engine_token_guards_every_route_but_health(
     ok = {"Authorization": "Bearer s3cret"}
     assert client.post("/v1/completions", json=request, headers=ok).status_code == 200
     assert client.get("/v1/models", headers=ok).status_code == 200
+    # Nor does the engine describe itself to whoever asks.
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == 404, path
 
 
 def test_bases_beyond_max_bases_unload_least_recently_used(
