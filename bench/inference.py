@@ -57,6 +57,7 @@ from bench.common.machine import (  # noqa: E402
     write_results,
 )
 from bench.common.models import prepare_model  # noqa: E402
+from cli.local_stack import wait_until_answers  # noqa: E402
 
 PROMPTS = [
     "### Instruction: Name three primary colors and say what mixing two of them gives.\n"
@@ -152,18 +153,10 @@ def engine_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
             cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the engine exited with {proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the engine did not start; see {log_path}")
-            time.sleep(0.2)
+        try:
+            wait_until_answers(f"{url}/health", proc, name="the engine", timeout_s=300)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}; see {log_path}") from None
         yield url
     finally:
         proc.terminate()

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.local_stack import wait_until_answers
 from shared.settings import PROJECT_ROOT
 
 TOKEN = "engine-test-token"
@@ -37,16 +38,10 @@ def engine_process(engine_env: Path, tmp_path: Path,
             cwd=PROJECT_ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
+        try:
+            wait_until_answers(f"{url}/health", proc, name="the engine", timeout_s=120)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}:\n{log_path.read_text()}") from None
         yield url
     finally:
         proc.terminate()
