@@ -331,6 +331,25 @@ class InferenceSettings(BaseModel):
     )
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus: who may read the API's /metrics, and where each worker serves its own."""
+
+    token: SecretStr | None = Field(
+        None, description="Bearer token GET /metrics requires (Prometheus' "
+        "authorization.credentials). Unset: /metrics answers only clients on this machine "
+        "(a loopback address), since its job counts span every tenant."
+    )
+    worker_port: int = Field(
+        0, ge=0, le=65535, description="Port on which each worker process serves its own "
+        "Prometheus /metrics (jobs, phases, tokens/s, leases, GPU memory). 0: not served."
+    )
+    worker_host: str = Field(
+        "127.0.0.1", description="Address the worker's /metrics listens on; 0.0.0.0 for a "
+        "Prometheus on another host or container. It needs no key: it says nothing of a "
+        "tenant."
+    )
+
+
 GROUPS: dict[str, type[BaseModel]] = {
     "database": DatabaseSettings,
     "broker": BrokerSettings,
@@ -341,6 +360,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "training": TrainingSettings,
     "openai": OpenAISettings,
     "inference": InferenceSettings,
+    "metrics": MetricsSettings,
 }
 
 # Flat name (as in `TUNERY_<NAME>` and in keyword arguments) -> (group, field). Every grouped
@@ -361,6 +381,9 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
        for name in GROUPS[group].model_fields},
     **{f"openai_{name}": ("openai", name) for name in OpenAISettings.model_fields},
     **{f"inference_{name}": ("inference", name) for name in InferenceSettings.model_fields},
+    "metrics_token": ("metrics", "token"),
+    "worker_metrics_port": ("metrics", "worker_port"),
+    "worker_metrics_host": ("metrics", "worker_host"),
 }
 
 
@@ -388,6 +411,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(

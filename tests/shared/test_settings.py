@@ -88,6 +88,9 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "inference_adapter_memory_mb": ("256", 256),
     "inference_max_bases": ("2", 2),
     "inference_max_batch_size": ("16", 16),
+    "metrics_token": ("scrape-secret", SecretStr("scrape-secret")),
+    "worker_metrics_port": ("9101", 9101),
+    "worker_metrics_host": ("0.0.0.0", "0.0.0.0"),
 }
 
 
