@@ -17,6 +17,8 @@ from api.errors import install_error_handlers
 from api.limits.auth_failures import FailedAuthLimiter
 from api.limits.body import RequestBodyLimit
 from api.limits.rate import RateLimiter
+from api.metrics.http import RequestMetrics
+from api.metrics.processes import forget_this_process
 from api.routes import (
     completions,
     datasets,
@@ -28,6 +30,7 @@ from api.routes import (
     finetune,
     health,
     me,
+    metrics,
     models,
     upload,
 )
@@ -50,6 +53,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     except Exception:  # noqa: BLE001 - the API serves without a broker; jobs wait as QUEUED
         logging.getLogger("tunery.api").exception("could not declare the training queue")
     yield
+    forget_this_process()
 
 
 def create_app() -> FastAPI:
@@ -65,6 +69,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     install_access_log_filter()
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(finetune.router, dependencies=[RateLimited])
     app.include_router(exports.router, dependencies=[RateLimited])
     app.include_router(deploy.router, dependencies=[RateLimited])
@@ -80,6 +85,8 @@ def create_app() -> FastAPI:
     # Not rate limited as a whole: its PUT is authorized by the upload token, not a key.
     app.include_router(upload.router)
     install_limits(app)
+    # Last, so outermost: the limits' own answers (413, 415) are counted too.
+    app.add_middleware(RequestMetrics, routes=app.router.routes)
     return app
 
 

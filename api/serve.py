@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import socket
 
+from api.metrics.processes import metric_files_for
+
 APP = "api.main:app"
 
 
@@ -34,9 +36,10 @@ def serve(host: str, port: int, workers: int = 1, quiet: bool = False) -> None:
     from uvicorn.supervisors import Multiprocess
 
     log_level = "warning" if quiet else "info"
-    if workers <= 1:
-        uvicorn.run(APP, host=host, port=port, log_level=log_level, access_log=not quiet)
-        return
-    config = uvicorn.Config(APP, host=host, port=port, workers=workers, log_level=log_level,
-                            access_log=not quiet)
-    Multiprocess(config, sockets=[bind_tcp_listener(config)]).run()
+    with metric_files_for(workers):
+        if workers <= 1:
+            uvicorn.run(APP, host=host, port=port, log_level=log_level, access_log=not quiet)
+            return
+        config = uvicorn.Config(APP, host=host, port=port, workers=workers,
+                                log_level=log_level, access_log=not quiet)
+        Multiprocess(config, sockets=[bind_tcp_listener(config)]).run()
