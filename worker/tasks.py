@@ -27,6 +27,7 @@ from shared.queue import EXPORT_TASK, TRAIN_TASK, declare_queue, get_celery
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from worker.attempt import run_attempt
+from worker.metrics_server import serve_worker_metrics
 from worker.outage import through_outage
 from worker.shutdown import begin_shutdown, shutting_down
 
@@ -58,6 +59,7 @@ CLAIM_PATIENCE_S = 60.0
 @worker_init.connect
 def _prepare_before_consuming(**_: object) -> None:
     declare_queue()
+    serve_worker_metrics(get_settings())
     work_dir = get_settings().training.work_dir
     assert work_dir is not None
     make_private_dir(work_dir)

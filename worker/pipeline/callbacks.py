@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from shared.schema import TrainingConfig
+from worker.metrics import TOKENS_PER_SECOND, TRAINING_STEPS
 from worker.pipeline.checkpoints import BEST_ADAPTER_FILE, CheckpointStore
 from worker.pipeline.errors import StopReason, TrainingStopped
 from worker.pipeline.report import JobReporter, LogFn, no_log
@@ -91,6 +92,7 @@ class MetricsCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        TRAINING_STEPS.inc()
         # A resumed run starts past step 0: its first step is the first one it trains.
         if self._paced_from is None:
             self._paced_from = (self.clock(), state.global_step)
@@ -144,6 +146,7 @@ class MetricsCallback(TrainerCallback):
             values["eta_s"] = eta_s
         if counts_tokens:
             values["tokens_per_s"] = tokens_per_s
+            TOKENS_PER_SECOND.set(tokens_per_s)
         if logs.get("grad_norm") is not None:
             values["grad_norm"] = float(logs["grad_norm"])
         extra = {name: float(logs[key]) for key, name in self.extra.items() if key in logs}
