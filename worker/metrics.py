@@ -7,9 +7,11 @@ running now, and each process is scraped on a port of its own."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from shared.models import JobStatus
 
@@ -53,6 +55,39 @@ LEASE_RENEWALS = Counter(
 LEASES_LOST = Counter(
     "tunery_worker_leases_lost", "Attempts stopped because their lease was lost: the job moved "
     "on, or the database was unreachable for longer than a lease.")
+
+class GpuMemoryCollector(Collector):
+    """Memory torch's caching allocator holds on each CUDA device, read when Prometheus
+    scrapes: allocated (tensors) and reserved (allocated plus the cache kept for reuse, what
+    other processes cannot have). Nothing on a worker without CUDA."""
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            import torch
+        except ImportError:
+            return
+        if not torch.cuda.is_available():
+            return
+        allocated = GaugeMetricFamily(
+            "tunery_worker_gpu_memory_allocated_bytes", "GPU memory held by tensors, per "
+            "device.", labels=["device"])
+        reserved = GaugeMetricFamily(
+            "tunery_worker_gpu_memory_reserved_bytes", "GPU memory torch's allocator holds "
+            "(tensors and its cache), per device.", labels=["device"])
+        # Both read 0 until this process first uses a device; none of these calls creates a
+        # CUDA context.
+        for index in range(torch.cuda.device_count()):
+            allocated.add_metric([str(index)], torch.cuda.memory_allocated(index))
+            reserved.add_metric([str(index)], torch.cuda.memory_reserved(index))
+        yield allocated
+        yield reserved
+
+    def describe(self) -> Iterator[Metric]:
+        # Registering must not collect: that would import torch wherever this module is.
+        return iter(())
+
+
+REGISTRY.register(GpuMemoryCollector())
 
 # Every outcome and result is shown from the start, at 0, so that rate() sees the first one.
 for _outcome in OUTCOMES:
