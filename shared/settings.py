@@ -349,6 +349,13 @@ class MetricsSettings(BaseModel):
         "tenant."
     )
 
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `TUNERY_METRICS_TOKEN=` (compose's `${VAR:-}`) must not make "" the token that a
+        # request without Authorization matches.
+        return None if isinstance(value, str) and not value.strip() else value
+
 
 GROUPS: dict[str, type[BaseModel]] = {
     "database": DatabaseSettings,

@@ -254,3 +254,10 @@ def test_every_field_has_a_description() -> None:
 def test_readme_shows_the_nested_form() -> None:
     text = (PROJECT_ROOT / "README.md").read_text()
     assert "`TUNERY_LIMITS__MAX_DATASET_ROWS`" in text
+
+
+def test_an_empty_metrics_token_is_no_token(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("TUNERY_METRICS_TOKEN", "")
+    assert Settings().metrics.token is None
+    clean_env.setenv("TUNERY_METRICS_TOKEN", "  ")
+    assert Settings().metrics.token is None
