@@ -69,22 +69,31 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # An exception out of the app becomes Starlette's 500 outside this middleware.
-        status = 500
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+        route: str | None = None
+        counted = False
 
-        async def send_noting_status(message: Message) -> None:
-            nonlocal status
+        def route_of_request() -> str:
+            nonlocal route
+            route = route or route_template(scope, self.routes)
+            return route
+
+        async def send_counting(message: Message) -> None:
+            nonlocal counted
             if message["type"] == "http.response.start":
-                status = message["status"]
+                # Counted as the answer leaves, not after it: a client that has its response
+                # (and scrapes next, through another process) finds it counted.
+                REQUESTS.labels(method, route_of_request(), str(message["status"])).inc()
+                counted = True
             await send(message)
 
         started = time.perf_counter()
         IN_FLIGHT.inc()
         try:
-            await self.app(scope, receive, send_noting_status)
+            await self.app(scope, receive, send_counting)
         finally:
             IN_FLIGHT.dec()
-            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
-            route = route_template(scope, self.routes)
-            REQUESTS.labels(method, route, str(status)).inc()
-            DURATION.labels(method, route).observe(time.perf_counter() - started)
+            if not counted:
+                # An exception out of the app becomes Starlette's 500 outside this middleware.
+                REQUESTS.labels(method, route_of_request(), "500").inc()
+            DURATION.labels(method, route_of_request()).observe(time.perf_counter() - started)

@@ -197,3 +197,24 @@ def test_several_processes_get_a_fresh_directory_one_gets_none(
         assert os.environ[MULTIPROC_DIR_VARIABLE] == path
         (Path(path) / "counter_123.db").write_bytes(b"")
     assert not Path(path).exists()
+
+
+def test_a_request_that_crashes_is_counted_as_the_500_it_gets(
+    tunery_env: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TUNERY_METRICS_TOKEN", TOKEN)
+    get_settings.cache_clear()
+    from api.main import create_app
+
+    def crash() -> None:
+        raise RuntimeError("a bug")
+
+    app = create_app()
+    # A route with a bug, as no real route has one on purpose.
+    app.add_api_route("/crash", crash)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        before = scrape(client)
+        assert client.get("/crash").status_code == 500
+        after = scrape(client)
+    assert requests_counted(after, "GET", "/crash", "500") == \
+        requests_counted(before, "GET", "/crash", "500") + 1

@@ -27,31 +27,41 @@ def scrape(url: str) -> Samples:
     return parse_samples(response.text)
 
 
+class TwoApiProcesses:
+    """`tunery api --workers 2` on a fresh data dir, its temp dir under tmp_path."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.temp = tmp_path / "tmp"
+        self.temp.mkdir()
+        self.log = tmp_path / "api.log"
+        # Migrated once before the two processes start, so they never race on it.
+        self.env = stack_env(tmp_path / "data", [ASSETS_DIR], TUNERY_AUTO_MIGRATE="false",
+                             TMPDIR=str(self.temp))
+        subprocess.run(tunery_command("db", "upgrade"), env=self.env, check=True,
+                       stdout=subprocess.DEVNULL)
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                tunery_command("api", "--workers", "2", "--port", str(port), "--quiet"),
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
 @pytest.fixture
-def two_api_processes(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Path]]:
-    """`tunery api --workers 2` on a fresh data dir (its temp dir under tmp_path); its base
-    URL, its environment and that temp dir."""
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    # Migrated once before the two processes start, so they never race on it.
-    env = stack_env(tmp_path / "data", [ASSETS_DIR], TUNERY_AUTO_MIGRATE="false",
-                    TMPDIR=str(temp))
-    subprocess.run(tunery_command("db", "upgrade"), env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    port = free_port()
-    with (tmp_path / "api.log").open("wb") as log:
-        api = subprocess.Popen(
-            tunery_command("api", "--workers", "2", "--port", str(port), "--quiet"),
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
+def two_api_processes(tmp_path: Path) -> Iterator[TwoApiProcesses]:
+    api = TwoApiProcesses(tmp_path)
     try:
-        wait_until_answers(f"{base_url}/healthz", api, name="tunery api --workers 2",
-                           timeout_s=90)
-        yield base_url, env, temp
+        wait_until_answers(f"{api.base_url}/healthz", api.process,
+                           name="tunery api --workers 2", timeout_s=90)
+        yield api
     finally:
-        os.killpg(api.pid, signal.SIGTERM)
-        api.wait(timeout=30)
-        print((tmp_path / "api.log").read_text(errors="replace")[-4000:])
+        api.stop()
+        print(api.log.read_text(errors="replace")[-4000:])
 
 
 def healthz_count(samples: Samples) -> float:
@@ -65,11 +75,11 @@ def scrape_count(samples: Samples) -> float:
 
 
 def test_every_scrape_of_two_api_processes_counts_the_requests_both_served(
-    two_api_processes: tuple[str, dict[str, str], Path],
+    two_api_processes: TwoApiProcesses,
 ) -> None:
-    base_url, env, temp = two_api_processes
-    (metric_files,) = temp.glob("tunery-api-metrics-*")
-    key = create_key(env)
+    base_url = two_api_processes.base_url
+    (metric_files,) = two_api_processes.temp.glob("tunery-api-metrics-*")
+    key = create_key(two_api_processes.env)
     submitted = httpx.post(f"{base_url}/v1/finetune/llm", json=make_payload(), timeout=30,
                            headers={"Authorization": f"Bearer {key}"})
     assert submitted.status_code == 201, submitted.text
@@ -98,24 +108,10 @@ def test_every_scrape_of_two_api_processes_counts_the_requests_both_served(
         assert sample(samples, "tunery_queue_depth") == 1
         assert sample(samples, "tunery_broker_waiting_messages") == 1
         assert sample(samples, "tunery_database_up") == 1
-        assert sample(samples, "tunery_http_requests_in_flight") == 1
 
-
-def test_a_stopped_api_leaves_no_metric_files(tmp_path: Path) -> None:
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    env = stack_env(tmp_path / "data", [ASSETS_DIR], TMPDIR=str(temp))
-    port = free_port()
-    api = subprocess.Popen(tunery_command("api", "--workers", "2", "--port", str(port),
-                                          "--quiet"), env=env, start_new_session=True)
-    try:
-        wait_until_answers(f"http://127.0.0.1:{port}/healthz", api, name="the API",
-                           timeout_s=90)
-        assert len(list(temp.glob("tunery-api-metrics-*"))) == 1
-    finally:
-        os.killpg(api.pid, signal.SIGTERM)
-        api.wait(timeout=30)
-    assert list(temp.glob("tunery-api-metrics-*")) == []
+    # Stopped, the API leaves no metric files behind for a later start to sum in.
+    two_api_processes.stop()
+    assert list(two_api_processes.temp.glob("tunery-api-metrics-*")) == []
 
 
 def test_a_worker_shows_its_job_its_phases_tokens_per_second_and_lease_renewals(
