@@ -1,0 +1,1 @@
+export function renderDatasets() { return null; }

@@ -1,0 +1,1 @@
+export function renderPlayground() { return null; }
