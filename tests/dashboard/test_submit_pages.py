@@ -21,7 +21,7 @@ def test_an_upload_shows_its_progress_columns_first_rows_and_template_preview(
     upload = tmp_path / "alpaca.jsonl"
     upload.write_text("".join(json.dumps(rows[i % len(rows)]) + "\n" for i in range(4000)))
     sign_in(page, dashboard.url, dashboard.key)
-    page.get_by_role("link", name="Datasets").click()
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Datasets").click()
     page.get_by_label("File").set_input_files(upload)
     page.get_by_role("button", name="Upload").click()
     expect(page.get_by_label("Upload progress")).to_be_visible()
@@ -52,7 +52,7 @@ def test_the_new_job_form_follows_the_api_schema_and_shows_the_apis_message_by_i
         refused = client.post("/v1/finetune/llm", json=bad).json()["error"]["fields"]
     expected = next(f["message"] for f in refused if f["path"] == "training_config.learning_rate")
     sign_in(page, dashboard.url, dashboard.key)
-    page.get_by_role("link", name="New job").click()
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="New job").click()
     for name, field in schema["TrainingConfig"]["properties"].items():
         box = page.locator(f"[data-field='training_config.{name}']")
         expect(box.get_by_text(name, exact=True)).to_be_visible()

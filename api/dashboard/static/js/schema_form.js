@@ -2,7 +2,7 @@
 // every field the API accepts, with the API's descriptions and defaults, and cannot drift.
 import { el } from "./elements.js";
 
-const LONG_TEXT = 1024;
+const LONG_TEXT = 4096;
 const SECRET = /(token|_key)$/;
 
 export function resolve(schema, document) {
@@ -27,12 +27,12 @@ function unwrap(schema, document) {
   return resolved;
 }
 
-function kindOf(schema) {
+function kindOf(schema, document) {
   if (schema.enum || schema.const !== undefined) return "choice";
   if (schema.type === "boolean") return "boolean";
   if (schema.type === "integer" || schema.type === "number") return "number";
   if (schema.type === "string") return (schema.maxLength ?? 0) > LONG_TEXT ? "text" : "string";
-  if (schema.type === "array" && resolve(schema.items ?? {}, {}).type === "string") return "lines";
+  if (schema.type === "array" && resolve(schema.items ?? {}, document).type === "string") return "lines";
   return "json";
 }
 
@@ -70,7 +70,7 @@ export class SchemaForm {
 
   field(path, name, schema, prefill) {
     const id = `field-${path.replaceAll(".", "-")}`;
-    const kind = kindOf(schema);
+    const kind = kindOf(schema, this.document);
     const described = [];
     const help = schema.description
       ? el("p", { class: "help", id: `${id}-help` }, schema.description) : null;
