@@ -41,7 +41,8 @@ class Dashboard:
 
 
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Dashboard]:
+def dashboard(tmp_path_factory: pytest.TempPathFactory,
+              tiny_model_dir: Path) -> Iterator[Dashboard]:
     root = tmp_path_factory.mktemp("dashboard")
     # The page polls the JSON routes every 2 s and the tests poll too.
     env = stack_env(root / "data", [ASSETS_DIR, tiny_model_dir],

@@ -53,7 +53,8 @@ def create_key(env: dict[str, str], name: str = "e2e", admin: bool = False) -> s
     import subprocess
 
     out = subprocess.run(
-        tunery_command("keys", "create", "--name", name, "--quiet", *(["--admin"] if admin else [])),
+        tunery_command("keys", "create", "--name", name, "--quiet",
+                       *(["--admin"] if admin else [])),
         env=env,
         check=True,
         capture_output=True,
