@@ -16,7 +16,7 @@ let leavePage = null;
 
 const ROUTES = [
   [/^#\/jobs\/([A-Za-z0-9-]+)$/, "jobs", (m, ctx) => renderJob(main, ctx, decodeURIComponent(m[1]))],
-  [/^#\/new$/, "new", (_, ctx) => renderNewJob(main, ctx)],
+  [/^#\/new(?:\?.*)?$/, "new", (_, ctx) => renderNewJob(main, ctx)],
   [/^#\/datasets$/, "datasets", (_, ctx) => renderDatasets(main, ctx)],
   [/^#\/playground$/, "playground", (_, ctx) => renderPlayground(main, ctx)],
   [/^#\/jobs(?:\?.*)?$/, "jobs", (_, ctx) => renderJobs(main, ctx)],

@@ -35,7 +35,7 @@ export async function renderPlayground(main) {
   });
   replaceChildren(main,
     el("div", { class: "page-head" }, el("div", {}, el("h1", {}, "Playground"),
-      el("p", { class: "muted" }, "Served by the inference engine (`tunery up`)."))),
+      el("p", { class: "muted" }, "Served by the inference engine (", el("code", {}, "tunery up"), ")."))),
     models.length ? null : notice("info", "No models are offered yet."),
     el("div", { class: "playground" }, panels.map((p) => p.element)),
     form);
