@@ -12,6 +12,7 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from api.access_log import install_access_log_filter
+from api.dashboard.serve import install_dashboard
 from api.deps import RateLimited
 from api.errors import install_error_handlers
 from api.limits.auth_failures import FailedAuthLimiter
@@ -84,6 +85,8 @@ def create_app() -> FastAPI:
     app.include_router(deployments.router, dependencies=[RateLimited])
     # Not rate limited as a whole: its PUT is authorized by the upload token, not a key.
     app.include_router(upload.router)
+    # Last: the page at `/` and its files, which call the routes above.
+    install_dashboard(app)
     install_limits(app)
     # Last, so outermost: the limits' own answers (413, 415) are counted too.
     app.add_middleware(RequestMetrics, routes=app.router.routes)
