@@ -43,14 +43,15 @@ def served_routes(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
             yield route
 
 
-def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
-    """The path template of the route that served `scope`, as the router recorded it; for a
-    request answered before routing (a body over its limit), the route it would have
-    reached among `routes` (`served_routes`), found as the router finds it: a full match
-    first, then a method mismatch."""
+def route_template(scope: Scope, arrived: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The path template of the route that served `scope`, as the router recorded it. Else
+    (a request answered before routing, such as a body over its limit, or one a mount such as
+    the dashboard's files served), the route among `routes` (`served_routes`) that the
+    request as it `arrived` matches, found as the router finds it: a full match first, then a
+    method mismatch. Not `scope` itself: a mount rewrote its paths."""
     route = scope.get("route")
     if route is None or not getattr(route, "path", ""):
-        matches = [(candidate.matches(scope)[0], candidate) for candidate in routes]
+        matches = [(candidate.matches(arrived)[0], candidate) for candidate in routes]
         route = next((r for match, r in matches if match == Match.FULL),
                      next((r for match, r in matches if match == Match.PARTIAL), None))
     return str(getattr(route, "path", "") or UNMATCHED)
@@ -70,12 +71,13 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+        arrived = dict(scope)
         route: str | None = None
         counted = False
 
         def route_of_request() -> str:
             nonlocal route
-            route = route or route_template(scope, self.routes)
+            route = route or route_template(scope, arrived, self.routes)
             return route
 
         async def send_counting(message: Message) -> None:

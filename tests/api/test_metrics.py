@@ -90,6 +90,23 @@ def test_requests_no_route_serves_or_refused_before_routing_keep_the_label_set_s
         requests_counted(before, "other", "/healthz", "405") + 1
 
 
+def test_the_dashboard_s_files_are_counted_under_their_mount_not_one_by_one(
+    scraper: TestClient,
+) -> None:
+    before = scrape(scraper)
+    assert scraper.get("/dashboard/js/main.js").status_code == 200
+    assert scraper.get("/dashboard/css/dashboard.css").status_code == 200
+    assert scraper.get(f"/dashboard/{uuid.uuid4()}.js").status_code == 404
+    response = scraper.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    after = parse_samples(response.text)
+
+    assert "main.js" not in response.text
+    assert requests_counted(after, "GET", "/dashboard", "200") == \
+        requests_counted(before, "GET", "/dashboard", "200") + 2
+    assert requests_counted(after, "GET", "/dashboard", "404") == \
+        requests_counted(before, "GET", "/dashboard", "404") + 1
+
+
 def test_jobs_by_state_queue_depth_and_broker_messages_follow_the_database(
     scraper: TestClient,
 ) -> None:
