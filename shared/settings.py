@@ -331,6 +331,37 @@ class InferenceSettings(BaseModel):
     )
 
 
+class WebhookSettings(BaseModel):
+    """How job events reach tenants' webhook endpoints (`shared.webhooks`)."""
+
+    timeout_s: float = Field(
+        10.0, gt=0, le=120, description="Longest one delivery attempt may take, from connecting "
+        "to the response's status line; past it the attempt counts as failed."
+    )
+    retry_window_s: int = Field(
+        72 * 3600, ge=0, description="How long after the event a delivery is retried; then it "
+        "is given up (status failed)."
+    )
+    retry_base_s: float = Field(
+        10.0, gt=0, description="The first retry waits up to this long; each next one up to "
+        "twice as long as the one before (exponential backoff, full jitter)."
+    )
+    retry_max_interval_s: float = Field(
+        3 * 3600, gt=0, description="The longest wait between two attempts of a delivery."
+    )
+    secret_rotation_window_s: int = Field(
+        24 * 3600, ge=0, description="How long a rotated-out signing secret still signs every "
+        "delivery, beside the new one, so receivers can switch without missing one."
+    )
+    sender_threads: int = Field(
+        4, ge=1, le=64, description="Deliveries each worker sends at once: a slow endpoint "
+        "holds up one of them only."
+    )
+    poll_interval_s: float = Field(
+        2.0, gt=0, description="How often an idle sender looks for deliveries that are due."
+    )
+
+
 GROUPS: dict[str, type[BaseModel]] = {
     "database": DatabaseSettings,
     "broker": BrokerSettings,
@@ -341,6 +372,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "training": TrainingSettings,
     "openai": OpenAISettings,
     "inference": InferenceSettings,
+    "webhooks": WebhookSettings,
 }
 
 # Flat name (as in `TUNERY_<NAME>` and in keyword arguments) -> (group, field). Every grouped
@@ -361,6 +393,7 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
        for name in GROUPS[group].model_fields},
     **{f"openai_{name}": ("openai", name) for name in OpenAISettings.model_fields},
     **{f"inference_{name}": ("inference", name) for name in InferenceSettings.model_fields},
+    **{f"webhook_{name}": ("webhooks", name) for name in WebhookSettings.model_fields},
 }
 
 
@@ -388,6 +421,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @classmethod
     def settings_customise_sources(
