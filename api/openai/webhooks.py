@@ -7,7 +7,7 @@ delivery attempts Tunery lists beside them. Fields that are Tunery extensions sa
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
@@ -25,18 +25,25 @@ def _known_event_type(value: str) -> str:
     return value
 
 
-def _distinct(values: list[str] | None) -> list[str] | None:
-    return None if values is None else list(dict.fromkeys(values))
+def _distinct(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(values))
 
 
 EventType = Annotated[str, AfterValidator(_known_event_type)]
-EventTypes = Annotated[list[EventType] | None, AfterValidator(_distinct), Field(
-    min_length=1, max_length=len(EVENT_TYPES) * 2,
-    # OpenAI's name, and the one Stripe and Standard Webhooks' users know.
-    validation_alias=AliasChoices("event_types", "enabled_events"),
-    description="The event types delivered to this endpoint (`GET /v1/webhook_event_types`); "
-    "`enabled_events` is accepted for it too. Tunery extension: left out, every type.",
-)]
+EventTypes = Annotated[list[EventType], AfterValidator(_distinct),
+                       Field(min_length=1, max_length=len(EVENT_TYPES) * 2)]
+
+
+def _event_types_field() -> Any:
+    return Field(
+        None,
+        # OpenAI's name, and the one Stripe's and Standard Webhooks' users know.
+        validation_alias=AliasChoices("event_types", "enabled_events"),
+        description="The event types delivered to this endpoint (`GET "
+        "/v1/webhook_event_types`); `enabled_events` is accepted for it too. Tunery extension: "
+        "left out, every type.")
+
+
 Url = Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS, description=(
     "Where deliveries are POSTed: https, a host that resolves to public addresses only "
     "(the operator's TUNERY_ALLOWED_PRIVATE_URL_HOSTS and TUNERY_ALLOW_HTTP_URLS excepted)."))]
@@ -49,7 +56,7 @@ class EndpointCreate(BaseModel):
     url: Url
     name: Name | None = Field(None, description="Tunery extension: optional, the URL's host "
                                                 "by default.")
-    event_types: EventTypes = None
+    event_types: EventTypes | None = _event_types_field()
 
     def endpoint_name(self) -> str:
         return self.name or urlsplit(self.url).hostname or self.url[:200]
@@ -60,7 +67,7 @@ class EndpointUpdate(BaseModel):
 
     url: Url | None = None
     name: Name | None = None
-    event_types: EventTypes = None
+    event_types: EventTypes | None = _event_types_field()
     enabled: bool | None = Field(None, description="Tunery extension: true sends to an "
                                  "endpoint disabled by a 410 Gone again; false stops it.")
 
