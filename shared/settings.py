@@ -360,6 +360,10 @@ class WebhookSettings(BaseModel):
     poll_interval_s: float = Field(
         2.0, gt=0, description="How often an idle sender looks for deliveries that are due."
     )
+    history_days: int = Field(
+        30, ge=1, description="How long delivered and given-up deliveries, and their attempts, "
+        "stay listed before the maintenance sweep deletes them."
+    )
 
 
 GROUPS: dict[str, type[BaseModel]] = {

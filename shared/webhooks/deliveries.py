@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, case, insert, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, and_, case, delete, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from shared.models import (
@@ -227,6 +227,19 @@ def give_up(session: Session, claimed: ClaimedDelivery, reason: str) -> None:
                 lease_expires_at=None),
         execution_options={"synchronize_session": False},
     )
+
+
+def prune_finished(session: Session, keep_days: int) -> int:
+    """Forget deliveries delivered or given up more than `keep_days` ago, with their
+    attempts; how many."""
+    cutoff = utcnow() - timedelta(days=keep_days)
+    pruned = session.execute(
+        delete(WebhookDelivery)
+        .where(WebhookDelivery.status != DeliveryStatus.PENDING.value,
+               WebhookDelivery.finished_at < cutoff),
+        execution_options={"synchronize_session": False},
+    )
+    return int(pruned.rowcount)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import DeliveryStatus, WebhookDelivery, WebhookEndpoint, utcnow
@@ -20,6 +20,10 @@ from shared.settings import Settings
 from shared.tenancy import Scope, page_after, visible_to
 from shared.url_guard import UrlPolicy, UrlRefused, check_url_resolves
 from shared.webhooks import signing_secrets
+
+# Each of a tenant's endpoints gets a row per event: bounded, so that one job's events cannot
+# be made to write without limit.
+MAX_ENDPOINTS_PER_TENANT = 20
 
 
 class EndpointNotFound(LookupError):
@@ -52,7 +56,14 @@ def check_endpoint_url(url: str, settings: Settings) -> None:
 
 def create_endpoint(session: Session, tenant_id: str, *, url: str, name: str,
                     event_types: Sequence[str], settings: Settings) -> EndpointWithSecret:
+    """A new endpoint with a new secret; `EndpointRefused` for a URL the SSRF rules refuse
+    or a tenant that has `MAX_ENDPOINTS_PER_TENANT` already."""
     check_endpoint_url(url, settings)
+    count = session.scalar(select(func.count()).select_from(WebhookEndpoint)
+                           .where(WebhookEndpoint.tenant_id == tenant_id)) or 0
+    if count >= MAX_ENDPOINTS_PER_TENANT:
+        raise EndpointRefused("body", f"a tenant has at most {MAX_ENDPOINTS_PER_TENANT} webhook "
+                              "endpoints; delete one first")
     secret = signing_secrets.new_secret()
     endpoint = WebhookEndpoint(
         id=f"we_{uuid.uuid4().hex}", tenant_id=tenant_id, name=name, url=url,

@@ -7,8 +7,11 @@ each of a worker's sender threads does."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from openai import OpenAI
 from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 
 from shared.settings import get_settings
+from shared.webhooks.endpoints import MAX_ENDPOINTS_PER_TENANT
 from shared.webhooks.sender import send_next
 from tests.api.conftest import new_key
 from tests.conftest import make_payload
@@ -201,6 +205,60 @@ def test_loopback_is_refused_where_the_operator_allows_no_private_host(
             response = client.post(URL, json={"url": url.replace("http:", "https:")})
             assert response.status_code == 400, response.text
             assert response.json()["error"]["param"] == "url"
+
+
+def test_a_tenant_has_at_most_twenty_endpoints(hooks: Receiver, client: TestClient) -> None:
+    for _ in range(MAX_ENDPOINTS_PER_TENANT):
+        create(client, hooks.url)
+    refused = client.post(URL, json={"url": hooks.url})
+    assert refused.status_code == 400
+    assert f"at most {MAX_ENDPOINTS_PER_TENANT}" in refused.json()["error"]["message"]
+
+
+def test_an_endpoint_that_trickles_its_answer_is_cut_at_the_deadline(
+    loopback_allowed: None, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TUNERY_WEBHOOK_TIMEOUT_S", "1")
+    get_settings.cache_clear()
+    with trickling_server(seconds=20) as url:
+        endpoint = create(client, url)
+        failed = client.post(f"{URL}/{endpoint['id']}/test")
+    # Each byte came well within the timeout; the attempt as a whole did not.
+    assert failed.status_code == 400
+    assert "no answer within 1 s" in failed.json()["error"]["message"]
+    assert attempts(client, endpoint["id"])[0]["error"] == "no answer within 1 s"
+
+
+@contextmanager
+def trickling_server(seconds: float) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that sends its answer's status line a byte every 0.1 s,
+    and the rest of a 200 after `seconds`."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                deadline = time.monotonic() + seconds
+                with suppress(OSError):
+                    for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                        if time.monotonic() > deadline or stop.is_set():
+                            break
+                        conn.sendall(bytes([byte]))
+                        time.sleep(0.1)
+                    conn.sendall(b"\r\ncontent-length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/slow"
+    finally:
+        stop.set()
+        listener.close()
 
 
 def test_an_unknown_event_type_is_a_400_naming_the_field(

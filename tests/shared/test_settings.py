@@ -95,6 +95,7 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "webhook_secret_rotation_window_s": ("0", 0),
     "webhook_sender_threads": ("2", 2),
     "webhook_poll_interval_s": ("0.2", 0.2),
+    "webhook_history_days": ("7", 7),
 }
 
 

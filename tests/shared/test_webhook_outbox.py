@@ -6,17 +6,26 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared import jobs
 from shared.db import session_scope
 from shared.keys import create_api_key
-from shared.models import Job, JobStatus, WebhookDelivery, WebhookEndpoint
+from shared.maintenance import reap
+from shared.models import (
+    DeliveryStatus,
+    Job,
+    JobStatus,
+    WebhookDelivery,
+    WebhookEndpoint,
+    utcnow,
+)
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from shared.webhooks import endpoints, signing_secrets
@@ -117,3 +126,23 @@ def test_only_enabled_endpoints_of_the_tenant_that_take_the_type_get_a_delivery(
         got = {(d["endpoint"], d["type"]) for d in deliveries(session)}
     assert got == {(takes_all, "tunery.job.queued"), (takes_all, "fine_tuning.job.cancelled"),
                    (takes_cancel, "fine_tuning.job.cancelled")}
+
+
+def test_the_sweep_forgets_finished_deliveries_past_their_history_only(tenant: str) -> None:
+    add_endpoint(tenant)
+    with session_scope() as session:
+        for _ in range(3):
+            jobs.create_job(session, tenant, REQUEST, max_attempts=2)
+    long_ago = utcnow() - timedelta(days=31)
+    with session_scope() as session:
+        old, recent, waiting = session.scalars(select(WebhookDelivery.id)).all()
+        # Delivered a month ago, delivered just now, and still waiting since a month ago.
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id == old).values(
+            status=DeliveryStatus.DELIVERED.value, finished_at=long_ago))
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id == recent).values(
+            status=DeliveryStatus.DELIVERED.value, finished_at=utcnow()))
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id == waiting).values(
+            created_at=long_ago))
+    assert reap(get_settings()).pruned_deliveries == 1
+    with session_scope() as session:
+        assert set(session.scalars(select(WebhookDelivery.id))) == {recent, waiting}
