@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
 
-from shared.models import WebhookEndpoint, as_utc
+from shared.models import DeliveryStatus, WebhookEndpoint, as_utc
 from shared.webhooks.deliveries import AttemptView
 from shared.webhooks.events import EVENT_TYPES, JOB_SUCCEEDED
 
@@ -149,7 +149,7 @@ class AttemptOut(BaseModel):
     status_code: int | None = Field(description="The endpoint's answer; null when none came.")
     error: str | None = Field(description="Why no answer came (timeout, refused address, "
                                           "connection error); null with a status code.")
-    delivery_status: Literal["pending", "delivered", "failed"]
+    delivery_status: DeliveryStatus
     test: bool = Field(description="A test send (`POST …/test`).")
 
 
@@ -190,7 +190,7 @@ def attempt_list(views: list[AttemptView], more: bool) -> AttemptList:
         started_at=_epoch(v.attempt.started_at),
         finished_at=_epoch(v.attempt.finished_at) if v.attempt.finished_at else None,
         duration_ms=v.attempt.duration_ms, status_code=v.attempt.status_code,
-        error=v.attempt.error, delivery_status=v.delivery_status,  # type: ignore[arg-type]
+        error=v.attempt.error, delivery_status=DeliveryStatus(v.delivery_status),
         test=v.is_test) for v in views]
     return AttemptList(data=data, first_id=data[0].id if data else None,
                        last_id=data[-1].id if data else None, has_more=more)
