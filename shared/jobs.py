@@ -1,7 +1,9 @@
 """The job state machine and every write to a job row.
 
 Status changes go through `transition()` only: it checks the move against `ALLOWED`, fences on
-the attempt number so a stale worker cannot overwrite a newer attempt, and records an event.
+the attempt number so a stale worker cannot overwrite a newer attempt, and records an event,
+and with it the webhook deliveries that report it (`shared.webhooks.outbox`), in the same
+transaction.
 """
 
 from __future__ import annotations
