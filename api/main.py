@@ -34,6 +34,7 @@ from api.routes import (
     metrics,
     models,
     upload,
+    webhook_endpoints,
 )
 from api.uploads import MULTIPART_OVERHEAD
 from shared.private_files import restrict_umask
@@ -81,6 +82,7 @@ def create_app() -> FastAPI:
     app.include_router(fine_tuning.router, dependencies=[RateLimited])
     app.include_router(models.router, dependencies=[RateLimited])
     app.include_router(completions.router, dependencies=[RateLimited])
+    app.include_router(webhook_endpoints.router, dependencies=[RateLimited])
     # A deployment's endpoint: an OpenAI base URL per deployment (`POST /v1/deploy/llm`).
     app.include_router(deployments.router, dependencies=[RateLimited])
     # Not rate limited as a whole: its PUT is authorized by the upload token, not a key.

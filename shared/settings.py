@@ -357,6 +357,41 @@ class MetricsSettings(BaseModel):
         return None if isinstance(value, str) and not value.strip() else value
 
 
+class WebhookSettings(BaseModel):
+    """How job events reach tenants' webhook endpoints (`shared.webhooks`)."""
+
+    timeout_s: float = Field(
+        10.0, gt=0, le=120, description="Longest one delivery attempt may take, from connecting "
+        "to the response's status line; past it the attempt counts as failed."
+    )
+    retry_window_s: int = Field(
+        72 * 3600, ge=0, description="How long after the event a delivery is retried; then it "
+        "is given up (status failed)."
+    )
+    retry_base_s: float = Field(
+        10.0, gt=0, description="The first retry waits up to this long; each next one up to "
+        "twice as long as the one before (exponential backoff, full jitter)."
+    )
+    retry_max_interval_s: float = Field(
+        3 * 3600, gt=0, description="The longest wait between two attempts of a delivery."
+    )
+    secret_rotation_window_s: int = Field(
+        24 * 3600, ge=0, description="How long a rotated-out signing secret still signs every "
+        "delivery, beside the new one, so receivers can switch without missing one."
+    )
+    sender_threads: int = Field(
+        4, ge=1, le=64, description="Deliveries each worker sends at once: a slow endpoint "
+        "holds up one of them only."
+    )
+    poll_interval_s: float = Field(
+        2.0, gt=0, description="How often an idle sender looks for deliveries that are due."
+    )
+    history_days: int = Field(
+        30, ge=1, description="How long delivered and given-up deliveries, and their attempts, "
+        "stay listed before the maintenance sweep deletes them."
+    )
+
+
 GROUPS: dict[str, type[BaseModel]] = {
     "database": DatabaseSettings,
     "broker": BrokerSettings,
@@ -368,6 +403,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "openai": OpenAISettings,
     "inference": InferenceSettings,
     "metrics": MetricsSettings,
+    "webhooks": WebhookSettings,
 }
 
 # Flat name (as in `TUNERY_<NAME>` and in keyword arguments) -> (group, field). Every grouped
@@ -391,6 +427,7 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "metrics_token": ("metrics", "token"),
     "worker_metrics_port": ("metrics", "worker_port"),
     "worker_metrics_host": ("metrics", "worker_host"),
+    **{f"webhook_{name}": ("webhooks", name) for name in WebhookSettings.model_fields},
 }
 
 
@@ -419,6 +456,7 @@ class Settings(BaseSettings):
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -80,6 +80,11 @@ class DatabaseReporter:
             )
         )
 
+    def checkpoint_saved(self, step: int, line: str) -> None:
+        log.info("job %s: %s", self.claim.job_id, line)
+        self._write(lambda session: jobs.record_checkpoint(
+            session, self.claim.job_id, self.claim.attempt, step, line))
+
     def should_stop(self) -> StopReason | None:
         return self.heartbeat.stop_reason
 

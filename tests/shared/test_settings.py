@@ -91,6 +91,14 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "metrics_token": ("scrape-secret", SecretStr("scrape-secret")),
     "worker_metrics_port": ("9101", 9101),
     "worker_metrics_host": ("0.0.0.0", "0.0.0.0"),
+    "webhook_timeout_s": ("2.5", 2.5),
+    "webhook_retry_window_s": ("3600", 3600),
+    "webhook_retry_base_s": ("0.5", 0.5),
+    "webhook_retry_max_interval_s": ("60", 60.0),
+    "webhook_secret_rotation_window_s": ("0", 0),
+    "webhook_sender_threads": ("2", 2),
+    "webhook_poll_interval_s": ("0.2", 0.2),
+    "webhook_history_days": ("7", 7),
 }
 
 
