@@ -331,6 +331,19 @@ class InferenceSettings(BaseModel):
     )
 
 
+class StreamSettings(BaseModel):
+    """How the API follows a job for its event streams (`GET /v1/finetune/llm/{id}/stream`)."""
+
+    poll_s: float = Field(
+        1.0, gt=0, le=60, description="How often an open stream reads the job's new rows; "
+        "each read takes a database connection for one short query and gives it back."
+    )
+    heartbeat_s: float = Field(
+        15.0, gt=0, le=3600, description="Longest silence on an open stream: a `: ping` comment "
+        "is sent after it so that proxies keep the connection (checked at each poll)."
+    )
+
+
 GROUPS: dict[str, type[BaseModel]] = {
     "database": DatabaseSettings,
     "broker": BrokerSettings,
@@ -341,6 +354,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "training": TrainingSettings,
     "openai": OpenAISettings,
     "inference": InferenceSettings,
+    "stream": StreamSettings,
 }
 
 # Flat name (as in `TUNERY_<NAME>` and in keyword arguments) -> (group, field). Every grouped
@@ -361,6 +375,7 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
        for name in GROUPS[group].model_fields},
     **{f"openai_{name}": ("openai", name) for name in OpenAISettings.model_fields},
     **{f"inference_{name}": ("inference", name) for name in InferenceSettings.model_fields},
+    **{f"stream_{name}": ("stream", name) for name in StreamSettings.model_fields},
 }
 
 
@@ -388,6 +403,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
 
     @classmethod
     def settings_customise_sources(

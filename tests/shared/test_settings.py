@@ -88,6 +88,8 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "inference_adapter_memory_mb": ("256", 256),
     "inference_max_bases": ("2", 2),
     "inference_max_batch_size": ("16", 16),
+    "stream_poll_s": ("0.25", 0.25),
+    "stream_heartbeat_s": ("5", 5.0),
 }
 
 
