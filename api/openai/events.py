@@ -20,12 +20,9 @@ from sqlalchemy.orm import Session
 from api.openai.ids import EventKey
 from api.openai.job_view import epoch
 from api.openai.schemas import JobEvent as EventOut
-from shared.models import Job, JobEvent, JobLog, JobMetric, JobStatus
-
-# Among rows written in the same instant: status changes after log lines after metrics.
-_RANK = {"m": 0, "l": 1, "s": 2}
-_TABLES: dict[str, type[JobEvent] | type[JobLog] | type[JobMetric]] = {
-    "s": JobEvent, "l": JobLog, "m": JobMetric}
+from shared.job_feed import INSTANT_RANK as _RANK
+from shared.job_feed import ROW_TABLES as _TABLES
+from shared.models import Job, JobEvent, JobMetric, JobStatus
 
 
 class UnknownCursor(LookupError):
