@@ -113,10 +113,10 @@ def read_feed(session: Session, scope: Scope, job_id: str, after: FeedCursor,
     feed's last.
     """
     job = jobs.get_job(session, scope, job_id)
-    batches = [
-        jobs.events_after(session, job.id, after.status, limit),
-        jobs.logs_after(session, job.id, after.log, limit),
-        jobs.metrics_after(session, job.id, after.metric, limit),
+    batches: list[list[FeedRow]] = [
+        [*jobs.events_after(session, job.id, after.status, limit)],
+        [*jobs.logs_after(session, job.id, after.log, limit)],
+        [*jobs.metrics_after(session, job.id, after.metric, limit)],
     ]
     rows = _merge(batches, limit)
     cursor = after
