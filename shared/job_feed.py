@@ -89,8 +89,11 @@ class FeedCursor:
 class FeedPage:
     job: Job
     """The job as it was just before its rows were read."""
+    after: FeedCursor
+    """The cursor the page was read after."""
     rows: list[FeedRow]
-    """Rows after the cursor asked for, oldest first."""
+    """Rows after `after`, oldest first: the cursor after the i-th is `after` moved past it
+    and every row before it."""
     cursor: FeedCursor
     """The cursor after the last of `rows` (the one asked for when there are none)."""
     drained: bool
@@ -123,7 +126,7 @@ def read_feed(session: Session, scope: Scope, job_id: str, after: FeedCursor,
     for row in rows:
         cursor = cursor.after(row)
     drained = all(len(batch) < limit for batch in batches)
-    return FeedPage(job=job, rows=rows, cursor=cursor, drained=drained)
+    return FeedPage(job=job, after=after, rows=rows, cursor=cursor, drained=drained)
 
 
 def _merge(batches: list[list[FeedRow]], limit: int) -> list[FeedRow]:
