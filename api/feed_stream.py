@@ -13,9 +13,10 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
+from fastapi import Header, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -33,8 +34,35 @@ log = logging.getLogger("tunery.api")
 LAST_EVENT_ID = "Last-Event-ID"
 PING = ": ping\n\n"
 
+_CURSOR_HELP = ("The `id` of the last event received: the stream goes on with the event after "
+                "it. Opaque; without it the stream starts from the job's first row.")
+LastEventIdHeader = Annotated[str | None, Header(alias=LAST_EVENT_ID, description=_CURSOR_HELP)]
+LastEventIdQuery = Annotated[str | None, Query(
+    description=f"The same as the {LAST_EVENT_ID} header (which wins), for clients that cannot "
+                "set headers.")]
+
 RenderPage = Callable[[FeedPage], str]
 """The events a page reads as, in one dialect: SSE text, empty when there is nothing to say."""
+
+
+def sse_response(description: str, events: list[str] | None = None,
+                 data: str = "One JSON object on one line.") -> dict[int | str, Any]:
+    """The OpenAPI `responses` entry of a route that answers 200 with server-sent events:
+    the schema each event follows, `events` its names (None: events without one), `data`
+    what each event carries."""
+    event: dict[str, Any] = {"type": "string", "enum": events} if events else {
+        "type": "string", "description": "Not sent."}
+    return {200: {"description": description, "content": {"text/event-stream": {"schema": {
+        "type": "object",
+        "description": "One server-sent event; `: ping` comments keep an idle stream open.",
+        "properties": {
+            "event": event,
+            "id": {"type": "string", "description": "The cursor after this event: send it back "
+                                                    f"as {LAST_EVENT_ID} to resume."},
+            "data": {"type": "string", "description": data},
+        },
+        "required": ["data"],
+    }}}}}
 
 
 def sse_event(data: Any, *, event: str | None = None, event_id: str | None = None) -> str:

@@ -8,15 +8,21 @@ its id; `end` once the job is finished and every row sent. README, "Following a 
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import AUTHENTICATED, error_responses
-from api.feed_stream import LAST_EVENT_ID, event_stream, follow_feed, resume_cursor, sse_event
+from api.feed_stream import (
+    LastEventIdHeader,
+    LastEventIdQuery,
+    event_stream,
+    follow_feed,
+    resume_cursor,
+    sse_event,
+    sse_response,
+)
 from api.routes.finetune import JobId
 from api.schemas import JobOut, LogLineOut, MetricOut, StatusChangeOut, StreamEndOut
 from shared import jobs
@@ -24,14 +30,6 @@ from shared.job_feed import FeedPage, FeedRow
 from shared.models import JobEvent, JobLog, JobStatus
 
 router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
-
-_CURSOR_HELP = ("The `id` of the last event received: the stream goes on with the event after "
-                "it. Opaque; without it the stream starts from the job's first row.")
-LastEventIdHeader = Annotated[str | None, Header(alias=LAST_EVENT_ID, description=_CURSOR_HELP)]
-LastEventIdQuery = Annotated[str | None, Query(
-    description=f"The same as the {LAST_EVENT_ID} header (which wins), for clients that cannot "
-                "set headers.")]
-
 
 class NativeEvents:
     """The contract's events for each page of a job's feed, in order: `job` when what a
@@ -72,7 +70,8 @@ def _row_event(row: FeedRow) -> tuple[str, BaseModel]:
 @router.get("/{job_id}/stream", response_class=StreamingResponse,
             summary="A job live, as server-sent events: its state, status changes, log lines "
                     "and metrics until it ends; resumable with Last-Event-ID",
-            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            responses={**sse_response("The job's events, live until its `end`.",
+                                      ["job", "status", "log", "metric", "end"]),
                        **error_responses(400, 404)})
 def stream_job(job_id: JobId, caller: TenantDep, session: SessionDep, settings: SettingsDep,
                last_event_id_header: LastEventIdHeader = None,
