@@ -32,9 +32,14 @@ from shared.models import JobEvent, JobLog, JobStatus
 router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
 
 class NativeEvents:
-    """The contract's events for each page of a job's feed, in order: `job` when what a
-    follower shows of it changed (always on the first page), an event per row, `end` on the
-    last page."""
+    """The contract's events for each page of a job's feed, in order: the `job` first, an
+    event per row, then the `job` again when what a follower shows of it (status, phase,
+    progress) changed, and `end` on the last page.
+
+    After the rows rather than before: a stream that fell behind catches up with rows the
+    job wrote before its state moved on, and a follower that showed the newer state first
+    would show a finished job above its last log lines.
+    """
 
     def __init__(self) -> None:
         self._shown: tuple[object, ...] | None = None
@@ -42,18 +47,23 @@ class NativeEvents:
     def __call__(self, page: FeedPage) -> str:
         parts = []
         job = JobOut.of(page.job)
-        if (shown := (job.status, job.phase, job.progress)) != self._shown:
-            parts.append(sse_event(job.model_dump_json(), event="job"))
-            self._shown = shown
+        if self._shown is None:
+            parts.append(self._job_event(job))
         cursor = page.after
         for row in page.rows:
             cursor = cursor.after(row)
             name, data = _row_event(row)
             parts.append(sse_event(data.model_dump_json(), event=name, event_id=str(cursor)))
+        if (job.status, job.phase, job.progress) != self._shown:
+            parts.append(self._job_event(job))
         if page.ended:
             end = StreamEndOut(status=JobStatus(page.job.status))
             parts.append(sse_event(end.model_dump_json(), event="end", event_id=str(cursor)))
         return "".join(parts)
+
+    def _job_event(self, job: JobOut) -> str:
+        self._shown = (job.status, job.phase, job.progress)
+        return sse_event(job.model_dump_json(), event="job")
 
 
 def _row_event(row: FeedRow) -> tuple[str, BaseModel]:

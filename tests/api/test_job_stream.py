@@ -199,8 +199,9 @@ def test_a_live_job_streams_rows_as_they_are_written_and_ends_with_its_end(
         assert (changed.json()["phase"], changed.json()["progress"]) == ("training", 0.5)
         finish(job_id, attempt, JobStatus.FAILED)
         rest = list(events)
-    assert [e.name for e in rest] == ["job", "status", "end"]
-    assert rest[0].json()["status"] == "FAILED"
+    # The job's new state after the rows that led to it.
+    assert [e.name for e in rest] == ["status", "job", "end"]
+    assert rest[1].json()["status"] == "FAILED"
     assert rest[-1].json() == {"status": "FAILED"}
 
 
