@@ -65,6 +65,7 @@ class ErrorOut(BaseModel):
 
 
 _ERROR_DESCRIPTIONS = {
+    400: "A malformed request header; `fields` names it",
     401: "Missing, invalid or revoked API key",
     403: "Not allowed",
     404: "No such object for this API key (another tenant's object answers the same)",

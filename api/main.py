@@ -30,6 +30,7 @@ from api.routes import (
     fine_tuning,
     finetune,
     health,
+    job_stream,
     me,
     metrics,
     models,
@@ -73,6 +74,8 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(finetune.router, dependencies=[RateLimited])
+    # A stream is one request for the rate limit, however long it stays open.
+    app.include_router(job_stream.router, dependencies=[RateLimited])
     app.include_router(exports.router, dependencies=[RateLimited])
     app.include_router(deploy.router, dependencies=[RateLimited])
     app.include_router(datasets.router, dependencies=[RateLimited])

@@ -165,6 +165,20 @@ class MetricOut(BaseModel):
     values: dict[str, float]
 
 
+class StatusChangeOut(BaseModel):
+    """A job's move to a status (a row of its audit trail), as its stream sends it."""
+
+    from_status: JobStatus | None = Field(description="Null for the job's creation.")
+    to_status: JobStatus
+    attempt: int = Field(description="The attempt the move belongs to; 0 before the first.")
+    reason: str | None
+    at: UtcDatetime
+
+
+class StreamEndOut(BaseModel):
+    status: JobStatus = Field(description="The job's final status.")
+
+
 class MetricsOut(BaseModel):
     job_id: str
     metrics: list[MetricOut]

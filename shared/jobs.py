@@ -622,6 +622,31 @@ def logs_after(session: Session, job_id: str, after_id: int, n_lines: int) -> li
     ).all())
 
 
+def events_after(session: Session, job_id: str, after_id: int, limit: int) -> list[JobEvent]:
+    """Up to `limit` of the job's status changes with an id above `after_id`, oldest first.
+
+    Ids grow in commit order: every transition of a job locks its row before it inserts the
+    event, so two transactions never hand out a job's event ids in one order and commit them
+    in the other."""
+    return list(session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+        .order_by(JobEvent.id)
+        .limit(limit)
+    ).all())
+
+
+def metrics_after(session: Session, job_id: str, after_id: int, limit: int) -> list[JobMetric]:
+    """Up to `limit` of the job's metrics rows with an id above `after_id`, oldest first; one
+    writer at a time, as for `logs_after`."""
+    return list(session.scalars(
+        select(JobMetric)
+        .where(JobMetric.job_id == job_id, JobMetric.id > after_id)
+        .order_by(JobMetric.id)
+        .limit(limit)
+    ).all())
+
+
 def latest_metric(session: Session, job_id: str, name: str) -> JobMetric | None:
     """The job's last metrics row, if it has the value `name` (the training rows carry the
     ETA, evaluation rows do not)."""

@@ -392,6 +392,19 @@ class WebhookSettings(BaseModel):
     )
 
 
+class StreamSettings(BaseModel):
+    """How the API follows a job for its event streams (`GET /v1/finetune/llm/{id}/stream`)."""
+
+    poll_s: float = Field(
+        1.0, gt=0, le=60, description="How often an open stream reads the job's new rows; "
+        "each read takes a database connection for one short query and gives it back."
+    )
+    heartbeat_s: float = Field(
+        15.0, gt=0, le=3600, description="Longest silence on an open stream: a `: ping` comment "
+        "is sent after it so that proxies keep the connection (checked at each poll)."
+    )
+
+
 GROUPS: dict[str, type[BaseModel]] = {
     "database": DatabaseSettings,
     "broker": BrokerSettings,
@@ -404,6 +417,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "inference": InferenceSettings,
     "metrics": MetricsSettings,
     "webhooks": WebhookSettings,
+    "stream": StreamSettings,
 }
 
 # Flat name (as in `TUNERY_<NAME>` and in keyword arguments) -> (group, field). Every grouped
@@ -428,6 +442,7 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "worker_metrics_port": ("metrics", "worker_port"),
     "worker_metrics_host": ("metrics", "worker_host"),
     **{f"webhook_{name}": ("webhooks", name) for name in WebhookSettings.model_fields},
+    **{f"stream_{name}": ("stream", name) for name in StreamSettings.model_fields},
 }
 
 
@@ -457,6 +472,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
 
     @classmethod
     def settings_customise_sources(

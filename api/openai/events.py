@@ -17,15 +17,14 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, false, or_, select, true
 from sqlalchemy.orm import Session
 
+from api.feed_stream import sse_event
 from api.openai.ids import EventKey
-from api.openai.job_view import epoch
+from api.openai.job_view import epoch, job_object
 from api.openai.schemas import JobEvent as EventOut
-from shared.models import Job, JobEvent, JobLog, JobMetric, JobStatus
-
-# Among rows written in the same instant: status changes after log lines after metrics.
-_RANK = {"m": 0, "l": 1, "s": 2}
-_TABLES: dict[str, type[JobEvent] | type[JobLog] | type[JobMetric]] = {
-    "s": JobEvent, "l": JobLog, "m": JobMetric}
+from shared.job_feed import INSTANT_RANK as _RANK
+from shared.job_feed import ROW_TABLES as _TABLES
+from shared.job_feed import FeedPage, source_of
+from shared.models import Job, JobEvent, JobMetric, JobStatus
 
 
 class UnknownCursor(LookupError):
@@ -68,6 +67,35 @@ def list_events(session: Session, job: Job, *, after: EventKey | None, limit: in
     if cursor is not None:
         found = [e for e in found if _comparable(e.order) < _comparable(cursor)]
     return [e.out for e in found[:limit]], len(found) > limit
+
+
+class StreamedEvents:
+    """A page of the job's feed as the stream of `?stream=true` sends it: each event as
+    `data: {event}`, oldest first, and `data: [DONE]` after the last page, as OpenAI's legacy
+    fine-tune event streams ended. A row's last event carries the feed's cursor as its SSE id,
+    so that an EventSource that reconnects goes on after that row."""
+
+    def __init__(self, organization: str) -> None:
+        self.organization = organization
+
+    def __call__(self, page: FeedPage) -> str:
+        job = page.job
+
+        def model_name() -> str:
+            return job_object(job, self.organization).fine_tuned_model or ""
+
+        parts = []
+        cursor = page.after
+        for row in page.rows:
+            cursor = cursor.after(row)
+            events = _events_of(source_of(row), row, job, model_name)
+            for i, event in enumerate(events):
+                last = i == len(events) - 1
+                parts.append(sse_event(event.out.model_dump_json(),
+                                       event_id=str(cursor) if last else None))
+        if page.ended:
+            parts.append(sse_event("[DONE]"))
+        return "".join(parts)
 
 
 def _not_after(table: Any, source: str, cursor: tuple[datetime, int, int, int]

@@ -62,8 +62,10 @@ def hyperparameters(job: Job) -> tuple[str, dict[str, Any]]:
         return fields["method"], dict(shown)
     method = "dpo" if training.get("preference_optimization") == "DPO" else "supervised"
     micro = micro_batch_size(training.get("micro_batch_size"))
+    epochs = training.get("num_train_epochs", 1)
     shown = {
-        "n_epochs": training.get("num_train_epochs", 1),
+        # Whole epochs as OpenAI counts them; a MonsterAPI job may also train a fraction.
+        "n_epochs": int(epochs) if float(epochs).is_integer() else epochs,
         "batch_size": micro * training.get("gradient_accumulation_steps", 1),
         "learning_rate_multiplier": training.get("learning_rate", 0.001) / BASE_LEARNING_RATE,
     }

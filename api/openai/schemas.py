@@ -204,7 +204,9 @@ class JobError(BaseModel):
 class Hyperparameters(BaseModel):
     batch_size: Auto | int
     learning_rate_multiplier: Auto | float
-    n_epochs: Auto | int
+    n_epochs: Auto | int | float = Field(description="Whole epochs, except for a job submitted "
+                                         "through the MonsterAPI dialect with a fractional "
+                                         "num_train_epochs.")
     beta: Auto | float | None = Field(None, description="DPO jobs only.")
 
 

@@ -12,10 +12,17 @@ from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import OPENAI_AUTHENTICATED, ApiError, openai_error_responses
+from api.feed_stream import (
+    LastEventIdHeader,
+    event_stream,
+    follow_feed,
+    resume_cursor,
+    sse_response,
+)
 from api.limits.active_jobs import check_active_jobs
 from api.openai import checkpoints as checkpoint_views
 from api.openai import ids
-from api.openai.events import UnknownCursor, list_events
+from api.openai.events import StreamedEvents, UnknownCursor, list_events
 from api.openai.job_create import create_openai_job
 from api.openai.job_view import job_object, name_segment
 from api.openai.schemas import (
@@ -121,11 +128,32 @@ def cancel_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> FineTun
     return _view(session, job)
 
 
-@router.get("/{job_id}/events", summary="A job's events, newest first",
-            responses=openai_error_responses(404))
-def job_events(job_id: JobId, caller: TenantDep, session: SessionDep, after: After = None,
-               limit: Limit = 20) -> EventList:
+StreamEvents = Annotated[bool, Query(
+    description="true: the job's events oldest first as server-sent events, each "
+    "`data: {event}`, live until the job ends, then `data: [DONE]`; resumable with "
+    "Last-Event-ID. `after` and `limit` are for the list only.")]
+
+
+@router.get("/{job_id}/events", summary="A job's events, newest first; or live with stream=true",
+            response_model=EventList,
+            responses={**sse_response("The events, newest first (application/json); with "
+                                      "stream=true, live and oldest first (text/event-stream)",
+                                      data="A `fine_tuning.job.event` as JSON on one line; "
+                                           "`[DONE]` after the last."),
+                       **openai_error_responses(404)})
+def job_events(job_id: JobId, caller: TenantDep, session: SessionDep, settings: SettingsDep,
+               after: After = None, limit: Limit = 20, stream: StreamEvents = False,
+               last_event_id: LastEventIdHeader = None) -> EventList | StreamingResponse:
     job = _job(session, caller, job_id)
+    if stream:
+        if after is not None:
+            raise _bad_cursor("not with stream=true: a stream starts with the job's first "
+                              "event and resumes with Last-Event-ID")
+        cursor = resume_cursor(last_event_id, None)
+        render = StreamedEvents(_organization(session, job))
+        # As for /v1/finetune/llm/{id}/stream: the request's connection goes back now.
+        session.close()
+        return event_stream(follow_feed(caller.scope, job.id, cursor, render, settings.stream))
     key = None
     if after is not None:
         key = ids.event_key(after)

@@ -137,6 +137,21 @@ def test_a_job_is_a_tunery_job_both_dialects_read(client: TestClient) -> None:
     assert client.get(f"/v1/fine_tuning/jobs/{job['tunery_job_id']}").json()["id"] == job["id"]
 
 
+@pytest.mark.parametrize(("epochs", "shown"), [(0.34, 0.34), (2, 2), (1.0, 1)])
+def test_a_monsterapi_jobs_epochs_read_through_openais_dialect_fraction_and_all(
+        client: TestClient, epochs: float, shown: float) -> None:
+    from tests.conftest import make_payload
+
+    submitted = client.post("/v1/finetune/llm",
+                            json=make_payload(training_config={"num_train_epochs": epochs}))
+    job_id = submitted.json()["job_id"]
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}")
+    assert job.status_code == 200, job.text
+    n_epochs = job.json()["hyperparameters"]["n_epochs"]
+    assert n_epochs == shown and type(n_epochs) is type(shown)
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}/events").status_code == 200
+
+
 def test_a_bad_training_file_makes_a_failed_job_with_openai_error_code(
         client: TestClient) -> None:
     few = upload(client, chat_lines(7)).json()["id"]

@@ -58,6 +58,9 @@ def _config(api_key: str) -> schemathesis.Config:
         "cache": {"enabled": False},
         "suppress-health-check": ["too_slow", "filter_too_much", "data_too_large"],
         "headers": {"Authorization": f"Bearer {api_key}"},
+        # A job's event stream lasts as long as the job: a queued job's opens with two events
+        # (the job, its creation) and then only pings. Two are read and checked, no waiting.
+        "max-stream-events": 2,
         "generation": {"max-examples": MAX_EXAMPLES, "mode": "all"},
         "checks": CHECKS,
         "phases": {

@@ -99,6 +99,8 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "webhook_sender_threads": ("2", 2),
     "webhook_poll_interval_s": ("0.2", 0.2),
     "webhook_history_days": ("7", 7),
+    "stream_poll_s": ("0.25", 0.25),
+    "stream_heartbeat_s": ("5", 5.0),
 }
 
 
