@@ -44,7 +44,7 @@ class Dashboard:
 def dashboard(tmp_path_factory: pytest.TempPathFactory,
               tiny_model_dir: Path) -> Iterator[Dashboard]:
     root = tmp_path_factory.mktemp("dashboard")
-    # The page polls the JSON routes every 2 s and the tests poll too.
+    # The tests poll the JSON routes while jobs train.
     env = stack_env(root / "data", [ASSETS_DIR, tiny_model_dir],
                     TUNERY_RATE_LIMIT_PER_MINUTE="0")
     stack = LocalStack(env=env, log_dir=root / "logs")

@@ -37,12 +37,14 @@ def test_a_bad_key_shows_the_api_error_on_the_sign_in_page(dashboard: Dashboard,
     assert "tun_not-a-real-key" not in page.url
 
 
-def test_the_loss_chart_gains_points_while_the_job_trains_and_the_adapter_downloads(
+def test_the_loss_chart_gains_points_from_the_stream_while_the_job_trains_and_the_adapter_downloads(
     dashboard: Dashboard, page: Page, tiny_model_dir: Path, screenshot_dir: Path,
     tmp_path: Path,
 ) -> None:
     # Two epochs: long enough that the page opens while the job still trains.
     job_id = submit(dashboard, tiny_model_dir, num_train_epochs=2)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     sign_in(page, dashboard.url, dashboard.key)
     assert dashboard.key not in page.url
     assert page.evaluate("document.cookie") == ""
@@ -52,6 +54,7 @@ def test_the_loss_chart_gains_points_while_the_job_trains_and_the_adapter_downlo
     # More points without a reload: the page follows the job live.
     page.wait_for_function(MORE_LOSS_POINTS_THAN, arg=seen, timeout=120_000)
     expect(page.locator(".badges")).to_contain_text("COMPLETED", timeout=300_000)
+    expect(page.locator("#feed-state")).to_have_text("finished")
     expect(page.locator("[data-stat='Tokens/s'] dd")).not_to_have_text("–")
     expect(page.get_by_role("button", name="Download adapter (.tar.gz)")).to_be_visible()
     page.screenshot(path=screenshot_dir / "job.png", full_page=True)
@@ -62,6 +65,13 @@ def test_the_loss_chart_gains_points_while_the_job_trains_and_the_adapter_downlo
     loss_steps = {m["step"] for m in metrics if "loss" in m["values"]}
     expect(page.locator("#loss-chart")).to_be_visible()
     page.wait_for_function(MORE_LOSS_POINTS_THAN, arg=len(loss_steps) - 1)
+
+    # One live path: the job's stream, opened once, and none of the routes it replaces.
+    job_path = f"/v1/finetune/llm/{job_id}"
+    assert [u for u in requested if "/stream" in u] == [f"{dashboard.url}{job_path}/stream"]
+    polled = [u for u in requested if any(
+        route in u for route in (f"{job_path}/metrics", f"{job_path}/logs", "/events"))]
+    assert polled == []
 
     with page.expect_download() as downloading:
         page.get_by_role("button", name="Download adapter (.tar.gz)").click()
@@ -166,8 +176,8 @@ def test_the_pages_fit_a_phone_without_horizontal_scrolling(
         client.post(f"/v1/finetune/llm/{job_id}/cancel")
 
 
-# The stream route is not on this branch: the reader is checked on a stream the page builds
-# itself, cut at awkward places, as a proxy may deliver it.
+# The reader, on a stream the page builds itself, cut at awkward places as a proxy may deliver
+# it: the awkward places of a real stream cannot be chosen.
 READ_CHUNKED_STREAM = """async (chunks) => {
   const { readEventStream } = await import('/dashboard/js/sse.js');
   const encoder = new TextEncoder();

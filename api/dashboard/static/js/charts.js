@@ -49,7 +49,13 @@ export class StepChart {
   add(step, values) {
     if (!this.series.some((s) => typeof values[s.key] === "number")) return false;
     let index = this.byStep.get(step);
-    if (index === undefined) {
+    if (index === undefined && !(step < this.steps.at(-1))) {
+      // Steps come in order: appending keeps a long job's replay linear.
+      index = this.steps.length;
+      this.steps.push(step);
+      this.values.forEach((column) => column.push(null));
+      this.byStep.set(step, index);
+    } else if (index === undefined) {
       index = this.steps.findIndex((s) => s > step);
       if (index === -1) index = this.steps.length;
       this.steps.splice(index, 0, step);

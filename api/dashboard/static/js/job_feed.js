@@ -1,118 +1,86 @@
-// Follows one job live: its stream (GET /v1/finetune/llm/{id}/stream, the contract in
-// notes/stream_contract.md), reconnecting with Last-Event-ID so that nothing is missed or
-// repeated; or, where the API has no stream route (it answers 404 for a job that exists),
-// the JSON routes polled every 2 s.
-import { authHeaders, call, errorOf } from "./api.js";
+// Follows one job live through its stream (GET /v1/finetune/llm/{id}/stream, the contract in
+// notes/stream_contract.md): from no cursor it replays every row the job wrote, then goes on
+// live until `end`. A dropped connection or a network error is resumed with Last-Event-ID,
+// the id of the last event received, so that nothing is missed or repeated.
+import { ApiError, authHeaders, errorOf } from "./api.js";
 import { readEventStream } from "./sse.js";
 
-const POLL_MS = 2000;
-const RETRY_MS = [1000, 2000, 5000, 10000];
+// Waits before each reconnection in a row; the last one repeats, so a long outage costs one
+// request every 10 s.
+const RETRY_MS = [500, 1000, 2000, 5000, 10000];
 export const TERMINAL = new Set(["COMPLETED", "FAILED", "CANCELLED"]);
 
-// handlers: job(job), metric(row), log(row), status(row), end(status), mode("stream" | "polling")
+// handlers: job(job), metric(row), log(row), status(row), end(status),
+// state("connecting" | "live" | "reconnecting" | "finished"), error(ApiError)
 export function followJob(jobId, handlers) {
   const controller = new AbortController();
-  const state = { stopped: false };
-  streamJob(jobId, handlers, controller.signal, state).catch(() => {});
-  return () => {
-    state.stopped = true;
-    controller.abort();
-  };
+  streamJob(jobId, handlers, controller.signal).catch((error) => {
+    if (controller.signal.aborted) return;
+    handlers.error?.(error);
+    // Anything but the API's answer is a fault of the page: left unhandled, so it is reported.
+    if (!(error instanceof ApiError)) throw error;
+  });
+  return () => controller.abort();
 }
 
-async function streamJob(jobId, handlers, signal, state) {
+async function streamJob(jobId, handlers, signal) {
   const path = `/v1/finetune/llm/${encodeURIComponent(jobId)}/stream`;
   let cursor = null;
   let failures = 0;
-  while (!state.stopped) {
+  handlers.state?.("connecting");
+  while (!signal.aborted) {
     let ended = false;
+    let broken = null;
     try {
       const headers = authHeaders(undefined, { Accept: "text/event-stream" });
       if (cursor) headers["Last-Event-ID"] = cursor;
       const response = await fetch(path, { headers, signal, cache: "no-store" });
-      if (response.status === 404) {
-        // The job was read just before: a 404 here means this API has no stream route.
-        handlers.mode?.("polling");
-        return pollJob(jobId, handlers, signal, state);
+      if (!response.ok) {
+        const error = await errorOf(response);
+        // A refusal (the job gone, the key revoked, a cursor refused) stays one on retry.
+        if (response.status < 500 && response.status !== 429) throw error;
+        throw Object.assign(error, { retry: true });
       }
-      if (!response.ok) throw await errorOf(response);
-      handlers.mode?.("stream");
-      failures = 0;
+      handlers.state?.("live");
       await readEventStream(response, (event) => {
-        if (event.id) cursor = event.id;
-        const data = JSON.parse(event.data);
-        if (event.type === "end") {
-          ended = true;
-          handlers.end?.(data.status);
-        } else {
-          handlers[event.type]?.(data);
+        try {
+          const data = JSON.parse(event.data);
+          if (event.type === "end") {
+            ended = true;
+            handlers.end?.(data.status);
+          } else {
+            handlers[event.type]?.(data);
+          }
+        } catch (error) {
+          broken = error;
+          throw error;
         }
+        // Moved only once the event is shown: a reconnection resends one that was not.
+        if (event.id) cursor = event.id;
+        // An event received: the connection works, so the next drop waits the shortest time.
+        failures = 0;
       }, signal);
     } catch (error) {
-      if (state.stopped || error.name === "AbortError") return;
-      if (error.status && error.status < 500 && error.status !== 429) {
-        handlers.error?.(error);
-        return;
-      }
+      if (signal.aborted) return;
+      if (broken) throw broken;
+      // fetch() and the body's reader reject with a TypeError when the network fails.
+      if (!(error instanceof TypeError) && !error.retry) throw error;
     }
-    if (ended || state.stopped) return;
-    handlers.mode?.("reconnecting");
+    if (ended) {
+      handlers.state?.("finished");
+      return;
+    }
+    if (signal.aborted) return;
+    handlers.state?.("reconnecting");
     await sleep(RETRY_MS[Math.min(failures, RETRY_MS.length - 1)], signal);
     failures += 1;
-  }
-}
-
-async function pollJob(jobId, handlers, signal, state) {
-  const id = encodeURIComponent(jobId);
-  let metricsSeen = 0;
-  let logsAfter = 0;
-  const eventsSeen = new Set();
-  while (!state.stopped) {
-    try {
-      const job = await call(`/v1/finetune/llm/${id}`, { signal });
-      handlers.job?.(job);
-      const { metrics } = await call(`/v1/finetune/llm/${id}/metrics`, { signal });
-      for (const row of metrics.slice(metricsSeen)) handlers.metric?.(row);
-      metricsSeen = metrics.length;
-      for (;;) {
-        const logs = await call(`/v1/finetune/llm/${id}/logs?n_lines=1000&after=${logsAfter}`,
-          { signal });
-        for (const line of logs.lines) handlers.log?.(line);
-        const more = logs.lines.length === 1000;
-        logsAfter = logs.next_after;
-        if (!more) break;
-      }
-      await pollStatusEvents(id, handlers, eventsSeen, signal);
-      if (TERMINAL.has(job.status)) {
-        handlers.end?.(job.status);
-        return;
-      }
-    } catch (error) {
-      if (state.stopped || error.name === "AbortError") return;
-      if (error.status && error.status < 500 && error.status !== 429) {
-        handlers.error?.(error);
-        return;
-      }
-    }
-    await sleep(POLL_MS, signal);
-  }
-}
-
-// The status changes, from the OpenAI dialect's event list: its ids name the table an event
-// was read from (`ftevent-s…` for job_events, api/openai/ids.py).
-async function pollStatusEvents(id, handlers, seen, signal) {
-  const { data } = await call(`/v1/fine_tuning/jobs/${id}/events?limit=100`, { signal });
-  const fresh = data.filter((e) => e.id.startsWith("ftevent-s") && !seen.has(e.id)).reverse();
-  for (const event of fresh) {
-    seen.add(event.id);
-    handlers.status?.({ message: event.message, at: new Date(event.created_at * 1000).toISOString() });
   }
 }
 
 function sleep(ms, signal) {
   return new Promise((resolve) => {
     const timer = setTimeout(resolve, ms);
-    signal?.addEventListener("abort", () => {
+    signal.addEventListener("abort", () => {
       clearTimeout(timer);
       resolve();
     }, { once: true });

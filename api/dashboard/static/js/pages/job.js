@@ -37,22 +37,29 @@ class JobPage {
     this.me = me;
     this.latest = {};
     this.timers = [];
+    // What the stream brought since the last frame: shown together, once per frame.
+    this.pending = { logs: [], statuses: [], metrics: false };
+    this.frame = null;
     this.build(main);
     this.showJob(job);
     this.stopFeed = followJob(job.job_id, {
       job: (j) => this.showJob(j),
       metric: (row) => this.addMetric(row),
       log: (row) => this.addLog(row),
-      status: (row) => this.addEvent(row),
+      status: (row) => this.addStatus(row),
       end: () => this.finished(),
-      mode: (mode) => { this.feedMode.textContent = FEED_MODES[mode] ?? mode; },
-      error: (error) => replaceChildren(this.problem, notice("error", error.message)),
+      state: (state) => this.showFeedState(state),
+      error: (error) => {
+        this.showFeedState("stopped");
+        replaceChildren(this.problem, notice("error", error.message));
+      },
     });
     this.loadCheckpoints();
     this.timers.push(setInterval(() => {
       if (!TERMINAL.has(this.job.status)) this.loadCheckpoints();
     }, CHECKPOINTS_REFRESH_MS));
-    if (TERMINAL.has(job.status)) this.loadDownloads();
+    this.finishedAtOpen = TERMINAL.has(job.status);
+    if (this.finishedAtOpen) this.loadDownloads();
   }
 
   build(main) {
@@ -65,7 +72,7 @@ class JobPage {
       this.button("Resume", "resume", "secondary"));
     this.problem = el("div", { "aria-live": "assertive" });
     this.stats = el("dl", { class: "stats" });
-    this.feedMode = el("span", { class: "feed-mode", role: "status" }, "connecting…");
+    this.feedMode = el("span", { class: "feed-mode", role: "status", id: "feed-state" });
     const lossBox = el("div", { class: "chart", id: "loss-chart" });
     const lrBox = el("div", { class: "chart", id: "lr-chart" });
     this.logs = el("pre", { class: "log-tail", id: "log-tail", tabindex: 0,
@@ -108,7 +115,6 @@ class JobPage {
       series: [{ key: "learning_rate", label: "learning rate" }],
       valueFormat: (v) => (v === 0 ? "0" : v.toExponential(1)),
     });
-    this.redraw = null;
   }
 
   button(label, action, kind) {
@@ -181,46 +187,67 @@ class JobPage {
   addMetric(row) {
     const values = row.values;
     this.latest.step = row.step;
-    for (const key of ["loss", "eval_loss", "learning_rate", "total_steps", "eta_s"]) {
+    for (const key of ["loss", "eval_loss", "learning_rate", "total_steps", "eta_s",
+      "tokens_per_s"]) {
       if (typeof values[key] === "number") this.latest[key] = values[key];
     }
-    // The worker writes tokens_per_s (worker/pipeline/callbacks.py).
-    const speed = values.tokens_per_s ?? values.tokens_per_second;
-    if (typeof speed === "number") this.latest.tokens_per_s = speed;
     this.lossChart.add(row.step, values);
     this.lrChart.add(row.step, values);
-    // Many rows arrive at once when a page opens on a long job: one redraw per frame.
-    if (!this.redraw) {
-      this.redraw = requestAnimationFrame(() => {
-        this.redraw = null;
-        this.lossChart.draw();
-        this.lrChart.draw();
-        this.showStats();
-      });
-    }
+    this.pending.metrics = true;
+    this.showSoon();
   }
 
   addLog(row) {
-    const atBottom = this.logs.scrollTop + this.logs.clientHeight >= this.logs.scrollHeight - 8;
-    this.logs.append(`${row.line}\n`);
-    while (this.logs.childNodes.length > LOG_LINES_KEPT) this.logs.firstChild.remove();
-    if (atBottom) this.logs.scrollTop = this.logs.scrollHeight;
+    this.pending.logs.push(row.line);
+    // A tab in the background draws no frames: only the lines the tail will keep wait.
+    if (this.pending.logs.length > 2 * LOG_LINES_KEPT) {
+      this.pending.logs.splice(0, this.pending.logs.length - LOG_LINES_KEPT);
+    }
+    this.showSoon();
   }
 
-  addEvent(row) {
-    const text = row.message ?? [
-      `${row.from_status ?? "new"} → ${row.to_status}`,
-      row.reason ? `: ${row.reason}` : "",
-    ].join("");
-    this.events.append(el("li", {},
-      el("time", { datetime: row.at }, new Date(row.at).toLocaleTimeString()), " ", text));
+  addStatus(row) {
+    this.pending.statuses.push(row);
+    this.showSoon();
   }
 
+  // A page opened on a long job receives its whole history at once: drawing per row would
+  // hold the page for seconds, so rows are drawn once per animation frame.
+  showSoon() {
+    if (this.frame === null) this.frame = requestAnimationFrame(() => this.showPending());
+  }
+
+  showPending() {
+    this.frame = null;
+    const { logs, statuses, metrics } = this.pending;
+    this.pending = { logs: [], statuses: [], metrics: false };
+    if (metrics) {
+      this.lossChart.draw();
+      this.lrChart.draw();
+      this.showStats();
+    }
+    if (logs.length) {
+      const atBottom = this.logs.scrollTop + this.logs.clientHeight >= this.logs.scrollHeight - 8;
+      this.logs.append(...logs.slice(-LOG_LINES_KEPT).map((line) => `${line}\n`));
+      const extra = this.logs.childNodes.length - LOG_LINES_KEPT;
+      for (let i = 0; i < extra; i += 1) this.logs.firstChild.remove();
+      if (atBottom) this.logs.scrollTop = this.logs.scrollHeight;
+    }
+    this.events.append(...statuses.map((row) => el("li", {},
+      el("time", { datetime: row.at }, new Date(row.at).toLocaleTimeString()), " ",
+      `${row.from_status ?? "new"} → ${row.to_status}`, row.reason ? `: ${row.reason}` : "")));
+  }
+
+  showFeedState(state) {
+    this.feedMode.dataset.state = state;
+    this.feedMode.textContent = FEED_STATES[state];
+  }
+
+  // The stream sent the finished job just before its `end`.
   finished() {
-    this.feedMode.textContent = "finished";
+    if (this.finishedAtOpen) return;
     this.loadCheckpoints();
     this.loadDownloads();
-    call(`/v1/finetune/llm/${this.job.job_id}`).then((j) => this.showJob(j)).catch(() => {});
   }
 
   async loadCheckpoints() {
@@ -290,16 +317,18 @@ class JobPage {
   leave() {
     this.stopFeed();
     this.timers.forEach(clearInterval);
-    if (this.redraw) cancelAnimationFrame(this.redraw);
+    if (this.frame !== null) cancelAnimationFrame(this.frame);
     this.lossChart.destroy();
     this.lrChart.destroy();
   }
 }
 
-const FEED_MODES = {
-  stream: "live (stream)",
-  polling: "live (polling every 2 s)",
+const FEED_STATES = {
+  connecting: "connecting…",
+  live: "live",
   reconnecting: "reconnecting…",
+  finished: "finished",
+  stopped: "not following",
 };
 const ACTION_DONE = {
   cancel: "Cancel requested.",
