@@ -46,7 +46,10 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory,
     root = tmp_path_factory.mktemp("dashboard")
     # The tests poll the JSON routes while jobs train.
     env = stack_env(root / "data", [ASSETS_DIR, tiny_model_dir],
-                    TUNERY_RATE_LIMIT_PER_MINUTE="0")
+                    TUNERY_RATE_LIMIT_PER_MINUTE="0",
+                    # The webhooks page's test endpoint is a receiver on this machine.
+                    TUNERY_ALLOW_HTTP_URLS="true",
+                    TUNERY_ALLOWED_PRIVATE_URL_HOSTS='["127.0.0.1"]')
     stack = LocalStack(env=env, log_dir=root / "logs")
     stack.__enter__()
     try:

@@ -8,6 +8,7 @@ import { renderJobs } from "./pages/jobs.js";
 import { renderNewJob } from "./pages/new_job.js";
 import { renderPlayground } from "./pages/playground.js";
 import { renderSignIn } from "./pages/signin.js";
+import { renderWebhooks } from "./pages/webhooks.js";
 
 const main = document.getElementById("main");
 const topbar = document.getElementById("topbar");
@@ -19,6 +20,7 @@ const ROUTES = [
   [/^#\/new(?:\?.*)?$/, "new", (_, ctx) => renderNewJob(main, ctx)],
   [/^#\/datasets$/, "datasets", (_, ctx) => renderDatasets(main, ctx)],
   [/^#\/playground$/, "playground", (_, ctx) => renderPlayground(main, ctx)],
+  [/^#\/webhooks$/, "webhooks", (_, ctx) => renderWebhooks(main, ctx)],
   [/^#\/jobs(?:\?.*)?$/, "jobs", (_, ctx) => renderJobs(main, ctx)],
 ];
 

@@ -9,6 +9,13 @@ import { progressBar, statusBadge } from "./jobs.js";
 
 const LOG_LINES_KEPT = 400;
 const CHECKPOINTS_REFRESH_MS = 10000;
+const EXPORTS_REFRESH_MS = 3000;
+// The exports POST /v1/finetune/llm/{id}/exports builds (shared/schema.py's ExportRequest).
+const EXPORT_KINDS = [
+  ["merged", "Merged model (safetensors)", { format: "merged" }],
+  ["gguf-f16", "GGUF f16 + Ollama Modelfile", { format: "gguf", quantization: "f16" }],
+  ["gguf-q8_0", "GGUF q8_0 + Ollama Modelfile", { format: "gguf", quantization: "q8_0" }],
+];
 
 export async function renderJob(main, { me }, jobId) {
   replaceChildren(main, el("p", { class: "loading", role: "status" }, "Loading job…"));
@@ -81,6 +88,7 @@ class JobPage {
     this.checkpoints = el("div", { id: "checkpoints" }, el("p", { class: "muted" }, "None yet."));
     this.downloads = el("div", { id: "downloads" },
       el("p", { class: "muted" }, "Artifacts can be downloaded once the job has completed."));
+    this.exporter = this.exportForm();
     this.details = el("dl", { class: "details" });
     replaceChildren(main,
       el("nav", { class: "crumbs", "aria-label": "Breadcrumb" }, el("a", { href: "#/jobs" }, "Jobs"),
@@ -103,7 +111,8 @@ class JobPage {
       el("section", { class: "card", "aria-labelledby": "checkpoints-title" },
         el("h2", { id: "checkpoints-title" }, "Checkpoints"), this.checkpoints),
       el("section", { class: "card", "aria-labelledby": "downloads-title" },
-        el("h2", { id: "downloads-title" }, "Artifacts and exports"), this.downloads),
+        el("h2", { id: "downloads-title" }, "Artifacts and exports"), this.downloads,
+        this.exporter),
       el("section", { class: "card", "aria-labelledby": "details-title" },
         el("h2", { id: "details-title" }, "Details"), this.details));
     this.lossChart = new StepChart(lossBox, {
@@ -149,6 +158,7 @@ class JobPage {
     for (const button of this.actions.querySelectorAll("button")) {
       button.disabled = !enable[button.dataset.action];
     }
+    this.exporter.hidden = job.status !== "COMPLETED";
     this.showStats();
     const rows = [
       ["Base model", job.base_model],
@@ -268,11 +278,39 @@ class JobPage {
     }
   }
 
+  exportForm() {
+    const kind = el("select", { id: "export-kind" },
+      EXPORT_KINDS.map(([value, label]) => el("option", { value }, label)));
+    const button = el("button", { type: "submit", class: "button secondary" }, "Export");
+    const form = el("form", { class: "export-form", "aria-label": "Export" },
+      el("label", { for: "export-kind" }, "Export as"), kind, button);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      button.disabled = true;
+      replaceChildren(this.problem);
+      const [, , body] = EXPORT_KINDS.find(([value]) => value === kind.value);
+      try {
+        await call(`/v1/finetune/llm/${this.job.job_id}/exports`, { method: "POST", body });
+        await this.loadDownloads();
+      } catch (error) {
+        replaceChildren(this.problem, notice("error", error.message));
+      } finally {
+        button.disabled = false;
+      }
+    });
+    return form;
+  }
+
   async loadDownloads() {
+    clearTimeout(this.exportsRefresh);
     const id = this.job.job_id;
     try {
       const [artifacts, exports] = await Promise.all([
         call(`/v1/finetune/llm/${id}/artifacts`), call(`/v1/finetune/llm/${id}/exports`)]);
+      // A worker builds an export after the request: its status is followed until it is done.
+      if (exports.exports.some((x) => x.status === "QUEUED" || x.status === "RUNNING")) {
+        this.exportsRefresh = setTimeout(() => this.loadDownloads(), EXPORTS_REFRESH_MS);
+      }
       if (!artifacts.artifacts.length) {
         replaceChildren(this.downloads, el("p", { class: "muted" },
           this.job.status === "COMPLETED" ? "No artifacts in storage." : "This job produced no artifacts."));
@@ -285,9 +323,11 @@ class JobPage {
           this.downloadButton(a.download_url, a.name.split("/").pop(), a.name, "link-button"),
           el("span", { class: "muted" }, ` ${bytes(a.size)}`)))),
         exports.exports.length ? el("h3", {}, "Exports") : null,
-        el("ul", { class: "files" }, exports.exports.map((x) => el("li", {},
+        el("ul", { class: "files", id: "exports" }, exports.exports.map((x) => el("li", {
+          "data-export": x.export_id },
           el("strong", {}, `${x.format}${x.quantization ? ` ${x.quantization}` : ""}`), " ",
           statusBadge(x.status), " ",
+          x.error ? el("span", { class: "error-text" }, x.error, " ") : null,
           x.artifacts.map((name) => this.downloadButton(
             `/v1/finetune/llm/${id}/artifacts/${name}`, name.split("/").pop(), name, "link-button"))))));
     } catch (error) {
@@ -317,6 +357,7 @@ class JobPage {
   leave() {
     this.stopFeed();
     this.timers.forEach(clearInterval);
+    clearTimeout(this.exportsRefresh);
     if (this.frame !== null) cancelAnimationFrame(this.frame);
     this.lossChart.destroy();
     this.lrChart.destroy();

@@ -20,16 +20,23 @@ export async function renderPlayground(main) {
     new ChatPanel("right", "Base model", models, models.find((id) => !id.startsWith("ft:")) ?? models[0]),
   ];
   const prompt = el("textarea", { id: "playground-prompt", rows: 3, required: true });
+  // 0 answers greedily: the two models' answers then differ only by what the job taught.
+  const temperature = el("input", { id: "playground-temperature", type: "number", min: 0, max: 2,
+    step: 0.1, value: 1, required: true });
   const send = el("button", { type: "submit", class: "button" }, "Send to both");
   const form = el("form", { class: "card chat-form", "aria-label": "Message" },
-    el("div", {}, el("label", { for: "playground-prompt" }, "Message"), prompt), send);
+    el("div", {}, el("label", { for: "playground-prompt" }, "Message"), prompt),
+    el("div", { class: "temperature" },
+      el("label", { for: "playground-temperature" }, "Temperature"), temperature),
+    send);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const text = prompt.value.trim();
     if (!text) return;
     send.disabled = true;
     prompt.value = "";
-    await Promise.all(panels.map((panel) => panel.ask(text)));
+    const sampling = { temperature: temperature.valueAsNumber };
+    await Promise.all(panels.map((panel) => panel.ask(text, sampling)));
     send.disabled = false;
     prompt.focus();
   });
@@ -41,6 +48,8 @@ export async function renderPlayground(main) {
     form);
   return null;
 }
+
+const MAX_TOKENS = 256;
 
 class ChatPanel {
   constructor(id, title, models, chosen) {
@@ -58,14 +67,14 @@ class ChatPanel {
       el("label", { for: `model-${id}` }, "Model"), this.select, this.log);
   }
 
-  async ask(text) {
+  async ask(text, sampling) {
     this.messages.push({ role: "user", content: text });
     this.log.append(el("div", { class: "bubble user" }, text));
     const waiting = el("div", { class: "bubble assistant muted" }, "…");
     this.log.append(waiting);
     try {
       const answer = await call("/v1/chat/completions", { method: "POST", body: {
-        model: this.select.value, messages: this.messages, max_tokens: 256 } });
+        model: this.select.value, messages: this.messages, max_tokens: MAX_TOKENS, ...sampling } });
       const content = answer.choices[0].message.content ?? "";
       this.messages.push({ role: "assistant", content });
       waiting.replaceWith(el("div", { class: "bubble assistant" }, content));
