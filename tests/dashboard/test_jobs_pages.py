@@ -165,6 +165,7 @@ def test_the_pages_fit_a_phone_without_horizontal_scrolling(
         ("new-job", "#/new", "main h1"),
         ("datasets", "#/datasets", "main h1"),
         ("playground", "#/playground", "main h1"),
+        ("webhooks", "#/webhooks", "main h1"),
     ]:
         page.goto(f"{dashboard.url}/{hash_route}")
         page.locator(ready).first.wait_for()

@@ -35,7 +35,7 @@ def test_a_webhook_endpoint_shows_its_secret_once_and_its_test_attempts_then_is_
             row.get_by_role("button", name="Send test").click()
             expect(page.get_by_role("status").filter(has_text="answered")).to_contain_text(
                 f"with {answer}.")
-        attempts = row.locator("tr[data-attempt-id]")
+        attempts = page.locator("tr[data-attempt-id]")
         expect(attempts).to_have_count(2)
         page.screenshot(path=screenshot_dir / "webhooks.png", full_page=True)
         assert len(hooks.received) == 2

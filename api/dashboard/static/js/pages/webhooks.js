@@ -22,6 +22,7 @@ export async function renderWebhooks(main) {
 
 class WebhooksPage {
   constructor(main, eventTypes) {
+    this.eventTypes = eventTypes;
     this.status = el("div", { "aria-live": "assertive" });
     this.secret = el("div", { "aria-live": "polite" });
     this.list = el("div", { id: "webhook-list" });
@@ -86,18 +87,21 @@ class WebhooksPage {
         el("table", { class: "responsive" },
           el("thead", {}, el("tr", {}, ["Name", "URL", "Events", "Secret", "State", ""].map(
             (h) => el("th", { scope: "col" }, h)))),
-          el("tbody", {}, data.map((endpoint) => this.row(endpoint))))));
+          el("tbody", {}, data.map((endpoint) => this.rows(endpoint))))));
     } catch (error) {
       replaceChildren(this.list, notice("error", error.message));
     }
   }
 
-  row(endpoint) {
-    const attempts = el("div", { class: "attempts", hidden: true });
+  // The endpoint's row, and a full-width row under it for its attempts.
+  rows(endpoint) {
+    const attempts = el("div", { class: "attempts" });
+    const attemptsRow = el("tr", { class: "attempts-row", hidden: true },
+      el("td", { colspan: 6 }, attempts));
     const showAttempts = el("button", { type: "button", class: "button secondary small" }, "Attempts");
     showAttempts.addEventListener("click", () => {
-      attempts.hidden = !attempts.hidden;
-      if (!attempts.hidden) this.loadAttempts(endpoint, attempts);
+      attemptsRow.hidden = !attemptsRow.hidden;
+      if (!attemptsRow.hidden) this.loadAttempts(endpoint, attempts);
     });
     const test = el("button", { type: "button", class: "button secondary small" }, "Send test");
     test.addEventListener("click", async () => {
@@ -111,7 +115,7 @@ class WebhooksPage {
         replaceChildren(this.status, notice("error", error.message));
       } finally {
         test.disabled = false;
-        attempts.hidden = false;
+        attemptsRow.hidden = false;
         this.loadAttempts(endpoint, attempts);
       }
     });
@@ -133,14 +137,17 @@ class WebhooksPage {
         remove.disabled = false;
       }
     });
-    return el("tr", { "data-endpoint-id": endpoint.id },
+    const everyType = this.eventTypes.every((type) => endpoint.event_types.includes(type));
+    return [el("tr", { "data-endpoint-id": endpoint.id },
       el("td", { "data-label": "Name" }, el("span", { class: "cell" }, endpoint.name)),
       el("td", { "data-label": "URL", class: "mono" }, el("span", { class: "cell" }, endpoint.url)),
-      el("td", { "data-label": "Events" }, el("span", { class: "cell" }, endpoint.event_types.join(", "))),
+      el("td", { "data-label": "Events" }, el("span", { class: "cell" },
+        everyType ? "every type" : endpoint.event_types.join(", "))),
       el("td", { "data-label": "Secret", class: "mono" }, endpoint.signing_secret_hint ?? "–"),
       el("td", { "data-label": "State" }, endpoint.enabled ? "enabled"
         : `disabled${endpoint.disabled_reason ? `: ${endpoint.disabled_reason}` : ""}`),
-      el("td", {}, el("div", { class: "row-actions" }, showAttempts, test, remove), attempts));
+      el("td", {}, el("div", { class: "row-actions" }, showAttempts, test, remove))),
+    attemptsRow];
   }
 
   async loadAttempts(endpoint, box) {
