@@ -11,7 +11,8 @@ const RETRY_MS = [500, 1000, 2000, 5000, 10000];
 export const TERMINAL = new Set(["COMPLETED", "FAILED", "CANCELLED"]);
 
 // handlers: job(job), metric(row), log(row), status(row), end(status),
-// state("connecting" | "live" | "reconnecting" | "finished"), error(ApiError)
+// state("connecting" | "live" | "reconnecting" | "finished"), error(error): the API refused the
+// stream (an ApiError), or the page failed; either way following has stopped.
 export function followJob(jobId, handlers) {
   const controller = new AbortController();
   streamJob(jobId, handlers, controller.signal).catch((error) => {
