@@ -1,17 +1,22 @@
 """A job's feed (`shared.job_feed`) served as server-sent events: the loop that both dialects'
 streams share, and the wire format.
 
-Each poll reads one page in a short session of its own, in the thread pool, and closes it
-before it waits: a client that reads slowly, or not at all, holds a coroutine, never a
-database connection. The wait is an async sleep. When the client disconnects, Starlette
-cancels the response's task at its next await, which ends the loop.
+Each poll reads one page in a short session of its own, on a few threads that only streams
+use (`TUNERY_STREAM_READ_THREADS`), and closes it before it waits: a client that reads
+slowly, or not at all, holds a coroutine, never a database connection, and a crowd of streams
+reads more slowly instead of taking the threads and connections other requests need. The wait
+is an async sleep. When the client disconnects, Starlette cancels the response's task at its
+next await, which ends the loop. One key holds at most `TUNERY_STREAM_MAX_PER_KEY` streams.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -20,7 +25,6 @@ from fastapi import Header, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
 from shared.db import session_factory
@@ -88,10 +92,55 @@ def resume_cursor(header: str | None, query: str | None) -> FeedCursor:
                        [{"path": LAST_EVENT_ID, "message": str(exc)}]) from None
 
 
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+class OpenStreams:
+    """The streams each API key holds open in this process.
+
+    A stream counts for as long as its event generator exists: the registry keeps weak
+    references only, so a stream that ended, was cut off, or whose response never started is
+    forgotten once the server drops it, with nothing to release by hand.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[str, weakref.WeakSet[AsyncIterator[str]]] = {}
+
+    def hold(self, key_id: str, events: AsyncIterator[str], limit: int) -> None:
+        """Count `events` as one of `key_id`'s streams; 429 when it holds `limit` already."""
+        with self._lock:
+            held = self._by_key.setdefault(key_id, weakref.WeakSet())
+            if len(held) >= limit:
+                raise ApiError(429, "too_many_streams",
+                               f"this API key has {len(held)} streams open, the most it may "
+                               f"hold at once (TUNERY_STREAM_MAX_PER_KEY); close one first",
+                               headers={"Retry-After": "5"})
+            held.add(events)
+            for key in [k for k, streams in self._by_key.items() if not streams]:
+                del self._by_key[key]
+
+
+OPEN_STREAMS = OpenStreams()
+
+
+def event_stream(events: AsyncIterator[str], key_id: str,
+                 settings: StreamSettings) -> StreamingResponse:
+    """The response that sends `events`, held as one of `key_id`'s open streams."""
+    OPEN_STREAMS.hold(key_id, events, settings.max_per_key)
     # no-cache and X-Accel-Buffering: a proxy (nginx) must pass each event on as it comes.
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# One per event loop: a limiter belongs to the loop it was made on (tests run several).
+_READ_LIMITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+    weakref.WeakKeyDictionary())
+
+
+def _read_limiter(threads: int) -> anyio.CapacityLimiter:
+    loop = asyncio.get_running_loop()
+    limiter = _READ_LIMITERS.get(loop)
+    if limiter is None:
+        limiter = _READ_LIMITERS[loop] = anyio.CapacityLimiter(threads)
+    return limiter
 
 
 async def follow_feed(scope: Scope, job_id: str, cursor: FeedCursor, render: RenderPage,
@@ -105,8 +154,9 @@ async def follow_feed(scope: Scope, job_id: str, cursor: FeedCursor, render: Ren
     last_sent = time.monotonic()
     while True:
         try:
-            page: FeedPage | None = await run_in_threadpool(_read_in_session, scope, job_id,
-                                                            cursor)
+            page: FeedPage | None = await anyio.to_thread.run_sync(
+                _read_in_session, scope, job_id, cursor,
+                limiter=_read_limiter(settings.read_threads))
         except JobNotFound:
             return  # deleted while followed
         except (OperationalError, PoolTimeout) as exc:

@@ -403,6 +403,15 @@ class StreamSettings(BaseModel):
         15.0, gt=0, le=3600, description="Longest silence on an open stream: a `: ping` comment "
         "is sent after it so that proxies keep the connection (checked at each poll)."
     )
+    max_per_key: int = Field(
+        16, ge=1, le=10_000, description="Streams one API key may hold open at once in one API "
+        "process; the next is a 429. A dashboard tab or `tunery watch` holds one."
+    )
+    read_threads: int = Field(
+        4, ge=1, le=64, description="Threads, and so database connections, that all of an API "
+        "process's open streams read with at once: many streams read more slowly, and never "
+        "take the threads and connections other requests need."
+    )
 
 
 GROUPS: dict[str, type[BaseModel]] = {

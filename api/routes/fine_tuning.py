@@ -153,7 +153,8 @@ def job_events(job_id: JobId, caller: TenantDep, session: SessionDep, settings: 
         render = StreamedEvents(_organization(session, job))
         # As for /v1/finetune/llm/{id}/stream: the request's connection goes back now.
         session.close()
-        return event_stream(follow_feed(caller.scope, job.id, cursor, render, settings.stream))
+        return event_stream(follow_feed(caller.scope, job.id, cursor, render, settings.stream),
+                            caller.key_id, settings.stream)
     key = None
     if after is not None:
         key = ids.event_key(after)

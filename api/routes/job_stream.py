@@ -92,4 +92,4 @@ def stream_job(job_id: JobId, caller: TenantDep, session: SessionDep, settings: 
     # does: closed now, it gives its connection back. Each poll opens its own.
     session.close()
     return event_stream(follow_feed(caller.scope, job.id, cursor, NativeEvents(),
-                                    settings.stream))
+                                    settings.stream), caller.key_id, settings.stream)

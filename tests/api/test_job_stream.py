@@ -305,6 +305,80 @@ def test_a_client_that_disconnects_stops_the_polls(
     assert len(reads) == settled
 
 
+def test_one_key_holds_at_most_its_streams_and_other_keys_are_not_held_up(
+        served: tuple[str, Callable[[], int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    base_url, _ = served
+    monkeypatch.setenv("TUNERY_STREAM_MAX_PER_KEY", "2")
+    get_settings.cache_clear()
+    crowd = {"Authorization": f"Bearer {new_key('crowd')}"}
+    other = {"Authorization": f"Bearer {new_key('other')}"}
+    with httpx.Client(base_url=base_url, headers=crowd, timeout=10) as client:
+        job_id = client.post("/v1/finetune/llm", json=_payload()).json()["job_id"]
+        with client.stream("GET", url(job_id)) as first, \
+                client.stream("GET", url(job_id)) as second:
+            assert (first.status_code, second.status_code) == (200, 200)
+            refused = client.get(url(job_id))
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "too_many_streams"
+            assert refused.headers["Retry-After"]
+            admin = client.get(url(job_id), headers=other)
+            assert admin.status_code == 404  # another tenant's job: the cap is not in the way
+            mine = client.post("/v1/finetune/llm", json=_payload(), headers=other).json()
+            with client.stream("GET", url(mine["job_id"]), headers=other) as theirs:
+                assert theirs.status_code == 200
+        # Once the server has dropped the closed streams, the key may open one again.
+        deadline = time.monotonic() + 10
+        while (status := _open_briefly(client, url(job_id))) == 429:
+            assert time.monotonic() < deadline, "the closed streams were never forgotten"
+            time.sleep(POLL_S * 4)
+        assert status == 200
+
+
+def _open_briefly(client: httpx.Client, path: str) -> int:
+    with client.stream("GET", path) as response:
+        return response.status_code
+
+
+def test_every_stream_reads_on_the_streams_own_few_threads(
+        served: tuple[str, Callable[[], int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    base_url, _ = served
+    monkeypatch.setenv("TUNERY_STREAM_READ_THREADS", "1")
+    get_settings.cache_clear()
+    reading = 0
+    most = 0
+    count_lock = threading.Lock()
+    real_read = api.feed_stream._read_in_session
+
+    def counted_read(*args: Any) -> Any:
+        nonlocal reading, most
+        with count_lock:
+            reading += 1
+            most = max(most, reading)
+        try:
+            time.sleep(POLL_S / 2)  # long enough for reads to overlap if they could
+            return real_read(*args)
+        finally:
+            with count_lock:
+                reading -= 1
+
+    monkeypatch.setattr(api.feed_stream, "_read_in_session", counted_read)
+    headers = {"Authorization": f"Bearer {new_key('many')}"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=10) as client:
+        job_id = client.post("/v1/finetune/llm", json=_payload()).json()["job_id"]
+        streams = [client.stream("GET", url(job_id)) for _ in range(6)]
+        responses = [stream.__enter__() for stream in streams]
+        try:
+            for response in responses:
+                assert next(parse_sse(response.iter_lines())).name == "job"
+            time.sleep(POLL_S * 10)
+            # The API's own thread pool is free for everyone else meanwhile.
+            assert client.get(f"/v1/finetune/llm/{job_id}").status_code == 200
+        finally:
+            for stream in streams:
+                stream.__exit__(None, None, None)
+    assert most == 1
+
+
 def _payload() -> dict[str, Any]:
     from tests.conftest import make_payload
 

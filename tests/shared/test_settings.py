@@ -101,6 +101,8 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "webhook_history_days": ("7", 7),
     "stream_poll_s": ("0.25", 0.25),
     "stream_heartbeat_s": ("5", 5.0),
+    "stream_max_per_key": ("3", 3),
+    "stream_read_threads": ("2", 2),
 }
 
 
