@@ -62,8 +62,9 @@ def _up(args: argparse.Namespace) -> int:
                 print(f"Tunery is up at {stack.base_url} ({serving}; API reference at "
                       f"{stack.base_url}/docs); Ctrl-C stops them all", flush=True)
                 if not args.verbose:
-                    print("job logs: GET /v1/finetune/llm/{job_id}/logs; `tunery up --verbose` "
-                          "shows the services' own output", flush=True)
+                    print("a job live: `tunery watch JOB` (with TUNERY_API_KEY) or GET "
+                          "/v1/finetune/llm/{job_id}/stream; `tunery up --verbose` shows the "
+                          "services' own output", flush=True)
                 name, code = stack.wait()
         except StopRequested:
             return 0
