@@ -1,5 +1,5 @@
 """Typed dependencies: a route asks for `SessionDep`, `TenantDep`, `StorageDep`; a router
-asks for `RateLimited`."""
+asks for `RateLimited`, the metrics route for `MetricsReader`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from api.errors import ApiError
 from api.limits.auth_failures import refuse_if_over
 from api.limits.rate import RateLimiter
+from api.metrics.access import check_metrics_reader
 from shared.db import session_factory
 from shared.keys import authenticate, record_use
 from shared.models import KeyRole
@@ -120,3 +121,13 @@ def limit_rate(request: Request, caller: TenantDep) -> None:
 
 # For `include_router(..., dependencies=[RateLimited])`.
 RateLimited = Depends(limit_rate)
+
+
+def require_metrics_reader(request: Request, credentials: BearerDep,
+                           settings: SettingsDep) -> None:
+    """401 or 403 unless the caller may read GET /metrics (`api.metrics.access`)."""
+    check_metrics_reader(request, credentials.credentials if credentials else "", settings)
+
+
+# For the metrics route: Prometheus sends the metrics token, never an API key.
+MetricsReader = Depends(require_metrics_reader)

@@ -21,6 +21,7 @@ from shared.deployments import DeploymentNotFound, DeploymentRefused, Deployment
 from shared.idempotency import HEADER as IDEMPOTENCY_HEADER
 from shared.idempotency import IdempotencyKeyRejected
 from shared.jobs import JobConflict, JobNotFound
+from shared.webhooks.endpoints import EndpointNotFound, EndpointRefused
 
 log = logging.getLogger("tunery.api")
 
@@ -154,7 +155,7 @@ def validation_fields(errors: Sequence[Any]) -> list[dict[str, str]]:
 
 
 OPENAI_PATHS = ("/v1/files", "/v1/fine_tuning", "/v1/models", "/v1/chat/", "/v1/completions",
-                "/v1/deployments")
+                "/v1/deployments", "/v1/webhook_endpoints", "/v1/webhook_event_types")
 """Routes of the OpenAI dialect: their errors take OpenAI's shape and status codes."""
 
 _OPENAI_CODES = {"unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}
@@ -235,6 +236,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _deploy_refused(request: Request, exc: DeploymentRefused) -> JSONResponse:
         code = {404: "not_found", 409: "conflict"}.get(exc.status, "invalid_request")
         return error_response(request, exc.status, code, exc.message,
+                              [{"path": exc.field, "message": exc.message}])
+
+    @app.exception_handler(EndpointNotFound)
+    async def _no_endpoint(request: Request, exc: EndpointNotFound) -> JSONResponse:
+        return error_response(request, 404, "not_found",
+                              f"no webhook endpoint with id {exc.args[0]}")
+
+    @app.exception_handler(EndpointRefused)
+    async def _endpoint_refused(request: Request, exc: EndpointRefused) -> JSONResponse:
+        return error_response(request, 422, "invalid_request", exc.message,
                               [{"path": exc.field, "message": exc.message}])
 
     @app.exception_handler(DatasetNotFound)

@@ -12,11 +12,14 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from api.access_log import install_access_log_filter
+from api.dashboard.serve import install_dashboard
 from api.deps import RateLimited
 from api.errors import install_error_handlers
 from api.limits.auth_failures import FailedAuthLimiter
 from api.limits.body import RequestBodyLimit
 from api.limits.rate import RateLimiter
+from api.metrics.http import RequestMetrics
+from api.metrics.processes import forget_this_process
 from api.routes import (
     completions,
     datasets,
@@ -29,8 +32,10 @@ from api.routes import (
     health,
     job_stream,
     me,
+    metrics,
     models,
     upload,
+    webhook_endpoints,
 )
 from api.uploads import MULTIPART_OVERHEAD
 from shared.private_files import restrict_umask
@@ -51,6 +56,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     except Exception:  # noqa: BLE001 - the API serves without a broker; jobs wait as QUEUED
         logging.getLogger("tunery.api").exception("could not declare the training queue")
     yield
+    forget_this_process()
 
 
 def create_app() -> FastAPI:
@@ -66,6 +72,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     install_access_log_filter()
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(finetune.router, dependencies=[RateLimited])
     # A stream is one request for the rate limit, however long it stays open.
     app.include_router(job_stream.router, dependencies=[RateLimited])
@@ -78,11 +85,16 @@ def create_app() -> FastAPI:
     app.include_router(fine_tuning.router, dependencies=[RateLimited])
     app.include_router(models.router, dependencies=[RateLimited])
     app.include_router(completions.router, dependencies=[RateLimited])
+    app.include_router(webhook_endpoints.router, dependencies=[RateLimited])
     # A deployment's endpoint: an OpenAI base URL per deployment (`POST /v1/deploy/llm`).
     app.include_router(deployments.router, dependencies=[RateLimited])
     # Not rate limited as a whole: its PUT is authorized by the upload token, not a key.
     app.include_router(upload.router)
+    # Last: the page at `/` and its files, which call the routes above.
+    install_dashboard(app)
     install_limits(app)
+    # Last, so outermost: the limits' own answers (413, 415) are counted too.
+    app.add_middleware(RequestMetrics, routes=app.router.routes)
     return app
 
 

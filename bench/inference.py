@@ -30,14 +30,10 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
 
-from bench.common.api_server import free_port  # noqa: E402
 from bench.common.machine import (  # noqa: E402
-    PROJECT_ROOT,
     RESULTS_DIR,
     SCRATCH_DIR,
     format_table,
@@ -57,7 +51,7 @@ from bench.common.machine import (  # noqa: E402
     write_results,
 )
 from bench.common.models import prepare_model  # noqa: E402
-from cli.local_stack import wait_until_answers  # noqa: E402
+from cli.local_stack import engine_alone  # noqa: E402
 
 PROMPTS = [
     "### Instruction: Name three primary colors and say what mixing two of them gives.\n"
@@ -73,6 +67,9 @@ PROMPTS = [
 ADAPTERS = 3
 STREAMS = 8
 
+# The engine refuses calls without the token it was started with.
+ENGINE_TOKEN = "bench-engine-token"
+
 
 def run_model(model_dir: Path, work: Path, max_tokens: int, repeats: int,
               threads: int) -> dict[str, Any]:
@@ -86,15 +83,16 @@ def run_model(model_dir: Path, work: Path, max_tokens: int, repeats: int,
         "TUNERY_ALLOWED_LOCAL_DIRS": json.dumps([str(model_dir.parent)]),
         "TUNERY_INFERENCE_MAX_BATCH_SIZE": str(STREAMS),
         "TUNERY_INFERENCE_MAX_ADAPTERS": str(ADAPTERS + 1),
+        "TUNERY_INFERENCE_ENGINE_TOKEN": ENGINE_TOKEN,
     }
-    for name in ("TUNERY_STORAGE_URL", "TUNERY_INFERENCE_ENGINE_TOKEN"):
-        env.pop(name, None)
+    env.pop("TUNERY_STORAGE_URL", None)
     adapters = store_adapters(model_dir, work, data_dir, ADAPTERS + 1)
     cold_adapter, adapters = adapters[-1], adapters[:-1]
     requests = [(adapters[i % ADAPTERS], PROMPTS[i % len(PROMPTS)]) for i in range(STREAMS)]
     engine: dict[str, Any] = {}
-    with engine_process(env, work / "engine.log") as url, \
-            httpx.Client(base_url=url, timeout=600) as client:
+    with engine_alone(env, work, timeout_s=300) as url, \
+            httpx.Client(base_url=url, timeout=600,
+                         headers={"Authorization": f"Bearer {ENGINE_TOKEN}"}) as client:
         for adapter in adapters:  # loaded once, so that only the cold test loads one
             stream(client, adapter, PROMPTS[0], 2)
         stream(client, adapters[0], PROMPTS[0], max_tokens)  # warm-up
@@ -142,29 +140,6 @@ def store_adapters(model_dir: Path, work: Path, data_dir: Path, count: int) -> l
             storage.put_file(key, folder / file_name)
         names.append(served_models.adapter_name(job_id))
     return names
-
-
-@contextmanager
-def engine_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    port = free_port()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "inference", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_until_answers(f"{url}/health", proc, name="the engine", timeout_s=300)
-        except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}; see {log_path}") from None
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def stream(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:

@@ -231,6 +231,21 @@ class LocalStack:
         self.stop()
 
 
+@contextmanager
+def engine_alone(env: dict[str, str], log_dir: Path, *, timeout_s: float) -> Iterator[str]:
+    """The embedded inference engine by itself, on a free loopback port, for the tests and the
+    inference bench that talk to it directly; yields its URL. Its output is `log_dir`'s
+    inference.log. Callers that call it set TUNERY_INFERENCE_ENGINE_TOKEN in `env`, since
+    they must know it."""
+    stack = LocalStack(env, log_dir=log_dir, start_timeout_s=timeout_s, engine_port=free_port())
+    try:
+        stack.start_engine()
+        assert stack.engine_url is not None
+        yield stack.engine_url
+    finally:
+        stack.stop()
+
+
 def _stop(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
     if proc is None or proc.poll() is not None:
         return

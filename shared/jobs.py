@@ -1,7 +1,9 @@
 """The job state machine and every write to a job row.
 
 Status changes go through `transition()` only: it checks the move against `ALLOWED`, fences on
-the attempt number so a stale worker cannot overwrite a newer attempt, and records an event.
+the attempt number so a stale worker cannot overwrite a newer attempt, and records an event,
+and with it the webhook deliveries that report it (`shared.webhooks.outbox`), in the same
+transaction.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from shared.models import (
 from shared.payload_secrets import drop_secrets, seal_secrets
 from shared.schema import FinetuneRequest
 from shared.tenancy import Scope, newest_first, page_after, visible_to
+from shared.webhooks.events import CHECKPOINT_SAVED, EVALUATED
+from shared.webhooks.outbox import record_job_event, record_status_change
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     # QUEUED -> PAUSED: a job nobody runs pauses at once (`request_pause`).
@@ -127,6 +131,7 @@ def create_job(
         "job_id": job.id, "from_status": None, "to_status": JobStatus.QUEUED.value,
         "attempt": 0,
     })
+    record_status_change(session, job.id, JobStatus.QUEUED, 0)
     return job
 
 
@@ -228,6 +233,7 @@ def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> 
         JobEvent(job_id=job_id, from_status=JobStatus.QUEUED.value, to_status="RUNNING",
                  attempt=attempt, reason=f"claimed by {owner}")
     )
+    record_status_change(session, job_id, JobStatus.RUNNING, attempt)
     return Claim(job_id, attempt, owner, tenant_id)
 
 
@@ -450,6 +456,7 @@ def transition(
         JobEvent(job_id=job_id, from_status=current.value, to_status=to.value,
                  attempt=job.attempt, reason=reason)
     )
+    record_status_change(session, job_id, to, job.attempt)
     return True
 
 
@@ -577,7 +584,19 @@ def append_log(session: Session, job_id: str, attempt: int, line: str) -> None:
 
 def record_metric(session: Session, job_id: str, attempt: int, step: int,
                   values: dict[str, float]) -> None:
+    """A metrics row; one with an `eval_loss` (an evaluation) is news for webhooks too."""
     session.add(JobMetric(job_id=job_id, attempt=attempt, step=step, values=values))
+    if "eval_loss" in values:
+        record_job_event(session, job_id, EVALUATED, attempt=attempt, step=step,
+                         eval_loss=values["eval_loss"])
+
+
+def record_checkpoint(session: Session, job_id: str, attempt: int, step: int,
+                      line: str) -> None:
+    """A checkpoint of `step` is in storage: the log line that says so, and the news of it
+    for webhooks, in one transaction."""
+    append_log(session, job_id, attempt, line)
+    record_job_event(session, job_id, CHECKPOINT_SAVED, attempt=attempt, step=step)
 
 
 def tail_logs(session: Session, job_id: str, n_lines: int) -> list[JobLog]:

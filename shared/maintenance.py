@@ -8,7 +8,8 @@ run, the embedded default included:
 - jobs running past the hard time limit end FAILED;
 - QUEUED jobs get wake-ups when the broker holds fewer waiting messages than there are queued
   jobs (a Redis restart lost them, or the send after the submit failed);
-- idempotency keys past their TTL are forgotten.
+- idempotency keys past their TTL are forgotten, and so are finished webhook deliveries
+  past their history.
 
 Sweeps in several workers at once are safe: every move is a fenced UPDATE that only one wins,
 and a surplus wake-up claims nothing.
@@ -26,6 +27,7 @@ from shared.db import session_scope
 from shared.models import JobStatus
 from shared.queue import count_waiting_messages, enqueue_training
 from shared.settings import Settings
+from shared.webhooks import deliveries
 
 log = logging.getLogger("tunery.maintenance")
 
@@ -39,6 +41,7 @@ class SweepResult:
     timed_out: list[str] = field(default_factory=list)
     woken: list[str] = field(default_factory=list)
     expired_keys: int = 0
+    pruned_deliveries: int = 0
 
 
 def reap(settings: Settings) -> SweepResult:
@@ -54,6 +57,8 @@ def reap(settings: Settings) -> SweepResult:
                 JobStatus.PAUSED: result.paused,
             }[status].append(job_id)
         result.expired_keys = idempotency.delete_expired(session, settings.limits.idempotency_ttl_s)
+        result.pruned_deliveries = deliveries.prune_finished(session,
+                                                             settings.webhooks.history_days)
     return result
 
 

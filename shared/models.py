@@ -27,6 +27,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """`moment` with its zone: SQLite hands timestamps back without one, and every time
+    Tunery writes is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -302,3 +308,96 @@ class DeploymentEvent(Base):
     )
     line: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookEndpoint(Base):
+    """A tenant's URL that receives signed job events (`shared.webhooks`).
+
+    The signing secrets are stored encrypted (`shared.webhooks.signing_secrets`); during a
+    rotation's window the previous one signs too, beside the current one.
+    """
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    url: Mapped[str] = mapped_column(Text)
+    # The event types delivered here (`shared.webhooks.events.EVENT_TYPES`), as asked.
+    event_types: Mapped[list[str]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(Text)
+    # The current secret's last characters (`whsec_…Ab3x`), shown so that its owner can tell
+    # which secret is in use; far from enough to sign with.
+    secret_hint: Mapped[str] = mapped_column(String(32))
+    previous_secret: Mapped[str | None] = mapped_column(Text, default=None)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set when the endpoint answered 410 Gone: nothing more is sent until it is enabled again.
+    disabled_at: Mapped[datetime | None] = mapped_column(default=None)
+    disabled_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"
+    """Waiting for its next attempt (or in one, while a sender holds its lease)."""
+    DELIVERED = "delivered"
+    """The endpoint answered 2xx."""
+    FAILED = "failed"
+    """Given up: the retry window passed, the endpoint was disabled, or a test send failed."""
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: the outbox row, written in the transaction of the change it
+    reports. Its id is the `webhook-id` header of every attempt, so a receiver can tell a
+    retry from a new event; the body is stored as sent, byte for byte."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint", "endpoint_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    event_id: Mapped[str] = mapped_column(String(40))
+    event_type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING.value)
+    # A test send is tried once, by the API, and never retried.
+    is_test: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookAttempt(Base):
+    """One try at sending a delivery: when, and what came of it (a status code or an error),
+    never the response's body. Written when the try starts, so a sender that dies mid-send
+    still leaves its attempt on record."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (
+        Index("ix_webhook_attempts_endpoint_started", "endpoint_id", "started_at"),
+        Index("ix_webhook_attempts_delivery", "delivery_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE")
+    )
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    duration_ms: Mapped[int | None] = mapped_column(Integer, default=None)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)

@@ -331,6 +331,67 @@ class InferenceSettings(BaseModel):
     )
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus: who may read the API's /metrics, and where each worker serves its own."""
+
+    token: SecretStr | None = Field(
+        None, description="Bearer token GET /metrics requires (Prometheus' "
+        "authorization.credentials). Unset: /metrics answers only clients on this machine "
+        "(a loopback address), since its job counts span every tenant."
+    )
+    worker_port: int = Field(
+        0, ge=0, le=65535, description="Port on which each worker process serves its own "
+        "Prometheus /metrics (jobs, phases, tokens/s, leases, GPU memory). 0: not served."
+    )
+    worker_host: str = Field(
+        "127.0.0.1", description="Address the worker's /metrics listens on; 0.0.0.0 for a "
+        "Prometheus on another host or container. It needs no key: it says nothing of a "
+        "tenant."
+    )
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `TUNERY_METRICS_TOKEN=` (compose's `${VAR:-}`) must not make "" the token that a
+        # request without Authorization matches.
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+class WebhookSettings(BaseModel):
+    """How job events reach tenants' webhook endpoints (`shared.webhooks`)."""
+
+    timeout_s: float = Field(
+        10.0, gt=0, le=120, description="Longest one delivery attempt may take, from connecting "
+        "to the response's status line; past it the attempt counts as failed."
+    )
+    retry_window_s: int = Field(
+        72 * 3600, ge=0, description="How long after the event a delivery is retried; then it "
+        "is given up (status failed)."
+    )
+    retry_base_s: float = Field(
+        10.0, gt=0, description="The first retry waits up to this long; each next one up to "
+        "twice as long as the one before (exponential backoff, full jitter)."
+    )
+    retry_max_interval_s: float = Field(
+        3 * 3600, gt=0, description="The longest wait between two attempts of a delivery."
+    )
+    secret_rotation_window_s: int = Field(
+        24 * 3600, ge=0, description="How long a rotated-out signing secret still signs every "
+        "delivery, beside the new one, so receivers can switch without missing one."
+    )
+    sender_threads: int = Field(
+        4, ge=1, le=64, description="Deliveries each worker sends at once: a slow endpoint "
+        "holds up one of them only."
+    )
+    poll_interval_s: float = Field(
+        2.0, gt=0, description="How often an idle sender looks for deliveries that are due."
+    )
+    history_days: int = Field(
+        30, ge=1, description="How long delivered and given-up deliveries, and their attempts, "
+        "stay listed before the maintenance sweep deletes them."
+    )
+
+
 class StreamSettings(BaseModel):
     """How the API follows a job for its event streams (`GET /v1/finetune/llm/{id}/stream`)."""
 
@@ -354,6 +415,8 @@ GROUPS: dict[str, type[BaseModel]] = {
     "training": TrainingSettings,
     "openai": OpenAISettings,
     "inference": InferenceSettings,
+    "metrics": MetricsSettings,
+    "webhooks": WebhookSettings,
     "stream": StreamSettings,
 }
 
@@ -375,6 +438,10 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
        for name in GROUPS[group].model_fields},
     **{f"openai_{name}": ("openai", name) for name in OpenAISettings.model_fields},
     **{f"inference_{name}": ("inference", name) for name in InferenceSettings.model_fields},
+    "metrics_token": ("metrics", "token"),
+    "worker_metrics_port": ("metrics", "worker_port"),
+    "worker_metrics_host": ("metrics", "worker_host"),
+    **{f"webhook_{name}": ("webhooks", name) for name in WebhookSettings.model_fields},
     **{f"stream_{name}": ("stream", name) for name in StreamSettings.model_fields},
 }
 
@@ -403,6 +470,8 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
 
     @classmethod

@@ -1,9 +1,9 @@
 """Which tenants' rows a caller may read and act on: the one place tenant isolation is decided.
 
 A lookup takes a `Scope`: a tenant id (a member key: that tenant's rows only) or
-`ALL_TENANTS` (an admin key, for operators). Every job, dataset and deployment query filters through
-`visible_to`, so another tenant's row is simply not found, exactly like a row that never
-existed, and no route needs an `if admin` of its own.
+`ALL_TENANTS` (an admin key, for operators). Every job, dataset, deployment and webhook
+endpoint query filters through `visible_to`, so another tenant's row is simply not found,
+exactly like a row that never existed, and no route needs an `if admin` of its own.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Final, TypeVar
 from sqlalchemy import ColumnElement, and_, func, select, true, tuple_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from shared.models import Dataset, Deployment, Job
+from shared.models import Dataset, Deployment, Job, WebhookEndpoint
 
 
 class _AllTenants(enum.Enum):
@@ -35,7 +35,7 @@ def visible_to(scope: Scope, tenant_column: InstrumentedAttribute[str]) -> Colum
     return tenant_column == scope
 
 
-Listed = TypeVar("Listed", Job, Dataset, Deployment)
+Listed = TypeVar("Listed", Job, Dataset, Deployment, WebhookEndpoint)
 
 
 def newest_first(

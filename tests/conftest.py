@@ -30,7 +30,9 @@ SHORT_ALPACA_TEMPLATE = "### Instruction: {instruction}\n### Input: {input}\n###
 TESTS_DIR = Path(__file__).parent
 # Every test under one of these folders carries its mark, so `-m "not e2e and not chaos"` is the
 # fast lane. A hook, because a conftest's own `pytestmark` never reaches the modules below it.
-MARKS_BY_FOLDER = {TESTS_DIR / "e2e": pytest.mark.e2e, TESTS_DIR / "chaos": pytest.mark.chaos}
+MARKS_BY_FOLDER = {TESTS_DIR / "e2e": pytest.mark.e2e, TESTS_DIR / "chaos": pytest.mark.chaos,
+                   # The dashboard's browser tests drive real API and worker processes too.
+                   TESTS_DIR / "dashboard": pytest.mark.e2e}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -27,6 +27,7 @@ from shared.settings import Settings
 from shared.storage import StorageError, storage_from_settings
 from worker.heartbeat import Heartbeat
 from worker.job_reporter import DatabaseReporter
+from worker.metrics import AttemptMetrics
 from worker.outage import through_outage
 from worker.pipeline.errors import StopReason, TrainingStopped
 
@@ -65,6 +66,7 @@ def run_attempt(
         hard_limit_s=settings.leases.job_hard_time_limit_s,
     )
     heartbeat.start()
+    attempt_metrics = AttemptMetrics()
     # Imported here so the Celery app (and the API, which shares shared.queue) loads fast; a
     # worker has them loaded already (`worker.tasks`, at worker_init).
     from worker.pipeline.checkpoints import CheckpointStore
@@ -76,7 +78,8 @@ def run_attempt(
     # Hub and W&B errors may quote the token they were given: every log line and failure
     # reason of this job is scrubbed of the job's secrets.
     secrets = secret_values(request.model_dump(mode="json"))
-    reporter = DatabaseReporter(claim, heartbeat, secrets=secrets)
+    reporter = DatabaseReporter(claim, heartbeat, secrets=secrets,
+                                attempt_metrics=attempt_metrics)
     storage = storage_from_settings(settings)
     # An earlier attempt's checkpoints live here; this attempt resumes from the latest.
     checkpoints = CheckpointStore(
@@ -147,6 +150,7 @@ def run_attempt(
         flush_reports(reporter, patience_s=settings.leases.lease_seconds)
         shutil.rmtree(work_dir, ignore_errors=True)
         release_accelerator_memory()
+        attempt_metrics.end()
     return handed_back
 
 
@@ -186,6 +190,8 @@ def finish(
     reporter.heartbeat.end()  # the attempt is over: its lease need not be renewed
     if done is None:
         return False
+    if done and reporter.attempt_metrics is not None:
+        reporter.attempt_metrics.ended_as(status)
     if not done:
         log.warning(
             "job %s attempt %s: could not record %s; a newer attempt or a cancel owns the job",
@@ -241,6 +247,8 @@ def hand_back(claim: Claim, reporter: DatabaseReporter, stop: TrainingStopped) -
     patience = HAND_BACK_PATIENCE_S if not paused else FINISH_PATIENCE_S
     status = through_outage(record, patience, what)
     reporter.heartbeat.end()
+    if status is not None and reporter.attempt_metrics is not None:
+        reporter.attempt_metrics.ended_as(status)
     where = f" at step {stop.step}" if stop.step is not None else ""
     if status is JobStatus.PAUSED:
         reporter.log(f"paused{where or ' before training'}; a resume continues from the last "

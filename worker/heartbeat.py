@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from shared import jobs
 from shared.db import session_scope
 from shared.jobs import Claim
+from worker.metrics import LEASE_RENEWALS, LEASES_LOST
 from worker.pipeline.errors import StopReason
 from worker.pipeline.interrupts import interrupt_main_thread
 from worker.shutdown import shutting_down
@@ -108,6 +109,7 @@ class Heartbeat(threading.Thread):
             with session_scope() as session:
                 renewal = jobs.renew_lease(session, self.claim, int(self.lease_seconds))
         except SQLAlchemyError as exc:
+            LEASE_RENEWALS.labels("unreachable").inc()
             unreachable_s = now - self.last_renewed_at
             log.warning("job %s: lease renewal failed (%.0f s without one): %s",
                         self.claim.job_id, unreachable_s, exc)
@@ -115,6 +117,7 @@ class Heartbeat(threading.Thread):
                 self._request_stop(StopReason.LEASE_LOST)
             return
         self.last_renewed_at = now
+        LEASE_RENEWALS.labels("renewed" if renewal.held else "refused").inc()
         if not renewal.held:
             self._request_stop(StopReason.LEASE_LOST)
         elif renewal.cancel_requested:
@@ -125,6 +128,8 @@ class Heartbeat(threading.Thread):
     def _request_stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+            if reason == StopReason.LEASE_LOST:
+                LEASES_LOST.inc()
             if self._ended.is_set():  # a beat that overlapped the end of the attempt
                 return
             log.warning("job %s attempt %s: stopping (%s)", self.claim.job_id,

@@ -16,6 +16,7 @@ from shared.db import session_scope
 from shared.jobs import Claim
 from shared.payload_secrets import redact_secrets
 from worker.heartbeat import Heartbeat
+from worker.metrics import AttemptMetrics
 from worker.pipeline.errors import StopReason
 from worker.pipeline.interrupts import uninterruptible
 from worker.pipeline.report import WARNING_PREFIX
@@ -40,15 +41,20 @@ class DatabaseReporter:
     call (cancel, lost lease, time limit).
     """
 
-    def __init__(self, claim: Claim, heartbeat: Heartbeat, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, claim: Claim, heartbeat: Heartbeat, secrets: Iterable[str] = (),
+                 attempt_metrics: AttemptMetrics | None = None) -> None:
         self.claim = claim
         self.heartbeat = heartbeat
+        # Times the phases for Prometheus (`worker.metrics`); None: not timed.
+        self.attempt_metrics = attempt_metrics
         # The job's plaintext secrets: replaced by *** in every line logged.
         self._secrets = tuple(s for s in secrets if s)
         self._pending: deque[Write] = deque(maxlen=MAX_PENDING_WRITES)
         self._retry_at = 0.0
 
     def phase(self, name: str) -> None:
+        if self.attempt_metrics is not None:
+            self.attempt_metrics.enter_phase(name)
         self._write(lambda session: jobs.set_phase(session, self.claim, phase=name))
         self.log(f"phase: {name}")
 
@@ -73,6 +79,11 @@ class DatabaseReporter:
                 session, self.claim.job_id, self.claim.attempt, step, values
             )
         )
+
+    def checkpoint_saved(self, step: int, line: str) -> None:
+        log.info("job %s: %s", self.claim.job_id, line)
+        self._write(lambda session: jobs.record_checkpoint(
+            session, self.claim.job_id, self.claim.attempt, step, line))
 
     def should_stop(self) -> StopReason | None:
         return self.heartbeat.stop_reason

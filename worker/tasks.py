@@ -26,7 +26,9 @@ from shared.private_files import make_private_dir, restrict_umask
 from shared.queue import EXPORT_TASK, TRAIN_TASK, declare_queue, get_celery
 from shared.schema import FinetuneRequest
 from shared.settings import get_settings
+from shared.webhooks.sender import WebhookSender, start_senders
 from worker.attempt import run_attempt
+from worker.metrics_server import serve_worker_metrics
 from worker.outage import through_outage
 from worker.shutdown import begin_shutdown, shutting_down
 
@@ -47,6 +49,7 @@ app.conf.worker_pool = "worker.solo_pool:HandBackSoloPool"
 
 
 _maintenance: MaintenanceLoop | None = None
+_webhook_senders: list[WebhookSender] = []
 # The base model kept between the jobs of this process (one job at a time: solo pool).
 _base_models: BaseModelCache | None = None
 
@@ -58,6 +61,7 @@ CLAIM_PATIENCE_S = 60.0
 @worker_init.connect
 def _prepare_before_consuming(**_: object) -> None:
     declare_queue()
+    serve_worker_metrics(get_settings())
     work_dir = get_settings().training.work_dir
     assert work_dir is not None
     make_private_dir(work_dir)
@@ -74,12 +78,14 @@ def _prepare_before_consuming(**_: object) -> None:
 
 
 @worker_ready.connect
-def _start_maintenance(**_: object) -> None:
+def _start_maintenance_and_webhooks(**_: object) -> None:
     # The first sweep runs at once: a worker started after a crash re-queues the dead
     # worker's job as soon as its lease has expired.
     global _maintenance
     _maintenance = MaintenanceLoop(get_settings())
     _maintenance.start()
+    # Webhooks go out wherever a worker runs, the embedded default included.
+    _webhook_senders.extend(start_senders(get_settings(), worker_identity()))
 
 
 @worker_shutting_down.connect
@@ -90,9 +96,11 @@ def _hand_back_the_running_job(**_: object) -> None:
 
 
 @worker_shutdown.connect
-def _stop_maintenance(**_: object) -> None:
+def _stop_maintenance_and_webhooks(**_: object) -> None:
     if _maintenance is not None:
         _maintenance.stop()
+    for sender in _webhook_senders:
+        sender.stop()
 
 
 def base_model_cache() -> BaseModelCache:

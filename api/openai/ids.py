@@ -10,8 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# The job's id has its owner in shared: webhooks name jobs in their bodies too.
+from shared.job_ids import JOB_PREFIX as JOB_PREFIX
+from shared.job_ids import job_id_of as job_id_of
+from shared.job_ids import openai_job_id as openai_job_id
+
 FILE_PREFIX = "file-"
-JOB_PREFIX = "ftjob-"
 CHECKPOINT_PREFIX = "ftckpt-"
 EVENT_PREFIX = "ftevent-"
 RESULT_FILE_PREFIX = "file-result-"
@@ -34,16 +38,6 @@ def dataset_id(file_id: str) -> str | None:
     if hex_part == file_id or not _HEX.fullmatch(hex_part):
         return None
     return _DATASET_PREFIX + hex_part
-
-
-def job_id_of(openai_id: str) -> str:
-    """The Tunery job id in `ftjob-{id}`; a bare Tunery id is taken as it is, so that a job
-    created through the MonsterAPI dialect reads here too."""
-    return openai_id.removeprefix(JOB_PREFIX)
-
-
-def openai_job_id(job_id: str) -> str:
-    return JOB_PREFIX + job_id
 
 
 def result_file_id(job_id: str) -> str:

@@ -49,11 +49,12 @@ def start_stack(tmp_path: Path) -> Iterator[Callable[..., LocalStack]]:
         print(f"===== {log.name} =====\n{log.read_text(errors='replace')[-6000:]}")
 
 
-def create_key(env: dict[str, str], name: str = "e2e") -> str:
+def create_key(env: dict[str, str], name: str = "e2e", admin: bool = False) -> str:
     import subprocess
 
     out = subprocess.run(
-        tunery_command("keys", "create", "--name", name, "--quiet"),
+        tunery_command("keys", "create", "--name", name, "--quiet",
+                       *(["--admin"] if admin else [])),
         env=env,
         check=True,
         capture_output=True,

@@ -17,6 +17,7 @@ from sqlalchemy import MetaData, create_engine, select
 from cli.local_stack import LocalStack
 from tests.conftest import ASSETS_DIR
 from tests.e2e.conftest import create_key, stack_env, tiny_payload, wait_for_terminal
+from tests.webhook_receiver import receiver
 
 
 def database_cells(db_file: Path) -> Iterator[tuple[str, str]]:
@@ -70,7 +71,9 @@ def test_no_secret_reaches_the_database_the_logs_or_a_response(
     data_dir = tmp_path / "data"
     # DEBUG: whatever a library logs only at debug level is scanned too.
     env = stack_env(data_dir, [ASSETS_DIR, tiny_model_dir], WANDB_MODE="offline",
-                    TUNERY_LOG_LEVEL="DEBUG")
+                    TUNERY_LOG_LEVEL="DEBUG", TUNERY_ALLOW_HTTP_URLS="true",
+                    TUNERY_ALLOWED_PRIVATE_URL_HOSTS='["127.0.0.1"]',
+                    TUNERY_WEBHOOK_POLL_INTERVAL_S="0.2")
     stack = start_stack(env)
     api_key = create_key(env)
     hf_token = "hf_" + secrets.token_hex(17)
@@ -83,14 +86,26 @@ def test_no_secret_reaches_the_database_the_logs_or_a_response(
                      "hf_token": hf_token, "wandb_login_key": wandb_key}
 
     responses = []
-    with httpx.Client(base_url=stack.base_url, timeout=30,
-                      headers={"Authorization": f"Bearer {api_key}"}) as client:
+    with receiver() as hooks, httpx.Client(base_url=stack.base_url, timeout=30,
+                                           headers={"Authorization": f"Bearer {api_key}"}
+                                           ) as client:
+        # Webhook signing secrets: shown in these two answers only, then signing deliveries.
+        created = client.post("/v1/webhook_endpoints", json={"url": hooks.url}).json()
+        rotated = client.post(f"/v1/webhook_endpoints/{created['id']}/rotate_secret").json()
+        for n, secret in enumerate((created["signing_secret"], rotated["signing_secret"])):
+            secret_values[f"webhook secret {n}"] = secret
+            secret_values[f"webhook secret {n} key"] = secret.removeprefix("whsec_")
         submitted = client.post("/v1/finetune/llm", json=payload,
                                 headers={"Idempotency-Key": "scan-1"})
         assert submitted.status_code == 201, submitted.text
         job_id = submitted.json()["job_id"]
         job = wait_for_terminal(client, job_id)
         assert job["status"] == "COMPLETED", job
+        delivered = hooks.wait_for(3)  # queued, started, ... signed with both secrets
+        assert len(delivered[0].headers["webhook-signature"].split(" ")) == 2
+        webhook_responses = [client.get(f"/v1/webhook_endpoints/{created['id']}"),
+                             client.get(f"/v1/webhook_endpoints/{created['id']}/attempts"),
+                             client.get("/v1/webhook_endpoints")]
         responses += [submitted, client.get(f"/v1/finetune/llm/{job_id}"),
                       client.get("/v1/finetune/llm"),
                       client.get(f"/v1/finetune/llm/{job_id}/logs", params={"n_lines": 1000}),
@@ -108,7 +123,7 @@ def test_no_secret_reaches_the_database_the_logs_or_a_response(
     shown = responses[1].json()["payload"]
     assert shown["hf_config"]["hf_token"] == "***"
     assert shown["logging_config"]["wandb_login_key"] == "***"
-    for response in [*responses, refused]:
+    for response in [*responses, *webhook_responses, refused]:
         for name, value in secret_values.items():
             assert value not in response.text, f"{name} in {response.request.url}"
 

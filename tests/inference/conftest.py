@@ -96,3 +96,30 @@ def run_submissions(engine: Any, specs: list[dict[str, Any]]) -> list[list[Any]]
         return results
 
     return asyncio.run(main())
+
+
+def arrive_mid_batch(engine: Any, first: dict[str, Any], second: dict[str, Any]
+                     ) -> tuple[list[Any], list[Any]]:
+    """Start the engine on `first` alone; once it has decoded a token, submit `second`; collect
+    both until they finish. Their events, in that order."""
+    from inference.events import Channel, Delta, Finished, Submission
+
+    async def collect(submission: Any, events: list[Any]) -> list[Any]:
+        while not events or not isinstance(events[-1], Finished):
+            events.append(await asyncio.wait_for(submission.channel.receive(), 120))
+        return events
+
+    async def main() -> tuple[list[Any], list[Any]]:
+        loop = asyncio.get_running_loop()
+        early = Submission(channel=Channel(loop), **first)
+        late = Submission(channel=Channel(loop), **second)
+        engine.submit(early)
+        engine.start()
+        early_events: list[Any] = []
+        while not any(isinstance(e, Delta) for e in early_events):
+            early_events.append(await asyncio.wait_for(early.channel.receive(), 120))
+        engine.submit(late)
+        done = await asyncio.gather(collect(early, early_events), collect(late, []))
+        return done[0], done[1]
+
+    return asyncio.run(main())

@@ -12,7 +12,7 @@ from inference.batcher import Engine
 from inference.events import Accepted, Delta, Finished
 from inference.sampling import SamplingParams
 from shared.settings import get_settings
-from tests.inference.conftest import run_submissions
+from tests.inference.conftest import arrive_mid_batch, run_submissions
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, seed=None)
 PROMPTS = [
@@ -140,9 +140,7 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(
 
 def test_a_request_that_arrives_mid_batch_joins_it_and_both_match_generate(
         engine_env: Path, tiny_model_dir: Path, stored_adapter: Callable[..., str]) -> None:
-    import asyncio
 
-    from inference.events import Channel, Submission
 
     adapter = stored_adapter(5)
     first = _completion(str(tiny_model_dir), PROMPTS[2], max_tokens=200)
@@ -157,25 +155,8 @@ def test_a_request_that_arrives_mid_batch_joins_it_and_both_match_generate(
 
     engine._decode = counting  # type: ignore[method-assign]
 
-    async def arrive_late() -> tuple[list, list]:
-        loop = asyncio.get_running_loop()
-        early = Submission(channel=Channel(loop), **first)
-        late = Submission(channel=Channel(loop), **second)
-        engine.submit(early)
-        engine.start()
-        events: list = []
-        while not any(isinstance(e, Delta) for e in events):
-            events.append(await asyncio.wait_for(early.channel.receive(), 120))
-        engine.submit(late)
-        late_events: list = []
-        while not late_events or not isinstance(late_events[-1], Finished):
-            late_events.append(await asyncio.wait_for(late.channel.receive(), 120))
-        while not isinstance(events[-1], Finished):
-            events.append(await asyncio.wait_for(early.channel.receive(), 120))
-        return events, late_events
-
     try:
-        early_events, late_events = asyncio.run(arrive_late())
+        early_events, late_events = arrive_mid_batch(engine, first, second)
     finally:
         engine.stop()
     assert batches == [1], "the late request joined the running batch"
@@ -217,9 +198,7 @@ def test_a_batch_that_fails_refuses_its_rows_and_the_engine_goes_on(
 def test_an_adapter_a_running_batch_uses_is_never_evicted_for_a_newcomer(
         engine_env: Path, tiny_model_dir: Path, stored_adapter: Callable[..., str],
         monkeypatch) -> None:
-    import asyncio
 
-    from inference.events import Channel, Submission
 
     monkeypatch.setenv("TUNERY_INFERENCE_MAX_ADAPTERS", "1")
     get_settings.cache_clear()
@@ -236,25 +215,8 @@ def test_an_adapter_a_running_batch_uses_is_never_evicted_for_a_newcomer(
 
     engine._decode = recording  # type: ignore[method-assign]
 
-    async def arrive_late() -> tuple[list, list]:
-        loop = asyncio.get_running_loop()
-        early = Submission(channel=Channel(loop), **first)
-        late = Submission(channel=Channel(loop), **second)
-        engine.submit(early)
-        engine.start()
-        events: list = []
-        while not any(isinstance(e, Delta) for e in events):
-            events.append(await asyncio.wait_for(early.channel.receive(), 120))
-        engine.submit(late)
-        while not isinstance(events[-1], Finished):
-            events.append(await asyncio.wait_for(early.channel.receive(), 120))
-        late_events: list = []
-        while not late_events or not isinstance(late_events[-1], Finished):
-            late_events.append(await asyncio.wait_for(late.channel.receive(), 120))
-        return events, late_events
-
     try:
-        early_events, late_events = asyncio.run(arrive_late())
+        early_events, late_events = arrive_mid_batch(engine, first, second)
     finally:
         engine.stop()
     # The newcomer waited for the batch (one adapter at most), then the old one made room.

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,42 +11,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.local_stack import wait_until_answers
-from shared.settings import PROJECT_ROOT
+from cli.local_stack import engine_alone
 
 TOKEN = "engine-test-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
 def engine_process(engine_env: Path, tmp_path: Path,
                    monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("TUNERY_INFERENCE_ENGINE_TOKEN", TOKEN)
-    port = _free_port()
-    log_path = tmp_path / "engine.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "inference", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=PROJECT_ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        try:
-            wait_until_answers(f"{url}/health", proc, name="the engine", timeout_s=120)
-        except (RuntimeError, TimeoutError) as exc:
-            raise AssertionError(f"{exc}:\n{log_path.read_text()}") from None
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with engine_alone(dict(os.environ), tmp_path, timeout_s=120) as url:
+            yield url
+    except (RuntimeError, TimeoutError) as exc:
+        log = tmp_path / "inference.log"
+        raise AssertionError(f"{exc}:\n{log.read_text() if log.exists() else ''}") from None
 
 
 def test_the_openai_client_chats_streams_and_completes(

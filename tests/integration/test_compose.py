@@ -179,3 +179,49 @@ def test_vllm_image_pins_the_official_image_and_turns_the_resolver_on() -> None:
     assert "pip install --no-deps ." in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignored.index("!deploy/vllm") > ignored.index("deploy")
+
+
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+
+
+@pytest.mark.parametrize(
+    "files", [(COMPOSE,), (COMPOSE, CPU_OVERRIDE)], ids=["gpu-stack", "cpu-override"]
+)
+def test_the_metrics_profile_scrapes_the_api_with_its_token_and_every_worker(
+    files: tuple[Path, ...],
+) -> None:
+    result = _compose_config(*files, profiles=("metrics",))
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["prometheus"]["profiles"] == services["grafana"]["profiles"] == ["metrics"]
+    jobs = {job["job_name"]: job for job in _load(PROMETHEUS_CONFIG)["scrape_configs"]}
+
+    api_job = jobs["tunery-api"]
+    assert api_job["static_configs"][0]["targets"] == ["api:8000"]
+    # The token Prometheus sends is the one the API requires: the same variable, written to
+    # the file the scrape reads.
+    token = services["api"]["environment"]["TUNERY_METRICS_TOKEN"]
+    assert token and services["prometheus"]["environment"]["TUNERY_METRICS_TOKEN"] == token
+    credentials = api_job["authorization"]["credentials_file"]
+    assert f"> {credentials}" in services["prometheus"]["command"][0]
+
+    worker_job = jobs["tunery-worker"]["dns_sd_configs"][0]
+    workers = [name for name in ("worker", "worker-cpu") if name in services
+               and "gpu" not in services[name].get("profiles", [])]
+    assert workers and set(workers) <= set(worker_job["names"])
+    for name in workers:
+        environment = services[name]["environment"]
+        assert int(environment["TUNERY_WORKER_METRICS_PORT"]) == worker_job["port"]
+        assert environment["TUNERY_WORKER_METRICS_HOST"] == "0.0.0.0"
+        assert "ports" not in services[name]  # scraped inside the compose network only
+
+
+def test_grafana_loads_the_dashboard_from_prometheus() -> None:
+    grafana = _load(COMPOSE)["services"]["grafana"]
+    mounts = {volume.split(":")[0]: volume.split(":")[1] for volume in grafana["volumes"]}
+    dashboards = mounts["./deploy/grafana/tunery.json"]
+    provider = _load(ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "tunery.yml")
+    assert Path(dashboards).parent == Path(provider["providers"][0]["options"]["path"])
+    source = _load(ROOT / "deploy" / "grafana" / "provisioning" / "datasources" /
+                   "prometheus.yml")["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"

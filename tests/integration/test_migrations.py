@@ -15,7 +15,8 @@ from shared.models import Base
 
 TABLES = {
     "tenants", "api_keys", "jobs", "job_events", "job_logs", "job_metrics", "datasets",
-    "idempotency_keys", "deployments", "deployment_events",
+    "idempotency_keys", "deployments", "deployment_events", "webhook_endpoints",
+    "webhook_deliveries", "webhook_attempts",
 }
 
 

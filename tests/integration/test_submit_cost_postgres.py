@@ -104,7 +104,7 @@ def what(sql: str) -> str:
     return " ".join(words[:2])
 
 
-def test_a_keyed_submit_is_eight_round_trips_to_postgres_and_one_to_redis(
+def test_a_keyed_submit_is_nine_round_trips_to_postgres_and_one_to_redis(
     full_stack_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = full_stack_client
@@ -120,6 +120,8 @@ def test_a_keyed_submit_is_eight_round_trips_to_postgres_and_one_to_redis(
         ["SELECT idempotency_keys"],  # a response to replay?
         ["INSERT jobs"],
         ["INSERT job_events"],
+        # Webhook endpoints to tell, whose deliveries commit with the job (none here).
+        ["SELECT webhook_endpoints"],
         ["INSERT idempotency_keys"],  # an upsert: replaces an expired record
         # The tenant's lock and its active jobs in one round trip: locked from here to the
         # commit only.

@@ -9,12 +9,15 @@ resume; the reaper sweeps; stopping or pausing workers hand their jobs back. Aft
 - no job has more attempts than `max_attempts`;
 - no QUEUED job carries a cancel (nobody would claim or cancel it);
 - only a RUNNING job carries a pause (its worker is the one to act on it);
-- a QUEUED or PAUSED job has an attempt left (resumed, it would otherwise never run).
+- a QUEUED or PAUSED job has an attempt left (resumed, it would otherwise never run);
+- every recorded transition is news for webhooks: one delivery of its event, no more.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,10 +39,20 @@ from shared import jobs
 from shared.db import make_engine
 from shared.jobs import ALLOWED, Claim
 from shared.keys import create_api_key
-from shared.models import TERMINAL_STATUSES, Base, Job, JobEvent, JobStatus, utcnow
+from shared.models import (
+    TERMINAL_STATUSES,
+    Base,
+    Job,
+    JobEvent,
+    JobStatus,
+    WebhookDelivery,
+    WebhookEndpoint,
+    utcnow,
+)
 from shared.schema import FinetuneRequest
 from shared.storage import LocalStorage
 from shared.storage_keys import job_artifact_key
+from shared.webhooks.events import EVENT_TYPES, STATUS_EVENTS
 from tests.conftest import make_payload
 
 MAX_ATTEMPTS = 2
@@ -67,6 +80,10 @@ class JobLifecycle(RuleBasedStateMachine):
         Base.metadata.create_all(self.engine)
         self.session = Session(self.engine, expire_on_commit=False)
         self.tenant = create_api_key(self.session, "model").tenant_id
+        # Takes every event; nothing is sent here, so its secret is never read.
+        self.session.add(WebhookEndpoint(
+            id="we_model", tenant_id=self.tenant, name="model", url="https://hooks.example",
+            event_types=list(EVENT_TYPES), secret="enc:v1:unread", secret_hint=""))
         self.session.commit()
         self.storage = LocalStorage(root / "storage")
 
@@ -229,6 +246,19 @@ class JobLifecycle(RuleBasedStateMachine):
                 assert job.status == self.terminal[job.id], "a terminal state changed"
             elif job.status in {s.value for s in TERMINAL_STATUSES}:
                 self.terminal[job.id] = job.status
+
+    @invariant()
+    def every_transition_has_its_one_webhook_delivery(self) -> None:
+        if not hasattr(self, "session"):
+            return
+        news: Counter[tuple[str, str]] = Counter(
+            (job_id, STATUS_EVENTS[JobStatus(to)]) for job_id, to
+            in self.session.execute(select(JobEvent.job_id, JobEvent.to_status)))
+        sent: Counter[tuple[str, str]] = Counter()
+        for body in self.session.scalars(select(WebhookDelivery.body)):
+            event = json.loads(body)
+            sent[(event["data"]["id"].removeprefix("ftjob-"), event["type"])] += 1
+        assert sent == news
 
     @invariant()
     def completed_jobs_have_their_adapter(self) -> None:

@@ -88,6 +88,17 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "inference_adapter_memory_mb": ("256", 256),
     "inference_max_bases": ("2", 2),
     "inference_max_batch_size": ("16", 16),
+    "metrics_token": ("scrape-secret", SecretStr("scrape-secret")),
+    "worker_metrics_port": ("9101", 9101),
+    "worker_metrics_host": ("0.0.0.0", "0.0.0.0"),
+    "webhook_timeout_s": ("2.5", 2.5),
+    "webhook_retry_window_s": ("3600", 3600),
+    "webhook_retry_base_s": ("0.5", 0.5),
+    "webhook_retry_max_interval_s": ("60", 60.0),
+    "webhook_secret_rotation_window_s": ("0", 0),
+    "webhook_sender_threads": ("2", 2),
+    "webhook_poll_interval_s": ("0.2", 0.2),
+    "webhook_history_days": ("7", 7),
     "stream_poll_s": ("0.25", 0.25),
     "stream_heartbeat_s": ("5", 5.0),
 }
@@ -253,3 +264,10 @@ def test_every_field_has_a_description() -> None:
 def test_readme_shows_the_nested_form() -> None:
     text = (PROJECT_ROOT / "README.md").read_text()
     assert "`TUNERY_LIMITS__MAX_DATASET_ROWS`" in text
+
+
+def test_an_empty_metrics_token_is_no_token(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("TUNERY_METRICS_TOKEN", "")
+    assert Settings().metrics.token is None
+    clean_env.setenv("TUNERY_METRICS_TOKEN", "  ")
+    assert Settings().metrics.token is None

@@ -225,3 +225,46 @@ def test_reports_wait_in_memory_during_an_outage_and_arrive_in_order(
         metrics = session.scalars(select(JobMetric).where(JobMetric.job_id == claim.job_id)).all()
     assert lines == ["before", "during 1", "during 2"]
     assert [(m.step, m.values) for m in metrics] == [(7, {"loss": 1.5})]
+
+
+def counted(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_renewals_and_a_lost_lease_are_counted_for_prometheus(claim: Claim) -> None:
+    renewed = counted("tunery_worker_lease_renewals_total", result="renewed")
+    refused = counted("tunery_worker_lease_renewals_total", result="refused")
+    lost = counted("tunery_worker_leases_lost_total")
+    beat = heartbeat(claim, FakeClock())
+    beat.beat()
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == claim.job_id)
+                        .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    with session_scope() as session:
+        jobs.requeue_expired_leases(session)
+    beat.beat()
+    beat.beat()
+
+    assert counted("tunery_worker_lease_renewals_total", result="renewed") == renewed + 1
+    assert counted("tunery_worker_lease_renewals_total", result="refused") == refused + 2
+    assert counted("tunery_worker_leases_lost_total") == lost + 1  # one attempt, one loss
+
+
+def test_renewals_in_an_outage_are_counted_and_the_lease_lost_past_it_too(
+    claim: Claim, outage: object
+) -> None:
+    unreachable = counted("tunery_worker_lease_renewals_total", result="unreachable")
+    lost = counted("tunery_worker_leases_lost_total")
+    clock = FakeClock()
+    beat = heartbeat(claim, clock)
+    outage.start()  # type: ignore[attr-defined]
+    clock.now += LEASE_S / 2
+    beat.beat()
+    assert counted("tunery_worker_leases_lost_total") == lost
+    clock.now += LEASE_S / 2
+    beat.beat()
+
+    assert counted("tunery_worker_lease_renewals_total", result="unreachable") == unreachable + 2
+    assert counted("tunery_worker_leases_lost_total") == lost + 1

@@ -20,9 +20,10 @@ from transformers import (
 )
 
 from shared.schema import TrainingConfig
+from worker.metrics import TOKENS_PER_SECOND, TRAINING_STEPS
 from worker.pipeline.checkpoints import BEST_ADAPTER_FILE, CheckpointStore
 from worker.pipeline.errors import StopReason, TrainingStopped
-from worker.pipeline.report import JobReporter, LogFn, no_log
+from worker.pipeline.report import CheckpointSavedFn, JobReporter, no_checkpoint_report
 
 
 def format_duration(seconds: float) -> str:
@@ -91,6 +92,7 @@ class MetricsCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        TRAINING_STEPS.inc()
         # A resumed run starts past step 0: its first step is the first one it trains.
         if self._paced_from is None:
             self._paced_from = (self.clock(), state.global_step)
@@ -144,6 +146,7 @@ class MetricsCallback(TrainerCallback):
             values["eta_s"] = eta_s
         if counts_tokens:
             values["tokens_per_s"] = tokens_per_s
+            TOKENS_PER_SECOND.set(tokens_per_s)
         if logs.get("grad_norm") is not None:
             values["grad_norm"] = float(logs["grad_norm"])
         extra = {name: float(logs[key]) for key, name in self.extra.items() if key in logs}
@@ -359,11 +362,12 @@ class CheckpointCallback(TrainerCallback):
     """
 
     def __init__(
-        self, store: CheckpointStore, best: BestAdapterCallback | None, log: LogFn = no_log
+        self, store: CheckpointStore, best: BestAdapterCallback | None,
+        saved: CheckpointSavedFn = no_checkpoint_report,
     ) -> None:
         self.store = store
         self.best = best
-        self.log = log
+        self.saved = saved
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -374,7 +378,8 @@ class CheckpointCallback(TrainerCallback):
             self.best.save_into(local_dir)
         checkpoint = self.store.upload(state.global_step, local_dir)
         size = sum(checkpoint.files.values())
-        self.log(f"checkpoint at step {checkpoint.step} saved to storage ({size / 1e6:.1f} MB)")
+        self.saved(checkpoint.step,
+                   f"checkpoint at step {checkpoint.step} saved to storage ({size / 1e6:.1f} MB)")
 
 
 class TrainingWatch:
@@ -412,4 +417,5 @@ class TrainingWatch:
                                self.best]
         if checkpoints is not None:
             best = self.best if has_validation else None
-            self.callbacks.append(CheckpointCallback(checkpoints, best, reporter.log))
+            self.callbacks.append(CheckpointCallback(checkpoints, best,
+                                                     reporter.checkpoint_saved))

@@ -21,12 +21,12 @@ import httpx
 from shared import dataset_files
 from shared.csv_files import COMMA, describe_delimiter
 from shared.dataset_files import DatasetFileError, LoadedDataset
+from shared.pinned_http import pinned_client
 from shared.sources import Source, SourceError, check_source_type, classify_source
 from shared.storage import ObjectNotFound, Storage, StorageError
 from shared.storage_keys import dataset_prefix
 from shared.url_guard import UrlPolicy, UrlRefused, check_url, redact_url
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.pinned_http import pinned_client
 from worker.pipeline.report import LogFn, no_log
 
 # No http URLs, no private hosts: what `UrlPolicy()` allows when nobody passes a policy.

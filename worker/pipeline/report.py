@@ -45,6 +45,15 @@ def no_log(line: str) -> None:
     """The `LogFn` that drops every line: the default of functions whose caller may not care."""
 
 
+# Where a checkpoint upload reports its step and log line; usually
+# `JobReporter.checkpoint_saved`.
+CheckpointSavedFn = Callable[[int, str], None]
+
+
+def no_checkpoint_report(step: int, line: str) -> None:
+    """The `CheckpointSavedFn` that drops the report."""
+
+
 class JobReporter(Protocol):
     def phase(self, name: str) -> None:
         """The job entered `name`, one of `PHASES`."""
@@ -61,6 +70,10 @@ class JobReporter(Protocol):
 
     def progress(self, fraction: float) -> None:
         """Training progress in [0, 1]: optimizer steps done over steps planned."""
+
+    def checkpoint_saved(self, step: int, line: str) -> None:
+        """The checkpoint of optimizer step `step` is in storage; `line` is the log line that
+        says so. News for the job's webhooks, written with the line."""
 
     def should_stop(self) -> StopReason | None:
         """Polled after every optimizer step: a reason stops training."""
@@ -79,6 +92,7 @@ class RecordingReporter:
     warnings: list[str] = field(default_factory=list)
     metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     fractions: list[float] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
     stop_after_step: int | None = None
     stop_reason: StopReason | None = None
     polls: int = 0
@@ -101,6 +115,10 @@ class RecordingReporter:
 
     def progress(self, fraction: float) -> None:
         self.fractions.append(fraction)
+
+    def checkpoint_saved(self, step: int, line: str) -> None:
+        self.checkpoints.append(step)
+        self.log(line)
 
     def should_stop(self) -> StopReason | None:
         self.polls += 1

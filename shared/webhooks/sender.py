@@ -1,0 +1,104 @@
+"""The sender: threads in every worker process that claim due deliveries and send them, and
+the API's one-off test send.
+
+Each thread sends one delivery at a time, so a slow endpoint holds up one thread, never the
+others. Senders in many workers share the work through the database's claims
+(`shared.webhooks.deliveries`); nothing is held in memory between two claims, so a worker
+that dies loses nothing but the attempt in flight, which the next claim sends again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from sqlalchemy.orm import Session
+
+from shared.db import session_scope
+from shared.models import WebhookEndpoint, utcnow
+from shared.settings import Settings
+from shared.url_guard import redact_url
+from shared.webhooks.deliveries import (
+    ClaimedDelivery,
+    Outcome,
+    claim_due,
+    claim_test,
+    give_up,
+    lease_seconds,
+    record_outcome,
+)
+from shared.webhooks.events import SAMPLE_JOB_ID, job_event
+from shared.webhooks.send import post_delivery
+
+log = logging.getLogger("tunery.webhooks")
+
+
+def send_next(settings: Settings, owner: str) -> bool:
+    """Claim one due delivery and make its attempt; whether one was due."""
+    with session_scope() as session:
+        claimed = claim_due(session, owner, lease_seconds(settings.webhooks))
+    if claimed is None:
+        return False
+    if not claimed.endpoint_enabled:
+        with session_scope() as session:
+            give_up(session, claimed, "not sent: the endpoint was disabled")
+        return True
+    outcome = post_delivery(claimed, settings)
+    with session_scope() as session:
+        status = record_outcome(session, claimed, outcome, settings.webhooks)
+    _log_attempt(claimed, outcome, status.value if status else "lease lost")
+    return True
+
+
+def send_test_event(session: Session, endpoint: WebhookEndpoint, event_type: str,
+                    settings: Settings, owner: str) -> Outcome:
+    """Send a sample `event_type` event to `endpoint` now, once, as a delivery whose attempt
+    is listed with the others; commits."""
+    event = job_event(event_type, SAMPLE_JOB_ID, utcnow())
+    claimed = claim_test(session, endpoint, event, owner, lease_seconds(settings.webhooks))
+    session.commit()
+    outcome = post_delivery(claimed, settings)
+    status = record_outcome(session, claimed, outcome, settings.webhooks)
+    session.commit()
+    _log_attempt(claimed, outcome, status.value if status else "lease lost")
+    return outcome
+
+
+def _log_attempt(claimed: ClaimedDelivery, outcome: Outcome, result: str) -> None:
+    answer = outcome.status_code if outcome.status_code is not None else outcome.error
+    log.info("webhook %s attempt %d to %s: %s in %d ms; %s", claimed.id, claimed.attempt,
+             redact_url(claimed.url), answer, outcome.duration_ms, result)
+
+
+class WebhookSender(threading.Thread):
+    """`send_next` until `stop()`, resting `poll_interval_s` whenever nothing is due; a
+    database outage is logged and retried, never fatal."""
+
+    def __init__(self, settings: Settings, owner: str) -> None:
+        super().__init__(name=f"tunery-webhooks-{owner}", daemon=True)
+        self.settings = settings
+        self.owner = owner
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                busy = send_next(self.settings, self.owner)
+            except Exception as exc:  # noqa: BLE001 - an outage must not end the loop
+                log.warning("webhook sender %s failed (will retry): %s", self.owner, exc)
+                busy = False
+            if not busy and self._stopped.wait(self.settings.webhooks.poll_interval_s):
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def start_senders(settings: Settings, identity: str) -> list[WebhookSender]:
+    """`settings.webhooks.sender_threads` senders, started, owned by `identity` (the
+    process) and their number."""
+    senders = [WebhookSender(settings, f"{identity}/{n}")
+               for n in range(settings.webhooks.sender_threads)]
+    for sender in senders:
+        sender.start()
+    return senders
