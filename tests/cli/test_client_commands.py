@@ -87,17 +87,52 @@ def printed_log_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if not line.startswith(own)]
 
 
+def submit_paused(served: Served, tmp_path: Path) -> str:
+    """A job submitted with `tunery submit` and paused at once (or at its first step if a
+    worker took it first): a watch started now is surely connected before it trains, however
+    slowly this machine runs today. `resume` lets it go on."""
+    job_id = submit(served, tmp_path, tiny_payload(served.model_dir))
+    with served.api() as api:
+        assert api.post(f"/v1/finetune/llm/{job_id}/pause").status_code == 200
+    return job_id
+
+
+def resume(served: Served, job_id: str) -> None:
+    with served.api() as api:
+        assert api.post(f"/v1/finetune/llm/{job_id}/resume").status_code == 200
+
+
+def start_watch(env: dict[str, str], job_id: str, console: Path) -> subprocess.Popen[str]:
+    """`tunery watch JOB` in the background, its output (not a terminal) into `console`,
+    once it has shown the job paused."""
+    with console.open("w") as out:
+        watch = subprocess.Popen(tunery_command("watch", job_id), env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while "-> PAUSED" not in console.read_text():
+        assert watch.poll() is None and time.monotonic() < deadline, console.read_text()
+        time.sleep(0.1)
+    return watch
+
+
 def test_submit_then_watch_to_completion_then_download_and_find_it_in_jobs(
         served: Served, tmp_path: Path) -> None:
-    job_id = submit(served, tmp_path, tiny_payload(served.model_dir))
+    job_id = submit_paused(served, tmp_path)
     assert len(job_id) == 36
 
-    watched = tunery(served.env(), "watch", job_id)
-    assert watched.returncode == 0, watched.stderr
-    lines = watched.stdout.splitlines()
+    console = tmp_path / "watch.txt"
+    watch = start_watch(served.env(), job_id, console)
+    resume(served, job_id)
+    try:
+        assert watch.wait(timeout=300) == 0, console.read_text()
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+    output = console.read_text()
+    lines = output.splitlines()
     assert lines[-1] == f"job {job_id} COMPLETED"
     # Every log line of the job, each once, in order; not a terminal: a line per update.
-    assert printed_log_lines(watched.stdout) == job_log_lines(served, job_id)
+    assert printed_log_lines(output) == job_log_lines(served, job_id)
     with served.api() as api:
         job = api.get(f"/v1/finetune/llm/{job_id}").json()
     steps = job["result"]["steps"]
@@ -105,8 +140,8 @@ def test_submit_then_watch_to_completion_then_download_and_find_it_in_jobs(
     assert any(f"step {steps}/{steps}" in line and "loss " in line for line in progress)
     assert any("eta " in line and "| training" in line for line in progress)
     assert progress[-1].startswith("[" + "#" * 24 + "]")
-    assert "status: QUEUED -> RUNNING" in watched.stdout
-    assert watched.stderr == ""
+    assert "status: QUEUED -> RUNNING" in output
+    assert "tunery watch:" not in output  # nothing to say about the connection
 
     archive_dir = tmp_path / "archive"
     fetched = tunery(served.env(), "download", job_id, "--to", str(archive_dir))
@@ -169,23 +204,16 @@ def test_a_wrong_key_and_a_refused_payload_print_the_apis_message(
 
 def test_watch_resumes_where_it_was_when_its_connection_drops(
         served: Served, tmp_path: Path) -> None:
-    job_id = submit(served, tmp_path, tiny_payload(served.model_dir))
+    job_id = submit_paused(served, tmp_path)
     proxy = TcpProxy("127.0.0.1", int(served.base_url.rsplit(":", 1)[1]))
     proxy.start()
     console = tmp_path / "watch.txt"
+    watch = start_watch(served.env(f"http://127.0.0.1:{proxy.port}"), job_id, console)
     try:
-        with console.open("w") as out:
-            watch = subprocess.Popen(
-                tunery_command("watch", job_id),
-                env=served.env(f"http://127.0.0.1:{proxy.port}"), stdout=out,
-                stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while "status: QUEUED -> RUNNING" not in console.read_text():
-            assert watch.poll() is None and time.monotonic() < deadline, console.read_text()
-            time.sleep(0.1)
         proxy.cut()  # resets the open stream, and refuses new connections for a while
         time.sleep(1.5)
         proxy.restore()
+        resume(served, job_id)
         assert watch.wait(timeout=300) == 0, console.read_text()
     finally:
         proxy.stop()
