@@ -12,7 +12,6 @@ next await, which ends the loop. One key holds at most `TUNERY_STREAM_MAX_PER_KE
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -69,12 +68,12 @@ def sse_response(description: str, events: list[str] | None = None,
     }}}}}
 
 
-def sse_event(data: Any, *, event: str | None = None, event_id: str | None = None) -> str:
-    """One server-sent event: `data` as JSON on one line (a str is sent as it is)."""
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+def sse_event(data: str, *, event: str | None = None, event_id: str | None = None) -> str:
+    """One server-sent event. `data` must be one line: JSON as pydantic and `json` write it
+    (a newline inside a string is escaped) is."""
     head = (f"event: {event}\n" if event else "") + (
         f"id: {event_id}\n" if event_id is not None else "")
-    return f"{head}data: {text}\n\n"
+    return f"{head}data: {data}\n\n"
 
 
 def resume_cursor(header: str | None, query: str | None) -> FeedCursor:

@@ -16,6 +16,11 @@ import socket
 from api.metrics.processes import metric_files_for
 
 APP = "api.main:app"
+# On SIGTERM, requests still open this long after are cancelled: a job's event stream lasts
+# as long as the job, and would otherwise hold the server up until its supervisor kills it
+# (Docker waits 10 s). Its client reconnects and goes on where it stood. Dockerfile.api
+# passes the same number to uvicorn.
+GRACEFUL_SHUTDOWN_S = 5
 
 
 def bind_tcp_listener(config: object) -> socket.socket:
@@ -38,8 +43,10 @@ def serve(host: str, port: int, workers: int = 1, quiet: bool = False) -> None:
     log_level = "warning" if quiet else "info"
     with metric_files_for(workers):
         if workers <= 1:
-            uvicorn.run(APP, host=host, port=port, log_level=log_level, access_log=not quiet)
+            uvicorn.run(APP, host=host, port=port, log_level=log_level, access_log=not quiet,
+                        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
             return
         config = uvicorn.Config(APP, host=host, port=port, workers=workers,
-                                log_level=log_level, access_log=not quiet)
+                                log_level=log_level, access_log=not quiet,
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         Multiprocess(config, sockets=[bind_tcp_listener(config)]).run()

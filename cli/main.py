@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli.client_commands import add_client_commands
 from cli.key_commands import add_key_commands
 from cli.process_commands import DEFAULT_ENGINE_PORT, worker_command
 from shared.private_files import restrict_umask
@@ -61,8 +62,9 @@ def _up(args: argparse.Namespace) -> int:
                 print(f"Tunery is up at {stack.base_url} ({serving}; API reference at "
                       f"{stack.base_url}/docs); Ctrl-C stops them all", flush=True)
                 if not args.verbose:
-                    print("job logs: GET /v1/finetune/llm/{job_id}/logs; `tunery up --verbose` "
-                          "shows the services' own output", flush=True)
+                    print("a job live: `tunery watch JOB` (with TUNERY_API_KEY) or GET "
+                          "/v1/finetune/llm/{job_id}/stream; `tunery up --verbose` shows the "
+                          "services' own output", flush=True)
                 name, code = stack.wait()
         except StopRequested:
             return 0
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser("upgrade", help="run alembic upgrade head").set_defaults(func=_db_upgrade)
 
     add_key_commands(sub)
+    # HTTP clients of a running API, from any machine: jobs, submit, watch, download.
+    add_client_commands(sub)
 
     api = sub.add_parser("api", help="serve the HTTP API")
     api.add_argument("--host", default="127.0.0.1")

@@ -31,6 +31,7 @@ from shared.models import JobEvent, JobLog, JobStatus
 
 router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
 
+
 class NativeEvents:
     """The contract's events for each page of a job's feed, in order: the `job` first, an
     event per row, then the `job` again when what a follower shows of it (status, phase,

@@ -129,6 +129,7 @@ ROUTES: list[tuple[str, str, Request, int]] = [
     ("job status", "done_job", _get("/v1/finetune/llm/{id}"), 404),
     ("job logs", "done_job", _get("/v1/finetune/llm/{id}/logs?n_lines=10"), 404),
     ("job metrics", "done_job", _get("/v1/finetune/llm/{id}/metrics"), 404),
+    ("job stream", "done_job", _get("/v1/finetune/llm/{id}/stream"), 404),
     ("artifact list", "done_job", _get("/v1/finetune/llm/{id}/artifacts"), 404),
     ("artifact download", "done_job",
      _get("/v1/finetune/llm/{id}/artifacts/adapter_config.json"), 404),

@@ -1,10 +1,14 @@
 """A training job's stream on real API and worker processes: a client that drops its
 connection several times and comes back with the last id it received sees every row the job
 wrote exactly once, as the JSON routes show them afterwards, and then `end`; openai-python's
-own SSE reader reads the OpenAI dialect's stream."""
+own SSE reader reads the OpenAI dialect's stream; an open stream does not keep the API from
+stopping."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,3 +130,37 @@ def test_openai_pythons_sse_reader_reads_the_event_stream_to_done(
         FineTuningJobEvent.model_validate(e).model_dump(mode="json", exclude_none=True)
         for e in reversed(listed)]
     assert streamed[-1]["message"] == "The job has successfully completed"
+
+
+def test_an_open_stream_does_not_keep_the_api_from_stopping_on_sigterm(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    env = stack_env(tmp_path / "data", [ASSETS_DIR, tiny_model_dir])
+    stack = LocalStack(env=env, log_dir=tmp_path / "logs")
+    try:
+        stack.start_api()  # no worker: the job stays queued and its stream open
+        key = create_key(env)
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=stack.base_url, timeout=60, headers=headers) as client:
+            job_id = client.post("/v1/finetune/llm",
+                                 json=tiny_payload(tiny_model_dir)).json()["job_id"]
+            opened, closed = threading.Event(), threading.Event()
+
+            def follow() -> None:
+                try:
+                    with client.stream("GET", f"/v1/finetune/llm/{job_id}/stream") as response:
+                        for _ in parse_sse(response.iter_lines()):
+                            opened.set()
+                except httpx.HTTPError:
+                    pass  # cut by the server, as a client then sees it
+                closed.set()
+
+            threading.Thread(target=follow, daemon=True).start()
+            assert opened.wait(timeout=60)
+            assert stack.api is not None
+            os.killpg(stack.api.pid, signal.SIGTERM)
+            # LocalStack would SIGKILL it after 20 s; it stops by itself well before, on the
+            # signal it was sent, and the stream's client sees its connection end.
+            assert stack.api.wait(timeout=60) == -signal.SIGTERM
+            assert closed.wait(timeout=60)
+    finally:
+        stack.stop()
