@@ -88,6 +88,7 @@ def normalize_host(host: str) -> str:
 def check_url(url: str, policy: UrlPolicy) -> UrlTarget:
     """The scheme, credentials and host grammar of `url`, and its host if it is an IP literal;
     no DNS. Raises `UrlRefused`."""
+    _check_no_control_or_space(url)
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -109,6 +110,18 @@ def check_url(url: str, policy: UrlPolicy) -> UrlTarget:
     if port is None:
         port = 443 if scheme == "https" else 80
     return UrlTarget(scheme, host, port)
+
+
+def _check_no_control_or_space(url: str) -> None:
+    # urlsplit silently drops tab, CR and LF, so the parts checked would not be the string
+    # that is stored and later sent; an HTTP client refuses such a URL, or worse, a lenient
+    # one writes it into the request line. A URL that means anything has them percent-encoded.
+    for position, char in enumerate(url):
+        if char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F:
+            raise UrlRefused(
+                f"the URL contains a control character or whitespace ({char!r} at position "
+                f"{position}); percent-encode it (a space is %20)"
+            )
 
 
 def _check_host_grammar(host: str, policy: UrlPolicy) -> None:

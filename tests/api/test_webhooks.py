@@ -197,6 +197,22 @@ def test_a_url_the_ssrf_rules_refuse_is_a_400_naming_url(
         assert changed.status_code == 400 and changed.json()["error"]["param"] == "url"
 
 
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9001/\r\nX: 1",
+    "http://127.0.0.1:9001/\u0000",
+    "http://127.0.0.1:9001/\tx",
+    "http://127.0.0.1 :9001/",
+])
+def test_a_url_with_a_control_character_or_whitespace_is_a_400_naming_url(
+    loopback_allowed: None, client: TestClient, url: str,
+) -> None:
+    response = client.post(URL, json={"url": url})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "url"
+    assert "control character or whitespace" in response.json()["error"]["message"]
+    assert client.get(URL).json()["data"] == []
+
+
 def test_loopback_is_refused_where_the_operator_allows_no_private_host(
     tunery_env: Path, client: TestClient,
 ) -> None:
