@@ -20,8 +20,12 @@ from fastapi.testclient import TestClient
 from openai import OpenAI
 from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 
+from shared.db import session_scope
+from shared.models import WebhookDelivery, WebhookEndpoint
 from shared.settings import get_settings
+from shared.webhooks import signing_secrets
 from shared.webhooks.endpoints import MAX_ENDPOINTS_PER_TENANT
+from shared.webhooks.send import INTERNAL_FAILURE
 from shared.webhooks.sender import send_next
 from tests.api.conftest import new_key
 from tests.conftest import make_payload
@@ -211,6 +215,82 @@ def test_a_url_with_a_control_character_or_whitespace_is_a_400_naming_url(
     assert response.json()["error"]["param"] == "url"
     assert "control character or whitespace" in response.json()["error"]["message"]
     assert client.get(URL).json()["data"] == []
+
+
+def poison(endpoint_id: str, *, url: str | None = None, secret: str | None = None) -> None:
+    """Give an endpoint a value the API does not make: a URL stored before the API refused
+    it, or a damaged signing secret (here one that is not base64, which the signing library
+    refuses with its own exception)."""
+    with session_scope() as session:
+        endpoint = session.get(WebhookEndpoint, endpoint_id)
+        assert endpoint is not None
+        if url is not None:
+            endpoint.url = url
+        if secret is not None:
+            endpoint.secret = signing_secrets.seal(secret)
+
+
+def deliveries_to(endpoint_id: str) -> list[WebhookDelivery]:
+    with session_scope() as session:
+        rows = session.query(WebhookDelivery).filter_by(endpoint_id=endpoint_id).all()
+        session.expunge_all()
+        return rows
+
+
+def test_an_attempt_that_fails_inside_tunery_is_recorded_and_backs_off(
+    loopback_allowed: None, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TUNERY_WEBHOOK_RETRY_BASE_S", "3600")
+    get_settings.cache_clear()
+    with receiver() as fine:
+        endpoint = create(client, fine.url, event_types=["tunery.job.queued"])
+    poison(endpoint["id"], secret="whsec_a")
+    submit(client)
+    assert send_due() == 1  # sent once, then not due again until its backoff has passed
+    [attempt] = attempts(client, endpoint["id"])
+    assert attempt["status_code"] is None and attempt["finished_at"] is not None
+    assert attempt["error"] == INTERNAL_FAILURE
+    assert attempt["delivery_status"] == "pending"
+    [delivery] = deliveries_to(endpoint["id"])
+    assert delivery.lease_owner is None and delivery.attempts == 1
+
+
+def test_a_delivery_that_fails_inside_tunery_is_given_up_after_the_retry_window(
+    loopback_allowed: None, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TUNERY_WEBHOOK_RETRY_WINDOW_S", "0")
+    get_settings.cache_clear()
+    with receiver() as fine:
+        endpoint = create(client, fine.url, event_types=["tunery.job.queued"])
+    poison(endpoint["id"], secret="whsec_a")
+    submit(client)
+    assert send_due() == 1
+    assert send_due() == 0
+    assert [a["delivery_status"] for a in attempts(client, endpoint["id"])] == ["failed"]
+
+
+def test_one_tenants_poisoned_delivery_does_not_hold_up_another_tenants(
+    loopback_allowed: None, client: TestClient, app_client: TestClient,
+) -> None:
+    other = {"Authorization": f"Bearer {new_key('tenant-b')}"}
+    with receiver() as fine:
+        bad_secret = create(client, fine.url, event_types=["tunery.job.queued"])
+        bad_url = create(client, fine.url, event_types=["tunery.job.queued"])
+        poison(bad_secret["id"], secret="whsec_a")
+        poison(bad_url["id"], url="http://127.0.0.1:9001/\r\nX: 1")
+        submit(client)  # tenant A's deliveries are the oldest due: claimed first
+        healthy = app_client.post(URL, json={"url": fine.url}, headers=other).json()
+        app_client.post("/v1/finetune/llm", json=make_payload(), headers=other)
+        # Retries are due at once here: a poisoned delivery that kept its place at the head
+        # of the queue would take every claim, and tenant B's would never be sent.
+        for _ in range(6):
+            send_next(get_settings(), "one-sender")
+        [received] = fine.wait_for(1)
+    assert json.loads(received.body)["type"] == "tunery.job.queued"
+    listed = app_client.get(f"{URL}/{healthy['id']}/attempts", headers=other).json()["data"]
+    assert [(a["status_code"], a["delivery_status"]) for a in listed] == [(200, "delivered")]
+    assert {a["error"] for a in attempts(client, bad_secret["id"])} == {INTERNAL_FAILURE}
+    assert all("control character" in a["error"] for a in attempts(client, bad_url["id"]))
 
 
 def test_loopback_is_refused_where_the_operator_allows_no_private_host(
