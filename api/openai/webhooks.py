@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
 
@@ -57,9 +56,6 @@ class EndpointCreate(BaseModel):
     name: Name | None = Field(None, description="Tunery extension: optional, the URL's host "
                                                 "by default.")
     event_types: EventTypes | None = _event_types_field()
-
-    def endpoint_name(self) -> str:
-        return self.name or urlsplit(self.url).hostname or self.url[:200]
 
 
 class EndpointUpdate(BaseModel):

@@ -52,7 +52,7 @@ def _bad_cursor(after: str) -> ApiError:
 def create_endpoint(body: EndpointCreate, caller: TenantDep, session: SessionDep,
                     settings: SettingsDep) -> EndpointWithSecretOut:
     created = endpoints.create_endpoint(
-        session, caller.tenant_id, url=body.url, name=body.endpoint_name(),
+        session, caller.tenant_id, url=body.url, name=body.name,
         event_types=body.event_types or EVENT_TYPES, settings=settings)
     session.commit()
     return endpoint_with_secret(created.endpoint, created.secret)

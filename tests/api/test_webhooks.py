@@ -293,6 +293,42 @@ def test_one_tenants_poisoned_delivery_does_not_hold_up_another_tenants(
     assert all("control character" in a["error"] for a in attempts(client, bad_url["id"]))
 
 
+MALFORMED_URLS = [
+    "http://[::1/", "http://[::1", "http://::1]/", "http://[", "http://]", "http://[]/",
+    "http://[::1]x/", "http://[v1.x]/", "http://[127.0.0.1]/", "http://[::1%eth0/",
+    "http://127.0.0.1:-1/", "http://127.0.0.1:abc/",
+    "http://127.0.0.1:99999/", "http://127.0.0.1:0x50/", "http://127.0.0.1:+80/",
+    "http://127.0.0.1:9001:9002/", "http://:9001/", "http://", "http:", "http:/", "//x/y",
+    "http:///path", "://127.0.0.1/", "127.0.0.1:9001", "localhost", "x", "\\", "http://@/",
+    "http://a@b@127.0.0.1/", "http://%31%32%37.0.0.1/", "http://127.0.0.1%00/",
+    "http://xn--/", "http://xn--zz/", "http://-a.com/", "http://a..com/", "http://.../",
+    "http://" + "a" * 64 + ".com/", "http://" + "a." * 130 + "com/", "http://例え.テスト/",
+    "http://127.0.0.1/\ud800", "http://\u0661\u0662\u0667.0.0.1/", "javascript:alert(1)",
+    "data:text/plain,x", "http://[::ffff:127.0.0.1]/", "http://0/", "http://127.1/",
+]
+
+
+def test_no_malformed_url_is_a_500(loopback_allowed: None, client: TestClient) -> None:
+    with receiver() as fine:
+        endpoint = create(client, fine.url)
+    for url in MALFORMED_URLS:
+        # As JSON escapes: a lone surrogate arrives as \ud800, which no client encodes raw.
+        body: dict[str, Any] = {"content": json.dumps({"url": url}),
+                                "headers": {"content-type": "application/json"}}
+        for response in (client.post(URL, **body),
+                         client.post(f"{URL}/{endpoint['id']}", **body)):
+            assert response.status_code == 400, (url, response.text)
+            assert response.json()["error"]["param"] == "url", (url, response.text)
+    assert [e["id"] for e in client.get(URL).json()["data"]] == [endpoint["id"]]
+
+
+def test_an_endpoint_is_named_after_its_host_by_default(
+    hooks: Receiver, client: TestClient,
+) -> None:
+    assert create(client, hooks.url)["name"] == "127.0.0.1"
+    assert create(client, hooks.url, name="jobs")["name"] == "jobs"
+
+
 def test_loopback_is_refused_where_the_operator_allows_no_private_host(
     tunery_env: Path, client: TestClient,
 ) -> None:

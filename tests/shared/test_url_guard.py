@@ -92,6 +92,9 @@ def test_ip_addresses_in_unusual_notations_are_refused_before_any_lookup(host: s
         ("https://bücher.example/x", "xn-- form"),
         ("https://[::1]/x", "loopback"),
         ("https://[fe80::1%25eth0]/x", "link-local"),
+        ("https://[v1.example.com]/x", "only an IPv6 address goes in brackets"),
+        ("https://[127.0.0.1]/x", "only an IPv6 address goes in brackets|malformed"),
+        ("https://example.com/\ud800", "unpaired surrogate"),
     ],
 )
 def test_bad_urls_are_refused_without_dns(url: str, message: str) -> None:
