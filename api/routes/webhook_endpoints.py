@@ -120,7 +120,7 @@ def test_endpoint(endpoint_id: EndpointId, caller: TenantDep, session: SessionDe
         raise ApiError(409, "webhook_test_failed",
                        f"the endpoint gave no answer: {outcome.error}")
     return TestResult(event_type=event_type, status_code=outcome.status_code,
-                      webhook_endpoint_id=endpoint_id)
+                      delivered=outcome.delivered, webhook_endpoint_id=endpoint_id)
 
 
 @router.get("/webhook_endpoints/{endpoint_id}/attempts",

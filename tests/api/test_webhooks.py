@@ -428,7 +428,7 @@ def test_the_test_send_reports_the_answer_and_lists_its_attempt(
                              json={"event_type": "fine_tuning.job.failed"}).json()
         assert result == {"object": "webhook_endpoint.test", "event_type":
                           "fine_tuning.job.failed", "status_code": 418, "success": True,
-                          "webhook_endpoint_id": endpoint["id"]}
+                          "delivered": False, "webhook_endpoint_id": endpoint["id"]}
         sent = teapot.wait_for(1)[0]
         assert signed_by(sent, endpoint["signing_secret"])
         assert json.loads(sent.body)["type"] == "fine_tuning.job.failed"
@@ -441,6 +441,20 @@ def test_the_test_send_reports_the_answer_and_lists_its_attempt(
     failed = client.post(f"{URL}/{endpoint['id']}/test")
     assert failed.status_code == 400
     assert "no answer" in failed.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("status", "delivered"), [
+    (200, True), (204, True), (307, False), (410, False), (500, False)])
+def test_the_test_send_says_delivered_only_for_a_2xx(
+    loopback_allowed: None, client: TestClient, status: int, delivered: bool,
+) -> None:
+    with receiver([status]) as answering:
+        endpoint = create(client, answering.url)
+        result = client.post(f"{URL}/{endpoint['id']}/test").json()
+    # OpenAI's `success` says the request completed; whether it was delivered is apart.
+    assert (result["status_code"], result["success"], result["delivered"]) == (
+        status, True, delivered)
+    assert client.get(f"{URL}/{endpoint['id']}").json()["enabled"] is True
 
 
 def test_after_a_rotation_the_old_secret_verifies_during_the_window_and_not_after(
@@ -488,7 +502,8 @@ def test_the_openai_client_manages_endpoints(hooks: Receiver, client: TestClient
     rotated = sdk.webhooks.rotate_secret(created.id)
     assert rotated.signing_secret != created.signing_secret
     tested = sdk.webhooks.test(created.id, event_type="fine_tuning.job.succeeded")
-    assert tested.status_code == 200
+    assert tested.status_code == 200 and tested.success is True
+    assert tested.model_extra == {"delivered": True}
     event = sdk.webhooks.unwrap(hooks.wait_for(1)[0].body, hooks.received[0].headers,
                                 secret=rotated.signing_secret)
     assert event.type == "fine_tuning.job.succeeded"
