@@ -15,7 +15,7 @@ from datetime import timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import DeliveryStatus, WebhookDelivery, WebhookEndpoint, utcnow
+from shared.models import DeliveryStatus, Tenant, WebhookDelivery, WebhookEndpoint, utcnow
 from shared.settings import Settings
 from shared.tenancy import Scope, page_after, visible_to
 from shared.url_guard import UrlPolicy, UrlRefused, check_url, resolve_allowed
@@ -64,11 +64,11 @@ def create_endpoint(session: Session, tenant_id: str, *, url: str, name: str | N
     `EndpointRefused` for a URL the SSRF rules refuse or a tenant that has
     `MAX_ENDPOINTS_PER_TENANT` already."""
     host = check_endpoint_url(url, settings)
-    count = session.scalar(select(func.count()).select_from(WebhookEndpoint)
-                           .where(WebhookEndpoint.tenant_id == tenant_id)) or 0
-    if count >= MAX_ENDPOINTS_PER_TENANT:
-        raise EndpointRefused("body", f"a tenant has at most {MAX_ENDPOINTS_PER_TENANT} webhook "
-                              "endpoints; delete one first")
+    # Counting before inserting lets creates running at once all see room for one more. On
+    # PostgreSQL the tenant's row, locked until commit, puts one tenant's creates in a line;
+    # SQLite ignores the lock but takes its one write lock at the insert, so the count made
+    # after it, in the same transaction, sees every create committed before.
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
     secret = signing_secrets.new_secret()
     endpoint = WebhookEndpoint(
         id=f"we_{uuid.uuid4().hex}", tenant_id=tenant_id, name=name or host[:200], url=url,
@@ -77,6 +77,13 @@ def create_endpoint(session: Session, tenant_id: str, *, url: str, name: str | N
     )
     session.add(endpoint)
     session.flush()
+    count = session.scalar(select(func.count()).select_from(WebhookEndpoint)
+                           .where(WebhookEndpoint.tenant_id == tenant_id)) or 0
+    if count > MAX_ENDPOINTS_PER_TENANT:
+        session.delete(endpoint)
+        session.flush()
+        raise EndpointRefused("body", f"a tenant has at most {MAX_ENDPOINTS_PER_TENANT} webhook "
+                              "endpoints; delete one first")
     return EndpointWithSecret(endpoint, secret)
 
 
