@@ -15,11 +15,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import pytest
 from fastapi.testclient import TestClient
 from openai import OpenAI
 from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 
+from api.limits.webhook_tests import MAX_PER_TENANT, WebhookTestSends
 from shared.db import session_scope
 from shared.models import WebhookDelivery, WebhookEndpoint
 from shared.settings import get_settings
@@ -455,6 +457,60 @@ def test_the_test_send_says_delivered_only_for_a_2xx(
     assert (result["status_code"], result["success"], result["delivered"]) == (
         status, True, delivered)
     assert client.get(f"{URL}/{endpoint['id']}").json()["enabled"] is True
+
+
+def test_test_sends_wait_on_their_own_threads_and_a_tenant_has_few_at_once(
+    loopback_allowed: None, client: TestClient, app_client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The held sends end when the receiver lets them go, long before this deadline.
+    monkeypatch.setenv("TUNERY_WEBHOOK_TIMEOUT_S", "30")
+    get_settings.cache_clear()
+    assert MAX_PER_TENANT == 2
+    other = {"Authorization": f"Bearer {new_key('tenant-b')}"}
+    sends: WebhookTestSends = app_client.app.state.webhook_test_sends  # type: ignore[attr-defined]
+    portal = client.portal
+    assert portal is not None
+    with receiver(hold_all=True) as slow, receiver() as fine:
+        ids = [create(client, slow.url)["id"] for _ in range(3)]
+        answers: dict[str, int] = {}
+
+        def test_send(endpoint_id: str) -> None:
+            answers[endpoint_id] = client.post(f"{URL}/{endpoint_id}/test").status_code
+
+        held = [threading.Thread(target=test_send, args=(i,)) for i in ids[:2]]
+        for thread in held:
+            thread.start()
+        slow.wait_for(2)  # both in flight, answered only on release()
+        try:
+            again = client.post(f"{URL}/{ids[0]}/test")
+            assert again.status_code == 429, again.text
+            assert "this endpoint" in again.json()["error"]["message"]
+            assert again.headers["retry-after"] == "30"
+            third = client.post(f"{URL}/{ids[2]}/test")
+            assert third.status_code == 429, third.text
+            assert "at most 2 test sends" in third.json()["error"]["message"]
+            # The held sends wait on their own threads; the shared ones are free for others.
+            borrowed = portal.call(lambda: (
+                sends.limiter.borrowed_tokens,
+                anyio.to_thread.current_default_thread_limiter().borrowed_tokens))
+            assert borrowed == (2, 0)
+            assert app_client.get(URL, headers=other).status_code == 200
+            theirs = app_client.post(URL, json={"url": fine.url}, headers=other).json()
+            tested = app_client.post(f"{URL}/{theirs['id']}/test", headers=other)
+            assert tested.status_code == 200 and tested.json()["delivered"] is True
+            # Another tenant naming A's endpoint gets a 404, and takes none of A's places.
+            assert app_client.post(f"{URL}/{ids[2]}/test", headers=other).status_code == 404
+        finally:
+            slow.release()
+            for thread in held:
+                thread.join(timeout=60)
+    assert answers == {ids[0]: 200, ids[1]: 200}
+    assert (sends.endpoints, sends.tenants) == (set(), {})
+    # Places are given back: the next test send to the first endpoint goes out.
+    with receiver() as back:
+        client.post(f"{URL}/{ids[0]}", json={"url": back.url})
+        assert client.post(f"{URL}/{ids[0]}/test").status_code == 200
 
 
 def test_after_a_rotation_the_old_secret_verifies_during_the_window_and_not_after(
