@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from api.errors import ApiError
 from api.limits.auth_failures import refuse_if_over
 from api.limits.rate import RateLimiter
+from api.limits.webhook_tests import WebhookTestSends
 from api.metrics.access import check_metrics_reader
 from shared.db import session_factory
 from shared.keys import authenticate, record_use
@@ -121,6 +122,14 @@ def limit_rate(request: Request, caller: TenantDep) -> None:
 
 # For `include_router(..., dependencies=[RateLimited])`.
 RateLimited = Depends(limit_rate)
+
+
+async def get_webhook_test_sends(request: Request) -> WebhookTestSends:
+    sends: WebhookTestSends = request.app.state.webhook_test_sends
+    return sends
+
+
+WebhookTestSendsDep = Annotated[WebhookTestSends, Depends(get_webhook_test_sends)]
 
 
 def require_metrics_reader(request: Request, credentials: BearerDep,

@@ -18,6 +18,7 @@ from api.errors import install_error_handlers
 from api.limits.auth_failures import FailedAuthLimiter
 from api.limits.body import RequestBodyLimit
 from api.limits.rate import RateLimiter
+from api.limits.webhook_tests import WebhookTestSends
 from api.metrics.http import RequestMetrics
 from api.metrics.processes import forget_this_process
 from api.routes import (
@@ -104,8 +105,9 @@ DATASET_UPLOAD_ROUTES = ("upload_dataset", "receive_upload", "upload_file")
 
 
 def install_limits(app: FastAPI) -> None:
-    """The body size middleware, the rate limiter that the `RateLimited` dependency reads, and
-    the limiter of failed authentications that `get_caller` and the upload PUT count into.
+    """The body size middleware, the rate limiter that the `RateLimited` dependency reads,
+    the limiter of failed authentications that `get_caller` and the upload PUT count into,
+    and the webhook test sends' own threads and counts.
 
     The upload routes are found by name in their routers, whose paths carry their prefix:
     the app must include those routers without another one.
@@ -113,6 +115,7 @@ def install_limits(app: FastAPI) -> None:
     limits = get_settings().limits
     app.state.rate_limiter = RateLimiter(limits.rate_limit_per_minute)
     app.state.auth_failure_limiter = FailedAuthLimiter(limits.auth_failures_per_minute)
+    app.state.webhook_test_sends = WebhookTestSends()
     uploads = [r for r in (*datasets.router.routes, *upload.router.routes, *files.router.routes)
                if isinstance(r, APIRoute) and r.name in DATASET_UPLOAD_ROUTES]
     if len(uploads) != len(DATASET_UPLOAD_ROUTES):

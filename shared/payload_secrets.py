@@ -14,6 +14,7 @@ and all decrypt (rotation). Unset, a key is generated once into `data_dir/secret
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -48,13 +49,14 @@ def _read_or_create_key_file(path: Path) -> str:
     """The key in `path`, generated (mode 0600) if the file does not exist yet.
 
     The key is written to a private temporary file and hard-linked into place, so two
-    processes starting at once (the embedded API and worker) agree on one key and neither
-    ever reads a half-written file.
+    processes (the embedded API and worker) or threads starting at once agree on one key and
+    none ever reads a half-written file.
     """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A name of its own per caller: threads of one process create it at once too.
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
         try:
             os.fchmod(fd, 0o600)
             os.write(fd, Fernet.generate_key() + b"\n")

@@ -88,6 +88,7 @@ def normalize_host(host: str) -> str:
 def check_url(url: str, policy: UrlPolicy) -> UrlTarget:
     """The scheme, credentials and host grammar of `url`, and its host if it is an IP literal;
     no DNS. Raises `UrlRefused`."""
+    _check_characters(url)
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -105,10 +106,29 @@ def check_url(url: str, policy: UrlPolicy) -> UrlTarget:
     host = parts.hostname
     if not host:
         raise UrlRefused("the URL has no host")
+    if "[" in parts.netloc and not isinstance(_ip_literal(host), ipaddress.IPv6Address):
+        raise UrlRefused(
+            f"the URL is malformed: only an IPv6 address goes in brackets, not {host!r}"
+        )
     _check_host_grammar(host, policy)
     if port is None:
         port = 443 if scheme == "https" else 80
     return UrlTarget(scheme, host, port)
+
+
+def _check_characters(url: str) -> None:
+    # urlsplit silently drops tab, CR and LF, so the parts checked would not be the string
+    # that is stored and later sent; an HTTP client refuses such a URL, or worse, a lenient
+    # one writes it into the request line. A URL that means anything has them percent-encoded.
+    for position, char in enumerate(url):
+        if char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F:
+            raise UrlRefused(
+                f"the URL contains a control character or whitespace ({char!r} at position "
+                f"{position}); percent-encode it (a space is %20)"
+            )
+        # A lone surrogate (JSON's \ud800) is no character at all: it cannot be stored or sent.
+        if 0xD800 <= ord(char) <= 0xDFFF:
+            raise UrlRefused(f"the URL contains an unpaired surrogate at position {position}")
 
 
 def _check_host_grammar(host: str, policy: UrlPolicy) -> None:

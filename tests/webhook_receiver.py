@@ -29,13 +29,15 @@ class Received:
 class Receiver:
     """Answers the n-th request with `statuses[n]`, 200 once they are used up. With
     `hold_first`, the first request is recorded and then left unanswered until `release()`
-    (or its sender hangs up)."""
+    (or its sender hangs up); with `hold_all`, every request is."""
 
-    def __init__(self, statuses: Sequence[int] = (), *, hold_first: bool = False) -> None:
+    def __init__(self, statuses: Sequence[int] = (), *, hold_first: bool = False,
+                 hold_all: bool = False) -> None:
         self.statuses = list(statuses)
         self.received: list[Received] = []
         self.released = threading.Event()
         self._hold_first = hold_first
+        self._hold_all = hold_all
         self._lock = threading.Lock()
         receiver = self
 
@@ -47,7 +49,7 @@ class Receiver:
                         Received({k.lower(): v for k, v in self.headers.items()}, body))
                     n = len(receiver.received)
                     status = receiver.statuses[n - 1] if n <= len(receiver.statuses) else 200
-                if n == 1 and receiver._hold_first:
+                if receiver._hold_all or (n == 1 and receiver._hold_first):
                     receiver.released.wait(120)
                 self.send_response(status)
                 self.send_header("content-length", "2")
@@ -82,8 +84,9 @@ class Receiver:
 
 
 @contextmanager
-def receiver(statuses: Sequence[int] = (), *, hold_first: bool = False) -> Iterator[Receiver]:
-    running = Receiver(statuses, hold_first=hold_first)
+def receiver(statuses: Sequence[int] = (), *, hold_first: bool = False,
+             hold_all: bool = False) -> Iterator[Receiver]:
+    running = Receiver(statuses, hold_first=hold_first, hold_all=hold_all)
     try:
         yield running
     finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
 
@@ -57,9 +56,6 @@ class EndpointCreate(BaseModel):
     name: Name | None = Field(None, description="Tunery extension: optional, the URL's host "
                                                 "by default.")
     event_types: EventTypes | None = _event_types_field()
-
-    def endpoint_name(self) -> str:
-        return self.name or urlsplit(self.url).hostname or self.url[:200]
 
 
 class EndpointUpdate(BaseModel):
@@ -123,8 +119,13 @@ class EndpointDeleted(BaseModel):
 class TestResult(BaseModel):
     object: Literal["webhook_endpoint.test"] = "webhook_endpoint.test"
     event_type: str
-    status_code: int
-    success: Literal[True] = True
+    status_code: int = Field(description="The endpoint's answer.")
+    # OpenAI's SDK types this Literal[True]: "whether the test request completed", with
+    # status_code to say how the endpoint answered. A test that got no answer is an error.
+    success: Literal[True] = Field(True, description="The test request completed: always "
+                                   "true, as in OpenAI's API; see `delivered`.")
+    delivered: bool = Field(description="Tunery extension: the endpoint answered 2xx, which "
+                                        "is what a delivery counts as delivered.")
     webhook_endpoint_id: str
 
 

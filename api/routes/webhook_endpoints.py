@@ -9,8 +9,10 @@ import socket
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep, TenantDep
+from api.deps import SessionDep, SettingsDep, TenantDep, WebhookTestSendsDep
 from api.errors import OPENAI_AUTHENTICATED, ApiError, openai_error_responses
 from api.openai.webhooks import (
     AttemptList,
@@ -29,10 +31,13 @@ from api.openai.webhooks import (
     endpoint_object,
     endpoint_with_secret,
 )
-from shared.tenancy import CursorNotFound
+from shared.settings import Settings
+from shared.tenancy import CursorNotFound, Scope
 from shared.webhooks import deliveries, endpoints
+from shared.webhooks.deliveries import ClaimedDelivery
 from shared.webhooks.events import EVENT_TYPES
-from shared.webhooks.sender import send_test_event
+from shared.webhooks.send import post_delivery
+from shared.webhooks.sender import claim_test_send, record_test_send
 
 router = APIRouter(prefix="/v1", tags=["openai: webhooks"], responses=OPENAI_AUTHENTICATED)
 
@@ -52,7 +57,7 @@ def _bad_cursor(after: str) -> ApiError:
 def create_endpoint(body: EndpointCreate, caller: TenantDep, session: SessionDep,
                     settings: SettingsDep) -> EndpointWithSecretOut:
     created = endpoints.create_endpoint(
-        session, caller.tenant_id, url=body.url, name=body.endpoint_name(),
+        session, caller.tenant_id, url=body.url, name=body.name,
         event_types=body.event_types or EVENT_TYPES, settings=settings)
     session.commit()
     return endpoint_with_secret(created.endpoint, created.secret)
@@ -109,18 +114,29 @@ def rotate_secret(endpoint_id: EndpointId, caller: TenantDep, session: SessionDe
 
 @router.post("/webhook_endpoints/{endpoint_id}/test",
              summary="Send a sample event now and report the endpoint's answer",
-             responses=openai_error_responses(404, 409))
-def test_endpoint(endpoint_id: EndpointId, caller: TenantDep, session: SessionDep,
-                  settings: SettingsDep, body: TestSend | None = None) -> TestResult:
+             responses=openai_error_responses(404, 409, 429))
+async def test_endpoint(endpoint_id: EndpointId, caller: TenantDep, session: SessionDep,
+                        settings: SettingsDep, sends: WebhookTestSendsDep,
+                        body: TestSend | None = None) -> TestResult:
     event_type = (body or TestSend()).event_type
-    endpoint = endpoints.get_endpoint(session, caller.scope, endpoint_id)
-    outcome = send_test_event(session, endpoint, event_type, settings,
-                              owner=f"api:{socket.gethostname()}:{os.getpid()}")
+    with sends.hold(caller.tenant_id, endpoint_id, retry_after_s=settings.webhooks.timeout_s):
+        claimed = await run_in_threadpool(_claim_test_send, session, caller.scope,
+                                          endpoint_id, event_type, settings)
+        # The wait for the answer: on the test sends' own threads, with no connection held.
+        outcome = await sends.run(post_delivery, claimed, settings)
+        await run_in_threadpool(record_test_send, session, claimed, outcome, settings)
     if outcome.status_code is None:
         raise ApiError(409, "webhook_test_failed",
                        f"the endpoint gave no answer: {outcome.error}")
     return TestResult(event_type=event_type, status_code=outcome.status_code,
-                      webhook_endpoint_id=endpoint_id)
+                      delivered=outcome.delivered, webhook_endpoint_id=endpoint_id)
+
+
+def _claim_test_send(session: Session, scope: Scope, endpoint_id: str, event_type: str,
+                     settings: Settings) -> ClaimedDelivery:
+    endpoint = endpoints.get_endpoint(session, scope, endpoint_id)
+    return claim_test_send(session, endpoint, event_type, settings,
+                           owner=f"api:{socket.gethostname()}:{os.getpid()}")
 
 
 @router.get("/webhook_endpoints/{endpoint_id}/attempts",

@@ -15,10 +15,10 @@ from datetime import timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import DeliveryStatus, WebhookDelivery, WebhookEndpoint, utcnow
+from shared.models import DeliveryStatus, Tenant, WebhookDelivery, WebhookEndpoint, utcnow
 from shared.settings import Settings
 from shared.tenancy import Scope, page_after, visible_to
-from shared.url_guard import UrlPolicy, UrlRefused, check_url_resolves
+from shared.url_guard import UrlPolicy, UrlRefused, check_url, resolve_allowed
 from shared.webhooks import signing_secrets
 
 # Each of a tenant's endpoints gets a row per event: bounded, so that one job's events cannot
@@ -46,32 +46,44 @@ class EndpointWithSecret:
     secret: str
 
 
-def check_endpoint_url(url: str, settings: Settings) -> None:
-    """Refuse (`EndpointRefused` naming `url`) a URL the SSRF rules do not allow."""
+def check_endpoint_url(url: str, settings: Settings) -> str:
+    """The URL's host; `EndpointRefused` naming `url` for a URL that is malformed or that the
+    SSRF rules do not allow. Nothing may read the URL's parts before this has passed."""
+    policy = UrlPolicy.from_settings(settings.sources)
     try:
-        check_url_resolves(url, UrlPolicy.from_settings(settings.sources))
+        target = check_url(url, policy)
+        resolve_allowed(target.host, target.port, policy)
     except UrlRefused as exc:
         raise EndpointRefused("url", f"url: {exc}") from None
+    return target.host
 
 
-def create_endpoint(session: Session, tenant_id: str, *, url: str, name: str,
+def create_endpoint(session: Session, tenant_id: str, *, url: str, name: str | None,
                     event_types: Sequence[str], settings: Settings) -> EndpointWithSecret:
-    """A new endpoint with a new secret; `EndpointRefused` for a URL the SSRF rules refuse
-    or a tenant that has `MAX_ENDPOINTS_PER_TENANT` already."""
-    check_endpoint_url(url, settings)
-    count = session.scalar(select(func.count()).select_from(WebhookEndpoint)
-                           .where(WebhookEndpoint.tenant_id == tenant_id)) or 0
-    if count >= MAX_ENDPOINTS_PER_TENANT:
-        raise EndpointRefused("body", f"a tenant has at most {MAX_ENDPOINTS_PER_TENANT} webhook "
-                              "endpoints; delete one first")
+    """A new endpoint with a new secret, named after the URL's host unless `name` is given;
+    `EndpointRefused` for a URL the SSRF rules refuse or a tenant that has
+    `MAX_ENDPOINTS_PER_TENANT` already."""
+    host = check_endpoint_url(url, settings)
+    # Counting before inserting lets creates running at once all see room for one more. On
+    # PostgreSQL the tenant's row, locked until commit, puts one tenant's creates in a line;
+    # SQLite ignores the lock but takes its one write lock at the insert, so the count made
+    # after it, in the same transaction, sees every create committed before.
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
     secret = signing_secrets.new_secret()
     endpoint = WebhookEndpoint(
-        id=f"we_{uuid.uuid4().hex}", tenant_id=tenant_id, name=name, url=url,
+        id=f"we_{uuid.uuid4().hex}", tenant_id=tenant_id, name=name or host[:200], url=url,
         event_types=list(event_types), secret=signing_secrets.seal(secret, settings),
         secret_hint=signing_secrets.hint(secret),
     )
     session.add(endpoint)
     session.flush()
+    count = session.scalar(select(func.count()).select_from(WebhookEndpoint)
+                           .where(WebhookEndpoint.tenant_id == tenant_id)) or 0
+    if count > MAX_ENDPOINTS_PER_TENANT:
+        session.delete(endpoint)
+        session.flush()
+        raise EndpointRefused("body", f"a tenant has at most {MAX_ENDPOINTS_PER_TENANT} webhook "
+                              "endpoints; delete one first")
     return EndpointWithSecret(endpoint, secret)
 
 

@@ -5,10 +5,15 @@ The URL passes the SSRF rules again here, and the connection goes only to the ad
 checked (`shared.pinned_http`): an endpoint's DNS may point elsewhere since it was created.
 Redirects are not followed: a 3xx is an answer that is not a 2xx. The whole attempt has one
 deadline, `TUNERY_WEBHOOK_TIMEOUT_S`. The response's body is never read.
+
+Whatever goes wrong in an attempt, even inside Tunery, is that attempt's failure: a delivery
+whose attempt raised would keep its lease until it expired and be claimed again and again,
+ahead of every other tenant's deliveries, instead of backing off and being given up.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import httpx
@@ -23,12 +28,23 @@ from shared.webhooks.deliveries import ClaimedDelivery, Outcome
 from shared.webhooks.signing import signed_headers
 
 USER_AGENT = "Tunery-Webhooks/1"
+# What the attempt's record says when Tunery itself failed; the details are in the log.
+INTERNAL_FAILURE = "the attempt failed inside Tunery; the sender's log has the details"
+
+log = logging.getLogger("tunery.webhooks")
 
 
 def post_delivery(claimed: ClaimedDelivery, settings: Settings) -> Outcome:
-    """Send `claimed`'s attempt; never raises for what the endpoint or the network does."""
+    """Send `claimed`'s attempt and say what came of it; never raises."""
     started = time.monotonic()
+    try:
+        return _post(claimed, settings, started)
+    except Exception:  # noqa: BLE001 - recorded as the attempt's failure, then retried
+        log.exception("webhook %s attempt %d failed inside Tunery", claimed.id, claimed.attempt)
+        return Outcome(round((time.monotonic() - started) * 1000), error=INTERNAL_FAILURE)
 
+
+def _post(claimed: ClaimedDelivery, settings: Settings, started: float) -> Outcome:
     def outcome(status_code: int | None = None, error: str | None = None) -> Outcome:
         return Outcome(round((time.monotonic() - started) * 1000), status_code, error)
 

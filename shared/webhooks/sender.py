@@ -1,5 +1,5 @@
 """The sender: threads in every worker process that claim due deliveries and send them, and
-the API's one-off test send.
+the claim and record around the API's one-off test send.
 
 Each thread sends one delivery at a time, so a slow endpoint holds up one thread, never the
 others. Senders in many workers share the work through the database's claims
@@ -50,18 +50,23 @@ def send_next(settings: Settings, owner: str) -> bool:
     return True
 
 
-def send_test_event(session: Session, endpoint: WebhookEndpoint, event_type: str,
-                    settings: Settings, owner: str) -> Outcome:
-    """Send a sample `event_type` event to `endpoint` now, once, as a delivery whose attempt
-    is listed with the others; commits."""
+def claim_test_send(session: Session, endpoint: WebhookEndpoint, event_type: str,
+                    settings: Settings, owner: str) -> ClaimedDelivery:
+    """A sample `event_type` event for `endpoint`, as a delivery claimed by `owner` for its
+    one attempt (`post_delivery`), listed with the others; commits, so that the session
+    holds no connection while the attempt waits for its answer."""
     event = job_event(event_type, SAMPLE_JOB_ID, utcnow())
     claimed = claim_test(session, endpoint, event, owner, lease_seconds(settings.webhooks))
     session.commit()
-    outcome = post_delivery(claimed, settings)
+    return claimed
+
+
+def record_test_send(session: Session, claimed: ClaimedDelivery, outcome: Outcome,
+                     settings: Settings) -> None:
+    """Write what the test send's attempt brought; commits."""
     status = record_outcome(session, claimed, outcome, settings.webhooks)
     session.commit()
     _log_attempt(claimed, outcome, status.value if status else "lease lost")
-    return outcome
 
 
 def _log_attempt(claimed: ClaimedDelivery, outcome: Outcome, result: str) -> None:

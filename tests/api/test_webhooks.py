@@ -15,13 +15,19 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import pytest
 from fastapi.testclient import TestClient
 from openai import OpenAI
 from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
 
+from api.limits.webhook_tests import MAX_PER_TENANT, WebhookTestSends
+from shared.db import session_scope
+from shared.models import WebhookDelivery, WebhookEndpoint
 from shared.settings import get_settings
+from shared.webhooks import signing_secrets
 from shared.webhooks.endpoints import MAX_ENDPOINTS_PER_TENANT
+from shared.webhooks.send import INTERNAL_FAILURE
 from shared.webhooks.sender import send_next
 from tests.api.conftest import new_key
 from tests.conftest import make_payload
@@ -197,6 +203,134 @@ def test_a_url_the_ssrf_rules_refuse_is_a_400_naming_url(
         assert changed.status_code == 400 and changed.json()["error"]["param"] == "url"
 
 
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9001/\r\nX: 1",
+    "http://127.0.0.1:9001/\u0000",
+    "http://127.0.0.1:9001/\tx",
+    "http://127.0.0.1 :9001/",
+])
+def test_a_url_with_a_control_character_or_whitespace_is_a_400_naming_url(
+    loopback_allowed: None, client: TestClient, url: str,
+) -> None:
+    response = client.post(URL, json={"url": url})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "url"
+    assert "control character or whitespace" in response.json()["error"]["message"]
+    assert client.get(URL).json()["data"] == []
+
+
+def poison(endpoint_id: str, *, url: str | None = None, secret: str | None = None) -> None:
+    """Give an endpoint a value the API does not make: a URL stored before the API refused
+    it, or a damaged signing secret (here one that is not base64, which the signing library
+    refuses with its own exception)."""
+    with session_scope() as session:
+        endpoint = session.get(WebhookEndpoint, endpoint_id)
+        assert endpoint is not None
+        if url is not None:
+            endpoint.url = url
+        if secret is not None:
+            endpoint.secret = signing_secrets.seal(secret)
+
+
+def deliveries_to(endpoint_id: str) -> list[WebhookDelivery]:
+    with session_scope() as session:
+        rows = session.query(WebhookDelivery).filter_by(endpoint_id=endpoint_id).all()
+        session.expunge_all()
+        return rows
+
+
+def test_an_attempt_that_fails_inside_tunery_is_recorded_and_backs_off(
+    loopback_allowed: None, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TUNERY_WEBHOOK_RETRY_BASE_S", "3600")
+    get_settings.cache_clear()
+    with receiver() as fine:
+        endpoint = create(client, fine.url, event_types=["tunery.job.queued"])
+    poison(endpoint["id"], secret="whsec_a")
+    submit(client)
+    assert send_due() == 1  # sent once, then not due again until its backoff has passed
+    [attempt] = attempts(client, endpoint["id"])
+    assert attempt["status_code"] is None and attempt["finished_at"] is not None
+    assert attempt["error"] == INTERNAL_FAILURE
+    assert attempt["delivery_status"] == "pending"
+    [delivery] = deliveries_to(endpoint["id"])
+    assert delivery.lease_owner is None and delivery.attempts == 1
+
+
+def test_a_delivery_that_fails_inside_tunery_is_given_up_after_the_retry_window(
+    loopback_allowed: None, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TUNERY_WEBHOOK_RETRY_WINDOW_S", "0")
+    get_settings.cache_clear()
+    with receiver() as fine:
+        endpoint = create(client, fine.url, event_types=["tunery.job.queued"])
+    poison(endpoint["id"], secret="whsec_a")
+    submit(client)
+    assert send_due() == 1
+    assert send_due() == 0
+    assert [a["delivery_status"] for a in attempts(client, endpoint["id"])] == ["failed"]
+
+
+def test_one_tenants_poisoned_delivery_does_not_hold_up_another_tenants(
+    loopback_allowed: None, client: TestClient, app_client: TestClient,
+) -> None:
+    other = {"Authorization": f"Bearer {new_key('tenant-b')}"}
+    with receiver() as fine:
+        bad_secret = create(client, fine.url, event_types=["tunery.job.queued"])
+        bad_url = create(client, fine.url, event_types=["tunery.job.queued"])
+        poison(bad_secret["id"], secret="whsec_a")
+        poison(bad_url["id"], url="http://127.0.0.1:9001/\r\nX: 1")
+        submit(client)  # tenant A's deliveries are the oldest due: claimed first
+        healthy = app_client.post(URL, json={"url": fine.url}, headers=other).json()
+        app_client.post("/v1/finetune/llm", json=make_payload(), headers=other)
+        # Retries are due at once here: a poisoned delivery that kept its place at the head
+        # of the queue would take every claim, and tenant B's would never be sent.
+        for _ in range(6):
+            send_next(get_settings(), "one-sender")
+        [received] = fine.wait_for(1)
+    assert json.loads(received.body)["type"] == "tunery.job.queued"
+    listed = app_client.get(f"{URL}/{healthy['id']}/attempts", headers=other).json()["data"]
+    assert [(a["status_code"], a["delivery_status"]) for a in listed] == [(200, "delivered")]
+    assert {a["error"] for a in attempts(client, bad_secret["id"])} == {INTERNAL_FAILURE}
+    assert all("control character" in a["error"] for a in attempts(client, bad_url["id"]))
+
+
+MALFORMED_URLS = [
+    "http://[::1/", "http://[::1", "http://::1]/", "http://[", "http://]", "http://[]/",
+    "http://[::1]x/", "http://[v1.x]/", "http://[127.0.0.1]/", "http://[::1%eth0/",
+    "http://127.0.0.1:-1/", "http://127.0.0.1:abc/",
+    "http://127.0.0.1:99999/", "http://127.0.0.1:0x50/", "http://127.0.0.1:+80/",
+    "http://127.0.0.1:9001:9002/", "http://:9001/", "http://", "http:", "http:/", "//x/y",
+    "http:///path", "://127.0.0.1/", "127.0.0.1:9001", "localhost", "x", "\\", "http://@/",
+    "http://a@b@127.0.0.1/", "http://%31%32%37.0.0.1/", "http://127.0.0.1%00/",
+    "http://xn--/", "http://xn--zz/", "http://-a.com/", "http://a..com/", "http://.../",
+    "http://" + "a" * 64 + ".com/", "http://" + "a." * 130 + "com/", "http://例え.テスト/",
+    "http://127.0.0.1/\ud800", "http://\u0661\u0662\u0667.0.0.1/", "javascript:alert(1)",
+    "data:text/plain,x", "http://[::ffff:127.0.0.1]/", "http://0/", "http://127.1/",
+]
+
+
+def test_no_malformed_url_is_a_500(loopback_allowed: None, client: TestClient) -> None:
+    with receiver() as fine:
+        endpoint = create(client, fine.url)
+    for url in MALFORMED_URLS:
+        # As JSON escapes: a lone surrogate arrives as \ud800, which no client encodes raw.
+        body: dict[str, Any] = {"content": json.dumps({"url": url}),
+                                "headers": {"content-type": "application/json"}}
+        for response in (client.post(URL, **body),
+                         client.post(f"{URL}/{endpoint['id']}", **body)):
+            assert response.status_code == 400, (url, response.text)
+            assert response.json()["error"]["param"] == "url", (url, response.text)
+    assert [e["id"] for e in client.get(URL).json()["data"]] == [endpoint["id"]]
+
+
+def test_an_endpoint_is_named_after_its_host_by_default(
+    hooks: Receiver, client: TestClient,
+) -> None:
+    assert create(client, hooks.url)["name"] == "127.0.0.1"
+    assert create(client, hooks.url, name="jobs")["name"] == "jobs"
+
+
 def test_loopback_is_refused_where_the_operator_allows_no_private_host(
     tunery_env: Path, client: TestClient,
 ) -> None:
@@ -296,7 +430,7 @@ def test_the_test_send_reports_the_answer_and_lists_its_attempt(
                              json={"event_type": "fine_tuning.job.failed"}).json()
         assert result == {"object": "webhook_endpoint.test", "event_type":
                           "fine_tuning.job.failed", "status_code": 418, "success": True,
-                          "webhook_endpoint_id": endpoint["id"]}
+                          "delivered": False, "webhook_endpoint_id": endpoint["id"]}
         sent = teapot.wait_for(1)[0]
         assert signed_by(sent, endpoint["signing_secret"])
         assert json.loads(sent.body)["type"] == "fine_tuning.job.failed"
@@ -309,6 +443,74 @@ def test_the_test_send_reports_the_answer_and_lists_its_attempt(
     failed = client.post(f"{URL}/{endpoint['id']}/test")
     assert failed.status_code == 400
     assert "no answer" in failed.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("status", "delivered"), [
+    (200, True), (204, True), (307, False), (410, False), (500, False)])
+def test_the_test_send_says_delivered_only_for_a_2xx(
+    loopback_allowed: None, client: TestClient, status: int, delivered: bool,
+) -> None:
+    with receiver([status]) as answering:
+        endpoint = create(client, answering.url)
+        result = client.post(f"{URL}/{endpoint['id']}/test").json()
+    # OpenAI's `success` says the request completed; whether it was delivered is apart.
+    assert (result["status_code"], result["success"], result["delivered"]) == (
+        status, True, delivered)
+    assert client.get(f"{URL}/{endpoint['id']}").json()["enabled"] is True
+
+
+def test_test_sends_wait_on_their_own_threads_and_a_tenant_has_few_at_once(
+    loopback_allowed: None, client: TestClient, app_client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The held sends end when the receiver lets them go, long before this deadline.
+    monkeypatch.setenv("TUNERY_WEBHOOK_TIMEOUT_S", "30")
+    get_settings.cache_clear()
+    assert MAX_PER_TENANT == 2
+    other = {"Authorization": f"Bearer {new_key('tenant-b')}"}
+    sends: WebhookTestSends = app_client.app.state.webhook_test_sends  # type: ignore[attr-defined]
+    portal = client.portal
+    assert portal is not None
+    with receiver(hold_all=True) as slow, receiver() as fine:
+        ids = [create(client, slow.url)["id"] for _ in range(3)]
+        answers: dict[str, int] = {}
+
+        def test_send(endpoint_id: str) -> None:
+            answers[endpoint_id] = client.post(f"{URL}/{endpoint_id}/test").status_code
+
+        held = [threading.Thread(target=test_send, args=(i,)) for i in ids[:2]]
+        for thread in held:
+            thread.start()
+        slow.wait_for(2)  # both in flight, answered only on release()
+        try:
+            again = client.post(f"{URL}/{ids[0]}/test")
+            assert again.status_code == 429, again.text
+            assert "this endpoint" in again.json()["error"]["message"]
+            assert again.headers["retry-after"] == "30"
+            third = client.post(f"{URL}/{ids[2]}/test")
+            assert third.status_code == 429, third.text
+            assert "at most 2 test sends" in third.json()["error"]["message"]
+            # The held sends wait on their own threads; the shared ones are free for others.
+            borrowed = portal.call(lambda: (
+                sends.limiter.borrowed_tokens,
+                anyio.to_thread.current_default_thread_limiter().borrowed_tokens))
+            assert borrowed == (2, 0)
+            assert app_client.get(URL, headers=other).status_code == 200
+            theirs = app_client.post(URL, json={"url": fine.url}, headers=other).json()
+            tested = app_client.post(f"{URL}/{theirs['id']}/test", headers=other)
+            assert tested.status_code == 200 and tested.json()["delivered"] is True
+            # Another tenant naming A's endpoint gets a 404, and takes none of A's places.
+            assert app_client.post(f"{URL}/{ids[2]}/test", headers=other).status_code == 404
+        finally:
+            slow.release()
+            for thread in held:
+                thread.join(timeout=60)
+    assert answers == {ids[0]: 200, ids[1]: 200}
+    assert (sends.endpoints, sends.tenants) == (set(), {})
+    # Places are given back: the next test send to the first endpoint goes out.
+    with receiver() as back:
+        client.post(f"{URL}/{ids[0]}", json={"url": back.url})
+        assert client.post(f"{URL}/{ids[0]}/test").status_code == 200
 
 
 def test_after_a_rotation_the_old_secret_verifies_during_the_window_and_not_after(
@@ -356,7 +558,8 @@ def test_the_openai_client_manages_endpoints(hooks: Receiver, client: TestClient
     rotated = sdk.webhooks.rotate_secret(created.id)
     assert rotated.signing_secret != created.signing_secret
     tested = sdk.webhooks.test(created.id, event_type="fine_tuning.job.succeeded")
-    assert tested.status_code == 200
+    assert tested.status_code == 200 and tested.success is True
+    assert tested.model_extra == {"delivered": True}
     event = sdk.webhooks.unwrap(hooks.wait_for(1)[0].body, hooks.received[0].headers,
                                 secret=rotated.signing_secret)
     assert event.type == "fine_tuning.job.succeeded"

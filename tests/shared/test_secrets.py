@@ -4,6 +4,7 @@ key, and dropped from the row in the transaction that ends the job."""
 from __future__ import annotations
 
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,33 @@ def test_without_a_setting_a_key_file_is_made_once_with_mode_0600(tmp_path: Path
     assert open_secrets(sealed, worker)["logging_config"]["wandb_login_key"] == WANDB_KEY
     assert path.read_text() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_threads_that_make_the_key_file_at_once_all_get_the_one_key(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "shared-data")
+    threads_n = 16
+    start = threading.Barrier(threads_n)
+    sealed: list[dict[str, object]] = []
+    errors: list[BaseException] = []
+
+    def seal() -> None:
+        start.wait()
+        try:
+            sealed.append(seal_secrets(secret_payload(), settings))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    for _ in range(20):  # the race is narrow: make it many times, each from no file
+        key_file(settings).unlink(missing_ok=True)
+        sealed.clear()
+        threads = [threading.Thread(target=seal) for _ in range(threads_n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert all(open_secrets(s, settings) == secret_payload() for s in sealed)
+    assert [p.name for p in key_file(settings).parent.iterdir()] == [key_file(settings).name]
 
 
 def test_payload_stored_before_encryption_still_opens(keyed: Settings) -> None:

@@ -104,6 +104,14 @@ def test_url_with_credentials_is_refused_without_echoing_them() -> None:
     assert "hunter2" not in str(info.value)
 
 
+@pytest.mark.parametrize("url", ["https://example.com/train.jsonl\r\nX-Injected: 1",
+                                 "https://example.com/tr\tain.jsonl",
+                                 "https://example.com/train.jsonl\x00"])
+def test_a_dataset_url_with_a_control_character_is_refused(url: str) -> None:
+    with pytest.raises(SourceError, match="control character or whitespace"):
+        classify_source(url, [])
+
+
 def test_urls_can_be_refused_where_only_models_are_meant() -> None:
     with pytest.raises(SourceError, match="not allowed here"):
         classify_source("https://example.com/model", [], allow_urls=False)

@@ -87,16 +87,41 @@ def test_ip_addresses_in_unusual_notations_are_refused_before_any_lookup(host: s
         ("https://user:pw@example.com/x", "credentials"),
         ("https://user@example.com/x", "credentials"),
         ("https://example.com:99999/x", "malformed"),
-        ("https://exa mple.com/x", "not a valid host name"),
+        ("https://exa mple.com/x", "control character or whitespace"),
         ("https://ex%41mple.com/x", "not a valid host name"),
         ("https://bücher.example/x", "xn-- form"),
         ("https://[::1]/x", "loopback"),
         ("https://[fe80::1%25eth0]/x", "link-local"),
+        ("https://[v1.example.com]/x", "only an IPv6 address goes in brackets"),
+        ("https://[127.0.0.1]/x", "only an IPv6 address goes in brackets|malformed"),
+        ("https://example.com/\ud800", "unpaired surrogate"),
     ],
 )
 def test_bad_urls_are_refused_without_dns(url: str, message: str) -> None:
     with pytest.raises(UrlRefused, match=message):
         check_url(url, STRICT)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9001/\r\nX: 1",
+    "https://example.com/a\nb",
+    "https://example.com/\tx",
+    "https://exa\tmple.com/x",
+    "https://example.com/x\x00",
+    "https://example.com/x\x7f",
+    "http://127.0.0.1 :9001/",
+    "https://example.com/a b",
+    "https://example.com/x ",
+    " https://example.com/x",
+    "https://example.com/x\u00a0",
+    "https://example.com/x?q=\u2028",
+])
+def test_a_url_with_a_control_character_or_whitespace_is_refused(url: str) -> None:
+    # urlsplit drops tab, CR and LF before the parts are looked at: the whole string counts.
+    policy = UrlPolicy(allow_http=True, allowed_private_hosts=frozenset({"127.0.0.1"}))
+
+    with pytest.raises(UrlRefused, match="control character or whitespace"):
+        check_url(url, policy)
 
 
 def test_an_https_url_with_a_public_name_passes_the_grammar() -> None:

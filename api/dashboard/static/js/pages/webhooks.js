@@ -109,8 +109,10 @@ class WebhooksPage {
       replaceChildren(this.status);
       try {
         const result = await call(`/v1/webhook_endpoints/${endpoint.id}/test`, { method: "POST" });
-        replaceChildren(this.status, notice("success",
-          `${endpoint.name} answered the test event with ${result.status_code}.`));
+        // Only a 2xx counts as delivered: any other answer would have a delivery retried.
+        replaceChildren(this.status, notice(result.delivered ? "success" : "error",
+          `${endpoint.name} answered the test event with ${result.status_code}.` +
+          (result.delivered ? "" : " Only a 2xx counts as delivered.")));
       } catch (error) {
         replaceChildren(this.status, notice("error", error.message));
       } finally {
