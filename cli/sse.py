@@ -21,8 +21,9 @@ class ServerSentEvent:
         return json.loads(self.data)
 
 
-def read_events(lines: Iterable[str]) -> Iterator[ServerSentEvent]:
-    """The events in `lines` (the stream split at its line ends), as each one completes."""
+def read_events(lines: Iterable[str], *, comments: bool = False) -> Iterator[ServerSentEvent]:
+    """The events in `lines` (the stream split at its line ends), as each one completes; with
+    `comments`, each comment line too, as an event named ":" (a server's keep-alive pings)."""
     name, event_id = "", None
     data: list[str] = []
     for line in lines:
@@ -32,6 +33,8 @@ def read_events(lines: Iterable[str]) -> Iterator[ServerSentEvent]:
             name, data, event_id = "", [], None
             continue
         if line.startswith(":"):
+            if comments:
+                yield ServerSentEvent(":", line[1:].strip())
             continue
         field, _, value = line.partition(":")
         value = value.removeprefix(" ")

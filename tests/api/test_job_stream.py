@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from fastapi.testclient import TestClient
 
 import api.feed_stream
 from cli.local_stack import free_port
+from cli.sse import ServerSentEvent, read_events
 from shared import jobs
 from shared.db import get_engine, session_scope
 from shared.models import JobStatus
@@ -29,37 +29,12 @@ from tests.api.test_finetune_routes import submit
 POLL_S = 0.05
 
 
-@dataclass(frozen=True)
-class Event:
-    name: str
-    data: str
-    id: str | None = None
-
-    def json(self) -> Any:
-        import json
-
-        return json.loads(self.data)
+Event = ServerSentEvent
 
 
 def parse_sse(lines: Iterable[str]) -> Iterator[Event]:
     """Server-sent events as a browser reads them; a comment reads as an event named ':'."""
-    name, data, event_id = "message", [], None
-    for line in lines:
-        if line == "":
-            if data:
-                yield Event(name, "\n".join(data), event_id)
-            name, data, event_id = "message", [], None
-        elif line.startswith(":"):
-            yield Event(":", line[1:].strip())
-        else:
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if field == "event":
-                name = value
-            elif field == "data":
-                data.append(value)
-            elif field == "id":
-                event_id = value
+    return read_events(lines, comments=True)
 
 
 @pytest.fixture(autouse=True)
