@@ -59,8 +59,9 @@ def _up(args: argparse.Namespace) -> int:
                             quiet=not args.verbose, inference=not args.no_inference) as stack:
                 serving = ("API, worker and inference engine" if stack.engine_url
                            else "API + worker")
-                print(f"Tunery is up at {stack.base_url} ({serving}; API reference at "
-                      f"{stack.base_url}/docs); Ctrl-C stops them all", flush=True)
+                print(f"Tunery is up at {stack.base_url} ({serving}; the dashboard at "
+                      f"{stack.base_url}/, the API reference at {stack.base_url}/docs); "
+                      "Ctrl-C stops them all", flush=True)
                 if not args.verbose:
                     print("a job live: `tunery watch JOB` (with TUNERY_API_KEY) or GET "
                           "/v1/finetune/llm/{job_id}/stream; `tunery up --verbose` shows the "
