@@ -100,10 +100,19 @@ def get_caller(request: Request, credentials: BearerDep, session: SessionDep) ->
     if key is None:
         refuse_if_over(request, "authentications")
         raise ApiError(401, "unauthorized", UNKNOWN_KEY_MESSAGE, headers=_UNAUTHORIZED)
-    if record_use(session, key):
+    wrote = record_use(session, key)
+    caller = Caller(tenant_id=key.tenant_id, key_id=key.id, key_prefix=key.prefix,
+                    key_name=key.name, is_admin=key.role == KeyRole.ADMIN)
+    # Either way the transaction ends here, which gives its connection back to the pool: the
+    # route runs later, on whichever thread of the pool comes free. Held across that wait, a
+    # burst of requests would hold every connection while the threads that could finish them
+    # wait for one, until the pool's timeout answers them all 503. The route's first query
+    # takes a connection again, on the thread that uses it.
+    if wrote:
         session.commit()
-    return Caller(tenant_id=key.tenant_id, key_id=key.id, key_prefix=key.prefix, key_name=key.name,
-                  is_admin=key.role == KeyRole.ADMIN)
+    else:
+        session.rollback()
+    return caller
 
 
 TenantDep = Annotated[Caller, Depends(get_caller)]

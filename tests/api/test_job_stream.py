@@ -13,14 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 import api.feed_stream
-from cli.local_stack import free_port
 from cli.sse import ServerSentEvent, read_events
 from shared import jobs
-from shared.db import get_engine, session_scope
+from shared.db import session_scope
 from shared.models import JobStatus
 from shared.settings import get_settings
 from tests.api.conftest import new_key
@@ -189,31 +187,6 @@ def test_an_idle_stream_sends_a_ping_comment(client: TestClient,
         events = parse_sse(response.iter_lines())
         names = [next(events).name for _ in range(4)]
     assert names == ["job", "status", ":", ":"]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest,
-           monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Callable[[], int]]]:
-    """The app behind a real uvicorn server in this process (so that its connection pool can
-    be looked at), on SQLite or PostgreSQL; its base URL and an API key's headers."""
-    if request.param == "postgresql":
-        monkeypatch.setenv("TUNERY_DATABASE_URL", request.getfixturevalue("postgres_url"))
-    from api.main import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", get_engine().pool.checkedout  # type: ignore[attr-defined]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_an_open_idle_stream_holds_no_database_connection(
