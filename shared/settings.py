@@ -383,6 +383,11 @@ class WebhookSettings(BaseModel):
         4, ge=1, le=64, description="Deliveries each worker sends at once: a slow endpoint "
         "holds up one of them only."
     )
+    max_in_flight_per_tenant: int = Field(
+        2, ge=1, le=64, description="Deliveries of one tenant in flight at once across all "
+        "workers' senders, and at most one per endpoint: a tenant's slow receivers never hold "
+        "every sender while other tenants' deliveries wait."
+    )
     poll_interval_s: float = Field(
         2.0, gt=0, description="How often an idle sender looks for deliveries that are due."
     )

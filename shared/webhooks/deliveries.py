@@ -8,6 +8,10 @@ SQLite, which locks the whole database for the writer instead), count the attemp
 the attempt's row. The lease outlasts the longest attempt (`lease_seconds`), so while it
 holds nobody else sends that delivery; a sender that dies leaves the lease to expire, and the
 next claim sends the delivery again, with the same id, and marks the lost attempt.
+
+A claim shares the senders out between tenants (`_fair_share`): a tenant whose receivers
+accept connections and never answer would otherwise hold every sender for a whole deadline per
+attempt, and, its deliveries being due first, keep every other tenant's waiting.
 """
 
 from __future__ import annotations
@@ -17,8 +21,19 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, case, delete, insert, or_, select, tuple_, update
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.orm import Session, aliased
 
 from shared.models import (
     DeliveryStatus,
@@ -87,11 +102,48 @@ def _due(now: datetime) -> ColumnElement[bool]:
                     WebhookDelivery.lease_expires_at < now))
 
 
-def claim_due(session: Session, owner: str, lease_s: float) -> ClaimedDelivery | None:
-    """Take the oldest due delivery for one attempt, or None when none is due. The caller
-    commits before it sends."""
+def _fair_share(now: datetime, max_in_flight_per_tenant: int) -> ColumnElement[bool]:
+    """Whether a delivery may be sent now beside those in flight (leased by a sender, the
+    lease not expired): its tenant has fewer than `max_in_flight_per_tenant` of them, and its
+    endpoint none.
+
+    A slow receiver of one tenant must not hold every sender: with a cap per tenant the other
+    tenants' deliveries find a sender free, however many of the first tenant's are due ahead
+    of them; with one per endpoint a tenant's slow endpoint leaves its other endpoints a slot.
+    The sets of busy endpoints and full tenants are subqueries of their own, not correlated
+    with the candidate row, so the database works them out once per claim, from the few
+    leased rows, instead of once per due delivery it passes on the way to a claimable one.
+    """
+    leased = aliased(WebhookDelivery)
+    in_flight = and_(leased.status == DeliveryStatus.PENDING.value,
+                     leased.is_test.is_(False), leased.lease_expires_at >= now)
+    busy_endpoints = select(leased.endpoint_id).where(in_flight)
+    owner = aliased(WebhookEndpoint)
+    full_tenants = (
+        select(owner.tenant_id).join(leased, leased.endpoint_id == owner.id).where(in_flight)
+        .group_by(owner.tenant_id).having(func.count() >= max_in_flight_per_tenant)
+    )
+    endpoints_of_full_tenants = select(WebhookEndpoint.id).where(
+        WebhookEndpoint.tenant_id.in_(full_tenants))
+    return and_(WebhookDelivery.endpoint_id.not_in(busy_endpoints),
+                WebhookDelivery.endpoint_id.not_in(endpoints_of_full_tenants))
+
+
+def claim_due(session: Session, owner: str, lease_s: float,
+              max_in_flight_per_tenant: int) -> ClaimedDelivery | None:
+    """Take the oldest due delivery for one attempt, or None when none is due whose tenant
+    has fewer than `max_in_flight_per_tenant` in flight and whose endpoint has none
+    (`_fair_share`). The caller commits before it sends.
+
+    The share is checked again in the UPDATE that takes the delivery, so on SQLite, whose
+    writers take turns, it holds exactly. On PostgreSQL claims that run at once do not see
+    each other's leases before they commit, so a tenant may get one delivery more than its
+    share for each other sender claiming at the same moment: a small over-claim, accepted
+    to keep claims lock-free (SKIP LOCKED) instead of serialising them on a tenant lock.
+    """
     now = utcnow()
-    due = and_(_due(now), WebhookDelivery.is_test.is_(False))
+    due = and_(_due(now), WebhookDelivery.is_test.is_(False),
+               _fair_share(now, max_in_flight_per_tenant))
     delivery_id = session.scalar(
         select(WebhookDelivery.id).where(due).order_by(WebhookDelivery.next_attempt_at)
         .limit(1).with_for_update(skip_locked=True)

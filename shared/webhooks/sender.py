@@ -2,9 +2,11 @@
 the claim and record around the API's one-off test send.
 
 Each thread sends one delivery at a time, so a slow endpoint holds up one thread, never the
-others. Senders in many workers share the work through the database's claims
-(`shared.webhooks.deliveries`); nothing is held in memory between two claims, so a worker
-that dies loses nothing but the attempt in flight, which the next claim sends again.
+others; a tenant has at most `TUNERY_WEBHOOK_MAX_IN_FLIGHT_PER_TENANT` deliveries in flight
+across all senders, one per endpoint, so its slow receivers never hold them all. Senders in
+many workers share the work through the database's claims (`shared.webhooks.deliveries`);
+nothing is held in memory between two claims, so a worker that dies loses nothing but the
+attempt in flight, which the next claim sends again.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ log = logging.getLogger("tunery.webhooks")
 def send_next(settings: Settings, owner: str) -> bool:
     """Claim one due delivery and make its attempt; whether one was due."""
     with session_scope() as session:
-        claimed = claim_due(session, owner, lease_seconds(settings.webhooks))
+        claimed = claim_due(session, owner, lease_seconds(settings.webhooks),
+                            settings.webhooks.max_in_flight_per_tenant)
     if claimed is None:
         return False
     if not claimed.endpoint_enabled:

@@ -97,6 +97,7 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "webhook_retry_max_interval_s": ("60", 60.0),
     "webhook_secret_rotation_window_s": ("0", 0),
     "webhook_sender_threads": ("2", 2),
+    "webhook_max_in_flight_per_tenant": ("3", 3),
     "webhook_poll_interval_s": ("0.2", 0.2),
     "webhook_history_days": ("7", 7),
     "stream_poll_s": ("0.25", 0.25),
