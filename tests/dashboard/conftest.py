@@ -62,7 +62,10 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory,
             print(f"===== {log.name} =====\n{log.read_text(errors='replace')[-6000:]}")
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API keeps an asyncio loop running on this
+# thread while it lives, and every later test that calls asyncio.run() (the inference
+# engine's) would fail with "cannot be called from a running event loop".
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium")
