@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Table, func, insert, select, update
 from sqlalchemy.orm import Session
@@ -607,6 +607,17 @@ def tail_logs(session: Session, job_id: str, n_lines: int) -> list[JobLog]:
     return list(reversed(rows))
 
 
+_FeedRow = TypeVar("_FeedRow", JobLog, JobEvent, JobMetric)
+
+
+def _rows_after(session: Session, table: type[_FeedRow], job_id: str, after_id: int,
+                limit: int) -> list[_FeedRow]:
+    return list(session.scalars(
+        select(table).where(table.job_id == job_id, table.id > after_id)
+        .order_by(table.id).limit(limit)
+    ).all())
+
+
 def logs_after(session: Session, job_id: str, after_id: int, n_lines: int) -> list[JobLog]:
     """Up to `n_lines` of the job's log lines with an id above `after_id`, oldest first: pass
     the last id seen to follow a running job without reading a line twice.
@@ -614,12 +625,7 @@ def logs_after(session: Session, job_id: str, after_id: int, n_lines: int) -> li
     Ids grow in the order lines are committed as long as one writer logs for the job at a
     time, as an attempt's worker does, one transaction after another.
     """
-    return list(session.scalars(
-        select(JobLog)
-        .where(JobLog.job_id == job_id, JobLog.id > after_id)
-        .order_by(JobLog.id)
-        .limit(n_lines)
-    ).all())
+    return _rows_after(session, JobLog, job_id, after_id, n_lines)
 
 
 def events_after(session: Session, job_id: str, after_id: int, limit: int) -> list[JobEvent]:
@@ -628,23 +634,13 @@ def events_after(session: Session, job_id: str, after_id: int, limit: int) -> li
     Ids grow in commit order: every transition of a job locks its row before it inserts the
     event, so two transactions never hand out a job's event ids in one order and commit them
     in the other."""
-    return list(session.scalars(
-        select(JobEvent)
-        .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
-        .order_by(JobEvent.id)
-        .limit(limit)
-    ).all())
+    return _rows_after(session, JobEvent, job_id, after_id, limit)
 
 
 def metrics_after(session: Session, job_id: str, after_id: int, limit: int) -> list[JobMetric]:
     """Up to `limit` of the job's metrics rows with an id above `after_id`, oldest first; one
     writer at a time, as for `logs_after`."""
-    return list(session.scalars(
-        select(JobMetric)
-        .where(JobMetric.job_id == job_id, JobMetric.id > after_id)
-        .order_by(JobMetric.id)
-        .limit(limit)
-    ).all())
+    return _rows_after(session, JobMetric, job_id, after_id, limit)
 
 
 def latest_metric(session: Session, job_id: str, name: str) -> JobMetric | None:
