@@ -4,7 +4,7 @@ asks for `RateLimited`, the metrics route for `MetricsReader`."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -26,7 +26,12 @@ from shared.storage import Storage, storage_from_settings
 from shared.tenancy import ALL_TENANTS, Scope
 
 
-def get_db() -> Iterator[Session]:
+async def get_db() -> AsyncIterator[Session]:
+    """One request's session. Closed on the event loop, not in the thread pool: the connection
+    a sync route leaves checked out goes back to the pool as soon as the route returns. Closed
+    on a pool thread, it would wait for a free thread while holding its connection, and a burst
+    of requests would hold every connection while every thread waited for one, until the
+    pool's timeout answered them all 503."""
     session = session_factory()()
     try:
         yield session

@@ -20,9 +20,11 @@ from api.inference.requests import (
     GenerationParameters,
 )
 from api.inference.served import ModelNotFound, ServedModel, resolve_model
+from api.session_route import SessionRoute
 from shared.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["openai: inference"], responses=OPENAI_AUTHENTICATED)
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1", tags=["openai: inference"], responses=OPENAI_AUTHENTICATED)
 
 _ANSWERS = openai_error_responses(404, 422, 502)
 

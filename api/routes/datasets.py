@@ -14,6 +14,7 @@ from api.deps import ScratchDirDep, SessionDep, SettingsDep, StorageDep, TenantD
 from api.errors import AUTHENTICATED, ApiError, error_responses
 from api.example_preview import render_examples
 from api.schemas import DatasetList, DatasetOut, PreviewIn, PreviewOut
+from api.session_route import SessionRoute
 from api.uploads import ReceivedFile, receive_multipart_file
 from shared import datasets, token_preview
 from shared.dataset_columns import missing_columns_message
@@ -21,7 +22,8 @@ from shared.models import Dataset
 from shared.settings import Settings
 from shared.storage import Storage
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=AUTHENTICATED)
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1/datasets", tags=["datasets"], responses=AUTHENTICATED)
 
 DatasetId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 

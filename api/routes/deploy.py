@@ -36,12 +36,14 @@ from api.schemas import (
     LogsOut,
     TerminateIn,
 )
+from api.session_route import SessionRoute
 from shared import deployments
 from shared.deploy_schema import DeployRequest
 from shared.models import Deployment
 from shared.settings import Settings
 
-router = APIRouter(prefix="/v1/deploy", tags=["monsterapi compatibility"],
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1/deploy", tags=["monsterapi compatibility"],
                    responses=AUTHENTICATED)
 
 

@@ -24,12 +24,14 @@ from api.errors import OPENAI_AUTHENTICATED, ApiError, openai_error_responses
 from api.inference.requests import DEFAULT_MAX_TOKENS, ChatCompletionCreate
 from api.inference.served import ServedModel, organization
 from api.routes.completions import answer
+from api.session_route import SessionRoute
 from shared import deployments, jobs
 from shared.served_models import adapter_name
 from shared.settings import Settings
 from shared.tenancy import Scope
 
-router = APIRouter(prefix="/v1/deployments", tags=["openai: deployments"],
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1/deployments", tags=["openai: deployments"],
                    responses=OPENAI_AUTHENTICATED)
 
 log = logging.getLogger("tunery.api.deployments")

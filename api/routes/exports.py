@@ -11,12 +11,14 @@ from api.deps import SessionDep, TenantDep
 from api.errors import AUTHENTICATED, error_responses
 from api.routes.finetune import JobId
 from api.schemas import ExportOut, ExportsOut
+from api.session_route import SessionRoute
 from shared import exports
 from shared.models import ExportStatus
 from shared.queue import enqueue_export
 from shared.schema import ExportRequest
 
-router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
 
 
 @router.post(

@@ -19,12 +19,14 @@ from api.openai.job_view import epoch
 from api.openai.results import FILE_NAME, result_csv, served
 from api.openai.schemas import FileDeleted, FileList, FileObject
 from api.routes.datasets import check_quota, store_upload
+from api.session_route import SessionRoute
 from api.uploads import receive_multipart_file
 from shared import datasets, jobs
 from shared.models import Dataset, DatasetStatus, Job, JobStatus
 from shared.tenancy import CursorNotFound, Scope
 
-router = APIRouter(prefix="/v1/files", tags=["openai: files"], responses=OPENAI_AUTHENTICATED)
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1/files", tags=["openai: files"], responses=OPENAI_AUTHENTICATED)
 
 TRAINING_PURPOSE = "fine-tune"
 RESULTS_PURPOSE = "fine-tune-results"

@@ -34,13 +34,15 @@ from api.openai.schemas import (
     JobCreate,
     JobList,
 )
+from api.session_route import SessionRoute
 from shared import jobs
 from shared.artifacts import stream_archive
 from shared.models import Job, JobStatus, Tenant
 from shared.queue import enqueue_training
 from shared.tenancy import CursorNotFound
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai: fine-tuning"],
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1/fine_tuning/jobs", tags=["openai: fine-tuning"],
                    responses=OPENAI_AUTHENTICATED)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]

@@ -24,6 +24,7 @@ from api.schemas import (
     PreflightOut,
     job_status_named,
 )
+from api.session_route import SessionRoute
 from shared import idempotency, jobs, storage_keys
 from shared.artifacts import ARCHIVE, archive_folder, list_artifacts, stream_archive
 from shared.models import JobStatus
@@ -31,7 +32,8 @@ from shared.queue import enqueue_training
 from shared.schema import FinetuneRequest
 from shared.storage import ObjectNotFound, StorageError, validate_key
 
-router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 NLines = Annotated[int, Query(ge=1, le=10000, description="How many lines: the last ones, or "

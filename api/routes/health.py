@@ -7,9 +7,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import SessionDep, StorageDep
+from api.session_route import SessionRoute
 from shared.queue import check_broker
 
-router = APIRouter(tags=["health"])
+router = APIRouter(route_class=SessionRoute,
+                   tags=["health"])
 
 
 @router.get("/healthz", summary="The process is up")

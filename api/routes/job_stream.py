@@ -25,11 +25,13 @@ from api.feed_stream import (
 )
 from api.routes.finetune import JobId
 from api.schemas import JobOut, LogLineOut, MetricOut, StatusChangeOut, StreamEndOut
+from api.session_route import SessionRoute
 from shared import jobs
 from shared.job_feed import FeedPage, FeedRow
 from shared.models import JobEvent, JobLog, JobStatus
 
-router = APIRouter(prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1/finetune/llm", tags=["finetune"], responses=AUTHENTICATED)
 
 
 class NativeEvents:

@@ -8,9 +8,11 @@ from fastapi import APIRouter
 from api.deps import SettingsDep, TenantDep
 from api.errors import AUTHENTICATED
 from api.schemas import CallerOut
+from api.session_route import SessionRoute
 from shared.models import KeyRole
 
-router = APIRouter(prefix="/v1", tags=["keys"], responses=AUTHENTICATED)
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1", tags=["keys"], responses=AUTHENTICATED)
 
 
 @router.get("/me", summary="This API key: its id, prefix, role, tenant and limits")

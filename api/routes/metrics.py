@@ -9,8 +9,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import MetricsReader
 from api.metrics.exposition import scrape
+from api.session_route import SessionRoute
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(route_class=SessionRoute,
+                   tags=["metrics"])
 
 
 # Left out of the OpenAPI document: it is the operator's, in Prometheus' format, not JSON.

@@ -17,9 +17,11 @@ from api.inference.served import (
     offered_bases,
     resolve_model,
 )
+from api.session_route import SessionRoute
 from shared.models import Job
 
-router = APIRouter(prefix="/v1/models", tags=["openai: inference"],
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1/models", tags=["openai: inference"],
                    responses=OPENAI_AUTHENTICATED)
 
 ModelName = Annotated[str, Path(min_length=1, max_length=512)]

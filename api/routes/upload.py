@@ -21,13 +21,15 @@ from api.errors import AUTHENTICATED, error_responses
 from api.limits.auth_failures import refuse_if_over
 from api.routes.datasets import check_quota, commit_or_discard
 from api.schemas import DatasetOut, UploadUrlOut
+from api.session_route import SessionRoute
 from api.uploads import receive_body
 from shared import datasets
 from shared.models import Dataset
 from shared.settings import Settings
 from shared.storage import Storage
 
-router = APIRouter(prefix="/v1/upload", tags=["datasets"])
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1/upload", tags=["datasets"])
 
 UploadId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 

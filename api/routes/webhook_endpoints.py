@@ -31,6 +31,7 @@ from api.openai.webhooks import (
     endpoint_object,
     endpoint_with_secret,
 )
+from api.session_route import SessionRoute
 from shared.settings import Settings
 from shared.tenancy import CursorNotFound, Scope
 from shared.webhooks import deliveries, endpoints
@@ -39,7 +40,8 @@ from shared.webhooks.events import EVENT_TYPES
 from shared.webhooks.send import post_delivery
 from shared.webhooks.sender import claim_test_send, record_test_send
 
-router = APIRouter(prefix="/v1", tags=["openai: webhooks"], responses=OPENAI_AUTHENTICATED)
+router = APIRouter(route_class=SessionRoute,
+                   prefix="/v1", tags=["openai: webhooks"], responses=OPENAI_AUTHENTICATED)
 
 EndpointId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Limit = Annotated[int, Query(ge=1, le=100)]
