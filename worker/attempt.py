@@ -231,7 +231,7 @@ def hand_back(claim: Claim, reporter: DatabaseReporter, stop: TrainingStopped) -
     """The worker is stopping, or the user paused the job: put the job back in the queue for
     the next worker, or PAUSED until resumed (a pause asked meanwhile, or not withdrawn), or
     end it CANCELLED if the user asked meanwhile; the next attempt resumes from its last
-    checkpoint, which a pause saved at the step it stopped at. Returns whether the job is
+    checkpoint, which the stop saved at the step it stopped at. Returns whether the job is
     QUEUED again."""
     paused = stop.reason == StopReason.PAUSED
     requeued = ("paused, then resumed before the pause was done: handed back" if paused

@@ -1,9 +1,10 @@
 """A worker told to stop while it trains: SIGTERM (Celery's warm shutdown, what Docker and
 Kubernetes send first) or SIGQUIT (the cold shutdown, what a second Ctrl-C becomes).
 
-The worker hands its job back: the job returns to QUEUED with its lease released, and the next
-worker resumes it from its last checkpoint. A job whose cancel was asked ends CANCELLED. A
-worker's stop never makes a job FAILED."""
+The worker ends the step it is in, saves its checkpoint and hands its job back: the job returns
+to QUEUED with its lease released within seconds, and the next worker resumes it from that very
+step, so no step is trained twice. A job whose cancel was asked ends CANCELLED. A worker's stop
+never makes a job FAILED."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ STOP_AT_STEP = 5
 # Seconds a stopped worker may take to hand its job back and exit: a heartbeat, a micro-batch
 # and the process's teardown, on two busy cores. A bound against hanging, never a timing test.
 EXIT_WITHIN_S = 60
+# What an operator can count on between SIGTERM and the job being back in the queue: a
+# heartbeat, the rest of a tiny model's step and its checkpoint.
+QUEUED_WITHIN_S = 5
 SHUTDOWNS = [pytest.param(signal.SIGTERM, id="warm-SIGTERM"),
              pytest.param(signal.SIGQUIT, id="cold-SIGQUIT")]
 
@@ -44,12 +48,18 @@ def test_a_stopped_worker_hands_its_job_back_and_the_next_worker_resumes_it(
     stack.wait_for(job_id, f"step {STOP_AT_STEP} after a checkpoint", past_a_checkpoint,
                    timeout_s=90, interval_s=0.05)
 
-    scenario_report.fault(f"{shutdown.name} to the worker mid-epoch", [job_id])
+    signalled = scenario_report.fault(f"{shutdown.name} to the worker mid-epoch", [job_id])
     first.send(shutdown)
     first.wait_exit(EXIT_WITHIN_S)
     handed_back = stack.db.trace(job_id)
     detail = stack.describe(job_id)
     assert handed_back.status == "QUEUED", detail
+    queued_after_s = (handed_back.events_to("QUEUED")[-1].at - signalled).total_seconds()
+    scenario_report.extra["queued_after_s"] = round(queued_after_s, 2)
+    assert queued_after_s <= QUEUED_WITHIN_S, detail
+    # The step the worker stopped at is the checkpoint it handed back.
+    stopped_at = max(handed_back.trained_steps(1))
+    assert max(handed_back.checkpoints_saved(1)) == stopped_at, detail
     assert handed_back.row["lease_owner"] is None, detail
     assert handed_back.row["lease_expires_at"] is None, detail
     assert any("worker stopping: job handed back" in line
@@ -57,11 +67,14 @@ def test_a_stopped_worker_hands_its_job_back_and_the_next_worker_resumes_it(
 
     stack.start_worker()
     trace = stack.wait_terminal(job_id, timeout_s=90)
+    trained_twice = set(trace.trained_steps(1)) & set(trace.trained_steps(2))
     scenario_report.extra["resumed_from_step"] = trace.resumed_from(2)
+    scenario_report.extra["steps_trained_twice"] = len(trained_twice)
     scenario_report.write(stack.db)
     detail = stack.describe(job_id)
     assert trace.attempt == 2, detail
-    assert trace.resumed_from(2) in trace.checkpoints_saved(1), detail
+    assert trace.resumed_from(2) == stopped_at, detail
+    assert not trained_twice, detail
     assert_completed_once(stack, trace)
     # The hand-back cost the job none of its attempts against worker crashes.
     assert trace.row["max_attempts"] == stack.timings.max_attempts + 1, detail

@@ -51,17 +51,18 @@ MAX_ATTEMPTS = 3
 
 
 class PausesAt(RecordingReporter):
-    """Asks to pause once step `at` is reported: training is then past that step's end, so it
-    pauses at the end of the next one."""
+    """Asks to pause (or another stop that hands the job back) once step `at` is reported:
+    training is then past that step's end, so it stops at the end of the next one."""
 
-    def __init__(self, at: int) -> None:
+    def __init__(self, at: int, reason: StopReason = StopReason.PAUSED) -> None:
         super().__init__()
         self.at = at
+        self.reason = reason
 
     def metric(self, step: int, values: dict[str, float]) -> None:
         super().metric(step, values)
         if step >= self.at:
-            self.request_stop(StopReason.PAUSED)
+            self.request_stop(self.reason)
 
 
 @dataclass
@@ -105,16 +106,20 @@ def assert_same_adapter(got: dict[str, torch.Tensor], expected: dict[str, torch.
         torch.testing.assert_close(tensor, expected[name], atol=RESUME_ATOL, rtol=0)
 
 
+# The worker stopping (SIGTERM) hands the job back like a pause: the next attempt resumes
+# from the step it stopped at.
+@pytest.mark.parametrize("reason", [StopReason.PAUSED, StopReason.WORKER_STOPPING])
 @pytest.mark.parametrize(("every_steps", "saved"), [(2, [2, 4, 5]), (0, [5])])
 def test_a_pause_ends_training_at_the_next_step_and_keeps_its_checkpoint(
-    settings: Settings, tmp_path: Path, make_request: Any, every_steps: int, saved: list[int]
+    settings: Settings, tmp_path: Path, make_request: Any, every_steps: int, saved: list[int],
+    reason: StopReason,
 ) -> None:
     checkpoints = store(tmp_path, every_steps)
 
     with pytest.raises(TrainingStopped) as stopped:
-        run_job(make_request(), tmp_path / "work", PausesAt(4), settings, checkpoints)
+        run_job(make_request(), tmp_path / "work", PausesAt(4, reason), settings, checkpoints)
 
-    assert (stopped.value.reason, stopped.value.step) == (StopReason.PAUSED, 5)
+    assert (stopped.value.reason, stopped.value.step) == (reason, 5)
     # Periodic checkpoints off (0) or not due: the pause saves the step it reached all the same.
     assert [c.step for c in list_checkpoints(checkpoints.storage, "job")] == saved
 

@@ -22,7 +22,7 @@ from transformers import (
 from shared.schema import TrainingConfig
 from worker.metrics import TOKENS_PER_SECOND, TRAINING_STEPS
 from worker.pipeline.checkpoints import BEST_ADAPTER_FILE, CheckpointStore
-from worker.pipeline.errors import StopReason, TrainingStopped
+from worker.pipeline.errors import HAND_BACK_REASONS, StopReason, TrainingStopped
 from worker.pipeline.report import CheckpointSavedFn, JobReporter, no_checkpoint_report
 
 
@@ -187,34 +187,35 @@ class StopCallback(TrainerCallback):
 
     A stop for one of `save_on` (a time limit: the job is worth going on with later) waits for
     the end of the step, whose checkpoint it saves; any other (a cancel, a lost lease: another
-    attempt owns the job; the worker stopping: the next attempt resumes from the last
-    checkpoint) saves nothing. `run_trainer` raises `TrainingStopped` once the Trainer returns.
+    attempt owns the job) saves nothing. `run_trainer` raises `TrainingStopped` once the
+    Trainer returns.
 
-    With `saves_pause`, a pause ends the step as an uninterrupted run would end it (the
-    evaluation planned for it, then its checkpoint) and stops after that save, so that the
-    resumed run is the uninterrupted one; a pause that comes as training ends anyway (its
-    last step, early stopping) is no stop: the job finishes. Without, a pause stops like a
-    cancel.
+    With `saves_hand_backs`, a stop that hands the job back to be continued (a pause, the
+    worker stopping) ends the step as an uninterrupted run would end it (the evaluation
+    planned for it, then its checkpoint) and stops after that save, so that the resumed run
+    is the uninterrupted one and no step is trained twice; one that comes as training ends
+    anyway (its last step, early stopping) is no stop: the job finishes. Without, they stop
+    like a cancel, and the next attempt resumes from the last checkpoint saved on schedule.
     """
 
     def __init__(
         self, reporter: JobReporter, save_on: frozenset[StopReason] = frozenset(),
-        *, saves_pause: bool = False,
+        *, saves_hand_backs: bool = False,
     ) -> None:
         self.reporter = reporter
-        self.save_on = (save_on | {StopReason.PAUSED}) if saves_pause else save_on
-        self.saves_pause = saves_pause
+        self.saves_hand_backs = saves_hand_backs
+        self.save_on = (save_on | HAND_BACK_REASONS) if saves_hand_backs else save_on
         self.reason: StopReason | None = None
         self.step: int | None = None
-        self._pausing = False
+        self._handing_back: StopReason | None = None
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         reason = self.reporter.should_stop()
-        if reason == StopReason.PAUSED and self.saves_pause:
+        if reason in HAND_BACK_REASONS and self.saves_hand_backs:
             # Stopped in `on_save`, after the step's evaluation and checkpoint.
-            self._pausing = True
+            self._handing_back = reason
             control.should_save = True
         elif reason:
             self._stop(reason, state, control)
@@ -223,12 +224,10 @@ class StopCallback(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not self._pausing:
-            return
-        self._pausing = False
+        reason, self._handing_back = self._handing_back, None
         # Already set: the Trainer stops here by itself (the last step, early stopping).
-        if not control.should_training_stop:
-            self._stop(StopReason.PAUSED, state, control)
+        if reason is not None and not control.should_training_stop:
+            self._stop(reason, state, control)
 
     def on_substep_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -400,9 +399,11 @@ class TrainingWatch:
         self.metrics = MetricsCallback(reporter, extra=extra_metrics)
         saves = checkpoints is not None and checkpoints.every_steps > 0
         # A job stopped by its time limit keeps a checkpoint of where it got to; a paused job
-        # too, even where no checkpoint is saved along the way: its resume continues from it.
+        # and one whose worker stops too, even where no checkpoint is saved along the way:
+        # the next attempt continues from it.
         save_on = frozenset({StopReason.TIMEOUT}) if saves else frozenset()
-        self.stop = StopCallback(reporter, save_on=save_on, saves_pause=checkpoints is not None)
+        self.stop = StopCallback(reporter, save_on=save_on,
+                                 saves_hand_backs=checkpoints is not None)
         self.best = BestAdapterCallback()
         if resume_from:
             # The best adapter so far lives in the checkpoint, not in this process's memory.

@@ -24,6 +24,11 @@ class StopReason(StrEnum):
     checkpoint it saves, and the job waits PAUSED until resumed."""
 
 
+HAND_BACK_REASONS = frozenset({StopReason.PAUSED, StopReason.WORKER_STOPPING})
+"""Stops after which the job is continued by a later attempt, not ended: they save the step
+they stop at, so that the next attempt trains no step twice."""
+
+
 class PipelineError(Exception):
     """A problem the user can fix in the request or the data; the message tells them how."""
 
