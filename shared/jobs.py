@@ -323,7 +323,8 @@ def requeue_expired_leases(session: Session) -> list[tuple[str, JobStatus]]:
     return moved
 
 
-def hand_back(session: Session, claim: Claim, reason: str) -> JobStatus | None:
+def hand_back(session: Session, claim: Claim, reason: str,
+              *, memory_rung: int | None = None) -> JobStatus | None:
     """Give the job of `claim`'s attempt back because its worker stopped it without a fault of
     the job (the worker is shutting down, or it paused the job): QUEUED, lease released, for
     the next worker to resume from its last checkpoint. The attempt is given back too
@@ -332,7 +333,9 @@ def hand_back(session: Session, claim: Claim, reason: str) -> JobStatus | None:
 
     A job whose cancel was asked ends CANCELLED instead, one whose pause is still asked
     PAUSED (a pause withdrawn by `resume_job` meanwhile leaves it QUEUED). `reason` is the
-    event's reason for QUEUED. Returns the status the job moved to; None when the attempt no
+    event's reason for QUEUED. With `memory_rung` (an attempt out of memory: no fault of the
+    job either, while the ladder has a rung left), the next attempt trains on that rung, set
+    in the same transaction. Returns the status the job moved to; None when the attempt no
     longer owns it.
     """
     # Locked before reading the cancel and the pause: `request_cancel`, `request_pause` and
@@ -348,9 +351,23 @@ def hand_back(session: Session, claim: Claim, reason: str) -> JobStatus | None:
     why = "paused by the user" if to is JobStatus.PAUSED else reason
     if not transition(session, claim.job_id, to, attempt=claim.attempt, reason=why):
         return None
-    session.execute(update(Job).where(Job.id == claim.job_id)
-                    .values(max_attempts=Job.max_attempts + 1))
+    values: dict[str, Any] = {"max_attempts": Job.max_attempts + 1}
+    if memory_rung is not None:
+        values["memory_rung"] = memory_rung
+    session.execute(update(Job).where(Job.id == claim.job_id).values(**values))
     return to
+
+
+def set_memory_rung(session: Session, claim: Claim, rung: int) -> bool:
+    """Train the job on memory ladder rung `rung` from now on, fenced on the claim's attempt
+    like the worker's other writes; False when that attempt no longer owns the job."""
+    done = session.execute(
+        update(Job)
+        .where(Job.id == claim.job_id, Job.attempt == claim.attempt,
+               Job.status == JobStatus.RUNNING.value)
+        .values(memory_rung=rung, updated_at=utcnow())
+    )
+    return done.rowcount == 1  # type: ignore[attr-defined]
 
 
 def fail_past_hard_limit(session: Session, hard_limit_s: int) -> list[str]:

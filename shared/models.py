@@ -128,6 +128,9 @@ class Job(Base):
     # (`shared.openai_job.OpenAIJobFields`): suffix, metadata, file ids, method and its
     # hyperparameters as asked and as resolved. None for jobs created otherwise.
     openai: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # Where on the memory ladder (`worker.memory_ladder`) the next attempt trains: 0 as
+    # asked; each out-of-memory moves it one rung down, for every later attempt.
+    memory_rung: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class JobEvent(Base):

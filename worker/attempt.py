@@ -25,6 +25,7 @@ from shared.queue import enqueue_export
 from shared.schema import ExportRequest, FinetuneRequest
 from shared.settings import Settings
 from shared.storage import StorageError, storage_from_settings
+from worker import memory_ladder
 from worker.heartbeat import Heartbeat
 from worker.job_reporter import DatabaseReporter
 from worker.metrics import AttemptMetrics
@@ -93,14 +94,24 @@ def run_attempt(
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     handed_back = False
+    rung = 0
     try:
         reporter.log(f"attempt {claim.attempt} started on {claim.owner}")
+        start = memory_ladder.starting_rung(claim, request, reporter.log)
+        if start.rung is None:
+            reporter.log(f"failed: {start.reason}")
+            finish(claim, reporter, JobStatus.FAILED, reason=start.reason,
+                   error_code=memory_ladder.ERROR_CODE)
+            return False
+        rung = start.rung
+        memory_ladder.reset_peak_memory()
         hub_cache = tenant_hub_cache(settings.data_dir, claim.tenant_id,
                                      request.hf_config.hf_token)
         # Never the checkout or the data dir: loaders read relative names from here.
         with job_working_directory(work_dir / "cwd"):
             result = run_job(request, work_dir, reporter, settings, checkpoints,
-                             base_models=base_models, hub_cache_dir=hub_cache)
+                             base_models=base_models, hub_cache_dir=hub_cache,
+                             memory_rung=memory_ladder.rung_of(request, rung))
         reporter.phase("uploading")
         uploaded = publish_outputs(
             claim.job_id, result.output_dir, request.hf_config, storage,
@@ -138,6 +149,9 @@ def run_attempt(
         reporter.log(f"failed: {reason}")
         finish(claim, reporter, JobStatus.FAILED, reason=reason)
     except Exception as exc:
+        if memory_ladder.is_out_of_memory(exc):
+            handed_back = step_down_the_memory_ladder(claim, request, reporter, rung, exc)
+            return handed_back
         log.error("job %s attempt %s crashed\n%s", claim.job_id, claim.attempt,
                   redact_secrets(traceback.format_exc(), secrets))
         reason = redact_secrets(f"internal error: {type(exc).__name__}: {exc}", secrets)[:2000]
@@ -162,6 +176,7 @@ def finish(
     reason: str | None = None,
     result: dict | None = None,
     exports_asked: Sequence[ExportRequest] = (),
+    error_code: str | None = None,
 ) -> bool:
     """Record the attempt's outcome, after the reports still waiting; False when a newer
     attempt or a cancel owns the job, or the database stayed unreachable.
@@ -179,7 +194,7 @@ def finish(
         with session_scope() as session:
             done = jobs.transition(
                 session, claim.job_id, status, attempt=claim.attempt, reason=reason,
-                result=result,
+                result=result, error_code=error_code,
             )
             if done and status is JobStatus.COMPLETED and exports_asked:
                 queued.extend(create_exports(session, claim, exports_asked))
@@ -265,6 +280,40 @@ def hand_back(claim: Claim, reporter: DatabaseReporter, stop: TrainingStopped) -
         log.warning("job %s attempt %s: %s; could not hand the job back (the database is "
                     "unreachable or it moved on); its lease expires instead",
                     claim.job_id, claim.attempt, "pausing" if paused else "worker stopping")
+    return status is JobStatus.QUEUED
+
+
+def step_down_the_memory_ladder(claim: Claim, request: FinetuneRequest,
+                                reporter: DatabaseReporter, rung: int,
+                                exc: BaseException) -> bool:
+    """The attempt ran out of memory on `rung`: hand the job back on the next rung of the
+    memory ladder, to resume from its last checkpoint, or fail it when none is left. Returns
+    whether the job is QUEUED again."""
+    memory = memory_ladder.out_of_memory_figures(exc)
+    step = memory_ladder.next_step(request, rung, memory)
+    if step.rung is None:
+        reporter.log(f"failed: {step.reason}")
+    else:
+        reporter.log(f"memory ladder: {step.reason}; handing the job back to resume from its "
+                     f"last checkpoint")
+
+    def record() -> JobStatus | None:
+        reporter.flush()
+        return memory_ladder.record_step(claim, step)
+
+    what = f"job {claim.job_id} attempt {claim.attempt}: recording an out-of-memory"
+    status = through_outage(record, FINISH_PATIENCE_S, what)
+    reporter.heartbeat.end()
+    if status is not None and reporter.attempt_metrics is not None:
+        reporter.attempt_metrics.ended_as(status)
+    if status is JobStatus.PAUSED:
+        reporter.log("paused after running out of memory; a resume continues on the next "
+                     "rung from the last checkpoint")
+    elif status is JobStatus.CANCELLED:
+        reporter.log("training stopped: cancelled by the user")
+    elif status is None:
+        log.warning("job %s attempt %s: out of memory, and the job moved on meanwhile",
+                    claim.job_id, claim.attempt)
     return status is JobStatus.QUEUED
 
 

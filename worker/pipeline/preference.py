@@ -28,6 +28,7 @@ from typing import Any
 from shared.dataset_columns import is_preference
 from shared.schema import LoggingConfig, TrainingConfig
 from shared.training_plan import DEFAULT_BETA, micro_batch_size
+from worker.memory_ladder import Rung
 from worker.pipeline.callbacks import TrainingWatch
 from worker.pipeline.checkpoints import CheckpointStore
 from worker.pipeline.errors import PipelineError
@@ -74,6 +75,7 @@ def train_preference(
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
     memory_limit_bytes: float | None = None,
+    memory_rung: Rung | None = None,
     wandb_timeouts: WandbTimeouts,
 ) -> TrainStats:
     """Train the adapter of `model` in place with `config.preference_optimization` (ORPO or
@@ -82,10 +84,17 @@ def train_preference(
     and gradient checkpointing when memory is short. `max_length` caps prompt + answer in
     tokens.
 
+    `memory_rung` (`worker.memory_ladder`) replaces the request's micro-batch and
+    accumulation by its own: the Trainer's random order cuts the same examples into each
+    optimizer step whatever the micro-batch, so a run resumed on a lower rung trains the
+    steps an uninterrupted one would.
+
     Raises `TrainingStopped` if the reporter asks to stop.
     """
     from datasets import Dataset
 
+    if memory_rung is not None:
+        config = memory_rung.applied_to(config)
     method = config.preference_optimization
     if not is_preference(method):
         raise ValueError(f"not a preference method: {method}")

@@ -17,6 +17,7 @@ from shared.sources import DATASET_ID
 from shared.storage import Storage, storage_from_settings
 from shared.training_plan import job_seed
 from shared.url_guard import UrlPolicy
+from worker.memory_ladder import Rung
 from worker.pipeline.base_cache import BaseModelCache
 from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
 from worker.pipeline.data_source import load_dataset
@@ -30,7 +31,7 @@ from worker.pipeline.examples import (
 )
 from worker.pipeline.export import export_adapter
 from worker.pipeline.interrupts import InterruptibleRegion
-from worker.pipeline.model import add_lora, load_tokenizer
+from worker.pipeline.model import add_lora, enable_gradient_checkpointing, load_tokenizer
 from worker.pipeline.preference import train_preference
 from worker.pipeline.report import JobReporter, LogFn
 from worker.pipeline.token_cache import TokenCache, fingerprint
@@ -63,6 +64,7 @@ def run_job(
     checkpoints: CheckpointStore | None = None,
     base_models: BaseModelCache | None = None,
     hub_cache_dir: Path | None = None,
+    memory_rung: Rung | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter as `request` says; the result lies in `work_dir / "output"`.
 
@@ -70,6 +72,8 @@ def run_job(
     earlier attempt's) and writes new ones as it goes. With `base_models`, the base model
     comes from (and goes back to) that cache; without, it is loaded and dropped. Hub
     downloads go to `hub_cache_dir` (None: the shared Hugging Face cache; see `job_dirs`).
+    `memory_rung` is how the micro-batches are trained after running out of memory
+    (`worker.memory_ladder`); None: as the request asks.
 
     Raises `PipelineError` for problems the user can fix and `TrainingStopped` when
     `reporter.should_stop()` asked for it. The output leaves the worker in
@@ -107,6 +111,8 @@ def run_job(
             # interrupted.
             region.end()
             _stop_if_asked(reporter)
+            if memory_rung is not None and memory_rung.gradient_checkpointing:
+                enable_gradient_checkpointing(model)
 
             reporter.phase("training")
             stats = prepared.fit(
@@ -119,6 +125,7 @@ def run_job(
                 reporter=reporter,
                 checkpoints=checkpoints,
                 resume_from=resume_from,
+                memory_rung=memory_rung,
                 logging=request.logging_config,
                 memory_limit_bytes=_gib(settings.training.training_memory_gb),
                 wandb_timeouts=WandbTimeouts(

@@ -17,6 +17,7 @@ from transformers import TrainingArguments
 
 from shared.schema import LoggingConfig, TrainingConfig
 from shared.training_plan import micro_batch_size
+from worker.memory_ladder import Rung
 from worker.pipeline.batching import (
     ExampleDataset,
     LengthBucketBatches,
@@ -49,6 +50,7 @@ def train(
     resume_from: Path | None = None,
     logging: LoggingConfig | None = None,
     memory_limit_bytes: float | None = None,
+    memory_rung: Rung | None = None,
     wandb_timeouts: WandbTimeouts,
 ) -> TrainStats:
     """Train the adapter in place; raises `TrainingStopped` if the reporter asks to stop.
@@ -61,7 +63,22 @@ def train(
 
     Gradient checkpointing turns on by itself when the largest batch would not fit in the
     device's free memory, at most `memory_limit_bytes` (`memory_plan`).
+
+    `memory_rung` (`worker.memory_ladder`) trains each of the request's micro-batches in
+    `memory_rung.slices` slices, one forward and backward each, into the same optimizer step:
+    the batches, their order and the steps stay the request's, so a run resumed on a lower
+    rung trains exactly the steps an uninterrupted one would. Padding-free batches (one row
+    of all examples) cannot be sliced: there the Trainer batches the rung's micro-batch, in
+    its random order, which cuts the same examples into each optimizer step.
     """
+    layout = choose_layout(model, group_by_length=config.group_by_length)
+    slices = 1
+    if memory_rung is not None and memory_rung.slices > 1:
+        if layout == "padding_free":
+            config = memory_rung.applied_to(config)
+        else:
+            slices = memory_rung.slices
+        reporter.log(f"memory ladder: {memory_rung.describe()}")
     batch_size = micro_batch_size(config.micro_batch_size)
     # Lists of examples (tests, benchmarks) become stores too: one way to read lengths.
     train_set, eval_set = as_token_store(train_set), as_token_store(eval_set)
@@ -80,7 +97,6 @@ def train(
     )
 
     # Layout and batches: which examples share a batch, and how (`batching`).
-    layout = choose_layout(model, group_by_length=config.group_by_length)
     collator: Any = PadToLongest(tokenizer.pad_token_id)
     train_batches = None
     lengths = train_set.lengths.tolist()
@@ -103,6 +119,7 @@ def train(
         batch_shapes = train_batches.shapes()
 
     # Memory plan: gradient checkpointing only if the largest batch would not fit.
+    batch_shapes = [(-(-rows // slices), longest) for rows, longest in batch_shapes]
     checkpoint_if_short_of_memory(model, batch_shapes, limit_bytes=memory_limit_bytes,
                                   log=reporter.log)
 
@@ -120,6 +137,7 @@ def train(
         processing_class=tokenizer,
         callbacks=watch.callbacks,
         train_batches=train_batches,
+        batch_slices=slices,
     )
     return run_trainer(
         trainer, watch, config, output_dir=output_dir, resume_from=resume_from, logging=logging,

@@ -36,7 +36,7 @@ class TrainStats:
 
 
 class TuneryTrainer(Trainer):
-    """Two changes to `Trainer`, nothing else:
+    """Three changes to `Trainer`, nothing else:
 
     - `compute_loss` runs the decoder and then the LM head only where a label is
       (`labelled_loss`), for training and evaluation alike; the value is the model's own
@@ -44,16 +44,42 @@ class TuneryTrainer(Trainer):
       cannot be guaranteed it is the Trainer's own `compute_loss` (see `_labelled_loss_parts`).
     - with `train_batches`, a batch sampler (`batching.LengthBucketBatches`), the training
       batches are its batches; evaluation keeps the Trainer's fixed-size sequential batches.
+    - with `batch_slices` > 1 (a lower rung of `worker.memory_ladder`), each training batch
+      runs as that many slices of its rows, one forward and backward each: the gradient and
+      the loss are the batch's, since every slice's loss is normalised by the step's
+      `num_items_in_batch`, and only a slice's activations are alive at a time.
     """
 
     def __init__(
         self,
         *args: Any,
         train_batches: torch.utils.data.Sampler[list[int]] | None = None,
+        batch_slices: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.train_batches = train_batches
+        self.batch_slices = batch_slices
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        rows = _rows(inputs)
+        # Without `num_items_in_batch` each slice's loss would be its own mean, and the sum of
+        # the slices' losses not the batch's.
+        if self.batch_slices == 1 or num_items_in_batch is None or rows < 2:
+            return super().training_step(model, inputs, num_items_in_batch)
+        total: torch.Tensor | None = None
+        for part in torch.arange(rows).tensor_split(min(self.batch_slices, rows)):
+            piece = {key: value[part[0]:part[-1] + 1] if _is_per_row(value, rows) else value
+                     for key, value in inputs.items()}
+            loss = super().training_step(model, piece, num_items_in_batch)
+            total = loss if total is None else total + loss
+        assert total is not None
+        return total
 
     def get_train_dataloader(self) -> Any:
         if self.train_batches is None:
@@ -114,6 +140,15 @@ class TuneryTrainer(Trainer):
         if self.accelerator.num_processes != 1 or self.accelerator.unwrap_model(model) is not model:
             return None
         return causal_lm_parts(model)
+
+
+def _rows(inputs: dict[str, Any]) -> int:
+    ids = inputs.get("input_ids")
+    return int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 0
+
+
+def _is_per_row(value: Any, rows: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows
 
 
 def run_trainer(
