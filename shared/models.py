@@ -128,6 +128,10 @@ class Job(Base):
     # (`shared.openai_job.OpenAIJobFields`): suffix, metadata, file ids, method and its
     # hyperparameters as asked and as resolved. None for jobs created otherwise.
     openai: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # When the retention sweep (`shared.retention`) removed the finished job's checkpoints, and
+    # its artifacts: set once, so that each sweep moves on to jobs it has not done yet.
+    checkpoints_removed_at: Mapped[datetime | None] = mapped_column(default=None)
+    artifacts_removed_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class JobEvent(Base):
