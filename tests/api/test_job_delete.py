@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import httpx
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
@@ -49,7 +50,7 @@ def job_files(job_id: str) -> dict[str, bytes]:
     }
 
 
-def job_with_everything(client: TestClient, status: JobStatus = JobStatus.COMPLETED) -> str:
+def job_with_everything(client: httpx.Client, status: JobStatus = JobStatus.COMPLETED) -> str:
     """A job in `status` with files in storage, logs, metrics, an export and an idempotency
     key: one of each row a job can own."""
     response = client.post("/v1/finetune/llm", json=make_payload(),
