@@ -21,6 +21,7 @@ from shared.deployments import DeploymentNotFound, DeploymentRefused, Deployment
 from shared.idempotency import HEADER as IDEMPOTENCY_HEADER
 from shared.idempotency import IdempotencyKeyRejected
 from shared.jobs import JobConflict, JobNotFound
+from shared.storage import StorageError
 from shared.webhooks.endpoints import EndpointNotFound, EndpointRefused
 
 log = logging.getLogger("tunery.api")
@@ -280,6 +281,14 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
         return error_response(request, 503, "database_unavailable",
                               "the database is unavailable; retry shortly",
+                              headers={"Retry-After": "5"})
+
+    @app.exception_handler(StorageError)
+    async def _storage_down(request: Request, exc: StorageError) -> JSONResponse:
+        # Its message names the bucket or directory: for the operator's log, not the caller.
+        log.warning("storage unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(request, 503, "storage_unavailable",
+                              "the object storage is unavailable; retry shortly",
                               headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)

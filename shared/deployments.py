@@ -72,12 +72,18 @@ def create_deployment(
     submits its own) and COMPLETED. `basemodel_path`, when given, must name the job's base,
     as the job submitted it or as a name `base_aliases` maps to it.
     """
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    # Key-share locked, as an export's request is: a delete of the job under way finishes
+    # first, and the job is then not found.
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
+                         .with_for_update(read=True, key_share=True))
     if job is None:
         raise DeploymentRefused(404, "loramodel_path", f"no job with id {job_id}")
     if job.status != JobStatus.COMPLETED.value:
         raise DeploymentRefused(409, "loramodel_path", f"job {job_id} is {job.status}: only a "
                                 "COMPLETED job's adapter can be deployed")
+    if job.artifacts_removed_at is not None:
+        raise DeploymentRefused(409, "loramodel_path", f"job {job_id}'s adapter was removed "
+                                "by the retention policy (TUNERY_ARTIFACT_RETENTION_DAYS)")
     base = request.basemodel_path
     if base is not None and base != job.base_model and base_aliases.get(base) != job.base_model:
         raise DeploymentRefused(422, "basemodel_path", f"{base[:200]!r} is not the base model "

@@ -16,7 +16,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.jobs import JobConflict, get_job
+from shared.jobs import JobConflict, JobNotFound, get_job
 from shared.models import ExportStatus, Job, JobExport, JobStatus, utcnow
 from shared.schema import ExportRequest
 from shared.tenancy import ALL_TENANTS, Scope
@@ -45,6 +45,11 @@ def request_export(
     again.
     """
     job = get_job(session, scope, job_id)
+    # Key-share locked: a delete of the job (`shared.job_deletion`) under way finishes first,
+    # and then the job is not found, rather than an export row inserted for a job gone.
+    if session.scalar(select(Job.id).where(Job.id == job.id)
+                      .with_for_update(read=True, key_share=True)) is None:
+        raise JobNotFound(job.id)
     if job.status != JobStatus.COMPLETED:
         raise JobConflict(f"job {job.id} is {job.status}: only a COMPLETED job can be exported")
     existing = _find(session, job.id, spec.kind)

@@ -9,7 +9,9 @@ run, the embedded default included:
 - QUEUED jobs get wake-ups when the broker holds fewer waiting messages than there are queued
   jobs (a Redis restart lost them, or the send after the submit failed);
 - idempotency keys past their TTL are forgotten, and so are finished webhook deliveries
-  past their history.
+  past their history;
+- finished jobs' checkpoints and artifacts past their retention are removed
+  (`shared.retention`), when the operator set one.
 
 Sweeps in several workers at once are safe: every move is a fenced UPDATE that only one wins,
 and a surplus wake-up claims nothing.
@@ -26,7 +28,9 @@ from shared import idempotency, jobs
 from shared.db import session_scope
 from shared.models import JobStatus
 from shared.queue import count_waiting_messages, enqueue_training
+from shared.retention import RetentionResult, apply_retention
 from shared.settings import Settings
+from shared.storage import storage_from_settings
 from shared.webhooks import deliveries
 
 log = logging.getLogger("tunery.maintenance")
@@ -42,6 +46,7 @@ class SweepResult:
     woken: list[str] = field(default_factory=list)
     expired_keys: int = 0
     pruned_deliveries: int = 0
+    retention: RetentionResult = field(default_factory=RetentionResult)
 
 
 def reap(settings: Settings) -> SweepResult:
@@ -86,6 +91,9 @@ def wake_queued_jobs(
 def sweep(settings: Settings) -> SweepResult:
     result = reap(settings)
     result.woken = wake_queued_jobs()
+    if settings.retention.checkpoint_days or settings.retention.artifact_days:
+        # Last: a storage outage must not hold up the re-queues and wake-ups above.
+        result.retention = apply_retention(settings.retention, storage_from_settings(settings))
     for what, ids in (
         ("re-queued after a lost lease", result.requeued),
         ("failed after their last attempt was lost", result.failed),

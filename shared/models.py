@@ -131,6 +131,10 @@ class Job(Base):
     # Where on the memory ladder (`worker.memory_ladder`) the next attempt trains: 0 as
     # asked; each out-of-memory moves it one rung down, for every later attempt.
     memory_rung: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the retention sweep (`shared.retention`) removed the finished job's checkpoints, and
+    # its artifacts: set once, so that each sweep moves on to jobs it has not done yet.
+    checkpoints_removed_at: Mapped[datetime | None] = mapped_column(default=None)
+    artifacts_removed_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class JobEvent(Base):

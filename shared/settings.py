@@ -397,6 +397,28 @@ class WebhookSettings(BaseModel):
     )
 
 
+class RetentionSettings(BaseModel):
+    """How long finished jobs keep their stored files (`shared.retention`); off by default.
+
+    Only files go: the job, its logs and metrics stay listed. Each maintenance sweep removes
+    at most `batch` jobs' files per kind, oldest finished first.
+    """
+
+    checkpoint_days: int | None = Field(
+        None, ge=1, description="Days after a COMPLETED, FAILED or CANCELLED job finished "
+        "that its checkpoints are removed; unset: kept until the job is deleted."
+    )
+    artifact_days: int | None = Field(
+        None, ge=1, description="Days after a job finished that its artifacts (adapter, "
+        "tokenizer, exports) are removed; unset: kept until the job is deleted. A job with a "
+        "live deployment keeps them."
+    )
+    batch: int = Field(
+        100, ge=1, le=10_000, description="Jobs whose files one maintenance sweep removes, "
+        "per kind; the rest wait for the next sweep."
+    )
+
+
 class StreamSettings(BaseModel):
     """How the API follows a job for its event streams (`GET /v1/finetune/llm/{id}/stream`)."""
 
@@ -432,6 +454,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "metrics": MetricsSettings,
     "webhooks": WebhookSettings,
     "stream": StreamSettings,
+    "retention": RetentionSettings,
 }
 
 # Flat name (as in `TUNERY_<NAME>` and in keyword arguments) -> (group, field). Every grouped
@@ -457,6 +480,9 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "worker_metrics_host": ("metrics", "worker_host"),
     **{f"webhook_{name}": ("webhooks", name) for name in WebhookSettings.model_fields},
     **{f"stream_{name}": ("stream", name) for name in StreamSettings.model_fields},
+    "retention_days": ("retention", "checkpoint_days"),
+    "artifact_retention_days": ("retention", "artifact_days"),
+    "retention_batch": ("retention", "batch"),
 }
 
 
@@ -487,6 +513,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -95,6 +95,12 @@ def parse_checkpoint_key(checkpoints_prefix: str, key: str) -> tuple[int, str] |
     return None if match is None else (int(match[1]), name)
 
 
+def job_prefixes(job_id: str) -> tuple[str, str]:
+    """Every folder that holds a job's objects: its artifacts (exports and legacy checkpoints
+    inside) and its checkpoints. Deleting a job deletes exactly these."""
+    return job_artifact_prefix(job_id), job_checkpoint_prefix(job_id)
+
+
 def dataset_prefix(dataset_id: str) -> str:
     """The folder of an uploaded dataset's checked file; nothing unchecked is ever put here."""
     return f"datasets/{dataset_id}/"

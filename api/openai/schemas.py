@@ -187,6 +187,14 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
+class ModelDeleted(BaseModel):
+    """What `DELETE /v1/models/{model}` answers, as OpenAI's `client.models.delete` reads it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Path, Query
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, Field, PlainValidator
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
@@ -25,7 +25,7 @@ from api.schemas import (
     job_status_named,
 )
 from api.session_route import SessionRoute
-from shared import idempotency, jobs, storage_keys
+from shared import idempotency, job_deletion, jobs, storage_keys
 from shared.artifacts import ARCHIVE, archive_folder, list_artifacts, stream_archive
 from shared.models import JobStatus
 from shared.queue import enqueue_training
@@ -156,6 +156,18 @@ def cancel_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
     job = jobs.request_cancel(session, caller.scope, job_id)
     session.commit()
     return JobOut.of(job)
+
+
+@router.delete("/{job_id}", status_code=204,
+               summary="Delete a job with its adapter, checkpoints, exports, logs and metrics "
+                       "(Tunery extension); a queued or paused job is cancelled first; 409 "
+                       "while it runs (cancel it first) or while a deployment of it is live",
+               responses=error_responses(404, 409))
+def delete_job(job_id: JobId, caller: TenantDep, session: SessionDep,
+               storage: StorageDep) -> Response:
+    job_deletion.delete_job(session, storage, caller.scope, job_id)
+    session.commit()
+    return Response(status_code=204)
 
 
 @router.post("/{job_id}/pause",

@@ -1,5 +1,5 @@
 """OpenAI's `/v1/models`: the base models this server offers for inference and the caller's
-fine-tuned ones."""
+fine-tuned ones, which the caller may delete."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path
 from pydantic import BaseModel
 
-from api.deps import SessionDep, SettingsDep, TenantDep
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import OPENAI_AUTHENTICATED, ApiError, openai_error_responses
 from api.inference.served import (
     ModelNotFound,
@@ -17,7 +17,9 @@ from api.inference.served import (
     offered_bases,
     resolve_model,
 )
+from api.openai.schemas import ModelDeleted
 from api.session_route import SessionRoute
+from shared import job_deletion
 from shared.models import Job
 
 router = APIRouter(route_class=SessionRoute,
@@ -66,3 +68,23 @@ def retrieve_model(model: ModelName, caller: TenantDep, session: SessionDep,
         raise ApiError(404, "model_not_found", str(exc),
                        [{"path": "model", "message": str(exc)}]) from None
     return _model(served, session)
+
+
+@router.delete("/{model:path}",
+               summary="Delete a fine-tuned model: its job, with its adapter, checkpoints, "
+                       "exports, logs and metrics (as DELETE /v1/finetune/llm/{job_id})",
+               responses=openai_error_responses(403, 404, 409))
+def delete_model(model: ModelName, caller: TenantDep, session: SessionDep,
+                 settings: SettingsDep, storage: StorageDep) -> ModelDeleted:
+    try:
+        served = resolve_model(session, caller.scope, model, settings)
+    except ModelNotFound as exc:
+        raise ApiError(404, "model_not_found", str(exc),
+                       [{"path": "model", "message": str(exc)}]) from None
+    if served.job_id is None:
+        message = (f"'{model}' is a base model this server offers; only fine-tuned models "
+                   "can be deleted")
+        raise ApiError(403, "forbidden", message, [{"path": "model", "message": message}])
+    job_deletion.delete_job(session, storage, caller.scope, served.job_id)
+    session.commit()
+    return ModelDeleted(id=model, deleted=True)

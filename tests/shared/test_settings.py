@@ -104,6 +104,9 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "stream_heartbeat_s": ("5", 5.0),
     "stream_max_per_key": ("3", 3),
     "stream_read_threads": ("2", 2),
+    "retention_days": ("30", 30),
+    "artifact_retention_days": ("90", 90),
+    "retention_batch": ("10", 10),
 }
 
 

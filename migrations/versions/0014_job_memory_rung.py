@@ -1,8 +1,8 @@
 """jobs.memory_rung: the rung of the memory ladder a job trains on after running out of memory
 
-Revision ID: 0014o
+Revision ID: 0014
 Revises: 0013
-Create Date: 2027-01-20 03:00:00.000000
+Create Date: 2026-12-07 12:00:00.000000
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0014o"
+revision = "0014"
 down_revision = "0013"
 branch_labels = None
 depends_on = None
