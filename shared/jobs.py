@@ -263,7 +263,7 @@ def claim_next(
     return None
 
 
-def fairest_queued_job() -> Select[tuple[str]]:
+def fairest_queued_job() -> Select[str]:
     """The id of the claimable QUEUED job a free worker takes next, in one query that
     PostgreSQL and SQLite both run: tenants ordered by running jobs / weight (a tenant with
     nothing running first, whatever its weight), then jobs by age."""
