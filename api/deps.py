@@ -1,5 +1,5 @@
-"""Typed dependencies: a route asks for `SessionDep`, `TenantDep`, `StorageDep`; a router
-asks for `RateLimited`, the metrics route for `MetricsReader`."""
+"""Typed dependencies: a route asks for `SessionDep`, `TenantDep` (`AdminDep` for an admin's
+route), `StorageDep`; a router asks for `RateLimited`, the metrics route for `MetricsReader`."""
 
 from __future__ import annotations
 
@@ -121,6 +121,17 @@ def get_caller(request: Request, credentials: BearerDep, session: SessionDep) ->
 
 
 TenantDep = Annotated[Caller, Depends(get_caller)]
+
+
+def get_admin(caller: TenantDep) -> Caller:
+    """The caller, if its key is an admin key; 403 otherwise."""
+    if not caller.is_admin:
+        raise ApiError(403, "forbidden", "this route needs an admin API key "
+                                         "(`tunery keys create --admin`)")
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(get_admin)]
 
 
 def limit_rate(request: Request, caller: TenantDep) -> None:

@@ -22,6 +22,7 @@ from shared.idempotency import HEADER as IDEMPOTENCY_HEADER
 from shared.idempotency import IdempotencyKeyRejected
 from shared.jobs import JobConflict, JobNotFound
 from shared.storage import StorageError
+from shared.tenant_weights import TenantNotFound
 from shared.webhooks.endpoints import EndpointNotFound, EndpointRefused
 
 log = logging.getLogger("tunery.api")
@@ -222,6 +223,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
         return error_response(request, 404, "not_found", f"no job with id {exc.args[0]}")
+
+    @app.exception_handler(TenantNotFound)
+    async def _no_tenant(request: Request, exc: TenantNotFound) -> JSONResponse:
+        return error_response(request, 404, "not_found", f"no tenant with id {exc.args[0]}")
 
     @app.exception_handler(DeploymentNotFound)
     async def _no_deployment(request: Request, exc: DeploymentNotFound) -> JSONResponse:

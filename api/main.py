@@ -35,6 +35,7 @@ from api.routes import (
     me,
     metrics,
     models,
+    tenants,
     upload,
     webhook_endpoints,
 )
@@ -81,6 +82,7 @@ def create_app() -> FastAPI:
     app.include_router(deploy.router, dependencies=[RateLimited])
     app.include_router(datasets.router, dependencies=[RateLimited])
     app.include_router(me.router, dependencies=[RateLimited])
+    app.include_router(tenants.router, dependencies=[RateLimited])
     # OpenAI's dialect over the same jobs and datasets.
     app.include_router(files.router, dependencies=[RateLimited])
     app.include_router(fine_tuning.router, dependencies=[RateLimited])

@@ -24,6 +24,7 @@ from shared.models import (
 from shared.payload_secrets import drop_secrets
 from shared.schema import ExportRequest, PromptTemplate
 from shared.served_models import adapter_name
+from shared.tenant_weights import MAX_WEIGHT
 
 
 def _utc(moment: datetime) -> datetime:
@@ -477,6 +478,21 @@ class CallerOut(BaseModel):
                                                    "each API process; 0: no limit.")
     max_active_jobs: int = Field(description="Queued plus running jobs the tenant may have; "
                                              "0: no limit.")
+
+
+class TenantWeightIn(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    weight: float = Field(gt=0, le=MAX_WEIGHT, allow_inf_nan=False,
+                          description="The tenant's share of the workers, relative to other "
+                                      "tenants' (default 1): a free worker claims from the "
+                                      "tenant with the fewest running jobs per unit of weight.")
+
+
+class TenantWeightOut(BaseModel):
+    tenant_id: str
+    name: str
+    weight: float = Field(description="The tenant's share of the workers (default 1).")
 
 
 class PreflightDataset(BaseModel):

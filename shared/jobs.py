@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Table, func, insert, select, update
+from sqlalchemy import ColumnElement, Select, Table, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import (
@@ -23,6 +23,7 @@ from shared.models import (
     JobLog,
     JobMetric,
     JobStatus,
+    Tenant,
     new_id,
     utcnow,
 )
@@ -240,29 +241,52 @@ def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> 
 def claim_next(
     session: Session, owner: str, lease_seconds: int, tries: int = 5
 ) -> Claim | None:
-    """Claim the oldest QUEUED job, if any: what a wake-up does when the job it names is taken.
+    """Claim the fairest QUEUED job, if any: what every wake-up does, whichever job it names.
+
+    Fair share: the job of the tenant with the fewest RUNNING jobs per unit of its weight
+    (`Tenant.weight`, 1 unless an admin set it) comes first; among tenants that tie, the
+    oldest queued job (`fairest_queued_job`). So a tenant with ten jobs queued takes the
+    next free worker only while no other tenant has fewer jobs running for its weight.
 
     A wake-up is not tied to one job, so a lost message delays nobody as long as as many
-    wake-ups as queued jobs are in the broker (see `shared.maintenance`). Losing a race to
-    another worker moves on to the next job.
+    wake-ups as queued jobs are in the broker (see `shared.maintenance`). The claim itself is
+    `claim_job`'s conditional UPDATE; a worker that loses the job to another at the same
+    moment picks again, and its new pick counts the job the winner now runs.
     """
     for _ in range(tries):
-        job_id = session.scalar(
-            select(Job.id)
-            .where(
-                Job.status == JobStatus.QUEUED.value,
-                Job.cancel_requested.is_(False),
-                Job.attempt < Job.max_attempts,
-            )
-            .order_by(Job.created_at, Job.id)
-            .limit(1)
-        )
+        job_id = session.scalar(fairest_queued_job())
         if job_id is None:
             return None
         claim = claim_job(session, job_id, owner, lease_seconds)
         if claim is not None:
             return claim
     return None
+
+
+def fairest_queued_job() -> Select[str]:
+    """The id of the claimable QUEUED job a free worker takes next, in one query that
+    PostgreSQL and SQLite both run: tenants ordered by running jobs / weight (a tenant with
+    nothing running first, whatever its weight), then jobs by age."""
+    running = (
+        select(Job.tenant_id, func.count().label("jobs"))
+        .where(Job.status == JobStatus.RUNNING.value)
+        .group_by(Job.tenant_id)
+        .subquery("running")
+    )
+    # Float division on both databases: `weight` is a float column.
+    load = func.coalesce(running.c.jobs, 0) / Tenant.weight
+    return (
+        select(Job.id)
+        .join(Tenant, Tenant.id == Job.tenant_id)
+        .outerjoin(running, running.c.tenant_id == Job.tenant_id)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.cancel_requested.is_(False),
+            Job.attempt < Job.max_attempts,
+        )
+        .order_by(load, Job.created_at, Job.id)
+        .limit(1)
+    )
 
 
 def renew_lease(session: Session, claim: Claim, lease_seconds: int) -> LeaseRenewal:

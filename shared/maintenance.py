@@ -73,9 +73,10 @@ def wake_queued_jobs(
 ) -> list[str]:
     """Send one wake-up per queued job the broker has no waiting message for.
 
-    A wake-up names a job but serves any: the worker claims the oldest QUEUED job when the one
-    named is taken. So the broker needs as many waiting messages as there are queued jobs, not
-    a message per particular job, and a count is enough to know how many are missing.
+    A wake-up names a job but serves any: the worker claims the fairest QUEUED job
+    (`jobs.claim_next`), whichever it names. So the broker needs as many waiting messages as
+    there are queued jobs, not a message per particular job, and a count is enough to know
+    how many are missing.
     """
     with session_scope() as session:
         queued = jobs.count_queued(session)

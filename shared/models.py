@@ -67,6 +67,10 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    """The tenant's share of the workers, set by an admin (`shared.tenant_weights`): a free
+    worker claims from the tenant whose running jobs divided by its weight is lowest
+    (`shared.jobs.claim_next`)."""
 
 
 class ApiKey(Base):

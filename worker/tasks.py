@@ -119,16 +119,20 @@ def worker_identity() -> str:
 
 @app.task(name=TRAIN_TASK)
 def train(job_id: str) -> None:
-    """A wake-up: claim the job it names or, if that one is taken, the oldest queued job."""
+    """A wake-up: claim the fairest queued job (`jobs.claim_next`). The job it names is the
+    one whose submit sent it, and it is only named in the logs: taking it first would let the
+    tenant that sent the most messages take the most workers."""
     if shutting_down():
         # A message delivered as the worker stops: back to the broker, for the next worker.
         raise Reject("worker stopping", requeue=True)
     claimed = claim_with_patience(job_id)
     if claimed is None:
-        log.info("wake-up for job %s: nothing to claim (done, cancelled or held elsewhere)",
-                 job_id)
+        log.info("wake-up for job %s: nothing to claim (no job queued, or other workers "
+                 "took them)", job_id)
         return
     claim, payload = claimed
+    if claim.job_id != job_id:
+        log.info("wake-up for job %s claimed job %s, the fairest queued", job_id, claim.job_id)
     request = open_request(claim, payload)
     if request is not None and run_claimed_job(claim, request):
         # The job is QUEUED again (this worker is stopping, or the job was resumed while it
@@ -162,9 +166,7 @@ def claim_with_patience(job_id: str) -> tuple[Claim, dict[str, Any]] | None:
 
     def claim_one() -> tuple[Claim, dict[str, Any]] | None:
         with session_scope() as session:
-            claim = jobs.claim_job(session, job_id, owner, settings.leases.lease_seconds)
-            if claim is None:
-                claim = jobs.claim_next(session, owner, settings.leases.lease_seconds)
+            claim = jobs.claim_next(session, owner, settings.leases.lease_seconds)
             if claim is None:
                 return None
             return claim, session.get_one(jobs.Job, claim.job_id).payload

@@ -30,6 +30,17 @@ class Event:
 
 
 @dataclass(frozen=True)
+class StatusChange:
+    """A job event with its job's tenant, for orderings across jobs."""
+
+    job_id: str
+    tenant_id: str
+    to_status: str
+    attempt: int
+    at: datetime
+
+
+@dataclass(frozen=True)
 class Metric:
     attempt: int
     step: int
@@ -152,6 +163,13 @@ class JobsDatabase:
                 "SELECT attempt, line, at FROM job_logs WHERE job_id = :id ORDER BY id"),
                 {"id": job_id})]
         return JobTrace(dict(job), events, metrics, logs)
+
+    def status_changes(self) -> list[StatusChange]:
+        """Every job's status changes, in the order they were written (event id)."""
+        with self.engine.connect() as conn:
+            return [StatusChange(*r) for r in conn.execute(text(
+                "SELECT e.job_id, j.tenant_id, e.to_status, e.attempt, e.at "
+                "FROM job_events e JOIN jobs j ON j.id = e.job_id ORDER BY e.id"))]
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -97,10 +97,17 @@ class ChaosStack:
         self.api.wait_ready()
         return self.api
 
-    def client(self, timeout_s: float = 30) -> httpx.Client:
-        assert self.api is not None and self.api_key is not None, "start_api() first"
+    def create_key(self, name: str) -> str:
+        """Another API key, of a tenant of its own named `name`."""
+        return run_cli(self.env, "keys", "create", "--name", name, "--quiet"
+                       ).strip().splitlines()[-1]
+
+    def client(self, timeout_s: float = 30, api_key: str | None = None) -> httpx.Client:
+        """An API client with `api_key`, by default the key `start_api` created."""
+        api_key = api_key or self.api_key
+        assert self.api is not None and api_key is not None, "start_api() first"
         return httpx.Client(base_url=self.api.base_url, timeout=timeout_s,
-                            headers={"Authorization": f"Bearer {self.api_key}"})
+                            headers={"Authorization": f"Bearer {api_key}"})
 
     def submit(self, client: httpx.Client, epochs: int = 4) -> str:
         response = client.post("/v1/finetune/llm", json=chaos_payload(self.model_dir, epochs))

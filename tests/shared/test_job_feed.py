@@ -3,34 +3,19 @@ after a cursor, each row once, merged by time; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session
 
 from shared import jobs
-from shared.db import make_engine
 from shared.job_feed import FeedCursor, FeedRow, MalformedCursor, read_feed, source_of
 from shared.keys import create_api_key
-from shared.migrate import upgrade_database
 from shared.models import JobEvent, JobLog, JobMetric, JobStatus
 from shared.schema import FinetuneRequest
 from tests.conftest import make_payload
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
-    url = (f"sqlite:///{tmp_path / 'feed.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres_url"))
-    upgrade_database(url)
-    engine = make_engine(url)
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
-    engine.dispose()
 
 
 @pytest.fixture

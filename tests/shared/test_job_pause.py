@@ -6,35 +6,20 @@ races with a worker's transaction on PostgreSQL: tests/integration/test_job_paus
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared import jobs
-from shared.db import make_engine
 from shared.jobs import ALLOWED, Claim, IllegalTransition, JobConflict
 from shared.keys import create_api_key
-from shared.migrate import upgrade_database
 from shared.models import TERMINAL_STATUSES, Job, JobEvent, JobStatus, utcnow
 from shared.schema import FinetuneRequest
 from tests.conftest import make_payload
 
 MAX_ATTEMPTS = 2
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
-    url = (f"sqlite:///{tmp_path / 'jobs.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres_url"))
-    upgrade_database(url)  # pause_requested comes from the migrations
-    engine = make_engine(url)
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
-    engine.dispose()
 
 
 @pytest.fixture

@@ -4,35 +4,18 @@ worker tell a left-out prompt_template from a given one. On SQLite and PostgreSQ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import jobs
-from shared.db import make_engine
 from shared.jobs import Claim
 from shared.keys import create_api_key
-from shared.migrate import upgrade_database
 from shared.models import Job, JobStatus
 from shared.schema import FinetuneRequest
 from tests.conftest import make_payload
 
 SUBMIT_WARNING = "data_config: 2 training examples rarely teach a model anything it keeps"
 WORKER_WARNING = "warm-up capped from 50 to 1 steps: ..."
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
-    url = (f"sqlite:///{tmp_path / 'jobs.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres_url"))
-    upgrade_database(url)  # the warnings column comes from the migrations
-    engine = make_engine(url)
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
-    engine.dispose()
 
 
 def submit(session: Session, payload: dict | None = None, warnings: list[str] | None = None
