@@ -1,23 +1,26 @@
-"""Start the API, a worker and the embedded inference engine as child processes: `tunery up`,
-the demo and e2e tests."""
+"""Start the API, a worker and the embedded inference engine as child processes: `tunery up`
+(which keeps them running, `cli.supervisor`), the demo and e2e tests."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import httpx
 
 from cli.process_commands import DEFAULT_ENGINE_PORT, tunery_command, worker_command
+from cli.supervisor import Backoff, Child, Supervisor, describe_exit, stop_processes
+from shared.maintenance import release_dead_worker
 
 # What a quiet stack sets in its children's environment, unless the environment already says:
 # the services' own INFO lines, Python's warnings more than once each (the worker imports and
@@ -34,6 +37,8 @@ EVERY_ADDRESS = ("0.0.0.0", "::")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ENGINE_URL_VARIABLE = "TUNERY_INFERENCE_ENGINE_URL"
 ENGINE_TOKEN_VARIABLE = "TUNERY_INFERENCE_ENGINE_TOKEN"
+# How long a stopping child may take: a worker hands its job back, with a last checkpoint.
+STOP_GRACE_S = 20.0
 
 
 def wait_until_answers(url: str, process: subprocess.Popen[bytes], *, name: str,
@@ -151,32 +156,46 @@ class LocalStack:
         self.engine: subprocess.Popen[bytes] | None = None
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        out = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = (self.log_dir / f"{name}.log").open("ab")
-        return subprocess.Popen(argv, env=self.env, stdout=out,
-                                stderr=subprocess.STDOUT if out else None,
-                                start_new_session=True)
+        if self.log_dir is None:
+            return subprocess.Popen(argv, env=self.env, start_new_session=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Appended to: a restarted child's output follows the output of the one that exited.
+        with (self.log_dir / f"{name}.log").open("ab") as out:
+            return subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
 
     def start_api(self) -> None:
         # Migrations run once here, before the worker starts, so the two never race on them.
         subprocess.run(tunery_command("db", "upgrade"), env=self.env, check=True,
                        stdout=subprocess.DEVNULL)
+        api = self._spawn_api()
+        wait_until_answers(f"{self.base_url}/healthz", api, name="the API",
+                           timeout_s=self.start_timeout_s)
+
+    def _spawn_api(self) -> subprocess.Popen[bytes]:
         quiet = ["--quiet"] if self.quiet else []
         self.api = self._spawn("api", tunery_command("api", "--host", self.host,
                                                      "--port", str(self.port), *quiet))
-        wait_until_answers(f"{self.base_url}/healthz", self.api, name="the API",
-                           timeout_s=self.start_timeout_s)
+        return self.api
 
     def start_worker(self) -> None:
+        self._spawn_worker()
+
+    def _spawn_worker(self) -> subprocess.Popen[bytes]:
         self.worker = self._spawn("worker", worker_command(quiet=self.quiet))
+        return self.worker
 
     def start_engine(self) -> None:
         """The embedded inference engine, on this machine only: the API is its one client.
         It loads models on first use, so it is ready as soon as it answers."""
         if self.engine_port is None:
             return
+        engine = self._spawn_engine()
+        wait_until_answers(f"http://127.0.0.1:{self.engine_port}/health", engine,
+                           name="the inference engine", timeout_s=self.start_timeout_s)
+
+    def _spawn_engine(self) -> subprocess.Popen[bytes]:
+        assert self.engine_port is not None
         # A program already listening there would answer the health check, and then get the
         # engine's token and every tenant's prompts: the port must be free, not merely answer.
         if not port_is_free(self.engine_port):
@@ -186,8 +205,7 @@ class LocalStack:
         quiet = ["--quiet"] if self.quiet else []
         self.engine = self._spawn("inference", tunery_command(
             "inference", "--host", "127.0.0.1", "--port", str(self.engine_port), *quiet))
-        wait_until_answers(f"http://127.0.0.1:{self.engine_port}/health", self.engine,
-                           name="the inference engine", timeout_s=self.start_timeout_s)
+        return self.engine
 
     @property
     def engine_url(self) -> str | None:
@@ -203,28 +221,27 @@ class LocalStack:
             raise
         return self
 
-    def wait(self) -> tuple[str, int | None]:
-        """Block until a child exits; which one ("API", "worker" or "inference engine") and
-        its exit code."""
-        children = [("API", self.api), ("worker", self.worker)]
-        if self.engine_port is not None:
-            children.append(("inference engine", self.engine))
-        while True:
-            for name, proc in children:
-                if proc is None or proc.poll() is not None:
-                    return name, proc.returncode if proc else None
-            time.sleep(0.5)
+    def supervise(self, backoff: Backoff | None = None) -> NoReturn:
+        """Keep the started stack running until an exception (SIGTERM or Ctrl-C through
+        `stop_on_signals`) ends it: a child that exits starts again after `backoff`
+        (`cli.supervisor.Backoff`'s defaults unless given). The jobs of a worker that exits
+        are handed back at once instead of when their lease expires.
 
-    def stop_worker(self, sig: int = signal.SIGTERM) -> None:
-        _stop(self.worker, sig)
-        self.worker = None
+        That hand-back writes through this process's settings: the stack's environment must
+        be this process's own, as in `tunery up`.
+        """
+        children = [
+            Child("API", self._spawn_api, self.api),
+            Child("worker", self._spawn_worker, self.worker, on_exit=release_jobs_of),
+        ]
+        if self.engine_port is not None:
+            children.append(Child("inference engine", self._spawn_engine, self.engine))
+        Supervisor(children, backoff or Backoff()).run()
 
     def stop(self) -> None:
-        self.stop_worker()
-        _stop(self.api, signal.SIGTERM)
-        self.api = None
-        _stop(self.engine, signal.SIGTERM)
-        self.engine = None
+        """Stop every child: SIGTERM, then SIGKILL what is left after `STOP_GRACE_S`."""
+        stop_processes([self.worker, self.api, self.engine], STOP_GRACE_S)
+        self.worker = self.api = self.engine = None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -246,14 +263,10 @@ def engine_alone(env: dict[str, str], log_dir: Path, *, timeout_s: float) -> Ite
         stack.stop()
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+def release_jobs_of(worker: subprocess.Popen[bytes]) -> None:
+    """The worker process exited: move its jobs on now (`release_dead_worker`), saying so."""
+    assert worker.returncode is not None
+    death = f"worker pid {worker.pid} {describe_exit(worker.returncode)}"
+    for job_id, status in release_dead_worker(worker.pid, death):
+        print(f"tunery up: job {job_id} of the worker that exited: {status.value}",
+              file=sys.stderr, flush=True)

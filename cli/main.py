@@ -61,19 +61,17 @@ def _up(args: argparse.Namespace) -> int:
                            else "API + worker")
                 print(f"Tunery is up at {stack.base_url} ({serving}; the dashboard at "
                       f"{stack.base_url}/, the API reference at {stack.base_url}/docs); "
-                      "Ctrl-C stops them all", flush=True)
+                      "a part that exits starts again; Ctrl-C stops them all", flush=True)
                 if not args.verbose:
                     print("a job live: `tunery watch JOB` (with TUNERY_API_KEY) or GET "
                           "/v1/finetune/llm/{job_id}/stream; `tunery up --verbose` shows the "
                           "services' own output", flush=True)
-                name, code = stack.wait()
+                stack.supervise()
         except StopRequested:
             return 0
         except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
             print(f"tunery up: could not start: {exc}", file=sys.stderr)
             return 1
-    print(f"tunery up: the {name} exited with code {code}; stopped the rest", file=sys.stderr)
-    return 1
 
 
 def _assets(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ transaction.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -309,6 +310,13 @@ def renew_lease(session: Session, claim: Claim, lease_seconds: int) -> LeaseRene
     return LeaseRenewal(held=True, cancel_requested=bool(cancel), pause_requested=bool(pause))
 
 
+def worker_identity(pid: int) -> str:
+    """The lease owner a worker process writes on the jobs it claims: this host and its pid.
+    A supervisor that saw the process `pid` exit names its leases with it
+    (`requeue_dead_owner`)."""
+    return f"{socket.gethostname()}:{pid}"
+
+
 def requeue_expired_leases(session: Session) -> list[tuple[str, JobStatus]]:
     """Jobs whose worker stopped renewing its lease: back to QUEUED while attempts remain,
     FAILED once they are used up, CANCELLED if a cancel was asked, PAUSED if a pause was (the
@@ -318,31 +326,58 @@ def requeue_expired_leases(session: Session) -> list[tuple[str, JobStatus]]:
     moment, or a second reaper, makes the move a no-op instead of a double re-queue.
     """
     now = utcnow()
-    expired = session.execute(
+    return _settle_lost_attempts(session, Job.lease_expires_at < now, death=None)
+
+
+def requeue_dead_owner(session: Session, owner: str, death: str) -> list[tuple[str, JobStatus]]:
+    """The RUNNING jobs leased by `owner`, a worker process known to be gone (its supervisor
+    reaped it): moved at once, as `requeue_expired_leases` moves them once the lease expires,
+    and the lost attempt counted alike. `death` says how the worker went ("worker pid 123
+    exited by SIGKILL"), for the event's reason. Returns (job id, new status).
+
+    Fenced on the attempt the owner held: a job re-queued and claimed again meanwhile is left
+    to its new attempt.
+    """
+    return _settle_lost_attempts(session, Job.lease_owner == owner, death=death)
+
+
+def _settle_lost_attempts(
+    session: Session, lost: ColumnElement[bool], *, death: str | None
+) -> list[tuple[str, JobStatus]]:
+    """Move each RUNNING job that matches `lost` on from its lost attempt. `death`: how its
+    worker went, when known; None when only its lease says so, and then a move happens only
+    while the lease is still expired (`transition`)."""
+    rows = session.execute(
         select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested,
                Job.pause_requested, Job.lease_owner)
-        .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+        .where(Job.status == JobStatus.RUNNING.value, lost)
         .order_by(Job.lease_expires_at)
     ).all()
     moved: list[tuple[str, JobStatus]] = []
-    for job_id, attempt, max_attempts, cancel, pause, owner in expired:
+    for job_id, attempt, max_attempts, cancel, pause, owner in rows:
         if cancel:
-            to, reason = JobStatus.CANCELLED, "cancelled by the user; its worker stopped answering"
+            to = JobStatus.CANCELLED
+            reason = f"cancelled by the user; {death or 'its worker stopped answering'}"
         elif attempt >= max_attempts:
             # Before a pause: a paused job with no attempt left would be resumed into a queue
             # that never runs it.
             to = JobStatus.FAILED
-            reason = (f"worker lost in each of the {attempt} attempts allowed (last: {owner}); "
+            last = f"{owner}; {death}" if death else owner
+            reason = (f"worker lost in each of the {attempt} attempts allowed (last: {last}); "
                       "the job may be crashing its worker, e.g. out of memory")
         elif pause:
             # The lost attempt counts, as for a re-queue: the worker's death may be the job's.
             to = JobStatus.PAUSED
-            reason = (f"paused by the user; its worker {owner} was lost before it paused, so it "
-                      "resumes from its last checkpoint")
+            how = f" ({death})" if death else ""
+            reason = (f"paused by the user; its worker {owner} was lost before it paused{how}, "
+                      "so it resumes from its last checkpoint")
+        elif death:
+            to, reason = JobStatus.QUEUED, f"{death}; attempt {attempt} lost, re-queued"
         else:
             to = JobStatus.QUEUED
             reason = f"lease of attempt {attempt} expired (worker {owner} lost); re-queued"
-        if transition(session, job_id, to, attempt=attempt, reason=reason, lease_expired=True):
+        if transition(session, job_id, to, attempt=attempt, reason=reason,
+                      lease_expired=death is None):
             moved.append((job_id, to))
     return moved
 

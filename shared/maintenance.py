@@ -13,6 +13,10 @@ run, the embedded default included:
 - finished jobs' checkpoints and artifacts past their retention are removed
   (`shared.retention`), when the operator set one.
 
+A supervisor that sees its worker process exit (`tunery up`) need not wait for the lease:
+`release_dead_worker` moves that worker's jobs at once, as the sweep would once the lease
+expired.
+
 Sweeps in several workers at once are safe: every move is a fenced UPDATE that only one wins,
 and a surplus wake-up claims nothing.
 """
@@ -87,6 +91,19 @@ def wake_queued_jobs(
             return []
         job_ids = jobs.queued_job_ids(session, missing)
     return [job_id for job_id in job_ids if send(job_id)]
+
+
+def release_dead_worker(pid: int, death: str) -> list[tuple[str, JobStatus]]:
+    """Move the jobs of the worker process `pid` of this host, which its supervisor saw exit,
+    on from their lost attempt at once (`jobs.requeue_dead_owner`; `death` says how it went),
+    and send the wake-ups the re-queued ones now need: the dead worker's own message went
+    with it (the embedded transport) or stays unacknowledged until the visibility timeout
+    (Redis). Returns (job id, new status)."""
+    with session_scope() as session:
+        moved = jobs.requeue_dead_owner(session, jobs.worker_identity(pid), death)
+    if any(status is JobStatus.QUEUED for _, status in moved):
+        wake_queued_jobs()
+    return moved
 
 
 def sweep(settings: Settings) -> SweepResult:

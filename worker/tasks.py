@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import socket
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Reject
@@ -114,7 +113,9 @@ def base_model_cache() -> BaseModelCache:
 
 
 def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process's name as a lease owner. The solo pool trains in this very process, so
+    `tunery up`, which started it, can name its leases by its pid once it is gone."""
+    return jobs.worker_identity(os.getpid())
 
 
 @app.task(name=TRAIN_TASK)

@@ -1,5 +1,6 @@
 """`tunery up` as a user runs it, a real process with real children: a quiet console, SIGTERM
-stops the whole stack, a child that dies takes the stack down with a message, `--host`."""
+stops the whole stack, a child that dies is started again (a worker's job resumes at once),
+`--host`."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +20,12 @@ import pytest
 
 from cli.local_stack import free_port, wait_until_answers
 from cli.process_commands import tunery_command
+from shared.settings import LeaseSettings
+from tests.chaos.job_records import TERMINAL, JobsDatabase, JobTrace
+from tests.chaos.polling import wait_until
+from tests.chaos.stack import chaos_payload
 from tests.cli.conftest import clean_env
+from tests.conftest import ASSETS_DIR
 
 
 class RunningUp:
@@ -143,19 +150,158 @@ def test_sigterm_to_tunery_up_stops_the_api_the_worker_and_the_engine(
     assert wait_gone(children, timeout_s=5) == set(), up.console_text()
 
 
-def test_a_child_that_dies_takes_the_stack_down_and_is_named(start_up: type[RunningUp]) -> None:
+# The default lease: `tunery up` runs here with no TUNERY_LEASE_SECONDS (`clean_env`).
+LEASE_S = LeaseSettings().lease_seconds
+
+
+def celery_worker(pids: set[int]) -> int:
+    (worker,) = [pid for pid in pids if alive(pid)
+                 and b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return worker
+
+
+def child_named(pids: set[int], argument: bytes) -> int:
+    """The live process among `pids` whose command line has `argument` (the subcommand of
+    `tunery`: b"api", b"inference") right after `-m cli`."""
+    (found,) = [pid for pid in pids if alive(pid)
+                and b"\0-m\0cli\0" + argument + b"\0" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return found
+
+
+class ApiPoller(threading.Thread):
+    """GETs /readyz (the API, its database and its broker; no rate limit) every 0.1 s until
+    stopped; counts the answers that were not 200 (a refused connection included) and the
+    longest wait for one."""
+
+    def __init__(self, base_url: str) -> None:
+        super().__init__(daemon=True)
+        self.client = httpx.Client(base_url=base_url, timeout=10)
+        self.answered, self.failures, self.slowest_s = 0, [], 0.0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.1):
+            started = time.monotonic()
+            try:
+                status = self.client.get("/readyz").status_code
+            except httpx.HTTPError as exc:
+                self.failures.append(repr(exc))
+                continue
+            self.slowest_s = max(self.slowest_s, time.monotonic() - started)
+            if status == 200:
+                self.answered += 1
+            else:
+                self.failures.append(str(status))
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=10)
+        self.client.close()
+
+
+def test_a_killed_worker_is_restarted_and_its_job_resumes_within_seconds_while_the_api_answers(
+        start_up: type[RunningUp], tiny_model_dir: Path) -> None:
+    # The default lease on purpose: the job comes back because tunery up saw its worker die,
+    # not because the lease ran out.
+    up = start_up("--no-inference", TUNERY_ALLOWED_LOCAL_DIRS=json.dumps(
+        [str(tiny_model_dir), str(ASSETS_DIR)]), TUNERY_CHECKPOINT_EVERY_STEPS="2",
+        HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    up.wait_ready()
+    up.wait_console_settled()
+    db = JobsDatabase(f"sqlite:///{up.env['TUNERY_DATA_DIR']}/tunery.db")
+    key = subprocess.run(tunery_command("keys", "create", "--name", "k", "--quiet"),
+                         env=up.env, capture_output=True, text=True, check=True).stdout.strip()
+    client = httpx.Client(base_url=up.base_url, timeout=10,
+                          headers={"Authorization": f"Bearer {key}"})
+    try:
+        submitted = client.post("/v1/finetune/llm", json=chaos_payload(tiny_model_dir))
+        assert submitted.status_code == 201, submitted.text
+        job_id = submitted.json()["job_id"]
+
+        def past_a_checkpoint() -> bool:
+            trace = db.trace(job_id)
+            steps = trace.trained_steps(1)
+            return (trace.status == "RUNNING" and bool(trace.checkpoints_saved(1))
+                    and bool(steps) and max(steps) >= 15)
+
+        wait_until(past_a_checkpoint, timeout_s=120, what="step 15 after a checkpoint",
+                   interval_s=0.05, on_timeout=lambda: db.trace(job_id).summary())
+        first_worker = celery_worker(up.current_children())
+        poller = ApiPoller(up.base_url)
+        poller.start()
+        os.kill(first_worker, signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        def seconds_until(what: str, condition: Callable[[JobTrace], bool]) -> float:
+            wait_until(lambda: condition(db.trace(job_id)), timeout_s=120, what=what,
+                       interval_s=0.05,
+                       on_timeout=lambda: f"{db.trace(job_id).summary()}\n{up.console_text()}")
+            return time.monotonic() - killed_at
+
+        requeued_s = seconds_until("re-queued", lambda t: len(t.events_to("QUEUED")) == 2)
+        claimed_s = seconds_until("claimed again", lambda t: len(t.claims()) == 2)
+        stepped_s = seconds_until("a step of attempt 2", lambda t: bool(t.trained_steps(2)))
+        poller.stop()
+        trace = db.trace(job_id)
+        wait_until(lambda: db.trace(job_id).status in TERMINAL, timeout_s=120,
+                   what="the job to end", on_timeout=lambda: db.trace(job_id).summary())
+        trace = db.trace(job_id)
+        children = up.current_children()
+        print(f"worker kill -9 under tunery up: job re-queued after {requeued_s:.2f} s, claimed "
+              f"by the restarted worker after {claimed_s:.2f} s, training again after "
+              f"{stepped_s:.2f} s; the API answered {poller.answered} polls meanwhile, "
+              f"slowest {poller.slowest_s:.2f} s")
+
+        detail = f"{trace.summary()}\n{up.console_text()}"
+        assert poller.failures == [] and poller.answered > 0, (poller.failures, detail)
+        assert trace.status == "COMPLETED" and trace.attempt == 2, detail
+        requeue = trace.events_to("QUEUED")[1]
+        assert requeue.reason == (f"worker pid {first_worker} exited by SIGKILL; attempt 1 "
+                                  "lost, re-queued"), detail
+        assert trace.resumed_from(2) is not None, detail  # from its checkpoint, not afresh
+        # Back in the queue within seconds; claimed again once the new worker has started
+        # (it imports the training stack first, much slower on a busy machine), and long before
+        # the lease alone would have let another attempt take the job.
+        assert requeued_s <= 10, f"re-queued {requeued_s:.1f} s after the kill\n{detail}"
+        assert claimed_s < LEASE_S / 2, f"claimed again {claimed_s:.1f} s after the kill\n{detail}"
+        console = up.console_text()
+        assert f"tunery up: the worker (pid {first_worker}) exited by SIGKILL" in console
+        assert f"tunery up: restarted the worker (pid {celery_worker(children)})" in console
+    finally:
+        client.close()
+        db.dispose()
+
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(timeout=30) == 0, up.console_text()
+    assert wait_gone(children, timeout_s=5) == set(), up.console_text()
+
+
+def test_a_killed_api_and_engine_come_back_and_ctrl_c_then_stops_everything(
+        start_up: type[RunningUp]) -> None:
     up = start_up()
     up.wait_ready()
     up.wait_console_settled()
     children = up.current_children()
-    (worker,) = [pid for pid in children
-                 if b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    api, engine = child_named(children, b"api"), child_named(children, b"inference")
+    worker = celery_worker(children)
 
-    os.kill(worker, signal.SIGKILL)
+    os.kill(api, signal.SIGKILL)
+    os.kill(engine, signal.SIGKILL)
+    wait_until(lambda: api not in up.current_children(), timeout_s=10, what="the API reaped")
 
-    assert up.proc.wait(timeout=30) == 1
-    assert "tunery up: the worker exited with code -9; stopped the rest" in up.console_text()
-    assert wait_gone(children, timeout_s=5) == set()
+    up.wait_ready(timeout_s=60)
+    wait_until_answers(f"{up.engine_url}/health", up.proc, name="the engine", timeout_s=60)
+    now = up.current_children()
+    assert api not in now and engine not in now
+    assert worker in now  # the others' deaths left the worker alone
+    console = up.console_text()
+    assert f"tunery up: the API (pid {api}) exited by SIGKILL" in console
+    assert f"tunery up: the inference engine (pid {engine}) exited by SIGKILL" in console
+
+    up.proc.send_signal(signal.SIGINT)  # Ctrl-C
+
+    assert up.proc.wait(timeout=30) == 0, up.console_text()
+    assert wait_gone(children | now, timeout_s=5) == set(), up.console_text()
 
 
 def test_the_console_stays_quiet_while_clients_poll(start_up: type[RunningUp]) -> None:

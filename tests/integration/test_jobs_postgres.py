@@ -190,3 +190,64 @@ def test_keys_authenticate_on_postgres(pg_session: Session) -> None:
     pg_session.commit()
     assert authenticate(pg_session, created.plaintext) is not None
     assert authenticate(pg_session, created.plaintext + "x") is None
+
+
+def test_a_dead_owners_jobs_move_at_once_and_no_other_owners(pg_session: Session) -> None:
+    dead, other = queued_job(pg_session), queued_job(pg_session)
+    assert jobs.claim_job(pg_session, dead.id, "host:101", 600) is not None
+    assert jobs.claim_job(pg_session, other.id, "host:102", 600) is not None
+    pg_session.commit()
+
+    moved = jobs.requeue_dead_owner(pg_session, "host:101", "worker pid 101 exited by SIGKILL")
+    pg_session.commit()
+
+    assert moved == [(dead.id, JobStatus.QUEUED)]
+    pg_session.refresh(dead)
+    pg_session.refresh(other)
+    assert (dead.status, dead.attempt, dead.lease_owner) == ("QUEUED", 1, None)
+    assert (other.status, other.lease_owner) == ("RUNNING", "host:102")
+    reason = pg_session.scalars(select(JobEvent.reason).where(JobEvent.job_id == dead.id)
+                                .order_by(JobEvent.id.desc())).first()
+    assert reason == "worker pid 101 exited by SIGKILL; attempt 1 lost, re-queued"
+    again = jobs.claim_job(pg_session, dead.id, "host:103", 600)
+    pg_session.commit()
+    assert again is not None and again.attempt == 2
+    assert jobs.requeue_dead_owner(pg_session, "host:101", "again") == []
+
+
+def test_a_dead_owner_and_the_reaper_moving_the_same_job_at_once_move_it_once(
+    postgres_url: str, pg_session: Session
+) -> None:
+    # The supervisor that saw the worker die and the sweep that saw its lease expire race on
+    # the job: the fence on the attempt lets one of them move it.
+    job = queued_job(pg_session)
+    assert jobs.claim_job(pg_session, job.id, "host:201", 60) is not None
+    pg_session.commit()
+    expire_lease(pg_session, job.id)
+    engine = make_engine(postgres_url)
+    barrier = threading.Barrier(2)
+    moves: list[list[tuple[str, JobStatus]]] = []
+
+    def mover(move: Callable[[Session], list[tuple[str, JobStatus]]]) -> None:
+        with Session(engine) as session:
+            barrier.wait()
+            moves.append(move(session))
+            session.commit()
+
+    threads = [
+        threading.Thread(target=mover, args=(jobs.requeue_expired_leases,)),
+        threading.Thread(target=mover, args=(
+            lambda s: jobs.requeue_dead_owner(s, "host:201", "worker pid 201 exited by SIGKILL"),)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.dispose()
+
+    assert sorted(len(m) for m in moves) == [0, 1]
+    pg_session.refresh(job)
+    assert (job.status, job.attempt) == ("QUEUED", 1)
+    requeues = pg_session.scalars(select(JobEvent).where(JobEvent.job_id == job.id,
+                                                         JobEvent.to_status == "QUEUED")).all()
+    assert len(requeues) == 2  # the submit's, and one re-queue

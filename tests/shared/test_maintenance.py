@@ -16,7 +16,7 @@ from shared.db import session_scope
 from shared.keys import create_api_key
 from shared.maintenance import MaintenanceLoop, sweep, wake_queued_jobs
 from shared.migrate import upgrade_database
-from shared.models import ApiKey, IdempotencyKey, Job, JobStatus, utcnow
+from shared.models import ApiKey, IdempotencyKey, Job, JobEvent, JobStatus, utcnow
 from shared.queue import count_waiting_messages, declare_queue, enqueue_training
 from shared.schema import FinetuneRequest
 from shared.settings import Settings, get_settings
@@ -171,3 +171,71 @@ def test_sweep_forgets_idempotency_keys_past_their_ttl(tunery_env: Path) -> None
 
     with session_scope() as session:
         assert session.scalars(select(IdempotencyKey.job_id)).all() == [new_job]
+
+
+def claimed_by(job_id: str, pid: int) -> None:
+    with session_scope() as session:
+        # A lease that runs for minutes still: only the worker's death says it is lost.
+        assert jobs.claim_job(session, job_id, jobs.worker_identity(pid), 600)
+
+
+def test_a_dead_workers_job_is_requeued_at_once_with_how_it_died_and_woken(
+    tunery_env: Path,
+) -> None:
+    embedded(tunery_env)
+    dead, alive = submit(2)
+    claimed_by(dead, 4242)
+    claimed_by(alive, 4243)
+
+    moved = maintenance.release_dead_worker(4242, "worker pid 4242 exited by SIGKILL")
+
+    assert moved == [(dead, JobStatus.QUEUED)]
+    assert count_waiting_messages() == 1  # the wake-up for the re-queued job
+    with session_scope() as session:
+        job = session.get_one(Job, dead)
+        assert (job.status, job.attempt, job.lease_owner) == ("QUEUED", 1, None)
+        event = session.scalars(select(JobEvent).where(JobEvent.job_id == dead)
+                                .order_by(JobEvent.id.desc())).first()
+        assert event is not None and (event.to_status, event.attempt) == ("QUEUED", 1)
+        assert event.reason == "worker pid 4242 exited by SIGKILL; attempt 1 lost, re-queued"
+        assert session.get_one(Job, alive).status == "RUNNING"
+        # The lost attempt counts, as for an expired lease: the next claim is attempt 2.
+        again = jobs.claim_job(session, dead, "new-worker", 60)
+    assert again is not None and again.attempt == 2
+    assert maintenance.release_dead_worker(4242, "worker pid 4242 exited by SIGKILL") == []
+
+
+@pytest.mark.parametrize(("asked", "expected", "reason"), [
+    ("cancel", JobStatus.CANCELLED, "cancelled by the user; worker pid 7 exited by SIGKILL"),
+    ("pause", JobStatus.PAUSED, "was lost before it paused (worker pid 7 exited by SIGKILL)"),
+    ("nothing, on the last attempt", JobStatus.FAILED,
+     "worker lost in each of the 2 attempts allowed (last: {owner}; worker pid 7 exited by "
+     "SIGKILL)"),
+])
+def test_a_dead_workers_job_follows_the_rules_of_an_expired_lease(
+    tunery_env: Path, asked: str, expected: JobStatus, reason: str
+) -> None:
+    embedded(tunery_env)
+    (job_id,) = submit(1)  # max_attempts 2
+    if asked.endswith("last attempt"):
+        claimed_by(job_id, 6)
+        assert maintenance.release_dead_worker(6, "worker pid 6 exited by SIGKILL") == [
+            (job_id, JobStatus.QUEUED)]
+    claimed_by(job_id, 7)
+    with session_scope() as session:
+        tenant = session.get_one(Job, job_id).tenant_id
+        if asked == "cancel":
+            jobs.request_cancel(session, tenant, job_id)
+        elif asked == "pause":
+            jobs.request_pause(session, tenant, job_id)
+
+    assert maintenance.release_dead_worker(7, "worker pid 7 exited by SIGKILL") == [
+        (job_id, expected)]
+
+    with session_scope() as session:
+        job = session.get_one(Job, job_id)
+        event = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                                .order_by(JobEvent.id.desc())).first()
+        assert job.status == expected.value and job.lease_owner is None
+        assert event is not None
+        assert reason.format(owner=jobs.worker_identity(7)) in (event.reason or ""), event.reason

@@ -1,0 +1,70 @@
+"""`tunery worker`, the worker image's command, as Docker or Kubernetes runs it: a SIGTERM
+to its process alone (a container's PID 1 gets it, not a process group) leaves no process
+behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cli.process_commands import tunery_command
+from tests.chaos.polling import wait_until
+from tests.cli.conftest import clean_env
+
+# Celery prints this once the worker consumes from the broker.
+READY_MARK = " ready."
+
+
+def in_session(sid: int) -> set[int]:
+    """Every live process of session `sid`, wherever its parent went, read from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z" and int(fields[3]) == sid:
+                found.add(int(entry.name))
+    return found
+
+
+def test_sigterm_to_tunery_worker_leaves_no_process(tmp_path: Path) -> None:
+    env = clean_env(tmp_path / "data", PYTHONUNBUFFERED="1")
+    subprocess.run(tunery_command("db", "upgrade"), env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    log = tmp_path / "worker.log"
+    # The `tunery` script the package installs, as the image's CMD names it.
+    script = Path(sys.executable).with_name("tunery")
+    with log.open("wb") as out:
+        worker = subprocess.Popen([str(script), "worker"], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: READY_MARK in log.read_text(errors="replace"), timeout_s=180,
+                   what="the worker to consume", interval_s=0.2,
+                   on_timeout=lambda: log.read_text(errors="replace")[-3000:])
+        assert worker.poll() is None, log.read_text(errors="replace")
+        # Celery is the command's own process, not a child it waits on.
+        assert b"celery" in Path(f"/proc/{worker.pid}/cmdline").read_bytes()
+        before = in_session(worker.pid)
+
+        worker.send_signal(signal.SIGTERM)
+
+        assert worker.wait(timeout=60) == 0, log.read_text(errors="replace")
+        deadline = time.monotonic() + 5
+        while in_session(worker.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert in_session(worker.pid) == set(), (before, log.read_text(errors="replace"))
+    finally:
+        for pid in in_session(worker.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
