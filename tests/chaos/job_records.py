@@ -7,9 +7,10 @@ read as an operator would read them.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
@@ -153,13 +154,13 @@ class JobsDatabase:
         with self.engine.connect() as conn:
             row = conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id})
             job = row.mappings().one()
-            events = [Event(*r) for r in conn.execute(text(
+            events = [Event(*r[:4], _moment(r[4])) for r in conn.execute(text(
                 "SELECT from_status, to_status, attempt, reason, at FROM job_events "
                 "WHERE job_id = :id ORDER BY id"), {"id": job_id})]
-            metrics = [Metric(*r) for r in conn.execute(text(
-                "SELECT attempt, step, \"values\", at FROM job_metrics "
-                "WHERE job_id = :id ORDER BY id"), {"id": job_id})]
-            logs = [LogLine(*r) for r in conn.execute(text(
+            metrics = [Metric(r[0], r[1], _values(r[2]), _moment(r[3])) for r in conn.execute(
+                text("SELECT attempt, step, \"values\", at FROM job_metrics "
+                     "WHERE job_id = :id ORDER BY id"), {"id": job_id})]
+            logs = [LogLine(r[0], r[1], _moment(r[2])) for r in conn.execute(text(
                 "SELECT attempt, line, at FROM job_logs WHERE job_id = :id ORDER BY id"),
                 {"id": job_id})]
         return JobTrace(dict(job), events, metrics, logs)
@@ -173,3 +174,15 @@ class JobsDatabase:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _moment(value: datetime | str) -> datetime:
+    """A stored time as an aware UTC datetime: PostgreSQL gives one; SQLite, read with plain
+    SQL, gives the naive UTC text SQLAlchemy wrote."""
+    when = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _values(value: dict[str, Any] | str) -> dict[str, Any]:
+    """A metric's values: PostgreSQL's JSON comes decoded, SQLite's as its text."""
+    return json.loads(value) if isinstance(value, str) else value

@@ -21,6 +21,8 @@ import pytest
 from cli.local_stack import free_port, wait_until_answers
 from cli.process_commands import tunery_command
 from shared.settings import LeaseSettings
+from tests.chaos.chaos_report import ScenarioReport
+from tests.chaos.expectations import assert_every_step_trained
 from tests.chaos.job_records import TERMINAL, JobsDatabase, JobTrace
 from tests.chaos.polling import wait_until
 from tests.chaos.stack import chaos_payload
@@ -229,6 +231,11 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes_within_seconds_while_t
         first_worker = celery_worker(up.current_children())
         poller = ApiPoller(up.base_url)
         poller.start()
+        # What the kernel's out-of-memory killer does to a training process.
+        report = ScenarioReport("oom-killer: SIGKILL to the worker under tunery up",
+                                checkpoint_every=2)
+        report.submitted(job_id)
+        report.fault("SIGKILL to the worker mid-epoch", [job_id])
         os.kill(first_worker, signal.SIGKILL)
         killed_at = time.monotonic()
 
@@ -247,6 +254,13 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes_within_seconds_while_t
                    what="the job to end", on_timeout=lambda: db.trace(job_id).summary())
         trace = db.trace(job_id)
         children = up.current_children()
+        report.extra.update(requeued_s=round(requeued_s, 2), claimed_s=round(claimed_s, 2),
+                            api_polls_answered=poller.answered,
+                            api_polls_failed=len(poller.failures),
+                            # Those past the last checkpoint: what a kill without warning costs.
+                            steps_trained_twice=len(set(trace.trained_steps(1))
+                                                    & set(trace.trained_steps(2))))
+        report.write(db)
         print(f"worker kill -9 under tunery up: job re-queued after {requeued_s:.2f} s, claimed "
               f"by the restarted worker after {claimed_s:.2f} s, training again after "
               f"{stepped_s:.2f} s; the API answered {poller.answered} polls meanwhile, "
@@ -259,6 +273,12 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes_within_seconds_while_t
         assert requeue.reason == (f"worker pid {first_worker} exited by SIGKILL; attempt 1 "
                                   "lost, re-queued"), detail
         assert trace.resumed_from(2) is not None, detail  # from its checkpoint, not afresh
+        assert_every_step_trained(trace, trace.planned_steps() or 0)
+        # A SIGKILL is what the out-of-memory killer sends: the next attempt trains one rung
+        # lower on the memory ladder, and says so.
+        assert trace.row["memory_rung"] == 1, detail
+        assert any(line.startswith("memory ladder: ") and "next: rung 1" in line
+                   for line in trace.log_lines(2)), detail
         # Back in the queue within seconds; claimed again once the new worker has started
         # (it imports the training stack first, much slower on a busy machine), and long before
         # the lease alone would have let another attempt take the job.
