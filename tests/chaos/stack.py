@@ -88,6 +88,13 @@ class ChaosStack:
         self.processes.append(worker)
         return worker.wait_ready() if wait else worker
 
+    def start_workers(self, count: int) -> list[WorkerProcess]:
+        """`count` workers started together (their start-ups overlap), once all are ready."""
+        workers = [self.start_worker(wait=False) for _ in range(count)]
+        for worker in workers:
+            worker.wait_ready()
+        return workers
+
     def start_api(self) -> ApiProcess:
         """The API and an API key for it; migrations run first, before any worker races them."""
         self.api_key = run_cli(self.env, "keys", "create", "--name", "chaos", "--quiet"

@@ -39,9 +39,7 @@ def test_duplicate_and_redelivered_wakeups_train_the_job_once(
 ) -> None:
     stack = chaos_stack
     stack.start_api()
-    workers = [stack.start_worker(wait=False), stack.start_worker(wait=False)]
-    for worker in workers:
-        worker.wait_ready()
+    workers = stack.start_workers(2)
     with stack.client() as client:
         job_id = stack.submit(client)
     scenario_report.submitted(job_id)

@@ -24,9 +24,7 @@ def test_one_tenants_ten_queued_jobs_do_not_hold_back_another_tenants_job(
 ) -> None:
     stack = chaos_stack
     stack.start_api()
-    workers = [stack.start_worker(wait=False), stack.start_worker(wait=False)]
-    for worker in workers:
-        worker.wait_ready()
+    stack.start_workers(2)
     b_key = stack.create_key("tenant-b")
 
     with stack.client() as a_client:

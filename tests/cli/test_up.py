@@ -28,6 +28,7 @@ from tests.chaos.polling import wait_until
 from tests.chaos.stack import chaos_payload
 from tests.cli.conftest import clean_env
 from tests.conftest import ASSETS_DIR
+from tests.process_table import descendants
 
 
 class RunningUp:
@@ -74,26 +75,6 @@ class RunningUp:
 
     def console_text(self) -> str:
         return self.console.read_text(errors="replace")
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, read from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found |= frontier
-    return found
 
 
 def alive(pid: int) -> bool:

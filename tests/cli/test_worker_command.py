@@ -15,24 +15,10 @@ from pathlib import Path
 from cli.process_commands import tunery_command
 from tests.chaos.polling import wait_until
 from tests.cli.conftest import clean_env
+from tests.process_table import in_session
 
 # Celery prints this once the worker consumes from the broker.
 READY_MARK = " ready."
-
-
-def in_session(sid: int) -> set[int]:
-    """Every live process of session `sid`, wherever its parent went, read from /proc."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] != "Z" and int(fields[3]) == sid:
-                found.add(int(entry.name))
-    return found
 
 
 def test_sigterm_to_tunery_worker_leaves_no_process(tmp_path: Path) -> None:
