@@ -3,6 +3,7 @@ route), `StorageDep`; a router asks for `RateLimited`, the metrics route for `Me
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -135,13 +137,23 @@ AdminDep = Annotated[Caller, Depends(get_admin)]
 
 
 def limit_rate(request: Request, caller: TenantDep) -> None:
-    """A router dependency: 429 with Retry-After once the caller's key is over its rate."""
+    """A router dependency: 429 with Retry-After once the caller's key is over its rate. A
+    route among `app.state.job_read_endpoints` (`api.main.JOB_READ_ENDPOINTS`) draws from the
+    key's job-reads budget, any other from its general one (`api.limits.rate`)."""
     limiter: RateLimiter = request.app.state.rate_limiter
-    wait = limiter.retry_after(caller.key_id)
+    route = request.scope.get("route")
+    # The route function as its module defines it, under `api.session_route`'s wrapper.
+    job_read = (isinstance(route, APIRoute)
+                and inspect.unwrap(route.endpoint) in request.app.state.job_read_endpoints)
+    wait = limiter.retry_after(caller.key_id, job_read=job_read)
     if wait is not None:
+        limit = limiter.limit(job_read=job_read)
+        what, setting = (("reads of a job's status, logs, metrics, events or files",
+                          "TUNERY_READ_RATE_LIMIT_PER_MINUTE") if job_read
+                         else ("requests", "TUNERY_RATE_LIMIT_PER_MINUTE"))
         raise ApiError(429, "rate_limited",
-                       f"too many requests for this API key: at most {limiter.per_minute} per "
-                       f"minute; retry in {wait} s",
+                       f"too many {what} for this API key: at most {limit} per minute "
+                       f"({setting}); retry in {wait} s",
                        headers={"Retry-After": str(wait)})
 
 

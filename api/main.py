@@ -76,7 +76,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(finetune.router, dependencies=[RateLimited])
-    # A stream is one request for the rate limit, however long it stays open.
+    # A stream is one job read for the rate limit, however long it stays open.
     app.include_router(job_stream.router, dependencies=[RateLimited])
     app.include_router(exports.router, dependencies=[RateLimited])
     app.include_router(deploy.router, dependencies=[RateLimited])
@@ -106,8 +106,20 @@ def create_app() -> FastAPI:
 DATASET_UPLOAD_ROUTES = ("upload_dataset", "receive_upload", "upload_file")
 
 
+# What a client following one job polls, in each face (the monsterapi client follows a job
+# through /v1/deploy/status and /v1/deploy/logs): these draw from each key's job-reads budget
+# (TUNERY_READ_RATE_LIMIT_PER_MINUTE), every other rate-limited route from its general one.
+# Named by their functions, which `api.deps.limit_rate` finds behind the route class's wrapper.
+JOB_READ_ENDPOINTS = frozenset({
+    finetune.get_job, finetune.job_logs, finetune.job_metrics, job_stream.stream_job,
+    deploy.deployment_status, deploy.deployment_logs,
+    fine_tuning.get_job, fine_tuning.job_events, files.get_file,
+})
+
+
 def install_limits(app: FastAPI) -> None:
-    """The body size middleware, the rate limiter that the `RateLimited` dependency reads,
+    """The body size middleware, the rate limiter that the `RateLimited` dependency reads
+    with the endpoints that draw from its job-reads budget,
     the limiter of failed authentications that `get_caller` and the upload PUT count into,
     and the webhook test sends' own threads and counts.
 
@@ -115,7 +127,9 @@ def install_limits(app: FastAPI) -> None:
     the app must include those routers without another one.
     """
     limits = get_settings().limits
-    app.state.rate_limiter = RateLimiter(limits.rate_limit_per_minute)
+    app.state.rate_limiter = RateLimiter(limits.rate_limit_per_minute,
+                                         limits.read_rate_limit_per_minute)
+    app.state.job_read_endpoints = JOB_READ_ENDPOINTS
     app.state.auth_failure_limiter = FailedAuthLimiter(limits.auth_failures_per_minute)
     app.state.webhook_test_sends = WebhookTestSends()
     uploads = [r for r in (*datasets.router.routes, *upload.router.routes, *files.router.routes)

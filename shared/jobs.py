@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, Table, func, insert, select, update
+from sqlalchemy import ColumnElement, Select, Table, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import (
@@ -625,7 +625,10 @@ def set_phase(session: Session, claim: Claim, phase: str | None = None,
     if phase is not None:
         values["phase"] = phase
     if progress is not None:
-        values["progress"] = max(0.0, min(1.0, progress))
+        # Never backwards within a job: a re-queued job resumes from its last checkpoint, and
+        # the steps its next attempt trains again were already counted.
+        fraction = max(0.0, min(1.0, progress))
+        values["progress"] = case((Job.progress > fraction, Job.progress), else_=fraction)
     done = session.execute(
         update(Job)
         .where(Job.id == claim.job_id, Job.attempt == claim.attempt,

@@ -165,7 +165,17 @@ class LimitSettings(BaseModel):
     )
     rate_limit_per_minute: int = Field(
         120, ge=0, description="Requests per minute per API key on authenticated routes, "
-        "counted in each API process (N replicas allow N times as many); 0: no limit."
+        "counted in each API process (N replicas allow N times as many); 0: no limit, on "
+        "job reads either. Reads of one job (below) draw from a budget of their own."
+    )
+    read_rate_limit_per_minute: int = Field(
+        600, ge=0, description="Reads of one job per minute per API key, apart from "
+        "rate_limit_per_minute: GET /v1/finetune/llm/{id}, its /logs, /metrics and /stream, "
+        "GET /v1/deploy/status/{id} and /v1/deploy/logs/{id} (how the monsterapi client follows "
+        "a job), GET /v1/fine_tuning/jobs/{id} and its /events, GET /v1/files/{id}. The "
+        "default lets a client poll a job's status and its logs twice a second each (240 a "
+        "minute) with room to spare; writes and every other route keep the general limit. "
+        "Counted in each API process; 0: no limit on these reads."
     )
     max_active_jobs_per_tenant: int = Field(
         10, ge=0, description="QUEUED plus RUNNING jobs a tenant may have; a submit beyond it "

@@ -88,6 +88,7 @@ def run_attempt(
         claim.job_id,
         every_steps=settings.training.checkpoint_every_steps,
         keep=settings.training.checkpoints_to_keep,
+        attempt=claim.attempt,
     )
     assert settings.training.work_dir is not None
     work_dir = Path(settings.training.work_dir) / f"{claim.job_id}-{claim.attempt}"

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import lzma
+import math
 import threading
 import tracemalloc
 import zipfile
@@ -317,9 +318,10 @@ def test_a_1_gib_gzip_bomb_streamed_in_is_refused_with_flat_memory(make_client: 
 
 # Rate limit ----------------------------------------------------------------------------------
 
-def fake_limiter(client: TestClient, per_minute: int) -> FakeClock:
+def fake_limiter(client: TestClient, per_minute: int, read_per_minute: int = 0) -> FakeClock:
     clock = FakeClock()
-    client.app.state.rate_limiter = RateLimiter(per_minute, clock=clock)  # type: ignore[attr-defined]
+    client.app.state.rate_limiter = RateLimiter(  # type: ignore[attr-defined]
+        per_minute, read_per_minute, clock=clock)
     return clock
 
 
@@ -363,6 +365,68 @@ def test_health_docs_and_unauthenticated_requests_are_not_rate_limited(
 def test_rate_limit_zero_turns_it_off(make_client: Any) -> None:
     client = make_client(rate_limit_per_minute=0)
     assert {client.get(URL).status_code for _ in range(50)} == {200}
+
+
+@pytest.mark.parametrize("follow", [
+    ("/v1/finetune/llm/{id}", "/v1/finetune/llm/{id}/logs"),
+    # How the monsterapi client follows a job (tests/e2e/test_monsterapi_client.py).
+    ("/v1/deploy/status/{id}", "/v1/deploy/logs/{id}"),
+    ("/v1/fine_tuning/jobs/ftjob-{id}", "/v1/fine_tuning/jobs/ftjob-{id}/events"),
+], ids=["monsterapi-dialect", "monsterapi-client", "openai-dialect"])
+def test_polling_a_job_at_2_hz_for_a_minute_never_gets_429_while_a_burst_of_submits_does(
+    make_client: Any, follow: tuple[str, str],
+) -> None:
+    client = make_client(max_active_jobs_per_tenant=0)
+    limits = get_settings().limits
+    assert (limits.rate_limit_per_minute, limits.read_rate_limit_per_minute) == (120, 600)
+    clock = fake_limiter(client, limits.rate_limit_per_minute, limits.read_rate_limit_per_minute)
+    job_id = client.post(URL, json=make_payload()).json()["job_id"]
+    status_path, logs_path = (path.format(id=job_id) for path in follow)
+
+    answers = []
+    for _ in range(120):  # a simulated minute: status and logs, twice a second each
+        answers += [client.get(status_path).status_code, client.get(logs_path).status_code]
+        clock.now += 0.5
+    assert answers == [200] * 240
+
+    # The polling left the general budget whole: a burst of submits gets the old limit, and
+    # the job's reads still answer once the submits are refused.
+    burst = limits.rate_limit_per_minute
+    submits = [client.post(URL, json=make_payload()) for _ in range(burst + 1)]
+    assert [r.status_code for r in submits] == [201] * burst + [429]
+    error = assert_error(submits[-1], 429, "rate_limited")
+    assert "at most 120 per minute (TUNERY_RATE_LIMIT_PER_MINUTE)" in error["message"]
+    assert client.get(status_path).status_code == 200
+
+
+def test_every_read_of_one_job_draws_from_the_read_budget_and_its_429_names_it(
+    make_client: Any,
+) -> None:
+    client = make_client()
+    job_id = client.post(URL, json=make_payload()).json()["job_id"]
+    assert client.post(f"{URL}/{job_id}/cancel").status_code == 200  # its stream ends at once
+    reads = [f"{URL}/{job_id}", f"{URL}/{job_id}/logs", f"{URL}/{job_id}/metrics",
+             f"{URL}/{job_id}/stream", f"/v1/deploy/status/{job_id}", f"/v1/deploy/logs/{job_id}",
+             f"/v1/fine_tuning/jobs/ftjob-{job_id}", f"/v1/fine_tuning/jobs/ftjob-{job_id}/events",
+             f"/v1/files/file-{'0' * 32}"]
+    clock = fake_limiter(client, per_minute=2, read_per_minute=len(reads))
+    assert [client.get(path).status_code for path in reads] == [200] * 8 + [404]
+
+    refused = client.get(f"{URL}/{job_id}/logs")
+    error = assert_error(refused, 429, "rate_limited")
+    assert refused.headers["Retry-After"] == str(math.ceil(60 / len(reads)))
+    assert (f"at most {len(reads)} per minute (TUNERY_READ_RATE_LIMIT_PER_MINUTE)"
+            in error["message"])
+    # The general budget is untouched by the reads, and spent apart from them.
+    assert [client.get(URL).status_code for _ in range(3)] == [200, 200, 429]
+    clock.now += math.ceil(60 / len(reads))
+    assert client.get(f"{URL}/{job_id}").status_code == 200
+
+
+def test_rate_limit_zero_turns_the_read_budget_off_too(make_client: Any) -> None:
+    client = make_client(rate_limit_per_minute=0, read_rate_limit_per_minute=1)
+    job_id = client.post(URL, json=make_payload()).json()["job_id"]
+    assert {client.get(f"{URL}/{job_id}").status_code for _ in range(5)} == {200}
 
 
 def test_the_token_bucket_refills_continuously_up_to_one_burst() -> None:

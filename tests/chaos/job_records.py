@@ -17,7 +17,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
-_RESUMED = re.compile(r"resuming from step (\d+)")
+_RESUMED = re.compile(r"resumed from step (\d+)")
 _CHECKPOINT = re.compile(r"checkpoint at step (\d+) saved")
 
 

@@ -100,7 +100,7 @@ def test_a_resume_from_the_last_checkpoint_is_no_duplicate() -> None:
         [_claim(1, 0), _claim(2, 150), Event("RUNNING", "COMPLETED", 2, None, T0)],
         {1: [1, 2, 3, 4, 5, 6, 7], 2: [7, 8, 9, 10]},
         [LogLine(1, "checkpoint at step 6 saved to storage (0.3 MB)", T0),
-         LogLine(2, "resuming from step 6", T0)],
+         LogLine(2, "resumed from step 6 (attempt 2)", T0)],
     )
     assert count_duplicates(trace, checkpoint_every=2).total == 0
 

@@ -239,4 +239,4 @@ def test_a_worker_stopped_mid_training_hands_its_job_back_to_the_next_worker(
         stack.start_worker()
         done = wait_for_terminal(client, job_id)
         assert done["status"] == "COMPLETED", (done, logs())
-        assert any("resuming from step" in line for line in logs()), logs()
+        assert any("resumed from step" in line for line in logs()), logs()

@@ -51,6 +51,7 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "max_epochs": ("1.5", 1.5),
     "max_lora_r": ("8", 8),
     "rate_limit_per_minute": ("0", 0),
+    "read_rate_limit_per_minute": ("300", 300),
     "max_active_jobs_per_tenant": ("2", 2),
     "auth_failures_per_minute": ("4", 4),
     "idempotency_ttl_s": ("60", 60),

@@ -75,8 +75,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Sta
     return Stack(LocalStorage(tmp / "storage"), settings, tmp)
 
 
-def store(stack: Stack, job_id: str) -> CheckpointStore:
-    return CheckpointStore(stack.storage, job_id, every_steps=2, keep=2)
+def store(stack: Stack, job_id: str, attempt: int = 1) -> CheckpointStore:
+    return CheckpointStore(stack.storage, job_id, every_steps=2, keep=2, attempt=attempt)
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +133,15 @@ def test_stopped_job_resumes_from_its_last_checkpoint_and_ends_like_an_uninterru
 
     second = RecordingReporter()
     result = run_job(
-        make_request(), stack.work / "b2", second, stack.settings, store(stack, "job-b")
+        make_request(), stack.work / "b2", second, stack.settings,
+        store(stack, "job-b", attempt=2),
     )
 
-    assert "resuming from step 2" in second.lines
+    assert "resumed from step 2 (attempt 2)" in second.lines
+    # The job's first loss is the first attempt's first step's, not the resumed run's.
+    assert result.first_loss == pytest.approx(first.values("loss")[0], abs=1e-6)
+    assert result.first_loss == pytest.approx(uninterrupted.result.first_loss, abs=1e-6)
+    assert result.last_loss == pytest.approx(second.values("loss")[-1], abs=1e-6)
     assert result.steps == uninterrupted.result.steps == 6
     assert second.steps("loss") == [3, 4, 5, 6]
     # Same batches in the same order: the losses of steps 3-6 are the uninterrupted run's.
@@ -202,7 +207,10 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_keeps_only_
         tenant_id = create_api_key(session, "resume").tenant_id
         job_id = jobs.create_job(session, tenant_id, request, max_attempts=3).id
         lease_s = settings.leases.lease_seconds
-        assert jobs.claim_job(session, job_id, "worker-1", lease_s) is not None
+        first = jobs.claim_job(session, job_id, "worker-1", lease_s)
+        assert first is not None
+        # Attempt 1 trained step 6 too, but died before that step's checkpoint was saved.
+        assert jobs.set_phase(session, first, "training", progress=6 / 6)
     # Attempt 1 got as far as the uninterrupted run's step 4 checkpoint, then its worker died.
     source = checkpoint_step_prefix(job_checkpoint_prefix("job-a"), 4)
     dest = {
@@ -220,6 +228,19 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_keeps_only_
         assert jobs.requeue_expired_leases(session) == [(job_id, JobStatus.QUEUED)]
         second = jobs.claim_job(session, job_id, "worker-2", settings.leases.lease_seconds)
     assert second is not None and second.attempt == 2
+    asked: list[float] = []
+    stored: list[float] = []
+    set_phase = jobs.set_phase
+
+    def recording_set_phase(session: Any, claim: Any, phase: str | None = None,
+                            progress: float | None = None) -> bool:
+        done = set_phase(session, claim, phase, progress)
+        if progress is not None:
+            asked.append(progress)
+            stored.append(session.get_one(DbJob, job_id, populate_existing=True).progress)
+        return done
+
+    monkeypatch.setattr(jobs, "set_phase", recording_set_phase)
 
     run_claimed_job(second, request)
 
@@ -229,8 +250,13 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_keeps_only_
         assert job.result is not None and job.result["steps"] == 6
         lines = [row.line for row in jobs.tail_logs(session, job_id, 1000)]
         steps = [m.step for m in jobs.list_metrics(session, job_id) if "loss" in m.values]
-    assert "resuming from step 4" in lines
+    assert "resumed from step 4 (attempt 2)" in lines
     assert steps == [5, 6]
+    # Attempt 2 counts from its checkpoint (5 of 6 first); the job's progress never goes back.
+    assert asked[0] == pytest.approx(5 / 6)
+    assert stored and stored == sorted(stored) and stored[0] == 1.0
+    # The first loss is the job's first step's, carried in the checkpoint's trainer state.
+    assert job.result["first_loss"] == pytest.approx(uninterrupted.result.first_loss, abs=1e-6)
     # What a resume needs is gone; each checkpoint's adapter stays, listed by the API.
     kept = {obj.key.rsplit("/", 1)[1] for prefix in (job_checkpoint_prefix(job_id),
                                                       f"jobs/{job_id}/checkpoints/")

@@ -5,6 +5,7 @@ latest K, and resumed by a later attempt with the same steps as an uninterrupted
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,11 @@ def test_a_stopped_job_resumes_from_its_s3_checkpoint(
     assert latest is not None and "optimizer.pt" in latest.files
 
     second = RecordingReporter()
+    store = replace(store, attempt=2)  # the attempt that resumes
     result = run_job(make_request(training={"num_train_epochs": 2}), tmp_path / "b", second,
                      settings, store)
 
-    assert "resuming from step 4" in second.lines
+    assert "resumed from step 4 (attempt 2)" in second.lines
     assert result.steps == 12
     assert second.steps("loss") == list(range(5, 13))
     assert [c.step for c in list_checkpoints(s3, "job-s3")] == [10, 12]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,9 +171,10 @@ def test_stopped_dpo_job_resumes_from_its_checkpoint_and_ends_with_the_uninterru
     assert latest is not None and latest.step == 4
 
     second = RecordingReporter()
+    store = replace(store, attempt=2)  # the attempt that resumes
     result = run_job(setup.request, setup.tmp / "b2", second, setup.settings, store)
 
-    assert "resuming from step 4" in second.lines
+    assert "resumed from step 4 (attempt 2)" in second.lines
     assert result.steps == dpo_job.result.steps == 12
     assert second.steps("loss") == list(range(5, 13))
     # Same batches, optimizer state and reference: steps 5-12 are the uninterrupted run's.

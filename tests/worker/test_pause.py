@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -149,10 +149,11 @@ def test_a_paused_run_resumes_to_the_uninterrupted_runs_steps_and_adapter(
     assert [c.step for c in list_checkpoints(checkpoints.storage, "job")] == [paused_at]
 
     second = RecordingReporter()
+    checkpoints = replace(checkpoints, attempt=2)  # the attempt that resumes
     result = run_job(make_request(training=LONG), tmp_path / "b", second, settings, checkpoints)
 
     reference = uninterrupted.reporter
-    assert f"resuming from step {paused_at}" in second.lines
+    assert f"resumed from step {paused_at} (attempt 2)" in second.lines
     # Every step once: the paused run's, then the rest; early stopping ends both at step 48.
     assert first.steps("loss") == list(range(1, paused_at + 1))
     assert second.steps("loss") == list(range(paused_at + 1, LONG_RUN_STEPS + 1))
@@ -268,7 +269,7 @@ def test_a_job_paused_mid_run_resumes_to_completion_as_if_never_paused(
         job = session.get_one(Job, job_id)
         assert job.status == JobStatus.COMPLETED.value, job.error
         assert job.result is not None and job.result["steps"] == LONG_RUN_STEPS
-    assert f"resuming from step {paused_at}" in log_lines(job_id)
+    assert f"resumed from step {paused_at} (attempt 2)" in log_lines(job_id)
     # Not one step trained twice, none left out.
     assert loss_steps(job_id, 2) == list(range(paused_at + 1, LONG_RUN_STEPS + 1))
     adapter = job_artifact_key(job_id, "adapter_model.safetensors")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +114,10 @@ def test_stopped_orpo_job_resumes_from_its_checkpoint_with_the_uninterrupted_los
         run_job(setup.request, setup.tmp / "r1", first, setup.settings, store)
 
     second = RecordingReporter()
+    store = replace(store, attempt=2)  # the attempt that resumes
     result = run_job(setup.request, setup.tmp / "r2", second, setup.settings, store)
 
-    assert "resuming from step 4" in second.lines
+    assert "resumed from step 4 (attempt 2)" in second.lines
     assert result.steps == orpo_job.result.steps == 12
     assert second.steps("loss") == list(range(5, 13))
     # Same batches, same optimizer state: the ORPO losses of steps 5-12 are the uninterrupted

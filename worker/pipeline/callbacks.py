@@ -58,7 +58,6 @@ class MetricsCallback(TrainerCallback):
         self.reporter = reporter
         self.extra = dict(extra or {})
         self.clock = clock
-        self.losses: list[float] = []
         self._last_time = 0.0
         self._last_tokens = 0
         # (time, step) when this run's first step ended: the pace counts from there, because
@@ -133,7 +132,6 @@ class MetricsCallback(TrainerCallback):
         self._last_time, self._last_tokens = now, tokens
         eta_s = self.eta_s(now, step, total)
         loss = float(logs["loss"])
-        self.losses.append(loss)
         counts_tokens = args.include_num_input_tokens_seen != "no"
         values = {
             "epoch": epoch,

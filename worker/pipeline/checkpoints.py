@@ -201,6 +201,8 @@ class CheckpointStore:
     job_id: str
     every_steps: int = 50
     keep: int = 2
+    attempt: int = 1
+    """The job's attempt that reads and writes these checkpoints, named where it resumes."""
 
     def latest(self) -> StoredCheckpoint | None:
         return find_latest_checkpoint(self.storage, self.job_id)
@@ -235,7 +237,7 @@ def download_resume_checkpoint(
     if checkpoint is None:
         return None
     download_checkpoint(store.storage, checkpoint, dest)
-    log(f"resuming from step {checkpoint.step}")
+    log(f"resumed from step {checkpoint.step} (attempt {store.attempt})")
     return dest
 
 

@@ -164,7 +164,7 @@ def run_trainer(
     """Run `trainer` (built with `watch.callbacks`) and say how it ended, in log lines and
     `TrainStats`; raises `TrainingStopped` if the reporter asked to stop. With
     `logging.use_wandb`, W&B gets `wandb_timeouts` to start and to finish its run."""
-    reporter, stop, best, metrics = watch.reporter, watch.stop, watch.best, watch.metrics
+    reporter, stop, best = watch.reporter, watch.stop, watch.best
     # Log lines go to the reporter; the Trainer's own printer would duplicate them on stdout.
     trainer.remove_callback(PrinterCallback)
     if config.lr_scheduler_type == "reduce_lr_on_plateau":
@@ -205,10 +205,13 @@ def run_trainer(
                 f"learning_rate, more epochs or more data may help"
             )
     reporter.progress(1.0)
+    # From the trainer state, not this run's logs: a resumed run's state carries the earlier
+    # attempts' log history, so the first loss is the job's first step's.
+    losses = [float(entry["loss"]) for entry in state.log_history if "loss" in entry]
     return TrainStats(
         steps=state.global_step,
-        first_loss=metrics.losses[0] if metrics.losses else None,
-        last_loss=metrics.losses[-1] if metrics.losses else None,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
         best_eval_loss=best.best_loss,
         best_step=best.best_step,
         trained_tokens=int(state.num_input_tokens_seen) or None,
