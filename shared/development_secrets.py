@@ -3,19 +3,15 @@
 docker-compose.yml gives every secret a default so that `docker compose up` works on a
 laptop; those values are public, so a stack that reaches a network with them is open to
 anyone who read the file. The API and every worker read their settings through
-`Settings`, whose validator calls `refuse_development_secrets`: one line names each default
-still in use and how to make a real one, unless TUNERY_DEV_SECRETS=1 says this is development.
+`Settings`, whose validator hands the secrets to `refuse_development_secrets`: one line names
+each default still in use and how to make a real one, unless TUNERY_DEV_SECRETS=1 says this
+is development. Values, not the settings object: settings imports this module.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
-if TYPE_CHECKING:
-    from shared.settings import Settings
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 DEV_SECRET_KEY = "dHVuZXJ5LWRldi1vbmx5LWtleS0tY2hhbmdlLWl0ISE="
 DEV_S3_SECRET = "tunery-dev-secret"
@@ -28,31 +24,40 @@ MAKE_A_FERNET_KEY = ('python -c "from cryptography.fernet import Fernet; '
                      'print(Fernet.generate_key().decode())"')
 
 
-def development_secrets_in_use(settings: Settings) -> list[str]:
-    """The variables of `settings` that hold a compose file's development default."""
+@dataclass(frozen=True)
+class Secrets:
+    """The settings' secret values, as plain strings (None: unset)."""
+
+    secret_key: str | None
+    database_url: str
+    s3_secret_access_key: str | None
+    engine_token: str | None
+    metrics_token: str | None
+
+
+def development_secrets_in_use(secrets: Secrets) -> list[str]:
+    """The variables that hold a compose file's development default."""
     found = []
-    keys = settings.secret_key.get_secret_value().split(",") if settings.secret_key else []
+    keys = (secrets.secret_key or "").split(",")
     if DEV_SECRET_KEY in (key.strip() for key in keys):
         found.append("TUNERY_SECRET_KEY")
-    if _password(settings.database.url) == DEV_POSTGRES_PASSWORD:
+    if _password(secrets.database_url) == DEV_POSTGRES_PASSWORD:
         found.append("TUNERY_DATABASE_URL's password (TUNERY_POSTGRES_PASSWORD in compose)")
-    if settings.storage.s3_secret_access_key == DEV_S3_SECRET:
+    if secrets.s3_secret_access_key == DEV_S3_SECRET:
         found.append("TUNERY_S3_SECRET_ACCESS_KEY (MinIO's root password in compose)")
-    token = settings.inference.engine_token
-    if token is not None and token.get_secret_value() == DEV_ENGINE_TOKEN:
+    if secrets.engine_token == DEV_ENGINE_TOKEN:
         found.append("TUNERY_INFERENCE_ENGINE_TOKEN")
-    token = settings.metrics.token
-    if token is not None and token.get_secret_value() == DEV_METRICS_TOKEN:
+    if secrets.metrics_token == DEV_METRICS_TOKEN:
         found.append("TUNERY_METRICS_TOKEN")
     return found
 
 
-def refuse_development_secrets(settings: Settings) -> None:
-    """Raise ValueError, one line, when a development default is in use without
-    TUNERY_DEV_SECRETS."""
-    if settings.dev_secrets:
+def refuse_development_secrets(secrets: Secrets, *, allowed: bool) -> None:
+    """Raise ValueError, one line, when a development default is in use and not `allowed`
+    (TUNERY_DEV_SECRETS)."""
+    if allowed:
         return
-    found = development_secrets_in_use(settings)
+    found = development_secrets_in_use(secrets)
     if found:
         raise ValueError(
             f"{', '.join(found)}: a development default from the compose files; set a real "
@@ -62,7 +67,10 @@ def refuse_development_secrets(settings: Settings) -> None:
 
 
 def _password(database_url: str) -> str | None:
+    # urllib, not SQLAlchemy's make_url: the vLLM plugin reads these settings and must not
+    # load SQLAlchemy into the engine's process.
     try:
-        return make_url(database_url).password
-    except ArgumentError:
+        password = urlsplit(database_url).password
+    except ValueError:
         return None
+    return None if password is None else unquote(password)

@@ -40,7 +40,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from shared.development_secrets import refuse_development_secrets
+from shared.development_secrets import Secrets, refuse_development_secrets
 from shared.private_files import (
     create_private_sqlite_file,
     make_private_dir,
@@ -593,7 +593,13 @@ class Settings(BaseSettings):
                 "key); generate one with python -c \"from cryptography.fernet import Fernet; "
                 "print(Fernet.generate_key().decode())\""
             )
-        refuse_development_secrets(self)
+        refuse_development_secrets(Secrets(
+            secret_key=_plain(self.secret_key),
+            database_url=self.database.url,
+            s3_secret_access_key=self.storage.s3_secret_access_key,
+            engine_token=_plain(self.inference.engine_token),
+            metrics_token=_plain(self.metrics.token),
+        ), allowed=self.dev_secrets)
         return self
 
     def uses_data_dir(self) -> bool:
@@ -619,6 +625,10 @@ class Settings(BaseSettings):
             return self.data_dir
         cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         return Path(cache).resolve() / "tunery"
+
+
+def _plain(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
 
 
 class LenientEnvSource(EnvSettingsSource):
