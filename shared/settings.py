@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Self
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from pydantic import (
     BaseModel,
@@ -38,7 +40,13 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from shared.private_files import create_private_sqlite_file, make_private_dir, tighten_tree
+from shared.development_secrets import Secrets, refuse_development_secrets
+from shared.private_files import (
+    create_private_sqlite_file,
+    make_private_dir,
+    sqlite_file,
+    tighten_tree,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "TUNERY_"
@@ -230,7 +238,8 @@ class LeaseSettings(BaseModel):
 
 class TrainingSettings(BaseModel):
     work_dir: Path | None = Field(
-        None, description="Scratch space for worker jobs; default: data_dir/work."
+        None, description="Scratch space for worker jobs; default: `work` under the data dir "
+        "when it is in use, else under the user's cache dir ($XDG_CACHE_HOME/tunery)."
     )
     checkpoint_every_steps: int = Field(
         50, ge=0, description="Upload a resumable checkpoint every N optimizer steps; 0: never."
@@ -507,7 +516,14 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = Field(
         None, description="Fernet key(s), comma-separated (the first encrypts, all decrypt), "
         "for the secrets stored in job payloads (hf_token, wandb_login_key). The API and every "
-        "worker need the same one. Unset: generated once into data_dir/secret.key (mode 0600)."
+        "worker need the same one. Unset: generated once into data_dir/secret.key (mode 0600); "
+        "required when the database, broker and storage are all servers and TUNERY_DATA_DIR "
+        "is unset."
+    )
+    dev_secrets: bool = Field(
+        False, description="Accept the development defaults of the compose files' secrets "
+        "(the fixed secret key, MinIO's and PostgreSQL's passwords, the engine and metrics "
+        "tokens); off: the API and workers refuse to start with any of them."
     )
     log_level: str = Field("INFO", description="Log level of the API and the workers.")
 
@@ -562,10 +578,16 @@ class Settings(BaseSettings):
                              "update={'training': s.training.model_copy(update={...})}")
         return super().model_copy(update=update, deep=deep)
 
+    @field_validator("data_dir")
+    @classmethod
+    def _resolved(cls, data_dir: Path) -> Path:
+        # Here, not by assignment in _embedded_defaults: an assignment would count as set,
+        # and whether TUNERY_DATA_DIR was set decides whether the data dir is used.
+        return data_dir.resolve()
+
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
-        data = self.data_dir.resolve()
-        self.data_dir = data
+        data = self.data_dir
         if not self.database.url:
             self.database.url = f"sqlite:///{data / 'tunery.db'}"
         if not self.broker.url:
@@ -573,8 +595,50 @@ class Settings(BaseSettings):
         if not self.storage.url:
             self.storage.url = (data / "storage").as_uri()
         if self.training.work_dir is None:
-            self.training.work_dir = data / "work"
+            self.training.work_dir = self.local_files_dir() / "work"
+        if self.secret_key is None and not self._embedded_parts_in_data_dir():
+            raise ValueError(
+                "TUNERY_SECRET_KEY: must be set when the database, broker and storage are all "
+                "servers and TUNERY_DATA_DIR is unset (the API and every worker need the same "
+                "key); generate one with python -c \"from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())\""
+            )
+        refuse_development_secrets(Secrets(
+            secret_key=_plain(self.secret_key),
+            database_url=self.database.url,
+            s3_secret_access_key=self.storage.s3_secret_access_key,
+            engine_token=_plain(self.inference.engine_token),
+            metrics_token=_plain(self.metrics.token),
+        ), allowed=self.dev_secrets)
         return self
+
+    def uses_data_dir(self) -> bool:
+        """Whether files of this process belong in the data dir: TUNERY_DATA_DIR was set, or
+        the SQLite database, the embedded broker, local storage or the generated secret key
+        file lives there. With everything on servers and TUNERY_SECRET_KEY set, none does,
+        and no data dir is created (its default lies inside the code tree)."""
+        return self.secret_key is None or self._embedded_parts_in_data_dir()
+
+    def _embedded_parts_in_data_dir(self) -> bool:
+        if "data_dir" in self.model_fields_set:
+            return True
+        local = [sqlite_file(self.database.url), sqlite_file(self.broker.url),
+                 local_storage_dir(self.storage.url)]
+        return any(path is not None and path.resolve().is_relative_to(self.data_dir)
+                   for path in local)
+
+    def local_files_dir(self) -> Path:
+        """Where this process keeps files of its own beside the embedded parts (job scratch,
+        tenants' private hub caches): the data dir when it is in use, else the user's cache
+        dir, so that a stack on servers writes nothing into the code tree."""
+        if self.uses_data_dir():
+            return self.data_dir
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(cache).resolve() / "tunery"
+
+
+def _plain(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
 
 
 class LenientEnvSource(EnvSettingsSource):
@@ -628,11 +692,19 @@ def get_settings() -> Settings:
     return settings
 
 
+def local_storage_dir(storage_url: str) -> Path | None:
+    """The directory of a `file:///abs/dir` storage URL; None for other stores."""
+    parts = urlsplit(storage_url)
+    return Path(url2pathname(parts.path)) if parts.scheme == "file" else None
+
+
 def prepare_data_dir(settings: Settings) -> None:
-    """Create the data dir (0700) and the SQLite files it holds (0600) before anything opens
-    them, and take group/other permissions off whatever an older version left in it."""
-    make_private_dir(settings.data_dir)
-    tighten_tree(settings.data_dir)
+    """Create the data dir (0700), when something uses it, and the SQLite files (0600) before
+    anything opens them, and take group/other permissions off whatever an older version left
+    in it."""
+    if settings.uses_data_dir():
+        make_private_dir(settings.data_dir)
+        tighten_tree(settings.data_dir)
     create_private_sqlite_file(settings.database.url)
     # An embedded broker (kombu's sqla+sqlite transport) is one more SQLite file in data_dir.
     if settings.broker.url.startswith("sqla+"):
@@ -669,6 +741,9 @@ def settings_error_lines(exc: ValidationError | SettingsError,
     for error in exc.errors():
         loc = tuple(str(part) for part in error["loc"])
         message = str(error["msg"]).removeprefix("Value error, ")
+        if not loc:  # a rule across settings: its message names the variables itself
+            lines.append(message)
+            continue
         if len(loc) == 1 and loc[0] in GROUPS:
             lines.append(f"{_group_variables(loc[0], env)}: {message}")
             continue

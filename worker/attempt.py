@@ -106,7 +106,7 @@ def run_attempt(
             return False
         rung = start.rung
         memory_ladder.reset_peak_memory()
-        hub_cache = tenant_hub_cache(settings.data_dir, claim.tenant_id,
+        hub_cache = tenant_hub_cache(settings.local_files_dir(), claim.tenant_id,
                                      request.hf_config.hf_token)
         # Never the checkout or the data dir: loaders read relative names from here.
         with job_working_directory(work_dir / "cwd"):

@@ -86,7 +86,7 @@ def export_files(
     adapter_dir = download_adapter(storage, claim.job_id, work_dir / "adapter")
     # A job trained with a token downloaded its base into its tenant's cache, and the token
     # left with the job's end: read it from there, offline. Else as training read it.
-    cache = existing_tenant_hub_cache(settings.data_dir, claim.tenant_id)
+    cache = existing_tenant_hub_cache(settings.local_files_dir(), claim.tenant_id)
     if cache is not None and not (cache / hub_cache_folder(model_path)).is_dir():
         cache = None
     merged = merge_adapter(

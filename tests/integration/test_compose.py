@@ -6,6 +6,8 @@ parses and validates. CI installs it; a missing binary fails the test rather tha
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -34,9 +36,12 @@ def _docker_compose() -> str:
 
 
 def _compose_config(
-    *files: Path, quiet: bool = False, profiles: tuple[str, ...] = ()
+    *files: Path, quiet: bool = False, profiles: tuple[str, ...] = (),
+    env_file: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     args = [_docker_compose()]
+    if env_file is not None:
+        args += ["--env-file", str(env_file)]
     for file in files:
         args += ["-f", str(file)]
     for profile in profiles:
@@ -225,3 +230,78 @@ def test_grafana_loads_the_dashboard_from_prometheus() -> None:
     source = _load(ROOT / "deploy" / "grafana" / "provisioning" / "datasources" /
                    "prometheus.yml")["datasources"][0]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+
+
+ENV_EXAMPLE = ROOT / ".env.example"
+TUNERY_SERVICES = ("api", "worker", "worker-cpu", "vllm")
+
+
+def _services(*files: Path, env_file: Path | None = None) -> dict[str, Any]:
+    result = _compose_config(*files, profiles=("vllm", "metrics", "gpu"), env_file=env_file)
+    assert result.returncode == 0, result.stderr
+    services: dict[str, Any] = yaml.safe_load(result.stdout)["services"]
+    return services
+
+
+@pytest.mark.parametrize(
+    "files", [(COMPOSE,), (COMPOSE, CPU_OVERRIDE)], ids=["gpu-stack", "cpu-override"]
+)
+def test_published_ports_listen_on_loopback_unless_asked(files: tuple[Path, ...]) -> None:
+    for name, service in _services(*files).items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+
+
+def _settings_problems_of(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What Tunery's settings say about a service's environment, as its process would read it."""
+    from shared.settings import settings_problems
+
+    environment = {str(k): str(v) for k, v in service["environment"].items()}
+    # The images set the data dir; TUNERY_DATA_DIR here keeps the check off the checkout.
+    environment.setdefault("TUNERY_DATA_DIR", str(ROOT / "build" / "compose-check"))
+    for name in list(os.environ):
+        if name.upper().startswith("TUNERY_"):
+            monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    return settings_problems()
+
+
+@pytest.mark.parametrize(
+    "files", [(COMPOSE,), (COMPOSE, CPU_OVERRIDE)], ids=["gpu-stack", "cpu-override"]
+)
+def test_development_secrets_start_only_with_the_env_example_s_flag(
+    files: tuple[Path, ...], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bare, developer = _services(*files), _services(*files, env_file=ENV_EXAMPLE)
+    names = [name for name in TUNERY_SERVICES if name in bare]
+    assert {"api", "worker", "vllm"} <= set(names)
+    for name in names:
+        problems = _settings_problems_of(bare[name], monkeypatch)
+        assert len(problems) == 1 and "a development default" in problems[0], (name, problems)
+        assert _settings_problems_of(developer[name], monkeypatch) == [], name
+    assert "TUNERY_SECRET_KEY" in _settings_problems_of(bare["api"], monkeypatch)[0]
+
+
+@pytest.mark.parametrize(
+    "files", [(COMPOSE,), (COMPOSE, CPU_OVERRIDE)], ids=["gpu-stack", "cpu-override"]
+)
+def test_api_and_workers_share_a_models_volume_they_may_read_local_models_from(
+    files: tuple[Path, ...],
+) -> None:
+    services = _services(*files)
+    for name in ("api", "worker", "worker-cpu"):
+        if name not in services:
+            continue
+        allowed = json.loads(services[name]["environment"]["TUNERY_ALLOWED_LOCAL_DIRS"])
+        mounts = [volume.split(":") for volume in services[name]["volumes"]]
+        models = [mount for mount in mounts if mount[0] == "models"]
+        assert len(models) == 1 and models[0][1] in allowed, name
+    # The worker writes it (`tunery assets ... --dest`), the API only reads it.
+    assert _volume_mode(services["api"], "models") == "ro"
+    assert _volume_mode(services["worker"], "models") == "rw"
+
+
+def _volume_mode(service: dict[str, Any], volume: str) -> str:
+    mount = next(v.split(":") for v in service["volumes"] if v.startswith(f"{volume}:"))
+    return mount[2] if len(mount) > 2 else "rw"

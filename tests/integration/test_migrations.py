@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from shared.db import make_engine
-from shared.migrate import downgrade_database, upgrade_database
+from shared.migrate import alembic_config, downgrade_database, upgrade_database
 from shared.models import Base
+from shared.settings import PROJECT_ROOT
 
 TABLES = {
     "tenants", "api_keys", "jobs", "job_events", "job_logs", "job_metrics", "datasets",
@@ -48,3 +53,26 @@ def test_downgrade_to_base_and_upgrade_again(empty_database: str) -> None:
     finally:
         engine.dispose()
     upgrade_database(empty_database)
+
+
+def test_alembic_upgrade_head_from_the_repository_root_reads_tunery_s_database_url(
+    empty_database: str, tmp_path: Path,
+) -> None:
+    """`alembic upgrade head` as an operator types it: alembic.ini names no URL, so the one in
+    TUNERY_DATABASE_URL is migrated, as `tunery db upgrade` would."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TUNERY_")}
+    env.update(TUNERY_DATABASE_URL=empty_database, TUNERY_DATA_DIR=str(tmp_path / "data"))
+    alembic = Path(sys.executable).with_name("alembic")
+
+    result = subprocess.run([str(alembic), "upgrade", "head"], cwd=PROJECT_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr
+    head = ScriptDirectory.from_config(alembic_config(empty_database)).get_current_head()
+    engine = make_engine(empty_database)
+    try:
+        with engine.connect() as conn:
+            assert MigrationContext.configure(conn).get_current_revision() == head
+        assert set(inspect(engine).get_table_names()) >= TABLES
+    finally:
+        engine.dispose()

@@ -18,7 +18,7 @@ from shared.settings import (
     settings_problems,
 )
 
-TOP_LEVEL = ("data_dir", "secret_key", "log_level")
+TOP_LEVEL = ("data_dir", "secret_key", "dev_secrets", "log_level")
 
 # Flat environment value -> the value the grouped field must hold. Every flat name has a row
 # (test_every_legacy_name_has_a_row), so a new setting cannot skip this test.
@@ -278,3 +278,60 @@ def test_an_empty_metrics_token_is_no_token(clean_env: pytest.MonkeyPatch) -> No
     assert Settings().metrics.token is None
     clean_env.setenv("TUNERY_METRICS_TOKEN", "  ")
     assert Settings().metrics.token is None
+
+
+SERVERS = {
+    "TUNERY_DATABASE_URL": "postgresql+psycopg://tunery:pw@db/tunery",
+    "TUNERY_BROKER_URL": "redis://redis:6379/0",
+    "TUNERY_STORAGE_URL": "s3://tunery/",
+}
+
+
+def test_a_stack_on_servers_uses_no_data_dir_and_scratches_in_the_cache_dir(
+        clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.delenv("TUNERY_DATA_DIR")
+    for name, value in SERVERS.items():
+        clean_env.setenv(name, value)
+    clean_env.setenv("TUNERY_SECRET_KEY", "k")
+    clean_env.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    settings = Settings()
+
+    assert not settings.uses_data_dir()
+    assert settings.training.work_dir == tmp_path / "cache" / "tunery" / "work"
+    assert settings.local_files_dir() == tmp_path / "cache" / "tunery"
+
+
+@pytest.mark.parametrize("change", [
+    {"TUNERY_DATABASE_URL": None},  # the SQLite default
+    {"TUNERY_BROKER_URL": None},  # the embedded broker
+    {"TUNERY_STORAGE_URL": None},  # local storage
+    {"TUNERY_DATA_DIR": "/srv/tunery"},  # asked for
+])
+def test_an_embedded_part_or_a_data_dir_asked_for_keeps_the_data_dir(
+        clean_env: pytest.MonkeyPatch, change: dict[str, str | None]) -> None:
+    clean_env.delenv("TUNERY_DATA_DIR")
+    for name, value in {**SERVERS, "TUNERY_SECRET_KEY": "k", **change}.items():
+        if value is None:
+            clean_env.delenv(name, raising=False)
+        else:
+            clean_env.setenv(name, value)
+
+    settings = Settings()
+
+    assert settings.uses_data_dir()
+    assert settings.training.work_dir == settings.data_dir / "work"
+
+
+def test_a_stack_on_servers_without_a_secret_key_is_refused_in_one_line(
+        clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.delenv("TUNERY_DATA_DIR")
+    for name, value in SERVERS.items():
+        clean_env.setenv(name, value)
+
+    problems = settings_problems()
+
+    assert len(problems) == 1
+    assert problems[0].startswith("TUNERY_SECRET_KEY: must be set when the database, broker "
+                                  "and storage are all servers")
+    assert "Fernet.generate_key()" in problems[0]

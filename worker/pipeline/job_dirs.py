@@ -35,30 +35,31 @@ def job_working_directory(path: Path) -> Iterator[Path]:
         os.chdir(previous)
 
 
-def tenant_hub_cache(data_dir: Path, tenant_id: str | None, token: str | None) -> Path | None:
+def tenant_hub_cache(local_dir: Path, tenant_id: str | None, token: str | None) -> Path | None:
     """The hub cache of a job: None (the shared cache) without a token; with one, the
-    tenant's own `<data_dir>/hf-cache/tenants/<tenant>` (0700), created if needed. A job
+    tenant's own `<local_dir>/hf-cache/tenants/<tenant>` (0700, under
+    `Settings.local_files_dir()`), created if needed. A job
     without a known tenant gets a cache of its token's digest instead."""
     if not token:
         return None
     owner = tenant_id if tenant_id and _PLAIN_ID.fullmatch(tenant_id) else (
         "token-" + hashlib.sha256(token.encode()).hexdigest()[:32]
     )
-    tenants = _tenant_caches(data_dir)
+    tenants = _tenant_caches(local_dir)
     tenants.mkdir(mode=0o700, parents=True, exist_ok=True)
     cache = tenants / owner
     cache.mkdir(mode=0o700, exist_ok=True)
     return cache
 
 
-def _tenant_caches(data_dir: Path) -> Path:
-    return data_dir / "hf-cache" / "tenants"
+def _tenant_caches(local_dir: Path) -> Path:
+    return local_dir / "hf-cache" / "tenants"
 
 
-def existing_tenant_hub_cache(data_dir: Path, tenant_id: str) -> Path | None:
+def existing_tenant_hub_cache(local_dir: Path, tenant_id: str) -> Path | None:
     """The tenant's own hub cache if one of its jobs made it (it trained with a token), else
     None. An export reads a private base from there after the job's token was dropped."""
     if not _PLAIN_ID.fullmatch(tenant_id):
         return None
-    cache = _tenant_caches(data_dir) / tenant_id
+    cache = _tenant_caches(local_dir) / tenant_id
     return cache if cache.is_dir() else None
