@@ -24,7 +24,7 @@ from shared.models import (
 from shared.payload_secrets import drop_secrets
 from shared.schema import ExportRequest, PromptTemplate
 from shared.served_models import adapter_name
-from shared.tenant_weights import MAX_WEIGHT
+from shared.tenant_weights import MAX_WEIGHT, MIN_WEIGHT
 
 
 def _utc(moment: datetime) -> datetime:
@@ -483,7 +483,8 @@ class CallerOut(BaseModel):
 class TenantWeightIn(BaseModel):
     model_config = {"extra": "forbid"}
 
-    weight: float = Field(gt=0, le=MAX_WEIGHT, allow_inf_nan=False,
+    # Strict: a number, not "2" nor true, which pydantic would otherwise take for 2.0 and 1.0.
+    weight: float = Field(ge=MIN_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False, strict=True,
                           description="The tenant's share of the workers, relative to other "
                                       "tenants' (default 1): a free worker claims from the "
                                       "tenant with the fewest running jobs per unit of weight.")

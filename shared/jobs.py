@@ -267,12 +267,23 @@ def claim_next(
 def fairest_queued_job() -> Select[str]:
     """The id of the claimable QUEUED job a free worker takes next, in one query that
     PostgreSQL and SQLite both run: tenants ordered by running jobs / weight (a tenant with
-    nothing running first, whatever its weight), then jobs by age."""
+    nothing running first, whatever its weight); among tenants that tie, the one a worker
+    started a job for least recently (never first); then jobs by age.
+
+    The second key is what makes one worker fair: each time it comes free, the tenant whose
+    job just ended runs nothing, like every other, and by age alone the tenant with the
+    older queue would win every time."""
     running = (
         select(Job.tenant_id, func.count().label("jobs"))
         .where(Job.status == JobStatus.RUNNING.value)
         .group_by(Job.tenant_id)
         .subquery("running")
+    )
+    served = (
+        select(Job.tenant_id, func.max(Job.attempt_started_at).label("at"))
+        .where(Job.attempt_started_at.is_not(None))
+        .group_by(Job.tenant_id)
+        .subquery("served")
     )
     # Float division on both databases: `weight` is a float column.
     load = func.coalesce(running.c.jobs, 0) / Tenant.weight
@@ -280,12 +291,13 @@ def fairest_queued_job() -> Select[str]:
         select(Job.id)
         .join(Tenant, Tenant.id == Job.tenant_id)
         .outerjoin(running, running.c.tenant_id == Job.tenant_id)
+        .outerjoin(served, served.c.tenant_id == Job.tenant_id)
         .where(
             Job.status == JobStatus.QUEUED.value,
             Job.cancel_requested.is_(False),
             Job.attempt < Job.max_attempts,
         )
-        .order_by(load, Job.created_at, Job.id)
+        .order_by(load, served.c.at.asc().nulls_first(), Job.created_at, Job.id)
         .limit(1)
     )
 

@@ -16,9 +16,14 @@ from sqlalchemy.orm import Session
 from shared.models import Tenant
 
 MAX_WEIGHT = 100.0
-"""The largest weight an admin may set; the smallest is anything above 0. Weights are
-relative: 100 against the default 1 already lets a tenant run 100 jobs before another tenant
-gets its second, and a bound keeps a typo from going further."""
+"""The largest weight an admin may set. Weights are relative: 100 against the default 1
+already lets a tenant run 100 jobs before another tenant gets its second, and a bound keeps a
+typo from going further."""
+
+MIN_WEIGHT = 0.01
+"""The smallest: a tenant of weight 0.01 waits behind 100 running jobs of a tenant of weight
+1. Below it nothing is gained, and near the smallest floats the claim's running / weight
+overflows PostgreSQL's double precision, which would stop every claim."""
 
 
 class TenantNotFound(LookupError):
@@ -42,8 +47,8 @@ def get_weight(session: Session, tenant_id: str) -> TenantWeight:
 def set_weight(session: Session, tenant_id: str, weight: float) -> TenantWeight:
     """Set the tenant's weight; the caller commits. The next claim uses it; jobs already
     running keep their workers."""
-    if not 0 < weight <= MAX_WEIGHT:
-        raise ValueError(f"weight must be above 0 and at most {MAX_WEIGHT:g}, not {weight}")
+    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight must be from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, not {weight}")
     changed = session.execute(
         update(Tenant).where(Tenant.id == tenant_id).values(weight=weight)
         .returning(Tenant.name)

@@ -14,7 +14,7 @@ from shared.db import session_scope
 from shared.keys import create_api_key
 from shared.models import Tenant
 from shared.schema import FinetuneRequest
-from shared.tenant_weights import MAX_WEIGHT
+from shared.tenant_weights import MAX_WEIGHT, MIN_WEIGHT
 from tests.conftest import make_payload
 
 
@@ -76,6 +76,10 @@ def test_no_key_gets_401(app_client: TestClient, member: tuple[dict[str, str], s
 
 @pytest.mark.parametrize("body", [
     {"weight": 0}, {"weight": -1}, {"weight": MAX_WEIGHT + 0.5}, {"weight": "heavy"},
+    # Below the smallest: near 5e-324, running / weight overflowed PostgreSQL's claim query.
+    {"weight": MIN_WEIGHT / 2}, {"weight": 5e-324},
+    # Not numbers, whatever pydantic's lax mode would make of them.
+    {"weight": "2"}, {"weight": True},
     {"weight": None}, {}, {"weight": 2, "priority": 1},
 ])
 def test_a_weight_out_of_bounds_is_a_422_naming_the_field(

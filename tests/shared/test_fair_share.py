@@ -1,5 +1,6 @@
 """Which queued job a free worker claims (`jobs.claim_next`): the job of the tenant with the
-fewest running jobs per unit of weight, the oldest first among tenants that tie. On SQLite
+fewest running jobs per unit of weight; among tenants that tie, the one served least
+recently, then the oldest job. On SQLite
 and PostgreSQL, with jobs submitted and claimed through the state machine."""
 
 from __future__ import annotations
@@ -82,15 +83,44 @@ def test_ten_jobs_of_one_tenant_do_not_hold_back_another_tenants_one(session: Se
     assert queue.claims(12) == [a_jobs[0], b_job, *a_jobs[1:], None]
 
 
-def test_tenants_that_tie_are_served_oldest_job_first(session: Session) -> None:
+def test_tenants_that_tie_are_served_least_recently_served_first(session: Session) -> None:
     queue = Queue(session)
     a, b, c = queue.tenant("a"), queue.tenant("b"), queue.tenant("c")
     for tenant_id in (a, b, c):
-        queue.running(tenant_id, 2)
+        queue.running(tenant_id, 2)  # A's started first, C's last
     b_job, c_job, a_job = (queue.submit(b, minute=1), queue.submit(c, minute=2),
                            queue.submit(a, minute=3))
-    # All run 2: B's job is the oldest; then A and C run 2 and B 3: C's (older than A's).
-    assert queue.claims(3) == [b_job, c_job, a_job]
+    # All run 2: A was served longest ago, although its job is the youngest; then B and C
+    # run 2 and A 3: B, served before C.
+    assert queue.claims(3) == [a_job, b_job, c_job]
+
+
+def test_tenants_never_served_that_tie_are_served_oldest_job_first(session: Session) -> None:
+    queue = Queue(session)
+    a, b = queue.tenant("a"), queue.tenant("b")
+    b_job, a_job = queue.submit(b, minute=1), queue.submit(a, minute=2)
+    assert queue.claims(2) == [b_job, a_job]
+
+
+def test_one_worker_alternates_between_tenants_instead_of_emptying_the_older_queue(
+    session: Session,
+) -> None:
+    """What one worker (`tunery up`) sees: each time it comes free, the tenant whose job just
+    ended runs nothing, like the others; the tenant served least recently goes first."""
+    queue = Queue(session)
+    a, b = queue.tenant("a"), queue.tenant("b")
+    a_jobs = [queue.submit(a, minute=i) for i in range(6)]
+    first = queue.claim()
+    assert first == a_jobs[0]
+    b_job = queue.submit(b, minute=10)  # B arrives while A's first job runs
+    order = [first]
+    for _ in range(6):
+        assert jobs.transition(session, order[-1], JobStatus.COMPLETED, attempt=1)
+        session.commit()
+        claimed = queue.claim()
+        assert claimed is not None
+        order.append(claimed)
+    assert order == [a_jobs[0], b_job, *a_jobs[1:]]
 
 
 def test_a_weight_lets_a_tenant_run_that_many_times_the_jobs(session: Session) -> None:
