@@ -353,6 +353,14 @@ def requeue_dead_owner(session: Session, owner: str, death: str) -> list[tuple[s
     return _settle_lost_attempts(session, Job.lease_owner == owner, death=death)
 
 
+def requeue_lost_attempt(session: Session, claim: Claim, why: str) -> list[tuple[str, JobStatus]]:
+    """`claim`'s attempt cannot go on for a fault of its worker, which says so itself (it
+    could not prepare the attempt): moved on at once, as `requeue_dead_owner` moves a dead
+    worker's, the attempt counted. `why` is the event's reason. Fenced on the attempt."""
+    return _settle_lost_attempts(
+        session, (Job.id == claim.job_id) & (Job.attempt == claim.attempt), death=why)
+
+
 def _settle_lost_attempts(
     session: Session, lost: ColumnElement[bool], *, death: str | None
 ) -> list[tuple[str, JobStatus]]:

@@ -81,19 +81,28 @@ def run_attempt(
     secrets = secret_values(request.model_dump(mode="json"))
     reporter = DatabaseReporter(claim, heartbeat, secrets=secrets,
                                 attempt_metrics=attempt_metrics)
-    storage = storage_from_settings(settings)
-    # An earlier attempt's checkpoints live here; this attempt resumes from the latest.
-    checkpoints = CheckpointStore(
-        storage,
-        claim.job_id,
-        every_steps=settings.training.checkpoint_every_steps,
-        keep=settings.training.checkpoints_to_keep,
-        attempt=claim.attempt,
-    )
-    assert settings.training.work_dir is not None
-    work_dir = Path(settings.training.work_dir) / f"{claim.job_id}-{claim.attempt}"
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
+    try:
+        storage = storage_from_settings(settings)
+        # An earlier attempt's checkpoints live here; this attempt resumes from the latest.
+        checkpoints = CheckpointStore(
+            storage,
+            claim.job_id,
+            every_steps=settings.training.checkpoint_every_steps,
+            keep=settings.training.checkpoints_to_keep,
+            attempt=claim.attempt,
+        )
+        assert settings.training.work_dir is not None
+        work_dir = Path(settings.training.work_dir) / f"{claim.job_id}-{claim.attempt}"
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+    except Exception as exc:
+        # The worker's fault (a full disk, a storage setting), not the job's: without this
+        # the heartbeat would go on renewing the lease of a job nobody runs.
+        heartbeat.end()
+        attempt_metrics.end()
+        give_up_the_attempt(claim, reporter, f"worker {claim.owner} could not prepare the "
+                                             f"attempt: {type(exc).__name__}: {exc}")
+        return False
     handed_back = False
     rung = 0
     try:
@@ -282,6 +291,22 @@ def hand_back(claim: Claim, reporter: DatabaseReporter, stop: TrainingStopped) -
                     "unreachable or it moved on); its lease expires instead",
                     claim.job_id, claim.attempt, "pausing" if paused else "worker stopping")
     return status is JobStatus.QUEUED
+
+
+def give_up_the_attempt(claim: Claim, reporter: DatabaseReporter, why: str) -> None:
+    """End an attempt that could not start for a fault of its worker: the job moves on at
+    once as from a lost attempt (counted: a worker that keeps failing fails the job after
+    its attempts, with `why` in the reason), never stays RUNNING under a live heartbeat."""
+    log.error("job %s attempt %s: %s", claim.job_id, claim.attempt, why)
+    reporter.log(f"attempt {claim.attempt}: {why}")
+
+    def record() -> list[tuple[str, JobStatus]]:
+        reporter.flush()
+        with session_scope() as session:
+            return jobs.requeue_lost_attempt(session, claim, why)
+
+    through_outage(record, FINISH_PATIENCE_S, f"job {claim.job_id} attempt {claim.attempt}: "
+                                              f"giving the attempt up")
 
 
 def step_down_the_memory_ladder(claim: Claim, request: FinetuneRequest,

@@ -59,11 +59,18 @@ CLAIM_PATIENCE_S = 60.0
 
 @worker_init.connect
 def _prepare_before_consuming(**_: object) -> None:
-    declare_queue()
-    serve_worker_metrics(get_settings())
-    work_dir = get_settings().training.work_dir
-    assert work_dir is not None
-    make_private_dir(work_dir)
+    try:
+        declare_queue()
+        serve_worker_metrics(get_settings())
+        work_dir = get_settings().training.work_dir
+        assert work_dir is not None
+        make_private_dir(work_dir)
+    except Exception as exc:
+        # Celery logs what a signal handler raises and starts consuming all the same: a
+        # worker that cannot prepare would claim jobs it cannot run. SystemExit gets past
+        # that, so the process ends and its supervisor (tunery up, Docker, systemd) says so.
+        log.critical("worker cannot start: %s: %s", type(exc).__name__, exc)
+        raise SystemExit(1) from exc
     # torch and transformers take seconds to import: paid once at start,
     # not after a claim, where it would delay the first heartbeat and every recovery.
     import worker.pipeline.run  # noqa: F401

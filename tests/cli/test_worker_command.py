@@ -54,3 +54,21 @@ def test_sigterm_to_tunery_worker_leaves_no_process(tmp_path: Path) -> None:
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+def test_a_worker_that_cannot_prepare_exits_instead_of_taking_jobs(tmp_path: Path) -> None:
+    """Celery would log a failed start-up and consume all the same, claiming jobs it cannot
+    run; the worker exits instead, for its supervisor to restart and report."""
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("x")
+    env = clean_env(tmp_path / "data", PYTHONUNBUFFERED="1",
+                    TUNERY_WORK_DIR=str(in_the_way / "work"))
+    subprocess.run(tunery_command("db", "upgrade"), env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    script = Path(sys.executable).with_name("tunery")
+    done = subprocess.run([str(script), "worker"], env=env, capture_output=True, text=True,
+                          timeout=180, start_new_session=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "worker cannot start: NotADirectoryError" in output
+    assert READY_MARK not in output

@@ -117,3 +117,32 @@ def test_a_wake_up_reaching_a_stopping_worker_goes_back_to_the_broker_unclaimed(
     with session_scope() as session:
         job = session.get_one(Job, job_id)
         assert job.status == JobStatus.QUEUED.value and job.attempt == 0
+
+
+def test_an_attempt_its_worker_cannot_prepare_moves_on_at_once_and_stops_its_heartbeat(
+    queued_job: tuple[str, FinetuneRequest], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A work dir that cannot be made (a full disk, a file in its way) is the worker's fault:
+    the job is re-queued as from a lost attempt, not left RUNNING under a heartbeat that
+    renews its lease for ever."""
+    job_id, request = queued_job
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("x")
+    monkeypatch.setenv("TUNERY_WORK_DIR", str(in_the_way / "work"))
+    get_settings.cache_clear()
+
+    handed_back = run_claimed_job(claim(job_id), request)
+
+    assert not handed_back
+    with session_scope() as session:
+        job = session.get_one(Job, job_id)
+        assert job.status == JobStatus.QUEUED.value
+        assert job.lease_owner is None and job.lease_expires_at is None
+        # Counted: a worker that keeps failing fails the job after its attempts.
+        assert job.attempt == 1 and job.max_attempts == MAX_ATTEMPTS
+        requeue = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                                  .order_by(JobEvent.id.desc())).first()
+        assert requeue is not None and requeue.to_status == JobStatus.QUEUED.value
+        assert "could not prepare the attempt: NotADirectoryError" in (requeue.reason or "")
+        lines = session.scalars(select(JobLog.line).where(JobLog.job_id == job_id)).all()
+        assert any("could not prepare the attempt" in line for line in lines), lines
