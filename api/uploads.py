@@ -8,6 +8,7 @@ themselves and stop at the limit.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ class ReceivedFile:
     size: int
     form: dict[str, str] = field(default_factory=dict)
     """The text form fields that came with the file (`text_fields` of the receiver)."""
+    sha256: str = ""
+    """SHA-256 of the file's bytes, computed as they streamed in (an upload's identity for
+    its `Idempotency-Key`)."""
 
 
 def too_large(max_bytes: int) -> ApiError:
@@ -93,7 +97,8 @@ async def receive_multipart_file(
     if part.size is None:
         raise ApiError(422, "invalid_request", f"no file in the form field {field!r}",
                        [{"path": field, "message": "field required"}])
-    return ReceivedFile(dest, part.filename, part.content_type, part.size, part.text_values())
+    return ReceivedFile(dest, part.filename, part.content_type, part.size, part.text_values(),
+                        part.digest.hexdigest())
 
 
 class _FilePart:
@@ -111,6 +116,7 @@ class _FilePart:
         self.filename: str | None = None
         self.content_type: str | None = None
         self.size: int | None = None
+        self.digest = hashlib.sha256()
 
     def callbacks(self) -> MultipartCallbacks:
         return {
@@ -171,6 +177,7 @@ class _FilePart:
         if self.size > self.max_bytes:
             raise too_large(self.max_bytes)
         self.out.write(data[start:end])
+        self.digest.update(data[start:end])
 
     def text_values(self) -> dict[str, str]:
         values = {}

@@ -1,4 +1,5 @@
-"""`Idempotency-Key` on job submission: a retried POST replays the first response.
+"""`Idempotency-Key` on job submission and dataset uploads: a retried POST replays the first
+response.
 
 A key belongs to one API key and lives `idempotency_ttl_s`. The record is inserted in the same
 transaction as the job it answers for, so one never exists without the other, and the unique
@@ -59,6 +60,14 @@ class StoredResponse:
     body: dict[str, Any]
 
 
+def upload_hash(sha256: str, size: int, filename: str | None, form: dict[str, str]) -> str:
+    """SHA-256 of an uploaded file's identity: its bytes' SHA-256 (hashed as they streamed
+    in), its size, its name and the form fields sent with it, as canonical JSON."""
+    canonical = json.dumps({"sha256": sha256, "size": size, "filename": filename, "form": form},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def request_hash(request: BaseModel) -> str:
     """SHA-256 of the validated request as canonical JSON: key order and whitespace in the
     body the client sent make no difference, and defaults count as if sent."""
@@ -92,13 +101,14 @@ class KeyedRequest:
             raise IdempotencyKeyRejected(
                 "idempotency_key_reused",
                 f"{HEADER} {self.key!r} was already used with a different request body; "
-                "send a new key for a new job",
+                "send a new key for a new request",
             )
         return StoredResponse(status, body)
 
-    def record(self, session: Session, job_id: str,
-               response: StoredResponse) -> StoredResponse | None:
-        """Store `response` for this key in the session's open transaction, beside the job.
+    def record(self, session: Session, response: StoredResponse, *, job_id: str | None = None,
+               dataset_id: str | None = None) -> StoredResponse | None:
+        """Store `response` for this key in the session's open transaction, beside the job or
+        the dataset it answers for.
 
         Returns None when stored: the caller commits. When a concurrent request with the same
         key committed first, the session is rolled back (this request's job with it) and that
@@ -112,7 +122,7 @@ class KeyedRequest:
         now = utcnow()
         stored = session.execute(_record_statement(session.get_bind().dialect.name), {
             "api_key_id": self.api_key_id, "key": self.key, "request_hash": self.request_hash,
-            "job_id": job_id, "response_status": response.status,
+            "job_id": job_id, "dataset_id": dataset_id, "response_status": response.status,
             "response_body": response.body, "created_at": now,
             "live_since": now - timedelta(seconds=self.ttl_s),
         }).first()
@@ -143,7 +153,8 @@ def _record_statement(dialect: str) -> Executable:
         insert = sqlite.insert(_KEYS)
     else:
         raise NotImplementedError(f"idempotency keys need PostgreSQL or SQLite, not {dialect}")
-    replaced = ("request_hash", "job_id", "response_status", "response_body", "created_at")
+    replaced = ("request_hash", "job_id", "dataset_id", "response_status", "response_body",
+                "created_at")
     return insert.on_conflict_do_update(
         index_elements=[_KEYS.c.api_key_id, _KEYS.c.key],
         set_={name: insert.excluded[name] for name in replaced},
@@ -158,9 +169,10 @@ def delete_expired(session: Session, ttl_s: int) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def keyed_request(api_key_id: str, header: str | None, request: BaseModel,
+def keyed_request(api_key_id: str, header: str | None, request: BaseModel | str,
                   ttl_s: int) -> KeyedRequest | None:
-    """The submission's idempotency scope, or None when no header was sent.
+    """The submission's idempotency scope, or None when no header was sent. `request` is the
+    validated request, or the hash of an upload (`upload_hash`).
 
     Raises IdempotencyKeyRejected unless the key is 1 to 255 printable ASCII characters.
     """
@@ -171,4 +183,5 @@ def keyed_request(api_key_id: str, header: str | None, request: BaseModel,
             "invalid_request",
             f"{HEADER} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
         )
-    return KeyedRequest(api_key_id, header, request_hash(request), ttl_s)
+    hashed = request if isinstance(request, str) else request_hash(request)
+    return KeyedRequest(api_key_id, header, hashed, ttl_s)

@@ -329,6 +329,19 @@ def worker_identity(pid: int) -> str:
     return f"{socket.gethostname()}:{pid}"
 
 
+def leasing_pids_on_this_host(session: Session) -> list[int]:
+    """The pids of the worker processes of this host (lease owners `worker_identity` wrote
+    here) that hold RUNNING jobs, sorted."""
+    prefix = f"{socket.gethostname()}:"
+    owners = session.scalars(
+        select(Job.lease_owner).distinct()
+        .where(Job.status == JobStatus.RUNNING.value,
+               Job.lease_owner.startswith(prefix, autoescape=True))
+    )
+    return sorted(int(pid) for owner in owners
+                  if owner is not None and (pid := owner[len(prefix):]).isdigit())
+
+
 def requeue_expired_leases(session: Session) -> list[tuple[str, JobStatus]]:
     """Jobs whose worker stopped renewing its lease: back to QUEUED while attempts remain,
     FAILED once they are used up, CANCELLED if a cancel was asked, PAUSED if a pause was (the

@@ -218,7 +218,8 @@ class Dataset(Base):
 
 
 class IdempotencyKey(Base):
-    """The first response to a `POST /v1/finetune/llm` sent with an `Idempotency-Key` header.
+    """The first response to a `POST /v1/finetune/llm`, `POST /v1/datasets` or `POST /v1/files`
+    sent with an `Idempotency-Key` header; it answers for its job or its dataset.
 
     The unique constraint, not application code, is what lets only one of many concurrent
     retries create a job: the others fail to insert their row and replay this one.
@@ -233,7 +234,10 @@ class IdempotencyKey(Base):
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
     key: Mapped[str] = mapped_column(String(255))
     request_hash: Mapped[str] = mapped_column(String(64))
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"),
+                                               index=True, default=None)
+    dataset_id: Mapped[str | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), index=True, default=None)
     response_status: Mapped[int] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

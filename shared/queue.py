@@ -29,13 +29,7 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("tunery", broker=settings.broker.url, set_as_current=False)
     transport_options: dict[str, object] = {}
     if settings.broker.url.startswith(("redis://", "rediss://")):
-        # Redis redelivers an unacked message after visibility_timeout, and a training task
-        # holds its message unacked until it ends (acks_late). Above the hard time limit, a
-        # running job's message is never redelivered; if it were, the claim in the database
-        # would still refuse a second run.
-        transport_options["visibility_timeout"] = (
-            settings.leases.job_hard_time_limit_s + 2 * settings.leases.lease_seconds
-        )
+        transport_options["visibility_timeout"] = visibility_timeout_s(settings)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -51,6 +45,20 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
     )
     return app
+
+
+def visibility_timeout_s(settings: Settings) -> int:
+    """How long Redis keeps a delivered, unacknowledged message before it delivers it again.
+
+    A training task holds its message unacked until it ends (acks_late), so a dead worker's
+    message comes back after this long, and a running job's message comes back every this
+    long. Both are harmless: a message is only a wake-up, and the worker it reaches claims the
+    fairest queued job or nothing (`shared.jobs.claim_next`); the job it was sent for is held
+    by its lease and fenced on its attempt, so it never trains twice. Kept short (ten leases,
+    five minutes by default) so that no dead worker's message lingers in Redis for a day, and
+    long enough that a running job's message is not redelivered on every sweep.
+    """
+    return max(10 * settings.leases.lease_seconds, 60)
 
 
 @lru_cache(maxsize=1)

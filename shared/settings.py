@@ -204,7 +204,12 @@ class LimitSettings(BaseModel):
 class LeaseSettings(BaseModel):
     """How long a worker's claim on a job lasts, and when a job is given up."""
 
-    lease_seconds: int = Field(120, ge=2, description="How long a claim lasts without a heartbeat.")
+    lease_seconds: int = Field(
+        30, ge=2, description="How long a claim lasts without a heartbeat: how soon a job of a "
+        "worker that died unseen (its host gone) goes back to the queue, and how long a running "
+        "job rides out a database outage. 15 heartbeats by default, so a renewal slowed by a "
+        "busy database or a long step loses nothing."
+    )
     heartbeat_seconds: float = Field(
         2.0, gt=0, description="How often a running job renews its lease and looks for a cancel."
     )
@@ -214,6 +219,12 @@ class LeaseSettings(BaseModel):
     )
     max_attempts: int = Field(
         3, ge=1, description="Attempts per job before a lost worker fails it."
+    )
+    release_dead_local_workers: bool = Field(
+        True, description="A starting worker re-queues at once the jobs leased by worker "
+        "processes of its own host (same hostname) that are gone, instead of waiting out their "
+        "lease. Turn off where workers in separate pid namespaces share a hostname (containers "
+        "with host networking): there a pid says nothing about another container's worker."
     )
     job_soft_time_limit_s: int = Field(
         24 * 3600, ge=1, description="Training time per attempt after which the job saves a "

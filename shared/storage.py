@@ -600,3 +600,33 @@ def _cached_store(
     raise StorageError(
         f"unsupported TUNERY_STORAGE_URL {url!r}: use file:///absolute/dir or s3://bucket/prefix"
     )
+
+
+def storage_problem(exc: BaseException) -> str:
+    """What a failed store call comes down to, for an operator who reads `/readyz`:
+    ``unreachable`` (the endpoint refuses connections or does not answer in time),
+    ``bucket_missing``, ``access_denied`` (wrong or unknown credentials, or a policy), or
+    ``failing`` (anything else; the error's message says what). Looks through the chain of
+    causes, since each `StorageError` wraps the library's error.
+    """
+    import sys
+
+    # botocore is only loaded once an S3 store was used: before that, no error can be its.
+    botocore_errors = sys.modules.get("botocore.exceptions")
+    seen: BaseException | None = exc
+    while seen is not None:
+        if botocore_errors is not None:
+            if isinstance(seen, (botocore_errors.ConnectionError,
+                                 botocore_errors.HTTPClientError)):
+                return "unreachable"
+            if isinstance(seen, botocore_errors.ClientError):
+                code = str(seen.response.get("Error", {}).get("Code", ""))
+                if code in ("404", "NoSuchBucket"):
+                    return "bucket_missing"
+                if code in ("403", "AccessDenied", "InvalidAccessKeyId",
+                            "SignatureDoesNotMatch"):
+                    return "access_denied"
+        if isinstance(seen, PermissionError):
+            return "access_denied"
+        seen = seen.__cause__
+    return "failing"

@@ -27,6 +27,7 @@ from shared.schema import FinetuneRequest
 from shared.settings import get_settings
 from shared.webhooks.sender import WebhookSender, start_senders
 from worker.attempt import run_attempt
+from worker.gone_workers import release_gone_workers
 from worker.metrics_server import serve_worker_metrics
 from worker.outage import through_outage
 from worker.shutdown import begin_shutdown, shutting_down
@@ -85,6 +86,14 @@ def _prepare_before_consuming(**_: object) -> None:
 
 @worker_ready.connect
 def _start_maintenance_and_webhooks(**_: object) -> None:
+    # Sent before the consumer's loop runs a task: this process has claimed nothing yet, so
+    # every lease under its host is another (or an earlier) process's.
+    if get_settings().leases.release_dead_local_workers:
+        try:
+            release_gone_workers(os.getpid(), worker_marker=__name__)
+        except Exception as exc:  # noqa: BLE001 - the leases expire all the same
+            log.warning("could not look for dead workers on this host: %s: %s",
+                        type(exc).__name__, exc)
     # The first sweep runs at once: a worker started after a crash re-queues the dead
     # worker's job as soon as its lease has expired.
     global _maintenance

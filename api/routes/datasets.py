@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -16,7 +19,7 @@ from api.example_preview import render_examples
 from api.schemas import DatasetList, DatasetOut, PreviewIn, PreviewOut
 from api.session_route import SessionRoute
 from api.uploads import ReceivedFile, receive_multipart_file
-from shared import datasets, token_preview
+from shared import datasets, idempotency, token_preview
 from shared.dataset_columns import missing_columns_message
 from shared.models import Dataset
 from shared.settings import Settings
@@ -25,6 +28,14 @@ from shared.storage import Storage
 router = APIRouter(route_class=SessionRoute,
                    prefix="/v1/datasets", tags=["datasets"], responses=AUTHENTICATED)
 
+Answer = TypeVar("Answer", bound=BaseModel)
+UploadKeyHeader = Annotated[str | None, Header(
+    alias=idempotency.HEADER,
+    description="Optional, 1 to 255 printable ASCII characters, scoped to the API key. A retry "
+    "of the same upload (same bytes, file name and form fields) with the same key within "
+    "TUNERY_IDEMPOTENCY_TTL_S returns the first response, marked `Idempotent-Replayed: true`, "
+    "and stores nothing twice; the same key with another file is a 422.",
+)]
 DatasetId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 _MULTIPART_BODY = {
@@ -43,21 +54,52 @@ _MULTIPART_BODY = {
 }
 
 
-@router.post("", status_code=201, openapi_extra=_MULTIPART_BODY,
+@router.post("", status_code=201, openapi_extra=_MULTIPART_BODY, response_model=DatasetOut,
              responses=error_responses(413, 415),
              summary="Upload a json, jsonl, csv or parquet file (multipart field 'file')")
 async def upload_dataset(request: Request, caller: TenantDep, session: SessionDep,
-                         storage: StorageDep, settings: SettingsDep,
-                         scratch: ScratchDirDep) -> DatasetOut:
+                         storage: StorageDep, settings: SettingsDep, scratch: ScratchDirDep,
+                         idempotency_key: UploadKeyHeader = None) -> DatasetOut | JSONResponse:
     # Refused before the body is read when the tenant is already past its quota.
     await run_in_threadpool(check_quota, session, settings, caller.tenant_id, 0)
     received = await receive_multipart_file(
         request, scratch / "upload", settings.limits.max_dataset_bytes
     )
+    keyed = keyed_upload(caller.key_id, idempotency_key, received, settings)
     # Parsing a large file and copying it to storage take seconds: off the event loop.
-    dataset = await run_in_threadpool(store_upload, session, storage, settings,
-                                      caller.tenant_id, received)
-    return DatasetOut.of(dataset)
+    return await run_in_threadpool(store_keyed_upload, session, storage, settings,
+                                   caller.tenant_id, received, keyed, 201, DatasetOut.of)
+
+
+def keyed_upload(api_key_id: str, header: str | None, received: ReceivedFile,
+                 settings: Settings) -> idempotency.KeyedRequest | None:
+    """The upload's idempotency scope, or None without the header. The body is the file as
+    it streamed in (its SHA-256 and size), its name and the form fields sent with it."""
+    return idempotency.keyed_request(
+        api_key_id, header,
+        idempotency.upload_hash(received.sha256, received.size, received.filename,
+                                received.form),
+        settings.limits.idempotency_ttl_s)
+
+
+def store_keyed_upload(session: Session, storage: Storage, settings: Settings, tenant_id: str,
+                       received: ReceivedFile, keyed: idempotency.KeyedRequest | None,
+                       status: int, respond: Callable[[Dataset], Answer], *,
+                       purpose: str | None = None) -> Answer | JSONResponse:
+    """`store_upload` under an `Idempotency-Key`: a retry of an upload already stored
+    replays its first response, and of concurrent retries only one keeps its dataset (the
+    unique key decides, as for a submit); the others' objects are removed."""
+    if keyed and (earlier := keyed.earlier_response(session)):
+        return replayed(earlier)
+    dataset = store_upload(session, storage, settings, tenant_id, received, purpose=purpose,
+                           keyed=keyed, status=status, respond=respond)
+    if isinstance(dataset, idempotency.StoredResponse):
+        return replayed(dataset)
+    return respond(dataset)
+
+
+def replayed(earlier: idempotency.StoredResponse) -> JSONResponse:
+    return JSONResponse(earlier.body, earlier.status, headers={"Idempotent-Replayed": "true"})
 
 
 def check_quota(session: Session, settings: Settings, tenant_id: str, new_bytes: int, *,
@@ -85,9 +127,14 @@ def commit_or_discard(session: Session, storage: Storage, dataset: Dataset) -> N
 
 
 def store_upload(session: Session, storage: Storage, settings: Settings, tenant_id: str,
-                 received: ReceivedFile, *, purpose: str | None = None) -> Dataset:
+                 received: ReceivedFile, *, purpose: str | None = None,
+                 keyed: idempotency.KeyedRequest | None = None, status: int = 201,
+                 respond: Callable[[Dataset], BaseModel] = DatasetOut.of,
+                 ) -> Dataset | idempotency.StoredResponse:
     """Check, store and commit a received dataset file within the tenant's quota. A file
-    with OpenAI's `purpose` is also checked by OpenAI's rules for training files."""
+    with OpenAI's `purpose` is also checked by OpenAI's rules for training files. Under
+    `keyed`, the response (`respond`, `status`) is recorded in the same transaction; a
+    concurrent retry that recorded first wins, and its response is returned instead."""
     check_quota(session, settings, tenant_id, received.size)
     dataset = datasets.create_dataset(
         session, storage, tenant_id, received.path, name=received.filename,
@@ -95,6 +142,18 @@ def store_upload(session: Session, storage: Storage, settings: Settings, tenant_
         check_openai=purpose is not None,
     )
     dataset.purpose = purpose
+    if keyed is not None:
+        session.flush()
+        response = idempotency.StoredResponse(status, respond(dataset).model_dump(mode="json"))
+        try:
+            earlier = keyed.record(session, response, dataset_id=dataset.id)
+        except BaseException:
+            session.rollback()
+            datasets.discard_objects(storage, dataset.id)
+            raise
+        if earlier is not None:  # rolled back: this upload's objects have no row
+            datasets.discard_objects(storage, dataset.id)
+            return earlier
     commit_or_discard(session, storage, dataset)
     return dataset
 

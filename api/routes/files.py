@@ -18,7 +18,7 @@ from api.openai import ids
 from api.openai.job_view import epoch
 from api.openai.results import FILE_NAME, result_csv, served
 from api.openai.schemas import FileDeleted, FileList, FileObject
-from api.routes.datasets import check_quota, store_upload
+from api.routes.datasets import UploadKeyHeader, check_quota, keyed_upload, store_keyed_upload
 from api.session_route import SessionRoute
 from api.uploads import receive_multipart_file
 from shared import datasets, jobs
@@ -50,11 +50,12 @@ def file_object(dataset: Dataset) -> FileObject:
     )
 
 
-@router.post("", openapi_extra=_MULTIPART_BODY, responses=openai_error_responses(413, 415),
+@router.post("", openapi_extra=_MULTIPART_BODY, response_model=FileObject,
+             responses=openai_error_responses(413, 415),
              summary="Upload a training file (multipart 'file' and purpose 'fine-tune')")
 async def upload_file(request: Request, caller: TenantDep, session: SessionDep,
-                      storage: StorageDep, settings: SettingsDep,
-                      scratch: ScratchDirDep) -> FileObject:
+                      storage: StorageDep, settings: SettingsDep, scratch: ScratchDirDep,
+                      idempotency_key: UploadKeyHeader = None) -> FileObject | Response:
     await run_in_threadpool(check_quota, session, settings, caller.tenant_id, 0)
     received = await receive_multipart_file(request, scratch / "upload",
                                             settings.limits.max_dataset_bytes,
@@ -67,10 +68,10 @@ async def upload_file(request: Request, caller: TenantDep, session: SessionDep,
         message = (f"purpose {purpose!r} is not supported: this server takes training files, "
                    f"purpose {TRAINING_PURPOSE!r}")
         raise ApiError(422, "invalid_request", message, [{"path": "purpose", "message": message}])
-    dataset = await run_in_threadpool(partial(
-        store_upload, session, storage, settings, caller.tenant_id, received,
-        purpose=TRAINING_PURPOSE))
-    return file_object(dataset)
+    keyed = keyed_upload(caller.key_id, idempotency_key, received, settings)
+    return await run_in_threadpool(partial(
+        store_keyed_upload, session, storage, settings, caller.tenant_id, received, keyed, 200,
+        file_object, purpose=TRAINING_PURPOSE))
 
 
 @router.get("", summary="This key's files, newest first (order=asc: oldest first)")

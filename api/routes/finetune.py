@@ -85,7 +85,7 @@ def submit_job(body: FinetuneBody, caller: TenantDep, session: SessionDep,
     submitted = JobSubmitted(job_id=job.id, deployment_id=job.id, status=JobStatus.QUEUED,
                              message="job queued")
     response = idempotency.StoredResponse(201, submitted.model_dump(mode="json"))
-    if keyed and (earlier := keyed.record(session, job.id, response)):
+    if keyed and (earlier := keyed.record(session, response, job_id=job.id)):
         return _replay(earlier)  # a concurrent retry won; this job was rolled back
     # Last before the commit: the tenant is locked from this count to the commit only.
     check_active_jobs(session, job, settings.limits.max_active_jobs_per_tenant)

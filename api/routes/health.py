@@ -9,6 +9,7 @@ from sqlalchemy import text
 from api.deps import SessionDep, StorageDep
 from api.session_route import SessionRoute
 from shared.queue import check_broker
+from shared.storage import StorageError, storage_problem
 
 router = APIRouter(route_class=SessionRoute,
                    tags=["health"])
@@ -35,6 +36,10 @@ def readyz(session: SessionDep, storage: StorageDep) -> JSONResponse:
     try:
         storage.check()
         checks["storage"] = "ok"
+    except StorageError as exc:
+        # The cause first (unreachable, bucket_missing, access_denied), then what to check.
+        # Store messages name the endpoint, bucket and settings, never a credential's value.
+        checks["storage"] = f"{storage_problem(exc)}: {exc}"
     except Exception as exc:  # noqa: BLE001
         checks["storage"] = f"unavailable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())

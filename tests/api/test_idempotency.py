@@ -175,11 +175,11 @@ def count_lost_races(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     lost: list[str] = []
     original = KeyedRequest.record
 
-    def record(self: KeyedRequest, session: Any, job_id: str,
-               response: StoredResponse) -> StoredResponse | None:
-        earlier = original(self, session, job_id, response)
+    def record(self: KeyedRequest, session: Any, response: StoredResponse, *,
+               job_id: str | None = None, dataset_id: str | None = None) -> StoredResponse | None:
+        earlier = original(self, session, response, job_id=job_id, dataset_id=dataset_id)
         if earlier is not None:
-            lost.append(job_id)
+            lost.append(str(job_id or dataset_id))
         return earlier
 
     monkeypatch.setattr(KeyedRequest, "record", record)

@@ -2,9 +2,9 @@
 while the job runs (what an expired visibility_timeout does): the job trains once.
 
 The visibility timeout is not a setting of its own: shared.queue derives it from
-TUNERY_JOB_HARD_TIME_LIMIT_S + 2 x TUNERY_LEASE_SECONDS, so it is always longer than a job may
-run. The test therefore makes Redis redeliver the running job's unacknowledged message the way
-kombu does once that timeout has passed (`restore_visible`), at a moment of its choosing.
+TUNERY_LEASE_SECONDS (ten leases), so a running job's message does come back while it runs. The
+test makes Redis redeliver the running job's unacknowledged message the way kombu does once
+that timeout has passed (`restore_visible`), at a moment of its choosing.
 """
 
 from __future__ import annotations

@@ -92,9 +92,10 @@ class Blindfolded(KeyedRequest):
     def earlier_response(self, session: Session) -> StoredResponse | None:
         return None
 
-    def record(self, session: Session, job_id: str,
-               response: StoredResponse) -> StoredResponse | None:
-        return KeyedRequest(**asdict(self)).record(session, job_id, response)
+    def record(self, session: Session, response: StoredResponse, *, job_id: str | None = None,
+               dataset_id: str | None = None) -> StoredResponse | None:
+        return KeyedRequest(**asdict(self)).record(session, response, job_id=job_id,
+                                                   dataset_id=dataset_id)
 
 
 def test_the_unique_constraint_alone_keeps_one_job_among_twenty(

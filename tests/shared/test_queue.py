@@ -133,3 +133,19 @@ def test_a_wake_up_on_redis_is_one_lpush_on_a_client_kept_for_the_process(
     assert clients == []
     assert [m["headers"]["argsrepr"] for m in stored_messages(redis_broker, "train")] == [
         repr([f"job-{i}"]) for i in range(4)]
+
+
+def test_redis_gives_back_a_dead_workers_message_within_minutes_not_after_the_time_limit(
+    tunery_env: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.queue import make_celery
+    from shared.settings import Settings
+
+    monkeypatch.setenv("TUNERY_BROKER_URL", redis_url)
+    settings = Settings()
+    options = make_celery(settings).conf.broker_transport_options
+
+    # Ten leases: a running job's message comes back now and then (a wake-up that claims
+    # nothing), a dead worker's within five minutes instead of a day.
+    assert options["visibility_timeout"] == 10 * settings.leases.lease_seconds == 300
+    assert options["visibility_timeout"] < settings.leases.job_soft_time_limit_s

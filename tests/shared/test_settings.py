@@ -59,6 +59,7 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "heartbeat_seconds": ("0.5", 0.5),
     "reaper_interval_s": ("1.5", 1.5),
     "max_attempts": ("5", 5),
+    "release_dead_local_workers": ("false", False),
     "job_soft_time_limit_s": ("100", 100),
     "job_hard_time_limit_s": ("90000", 90000),
     "work_dir": ("/srv/work", Path("/srv/work")),
@@ -199,7 +200,8 @@ def test_no_environment_gives_the_embedded_stack(clean_env: pytest.MonkeyPatch,
     assert settings.training.work_dir == data / "work"
     assert settings.sources.allowed_local_dirs == []
     assert settings.limits.max_dataset_rows == 10_000_000
-    assert settings.leases.lease_seconds == 120
+    assert settings.leases.lease_seconds == 30
+    assert settings.leases.release_dead_local_workers is True
     assert settings.secret_key is None
 
 
