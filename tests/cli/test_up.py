@@ -20,7 +20,6 @@ import pytest
 
 from cli.local_stack import free_port, wait_until_answers
 from cli.process_commands import tunery_command
-from shared.settings import LeaseSettings
 from tests.chaos.chaos_report import ScenarioReport
 from tests.chaos.expectations import assert_every_step_trained
 from tests.chaos.job_records import TERMINAL, JobsDatabase, JobTrace
@@ -133,8 +132,9 @@ def test_sigterm_to_tunery_up_stops_the_api_the_worker_and_the_engine(
     assert wait_gone(children, timeout_s=5) == set(), up.console_text()
 
 
-# The default lease: `tunery up` runs here with no TUNERY_LEASE_SECONDS (`clean_env`).
-LEASE_S = LeaseSettings().lease_seconds
+# A lease far longer than the default, so that a job back in the queue within seconds can only
+# be tunery up's doing, never the lease's.
+LEASE_S = 120
 
 
 def celery_worker(pids: set[int]) -> int:
@@ -184,10 +184,11 @@ class ApiPoller(threading.Thread):
 
 def test_a_killed_worker_is_restarted_and_its_job_resumes_within_seconds_while_the_api_answers(
         start_up: type[RunningUp], tiny_model_dir: Path) -> None:
-    # The default lease on purpose: the job comes back because tunery up saw its worker die,
-    # not because the lease ran out.
+    # A long lease on purpose: the job comes back because tunery up saw its worker die, not
+    # because the lease ran out.
     up = start_up("--no-inference", TUNERY_ALLOWED_LOCAL_DIRS=json.dumps(
         [str(tiny_model_dir), str(ASSETS_DIR)]), TUNERY_CHECKPOINT_EVERY_STEPS="2",
+        TUNERY_LEASE_SECONDS=str(LEASE_S),
         HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     up.wait_ready()
     up.wait_console_settled()
