@@ -16,6 +16,7 @@ from api.dataset_lookup import resolve_dataset
 from api.deps import ScratchDirDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import AUTHENTICATED, ApiError, error_responses
 from api.example_preview import render_examples
+from api.replay import replayed
 from api.schemas import DatasetList, DatasetOut, PreviewIn, PreviewOut
 from api.session_route import SessionRoute
 from api.uploads import ReceivedFile, receive_multipart_file
@@ -97,9 +98,6 @@ def store_keyed_upload(session: Session, storage: Storage, settings: Settings, t
         return replayed(dataset)
     return respond(dataset)
 
-
-def replayed(earlier: idempotency.StoredResponse) -> JSONResponse:
-    return JSONResponse(earlier.body, earlier.status, headers={"Idempotent-Replayed": "true"})
 
 
 def check_quota(session: Session, settings: Settings, tenant_id: str, new_bytes: int, *,

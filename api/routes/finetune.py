@@ -12,6 +12,7 @@ from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import AUTHENTICATED, ApiError, error_responses
 from api.limits.active_jobs import check_active_jobs
 from api.preflight.checks import Preflight
+from api.replay import replayed
 from api.schemas import (
     ArtifactOut,
     ArtifactsOut,
@@ -78,7 +79,7 @@ def submit_job(body: FinetuneBody, caller: TenantDep, session: SessionDep,
     keyed = idempotency.keyed_request(caller.key_id, idempotency_key, request,
                                       settings.limits.idempotency_ttl_s)
     if keyed and (earlier := keyed.earlier_response(session)):
-        return _replay(earlier)
+        return replayed(earlier)
     preflight.check(request)
     job = jobs.create_job(session, caller.tenant_id, request, settings.leases.max_attempts,
                           warnings=preflight.job_warnings)
@@ -86,7 +87,7 @@ def submit_job(body: FinetuneBody, caller: TenantDep, session: SessionDep,
                              message="job queued")
     response = idempotency.StoredResponse(201, submitted.model_dump(mode="json"))
     if keyed and (earlier := keyed.record(session, response, job_id=job.id)):
-        return _replay(earlier)  # a concurrent retry won; this job was rolled back
+        return replayed(earlier)  # a concurrent retry won; this job was rolled back
     # Last before the commit: the tenant is locked from this count to the commit only.
     check_active_jobs(session, job, settings.limits.max_active_jobs_per_tenant)
     session.commit()
@@ -94,9 +95,6 @@ def submit_job(body: FinetuneBody, caller: TenantDep, session: SessionDep,
     enqueue_training(job.id)
     return submitted
 
-
-def _replay(earlier: idempotency.StoredResponse) -> JSONResponse:
-    return JSONResponse(earlier.body, earlier.status, headers={"Idempotent-Replayed": "true"})
 
 
 router.add_api_route("", submit_job, methods=["POST"], status_code=201,
