@@ -18,11 +18,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from shared.storage import Storage, StorageUnreachable, StoredObject
+from shared.storage import Storage, StorageUnreachable, StoredObject, storage_from_settings
 
-__all__ = ["RetryPolicy", "RetryingStorage", "call_with_retries"]
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+__all__ = ["RetryPolicy", "RetryingStorage", "call_with_retries", "retrying_storage"]
 
 T = TypeVar("T")
 LogFn = Callable[[str], None]
@@ -125,3 +128,10 @@ class RetryingStorage(Storage):
 
     def check(self) -> None:
         self.storage.check()  # a probe answers now, retrying would defeat it
+
+
+def retrying_storage(settings: Settings, log: LogFn = _no_log) -> RetryingStorage:
+    """The store of `settings`, every call retried up to `storage.retry_deadline_s`; what a
+    worker reads and writes through."""
+    policy = RetryPolicy(settings.storage.retry_deadline_s)
+    return RetryingStorage(storage_from_settings(settings), policy, log)
