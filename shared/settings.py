@@ -88,6 +88,19 @@ class StorageSettings(BaseModel):
     s3_presign_expiry_s: int = Field(
         3600, description="How long a presigned upload or download URL stays valid."
     )
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="How long one storage request waits to connect to S3."
+    )
+    read_timeout_s: float = Field(
+        15.0, gt=0, description="How long one storage request waits for S3 to answer (each "
+        "read of a response); a hung S3 fails a request after it. An API route touching "
+        "storage answers 503 storage_unavailable after at most two such waits."
+    )
+    retry_deadline_s: float = Field(
+        300.0, gt=0, description="How long a worker retries an unavailable storage, with "
+        "backoff, before it hands its job back to the queue with its last checkpoint. An "
+        "outage shorter than this costs the job no step."
+    )
 
 
 class SourceSettings(BaseModel):
@@ -497,6 +510,9 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "broker_url": ("broker", "url"),
     "queue_name": ("broker", "queue_name"),
     "storage_url": ("storage", "url"),
+    **{f"storage_{name}": ("storage", name) for name in (
+        "connect_timeout_s", "read_timeout_s", "retry_deadline_s",
+    )},
     **{name: ("storage", name) for name in (
         "s3_endpoint_url", "s3_access_key_id", "s3_secret_access_key",
         "s3_public_endpoint_url", "s3_region", "s3_presign_expiry_s",

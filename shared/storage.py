@@ -37,6 +37,7 @@ __all__ = [
     "S3Storage",
     "Storage",
     "StorageError",
+    "StorageUnreachable",
     "StoredObject",
     "storage_from_settings",
     "validate_key",
@@ -56,6 +57,12 @@ class StoredObject:
 
 class StorageError(Exception):
     """Storage failed or is unreachable; the message says what to check."""
+
+
+class StorageUnreachable(StorageError):
+    """The store did not answer: refused or dropped connections, timeouts, a server error or
+    throttling. Worth retrying, unlike a missing bucket or a refused key, which stay wrong
+    until someone fixes them (`shared.storage_retry` retries only this)."""
 
 
 class ObjectNotFound(StorageError):
@@ -339,6 +346,8 @@ class S3Storage(Storage):
         secret_access_key: str | None = None,
         region: str = "us-east-1",
         public_endpoint_url: str | None = None,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 15.0,
     ) -> None:
         if not bucket:
             raise StorageError("S3 storage needs a bucket name (s3://bucket/prefix)")
@@ -352,6 +361,8 @@ class S3Storage(Storage):
         self.region = region
         self._access_key_id = access_key_id
         self._secret_access_key = secret_access_key
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
 
     def __repr__(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -366,10 +377,13 @@ class S3Storage(Storage):
             signature_version="s3v4",
             # MinIO and moto serve buckets under the path, not as subdomains of the endpoint.
             s3={"addressing_style": "path"},
-            # A readiness probe must answer quickly; data calls ride out short network blips.
-            connect_timeout=2 if probe else 10,
-            read_timeout=5 if probe else 60,
-            retries={"mode": "standard", "total_max_attempts": 1 if probe else 5},
+            # A readiness probe must answer quickly. Data calls fail within two bounded waits
+            # (the second try outlives a pooled connection the server closed): longer outages
+            # are `shared.storage_retry`'s to ride out in a worker, and an API route answers
+            # 503 instead of hanging.
+            connect_timeout=min(2.0, self.connect_timeout_s) if probe else self.connect_timeout_s,
+            read_timeout=min(5.0, self.read_timeout_s) if probe else self.read_timeout_s,
+            retries={"mode": "standard", "total_max_attempts": 1 if probe else 2},
         )
         return boto3.session.Session().client(
             "s3",
@@ -399,16 +413,35 @@ class S3Storage(Storage):
     def _full_key(self, key: str) -> str:
         return self.prefix + validate_key(key)
 
+    @cached_property
+    def _transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        # s3transfer retries a broken download 5 times by default, each try waiting the whole
+        # read timeout: as with the client's own retries, longer outages are retried above.
+        return TransferConfig(num_download_attempts=2)
+
     @contextlib.contextmanager
     def _errors(self, action: str, key: str | None = None) -> Iterator[None]:
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         target = f"{key!r} in {self!r}" if key is not None else repr(self)
         try:
-            yield
+            try:
+                yield
+            except S3UploadFailedError as exc:
+                # upload_file wraps the ClientError it got; unwrap it to classify the cause.
+                cause = exc.__cause__ or exc.__context__
+                if isinstance(cause, ClientError):
+                    raise cause from exc
+                raise StorageUnreachable(f"cannot {action} {target}: {exc}") from exc
+            except RetriesExceededError as exc:  # download_file's broken reads, each retried
+                raise StorageUnreachable(f"cannot {action} {target}: {exc}") from exc
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             if code in ("404", "NoSuchKey", "NotFound") and key is not None:
                 raise ObjectNotFound(f"no object {target}") from exc
             if code in ("404", "NoSuchBucket", "NotFound"):
@@ -422,9 +455,13 @@ class S3Storage(Storage):
                     f"TUNERY_S3_SECRET_ACCESS_KEY ({code})"
                 ) from exc
             message = error.get("Message") or str(exc)
-            raise StorageError(f"cannot {action} {target}: {code} {message}") from exc
+            unreachable = status >= 500 or code in _UNREACHABLE_CODES
+            kind = StorageUnreachable if unreachable else StorageError
+            raise kind(f"cannot {action} {target}: {code} {message}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"cannot {action} {target}: {exc}") from exc
+            # Connection refused or dropped, connect or read timeouts: the server is away.
+            kind = StorageUnreachable if _is_network_error(exc) else StorageError
+            raise kind(f"cannot {action} {target}: {exc}") from exc
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (idempotent)."""
@@ -454,7 +491,7 @@ class S3Storage(Storage):
         # upload_file switches to multipart for large files; S3 shows the object only once
         # the upload completes, so readers never see a partial adapter.
         with self._errors("upload", key):
-            self._client.upload_file(str(path), self.bucket, full)
+            self._client.upload_file(str(path), self.bucket, full, Config=self._transfer_config)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         full = self._full_key(key)
@@ -470,7 +507,7 @@ class S3Storage(Storage):
             raise StorageError(f"cannot create {dest.parent}: {exc}") from exc
         # s3transfer writes to a temporary name and renames on success, so `dest` is atomic.
         with self._errors("download", key):
-            self._client.download_file(self.bucket, full, str(dest))
+            self._client.download_file(self.bucket, full, str(dest), Config=self._transfer_config)
 
     def iter_bytes(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         full = self._full_key(key)
@@ -554,6 +591,20 @@ class S3Storage(Storage):
             self._probe_client.head_bucket(Bucket=self.bucket)
 
 
+# S3's answers that mean "not now" rather than "never": throttling and timeouts on its side.
+_UNREACHABLE_CODES = frozenset(
+    {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "ServiceUnavailable",
+     "InternalError", "RequestTimeTooSkewed"}
+)
+
+
+def _is_network_error(exc: Exception) -> bool:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+    return isinstance(exc, BotoConnectionError | HTTPClientError | IncompleteReadError)
+
+
 def storage_from_settings(settings: Settings) -> Storage:
     """The store named by `settings.storage.url` (``file:///abs/dir`` or ``s3://b/p``).
 
@@ -567,6 +618,8 @@ def storage_from_settings(settings: Settings) -> Storage:
         settings.storage.s3_secret_access_key,
         settings.storage.s3_region,
         settings.storage.s3_public_endpoint_url,
+        settings.storage.connect_timeout_s,
+        settings.storage.read_timeout_s,
     )
 
 
@@ -578,6 +631,8 @@ def _cached_store(
     secret_access_key: str | None,
     region: str,
     public_endpoint_url: str | None,
+    connect_timeout_s: float = 5.0,
+    read_timeout_s: float = 15.0,
 ) -> Storage:
     parts = urlsplit(url)
     if parts.scheme == "file":
@@ -596,6 +651,8 @@ def _cached_store(
             secret_access_key=secret_access_key,
             region=region,
             public_endpoint_url=public_endpoint_url,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
         )
     raise StorageError(
         f"unsupported TUNERY_STORAGE_URL {url!r}: use file:///absolute/dir or s3://bucket/prefix"

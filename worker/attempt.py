@@ -24,7 +24,8 @@ from shared.payload_secrets import redact_secrets, secret_values
 from shared.queue import enqueue_export
 from shared.schema import ExportRequest, FinetuneRequest
 from shared.settings import Settings
-from shared.storage import StorageError, storage_from_settings
+from shared.storage import StorageError, StorageUnreachable
+from shared.storage_retry import retrying_storage
 from worker import memory_ladder
 from worker.heartbeat import Heartbeat
 from worker.job_reporter import DatabaseReporter
@@ -82,7 +83,9 @@ def run_attempt(
     reporter = DatabaseReporter(claim, heartbeat, secrets=secrets,
                                 attempt_metrics=attempt_metrics)
     try:
-        storage = storage_from_settings(settings)
+        # Every read and write rides out a storage outage up to its deadline, saying so in
+        # the job's log; past it the job goes back to the queue (below).
+        storage = retrying_storage(settings, reporter.log)
         # An earlier attempt's checkpoints live here; this attempt resumes from the latest.
         checkpoints = CheckpointStore(
             storage,
@@ -149,11 +152,17 @@ def run_attempt(
             reason = timeout_reason(claim, checkpoints, settings.leases.job_soft_time_limit_s)
             reporter.log(f"failed: {reason}")
             finish(claim, reporter, JobStatus.FAILED, reason=reason)
-        elif stop.reason in (StopReason.WORKER_STOPPING, StopReason.PAUSED):
+        elif stop.reason in (StopReason.WORKER_STOPPING, StopReason.PAUSED,
+                             StopReason.STORAGE_UNAVAILABLE):
             handed_back = hand_back(claim, reporter, stop)
         else:
             # A lost lease: another attempt owns the job and records its outcome.
             log.warning("job %s attempt %s stopped: %s", claim.job_id, claim.attempt, stop.reason)
+    except StorageUnreachable as exc:
+        # Past the retry deadline, reading the data or publishing: no fault of the job.
+        reporter.log(f"storage unavailable past its retry deadline: {exc}")
+        handed_back = hand_back(claim, reporter,
+                                TrainingStopped(StopReason.STORAGE_UNAVAILABLE))
     except PipelineError as exc:
         reason = redact_secrets(str(exc), secrets)
         reporter.log(f"failed: {reason}")
@@ -253,13 +262,16 @@ def stops_upload(reporter: DatabaseReporter) -> StopReason | None:
 
 
 def hand_back(claim: Claim, reporter: DatabaseReporter, stop: TrainingStopped) -> bool:
-    """The worker is stopping, or the user paused the job: put the job back in the queue for
-    the next worker, or PAUSED until resumed (a pause asked meanwhile, or not withdrawn), or
-    end it CANCELLED if the user asked meanwhile; the next attempt resumes from its last
-    checkpoint, which the stop saved at the step it stopped at. Returns whether the job is
-    QUEUED again."""
+    """The worker is stopping, the user paused the job, or storage stayed unavailable past
+    its retry deadline: put the job back in the queue for the next worker, or PAUSED until
+    resumed (a pause asked meanwhile, or not withdrawn), or end it CANCELLED if the user
+    asked meanwhile; the next attempt resumes from its last checkpoint in storage (a stop
+    saves one at the step it stopped at; storage being away, its last one stored). Returns
+    whether the job is QUEUED again."""
     paused = stop.reason == StopReason.PAUSED
+    storage_down = stop.reason == StopReason.STORAGE_UNAVAILABLE
     requeued = ("paused, then resumed before the pause was done: handed back" if paused
+                else "storage unavailable: handed back" if storage_down
                 else f"worker {claim.owner} stopping: handed back")
 
     def record() -> JobStatus | None:
@@ -268,8 +280,9 @@ def hand_back(claim: Claim, reporter: DatabaseReporter, stop: TrainingStopped) -
             return jobs.hand_back(session, claim, reason=requeued)
 
     what = f"job {claim.job_id} attempt {claim.attempt}: handing it back"
-    # A stopping worker has seconds before its supervisor kills it; a pause has no hurry.
-    patience = HAND_BACK_PATIENCE_S if not paused else FINISH_PATIENCE_S
+    # A stopping worker has seconds before its supervisor kills it; the others have no hurry.
+    hurried = stop.reason == StopReason.WORKER_STOPPING
+    patience = HAND_BACK_PATIENCE_S if hurried else FINISH_PATIENCE_S
     status = through_outage(record, patience, what)
     reporter.heartbeat.end()
     if status is not None and reporter.attempt_metrics is not None:
@@ -281,6 +294,9 @@ def hand_back(claim: Claim, reporter: DatabaseReporter, stop: TrainingStopped) -
     elif status is JobStatus.QUEUED and paused:
         reporter.log(f"resumed while pausing{where}: job handed back to the queue; the next "
                      f"attempt resumes from its last checkpoint")
+    elif status is JobStatus.QUEUED and storage_down:
+        reporter.log(f"storage unavailable: job handed back{where}; the next attempt resumes "
+                     f"from its last checkpoint in storage")
     elif status is JobStatus.QUEUED:
         reporter.log(f"worker stopping: job handed back{where}; the next attempt resumes from "
                      f"its last checkpoint")
@@ -289,7 +305,7 @@ def hand_back(claim: Claim, reporter: DatabaseReporter, stop: TrainingStopped) -
     else:
         log.warning("job %s attempt %s: %s; could not hand the job back (the database is "
                     "unreachable or it moved on); its lease expires instead",
-                    claim.job_id, claim.attempt, "pausing" if paused else "worker stopping")
+                    claim.job_id, claim.attempt, stop.reason.value)
     return status is JobStatus.QUEUED
 
 

@@ -4,6 +4,7 @@ requests come from the attempt's `Heartbeat`."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -51,6 +52,8 @@ class DatabaseReporter:
         self._secrets = tuple(s for s in secrets if s)
         self._pending: deque[Write] = deque(maxlen=MAX_PENDING_WRITES)
         self._retry_at = 0.0
+        # Checkpoint uploads report from their own thread (`checkpoint_uploads`).
+        self._lock = threading.RLock()
 
     def phase(self, name: str) -> None:
         if self.attempt_metrics is not None:
@@ -93,6 +96,10 @@ class DatabaseReporter:
         return self._write(None)
 
     def _write(self, write: Write | None) -> bool:
+        with self._lock:
+            return self._write_locked(write)
+
+    def _write_locked(self, write: Write | None) -> bool:
         if write is not None:
             self._pending.append(write)
         if not self._pending:

@@ -8,7 +8,9 @@ Definitions (what the closing note of issue 4 quotes):
   - a step an attempt trained although the checkpoint it resumed from already covered it
     (a restart from step 0 after a checkpoint existed counts every such step);
   - a step an earlier attempt trained beyond its last checkpoint, retrained by the next one
-    more than `checkpoint interval + 1` times over (the unavoidable redo is allowed);
+    more than `2 x checkpoint interval + 1` times over (the unavoidable redo is allowed:
+    checkpoints upload in the background, so an attempt may be a whole interval past the
+    checkpoint still uploading when it ends, and that upload may never arrive);
   - an attempt still recording steps after the next attempt claimed the job (two trainings
     at once);
   - more than one COMPLETED event, or two RUNNING claims of the same attempt number.
@@ -72,7 +74,7 @@ def count_duplicates(trace: JobTrace, checkpoint_every: int) -> Duplicates:
         if earlier:
             previous = max(earlier)
             redo = {s for s in trace.trained_steps(previous) if s > resumed} & set(steps)
-            found.excess_redo_steps += max(0, len(redo) - (checkpoint_every + 1))
+            found.excess_redo_steps += max(0, len(redo) - (2 * checkpoint_every + 1))
         successor_claim = claimed_at.get(attempt + 1)
         if successor_claim is not None:
             found.concurrent_attempt_steps += sum(

@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 from tests.chaos.chaos_report import ScenarioReport  # noqa: E402
 from tests.chaos.job_records import JobsDatabase  # noqa: E402
 from tests.chaos.redis_server import RedisServer  # noqa: E402
+from tests.chaos.s3_server import S3Server  # noqa: E402
 from tests.chaos.stack import ChaosStack, Timings  # noqa: E402
 from tests.chaos.tcp_proxy import TcpProxy  # noqa: E402
 from tests.conftest import POSTGRES_ADMIN_URL  # noqa: E402
@@ -71,6 +72,17 @@ def jobs_db(postgres_database: str) -> Iterator[JobsDatabase]:
         yield db
     finally:
         db.dispose()
+
+
+@pytest.fixture
+def s3_server(tmp_path: Path) -> Iterator[S3Server]:
+    """A moto S3 server process behind a cuttable proxy, with the chaos bucket created."""
+    server = S3Server(tmp_path / "logs" / "s3.log")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -9,11 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from shared.queue import TRAIN_TASK, make_celery
 from shared.settings import Settings
+from shared.storage import S3Storage
 from tests.chaos.job_records import TERMINAL, JobsDatabase, JobTrace
 from tests.chaos.polling import wait_until
 from tests.chaos.processes import ApiProcess, ServiceProcess, WorkerProcess, run_cli
@@ -153,6 +155,13 @@ class ChaosStack:
         return f"{self.db.trace(job_id).summary()}\n{logs}"
 
     def storage_files(self, job_id: str) -> list[str]:
+        if self.env["TUNERY_STORAGE_URL"].startswith("s3://"):  # `s3_server.service_env`
+            store = S3Storage(urlsplit(self.env["TUNERY_STORAGE_URL"]).netloc,
+                              endpoint_url=self.env["TUNERY_S3_ENDPOINT_URL"],
+                              access_key_id=self.env["TUNERY_S3_ACCESS_KEY_ID"],
+                              secret_access_key=self.env["TUNERY_S3_SECRET_ACCESS_KEY"])
+            prefix = f"jobs/{job_id}/"
+            return sorted(obj.key[len(prefix):] for obj in store.list(prefix))
         root = self.storage_dir / "jobs" / job_id
         return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 

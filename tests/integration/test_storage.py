@@ -21,6 +21,7 @@ from shared.storage import (
     S3Storage,
     Storage,
     StorageError,
+    StorageUnreachable,
     StoredObject,
     storage_from_settings,
     validate_key,
@@ -215,6 +216,46 @@ def test_s3_check_fails_with_storage_error_when_bucket_is_missing(
     store = S3Storage("no-such-bucket", endpoint_url=s3_endpoint_url, **s3_credentials)
     with pytest.raises(StorageError, match="does not exist"):
         store.check()
+
+
+def test_s3_calls_to_a_down_endpoint_raise_storage_unreachable(
+    s3_credentials: dict[str, str], tmp_path: Path
+) -> None:
+    store = S3Storage("tunery", endpoint_url=f"http://127.0.0.1:{_free_port()}", **s3_credentials)
+    (tmp_path / "f").write_bytes(b"x")
+    for call in (lambda: store.put_file("a/f", tmp_path / "f"), lambda: store.put_bytes("a/b", b""),
+                 lambda: store.list("a/"), lambda: store.download_file("a/f", tmp_path / "g")):
+        with pytest.raises(StorageUnreachable):
+            call()
+
+
+def test_s3_calls_to_a_missing_bucket_are_not_retried_as_unreachable(
+    s3_endpoint_url: str, s3_credentials: dict[str, str], tmp_path: Path
+) -> None:
+    store = S3Storage("no-such-bucket", endpoint_url=s3_endpoint_url, **s3_credentials)
+    (tmp_path / "f").write_bytes(b"x")
+    for call in (lambda: store.put_file("a/f", tmp_path / "f"), lambda: store.list("a/")):
+        with pytest.raises(StorageError) as raised:
+            call()
+        assert not isinstance(raised.value, StorageUnreachable), raised.value
+
+
+def test_s3_call_to_a_server_that_never_answers_fails_within_its_read_timeouts(
+    s3_credentials: dict[str, str],
+) -> None:
+    # A listening socket nobody reads: connections are accepted (by the kernel), as by a
+    # hung S3 server, and no answer ever comes.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        store = S3Storage("tunery", endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                          connect_timeout_s=1, read_timeout_s=1, **s3_credentials)
+        started = time.monotonic()
+        with pytest.raises(StorageUnreachable, match="timeout"):
+            store.list("a/")
+        took = time.monotonic() - started
+    print(f"a hung S3 failed a call after {took:.2f} s (read timeout 1 s, two tries)")
+    assert took < 10
 
 
 def test_local_check_fails_with_storage_error_when_root_is_a_file(tmp_path: Path) -> None:

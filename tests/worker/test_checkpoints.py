@@ -366,7 +366,9 @@ def test_checkpoint_reaches_storage_with_the_best_adapter_in_it(tmp_path: Path) 
     storage = LocalStorage(tmp_path / "storage")
     store = CheckpointStore(storage, "j", every_steps=2)
 
-    CheckpointCallback(store, best).on_save(args, TrainerState(global_step=4), TrainerControl())
+    callback = CheckpointCallback(store, best)
+    callback.on_save(args, TrainerState(global_step=4), TrainerControl())
+    callback.uploads.wait()  # the upload runs in the background
 
     latest = find_latest_checkpoint(storage, "j")
     assert latest is not None and latest.step == 4

@@ -21,7 +21,8 @@ from transformers import (
 
 from shared.schema import TrainingConfig
 from worker.metrics import TOKENS_PER_SECOND, TRAINING_STEPS
-from worker.pipeline.checkpoints import BEST_ADAPTER_FILE, CheckpointStore
+from worker.pipeline.checkpoint_uploads import BackgroundUploads
+from worker.pipeline.checkpoints import BEST_ADAPTER_FILE, CheckpointStore, StoredCheckpoint
 from worker.pipeline.errors import HAND_BACK_REASONS, StopReason, TrainingStopped
 from worker.pipeline.report import CheckpointSavedFn, JobReporter, no_checkpoint_report
 
@@ -354,17 +355,20 @@ class CheckpointCallback(TrainerCallback):
     (with a validation set), then copy it to storage, in that order, so that the checkpoint in
     storage carries the best adapter.
 
-    Synchronous on purpose: the upload is an adapter and its optimizer state (megabytes), and
-    a checkpoint only counts once it is in storage, where the next attempt looks.
+    The copy runs in the background (`BackgroundUploads`): training goes on while storage is
+    slow or away for less than its retry deadline. An upload that failed past it stops
+    training at the next step (`StopReason.STORAGE_UNAVAILABLE`): the job goes back to the
+    queue rather than train on without checkpoints. `run_trainer` waits for the last upload
+    (`wait_for_uploads`) before anything else happens to the job.
     """
 
     def __init__(
         self, store: CheckpointStore, best: BestAdapterCallback | None,
         saved: CheckpointSavedFn = no_checkpoint_report,
     ) -> None:
-        self.store = store
         self.best = best
         self.saved = saved
+        self.uploads = BackgroundUploads(store, self._uploaded)
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -373,7 +377,17 @@ class CheckpointCallback(TrainerCallback):
         local_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.best is not None:
             self.best.save_into(local_dir)
-        checkpoint = self.store.upload(state.global_step, local_dir)
+        if self.uploads.error is None:
+            self.uploads.start(state.global_step, local_dir)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.uploads.error is not None:
+            control.should_training_stop = True
+            control.should_save = control.should_evaluate = False
+
+    def _uploaded(self, checkpoint: StoredCheckpoint) -> None:
         size = sum(checkpoint.files.values())
         self.saved(checkpoint.step,
                    f"checkpoint at step {checkpoint.step} saved to storage ({size / 1e6:.1f} MB)")
@@ -414,7 +428,20 @@ class TrainingWatch:
         if has_validation:
             self.callbacks += [early_stopping(config.early_stopping_patience, resume_from),
                                self.best]
+        self.checkpoint_uploads: CheckpointCallback | None = None
         if checkpoints is not None:
             best = self.best if has_validation else None
-            self.callbacks.append(CheckpointCallback(checkpoints, best,
-                                                     reporter.checkpoint_saved))
+            self.checkpoint_uploads = CheckpointCallback(checkpoints, best,
+                                                         reporter.checkpoint_saved)
+            self.callbacks.append(self.checkpoint_uploads)
+
+    def wait_for_uploads(self) -> BaseException | None:
+        """Wait until the last checkpoint upload has ended; returns why it failed, if it did
+        (storage unreachable past its retry deadline)."""
+        if self.checkpoint_uploads is None:
+            return None
+        try:
+            self.checkpoint_uploads.uploads.wait()
+        except Exception as exc:
+            return exc
+        return None

@@ -23,7 +23,7 @@ from shared.csv_files import COMMA, describe_delimiter
 from shared.dataset_files import DatasetFileError, LoadedDataset
 from shared.pinned_http import pinned_client
 from shared.sources import Source, SourceError, check_source_type, classify_source
-from shared.storage import ObjectNotFound, Storage, StorageError
+from shared.storage import ObjectNotFound, Storage, StorageError, StorageUnreachable
 from shared.storage_keys import dataset_prefix
 from shared.url_guard import UrlPolicy, UrlRefused, check_url, redact_url
 from worker.pipeline.errors import PipelineError
@@ -254,6 +254,8 @@ def _download_uploaded(
         raise PipelineError(
             f"uploaded dataset {dataset_id} has no file in storage; upload it again"
         ) from None
+    except StorageUnreachable:
+        raise  # no fault of the job: the attempt hands it back (`worker.attempt`)
     except StorageError as exc:
         raise PipelineError(f"cannot read uploaded dataset {dataset_id}: {exc}") from None
     log(f"downloaded uploaded dataset {dataset_id}: {objects[0].size} bytes, {dest.name}")

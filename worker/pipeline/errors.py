@@ -22,6 +22,9 @@ class StopReason(StrEnum):
     PAUSED = "paused"
     """The user asked to pause (`shared.jobs.request_pause`): training ends at a step, whose
     checkpoint it saves, and the job waits PAUSED until resumed."""
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    """Storage stayed unreachable past its retry deadline (`shared.storage_retry`): the job
+    goes back to the queue, to resume from its last checkpoint in storage once it is back."""
 
 
 HAND_BACK_REASONS = frozenset({StopReason.PAUSED, StopReason.WORKER_STOPPING})

@@ -14,7 +14,8 @@ from shared.dataset_files import LoadedDataset
 from shared.schema import DataConfig, FinetuneRequest, TemplateError
 from shared.settings import Settings
 from shared.sources import DATASET_ID
-from shared.storage import Storage, storage_from_settings
+from shared.storage import Storage
+from shared.storage_retry import retrying_storage
 from shared.training_plan import job_seed
 from shared.url_guard import UrlPolicy
 from worker.memory_ladder import Rung
@@ -238,7 +239,7 @@ def _read_examples(rows: _Rows, *, request: FinetuneRequest, tokenizer: Any,
                    settings: Settings, hub_cache_dir: Path | None) -> Sequence[Any]:
     data, log = request.data_config, rows.log
     preference = request.training_config.preference_optimization
-    storage = storage_from_settings(settings)
+    storage = retrying_storage(settings, log)
     tokens_dir = rows.work_dir / "tokens"
     # Each uploaded dataset keeps its own tokens: the cache is keyed by the dataset's id.
     cache = None if is_preference(preference) else _token_cache(rows.path, data, storage,

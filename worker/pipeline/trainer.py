@@ -12,8 +12,9 @@ import torch
 from transformers import PrinterCallback, Trainer
 
 from shared.schema import LoggingConfig, TrainingConfig
+from shared.storage import StorageUnreachable
 from worker.pipeline.callbacks import TrainingWatch
-from worker.pipeline.errors import TrainingStopped
+from worker.pipeline.errors import StopReason, TrainingStopped
 from worker.pipeline.labelled_loss import (
     CausalLMParts,
     causal_lm_parts,
@@ -180,8 +181,19 @@ def run_trainer(
         if stop.reason is None:  # W&B's start, stopped before training began
             raise
         # Otherwise an evaluation cut short (`StopCallback`): told below like any stop.
+    finally:
+        # Whatever comes next (publishing, a hand-back, the next attempt) needs the last
+        # checkpoint in storage, or to know it is not there.
+        upload_failed = watch.wait_for_uploads()
     state = trainer.state
     has_validation = trainer.eval_dataset is not None
+    # Asked to stop anyway, the job ends as asked: from the last checkpoint that did arrive.
+    if upload_failed is not None and stop.reason is None:
+        if not isinstance(upload_failed, StorageUnreachable):
+            raise upload_failed
+        reporter.log(f"training stopped at step {state.global_step}: a checkpoint could not "
+                     f"be uploaded: {upload_failed}")
+        raise TrainingStopped(StopReason.STORAGE_UNAVAILABLE, step=state.global_step)
     if stop.reason:
         reporter.log(f"training stopped at step {stop.step}: {stop.reason}")
         raise TrainingStopped(stop.reason, step=stop.step)
