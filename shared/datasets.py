@@ -48,7 +48,7 @@ from shared.openai_training_file import TrainingFileChecker, not_json_lines
 from shared.prompt_template import Example, render_preview
 from shared.schema import template_placeholders
 from shared.settings import get_settings
-from shared.storage import ObjectNotFound, Storage
+from shared.storage import ObjectNotFound, Storage, StorageUnreachable
 from shared.storage_keys import (
     dataset_key,
     dataset_prefix,
@@ -492,6 +492,11 @@ def _store_checked(
     key = dataset_key(dataset.id, safe_file_name(dataset.name, fmt))
     try:
         storage.put_file(key, path)
+    except StorageUnreachable:
+        # Cleaning up would wait as long again on a store that does not answer, and an
+        # object the store still takes in afterwards has no row: the maintenance sweep
+        # removes it (`shared.orphaned_objects`).
+        raise
     except BaseException:
         discard_objects(storage, dataset.id)  # a partial object must not stay behind
         raise

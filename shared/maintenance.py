@@ -11,7 +11,9 @@ run, the embedded default included:
 - idempotency keys past their TTL are forgotten, and so are finished webhook deliveries
   past their history;
 - finished jobs' checkpoints and artifacts past their retention are removed
-  (`shared.retention`), when the operator set one.
+  (`shared.retention`), when the operator set one;
+- now and then, dataset files that no dataset row owns are removed
+  (`shared.orphaned_objects`).
 
 A supervisor that sees its worker process exit (`tunery up`) need not wait for the lease:
 `release_dead_worker` moves that worker's jobs at once, as the sweep would once the lease
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared import idempotency, jobs
 from shared.db import session_scope
 from shared.models import JobStatus
+from shared.orphaned_objects import OrphanedDatasetObjects
 from shared.queue import count_waiting_messages, enqueue_training
 from shared.retention import RetentionResult, apply_retention
 from shared.settings import Settings
@@ -38,6 +42,10 @@ from shared.storage import storage_from_settings
 from shared.webhooks import deliveries
 
 log = logging.getLogger("tunery.maintenance")
+
+ORPHAN_SWEEP_EVERY_S = 600.0
+"""How often the loop looks for dataset files without a dataset, and how long such a file
+must stay so before it is removed."""
 
 
 @dataclass
@@ -133,6 +141,8 @@ class MaintenanceLoop(threading.Thread):
         super().__init__(name="tunery-maintenance", daemon=True)
         self.settings = settings
         self._stopped = threading.Event()
+        self.orphans = OrphanedDatasetObjects(grace_s=ORPHAN_SWEEP_EVERY_S)
+        self._orphans_swept_at: float | None = None
 
     def run(self) -> None:
         while True:
@@ -140,8 +150,23 @@ class MaintenanceLoop(threading.Thread):
                 sweep(self.settings)
             except Exception as exc:  # noqa: BLE001 - an outage must not end the loop
                 log.warning("maintenance sweep failed (will retry): %s", exc)
+            self._sweep_orphans()
             if self._stopped.wait(self.settings.leases.reaper_interval_s):
                 return
+
+    def _sweep_orphans(self) -> None:
+        """Every `ORPHAN_SWEEP_EVERY_S`: it lists every dataset's folder, too much for each
+        tick."""
+        now = time.monotonic()
+        if self._orphans_swept_at is not None and (
+                now - self._orphans_swept_at < ORPHAN_SWEEP_EVERY_S):
+            return
+        self._orphans_swept_at = now
+        try:
+            self.orphans.sweep(storage_from_settings(self.settings))
+        except Exception as exc:  # noqa: BLE001 - an outage must not end the loop
+            log.warning("maintenance: looking for dataset files without a dataset failed "
+                        "(will retry): %s", exc)
 
     def stop(self) -> None:
         self._stopped.set()
