@@ -84,9 +84,11 @@ class ChaosStack:
     def migrate(self) -> None:
         run_cli(self.env, "db", "upgrade")
 
-    def start_worker(self, wait: bool = True) -> WorkerProcess:
+    def start_worker(self, wait: bool = True, **env: str) -> WorkerProcess:
+        """A worker with the stack's environment, `env` on top."""
         index = sum(isinstance(p, WorkerProcess) for p in self.processes) + 1
-        worker = WorkerProcess(f"worker-{index}", self.env, self.log_dir / f"worker-{index}.log")
+        worker = WorkerProcess(f"worker-{index}", {**self.env, **env},
+                               self.log_dir / f"worker-{index}.log")
         self.processes.append(worker)
         return worker.wait_ready() if wait else worker
 

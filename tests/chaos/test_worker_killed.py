@@ -90,7 +90,9 @@ def test_worker_killed_before_its_first_heartbeat_is_requeued_within_lease_and_r
     first.kill()
     claim_at = claimed.claims()[0].at
     lease_at_kill = stack.db.row(job_id)["lease_expires_at"]
-    stack.start_worker()
+    # As a worker on another host sees it: one on this host would release the dead pid's
+    # lease at its start (tests/worker/test_gone_workers.py) instead of waiting for it.
+    stack.start_worker(TUNERY_RELEASE_DEAD_LOCAL_WORKERS="false")
     # Its start-up (importing torch and transformers) takes seconds, more on a busy machine:
     # the sweep that re-queues the job runs from here on.
     ready_at = now()
