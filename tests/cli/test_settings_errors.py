@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cli.process_commands import tunery_command
+from shared.settings import LeaseSettings
 from tests.cli.conftest import Tunery, clean_env
 
 
@@ -44,7 +45,7 @@ def test_every_invalid_setting_gets_its_own_line(tunery: Tunery,
     assert sorted(out.err.splitlines()[:-1]) == [
         "TUNERY_CPU_BF16: expected 'auto', 'on' or 'off', got 'maybe'",
         "TUNERY_HEARTBEAT_SECONDS: heartbeat_seconds (100.0) must be under half of "
-        "lease_seconds (120), or a slow renewal loses the lease",
+        f"lease_seconds ({LeaseSettings().lease_seconds}), or a slow renewal loses the lease",
         "TUNERY_MAX_EPOCHS: expected a number greater than 0, got '-1'",
         "TUNERY_MAX_LORA_R: expected a valid integer, unable to parse string as an integer, "
         "got 'lots'",
