@@ -447,7 +447,8 @@ class S3Storage(Storage):
             if code in ("404", "NoSuchBucket", "NotFound"):
                 raise StorageError(
                     f"bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}; "
-                    "create it (docker-compose's minio-init does) or call ensure_bucket()"
+                    f"create it (`aws s3 mb s3://{self.bucket}` or `mc mb`; docker-compose's "
+                    "minio-init does)"
                 ) from exc
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise StorageError(
