@@ -238,6 +238,12 @@ class LocalStack:
             children.append(Child("inference engine", self._spawn_engine, self.engine))
         Supervisor(children, backoff or Backoff()).run()
 
+    def stop_worker(self) -> None:
+        """Stop the worker alone, as `stop` stops every child: SIGTERM (the worker hands its
+        job back), then SIGKILL after `STOP_GRACE_S`."""
+        stop_processes([self.worker], STOP_GRACE_S)
+        self.worker = None
+
     def stop(self) -> None:
         """Stop every child: SIGTERM, then SIGKILL what is left after `STOP_GRACE_S`."""
         stop_processes([self.worker, self.api, self.engine], STOP_GRACE_S)
