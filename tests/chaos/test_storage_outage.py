@@ -28,17 +28,25 @@ def past_a_checkpoint(trace: JobTrace) -> bool:
     return trace.status == "RUNNING" and bool(trace.checkpoints_saved(trace.attempt))
 
 
-def test_s3_outage_shorter_than_the_deadline_costs_no_step(
-    chaos_stack: ChaosStack, s3_server: S3Server, scenario_report: ScenarioReport
-) -> None:
-    stack = chaos_stack
-    stack.env.update(s3_server.service_env(retry_deadline_s=LONG_DEADLINE_S))
+def training_past_a_checkpoint(stack: ChaosStack, s3_server: S3Server,
+                               scenario_report: ScenarioReport, *, deadline_s: float) -> str:
+    """The API and a worker on `s3_server` with a retry deadline of `deadline_s`, and a job
+    that has put a checkpoint in S3 and trains on; returns its id."""
+    stack.env.update(s3_server.service_env(retry_deadline_s=deadline_s))
     stack.start_api()
     stack.start_worker()
     with stack.client() as client:
         job = stack.submit(client, epochs=EPOCHS)
     scenario_report.submitted(job)
     stack.wait_for(job, "a checkpoint in S3", past_a_checkpoint, timeout_s=120)
+    return job
+
+
+def test_s3_outage_shorter_than_the_deadline_costs_no_step(
+    chaos_stack: ChaosStack, s3_server: S3Server, scenario_report: ScenarioReport
+) -> None:
+    stack = chaos_stack
+    job = training_past_a_checkpoint(stack, s3_server, scenario_report, deadline_s=LONG_DEADLINE_S)
 
     cut_at = scenario_report.fault(f"S3 refusing connections for {SHORT_OUTAGE_S:.0f} s", [job])
     s3_server.proxy.cut()
@@ -113,13 +121,7 @@ def test_s3_outage_longer_than_the_deadline_hands_the_job_back_to_complete_later
     chaos_stack: ChaosStack, s3_server: S3Server, scenario_report: ScenarioReport
 ) -> None:
     stack = chaos_stack
-    stack.env.update(s3_server.service_env(retry_deadline_s=SHORT_DEADLINE_S))
-    stack.start_api()
-    stack.start_worker()
-    with stack.client() as client:
-        job = stack.submit(client, epochs=EPOCHS)
-    scenario_report.submitted(job)
-    stack.wait_for(job, "a checkpoint in S3", past_a_checkpoint, timeout_s=120)
+    job = training_past_a_checkpoint(stack, s3_server, scenario_report, deadline_s=SHORT_DEADLINE_S)
     max_attempts_before = stack.db.row(job)["max_attempts"]
 
     scenario_report.fault(f"S3 refusing connections for {LONG_OUTAGE_S:.0f} s", [job])
