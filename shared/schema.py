@@ -365,6 +365,9 @@ class ExportRequest(_Strict):
 
 
 MAX_EXPORTS_ON_COMPLETION = 3
+# The most devices one job may ask for: one host's (torchrun starts every process on it).
+MAX_JOB_DEVICES = 16
+TrainingStrategy = Literal["ddp", "fsdp"]
 
 
 class TrainingConfig(_Strict):
@@ -390,6 +393,22 @@ class TrainingConfig(_Strict):
         "gradient_accumulation_steps examples. None: 4. Length-grouped batches hold this many "
         "on average (as many batches an epoch as fixed ones would make); a preference example "
         "is its chosen and its rejected answer.",
+    )
+    devices: int = Field(
+        1, ge=1, le=MAX_JOB_DEVICES,
+        description="Tunery extension: how many devices of one worker train the job, as one "
+        "torchrun process group (one process per GPU; on a CPU worker, per process). "
+        "micro_batch_size is per device: an optimizer step trains on micro_batch_size x "
+        "gradient_accumulation_steps x devices examples. The job goes to a device class with "
+        "at least this many devices (TUNERY_DEVICE_CLASSES); none: 422.",
+    )
+    strategy: TrainingStrategy = Field(
+        "ddp",
+        description="Tunery extension, with devices above 1: 'ddp' (each device holds the "
+        "whole model and trains a share of every batch; gradients are averaged) or 'fsdp' "
+        "(PyTorch FSDP2: the weights, gradients and optimizer state are sharded over the "
+        "devices, for a model that does not fit one). MonsterAPI's "
+        "pretrainedmodel_config.parallelization keeps its meaning within each process.",
     )
     warmup_steps: int = Field(
         50, ge=1, le=1_000_000, description="Steps of linear learning-rate warm-up."
@@ -449,6 +468,17 @@ class TrainingConfig(_Strict):
         repeated = sorted({kind for kind in kinds if kinds.count(kind) > 1})
         if repeated:
             raise ValueError(f"each export is asked for once; repeated: {repeated}")
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_needs_devices(cls, value: str, info: ValidationInfo) -> str:
+        # devices is declared first, so it is in info.data once valid.
+        if value != "ddp" and info.data.get("devices") == 1:
+            raise ValueError(
+                f"strategy {value!r} shards a job over several devices; set devices above 1 "
+                "or leave strategy out"
+            )
         return value
 
     @field_validator("beta")
@@ -543,6 +573,18 @@ class FinetuneRequest(_Strict):
                 "lr_scheduler_type 'reduce_lr_on_plateau' needs a validation split; set "
                 "data_config.data_split_config.validation above 0, name a "
                 "data_config.validation_data_path, or choose another scheduler"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _qlora_shards_with_ddp_only(self) -> FinetuneRequest:
+        if (self.pretrainedmodel_config.use_quantization
+                and self.training_config.strategy == "fsdp"):
+            raise ValueError(
+                "training_config.strategy 'fsdp' with pretrainedmodel_config.use_quantization "
+                "is not supported: sharding 4-bit weights needs a CUDA build of bitsandbytes "
+                "and a storage dtype Tunery does not set up; use strategy 'ddp' (each device "
+                "holds the 4-bit model) or use_quantization false"
             )
         return self
 

@@ -275,6 +275,14 @@ class TrainingSettings(BaseModel):
         "container's cgroup limit). Gradient checkpointing turns on by itself when the "
         "largest batch's activations would not fit.",
     )
+    worker_devices: int = Field(
+        1, ge=1, le=16, description="Devices this worker owns: a job with "
+        "training_config.devices above 1 trains on that many of them as one torchrun process "
+        "group (DDP or FSDP; NCCL on GPUs, gloo on CPU). On a GPU host, one per GPU the worker "
+        "may use (CUDA_VISIBLE_DEVICES says which); on a CPU worker, processes, each with its "
+        "share of the cores. A job asking for more is never claimed here (its device class "
+        "routes it elsewhere).",
+    )
     cpu_bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="Training precision of a CPU worker. auto: bf16 mixed precision "
         "where the CPU multiplies bf16 in hardware (AVX512_BF16 or AMX), fp32 elsewhere; on: "
