@@ -77,13 +77,15 @@ def split_sizes(examples: int, split_config: Mapping[str, float]) -> tuple[int, 
 
 def optimizer_steps(
     train_examples: int, *, epochs: float, gradient_accumulation_steps: int,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = BATCH_SIZE, devices: int = 1,
 ) -> int:
     """The optimizer steps of a run over `train_examples` examples, counted as transformers'
-    Trainer counts them: the last, partial accumulation of an epoch is a step too."""
+    Trainer counts them: the last, partial accumulation of an epoch is a step too. With
+    `devices` processes, each step's micro-batches are spread over them (`batch_size` is per
+    device), and the last round of batches is a round too, as accelerate fills it."""
     if train_examples <= 0:
         return 0
-    batches = math.ceil(train_examples / batch_size)
+    batches = math.ceil(math.ceil(train_examples / batch_size) / devices)
     per_epoch = math.ceil(batches / gradient_accumulation_steps)
     return max(1, math.ceil(per_epoch * epochs))
 

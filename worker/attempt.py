@@ -71,6 +71,7 @@ def run_attempt(
     attempt_metrics = AttemptMetrics()
     # Imported here so the Celery app (and the API, which shares shared.queue) loads fast; a
     # worker has them loaded already (`worker.tasks`, at worker_init).
+    from worker.device_group import ProcessGroupFailed, train_on_devices
     from worker.pipeline.checkpoints import CheckpointStore
     from worker.pipeline.errors import PipelineError
     from worker.pipeline.job_dirs import job_working_directory, tenant_hub_cache
@@ -120,11 +121,15 @@ def run_attempt(
         memory_ladder.reset_peak_memory()
         hub_cache = tenant_hub_cache(settings.local_files_dir(), claim.tenant_id,
                                      request.hf_config.hf_token)
-        # Never the checkout or the data dir: loaders read relative names from here.
-        with job_working_directory(work_dir / "cwd"):
-            result = run_job(request, work_dir, reporter, settings, checkpoints,
-                             base_models=base_models, hub_cache_dir=hub_cache,
-                             memory_rung=memory_ladder.rung_of(request, rung))
+        if request.training_config.devices > 1:
+            result = train_on_devices(request, work_dir, reporter, settings, claim=claim,
+                                      memory_rung=rung, hub_cache_dir=hub_cache)
+        else:
+            # Never the checkout or the data dir: loaders read relative names from here.
+            with job_working_directory(work_dir / "cwd"):
+                result = run_job(request, work_dir, reporter, settings, checkpoints,
+                                 base_models=base_models, hub_cache_dir=hub_cache,
+                                 memory_rung=memory_ladder.rung_of(request, rung))
         reporter.phase("uploading")
         uploaded = publish_outputs(
             claim.job_id, result.output_dir, request.hf_config, storage,
@@ -163,6 +168,10 @@ def run_attempt(
         reporter.log(f"storage unavailable past its retry deadline: {exc}")
         handed_back = hand_back(claim, reporter,
                                 TrainingStopped(StopReason.STORAGE_UNAVAILABLE))
+    except ProcessGroupFailed as exc:
+        # A rank died (killed, or the host took a device away): the attempt is lost, and the
+        # job is retried from its last checkpoint like one whose worker died.
+        give_up_the_attempt(claim, reporter, redact_secrets(str(exc), secrets)[:2000])
     except PipelineError as exc:
         reason = redact_secrets(str(exc), secrets)
         reporter.log(f"failed: {reason}")

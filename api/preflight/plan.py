@@ -76,7 +76,7 @@ def step_plan(train_rows: int | None, training: TrainingConfig
         return steps, [], []
     total = optimizer_steps(train_rows, epochs=training.num_train_epochs,
                             gradient_accumulation_steps=training.gradient_accumulation_steps,
-                            batch_size=batch_size)
+                            batch_size=batch_size, devices=training.devices)
     steps.optimizer_steps = total
     if total == 0:
         return steps, [{"path": DATA_FIELD, "message": (

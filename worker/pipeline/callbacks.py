@@ -24,6 +24,13 @@ from worker.metrics import TOKENS_PER_SECOND, TRAINING_STEPS
 from worker.pipeline.checkpoint_uploads import BackgroundUploads
 from worker.pipeline.checkpoints import BEST_ADAPTER_FILE, CheckpointStore, StoredCheckpoint
 from worker.pipeline.errors import HAND_BACK_REASONS, StopReason, TrainingStopped
+from worker.pipeline.ranks import (
+    StopAgreement,
+    assign_whole,
+    in_process_group,
+    is_main_process,
+    whole,
+)
 from worker.pipeline.report import CheckpointSavedFn, JobReporter, no_checkpoint_report
 
 
@@ -200,8 +207,12 @@ class StopCallback(TrainerCallback):
     def __init__(
         self, reporter: JobReporter, save_on: frozenset[StopReason] = frozenset(),
         *, saves_hand_backs: bool = False,
+        should_stop: Callable[[], StopReason | None] | None = None,
     ) -> None:
         self.reporter = reporter
+        # Where stop requests come from: the reporter's, or in a process group the reason
+        # its ranks agreed on (`ranks.StopAgreement`).
+        self.should_stop = should_stop or reporter.should_stop
         self.saves_hand_backs = saves_hand_backs
         self.save_on = (save_on | HAND_BACK_REASONS) if saves_hand_backs else save_on
         self.reason: StopReason | None = None
@@ -211,7 +222,7 @@ class StopCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        reason = self.reporter.should_stop()
+        reason = self.should_stop()
         if reason in HAND_BACK_REASONS and self.saves_hand_backs:
             # Stopped in `on_save`, after the step's evaluation and checkpoint.
             self._handing_back = reason
@@ -246,7 +257,7 @@ class StopCallback(TrainerCallback):
 
     def _stop_now(self) -> StopReason | None:
         """A reason to stop before the step ends: any but those that save the step."""
-        reason = self.reporter.should_stop()
+        reason = self.should_stop()
         return None if reason in self.save_on else reason
 
     def _stop(self, reason: StopReason, state: TrainerState, control: TrainerControl) -> None:
@@ -285,8 +296,10 @@ class BestAdapterCallback(TrainerCallback):
             return
         if self.best_loss is None or loss < self.best_loss:
             self.best_loss, self.best_step = float(loss), state.global_step
+            # Whole tensors even under FSDP2, where each rank holds a shard: what is saved
+            # with a checkpoint must be the whole adapter.
             self._weights = {
-                name: param.detach().to("cpu", copy=True)
+                name: whole(param.detach()).to("cpu", copy=True)
                 for name, param in model.named_parameters()
                 if param.requires_grad
             }
@@ -304,7 +317,7 @@ class BestAdapterCallback(TrainerCallback):
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name in self._weights:
-                    param.copy_(self._weights[name])
+                    assign_whole(param, self._weights[name])
         self.restored = True
 
     def save_into(self, checkpoint_dir: Path) -> None:
@@ -360,15 +373,23 @@ class CheckpointCallback(TrainerCallback):
     training at the next step (`StopReason.STORAGE_UNAVAILABLE`): the job goes back to the
     queue rather than train on without checkpoints. `run_trainer` waits for the last upload
     (`wait_for_uploads`) before anything else happens to the job.
+
+    In a process group only rank 0 has this callback, and it stops nothing itself
+    (`stops_training` False): the failed upload is a stop request its ranks agree on
+    (`TrainingWatch`), since a rank that stopped alone would leave the others waiting.
     """
 
     def __init__(
         self, store: CheckpointStore, best: BestAdapterCallback | None,
-        saved: CheckpointSavedFn = no_checkpoint_report,
+        saved: CheckpointSavedFn = no_checkpoint_report, *, stops_training: bool = True,
     ) -> None:
         self.best = best
         self.saved = saved
+        self.stops_training = stops_training
         self.uploads = BackgroundUploads(store, self._uploaded)
+
+    def upload_failed(self) -> bool:
+        return self.uploads.error is not None
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -383,7 +404,7 @@ class CheckpointCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.uploads.error is not None:
+        if self.stops_training and self.upload_failed():
             control.should_training_stop = True
             control.should_save = control.should_evaluate = False
 
@@ -395,7 +416,8 @@ class CheckpointCallback(TrainerCallback):
 
 class TrainingWatch:
     """The callbacks every training run gets: metrics and log lines, progress, cancel, and with
-    a validation set early stopping and the best adapter; with `checkpoints`, uploads."""
+    a validation set early stopping and the best adapter; with `checkpoints`, uploads (by rank
+    0 alone in a process group, whose ranks agree on every stop: `ranks.StopAgreement`)."""
 
     def __init__(
         self,
@@ -414,13 +436,17 @@ class TrainingWatch:
         # and one whose worker stops too, even where no checkpoint is saved along the way:
         # the next attempt continues from it.
         save_on = frozenset({StopReason.TIMEOUT}) if saves else frozenset()
+        group = in_process_group()
+        self.agreement = StopAgreement(self._stop_request) if group else None
         self.stop = StopCallback(reporter, save_on=save_on,
-                                 saves_hand_backs=checkpoints is not None)
+                                 saves_hand_backs=checkpoints is not None,
+                                 should_stop=self.agreement.agreed if self.agreement else None)
         self.best = BestAdapterCallback()
         if resume_from:
             # The best adapter so far lives in the checkpoint, not in this process's memory.
             self.best.load_checkpoint(resume_from)
         self.callbacks: list[TrainerCallback] = [
+            *([self.agreement] if self.agreement else []),
             self.metrics,
             ProgressReportCallback(reporter),
             self.stop,
@@ -429,11 +455,19 @@ class TrainingWatch:
             self.callbacks += [early_stopping(config.early_stopping_patience, resume_from),
                                self.best]
         self.checkpoint_uploads: CheckpointCallback | None = None
-        if checkpoints is not None:
+        if checkpoints is not None and is_main_process():
             best = self.best if has_validation else None
-            self.checkpoint_uploads = CheckpointCallback(checkpoints, best,
-                                                         reporter.checkpoint_saved)
+            self.checkpoint_uploads = CheckpointCallback(
+                checkpoints, best, reporter.checkpoint_saved, stops_training=not group)
             self.callbacks.append(self.checkpoint_uploads)
+
+    def _stop_request(self) -> StopReason | None:
+        """Rank 0's reason to stop a process group: the reporter's, or a checkpoint that
+        could not be uploaded."""
+        uploads = self.checkpoint_uploads
+        if uploads is not None and uploads.upload_failed():
+            return StopReason.STORAGE_UNAVAILABLE
+        return self.reporter.should_stop()
 
     def wait_for_uploads(self) -> BaseException | None:
         """Wait until the last checkpoint upload has ended; returns why it failed, if it did

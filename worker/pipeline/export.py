@@ -14,21 +14,23 @@ __all__ = ["ADAPTER_FILES", "export_adapter"]
 
 
 def export_adapter(
-    model: Any, tokenizer: Any, output_dir: Path, *, base_model: str, log: LogFn = no_log
+    model: Any, tokenizer: Any, output_dir: Path, *, base_model: str, log: LogFn = no_log,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Write `adapter_model.safetensors`, `adapter_config.json` and the tokenizer files.
 
     `adapter_config.json` names its base `base_model`: the model_path the user gave, a hub id
     their machine can load too, or the local path they chose; never the directory this worker
     resolved it to. `output_dir` is emptied first, so a retried attempt never uploads a stale
-    file.
+    file. `state_dict`: the trainable weights when the model holds only shards of them (FSDP;
+    `ranks.adapter_state`).
     """
     if output_dir.exists():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True)
     for config in model.peft_config.values():
         config.base_model_name_or_path = base_model
-    model.save_pretrained(output_dir, safe_serialization=True)
+    model.save_pretrained(output_dir, safe_serialization=True, state_dict=state_dict)
     # peft's generated model card carries nothing the client needs.
     (output_dir / "README.md").unlink(missing_ok=True)
     missing = [name for name in ADAPTER_FILES if not (output_dir / name).is_file()]

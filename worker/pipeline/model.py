@@ -17,6 +17,7 @@ from shared.schema import PretrainedModelConfig
 from shared.sources import SourceError, classify_source
 from shared.training_plan import DEFAULT_SEED
 from worker.pipeline.errors import PipelineError
+from worker.pipeline.ranks import in_process_group, local_rank
 from worker.pipeline.report import LogFn, no_log
 
 LORA_INIT_SEED = DEFAULT_SEED
@@ -222,7 +223,11 @@ def base_model_options(
         # Pickled .bin checkpoints can run code when loaded.
         "use_safetensors": True,
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and in_process_group():
+        # One process per GPU (`ranks`): each rank's model lives on its own device; FSDP
+        # shards it from there.
+        options["device_map"] = {"": local_rank()}
+    elif torch.cuda.is_available():
         # "nmp", naive model parallel: layers spread over the GPUs of this worker.
         options["device_map"] = "auto"
     if config.use_quantization:

@@ -34,6 +34,7 @@ from worker.pipeline.export import export_adapter
 from worker.pipeline.interrupts import InterruptibleRegion
 from worker.pipeline.model import add_lora, enable_gradient_checkpointing, load_tokenizer
 from worker.pipeline.preference import train_preference
+from worker.pipeline.ranks import adapter_state, in_process_group, is_main_process
 from worker.pipeline.report import JobReporter, LogFn
 from worker.pipeline.token_cache import TokenCache, fingerprint
 from worker.pipeline.train import train
@@ -66,6 +67,7 @@ def run_job(
     base_models: BaseModelCache | None = None,
     hub_cache_dir: Path | None = None,
     memory_rung: Rung | None = None,
+    trainer_dir: Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter as `request` says; the result lies in `work_dir / "output"`.
 
@@ -75,6 +77,10 @@ def run_job(
     downloads go to `hub_cache_dir` (None: the shared Hugging Face cache; see `job_dirs`).
     `memory_rung` is how the micro-batches are trained after running out of memory
     (`worker.memory_ladder`); None: as the request asks.
+
+    In a process group (`ranks`), each rank calls this with a `work_dir` of its own and the
+    group's shared `trainer_dir` (where the Trainer writes its checkpoints, every rank its
+    part); only rank 0 writes the adapter, and the others' `output_dir` is empty.
 
     Raises `PipelineError` for problems the user can fix and `TrainingStopped` when
     `reporter.should_stop()` asked for it. The output leaves the worker in
@@ -122,7 +128,7 @@ def run_job(
                 train_set,
                 eval_set,
                 request.training_config,
-                output_dir=work_dir / "trainer",
+                output_dir=trainer_dir or work_dir / "trainer",
                 reporter=reporter,
                 checkpoints=checkpoints,
                 resume_from=resume_from,
@@ -134,8 +140,12 @@ def run_job(
                     finish_s=settings.training.wandb_finish_timeout_s,
                 ),
             )
-            output_dir = export_adapter(model, tokenizer, work_dir / "output",
-                                        base_model=base.model_path.strip(), log=log)
+            output_dir = work_dir / "output"
+            # Every rank: under FSDP, gathering the adapter's shards takes all of them.
+            state = adapter_state(model) if in_process_group() else None
+            if is_main_process():
+                export_adapter(model, tokenizer, output_dir, state_dict=state,
+                               base_model=base.model_path.strip(), log=log)
     return TrainResult(
         output_dir=output_dir,
         steps=stats.steps,

@@ -21,6 +21,7 @@ from worker.pipeline.labelled_loss import (
     decoder_inputs,
     labelled_causal_lm_loss,
 )
+from worker.pipeline.ranks import describe_process_group, in_process_group
 from worker.pipeline.wandb_reporting import WandbTimeouts, wandb_reporting
 
 
@@ -168,6 +169,8 @@ def run_trainer(
     reporter, stop, best = watch.reporter, watch.stop, watch.best
     # Log lines go to the reporter; the Trainer's own printer would duplicate them on stdout.
     trainer.remove_callback(PrinterCallback)
+    if in_process_group():
+        reporter.log(describe_process_group(trainer))
     if config.lr_scheduler_type == "reduce_lr_on_plateau":
         reporter.log(
             "reduce_lr_on_plateau: no warm-up; the learning rate halves after an evaluation "

@@ -18,6 +18,7 @@ from shared.training_plan import (
     optimizer_steps,
     warmup_plan,
 )
+from worker.pipeline.ranks import in_process_group
 from worker.pipeline.report import JobReporter
 
 # torch's ReduceLROnPlateau waits 10 evaluations by default, which never happens in ten.
@@ -42,7 +43,7 @@ def planned_warmup(config: TrainingConfig, *, train_examples: int, reporter: Job
     total = optimizer_steps(
         train_examples, epochs=config.num_train_epochs,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        batch_size=micro_batch_size(config.micro_batch_size),
+        batch_size=micro_batch_size(config.micro_batch_size), devices=config.devices,
     )
     plan = warmup_plan(config.warmup_steps, total)
     if plan.warning:
@@ -131,10 +132,18 @@ def training_arguments(
         data_seed=job_seed(config.seed),
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        # Every LoRA weight takes part in every forward pass: DDP need not look for unused
+        # ones after each backward (which costs a pass over the autograd graph).
+        ddp_find_unused_parameters=False,
         disable_tqdm=True,
         **evaluation,
         **saving,
     )
+    if config.strategy == "fsdp" and in_process_group():
+        # PyTorch FSDP2 through accelerate: each decoder layer's weights, gradients and
+        # optimizer state sharded over the ranks; whole tensors (the adapter) in checkpoints.
+        values.update(fsdp=True, fsdp_config={"version": 2,
+                                              "state_dict_type": "FULL_STATE_DICT"})
     return arguments_class(**{**values, **overrides})
 
 
