@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from api.routes.health import router as health_router
 from shared.settings import GROUPS, LEGACY_NAMES, PROJECT_ROOT, Settings
 from tests.deploy.kubernetes_manifests import OVERLAYS, Obj, named, of_kind, render
+from tests.test_readme import readme_problems
 
 COMPOSE = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
 CPU_COMPOSE = yaml.safe_load((PROJECT_ROOT / "deploy" / "compose.cpu-worker.yml").read_text())
@@ -215,8 +216,9 @@ def test_each_device_class_has_workers_that_keda_scales_on_its_queue_and_jobs(
 
 
 def grace_period_s(compose_value: str) -> int:
-    number, unit = re.fullmatch(r"(\d+)([sm])", compose_value).groups()  # type: ignore[union-attr]
-    return int(number) * (60 if unit == "m" else 1)
+    match = re.fullmatch(r"(\d+)([sm])", compose_value)
+    assert match, f"stop_grace_period {compose_value!r}: expected seconds or minutes, e.g. 2m"
+    return int(match.group(1)) * (60 if match.group(2) == "m" else 1)
 
 
 def test_workers_have_at_least_compose_s_time_to_hand_their_job_back() -> None:
@@ -301,3 +303,10 @@ def test_every_object_lands_in_the_overlay_s_namespace(overlay: str) -> None:
 
     assert {key for key, namespace in namespaces.items()
             if namespace != NAMESPACES[overlay]} == set()
+
+
+@pytest.mark.parametrize("document", ["deploy/README.md", "deploy/multi-node.md"])
+def test_the_deploy_documents_render_their_code_blocks_and_links(document: str) -> None:
+    path = PROJECT_ROOT / document
+
+    assert readme_problems(path.read_text(), path.parent) == []
