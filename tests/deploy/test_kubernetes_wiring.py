@@ -67,7 +67,7 @@ def dev_secret() -> dict[str, str]:
 
 def readme_secret_keys() -> list[str]:
     """The keys of the `kubectl create secret generic tunery` command in deploy/README.md."""
-    command = re.search(r"create secret generic tunery \\\n(.*?)\n```", DEPLOY_README, re.S)
+    command = re.search(r"create secret generic tunery \\\n(.*?)\n\s*```", DEPLOY_README, re.S)
     assert command, "deploy/README.md shows no `kubectl create secret generic tunery` command"
     return re.findall(r"--from-literal=(\w+)=", command.group(1))
 
