@@ -161,6 +161,24 @@ def test_fsdp_on_a_cpu_worker_is_refused_naming_the_field(
         on_two(make_request, group_settings, tmp_path / "work", strategy="fsdp")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="FSDP needs two GPUs (bench/gpu/multi_device.sh runs this on one)")
+def test_fsdp_on_two_gpus_trains_as_ddp_does(
+    make_request: Any, group_settings: Settings, tmp_path: Path
+) -> None:
+    ddp, ddp_reports = on_two(make_request, group_settings, tmp_path / "ddp",
+                              job_id="job-ddp", micro_batch_size=2)
+    fsdp, fsdp_reports = on_two(make_request, group_settings, tmp_path / "fsdp",
+                                job_id="job-fsdp", micro_batch_size=2, strategy="fsdp")
+    assert "process group: 2 ranks, FSDP over nccl" in fsdp_reports.lines
+    assert fsdp.steps == ddp.steps
+    for (_, sharded), (_, whole_model) in zip(losses(fsdp_reports), losses(ddp_reports),
+                                              strict=True):
+        assert sharded == pytest.approx(whole_model, rel=1e-2)
+    for name, weight in adapter(ddp).items():
+        torch.testing.assert_close(adapter(fsdp)[name], weight, rtol=1e-2, atol=1e-3)
+
+
 def test_a_job_asking_more_devices_than_the_worker_owns_is_refused(
     make_request: Any, group_settings: Settings, tmp_path: Path
 ) -> None:
