@@ -130,3 +130,13 @@ def test_inference_quick_measures_the_engine_and_the_generate_baseline(tmp_path:
     assert set(row["ratios"]) == {
         "streams8_vs_one_stream", "streams8_vs_sequential_generate", "one_stream_vs_generate",
         "mixed_adapters_vs_one_adapter", "adapter_switch_share", "adapter_first_load_share"}
+
+
+def test_scaling_quick_trains_on_one_and_two_processes(tmp_path: Path) -> None:
+    result = _run("bench.scaling", tmp_path)
+    rows = result["results"]
+    assert [row["devices"] for row in rows] == [1, 2]
+    assert rows[1]["group"] == "process group: 2 ranks, DDP over gloo"
+    for row in rows:
+        assert row["steps"] == rows[0]["steps"] > 0 and row["tokens_per_s"] > 0, row
+    assert result["machine"]["accelerator"].startswith("CPU")
