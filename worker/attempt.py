@@ -170,8 +170,10 @@ def run_attempt(
                                 TrainingStopped(StopReason.STORAGE_UNAVAILABLE))
     except ProcessGroupFailed as exc:
         # A rank died (killed, or the host took a device away): the attempt is lost, and the
-        # job is retried from its last checkpoint like one whose worker died.
-        give_up_the_attempt(claim, reporter, redact_secrets(str(exc), secrets)[:2000])
+        # job is retried from its last checkpoint like one whose worker died; its wake-up
+        # goes back to the broker, for this worker or another to take at once.
+        handed_back = give_up_the_attempt(claim, reporter,
+                                          redact_secrets(str(exc), secrets)[:2000])
     except PipelineError as exc:
         reason = redact_secrets(str(exc), secrets)
         reporter.log(f"failed: {reason}")
@@ -318,10 +320,12 @@ def hand_back(claim: Claim, reporter: DatabaseReporter, stop: TrainingStopped) -
     return status is JobStatus.QUEUED
 
 
-def give_up_the_attempt(claim: Claim, reporter: DatabaseReporter, why: str) -> None:
-    """End an attempt that could not start for a fault of its worker: the job moves on at
-    once as from a lost attempt (counted: a worker that keeps failing fails the job after
-    its attempts, with `why` in the reason), never stays RUNNING under a live heartbeat."""
+def give_up_the_attempt(claim: Claim, reporter: DatabaseReporter, why: str) -> bool:
+    """End an attempt that could not go on for a fault of its worker (it could not start,
+    or a rank of its process group died): the job moves on at once as from a lost attempt
+    (counted: a worker that keeps failing fails the job after its attempts, with `why` in the
+    reason), never stays RUNNING under a live heartbeat. Returns whether the job is QUEUED
+    again."""
     log.error("job %s attempt %s: %s", claim.job_id, claim.attempt, why)
     reporter.log(f"attempt {claim.attempt}: {why}")
 
@@ -330,8 +334,9 @@ def give_up_the_attempt(claim: Claim, reporter: DatabaseReporter, why: str) -> N
         with session_scope() as session:
             return jobs.requeue_lost_attempt(session, claim, why)
 
-    through_outage(record, FINISH_PATIENCE_S, f"job {claim.job_id} attempt {claim.attempt}: "
-                                              f"giving the attempt up")
+    moved = through_outage(record, FINISH_PATIENCE_S,
+                           f"job {claim.job_id} attempt {claim.attempt}: giving the attempt up")
+    return (claim.job_id, JobStatus.QUEUED) in (moved or [])
 
 
 def step_down_the_memory_ladder(claim: Claim, request: FinetuneRequest,

@@ -4,6 +4,8 @@ devices, torchrun with two gloo ranks, and the same logs, cancel and adapter as 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +28,10 @@ TWO_DEVICES = json.dumps([{"name": "train", "devices": 2, "memory_gb": None}])
 
 
 def two_device_stack(tmp_path: Path, tiny_model_dir: Path,
-                     start_stack: Callable[..., LocalStack]) -> tuple[LocalStack, str]:
+                     start_stack: Callable[..., LocalStack], **env: str) -> tuple[LocalStack, str]:
     env = stack_env(tmp_path / "data", [ASSETS_DIR, tiny_model_dir],
                     TUNERY_WORKER_DEVICES="2", TUNERY_DEVICE_CLASSES=TWO_DEVICES,
-                    TUNERY_WORK_DIR=str(tmp_path / "work"))
+                    TUNERY_WORK_DIR=str(tmp_path / "work"), **env)
     return start_stack(env), create_key(env)
 
 
@@ -69,3 +71,31 @@ def test_cancel_through_the_api_stops_both_ranks(
         job = wait_for_terminal(client, job_id, timeout_s=120)
     assert job["status"] == "CANCELLED"
     assert not any(rank_processes(group.parent) for group in (tmp_path / "work").glob("*/group"))
+
+
+def test_a_rank_killed_mid_run_loses_the_attempt_and_the_retry_resumes_to_the_same_steps(
+    tmp_path: Path, tiny_model_dir: Path, start_stack: Callable[..., LocalStack]
+) -> None:
+    stack, key = two_device_stack(tmp_path, tiny_model_dir, start_stack,
+                                  TUNERY_CHECKPOINT_EVERY_STEPS="2")
+    payload = tiny_payload(tiny_model_dir, devices=2, micro_batch_size=1, num_train_epochs=1)
+    with httpx.Client(base_url=stack.base_url, timeout=30,
+                      headers={"Authorization": f"Bearer {key}"}) as client:
+        job_id = client.post("/v1/finetune/llm", json=payload).json()["job_id"]
+        metrics_url = f"/v1/finetune/llm/{job_id}/metrics"
+        deadline = time.monotonic() + 240
+        while max((m["step"] for m in client.get(metrics_url).json()["metrics"]), default=0) < 4:
+            assert time.monotonic() < deadline, "the job never reached step 4"
+            time.sleep(0.3)
+        groups = list((tmp_path / "work").glob("*/group"))
+        os.kill(rank_processes(groups[0].parent)[1], signal.SIGKILL)
+        job = wait_for_terminal(client, job_id, timeout_s=300)
+        metrics = client.get(metrics_url).json()["metrics"]
+        logs = "\n".join(client.get(f"/v1/finetune/llm/{job_id}/logs",
+                                     params={"n_lines": 1000}).json()["logs"])
+    assert job["status"] == "COMPLETED", job
+    planned = int(next(m["values"]["total_steps"] for m in metrics
+                       if "total_steps" in m["values"]))
+    assert job["result"]["steps"] == planned
+    assert "process group of 2 exited" in logs or "a rank crashed" in logs
+    assert "attempt 2 started" in logs and "resuming at step" in logs
