@@ -283,6 +283,13 @@ class TrainingSettings(BaseModel):
         "share of the cores. A job asking for more is never claimed here (its device class "
         "routes it elsewhere).",
     )
+    process_group_timeout_s: int = Field(
+        1800, ge=10, description="How long a rank of a job's process group waits for the "
+        "others in a collective (the gradient all-reduce) before the group fails: a rank that "
+        "hangs (a stopped process, a stuck GPU) then fails the attempt, which is retried "
+        "from its last checkpoint, instead of holding the job forever. Above the longest "
+        "step and checkpoint save a job makes.",
+    )
     cpu_bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="Training precision of a CPU worker. auto: bf16 mixed precision "
         "where the CPU multiplies bf16 in hardware (AVX512_BF16 or AMX), fp32 elsewhere; on: "

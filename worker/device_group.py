@@ -11,7 +11,9 @@ rank 0 reports through files (`group_channel`). So:
   stop there together, saving the step where a single process would;
 - a rank that dies takes the group with it (torchrun runs with no restarts) and fails the
   attempt as a lost one: the job is retried, resuming from its last checkpoint;
-- the worker's death takes the group with it too (`parent_death`).
+- the worker's death takes the group with it too (`parent_death`), and a worker that stops
+  answering (SIGSTOP) has its group stop as from a lost lease (`group_channel.EventWriter`);
+  a rank that hangs fails the group after `TUNERY_PROCESS_GROUP_TIMEOUT_S` in a collective.
 
 torchrun decides everything about the group itself (rendezvous, ranks, the backend: NCCL on
 GPUs, gloo on CPU); nothing here schedules or communicates between ranks.
@@ -31,7 +33,7 @@ from shared.jobs import Claim
 from shared.schema import FinetuneRequest
 from shared.settings import Settings
 from shared.storage import StorageUnreachable
-from worker.group_channel import EventReader, GroupSpec, request_stop
+from worker.group_channel import EventReader, GroupSpec, mark_alive, request_stop
 from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
 from worker.pipeline.report import JobReporter
 from worker.pipeline.run import TrainResult
@@ -95,6 +97,7 @@ def train_on_devices(
     outcome_at: float | None = None
     try:
         while (code := process.poll()) is None:
+            mark_alive(directory)
             reader.relay(reporter)
             now = time.monotonic()
             reason = reporter.should_stop()

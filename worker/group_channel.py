@@ -1,7 +1,8 @@
 """The files through which a worker and the process group it started for one job talk.
 
 The worker writes `spec.json` (what to train: the request, the settings, the attempt) before
-it starts torchrun, and `stop` (a `StopReason`) once the attempt should end; rank 0 appends
+it starts torchrun, `stop` (a `StopReason`) once the attempt should end, and touches
+`worker-alive` while it watches the group; rank 0 appends
 what the pipeline reports to `events.jsonl`, one JSON object a line, the last one the
 outcome. Files rather than a socket or a queue: no port to find, nothing lost when either
 side is slow, and what a crashed group wrote is still there to read. The directory is the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from worker.pipeline.errors import StopReason
 SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "stop"
+ALIVE_FILE = "worker-alive"
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,11 @@ def request_stop(directory: Path, reason: StopReason) -> None:
     temporary.replace(directory / STOP_FILE)  # whole or absent, never half written
 
 
+def mark_alive(directory: Path) -> None:
+    """The worker is there: it renews the lease and would pass on a stop."""
+    (directory / ALIVE_FILE).touch()
+
+
 def requested_stop(directory: Path) -> StopReason | None:
     try:
         return StopReason(directory.joinpath(STOP_FILE).read_text(encoding="utf-8").strip())
@@ -89,10 +97,13 @@ def requested_stop(directory: Path) -> StopReason | None:
 
 class EventWriter:
     """Rank 0's `JobReporter`: every report becomes a line of `events.jsonl`; a stop is what
-    the worker asked for in `stop`."""
+    the worker asked for in `stop`, or a lost lease once the worker has not been seen for
+    `lease_seconds` (stopped with SIGSTOP, or stuck: its heartbeat is not renewing the lease
+    either, and another attempt may own the job by now)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, lease_seconds: float) -> None:
         self.directory = directory
+        self.lease_seconds = lease_seconds
         self._out = (directory / EVENTS_FILE).open("a", encoding="utf-8")
 
     def _emit(self, event: dict[str, Any]) -> None:
@@ -118,7 +129,16 @@ class EventWriter:
         self._emit({"kind": "checkpoint_saved", "step": step, "line": line})
 
     def should_stop(self) -> StopReason | None:
-        return requested_stop(self.directory)
+        asked = requested_stop(self.directory)
+        if asked is None and self._worker_silent_for() > self.lease_seconds:
+            return StopReason.LEASE_LOST
+        return asked
+
+    def _worker_silent_for(self) -> float:
+        try:
+            return time.time() - (self.directory / ALIVE_FILE).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0  # a group started by hand, without a worker watching
 
     def outcome(self, kind: str, **fields: Any) -> None:
         """The group's last word: `trained`, `stopped`, `failed`, `out_of_memory`,

@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 from shared.payload_secrets import redact_secrets, secret_values
@@ -45,7 +46,8 @@ def main(argv: list[str]) -> int:
     from worker.pipeline.run import run_job
 
     reporter: EventWriter | SilentReporter = (
-        EventWriter(directory) if is_main_process() else SilentReporter(directory, rank()))
+        EventWriter(directory, spec.settings.leases.lease_seconds) if is_main_process()
+        else SilentReporter(directory, rank()))
     secrets = secret_values(spec.request.model_dump(mode="json"))
     settings = spec.settings
     storage = retrying_storage(settings, reporter.log)
@@ -53,6 +55,7 @@ def main(argv: list[str]) -> int:
         storage, spec.job_id, every_steps=settings.training.checkpoint_every_steps,
         keep=settings.training.checkpoints_to_keep, attempt=spec.attempt,
     )
+    join_cpu_group(settings.training.process_group_timeout_s)
     work_dir = directory / f"rank-{rank()}"
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -87,6 +90,18 @@ def main(argv: list[str]) -> int:
             trained_tokens=result.trained_tokens,
         )
     return TRAINED
+
+
+def join_cpu_group(timeout_s: int) -> None:
+    """On CPU, make the gloo group here, with the collective timeout: transformers hands
+    `ddp_timeout` to accelerate on GPUs only, and a CPU group would wait 30 minutes on a hung
+    rank. accelerate then uses this group. On GPUs accelerate makes it (NCCL) with the same
+    timeout."""
+    import torch
+
+    if torch.cuda.is_available() or torch.distributed.is_initialized():
+        return
+    torch.distributed.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "training_memory_gb": ("12.5", 12.5),
     "cpu_bf16": ("off", "off"),
     "worker_devices": ("2", 2),
+    "process_group_timeout_s": ("60", 60),
     "base_model_cache": ("false", False),
     "wandb_init_timeout_s": ("5", 5.0),
     "wandb_finish_timeout_s": ("7.5", 7.5),

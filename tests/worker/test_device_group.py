@@ -21,6 +21,7 @@ from shared.storage import storage_from_settings
 from shared.storage_keys import job_checkpoint_prefix
 from worker.assets.build_dataset import DATASET_PATH
 from worker.device_group import ProcessGroupFailed, train_on_devices
+from worker.group_channel import ALIVE_FILE, EventWriter, mark_alive, request_stop
 from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
 from worker.pipeline.report import RecordingReporter
 from worker.pipeline.run import TrainResult, run_job
@@ -150,6 +151,46 @@ def test_a_killed_rank_fails_the_attempt_and_the_next_one_resumes_from_its_check
     assert result.steps == 24  # the steps of an uninterrupted run
     resumed_at = [line for line in resumed.lines if "resuming at step" in line]
     assert resumed_at and "resuming at step 1" not in resumed_at[0]
+
+
+def test_a_hung_rank_fails_the_group_after_the_collective_timeout(
+    make_request: Any, group_settings: Settings, tmp_path: Path
+) -> None:
+    settings = group_settings.model_copy(update={"training": group_settings.training.model_copy(
+        update={"process_group_timeout_s": 10})})
+    work = tmp_path / "work"
+    reporter = RecordingReporter()
+    stopped: list[int] = []
+
+    def stop_rank_1_after_step_2(step: int, values: dict[str, float]) -> None:
+        RecordingReporter.metric(reporter, step, values)
+        if step >= 2 and "loss" in values and not stopped:
+            pid = rank_processes(work)[1]
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+    reporter.metric = stop_rank_1_after_step_2  # type: ignore[method-assign]
+    started = time.monotonic()
+    with pytest.raises(ProcessGroupFailed):
+        on_two(make_request, settings, work, reporter=reporter, micro_batch_size=1,
+               num_train_epochs=2)
+    # The timeout, then torchrun's teardown; far from the run's end, never forever.
+    assert stopped and time.monotonic() - started < 240
+    assert not rank_processes(work)
+
+
+def test_rank_0_stops_the_group_as_from_a_lost_lease_when_its_worker_goes_silent(
+    tmp_path: Path,
+) -> None:
+    writer = EventWriter(tmp_path, lease_seconds=30)
+    assert writer.should_stop() is None  # no worker watching yet: nothing to miss
+    mark_alive(tmp_path)
+    assert writer.should_stop() is None
+    a_lease_ago = time.time() - 31
+    os.utime(tmp_path / ALIVE_FILE, (a_lease_ago, a_lease_ago))
+    assert writer.should_stop() is StopReason.LEASE_LOST
+    request_stop(tmp_path, StopReason.CANCELLED)
+    assert writer.should_stop() is StopReason.CANCELLED  # what the worker asked wins
 
 
 def test_fsdp_on_a_cpu_worker_is_refused_naming_the_field(

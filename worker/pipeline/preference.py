@@ -77,6 +77,7 @@ def train_preference(
     memory_limit_bytes: float | None = None,
     memory_rung: Rung | None = None,
     wandb_timeouts: WandbTimeouts,
+    collective_timeout_s: int = 1800,
 ) -> TrainStats:
     """Train the adapter of `model` in place with `config.preference_optimization` (ORPO or
     DPO), as `train()` does with the supervised loss: same training_config mapping, metrics,
@@ -127,6 +128,7 @@ def train_preference(
         warmup_steps=0,
         wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
         arguments_class=config_class,
+        collective_timeout_s=collective_timeout_s,
         max_length=max_length,
         beta=beta,
         # TRL turns these on by default; load_model already decided on checkpointing, and the

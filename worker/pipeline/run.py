@@ -139,6 +139,7 @@ def run_job(
                     start_s=settings.training.wandb_init_timeout_s,
                     finish_s=settings.training.wandb_finish_timeout_s,
                 ),
+                collective_timeout_s=settings.training.process_group_timeout_s,
             )
             output_dir = work_dir / "output"
             # Every rank: under FSDP, gathering the adapter's shards takes all of them.

@@ -52,6 +52,7 @@ def train(
     memory_limit_bytes: float | None = None,
     memory_rung: Rung | None = None,
     wandb_timeouts: WandbTimeouts,
+    collective_timeout_s: int = 1800,
 ) -> TrainStats:
     """Train the adapter in place; raises `TrainingStopped` if the reporter asks to stop.
 
@@ -94,6 +95,7 @@ def train(
         # Every layout below makes ceil(examples / batch_size) batches an epoch.
         warmup_steps=planned_warmup(config, train_examples=len(train_set), reporter=reporter),
         wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
+        collective_timeout_s=collective_timeout_s,
     )
 
     # Layout and batches: which examples share a batch, and how (`batching`).

@@ -70,6 +70,7 @@ def training_arguments(
     resuming: bool = False,
     warmup_steps: int | None = None,
     wandb_run_name: str | None = None,
+    collective_timeout_s: int = 1800,
     arguments_class: type[Arguments] = TrainingArguments,  # type: ignore[assignment]
     **overrides: Any,
 ) -> Arguments:
@@ -82,7 +83,8 @@ def training_arguments(
     checkpoint. A run that trains passes its `planned_warmup` as `warmup_steps`; None keeps
     the request's (arguments that only evaluate). A trainer with its own arguments class
     (TRL's `ORPOConfig`, `DPOConfig`) passes it as `arguments_class`, with its own
-    fields and any value it must change in `overrides`.
+    fields and any value it must change in `overrides`. In a process group, a rank waits
+    `collective_timeout_s` for the others in a collective before the group fails.
     """
     cuda = torch.cuda.is_available()
     batch_size = micro_batch_size(config.micro_batch_size)
@@ -135,6 +137,7 @@ def training_arguments(
         # Every LoRA weight takes part in every forward pass: DDP need not look for unused
         # ones after each backward (which costs a pass over the autograd graph).
         ddp_find_unused_parameters=False,
+        ddp_timeout=collective_timeout_s,
         disable_tqdm=True,
         **evaluation,
         **saving,
