@@ -91,6 +91,9 @@ class JobOut(BaseModel):
     updated_at: UtcDatetime
     artifacts_url: str
     payload: dict[str, Any] = Field(description="The accepted payload, secrets masked.")
+    device_class: str = Field(description="Tunery extension: the device class the job was "
+                                          "routed to at submit (TUNERY_DEVICE_CLASSES), whose "
+                                          "workers alone claim it.")
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -116,6 +119,7 @@ class JobOut(BaseModel):
             updated_at=job.updated_at,
             artifacts_url=f"/v1/finetune/llm/{job.id}/artifacts",
             payload=drop_secrets(job.payload),
+            device_class=job.device_class,
         )
 
 
@@ -549,6 +553,19 @@ class PreflightSteps(BaseModel):
     note: str | None = Field(None, description="Why a number is unknown, or not used.")
 
 
+class PreflightDeviceClass(BaseModel):
+    """The device class the job goes to (TUNERY_DEVICE_CLASSES): the smallest with enough
+    devices and, where the model's size is known, enough memory per device."""
+
+    name: str = Field(description="The class, and the queue the job waits in.")
+    devices: int = Field(description="Devices each worker of the class owns.")
+    memory_gb: float | None = Field(description="Memory of each of its devices, in GB; null: "
+                                                "not stated.")
+    memory_needed_gb: float | None = Field(description="The memory per device the job was "
+                                                       "estimated to need; null: not known.")
+    estimate: str = Field(description="How the memory was estimated, or why it was not.")
+
+
 class PreflightOut(BaseModel):
     """`POST /v1/finetune/llm?dry_run=true`: what a submit of the same body would train, and
     what to double-check. Nothing is created; any problem is a 422 instead."""
@@ -558,6 +575,7 @@ class PreflightOut(BaseModel):
     model: PreflightModel
     template: PreflightTemplate
     steps: PreflightSteps
+    device_class: PreflightDeviceClass
     warnings: list[str] = Field(description="Defaults the payload relies on, a warm-up that "
                                             "takes much of the run, few examples, a CSV "
                                             "delimiter other than ',', sources not checked.")

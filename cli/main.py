@@ -12,6 +12,7 @@ from pathlib import Path
 from cli.client_commands import add_client_commands
 from cli.key_commands import add_key_commands
 from cli.process_commands import DEFAULT_ENGINE_PORT, worker_command
+from shared.device_classes import worker_class_problem
 from shared.private_files import restrict_umask
 from shared.settings import get_settings, settings_problems
 
@@ -31,11 +32,24 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_refused(command: str) -> bool:
+    """Whether this host's worker must not start: its device class has more devices than it
+    owns (said on stderr)."""
+    settings = get_settings()
+    problem = worker_class_problem(settings.broker.worker_class(),
+                                   settings.training.worker_devices)
+    if problem:
+        print(f"tunery {command}: {problem}", file=sys.stderr)
+    return problem is not None
+
+
 def _worker(args: argparse.Namespace) -> int:
+    if _worker_refused("worker"):
+        return 2
     # Replaced by Celery, not its parent: a supervisor's SIGTERM (Docker, Kubernetes, systemd)
     # must reach the worker, which hands its job back on it. A parent would die of it at once
     # (or, as a container's PID 1, ignore it) and leave Celery to be killed without a word.
-    command = worker_command(args.queues)
+    command = worker_command()
     os.execv(command[0], command)
 
 
@@ -49,6 +63,8 @@ def _inference(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from cli.local_stack import EVERY_ADDRESS, LocalStack, StopRequested, stop_on_signals
 
+    if _worker_refused("up"):
+        return 2
     if args.host in EVERY_ADDRESS:
         print(f"tunery up: warning: --host {args.host} serves the API on every network this "
               "machine is on; an API key is all that stands between it and them",
@@ -119,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no access log, only warnings and errors")
     api.set_defaults(func=_api)
 
-    worker = sub.add_parser("worker", help="run a training worker (one job at a time)")
-    worker.add_argument("--queues", default=None)
+    worker = sub.add_parser("worker", help="run a training worker (one job at a time) of the "
+                            "device class TUNERY_WORKER_DEVICE_CLASS names (default: the first "
+                            "of TUNERY_DEVICE_CLASSES), on that class's queue")
     worker.set_defaults(func=_worker)
 
     inference = sub.add_parser("inference", help="serve the embedded inference engine (the API "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from shared.queue import worker_queue
 from shared.settings import get_settings
 
 # Where `tunery inference` listens unless told otherwise: the port of the default
@@ -18,15 +19,16 @@ def tunery_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli", *args]
 
 
-def worker_command(queues: str | None = None, quiet: bool = False) -> list[str]:
-    """A Celery training worker consuming `queues` (default: the configured queue), started
-    through `cli.celery_worker` (each distinct warning once); a `quiet` one prints no banner
-    and only warnings and errors."""
-    settings = get_settings()
+def worker_command(quiet: bool = False) -> list[str]:
+    """A Celery training worker consuming its device class's queue (TUNERY_WORKER_DEVICE_CLASS,
+    default the first class), started through `cli.celery_worker` (each distinct warning
+    once); a `quiet` one prints no banner and only warnings and errors."""
     banner = ["--quiet"] if quiet else []
     # One job per process: a training job owns the GPU. No --pool: `worker.tasks` configures
     # its solo pool, which hands the job back on a cold shutdown (`worker.solo_pool`). Gossip
     # and mingle use broadcast exchanges that the embedded SQLite transport does not provide.
+    # One queue, never a list: the worker claims only its own class's jobs, so a wake-up it
+    # took from another class's queue would be lost to that class.
     return [sys.executable, "-m", "cli.celery_worker", "-A", "worker.tasks", *banner, "worker",
-            "--concurrency", "1", "-Q", queues or settings.broker.queue_name,
+            "--concurrency", "1", "-Q", worker_queue(get_settings()),
             "--loglevel", "WARNING" if quiet else "INFO", "--without-gossip", "--without-mingle"]

@@ -103,22 +103,25 @@ class NewJob:
 
     id: str
     tenant_id: str
+    device_class: str
 
 
 def create_job(
     session: Session, tenant_id: str, request: FinetuneRequest, max_attempts: int,
-    *, warnings: Sequence[str] = (), openai: Mapping[str, Any] | None = None,
+    *, device_class: str, warnings: Sequence[str] = (), openai: Mapping[str, Any] | None = None,
 ) -> NewJob:
     """Insert a QUEUED job for `request`, its secrets encrypted, and its first event; the
-    caller commits. `warnings` are sentences found at submit time, shown with the job; the
-    worker adds its own (`add_warning`). `openai`: what the OpenAI dialect was asked beyond
-    the payload (`Job.openai`).
+    caller commits, then sends the wake-up to `device_class`'s queue. `device_class`: the
+    class the job was routed to (`shared.device_classes.route`); only that class's workers
+    claim it. `warnings` are sentences found at submit time, shown with the job; the worker
+    adds its own (`add_warning`). `openai`: what the OpenAI dialect was asked beyond the
+    payload (`Job.openai`).
 
     Two Core INSERTs built once, rather than ORM objects: every submit goes through here,
     and building statements and flushing a unit of work cost several times what PostgreSQL
     spends on the rows. The rows get the same column defaults either way.
     """
-    job = NewJob(new_id(), tenant_id)
+    job = NewJob(new_id(), tenant_id, device_class)
     session.execute(_INSERT_JOB, {
         "id": job.id,
         "tenant_id": tenant_id,
@@ -128,6 +131,7 @@ def create_job(
         "max_attempts": max_attempts,
         "warnings": [w[:MAX_LOG_LINE] for w in warnings] or None,
         "openai": dict(openai) if openai is not None else None,
+        "device_class": device_class,
     })
     session.execute(_INSERT_EVENT, {
         "job_id": job.id, "from_status": None, "to_status": JobStatus.QUEUED.value,
@@ -240,14 +244,17 @@ def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> 
 
 
 def claim_next(
-    session: Session, owner: str, lease_seconds: int, tries: int = 5
+    session: Session, owner: str, lease_seconds: int, *, device_class: str, tries: int = 5
 ) -> Claim | None:
-    """Claim the fairest QUEUED job, if any: what every wake-up does, whichever job it names.
+    """Claim the fairest QUEUED job of `device_class`, the class of the claiming worker, if
+    any: what every wake-up does, whichever job it names.
 
-    Fair share: the job of the tenant with the fewest RUNNING jobs per unit of its weight
-    (`Tenant.weight`, 1 unless an admin set it) comes first; among tenants that tie, the
-    oldest queued job (`fairest_queued_job`). So a tenant with ten jobs queued takes the
-    next free worker only while no other tenant has fewer jobs running for its weight.
+    Fair share, within the class: the job of the tenant with the fewest RUNNING jobs of the
+    class per unit of its weight (`Tenant.weight`, 1 unless an admin set it) comes first;
+    among tenants that tie, the oldest queued job (`fairest_queued_job`). So a tenant with
+    ten jobs queued takes the next free worker of a class only while no other tenant has
+    fewer jobs running there for its weight. Each class is a pool of its own: jobs running
+    on another class's workers take nothing from this one.
 
     A wake-up is not tied to one job, so a lost message delays nobody as long as as many
     wake-ups as queued jobs are in the broker (see `shared.maintenance`). The claim itself is
@@ -255,7 +262,7 @@ def claim_next(
     moment picks again, and its new pick counts the job the winner now runs.
     """
     for _ in range(tries):
-        job_id = session.scalar(fairest_queued_job())
+        job_id = session.scalar(fairest_queued_job(device_class))
         if job_id is None:
             return None
         claim = claim_job(session, job_id, owner, lease_seconds)
@@ -264,24 +271,25 @@ def claim_next(
     return None
 
 
-def fairest_queued_job() -> Select[str]:
-    """The id of the claimable QUEUED job a free worker takes next, in one query that
-    PostgreSQL and SQLite both run: tenants ordered by running jobs / weight (a tenant with
-    nothing running first, whatever its weight); among tenants that tie, the one a worker
-    started a job for least recently (never first); then jobs by age.
+def fairest_queued_job(device_class: str) -> Select[str]:
+    """The id of the claimable QUEUED job of `device_class` a free worker of that class takes
+    next, in one query that PostgreSQL and SQLite both run: tenants ordered by running jobs of
+    the class / weight (a tenant with nothing running first, whatever its weight); among
+    tenants that tie, the one a worker of the class started a job for least recently (never
+    first); then jobs by age.
 
     The second key is what makes one worker fair: each time it comes free, the tenant whose
     job just ended runs nothing, like every other, and by age alone the tenant with the
     older queue would win every time."""
     running = (
         select(Job.tenant_id, func.count().label("jobs"))
-        .where(Job.status == JobStatus.RUNNING.value)
+        .where(Job.status == JobStatus.RUNNING.value, Job.device_class == device_class)
         .group_by(Job.tenant_id)
         .subquery("running")
     )
     served = (
         select(Job.tenant_id, func.max(Job.attempt_started_at).label("at"))
-        .where(Job.attempt_started_at.is_not(None))
+        .where(Job.attempt_started_at.is_not(None), Job.device_class == device_class)
         .group_by(Job.tenant_id)
         .subquery("served")
     )
@@ -294,6 +302,7 @@ def fairest_queued_job() -> Select[str]:
         .outerjoin(served, served.c.tenant_id == Job.tenant_id)
         .where(
             Job.status == JobStatus.QUEUED.value,
+            Job.device_class == device_class,
             Job.cancel_requested.is_(False),
             Job.attempt < Job.max_attempts,
         )
@@ -478,23 +487,66 @@ def fail_past_hard_limit(session: Session, hard_limit_s: int) -> list[str]:
     ]
 
 
-def queued_job_ids(session: Session, limit: int) -> list[str]:
-    """The oldest claimable QUEUED jobs, oldest first."""
+def _claimable(device_class: str | None) -> list[ColumnElement[bool]]:
+    where = [Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False)]
+    if device_class is not None:
+        where.append(Job.device_class == device_class)
+    return where
+
+
+def queued_job_ids(session: Session, limit: int, *, device_class: str | None = None
+                   ) -> list[str]:
+    """The oldest claimable QUEUED jobs, oldest first; with `device_class`, of that class
+    only."""
     return list(
         session.scalars(
-            select(Job.id)
-            .where(Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
+            select(Job.id).where(*_claimable(device_class))
             .order_by(Job.created_at, Job.id)
             .limit(limit)
         ).all()
     )
 
 
-def count_queued(session: Session) -> int:
+def count_queued(session: Session, *, device_class: str | None = None) -> int:
+    """Claimable QUEUED jobs; with `device_class`, of that class only."""
     return session.scalar(
-        select(func.count()).select_from(Job)
-        .where(Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
+        select(func.count()).select_from(Job).where(*_claimable(device_class))
     ) or 0
+
+
+@dataclass(frozen=True)
+class UnservedJob:
+    id: str
+    device_class: str
+    warnings: list[str]
+
+
+def queued_outside(session: Session, device_classes: Collection[str]) -> list[UnservedJob]:
+    """The claimable QUEUED jobs routed to a class that is none of `device_classes`, oldest
+    first: jobs no worker of this deployment takes."""
+    return [UnservedJob(job_id, device_class, list(warnings or []))
+            for job_id, device_class, warnings in session.execute(
+                select(Job.id, Job.device_class, Job.warnings)
+                .where(*_claimable(None), Job.device_class.not_in(list(device_classes)))
+                .order_by(Job.created_at, Job.id)
+            )]
+
+
+def warn_queued_job(session: Session, job_id: str, warning: str) -> bool:
+    """Add `warning` to a QUEUED job's warnings, and to its log, unless it carries it
+    already; False then, or when the job is no longer QUEUED. For what the service finds
+    about a job nobody runs; a running attempt's warnings go through `add_warning`."""
+    fence = (Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+    found = session.execute(
+        select(Job.warnings, Job.attempt).where(*fence).with_for_update()
+    ).one_or_none()
+    warning = warning[:MAX_LOG_LINE]
+    if found is None or warning in (found.warnings or []):
+        return False
+    session.execute(update(Job).where(*fence).values(
+        warnings=[*(found.warnings or []), warning], updated_at=utcnow()))
+    append_log(session, job_id, found.attempt, warning)
+    return True
 
 
 def transition(

@@ -6,8 +6,14 @@ run, the embedded default included:
 - jobs whose lease expired (worker killed, host lost) go back to QUEUED, or end FAILED once
   their attempts are used up (CANCELLED or PAUSED when the user asked for that);
 - jobs running past the hard time limit end FAILED;
-- QUEUED jobs get wake-ups when the broker holds fewer waiting messages than there are queued
-  jobs (a Redis restart lost them, or the send after the submit failed);
+- QUEUED jobs get wake-ups when their device class's queue holds fewer waiting messages than
+  the class has queued jobs (a Redis restart lost them, or the send after the submit failed),
+  for every configured class, not only the sweeping worker's: a class scaled to no workers
+  still gets the wake-ups that scale it up;
+- QUEUED jobs routed to a class that is no longer configured (an operator removed it from
+  TUNERY_DEVICE_CLASSES) get a warning and a log line saying that no worker takes them, and a
+  warning in the worker's log: they wait, neither failed nor re-routed, until the class comes
+  back (their wake-ups are then sent) or they are cancelled;
 - idempotency keys past their TTL are forgotten, and so are finished webhook deliveries
   past their history;
 - finished jobs' checkpoints and artifacts past their retention are removed
@@ -28,20 +34,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from shared import idempotency, jobs
 from shared.db import session_scope
 from shared.models import JobStatus
 from shared.orphaned_objects import OrphanedDatasetObjects
-from shared.queue import count_waiting_messages, enqueue_training
+from shared.queue import configured_queues, count_waiting_messages, enqueue_training
 from shared.retention import RetentionResult, apply_retention
-from shared.settings import Settings
+from shared.settings import Settings, get_settings
 from shared.storage import storage_from_settings
 from shared.webhooks import deliveries
 
 log = logging.getLogger("tunery.maintenance")
+
+# Jobs of classes no longer configured that one sweep warns; the next sweep takes the next.
+UNSERVED_BATCH = 100
 
 ORPHAN_SWEEP_EVERY_S = 600.0
 """How often the loop looks for dataset files without a dataset, and how long such a file
@@ -56,6 +65,7 @@ class SweepResult:
     paused: list[str] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
     woken: list[str] = field(default_factory=list)
+    unserved: list[str] = field(default_factory=list)
     expired_keys: int = 0
     pruned_deliveries: int = 0
     retention: RetentionResult = field(default_factory=RetentionResult)
@@ -80,25 +90,48 @@ def reap(settings: Settings) -> SweepResult:
 
 
 def wake_queued_jobs(
-    count_waiting: Callable[[], int] = count_waiting_messages,
-    send: Callable[[str], bool] = enqueue_training,
+    queues: Collection[str] | None = None,
+    count_waiting: Callable[[str], int] = count_waiting_messages,
+    send: Callable[[str, str], bool] = enqueue_training,
 ) -> list[str]:
-    """Send one wake-up per queued job the broker has no waiting message for.
+    """Send one wake-up per queued job whose class's queue has no waiting message for it, in
+    each of `queues` (None: every configured class's).
 
-    A wake-up names a job but serves any: the worker claims the fairest QUEUED job
-    (`jobs.claim_next`), whichever it names. So the broker needs as many waiting messages as
-    there are queued jobs, not a message per particular job, and a count is enough to know
-    how many are missing.
+    A wake-up names a job but serves any of its class: the worker claims the fairest QUEUED
+    job of its class (`jobs.claim_next`), whichever it names. So each class's queue needs as
+    many waiting messages as the class has queued jobs, not a message per particular job,
+    and a count is enough to know how many are missing.
     """
+    woken = []
+    for queue in configured_queues(get_settings()) if queues is None else queues:
+        with session_scope() as session:
+            queued = jobs.count_queued(session, device_class=queue)
+            if not queued:
+                continue
+            missing = queued - count_waiting(queue)
+            if missing <= 0:
+                continue
+            job_ids = jobs.queued_job_ids(session, missing, device_class=queue)
+        woken += [job_id for job_id in job_ids if send(job_id, queue)]
+    return woken
+
+
+def unserved_class_warning(device_class: str, configured: Collection[str]) -> str:
+    return (f"device class {device_class!r} is not configured on this service (its "
+            f"TUNERY_DEVICE_CLASSES has {', '.join(configured)}): no worker takes this job "
+            "until an operator adds the class back; cancel it and submit it again to route it "
+            "to a class there is")
+
+
+def warn_unserved_jobs(queues: Collection[str]) -> list[str]:
+    """Give each QUEUED job of a class that is none of `queues` a warning, once, that no
+    worker takes it (at most `UNSERVED_BATCH` per sweep). Returns the jobs warned now."""
     with session_scope() as session:
-        queued = jobs.count_queued(session)
-        if not queued:
-            return []
-        missing = queued - count_waiting()
-        if missing <= 0:
-            return []
-        job_ids = jobs.queued_job_ids(session, missing)
-    return [job_id for job_id in job_ids if send(job_id)]
+        unwarned = [(job.id, warning) for job in jobs.queued_outside(session, queues)
+                    if (warning := unserved_class_warning(job.device_class, queues))
+                    not in job.warnings]
+        return [job_id for job_id, warning in unwarned[:UNSERVED_BATCH]
+                if jobs.warn_queued_job(session, job_id, warning)]
 
 
 def release_dead_worker(pid: int, death: str) -> list[tuple[str, JobStatus]]:
@@ -116,7 +149,9 @@ def release_dead_worker(pid: int, death: str) -> list[tuple[str, JobStatus]]:
 
 def sweep(settings: Settings) -> SweepResult:
     result = reap(settings)
-    result.woken = wake_queued_jobs()
+    queues = configured_queues(settings)
+    result.woken = wake_queued_jobs(queues)
+    result.unserved = warn_unserved_jobs(queues)
     if settings.retention.checkpoint_days or settings.retention.artifact_days:
         # Last: a storage outage must not hold up the re-queues and wake-ups above.
         result.retention = apply_retention(settings.retention, storage_from_settings(settings))
@@ -127,6 +162,8 @@ def sweep(settings: Settings) -> SweepResult:
         ("paused while their worker was lost", result.paused),
         ("failed past the hard time limit", result.timed_out),
         ("woken: the broker had no message for them", result.woken),
+        ("wait for a device class not configured here (TUNERY_DEVICE_CLASSES)",
+         result.unserved),
     ):
         if ids:
             log.warning("maintenance: %d job(s) %s: %s", len(ids), what, ", ".join(ids))

@@ -139,6 +139,9 @@ class Job(Base):
     # its artifacts: set once, so that each sweep moves on to jobs it has not done yet.
     checkpoints_removed_at: Mapped[datetime | None] = mapped_column(default=None)
     artifacts_removed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The device class the job was routed to at submit (`shared.device_classes`): the queue
+    # its wake-ups go to, and the only class whose workers claim it.
+    device_class: Mapped[str] = mapped_column(String(40), server_default="train")
 
 
 class JobEvent(Base):

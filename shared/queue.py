@@ -2,6 +2,10 @@
 
 A message is only a wake-up call: the job row in the database says whether there is work and
 who does it (see `shared.jobs.claim_job`). So losing or duplicating a message is harmless.
+
+There is one queue per device class (`shared.device_classes`), named as the class: a job's
+wake-ups go to its class's queue, and a worker consumes its own class's queue alone
+(`worker_queue`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery
+from kombu import Exchange, Queue
 from kombu.utils.uuid import uuid
 
 from shared.settings import Settings, get_settings
@@ -35,9 +40,8 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
-        task_default_queue=settings.broker.queue_name,
-        task_routes={TRAIN_TASK: {"queue": settings.broker.queue_name},
-                     EXPORT_TASK: {"queue": settings.broker.queue_name}},
+        # The queue a worker consumes when no -Q names one; every send names its queue.
+        task_default_queue=worker_queue(settings),
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -61,13 +65,32 @@ def visibility_timeout_s(settings: Settings) -> int:
     return max(10 * settings.leases.lease_seconds, 60)
 
 
+def worker_queue(settings: Settings) -> str:
+    """The queue this process consumes as a worker: its device class's
+    (`TUNERY_WORKER_DEVICE_CLASS`)."""
+    return settings.broker.worker_class().name
+
+
+def class_queue(device_class: str) -> Queue:
+    """The queue of `device_class`, as Celery makes a queue it is only given the name of:
+    named as the class, on a direct exchange of the same name. Built here rather than looked
+    up in the app's queues, which would add it there, and a worker started without -Q
+    consumes every queue the app holds."""
+    return Queue(device_class, Exchange(device_class), routing_key=device_class)
+
+
+def configured_queues(settings: Settings) -> list[str]:
+    """The queues of every configured device class, in the order they are listed."""
+    return [device_class.name for device_class in settings.broker.device_classes]
+
+
 @lru_cache(maxsize=1)
 def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
 def declare_queue(attempts: int = 3) -> None:
-    """Create the training queue on the broker, tolerating a concurrent creator.
+    """Create the queue of every device class on the broker, tolerating a concurrent creator.
 
     kombu's SQLAlchemy transport creates a queue row with a get-or-create that is guarded only
     within one process: an API and a worker declaring the queue at the same moment make one of
@@ -79,7 +102,8 @@ def declare_queue(attempts: int = 3) -> None:
         app = get_celery()
         try:
             with app.connection_for_write() as connection:
-                app.amqp.queues[app.conf.task_default_queue](connection.default_channel).declare()
+                for name in configured_queues(get_settings()):
+                    class_queue(name)(connection.default_channel).declare()
             return
         except Exception:
             if attempt == attempts:
@@ -94,19 +118,20 @@ class RedisWakeUps:
     The message is the one Celery builds (`create_task_message`); only the last step, which
     kombu's Redis transport does for a message to the default exchange, is done here: the
     body base64-encoded into kombu's JSON envelope and LPUSHed to the list named after the
-    queue (`make_celery` sets no key prefix and no priorities, so that is the whole key), on
+    class's queue (`make_celery` sets no key prefix and no priorities, so that is the whole
+    key: the list KEDA watches), on
     one redis-py client kept for the process (safe to share between threads). What it skips
     is routing, signals, a pooled producer wrapped in a retry, and a new redis-py client
     object per message inside kombu. `tests/shared/test_queue.py` holds
     this envelope to the one kombu writes.
     """
 
-    def __init__(self, app: Celery, queue: str) -> None:
+    def __init__(self, app: Celery) -> None:
         import redis
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
 
-        self.app, self.queue = app, queue
+        self.app = app
         timeout = app.conf.broker_connection_timeout
         # As kombu's Redis transport connects, plus a socket timeout: a request must not
         # hang on a broker that stopped answering. Retried as send_task was: twice more,
@@ -116,7 +141,7 @@ class RedisWakeUps:
             health_check_interval=25, retry=Retry(ExponentialBackoff(cap=0.4, base=0.1), 2),
         )
 
-    def message(self, job_id: str) -> dict[str, Any]:
+    def message(self, job_id: str, queue: str) -> dict[str, Any]:
         """The message as kombu's Redis transport stores it."""
         task_id = uuid()
         headers, properties, body, _ = self.app.amqp.create_task_message(
@@ -130,37 +155,39 @@ class RedisWakeUps:
             "properties": {
                 **properties,
                 "delivery_mode": 2,  # persistent, as Celery sends every task
-                "delivery_info": {"exchange": "", "routing_key": self.queue},
+                "delivery_info": {"exchange": "", "routing_key": queue},
                 "priority": 0,
                 "body_encoding": "base64",
                 "delivery_tag": uuid(),
             },
         }
 
-    def send(self, job_id: str) -> None:
-        self.client.lpush(self.queue, json.dumps(self.message(job_id)))
+    def send(self, job_id: str, queue: str) -> None:
+        self.client.lpush(queue, json.dumps(self.message(job_id, queue)))
 
 
 @lru_cache(maxsize=1)
-def wake_up_sender(app: Celery) -> Callable[[str], None]:
-    """How this process sends a wake-up on `app`'s broker: straight to Redis when the broker
-    is a plain `redis://` URL, through `send_task` on any other (the embedded transport)."""
+def wake_up_sender(app: Celery) -> Callable[[str, str], None]:
+    """How this process sends a wake-up (job id, queue) on `app`'s broker: straight to Redis
+    when the broker is a plain `redis://` URL, through `send_task` on any other (the embedded
+    transport)."""
     if app.conf.broker_url.startswith("redis://"):
-        return RedisWakeUps(app, app.conf.task_default_queue).send
+        return RedisWakeUps(app).send
 
-    def send_task(job_id: str) -> None:
-        app.send_task(TRAIN_TASK, args=[job_id], retry=True,
+    def send_task(job_id: str, queue: str) -> None:
+        app.send_task(TRAIN_TASK, args=[job_id], queue=class_queue(queue), retry=True,
                       retry_policy={"max_retries": 2, "interval_start": 0.2})
 
     return send_task
 
 
-def enqueue_training(job_id: str, attempts: int = 3) -> bool:
-    """Send the wake-up for a committed job. Returns False (and logs) if the broker stays
-    unreachable: the job is already stored as QUEUED, so the submission still stands."""
+def enqueue_training(job_id: str, device_class: str, attempts: int = 3) -> bool:
+    """Send the wake-up for a committed job to the queue of `device_class`, the class it was
+    routed to (`Job.device_class`). Returns False (and logs) if the broker stays unreachable:
+    the job is already stored as QUEUED, so the submission still stands."""
     for attempt in range(1, attempts + 1):
         try:
-            wake_up_sender(get_celery())(job_id)
+            wake_up_sender(get_celery())(job_id, device_class)
             return True
         except Exception:  # noqa: BLE001 - any broker failure must not lose the stored job
             if attempt == attempts:
@@ -175,13 +202,18 @@ def enqueue_training(job_id: str, attempts: int = 3) -> bool:
     return False
 
 
-def enqueue_export(export_id: str, attempts: int = 3) -> bool:
-    """Send `export(export_id)` for a committed export. Returns False (and logs) if the
-    broker stays unreachable: the export stays QUEUED, and asking for it again sends
-    another (a duplicate claims nothing)."""
+def enqueue_export(export_id: str, device_class: str | None = None, attempts: int = 3) -> bool:
+    """Send `export(export_id)` for a committed export to the queue of `device_class`, its
+    job's class: merging the adapter into the base model needs the memory the job needed.
+    None: this process's own class, which is the job's where a worker queues the exports of
+    the job it just trained (a worker claims jobs of its own class only). Returns False (and
+    logs) if the broker stays unreachable: the export stays QUEUED, and asking for it again
+    sends another (a duplicate claims nothing)."""
+    queue = device_class if device_class is not None else worker_queue(get_settings())
     for attempt in range(1, attempts + 1):
         try:
-            get_celery().send_task(EXPORT_TASK, args=[export_id], retry=True,
+            get_celery().send_task(EXPORT_TASK, args=[export_id], queue=class_queue(queue),
+                                   retry=True,
                                    retry_policy={"max_retries": 2, "interval_start": 0.2})
             return True
         except Exception:  # noqa: BLE001 - any broker failure must not lose the stored export
@@ -193,14 +225,22 @@ def enqueue_export(export_id: str, attempts: int = 3) -> bool:
     return False
 
 
-def count_waiting_messages() -> int:
-    """Messages in the training queue not yet delivered to a worker (Redis, the embedded
-    transport and RabbitMQ all report this count on a queue declare)."""
-    app = get_celery()
-    with app.connection_for_write() as connection:
-        queue = app.amqp.queues[app.conf.task_default_queue](connection.default_channel)
-        declared = queue.queue_declare()
-        return int(declared.message_count) if declared is not None else 0
+def count_waiting_messages(device_class: str) -> int:
+    """Messages in the queue of `device_class` not yet delivered to a worker."""
+    with get_celery().connection_for_write() as connection:
+        return _waiting(connection, device_class)
+
+
+def waiting_messages_by_class() -> dict[str, int]:
+    """`count_waiting_messages` of every configured class, on one connection."""
+    with get_celery().connection_for_write() as connection:
+        return {name: _waiting(connection, name) for name in configured_queues(get_settings())}
+
+
+def _waiting(connection: Any, device_class: str) -> int:
+    # Redis, the embedded transport and RabbitMQ all report the count on a queue declare.
+    declared = class_queue(device_class)(connection.default_channel).queue_declare()
+    return int(declared.message_count) if declared is not None else 0
 
 
 def check_broker(timeout_s: float = 3.0) -> None:

@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -41,6 +42,7 @@ from pydantic_settings import (
 )
 
 from shared.development_secrets import Secrets, refuse_development_secrets
+from shared.device_classes import DeviceClass, default_classes, duplicate_names
 from shared.private_files import (
     create_private_sqlite_file,
     make_private_dir,
@@ -69,8 +71,78 @@ class DatabaseSettings(BaseModel):
 
 
 class BrokerSettings(BaseModel):
+    """The broker, and the device classes whose queues it holds (`shared.device_classes`)."""
+
     url: str = Field("", description="Celery broker URL; default: SQLite file in data_dir.")
-    queue_name: str = Field("train", description="Celery queue the training tasks go to.")
+    queue_name: str = Field(
+        "train", description="Celery queue of the training tasks when device_classes is "
+        "unset: the name of the one default class."
+    )
+    # Declared after queue_name and before worker_device_class: each validator reads the
+    # fields validated before it.
+    device_classes: list[DeviceClass] = Field(
+        default_factory=list,
+        examples=[[{"name": "l4", "devices": 1, "memory_gb": 24},
+                   {"name": "a100-x4", "devices": 4, "memory_gb": 80}]],
+        description="JSON list of the kinds of worker this deployment runs, each "
+        "{\"name\", \"devices\", \"memory_gb\"}: a name (1 to 40 lowercase letters, digits "
+        "or '-') that is also the class's Celery queue, the devices each of its workers owns, "
+        "and the memory of each device in GB (null: not stated, any model fits). A job goes "
+        "to the smallest class with enough devices and memory for it (README, \"Device "
+        "classes and routing\"); none: 422. Unset or []: one class named queue_name, 1 "
+        "device, memory not stated.",
+    )
+    worker_device_class: str | None = Field(
+        None, description="The device class a worker serves: it consumes that class's queue "
+        "alone and claims only that class's jobs, and refuses to start with fewer devices "
+        "(TUNERY_WORKER_DEVICES) than the class has. Unset: the first class."
+    )
+
+    @field_validator("device_classes")
+    @classmethod
+    def _unique_names(cls, classes: list[DeviceClass]) -> list[DeviceClass]:
+        duplicates = duplicate_names(classes)
+        if duplicates:
+            raise ValueError(f"class names must be unique (each is a queue); more than one "
+                             f"class is named {', '.join(map(repr, duplicates))}")
+        return classes
+
+    @field_validator("worker_device_class", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # compose's `${TUNERY_WORKER_DEVICE_CLASS:-}` sets it empty where it means "unset".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("worker_device_class")
+    @classmethod
+    def _a_known_class(cls, name: str | None, info: ValidationInfo) -> str | None:
+        if name is None or "device_classes" not in info.data:
+            return name  # the default, or the classes are wrong already and say so
+        classes = info.data["device_classes"] or default_classes(info.data.get("queue_name",
+                                                                               "train"))
+        if name not in {c.name for c in classes}:
+            raise ValueError(f"{name!r} is not one of the device classes: "
+                             + ", ".join(c.describe() for c in classes))
+        return name
+
+    @model_validator(mode="after")
+    def _default_classes(self) -> BrokerSettings:
+        if not self.device_classes:
+            self.device_classes = default_classes(self.queue_name)
+        if self.worker_device_class is None:
+            self.worker_device_class = self.device_classes[0].name
+        return self
+
+    def worker_class(self) -> DeviceClass:
+        """The class this process serves as a worker (`worker_device_class`)."""
+        found = self.class_named(self.worker_device_class or "")
+        assert found is not None  # validated
+        return found
+
+    def class_named(self, name: str) -> DeviceClass | None:
+        """The configured class called `name`; None when there is none (an operator removed
+        it after jobs were routed to it)."""
+        return next((c for c in self.device_classes if c.name == name), None)
 
 
 class StorageSettings(BaseModel):
@@ -524,6 +596,8 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "auto_migrate": ("database", "auto_migrate"),
     "broker_url": ("broker", "url"),
     "queue_name": ("broker", "queue_name"),
+    "device_classes": ("broker", "device_classes"),
+    "worker_device_class": ("broker", "worker_device_class"),
     "storage_url": ("storage", "url"),
     **{f"storage_{name}": ("storage", name) for name in (
         "connect_timeout_s", "read_timeout_s", "retry_deadline_s",
@@ -790,7 +864,8 @@ def settings_error_lines(exc: ValidationError | SettingsError,
             lines.append(f"{_group_variables(loc[0], env)}: {message}")
             continue
         variable = _variable_name(loc, env)
-        item = f" item {loc[2]}:" if len(loc) > 2 else ""
+        # `TUNERY_DEVICE_CLASSES: item 0 devices: ...`: the list's item, and its key.
+        item = f" item {' '.join(loc[2:])}:" if len(loc) > 2 else ""
         expected = _expected_form(loc, error["type"], message)
         lines.append(f"{variable}:{item} {expected}{_echo(variable, loc, error, env)}")
     return lines
@@ -817,8 +892,8 @@ def _group_variables(group: str, env: Mapping[str, str]) -> str:
 
 def _expected_form(loc: tuple[str, ...], error_type: str, message: str) -> str:
     field = _field_info(loc)
-    if field is not None and len(loc) == 2 and getattr(field.annotation, "__origin__",
-                                                       None) is list:
+    if (field is not None and len(loc) == 2 and message.startswith("Input should be ")
+            and getattr(field.annotation, "__origin__", None) is list):
         example = json.dumps(field.examples[0]) if field.examples else "[]"
         return f"expected a JSON list such as '{example}'"
     if not message.startswith("Input should be "):

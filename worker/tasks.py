@@ -1,6 +1,8 @@
 """Celery entry point: `celery -A worker.tasks worker` (or `tunery worker`).
 
-A task claims a job and hands it to `worker.attempt`, which runs it. When the worker shuts
+A worker serves one device class (`TUNERY_WORKER_DEVICE_CLASS`): it consumes that class's
+queue and claims that class's jobs only. A task claims a job and hands it to
+`worker.attempt`, which runs it. When the worker shuts
 down, the running attempt hands its job back (`worker.shutdown`) and the task rejects its
 message back to the broker, so that another worker wakes up for the job at once."""
 
@@ -17,6 +19,7 @@ from pydantic import ValidationError
 
 from shared import exports, jobs
 from shared.db import session_scope
+from shared.device_classes import worker_class_problem
 from shared.jobs import Claim
 from shared.maintenance import MaintenanceLoop
 from shared.models import JobStatus
@@ -61,8 +64,14 @@ CLAIM_PATIENCE_S = 60.0
 @worker_init.connect
 def _prepare_before_consuming(**_: object) -> None:
     try:
+        settings = get_settings()
+        problem = worker_class_problem(settings.broker.worker_class(),
+                                       settings.training.worker_devices)
+        if problem:
+            raise RuntimeError(problem)
+        log.info("worker of device class %s", settings.broker.worker_class().describe())
         declare_queue()
-        serve_worker_metrics(get_settings())
+        serve_worker_metrics(settings)
         work_dir = get_settings().training.work_dir
         assert work_dir is not None
         make_private_dir(work_dir)
@@ -136,9 +145,10 @@ def worker_identity() -> str:
 
 @app.task(name=TRAIN_TASK)
 def train(job_id: str) -> None:
-    """A wake-up: claim the fairest queued job (`jobs.claim_next`). The job it names is the
-    one whose submit sent it, and it is only named in the logs: taking it first would let the
-    tenant that sent the most messages take the most workers."""
+    """A wake-up: claim the fairest queued job of this worker's device class
+    (`jobs.claim_next`). The job it names is the one whose submit sent it, and it is only
+    named in the logs: taking it first would let the tenant that sent the most messages take
+    the most workers."""
     if shutting_down():
         # A message delivered as the worker stops: back to the broker, for the next worker.
         raise Reject("worker stopping", requeue=True)
@@ -183,7 +193,8 @@ def claim_with_patience(job_id: str) -> tuple[Claim, dict[str, Any]] | None:
 
     def claim_one() -> tuple[Claim, dict[str, Any]] | None:
         with session_scope() as session:
-            claim = jobs.claim_next(session, owner, settings.leases.lease_seconds)
+            claim = jobs.claim_next(session, owner, settings.leases.lease_seconds,
+                                    device_class=settings.broker.worker_class().name)
             if claim is None:
                 return None
             return claim, session.get_one(jobs.Job, claim.job_id).payload

@@ -28,6 +28,7 @@ from api.openai.job_request import (
 from api.openai.schemas import JobCreate
 from api.preflight.checks import Preflight
 from shared import datasets, jobs
+from shared.device_classes import JobNeeds, NoDeviceClass, route
 from shared.jobs import NewJob
 from shared.models import Dataset, DatasetStatus, JobStatus
 from shared.openai_training_file import (
@@ -36,6 +37,7 @@ from shared.openai_training_file import (
     method_mismatch,
     validation_file_problem,
 )
+from shared.schema import FinetuneRequest
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -98,12 +100,27 @@ def create_openai_job(session: Session, storage: Storage, settings: Settings, te
     except ApiError as exc:
         raise _in_openai_terms(exc) from None
     job = jobs.create_job(session, tenant_id, request, settings.leases.max_attempts,
+                          device_class=_device_class(preflight, request, settings),
                           warnings=preflight.job_warnings,
                           openai=_fields(body, method, asked.model_dump(), resolved, failure))
     if failure is not None:
         jobs.transition(session, job.id, JobStatus.FAILED, reason=failure.problem.message,
                         error_code=failure.problem.code)
     return Created(job, queued=failure is None)
+
+
+def _device_class(preflight: Preflight, request: FinetuneRequest, settings: Settings) -> str:
+    """The class `preflight.check` routed the job to; for a job created failed, which never
+    runs and was not checked, the class it would have gone to, or the first when none fits."""
+    if preflight.routing is not None:
+        return preflight.device_class
+    try:
+        return route(settings.broker.device_classes, JobNeeds(
+            devices=request.training_config.devices, strategy=request.training_config.strategy,
+            quantized=request.pretrainedmodel_config.use_quantization, size=None)
+        ).device_class.name
+    except NoDeviceClass:
+        return settings.broker.device_classes[0].name
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ def job_object(job: Job, organization: str, *, eta_s: float | None = None,
         metadata=fields.get("metadata"),
         user_provided_suffix=fields.get("suffix"),
         tunery_job_id=job.id,
+        tunery_device_class=job.device_class,
     )
 
 

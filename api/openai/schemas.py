@@ -242,6 +242,8 @@ class FineTuningJob(BaseModel):
     user_provided_suffix: str | None
     tunery_job_id: str = Field(description="Tunery extension: the same job's id in the "
                                            "MonsterAPI dialect (`/v1/finetune/llm/{id}`).")
+    tunery_device_class: str = Field(description="Tunery extension: the device class the job "
+                                                 "was routed to (TUNERY_DEVICE_CLASSES).")
 
 
 class JobList(BaseModel):

@@ -14,7 +14,9 @@ from api.preflight.examples import preview_examples
 from api.preflight.hub import HubClient
 from api.preflight.model import ModelFindings, check_model
 from api.preflight.plan import default_warnings, step_plan, template_plan, template_warning
+from api.preflight.routing import route_job, routing_report
 from api.schemas import PreflightOut
+from shared.device_classes import Routing
 from shared.resume import resume_problems
 from shared.schema import FinetuneRequest
 from shared.settings import Settings
@@ -32,6 +34,7 @@ class Preflight:
         self.hub = HubClient.from_settings(settings.sources) if dry_run else None
         self.dry_run = dry_run
         self.job_warnings: list[str] = []
+        self.routing: Routing | None = None
 
     def parse(self, body: Any) -> FinetuneRequest:
         """The body as a request; a 422 otherwise, naming the schema's problems and those
@@ -46,7 +49,8 @@ class Preflight:
     def check(self, request: FinetuneRequest) -> PreflightOut:
         """The report of a request that passes every check; a 422 naming every problem
         otherwise. `job_warnings` then holds the warnings a job created from it keeps: those
-        the worker does not restate from the run it trains (the template, the warm-up)."""
+        the worker does not restate from the run it trains (the template, the warm-up), and
+        `device_class` the class it goes to."""
         problems, dataset, model, warnings = self._inspect(Sections.of(request))
         data, training = request.data_config, request.training_config
         train_rows = dataset.report.train_rows if dataset.report else None
@@ -55,6 +59,7 @@ class Preflight:
         if problems:
             raise _refusal(problems)
         assert dataset.report is not None and model.report is not None  # else a problem
+        assert self.routing is not None  # else a problem
         examples, example_warnings = (preview_examples(dataset.uploaded, request, self.settings)
                                       if self.dry_run else ([], []))
         self.job_warnings = [*default_warnings(data), *warnings, *step_warnings]
@@ -62,6 +67,7 @@ class Preflight:
         return PreflightOut(
             ok=True, dataset=dataset.report, model=model.report,
             template=template_plan(data, training, dataset.report.columns), steps=steps,
+            device_class=routing_report(self.routing, model.size),
             warnings=[*restated, *self.job_warnings, *example_warnings],
             examples=examples,
         )
@@ -83,7 +89,18 @@ class Preflight:
         if sections.model is not None:
             problems += resume_problems(self.session, self.storage, self.tenant_id,
                                         sections.model)
+        if sections.training is not None:
+            self.routing, routing_problems = route_job(sections.training, sections.model,
+                                                       model.size, self.settings)
+            problems += routing_problems
         return problems, dataset, model, [*model.warnings, *dataset.warnings]
+
+    @property
+    def device_class(self) -> str:
+        """The class `check` routed the request to."""
+        if self.routing is None:
+            raise RuntimeError("Preflight.check has not passed a request yet")
+        return self.routing.device_class.name
 
 
 def _refusal(problems: list[Problem]) -> ApiError:

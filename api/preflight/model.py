@@ -14,6 +14,12 @@ from pathlib import Path
 from api.preflight.body import Problem
 from api.preflight.hub import HubClient
 from api.schemas import PreflightModel
+from shared.device_classes import (
+    WEIGHTS_SUFFIX,
+    ModelSize,
+    size_from_name,
+    size_of_weights_folder,
+)
 from shared.schema import PretrainedModelConfig
 from shared.settings import Settings
 from shared.sources import SourceError, classify_source
@@ -21,7 +27,6 @@ from shared.url_guard import UrlPolicy
 
 FIELD = "pretrainedmodel_config.model_path"
 CONFIG_FILE = "config.json"
-WEIGHTS_SUFFIX = ".safetensors"
 UNREADABLE_WEIGHTS = (".bin", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -31,6 +36,9 @@ class ModelFindings:
     report: PreflightModel | None = None
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    size: ModelSize | None = None
+    """What the device class routing reads: a local folder's weights, a hub id's name; None
+    when unknown."""
 
 
 def check_model(config: PretrainedModelConfig, settings: Settings, *, hub: HubClient | None,
@@ -50,9 +58,10 @@ def check_model(config: PretrainedModelConfig, settings: Settings, *, hub: HubCl
     if source.kind == "local":
         assert source.path is not None  # classify_source resolves local paths
         return _local(value, source.path)
+    size = size_from_name(value)
     if hub is None:
         return ModelFindings(PreflightModel(kind="hub", model_path=value,
-                                            checked="not checked at submit"))
+                                            checked="not checked at submit"), size=size)
     answer = hub.lookup("models", value, token)
     if answer.status == "missing":
         detail = f" ({answer.detail})" if answer.detail else ""
@@ -60,8 +69,9 @@ def check_model(config: PretrainedModelConfig, settings: Settings, *, hub: HubCl
     if answer.status == "unchecked":
         checked = f"not checked: {answer.detail}"
         return ModelFindings(PreflightModel(kind="hub", model_path=value, checked=checked),
-                             warnings=[f"{FIELD}: {checked}"])
-    return ModelFindings(PreflightModel(kind="hub", model_path=value, checked="found on the hub"))
+                             warnings=[f"{FIELD}: {checked}"], size=size)
+    return ModelFindings(PreflightModel(kind="hub", model_path=value, checked="found on the hub"),
+                         size=size)
 
 
 def _local(value: str, path: Path) -> ModelFindings:
@@ -83,7 +93,7 @@ def _local(value: str, path: Path) -> ModelFindings:
     return ModelFindings(PreflightModel(
         kind="local", model_path=value,
         checked=f"the folder holds {CONFIG_FILE}, safetensors weights and a tokenizer",
-    ))
+    ), size=size_of_weights_folder(path))
 
 
 def model_folder_gaps(names: set[str]) -> list[str]:

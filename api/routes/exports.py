@@ -12,7 +12,7 @@ from api.errors import AUTHENTICATED, error_responses
 from api.routes.finetune import JobId
 from api.schemas import ExportOut, ExportsOut
 from api.session_route import SessionRoute
-from shared import exports
+from shared import exports, jobs
 from shared.models import ExportStatus
 from shared.queue import enqueue_export
 from shared.schema import ExportRequest
@@ -36,7 +36,8 @@ def create_export(job_id: JobId, body: ExportRequest, caller: TenantDep,
     # A QUEUED export asked for again gets another wake-up too: its first may have been lost,
     # and a duplicate claims nothing.
     if queue_it or export.status == ExportStatus.QUEUED:
-        enqueue_export(export.id)
+        # To the job's class: the merge loads the base model the job trained on.
+        enqueue_export(export.id, jobs.get_job(session, caller.scope, job_id).device_class)
     return JSONResponse(ExportOut.of(export).model_dump(mode="json"),
                         status_code=202 if queue_it else 200)
 

@@ -77,7 +77,7 @@ def create_job(body: JobCreate, caller: TenantDep, session: SessionDep, settings
         check_active_jobs(session, created.job, settings.limits.max_active_jobs_per_tenant)
     session.commit()
     if created.queued:
-        enqueue_training(created.job.id)
+        enqueue_training(created.job.id, created.job.device_class)
     return _view(session, jobs.get_job(session, caller.scope, created.job.id))
 
 
@@ -221,5 +221,5 @@ def resume_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> FineTun
     job = jobs.resume_job(session, caller.scope, ids.job_id_of(job_id))
     session.commit()
     if job.status == JobStatus.QUEUED.value:
-        enqueue_training(job.id)
+        enqueue_training(job.id, job.device_class)
     return _view(session, job)

@@ -82,7 +82,7 @@ def submit_job(body: FinetuneBody, caller: TenantDep, session: SessionDep,
         return replayed(earlier)
     preflight.check(request)
     job = jobs.create_job(session, caller.tenant_id, request, settings.leases.max_attempts,
-                          warnings=preflight.job_warnings)
+                          device_class=preflight.device_class, warnings=preflight.job_warnings)
     submitted = JobSubmitted(job_id=job.id, deployment_id=job.id, status=JobStatus.QUEUED,
                              message="job queued")
     response = idempotency.StoredResponse(201, submitted.model_dump(mode="json"))
@@ -92,7 +92,7 @@ def submit_job(body: FinetuneBody, caller: TenantDep, session: SessionDep,
     check_active_jobs(session, job, settings.limits.max_active_jobs_per_tenant)
     session.commit()
     # After the commit: a worker that wakes up must find the row. Replays send nothing.
-    enqueue_training(job.id)
+    enqueue_training(job.id, job.device_class)
     return submitted
 
 
@@ -189,7 +189,9 @@ def resume_job(job_id: JobId, caller: TenantDep, session: SessionDep) -> JobOut:
     session.commit()
     if job.status == JobStatus.QUEUED:
         # After the commit, as for a submit: the worker that wakes up must find it QUEUED.
-        enqueue_training(job.id)
+        # To the class it was routed to at submit, whatever the classes are now (a class an
+        # operator removed meanwhile: the maintenance sweep tells the job so).
+        enqueue_training(job.id, job.device_class)
     return JobOut.of(job)
 
 

@@ -128,9 +128,10 @@ def test_jobs_by_state_queue_depth_and_broker_messages_follow_the_database(
 
     assert sample(after, "tunery_jobs", state="QUEUED") == 2
     assert sample(after, "tunery_jobs", state="CANCELLED") == 1
-    assert sample(after, "tunery_queue_depth") == 2
+    assert sample(after, "tunery_queue_depth", device_class="train") == 2
     # Each submission sent its wake-up; no worker took one.
-    assert sample(after, "tunery_broker_waiting_messages") == count_waiting_messages() == 3
+    assert sample(after, "tunery_broker_waiting_messages",
+                  device_class="train") == count_waiting_messages("train") == 3
 
 
 def test_a_database_that_is_down_is_a_gauge_not_a_failed_scrape(

@@ -140,11 +140,11 @@ def test_the_weight_set_decides_the_next_claim(
 
     def submit(tenant_id: str) -> str:
         with session_scope() as session:
-            return jobs.create_job(session, tenant_id, request, 3).id
+            return jobs.create_job(session, tenant_id, request, 3, device_class="train").id
 
     def fairest() -> str | None:
         with session_scope() as session:
-            return session.scalar(jobs.fairest_queued_job())
+            return session.scalar(jobs.fairest_queued_job("train"))
 
     for tenant_id in (a, b, b):
         job_id = submit(tenant_id)
@@ -157,5 +157,5 @@ def test_the_weight_set_decides_the_next_claim(
                           headers=admin).status_code == 200
     assert fairest() == queued_b  # B: 2 / 3 < A: 1 / 1
     with session_scope() as session:
-        claim = jobs.claim_next(session, "w", 60)
+        claim = jobs.claim_next(session, "w", 60, device_class="train")
     assert claim is not None and claim.job_id == queued_b

@@ -7,13 +7,14 @@ import logging
 import subprocess
 import tomllib
 import warnings
+from pathlib import Path
 
 import pytest
 
 from cli.celery_worker import FirstOccurrenceOnly
 from cli.local_stack import LocalStack
 from cli.process_commands import tunery_command, worker_command
-from shared.settings import PROJECT_ROOT
+from shared.settings import PROJECT_ROOT, get_settings
 
 
 def test_python_dash_m_cli_runs_the_tunery_command() -> None:
@@ -30,10 +31,16 @@ def test_console_script_points_at_cli_main() -> None:
     assert project["scripts"]["tunery"] == "cli.main:main"
 
 
-def test_worker_command_runs_one_job_at_a_time_on_the_given_queue() -> None:
-    argv = worker_command("train-a100")
+def test_worker_command_runs_one_job_at_a_time_on_its_device_class_queue(
+        tunery_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNERY_DEVICE_CLASSES", '[{"name": "l4", "devices": 1}, '
+                                                '{"name": "a100-x4", "devices": 4}]')
+    monkeypatch.setenv("TUNERY_WORKER_DEVICE_CLASS", "a100-x4")
+    get_settings.cache_clear()
 
-    assert argv[argv.index("-Q") + 1] == "train-a100"
+    argv = worker_command()
+
+    assert argv[argv.index("-Q") + 1] == "a100-x4"
     assert argv[argv.index("--concurrency") + 1] == "1"
     # No pool named: a --pool would override the app's own, the solo pool whose cold shutdown
     # hands the job back.

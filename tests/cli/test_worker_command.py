@@ -72,3 +72,39 @@ def test_a_worker_that_cannot_prepare_exits_instead_of_taking_jobs(tmp_path: Pat
     assert done.returncode == 1, output
     assert "worker cannot start: NotADirectoryError" in output
     assert READY_MARK not in output
+
+
+PAIR_ONLY = '[{"name": "pair", "devices": 2}]'
+
+
+def test_a_worker_with_fewer_devices_than_its_class_refuses_to_start(tmp_path: Path) -> None:
+    """It would claim the class's 2-device jobs with one device to train them on."""
+    env = clean_env(tmp_path / "data", TUNERY_DEVICE_CLASSES=PAIR_ONLY)
+
+    done = subprocess.run(tunery_command("worker"), env=env, capture_output=True, text=True,
+                          timeout=60)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        "tunery worker: TUNERY_WORKER_DEVICE_CLASS 'pair' has 2 devices but this worker owns 1 "
+        "(TUNERY_WORKER_DEVICES): it would claim jobs that need 2; set TUNERY_WORKER_DEVICES "
+        "to 2 on a host that has them, or serve a class with fewer"]
+
+
+def test_celery_started_directly_refuses_a_class_with_more_devices_too(tmp_path: Path) -> None:
+    """`celery -A worker.tasks worker`, without `tunery worker`'s check: the worker's start-up
+    refuses as well, before it consumes."""
+    env = clean_env(tmp_path / "data", PYTHONUNBUFFERED="1", TUNERY_DEVICE_CLASSES=PAIR_ONLY)
+    subprocess.run(tunery_command("db", "upgrade"), env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    celery = [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", "--concurrency",
+              "1", "--without-gossip", "--without-mingle"]
+
+    done = subprocess.run(celery, env=env, capture_output=True, text=True, timeout=180,
+                          start_new_session=True)
+
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "worker cannot start: RuntimeError: TUNERY_WORKER_DEVICE_CLASS 'pair' has 2 " \
+        "devices but this worker owns 1" in output
+    assert READY_MARK not in output

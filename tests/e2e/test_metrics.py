@@ -105,8 +105,8 @@ def test_every_scrape_of_two_api_processes_counts_the_requests_both_served(
         assert scrape_count(samples) == scrape_count(before) + done
         # Read once per scrape from the database, never once per process.
         assert sample(samples, "tunery_jobs", state="QUEUED") == 1
-        assert sample(samples, "tunery_queue_depth") == 1
-        assert sample(samples, "tunery_broker_waiting_messages") == 1
+        assert sample(samples, "tunery_queue_depth", device_class="train") == 1
+        assert sample(samples, "tunery_broker_waiting_messages", device_class="train") == 1
         assert sample(samples, "tunery_database_up") == 1
 
     # Stopped, the API leaves no metric files behind for a later start to sum in.

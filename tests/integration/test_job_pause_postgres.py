@@ -36,7 +36,7 @@ def running_job(engine: Engine, *, pause: bool = False) -> tuple[str, str, Claim
     with Session(engine) as session:
         tenant = create_api_key(session, "racer").tenant_id
         request = FinetuneRequest.model_validate(make_payload())
-        job_id = jobs.create_job(session, tenant, request, 3).id
+        job_id = jobs.create_job(session, tenant, request, 3, device_class="train").id
         session.commit()
         claim = jobs.claim_job(session, job_id, "w", 60)
         assert claim is not None
@@ -123,7 +123,7 @@ def test_a_claim_waiting_on_a_pause_of_the_queued_job_claims_nothing(engine: Eng
     with Session(engine) as session:
         tenant = create_api_key(session, "racer").tenant_id
         job_id = jobs.create_job(
-            session, tenant, FinetuneRequest.model_validate(make_payload()), 3
+            session, tenant, FinetuneRequest.model_validate(make_payload()), 3, device_class="train"
         ).id
         session.commit()
     claims: list[Claim | None] = []

@@ -16,7 +16,7 @@ def test_status_and_model_filters_count_and_page_in_sql(pg_session: Session) -> 
     tenant = create_api_key(pg_session, "pg-tenant").tenant_id
     other = create_api_key(pg_session, "pg-other").tenant_id
     ids = [jobs.create_job(pg_session, owner, FinetuneRequest.model_validate(
-        make_payload(model_path=model)), 3).id
+        make_payload(model_path=model)), 3, device_class="train").id
         for owner, model in [(tenant, "gpt2"), (tenant, "gpt2"), (tenant, "opt"), (other, "gpt2")]]
     pg_session.commit()
     jobs.request_cancel(pg_session, tenant, ids[1])
@@ -37,7 +37,7 @@ def test_status_and_model_filters_count_and_page_in_sql(pg_session: Session) -> 
 def test_logs_after_reads_forward_from_any_id(pg_session: Session) -> None:
     tenant = create_api_key(pg_session, "pg-tenant").tenant_id
     job_id = jobs.create_job(pg_session, tenant, FinetuneRequest.model_validate(make_payload()),
-                             3).id
+                             3, device_class="train").id
     for i in range(4):
         jobs.append_log(pg_session, job_id, 1, f"line {i}")
     pg_session.commit()

@@ -21,7 +21,8 @@ from tests.conftest import make_payload
 
 def queued_job(session: Session) -> Job:
     key = create_api_key(session, "pg-tenant")
-    job = jobs.create_job(session, key.tenant_id, FinetuneRequest.model_validate(make_payload()), 3)
+    job = jobs.create_job(session, key.tenant_id, FinetuneRequest.model_validate(make_payload()), 3,
+                          device_class="train")
     session.commit()
     return session.get_one(Job, job.id)
 
@@ -163,7 +164,8 @@ def test_claim_next_takes_the_oldest_queued_job_once(postgres_url: str,
                                                      pg_session: Session) -> None:
     first, second = queued_job(pg_session), queued_job(pg_session)
     won = claims_at_once(postgres_url, 6,
-                         lambda session, owner: jobs.claim_next(session, owner, 60))
+                         lambda session, owner: jobs.claim_next(session, owner, 60,
+                                                                device_class="train"))
     assert sorted(claim.job_id for claim in won) == sorted([first.id, second.id])
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -74,5 +75,30 @@ def test_alembic_upgrade_head_from_the_repository_root_reads_tunery_s_database_u
         with engine.connect() as conn:
             assert MigrationContext.configure(conn).get_current_revision() == head
         assert set(inspect(engine).get_table_names()) >= TABLES
+    finally:
+        engine.dispose()
+
+
+def test_jobs_from_before_device_classes_keep_the_default_queue(empty_database: str) -> None:
+    """0018: a job queued before classes existed was sent to the queue `train`, the default
+    class's: it keeps that class, so the default worker still claims it."""
+    upgrade_database(empty_database, "0017")
+    engine = make_engine(empty_database)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO tenants (id, name, created_at) "
+                                 "VALUES ('t1', 'old', CURRENT_TIMESTAMP)"))
+            conn.execute(sa.text(
+                "INSERT INTO jobs (id, tenant_id, status, progress, payload, base_model, "
+                "attempt, max_attempts, cancel_requested, pause_requested, created_at, "
+                "updated_at) VALUES ('j1', 't1', 'QUEUED', 0, '{}', 'm', 0, 3, false, false, "
+                "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+        upgrade_database(empty_database)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT device_class FROM jobs")).scalar_one() == "train"
+        downgrade_database(empty_database, "0017")
+        with engine.connect() as conn:
+            assert "device_class" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+            assert conn.execute(sa.text("SELECT id FROM jobs")).scalar_one() == "j1"
     finally:
         engine.dispose()

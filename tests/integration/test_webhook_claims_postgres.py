@@ -58,7 +58,7 @@ def queued_jobs(url: str, count: int, endpoints: int = 1) -> str:
                 secret_hint=signing_secrets.hint(secret)))
         session.flush()
         for _ in range(count):
-            jobs.create_job(session, tenant, REQUEST, max_attempts=1)
+            jobs.create_job(session, tenant, REQUEST, max_attempts=1, device_class="train")
     return tenant
 
 

@@ -36,26 +36,27 @@ class Queue:
         self.names[tenant_id] = name
         return tenant_id
 
-    def submit(self, tenant_id: str, minute: int) -> str:
+    def submit(self, tenant_id: str, minute: int, device_class: str = "train") -> str:
         """A job of `tenant_id` queued at minute `minute`: the minute is its age in the queue."""
-        job_id = jobs.create_job(self.session, tenant_id, REQUEST, max_attempts=3).id
+        job_id = jobs.create_job(self.session, tenant_id, REQUEST, max_attempts=3,
+                                 device_class=device_class).id
         self.session.execute(update(Job).where(Job.id == job_id)
                              .values(created_at=T0 + timedelta(minutes=minute)))
         self.session.commit()
         return job_id
 
-    def running(self, tenant_id: str, count: int) -> list[str]:
+    def running(self, tenant_id: str, count: int, device_class: str = "train") -> list[str]:
         """`count` jobs of the tenant claimed and running (submitted long before the rest)."""
         started = []
         for _ in range(count):
-            job_id = self.submit(tenant_id, minute=-1000)
+            job_id = self.submit(tenant_id, minute=-1000, device_class=device_class)
             assert jobs.claim_job(self.session, job_id, "earlier-worker", 60) is not None
             self.session.commit()
             started.append(job_id)
         return started
 
-    def claim(self, owner: str = "w") -> str | None:
-        claim = jobs.claim_next(self.session, owner, 60)
+    def claim(self, owner: str = "w", device_class: str = "train") -> str | None:
+        claim = jobs.claim_next(self.session, owner, 60, device_class=device_class)
         self.session.commit()
         return None if claim is None else claim.job_id
 
@@ -190,3 +191,28 @@ def test_tenants_keep_the_default_weight_of_one(session: Session) -> None:
     queue = Queue(session)
     tenant_id = queue.tenant("a")
     assert session.get_one(Tenant, tenant_id).weight == 1.0
+
+
+def test_a_worker_claims_only_jobs_of_its_device_class(session: Session) -> None:
+    queue = Queue(session)
+    a = queue.tenant("a")
+    pair_job = queue.submit(a, minute=0, device_class="pair")
+    small_job = queue.submit(a, minute=1, device_class="small")
+
+    assert queue.claim(device_class="small") == small_job  # the older pair job is not its
+    assert queue.claim(device_class="small") is None
+    assert queue.claim(device_class="gone") is None
+    assert queue.claim(device_class="pair") == pair_job
+
+
+def test_fair_share_counts_the_jobs_running_in_the_class_only(session: Session) -> None:
+    """Each class is a pool of its own: A's three jobs on the pair workers take nothing from
+    A's turn on the small ones."""
+    queue = Queue(session)
+    a, b = queue.tenant("a"), queue.tenant("b")
+    queue.running(a, 3, device_class="pair")
+    queue.running(b, 1, device_class="small")
+    a_job = queue.submit(a, minute=5, device_class="small")
+    b_job = queue.submit(b, minute=0, device_class="small")
+    # In the small class A runs 0 and B 1: A first, although B's job is older.
+    assert [queue.claim(device_class="small") for _ in range(2)] == [a_job, b_job]

@@ -28,7 +28,7 @@ def tenant(session: Session) -> str:
 @pytest.fixture
 def job_id(session: Session, tenant: str) -> str:
     request = FinetuneRequest.model_validate(make_payload())
-    job_id = jobs.create_job(session, tenant, request, 3).id
+    job_id = jobs.create_job(session, tenant, request, 3, device_class="train").id
     session.commit()
     return job_id
 

@@ -31,7 +31,7 @@ def tenant(session: Session) -> str:
 
 def submit(session: Session, tenant: str) -> str:
     request = FinetuneRequest.model_validate(make_payload())
-    job_id = jobs.create_job(session, tenant, request, MAX_ATTEMPTS).id
+    job_id = jobs.create_job(session, tenant, request, MAX_ATTEMPTS, device_class="train").id
     session.commit()
     return job_id
 
@@ -82,7 +82,7 @@ def test_a_queued_job_pauses_at_once_and_nobody_claims_it(session: Session, tena
     assert job.status == JobStatus.PAUSED.value and not job.pause_requested
     assert events(session, job_id)[-1] == ("QUEUED", "PAUSED", "paused before it started")
     assert jobs.claim_job(session, job_id, "w", 60) is None
-    assert jobs.claim_next(session, "w", 60) is None
+    assert jobs.claim_next(session, "w", 60, device_class="train") is None
     assert jobs.queued_job_ids(session, 10) == [] and jobs.count_queued(session) == 0
     # Pausing it again changes nothing.
     assert jobs.request_pause(session, tenant, job_id).status == JobStatus.PAUSED.value
@@ -239,7 +239,7 @@ def test_a_job_whose_worker_died_with_a_pause_asked_ends_paused_not_requeued(
     assert job.status == JobStatus.PAUSED.value and not job.pause_requested
     # The lost attempt counts, as a re-queue's does.
     assert (job.attempt, job.max_attempts) == (1, MAX_ATTEMPTS)
-    assert jobs.claim_next(session, "w2", 60) is None
+    assert jobs.claim_next(session, "w2", 60, device_class="train") is None
     jobs.resume_job(session, tenant, job_id)
     session.commit()
     assert claim(session, job_id).attempt == 2

@@ -94,7 +94,8 @@ class JobLifecycle(RuleBasedStateMachine):
 
     @rule(target=jobs_)
     def submit(self) -> str:
-        job = jobs.create_job(self.session, self.tenant, REQUEST, max_attempts=MAX_ATTEMPTS)
+        job = jobs.create_job(self.session, self.tenant, REQUEST, max_attempts=MAX_ATTEMPTS,
+                              device_class="train")
         self.session.commit()
         return job.id
 
@@ -112,7 +113,7 @@ class JobLifecycle(RuleBasedStateMachine):
 
     @rule(target=claims, worker=st.sampled_from(["w1", "w2"]))
     def wake_up(self, worker: str) -> Claim | None:
-        claim = jobs.claim_next(self.session, worker, LEASE_S)
+        claim = jobs.claim_next(self.session, worker, LEASE_S, device_class="train")
         self.session.commit()
         return claim
 

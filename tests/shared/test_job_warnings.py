@@ -22,7 +22,8 @@ def submit(session: Session, payload: dict | None = None, warnings: list[str] | 
            ) -> str:
     tenant_id = create_api_key(session, "tenant").tenant_id
     request = FinetuneRequest.model_validate(payload or make_payload())
-    job_id = jobs.create_job(session, tenant_id, request, 2, warnings=warnings or []).id
+    job_id = jobs.create_job(session, tenant_id, request, 2, warnings=warnings or [],
+                             device_class="train").id
     session.commit()
     return job_id
 

@@ -27,7 +27,8 @@ def submit(n: int) -> list[str]:
     with session_scope() as session:
         tenant = create_api_key(session, "sweep").tenant_id
         request = FinetuneRequest.model_validate(make_payload())
-        return [jobs.create_job(session, tenant, request, max_attempts=2).id for _ in range(n)]
+        return [jobs.create_job(session, tenant, request, max_attempts=2,
+                                device_class="train").id for _ in range(n)]
 
 
 def embedded(tunery_env: Path) -> Settings:
@@ -42,12 +43,12 @@ def test_queued_jobs_without_a_message_get_exactly_the_missing_wake_ups(
 ) -> None:
     embedded(tunery_env)
     first, second, third = submit(3)
-    assert enqueue_training(first)  # the other two submits lost their message
+    assert enqueue_training(first, "train")  # the other two submits lost their message
 
     woken = wake_queued_jobs()
 
     assert woken == [first, second]  # one missing per queued job beyond the one message
-    assert count_waiting_messages() == 3
+    assert count_waiting_messages("train") == 3
     assert wake_queued_jobs() == []  # nothing missing: a second sweep sends nothing
 
 
@@ -59,7 +60,7 @@ def test_cancelled_and_running_jobs_get_no_wake_up(tunery_env: Path) -> None:
         tenant = session.get_one(Job, cancelled).tenant_id
         jobs.request_cancel(session, tenant, cancelled)
     assert wake_queued_jobs() == []
-    assert count_waiting_messages() == 0
+    assert count_waiting_messages("train") == 0
 
 
 def test_sweep_requeues_a_dead_workers_job_and_wakes_it(tunery_env: Path) -> None:
@@ -75,7 +76,7 @@ def test_sweep_requeues_a_dead_workers_job_and_wakes_it(tunery_env: Path) -> Non
     result = sweep(settings)
 
     assert result.requeued == [job_id] and result.woken == [job_id]
-    assert count_waiting_messages() == 1
+    assert count_waiting_messages("train") == 1
     with session_scope() as session:
         job = session.get_one(Job, job_id)
         assert (job.status, job.attempt, job.lease_owner) == ("QUEUED", 1, None)
@@ -153,7 +154,7 @@ def test_job_status_after_sweep_of_last_attempt_is_failed(tunery_env: Path) -> N
         job = session.get_one(Job, job_id)
         assert job.status == JobStatus.FAILED.value
         assert "worker lost in each of the 2 attempts allowed (last: w2)" in (job.error or "")
-    assert count_waiting_messages() == 1  # only the wake-up sent after the first loss
+    assert count_waiting_messages("train") == 1  # only the wake-up sent after the first loss
 
 
 def test_sweep_forgets_idempotency_keys_past_their_ttl(tunery_env: Path) -> None:
@@ -190,7 +191,7 @@ def test_a_dead_workers_job_is_requeued_at_once_with_how_it_died_and_woken(
     moved = maintenance.release_dead_worker(4242, "worker pid 4242 exited by SIGKILL")
 
     assert moved == [(dead, JobStatus.QUEUED)]
-    assert count_waiting_messages() == 1  # the wake-up for the re-queued job
+    assert count_waiting_messages("train") == 1  # the wake-up for the re-queued job
     with session_scope() as session:
         job = session.get_one(Job, dead)
         assert (job.status, job.attempt, job.lease_owner) == ("QUEUED", 1, None)
@@ -239,3 +240,68 @@ def test_a_dead_workers_job_follows_the_rules_of_an_expired_lease(
         assert job.status == expected.value and job.lease_owner is None
         assert event is not None
         assert reason.format(owner=jobs.worker_identity(7)) in (event.reason or ""), event.reason
+
+
+TWO_CLASSES = '[{"name": "small", "devices": 1}, {"name": "pair", "devices": 2}]'
+
+
+def submit_to(device_class: str) -> str:
+    with session_scope() as session:
+        tenant = create_api_key(session, f"sweep-{device_class}").tenant_id
+        return jobs.create_job(session, tenant, FinetuneRequest.model_validate(make_payload()),
+                               max_attempts=2, device_class=device_class).id
+
+
+def with_classes(monkeypatch: pytest.MonkeyPatch, classes: str) -> Settings:
+    from shared.queue import get_celery
+
+    monkeypatch.setenv("TUNERY_DEVICE_CLASSES", classes)
+    get_settings.cache_clear()
+    get_celery.cache_clear()
+    settings = get_settings()
+    upgrade_database(settings.database.url)
+    declare_queue()
+    return settings
+
+
+def test_each_class_s_queue_gets_the_wake_ups_of_its_own_jobs(
+    tunery_env: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with_classes(monkeypatch, TWO_CLASSES)
+    small, pair, second_pair = submit_to("small"), submit_to("pair"), submit_to("pair")
+    assert enqueue_training(pair, "pair")  # the other two lost theirs
+
+    woken = wake_queued_jobs()
+
+    # Pair's queue held one message for its two jobs: one more, named after the oldest.
+    assert woken == [small, pair] and second_pair not in woken
+    assert (count_waiting_messages("small"), count_waiting_messages("pair")) == (1, 2)
+    assert count_waiting_messages("train") == 0  # no class of that name any more
+    assert wake_queued_jobs() == []
+
+
+def test_a_job_whose_class_was_removed_is_told_so_once_and_gets_no_wake_up(
+    tunery_env: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = with_classes(monkeypatch, TWO_CLASSES)
+    stranded, served = submit_to("pair"), submit_to("small")
+    settings = with_classes(monkeypatch, '[{"name": "small", "devices": 1}]')
+
+    first, second = sweep(settings), sweep(settings)
+
+    assert first.unserved == [stranded] and second.unserved == []
+    assert first.woken == [served]
+    warning = ("device class 'pair' is not configured on this service (its "
+               "TUNERY_DEVICE_CLASSES has small): no worker takes this job until an operator "
+               "adds the class back; cancel it and submit it again to route it to a class "
+               "there is")
+    with session_scope() as session:
+        job = session.get_one(Job, stranded)
+        assert (job.status, job.warnings) == ("QUEUED", [warning])
+        assert [log.line for log in jobs.tail_logs(session, stranded, 10)] == [warning]
+        assert session.get_one(Job, served).warnings is None
+    assert count_waiting_messages("pair") == 0
+
+    # The class comes back: the job's wake-up is sent again.
+    settings = with_classes(monkeypatch, TWO_CLASSES)
+    assert sweep(settings).woken == [stranded]

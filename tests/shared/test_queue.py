@@ -20,7 +20,7 @@ def _enqueue_at(data_dir: str, start_at: float, job_id: str, attempts: int) -> b
     from shared.queue import enqueue_training
 
     time.sleep(max(0.0, start_at - time.time()))
-    return enqueue_training(job_id, attempts=attempts)
+    return enqueue_training(job_id, "train", attempts=attempts)
 
 
 def queued_messages() -> int:
@@ -54,7 +54,7 @@ def test_enqueue_reports_failure_instead_of_raising_when_broker_is_unreachable(
     get_settings.cache_clear()
     get_celery.cache_clear()
     started = time.monotonic()
-    assert enqueue_training("job-x", attempts=2) is False
+    assert enqueue_training("job-x", "train", attempts=2) is False
     assert time.monotonic() - started < 30
 
 
@@ -92,7 +92,7 @@ def test_a_wake_up_sent_straight_to_redis_is_the_message_send_task_sends(
 
     app = get_celery()
     app.send_task(TRAIN_TASK, args=["job-1"])
-    RedisWakeUps(app, "train").send("job-1")
+    RedisWakeUps(app).send("job-1", "train")
     by_celery, ours = stored_messages(redis_broker, "train")
     assert without_ids(ours) == without_ids(by_celery)
     assert ours["headers"]["id"] != by_celery["headers"]["id"]
@@ -113,7 +113,7 @@ def test_a_wake_up_on_redis_is_one_lpush_on_a_client_kept_for_the_process(
 
     from shared.queue import enqueue_training
 
-    assert enqueue_training("job-0")  # builds the process's client
+    assert enqueue_training("job-0", "train")  # builds the process's client
     commands: list[str] = []
     clients: list[redis.Redis] = []
     execute, init = redis.Redis.execute_command, redis.Redis.__init__
@@ -128,7 +128,7 @@ def test_a_wake_up_on_redis_is_one_lpush_on_a_client_kept_for_the_process(
 
     monkeypatch.setattr(redis.Redis, "execute_command", counted_execute)
     monkeypatch.setattr(redis.Redis, "__init__", counted_init)
-    assert all(enqueue_training(f"job-{i}") for i in range(1, 4))
+    assert all(enqueue_training(f"job-{i}", "train") for i in range(1, 4))
     assert commands == ["LPUSH"] * 3
     assert clients == []
     assert [m["headers"]["argsrepr"] for m in stored_messages(redis_broker, "train")] == [

@@ -33,7 +33,7 @@ def job_finished(storage: Storage, status: JobStatus, days_ago: float | None) ->
 
         tenant_id = create_api_key(session, f"t-{utcnow().timestamp()}").tenant_id
         job_id = jobs.create_job(session, tenant_id, FinetuneRequest.model_validate(
-            make_payload()), 3).id
+            make_payload()), 3, device_class="train").id
     for key in (f"checkpoints/{job_id}/step-5/adapter_model.safetensors",
                 f"jobs/{job_id}/checkpoints/step-2/adapter_model.safetensors",
                 f"jobs/{job_id}/adapter_model.safetensors",

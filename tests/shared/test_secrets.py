@@ -179,7 +179,7 @@ def test_job_is_stored_encrypted_and_its_secrets_are_dropped_when_it_ends(
 ) -> None:
     tenant_id = create_api_key(session, "owner").tenant_id
     request = FinetuneRequest.model_validate(secret_payload())
-    job = jobs.create_job(session, tenant_id, request, max_attempts=3)
+    job = jobs.create_job(session, tenant_id, request, max_attempts=3, device_class="train")
     session.commit()
     stored = session.scalar(select(Job.payload).where(Job.id == job.id))
     assert stored is not None
@@ -214,7 +214,7 @@ def test_job_is_stored_encrypted_and_its_secrets_are_dropped_when_it_ends(
 def test_queued_job_cancelled_drops_its_secrets(session: Session) -> None:
     tenant_id = create_api_key(session, "owner").tenant_id
     request = FinetuneRequest.model_validate(secret_payload())
-    job = jobs.create_job(session, tenant_id, request, max_attempts=3)
+    job = jobs.create_job(session, tenant_id, request, max_attempts=3, device_class="train")
     session.commit()
     jobs.request_cancel(session, tenant_id, job.id)
     session.commit()

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from shared.device_classes import DeviceClass
 from shared.settings import (
     GROUPS,
     LEGACY_NAMES,
@@ -29,6 +30,12 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
     "auto_migrate": ("false", False),
     "broker_url": ("redis://redis:6379/0", "redis://redis:6379/0"),
     "queue_name": ("gpu", "gpu"),
+    # Named "train", so that the worker's class below is one of them alone or all at once.
+    "device_classes": ('[{"name": "train", "devices": 1}, '
+                       '{"name": "gpu-x2", "devices": 2, "memory_gb": 80}]',
+                       [DeviceClass(name="train", devices=1),
+                        DeviceClass(name="gpu-x2", devices=2, memory_gb=80.0)]),
+    "worker_device_class": ("train", "train"),
     "storage_url": ("s3://bucket/prefix", "s3://bucket/prefix"),
     "s3_endpoint_url": ("http://minio:9000", "http://minio:9000"),
     "s3_access_key_id": ("key-id", "key-id"),

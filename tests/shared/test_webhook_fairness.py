@@ -64,7 +64,7 @@ def queue_jobs(tenant_id: str, count: int) -> None:
     """`count` jobs: one delivery each to every endpoint of the tenant, due now."""
     with session_scope() as session:
         for _ in range(count):
-            jobs.create_job(session, tenant_id, REQUEST, max_attempts=1)
+            jobs.create_job(session, tenant_id, REQUEST, max_attempts=1, device_class="train")
 
 
 @contextmanager

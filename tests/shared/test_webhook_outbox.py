@@ -68,7 +68,7 @@ def test_a_jobs_life_writes_one_delivery_per_change_in_the_changes_transaction(
 ) -> None:
     endpoint = add_endpoint(tenant)
     with session_scope() as session:
-        job = jobs.create_job(session, tenant, REQUEST, max_attempts=2)
+        job = jobs.create_job(session, tenant, REQUEST, max_attempts=2, device_class="train")
     with session_scope() as session:
         claim = jobs.claim_job(session, job.id, "w1", 60)
         assert claim is not None
@@ -95,7 +95,7 @@ def test_a_rolled_back_change_leaves_no_delivery_and_a_committed_one_keeps_it(
 ) -> None:
     add_endpoint(tenant)
     with session_scope() as session:
-        job = jobs.create_job(session, tenant, REQUEST, max_attempts=2)
+        job = jobs.create_job(session, tenant, REQUEST, max_attempts=2, device_class="train")
     with pytest.raises(RuntimeError), session_scope() as session:
         jobs.request_cancel(session, tenant, job.id)
         raise RuntimeError("the process dies before the commit")
@@ -120,7 +120,7 @@ def test_only_enabled_endpoints_of_the_tenant_that_take_the_type_get_a_delivery(
     with session_scope() as session:
         endpoints.disable(session, session.get_one(WebhookEndpoint, disabled), "x")
     with session_scope() as session:
-        job = jobs.create_job(session, tenant, REQUEST, max_attempts=2)
+        job = jobs.create_job(session, tenant, REQUEST, max_attempts=2, device_class="train")
         jobs.request_cancel(session, tenant, job.id)
     with session_scope() as session:
         got = {(d["endpoint"], d["type"]) for d in deliveries(session)}
@@ -132,7 +132,7 @@ def test_the_sweep_forgets_finished_deliveries_past_their_history_only(tenant: s
     add_endpoint(tenant)
     with session_scope() as session:
         for _ in range(3):
-            jobs.create_job(session, tenant, REQUEST, max_attempts=2)
+            jobs.create_job(session, tenant, REQUEST, max_attempts=2, device_class="train")
     long_ago = utcnow() - timedelta(days=31)
     with session_scope() as session:
         old, recent, waiting = session.scalars(select(WebhookDelivery.id)).all()

@@ -205,7 +205,8 @@ def test_second_attempt_of_a_job_resumes_from_storage_and_completion_keeps_only_
     request = make_request()
     with session_scope() as session:
         tenant_id = create_api_key(session, "resume").tenant_id
-        job_id = jobs.create_job(session, tenant_id, request, max_attempts=3).id
+        job_id = jobs.create_job(session, tenant_id, request, max_attempts=3,
+                                 device_class="train").id
         lease_s = settings.leases.lease_seconds
         first = jobs.claim_job(session, job_id, "worker-1", lease_s)
         assert first is not None

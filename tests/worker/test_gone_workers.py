@@ -76,7 +76,7 @@ def test_jobs_of_gone_workers_on_this_host_are_requeued_and_woken_the_others_sta
                                     (restarted, JobStatus.QUEUED)])
     assert statuses(gone, reused, restarted, live, elsewhere) == [
         "QUEUED", "QUEUED", "QUEUED", "RUNNING", "RUNNING"]
-    assert count_waiting_messages() == 3  # one wake-up per re-queued job
+    assert count_waiting_messages("train") == 3  # one wake-up per re-queued job
     with session_scope() as session:
         job = session.get_one(Job, gone)
         assert (job.attempt, job.lease_owner) == (1, None)
@@ -96,4 +96,4 @@ def test_a_lease_of_this_host_whose_pid_is_alive_as_a_worker_is_left_to_its_work
 
     assert release_gone_workers(os.getpid(), MARKER) == []
     assert statuses(job_id) == ["RUNNING"]
-    assert count_waiting_messages() == 0
+    assert count_waiting_messages("train") == 0

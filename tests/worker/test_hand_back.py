@@ -51,7 +51,8 @@ def queued_job(tunery_env: Path, tiny_model_dir: Path, make_request: Any,
     request = make_request(training={"num_train_epochs": 20})
     with session_scope() as session:
         tenant = create_api_key(session, "hand-back").tenant_id
-        job_id = jobs.create_job(session, tenant, request, max_attempts=MAX_ATTEMPTS).id
+        job_id = jobs.create_job(session, tenant, request, max_attempts=MAX_ATTEMPTS,
+                                 device_class="train").id
     return job_id, request
 
 

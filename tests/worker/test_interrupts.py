@@ -135,7 +135,7 @@ def claim(tunery_env: Path) -> Claim:
     with session_scope() as session:
         tenant = create_api_key(session, "hb").tenant_id
         job_id = jobs.create_job(
-            session, tenant, FinetuneRequest.model_validate(make_payload()), 3
+            session, tenant, FinetuneRequest.model_validate(make_payload()), 3, device_class="train"
         ).id
         claimed = jobs.claim_job(session, job_id, "w", 30)
     assert claimed is not None

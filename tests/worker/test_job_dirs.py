@@ -53,7 +53,7 @@ def _run_hub_job(
     upgrade_database(settings.database.url)
     with session_scope() as session:
         tenant = create_api_key(session, "job-dirs").tenant_id
-        job_id = jobs.create_job(session, tenant, request, max_attempts=1).id
+        job_id = jobs.create_job(session, tenant, request, max_attempts=1, device_class="train").id
         claim = jobs.claim_job(session, job_id, "w", settings.leases.lease_seconds)
     assert claim is not None and claim.tenant_id == tenant
 

@@ -53,7 +53,8 @@ def run_stored_job(
         with session_scope() as session:
             tenant_id = create_api_key(session, "owner").tenant_id
             job_id = jobs.create_job(
-                session, tenant_id, FinetuneRequest.model_validate(payload), max_attempts=1
+                session, tenant_id, FinetuneRequest.model_validate(payload), max_attempts=1,
+                device_class="train"
             ).id
         train.run(job_id)
         with session_scope() as session:

@@ -79,7 +79,7 @@ def stack(tunery_env: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatc
 
 def submit(tenant: str, request: FinetuneRequest) -> str:
     with session_scope() as session:
-        return jobs.create_job(session, tenant, request, max_attempts=3).id
+        return jobs.create_job(session, tenant, request, max_attempts=3, device_class="train").id
 
 
 def claim(job_id: str) -> Claim | None:

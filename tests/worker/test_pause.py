@@ -186,7 +186,8 @@ def embedded(tunery_env: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyP
 def submit(request: FinetuneRequest) -> tuple[str, str]:
     with session_scope() as session:
         tenant = create_api_key(session, "pauser").tenant_id
-        job_id = jobs.create_job(session, tenant, request, max_attempts=MAX_ATTEMPTS).id
+        job_id = jobs.create_job(session, tenant, request, max_attempts=MAX_ATTEMPTS,
+                                 device_class="train").id
     return tenant, job_id
 
 

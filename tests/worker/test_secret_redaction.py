@@ -36,7 +36,8 @@ def submit(tunery_env: Path, make_request: Any) -> Any:
                                logging={"wandb_login_key": WANDB_KEY})
         with session_scope() as session:
             tenant_id = create_api_key(session, "owner").tenant_id
-            return jobs.create_job(session, tenant_id, request, max_attempts=1).id
+            return jobs.create_job(session, tenant_id, request, max_attempts=1,
+                                   device_class="train").id
 
     return submit_job
 

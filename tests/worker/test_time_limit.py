@@ -68,7 +68,7 @@ def test_a_job_past_its_soft_limit_fails_with_reason_timeout(
     upgrade_database(settings.database.url)
     with session_scope() as session:
         tenant = create_api_key(session, "timeout").tenant_id
-        job_id = jobs.create_job(session, tenant, request, max_attempts=3).id
+        job_id = jobs.create_job(session, tenant, request, max_attempts=3, device_class="train").id
         claim = jobs.claim_job(session, job_id, "w", settings.leases.lease_seconds)
     assert claim is not None
 
