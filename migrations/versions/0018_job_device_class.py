@@ -2,7 +2,7 @@
 
 Revision ID: 0018
 Revises: 0017
-Create Date: 2026-12-07 18:00:00.000000
+Create Date: 2026-12-07 15:30:00.000000
 """
 
 from __future__ import annotations

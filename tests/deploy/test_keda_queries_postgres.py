@@ -2,9 +2,6 @@
 Tunery's migrated schema: each class counts its own QUEUED and RUNNING jobs, so that a running
 job keeps its worker after Celery took its message off the Redis list; `train`, the default
 queue, also counts exports being built and (as one worker) webhook deliveries that are due.
-
-`jobs.device_class` is the routing contract's column; until the routing migration adds it,
-this test adds it to its own database, as the contract names it.
 """
 
 from __future__ import annotations
@@ -44,19 +41,15 @@ def session(postgres_url: str) -> Iterator[Session]:
     upgrade_database(postgres_url)
     engine = make_engine(postgres_url)
     with Session(engine, expire_on_commit=False) as session:
-        session.execute(text(
-            "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS device_class varchar(64)"))
-        session.commit()
         yield session
     engine.dispose()
 
 
 def add_job(session: Session, tenant: Tenant, device_class: str, status: JobStatus) -> Job:
-    job = Job(tenant_id=tenant.id, status=status.value, payload={}, base_model="tiny")
+    job = Job(tenant_id=tenant.id, status=status.value, payload={}, base_model="tiny",
+              device_class=device_class)
     session.add(job)
     session.flush()
-    session.execute(text("UPDATE jobs SET device_class = :c WHERE id = :id"),
-                    {"c": device_class, "id": job.id})
     return job
 
 

@@ -26,7 +26,7 @@ def test_a_received_wake_up_leaves_the_class_list_empty_while_its_job_runs(
     assert scaler["spec"]["triggers"][0]["metadata"]["listName"] == queue
     client = redis.Redis.from_url(redis_url)
 
-    assert enqueue_training("job-1")
+    assert enqueue_training("job-1", queue)
     assert client.llen(queue) == 1
 
     with get_celery().connection_for_read() as connection:
