@@ -72,6 +72,7 @@ def test_two_processes_with_batch_2_train_as_one_process_with_batch_4(
 
     assert pair.steps == one.steps == 6
     assert "process group: 2 ranks, DDP over gloo" in pair_reports.lines
+    assert any("batch 2 x 1 x 2 devices" in line for line in pair_reports.lines)
     pair_losses, one_losses = losses(pair_reports), losses(one_reports)
     assert [step for step, _ in pair_losses] == [step for step, _ in one_losses]
     for (_, two), (_, single) in zip(pair_losses, one_losses, strict=True):

@@ -83,11 +83,12 @@ class MetricsCallback(TrainerCallback):
         examples = f" of {len(loader.dataset)} examples" if loader is not None else ""
         epochs = args.num_train_epochs
         resumed = f", resuming at step {state.global_step}" if state.global_step else ""
+        devices = f" x {args.world_size} devices" if args.world_size > 1 else ""
         self.reporter.log(
             f"training {state.max_steps} step{'s' if state.max_steps != 1 else ''}: "
             f"{epochs:g} epoch{'s' if epochs != 1 else ''}"
             f"{examples}, batch {args.per_device_train_batch_size} x "
-            f"{args.gradient_accumulation_steps}, optimizer "
+            f"{args.gradient_accumulation_steps}{devices}, optimizer "
             f"{getattr(args.optim, 'value', args.optim)}{resumed}"
         )
 
