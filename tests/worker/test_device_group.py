@@ -87,6 +87,23 @@ def test_two_processes_with_batch_2_train_as_one_process_with_batch_4(
     assert pair.trained_tokens == one.trained_tokens
 
 
+def test_qlora_trains_on_two_processes_each_holding_the_4bit_model(
+    tiny_model_dir: Path, group_settings: Settings, tmp_path: Path
+) -> None:
+    from tests.worker.conftest import build_request
+
+    request = build_request(tiny_model_dir, model={"use_quantization": True},
+                            training={"devices": 2, "micro_batch_size": 2, **SAME_STEPS})
+    reporter = RecordingReporter()
+    result = train_on_devices(request, tmp_path / "work", reporter, group_settings,
+                              claim=Claim("job-qlora", 1, "worker-test"), memory_rung=0,
+                              hub_cache_dir=None)
+    assert result.steps == 6
+    assert "process group: 2 ranks, DDP over gloo" in reporter.lines
+    assert any(line.startswith("base model loaded in 4-bit NF4") for line in reporter.lines)
+    assert set(adapter(result)) and result.last_loss is not None
+
+
 def test_cancel_stops_both_processes_at_the_same_step(
     make_request: Any, group_settings: Settings, tmp_path: Path
 ) -> None:
