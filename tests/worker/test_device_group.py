@@ -250,14 +250,18 @@ def test_a_job_asking_more_devices_than_the_worker_owns_is_refused(
 def test_a_guarded_command_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     """What takes a job's process group down with a worker killed by SIGKILL."""
     marker = tmp_path / "guarded.pid"
-    starter = subprocess.Popen([
-        sys.executable, "-c",
+    guarded_script = tmp_path / "guarded.py"
+    guarded_script.write_text(
+        f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(300)\n")
+    starter_script = tmp_path / "starter.py"
+    starter_script.write_text(
         "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-m', 'worker.parent_death', "
-        "sys.executable, '-c', 'import os, time; "
-        f"open({str(marker)!r}, \"w\").write(str(os.getpid())); time.sleep(300)'])\n"
-        "time.sleep(300)\n",
-    ], cwd=Path(__file__).resolve().parents[2])
+        "subprocess.Popen([sys.executable, '-m', 'worker.parent_death', sys.executable, "
+        f"{str(guarded_script)!r}])\n"
+        "time.sleep(300)\n")
+    starter = subprocess.Popen([sys.executable, str(starter_script)],
+                               cwd=Path(__file__).resolve().parents[2])
     try:
         deadline = time.monotonic() + 30
         while not (marker.exists() and marker.read_text()):
