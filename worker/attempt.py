@@ -123,7 +123,8 @@ def run_attempt(
                                      request.hf_config.hf_token)
         if request.training_config.devices > 1:
             result = train_on_devices(request, work_dir, reporter, settings, claim=claim,
-                                      memory_rung=rung, hub_cache_dir=hub_cache)
+                                      memory_rung=rung, hub_cache_dir=hub_cache,
+                                      lease_held=heartbeat.holds_lease)
         else:
             # Never the checkout or the data dir: loaders read relative names from here.
             with job_working_directory(work_dir / "cwd"):

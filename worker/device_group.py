@@ -23,17 +23,26 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.jobs import Claim
 from shared.schema import FinetuneRequest
 from shared.settings import Settings
 from shared.storage import StorageUnreachable
-from worker.group_channel import EventReader, GroupSpec, mark_alive, request_stop
+from worker.group_channel import (
+    DiscardReports,
+    EventReader,
+    GroupSpec,
+    forget_spec_once_read,
+    mark_alive,
+    request_stop,
+)
 from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
 from worker.pipeline.report import JobReporter
 from worker.pipeline.run import TrainResult
@@ -44,11 +53,14 @@ log = logging.getLogger("tunery.worker")
 POLL_S = 0.2
 # How long a group asked to stop may take to end its step and save it before it is ended.
 STOP_PATIENCE_S = 120.0
-# How long a group that gave its outcome may take to exit before it is ended.
-EXIT_PATIENCE_S = 30.0
+# How long a group that gave its outcome may take to exit before it is killed: its ranks
+# finish together, and one that has not by then hangs (a stopped or stuck process).
+EXIT_PATIENCE_S = 15.0
 # After SIGTERM, torchrun ends its ranks (SIGTERM, then SIGKILL after its own 30 s).
 TERMINATE_PATIENCE_S = 45.0
 TORCHRUN_LOG = "torchrun.log"
+# tqdm's bars (loading weights, writing shards): never the reason a group died.
+_PROGRESS_BAR = re.compile(r"\d+%\||it/s\]")
 
 
 class ProcessGroupFailed(Exception):
@@ -65,13 +77,19 @@ def train_on_devices(
     claim: Claim,
     memory_rung: int,
     hub_cache_dir: Path | None,
+    lease_held: Callable[[], bool] = lambda: True,
 ) -> TrainResult:
     """Train `request` on `training_config.devices` devices of this worker, as `run_job`
     does on one; the adapter lies in the result's `output_dir` (rank 0's).
 
     Raises as `run_job` does (`TrainingStopped`, `PipelineError`, `StorageUnreachable`,
     torch's out-of-memory error) so that the attempt ends the same way, and
-    `ProcessGroupFailed` when the group died without saying why."""
+    `ProcessGroupFailed` when the group died without saying why, or stopped by itself
+    because this worker went silent (`group_channel.EventWriter`) while the lease is still
+    held: the attempt is lost either way.
+
+    The group's reports reach `reporter` only while `lease_held()`: a worker continued
+    after a SIGSTOP longer than its lease may find another attempt owning the job."""
     devices = request.training_config.devices
     owned = settings.training.worker_devices
     if devices > owned:
@@ -98,7 +116,8 @@ def train_on_devices(
     try:
         while (code := process.poll()) is None:
             mark_alive(directory)
-            reader.relay(reporter)
+            forget_spec_once_read(directory, devices)
+            reader.relay(reporter if lease_held() else DiscardReports())
             now = time.monotonic()
             reason = reporter.should_stop()
             if reason is not None and stop_at is None:
@@ -113,12 +132,12 @@ def train_on_devices(
                        or (outcome_at is not None and now - outcome_at > EXIT_PATIENCE_S))
             if overdue:
                 log.warning("job %s: process group slow to exit; ending it", claim.job_id)
-                _terminate(process)
+                _terminate(process, kill=outcome_at is not None)
             time.sleep(POLL_S)
     finally:
         if process.poll() is None:  # this worker is being torn down: so is its group
             _terminate(process)
-    reader.relay(reporter)
+    reader.relay(reporter if lease_held() else DiscardReports())
     outcome = reader.any_outcome()
     if outcome is None:
         stopped = reporter.should_stop()
@@ -126,6 +145,11 @@ def train_on_devices(
             raise TrainingStopped(stopped)
         raise ProcessGroupFailed(f"process group of {devices} exited with status {code} "
                                  f"without an outcome: {_last_lines(directory / TORCHRUN_LOG)}")
+    silent = (outcome["outcome"] == "stopped" and outcome["reason"] == StopReason.LEASE_LOST
+              and reporter.should_stop() != StopReason.LEASE_LOST)
+    if silent and lease_held():
+        raise ProcessGroupFailed("the process group stopped by itself: its worker did not "
+                                 "answer for a lease (stopped or stuck)")
     _raise_unless_trained(outcome)
     return TrainResult(
         output_dir=Path(outcome["output_dir"]), steps=int(outcome["steps"]),
@@ -177,9 +201,14 @@ def _start(directory: Path, devices: int) -> subprocess.Popen[bytes]:
                                 cwd=directory, start_new_session=True)
 
 
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    """End torchrun, which ends its ranks; SIGKILL if it does not go."""
+def _terminate(process: subprocess.Popen[bytes], *, kill: bool = False) -> None:
+    """End torchrun, which ends its ranks; SIGKILL if it does not go, or at once with `kill`
+    (its ranks die with it: `parent_death`)."""
     if process.poll() is not None:
+        return
+    if kill:
+        process.kill()
+        process.wait()
         return
     process.send_signal(signal.SIGTERM)
     try:
@@ -190,8 +219,11 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
 
 
 def _last_lines(path: Path, count: int = 5) -> str:
+    """The end of torchrun's output, progress bars left out: what says why the group died."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return "(no output)"
-    return " | ".join(line.strip() for line in lines[-count:])[-1500:]
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines()
+             if line.strip() and not _PROGRESS_BAR.search(line)]
+    return " | ".join(lines[-count:])[-1500:] or "(no output)"

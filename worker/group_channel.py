@@ -25,6 +25,7 @@ from shared.settings import Settings
 from worker.pipeline.errors import StopReason
 
 SPEC_FILE = "spec.json"
+SPEC_READ_PREFIX = "spec-read-rank-"
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "stop"
 ALIVE_FILE = "worker-alive"
@@ -57,8 +58,11 @@ class GroupSpec:
             json.dump(fields, out, default=_plain)
 
     @classmethod
-    def read(cls, directory: Path) -> GroupSpec:
+    def read(cls, directory: Path, rank: int) -> GroupSpec:
+        """The spec, read by `rank`, which says so: once every rank has, the worker deletes
+        the file (`forget_spec_once_read`) and its secrets with it."""
         fields = json.loads((directory / SPEC_FILE).read_text(encoding="utf-8"))
+        (directory / f"{SPEC_READ_PREFIX}{rank}").touch()
         hub_cache = fields["hub_cache_dir"]
         return cls(
             request=FinetuneRequest.model_validate(fields["request"]),
@@ -68,6 +72,17 @@ class GroupSpec:
             memory_rung=int(fields["memory_rung"]),
             hub_cache_dir=Path(hub_cache) if hub_cache else None,
         )
+
+
+def forget_spec_once_read(directory: Path, ranks: int) -> bool:
+    """Delete the spec once each of `ranks` ranks has read it; whether it is gone."""
+    spec = directory / SPEC_FILE
+    if not spec.exists():
+        return True
+    if len(list(directory.glob(f"{SPEC_READ_PREFIX}*"))) < ranks:
+        return False
+    spec.unlink()
+    return True
 
 
 def _plain(value: Any) -> Any:
@@ -166,6 +181,14 @@ class SilentReporter:
 
     def should_stop(self) -> StopReason | None:
         return None
+
+
+class DiscardReports:
+    """Where the reports of a group whose lease is not held go: nowhere. Another attempt may
+    own the job by now, and its log and metrics are not this one's to write into."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 class EventReader:

@@ -90,6 +90,13 @@ class Heartbeat(threading.Thread):
         """The attempt is over: stop renewing."""
         self._ended.set()
 
+    def holds_lease(self) -> bool:
+        """Whether the lease is this attempt's as far as it knows: renewed within a lease and
+        not refused. False from the moment a stopped process (SIGSTOP) is continued past its
+        lease until a renewal succeeds again."""
+        return (self.stop_reason != StopReason.LEASE_LOST
+                and self.clock() - self.last_renewed_at < self.lease_seconds)
+
     def beat(self) -> None:
         now = self.clock()
         elapsed = now - self.started_at

@@ -11,6 +11,7 @@ at once instead of leaving them waiting for this one in a collective.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> int:
     # after torchrun was killed.
     die_with_parent(signal.SIGKILL)
     directory = Path(argv[0])
-    spec = GroupSpec.read(directory)
+    spec = GroupSpec.read(directory, int(os.environ.get("RANK", "0")))
     logging.basicConfig(level=spec.settings.log_level.upper(),
                         format="%(asctime)s rank %(process)d %(levelname)s %(message)s")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Reject
@@ -34,6 +35,7 @@ from worker.gone_workers import release_gone_workers
 from worker.metrics_server import serve_worker_metrics
 from worker.outage import through_outage
 from worker.shutdown import begin_shutdown, shutting_down
+from worker.stale_attempts import remove_stale_attempt_dirs
 
 if TYPE_CHECKING:
     from worker.pipeline.base_cache import BaseModelCache
@@ -75,6 +77,7 @@ def _prepare_before_consuming(**_: object) -> None:
         work_dir = get_settings().training.work_dir
         assert work_dir is not None
         make_private_dir(work_dir)
+        remove_stale_attempt_dirs(Path(work_dir))
     except Exception as exc:
         # Celery logs what a signal handler raises and starts consuming all the same: a
         # worker that cannot prepare would claim jobs it cannot run. SystemExit gets past

@@ -160,6 +160,8 @@ def test_a_killed_rank_fails_the_attempt_and_the_next_one_resumes_from_its_check
         on_two(make_request, group_settings, work, reporter=reporter, job_id="job-killed",
                micro_batch_size=1, num_train_epochs=2)
     assert killed and not rank_processes(work)
+    # Every rank had read the spec: its secrets were deleted while the group trained.
+    assert not (work / "group" / "spec.json").exists()
     stored = storage_from_settings(group_settings).list(job_checkpoint_prefix("job-killed"))
     assert any("/step-2/" in item.key for item in stored)
 
@@ -209,6 +211,39 @@ def test_rank_0_stops_the_group_as_from_a_lost_lease_when_its_worker_goes_silent
     assert writer.should_stop() is StopReason.LEASE_LOST
     request_stop(tmp_path, StopReason.CANCELLED)
     assert writer.should_stop() is StopReason.CANCELLED  # what the worker asked wins
+
+
+def test_a_group_stopped_by_its_silent_worker_loses_the_attempt(
+    make_request: Any, group_settings: Settings, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's heartbeat still holds the lease, but the worker stopped answering its
+    group for longer than a lease (as after a SIGSTOP): the attempt is lost, not the job's."""
+    def silent_for_an_hour(directory: Path) -> None:
+        an_hour_ago = time.time() - 3600
+        (directory / ALIVE_FILE).touch()
+        os.utime(directory / ALIVE_FILE, (an_hour_ago, an_hour_ago))
+
+    monkeypatch.setattr("worker.device_group.mark_alive", silent_for_an_hour)
+    reporter = RecordingReporter()
+    with pytest.raises(ProcessGroupFailed, match="its worker did not answer for a lease"):
+        on_two(make_request, group_settings, tmp_path / "work", reporter=reporter)
+    # Rank 0 saw the silence as soon as it first asked, while loading, and the group ended.
+    assert "training" not in reporter.phases
+    assert not rank_processes(tmp_path / "work")
+
+
+def test_the_reports_of_a_group_whose_lease_is_not_held_are_dropped(
+    make_request: Any, group_settings: Settings, tmp_path: Path
+) -> None:
+    reporter = RecordingReporter()
+    request = make_request(training={"devices": 2, **SAME_STEPS})
+    result = train_on_devices(request, tmp_path / "work", reporter, group_settings,
+                              claim=Claim("job-stale", 1, "worker-test"), memory_rung=0,
+                              hub_cache_dir=None, lease_held=lambda: False)
+    assert result.steps > 0
+    assert reporter.metrics == [] and reporter.checkpoints == []
+    assert reporter.lines == [line for line in reporter.lines if line.startswith("devices: ")]
 
 
 def test_fsdp_on_a_cpu_worker_is_refused_naming_the_field(

@@ -268,3 +268,22 @@ def test_renewals_in_an_outage_are_counted_and_the_lease_lost_past_it_too(
 
     assert counted("tunery_worker_lease_renewals_total", result="unreachable") == unreachable + 2
     assert counted("tunery_worker_leases_lost_total") == lost + 1
+
+
+def test_the_lease_is_held_until_a_lease_passes_without_a_renewal_or_one_is_refused(
+    claim: Claim,
+) -> None:
+    clock = FakeClock()
+    beat = heartbeat(claim, clock)
+    assert beat.holds_lease()
+    clock.now += LEASE_S + 1  # a process stopped (SIGSTOP) past its lease, then continued
+    assert not beat.holds_lease()
+    beat.beat()  # the lease was not taken meanwhile: renewed
+    assert beat.holds_lease()
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == claim.job_id)
+                        .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    with session_scope() as session:
+        jobs.requeue_expired_leases(session)  # the reaper gave the job to a new attempt
+    beat.beat()
+    assert beat.stop_reason is StopReason.LEASE_LOST and not beat.holds_lease()
