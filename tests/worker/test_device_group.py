@@ -144,16 +144,7 @@ def test_a_killed_rank_fails_the_attempt_and_the_next_one_resumes_from_its_check
 ) -> None:
     work = tmp_path / "first"
     reporter = RecordingReporter()
-    killed: list[int] = []
-
-    def kill_rank_1_after_step_3(step: int, values: dict[str, float]) -> None:
-        RecordingReporter.metric(reporter, step, values)
-        if step >= 3 and "loss" in values and not killed:
-            pid = rank_processes(work)[1]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    reporter.metric = kill_rank_1_after_step_3  # type: ignore[method-assign]
+    killed = signal_rank_1_after(reporter, work, after=3, sig=signal.SIGKILL)
     # Rank 0 dies by torchrun's SIGTERM, or first fails on the lost peer: either way, no
     # outcome of the job's own.
     with pytest.raises(ProcessGroupFailed, match="exited with status|a rank crashed"):
@@ -180,16 +171,7 @@ def test_a_hung_rank_fails_the_group_after_the_collective_timeout(
         update={"process_group_timeout_s": 10})})
     work = tmp_path / "work"
     reporter = RecordingReporter()
-    stopped: list[int] = []
-
-    def stop_rank_1_after_step_2(step: int, values: dict[str, float]) -> None:
-        RecordingReporter.metric(reporter, step, values)
-        if step >= 2 and "loss" in values and not stopped:
-            pid = rank_processes(work)[1]
-            os.kill(pid, signal.SIGSTOP)
-            stopped.append(pid)
-
-    reporter.metric = stop_rank_1_after_step_2  # type: ignore[method-assign]
+    stopped = signal_rank_1_after(reporter, work, after=2, sig=signal.SIGSTOP)
     started = time.monotonic()
     with pytest.raises(ProcessGroupFailed):
         on_two(make_request, settings, work, reporter=reporter, micro_batch_size=1,
@@ -311,6 +293,23 @@ def test_a_guarded_command_dies_with_the_process_that_started_it(tmp_path: Path)
             time.sleep(0.1)
     finally:
         starter.kill()
+
+
+def signal_rank_1_after(reporter: RecordingReporter, work_dir: Path, *, after: int,
+                        sig: signal.Signals) -> list[int]:
+    """Have `reporter` send `sig` to rank 1 of the group in `work_dir` once the loss of
+    step `after` is reported; the list gets the pid signalled."""
+    signalled: list[int] = []
+
+    def metric(step: int, values: dict[str, float]) -> None:
+        RecordingReporter.metric(reporter, step, values)
+        if step >= after and "loss" in values and not signalled:
+            pid = rank_processes(work_dir)[1]
+            os.kill(pid, sig)
+            signalled.append(pid)
+
+    reporter.metric = metric  # type: ignore[method-assign]
+    return signalled
 
 
 def stop_at_step(reporter: RecordingReporter, at: int, reason: StopReason) -> Any:
