@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from shared.db import session_scope
 from shared.models import Job, JobStatus
@@ -26,7 +27,9 @@ _ATTEMPT_DIR = re.compile(r"(?P<job>[0-9a-f-]{36})-(?P<attempt>\d+)")
 
 def remove_stale_attempt_dirs(work_dir: Path) -> list[str]:
     """Remove the directories under `work_dir` of job attempts that are not RUNNING; returns
-    their names. Export directories are left to their exports' own cleanup."""
+    their names. Export directories are left to their exports' own cleanup. With the
+    database unreachable, nothing is removed (the next start tries again): a worker must not
+    fail to start over leftovers."""
     candidates = {}
     for entry in work_dir.iterdir() if work_dir.is_dir() else ():
         matched = _ATTEMPT_DIR.fullmatch(entry.name)
@@ -35,11 +38,15 @@ def remove_stale_attempt_dirs(work_dir: Path) -> list[str]:
     if not candidates:
         return []
     job_ids = {job_id for job_id, _ in candidates.values()}
-    with session_scope() as session:
-        running = set(session.execute(
-            select(Job.id, Job.attempt)
-            .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value)
-        ).tuples())
+    try:
+        with session_scope() as session:
+            running = set(session.execute(
+                select(Job.id, Job.attempt)
+                .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value)
+            ).tuples())
+    except SQLAlchemyError as exc:
+        log.warning("could not tell which work directories are stale (%s); kept them", exc)
+        return []
     removed = []
     for path, attempt in candidates.items():
         if attempt not in running:

@@ -77,13 +77,13 @@ def _prepare_before_consuming(**_: object) -> None:
         work_dir = get_settings().training.work_dir
         assert work_dir is not None
         make_private_dir(work_dir)
-        remove_stale_attempt_dirs(Path(work_dir))
     except Exception as exc:
         # Celery logs what a signal handler raises and starts consuming all the same: a
         # worker that cannot prepare would claim jobs it cannot run. SystemExit gets past
         # that, so the process ends and its supervisor (tunery up, Docker, systemd) says so.
         log.critical("worker cannot start: %s: %s", type(exc).__name__, exc)
         raise SystemExit(1) from exc
+    remove_stale_attempt_dirs(Path(work_dir))
     # torch and transformers take seconds to import: paid once at start,
     # not after a claim, where it would delay the first heartbeat and every recovery.
     import worker.pipeline.run  # noqa: F401

@@ -6,10 +6,14 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import pytest
+
 from shared import jobs
-from shared.db import session_scope
+from shared.db import reset_engines, session_scope
 from shared.models import JobStatus
+from shared.settings import get_settings
 from tests.shared.test_maintenance import embedded, submit
+from tests.worker.test_heartbeat import UNREACHABLE_DB
 from worker.stale_attempts import remove_stale_attempt_dirs
 
 
@@ -34,3 +38,20 @@ def test_directories_of_attempts_not_running_are_removed_the_running_ones_kept(
     assert sorted(p.name for p in work.iterdir()) == sorted(kept)
     assert remove_stale_attempt_dirs(work) == []
     assert remove_stale_attempt_dirs(tmp_path / "absent") == []
+
+
+def test_with_the_database_unreachable_every_directory_is_kept(
+    tunery_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "work"
+    (work / f"{uuid.uuid4()}-1").mkdir(parents=True)
+    monkeypatch.setenv("TUNERY_DATABASE_URL", UNREACHABLE_DB)
+    get_settings.cache_clear()
+    reset_engines()
+    try:
+        assert remove_stale_attempt_dirs(work) == []
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        reset_engines()
+    assert len(list(work.iterdir())) == 1
