@@ -88,8 +88,9 @@ def train_on_devices(
     because this worker went silent (`group_channel.EventWriter`) while the lease is still
     held: the attempt is lost either way.
 
-    The group's reports reach `reporter` only while `lease_held()`: a worker continued
-    after a SIGSTOP longer than its lease may find another attempt owning the job."""
+    The group's reports reach `reporter` only while `lease_held()` (which renews a stale
+    lease on asking): a worker continued after a SIGSTOP longer than its lease may find
+    another attempt owning the job, whose log and metrics are not its to write."""
     devices = request.training_config.devices
     owned = settings.training.worker_devices
     if devices > owned:

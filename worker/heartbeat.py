@@ -91,9 +91,14 @@ class Heartbeat(threading.Thread):
         self._ended.set()
 
     def holds_lease(self) -> bool:
-        """Whether the lease is this attempt's as far as it knows: renewed within a lease and
-        not refused. False from the moment a stopped process (SIGSTOP) is continued past its
-        lease until a renewal succeeds again."""
+        """Whether the lease is still this attempt's: renewed within a lease, or else renewed
+        now. A process continued after a SIGSTOP longer than its lease asks before its
+        heartbeat thread has beaten again: the renewal says whether another attempt took the
+        job meanwhile (refused) or nobody did (renewed, and the attempt goes on)."""
+        if self.stop_reason == StopReason.LEASE_LOST:
+            return False
+        if self.clock() - self.last_renewed_at >= self.lease_seconds:
+            self._renew(self.clock())
         return (self.stop_reason != StopReason.LEASE_LOST
                 and self.clock() - self.last_renewed_at < self.lease_seconds)
 
