@@ -3,6 +3,7 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,3 +25,14 @@ def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]
     with Session(engine, expire_on_commit=False) as session:
         yield session
     engine.dispose()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No TUNERY_ variable of the machine's environment, and a data dir of the test's own:
+    settings read only what the test sets."""
+    for name in list(os.environ):
+        if name.upper().startswith("TUNERY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TUNERY_DATA_DIR", str(tmp_path))
+    return monkeypatch

@@ -164,15 +164,6 @@ def test_a_worker_with_fewer_devices_than_its_class_is_refused() -> None:
 
 # The settings that list the classes -----------------------------------------------------
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
-    for name in list(os.environ):
-        if name.upper().startswith("TUNERY_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("TUNERY_DATA_DIR", str(tmp_path))
-    return monkeypatch
-
-
 def settings_errors(env: pytest.MonkeyPatch, **variables: str) -> list[str]:
     for name, value in variables.items():
         env.setenv(name, value)

@@ -124,17 +124,6 @@ LEGACY_ENV: dict[str, tuple[str, Any]] = {
 }
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
-    import os
-
-    for name in list(os.environ):
-        if name.upper().startswith("TUNERY_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("TUNERY_DATA_DIR", str(tmp_path))
-    return monkeypatch
-
-
 def grouped(settings: Settings, flat: str) -> Any:
     group, field = LEGACY_NAMES[flat]
     return getattr(getattr(settings, group), field)
