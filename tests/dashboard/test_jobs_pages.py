@@ -105,10 +105,13 @@ def test_the_cancel_button_cancels_a_job(dashboard: Dashboard, page: Page,
 def test_the_job_list_shows_status_model_and_progress_and_filters_by_status(
     dashboard: Dashboard, page: Page, tiny_model_dir: Path, screenshot_dir: Path,
 ) -> None:
-    job_id = submit(dashboard, tiny_model_dir)
+    # Many epochs: the job must still be training when the cancel arrives, or it may
+    # finish first and be listed COMPLETED.
+    job_id = submit(dashboard, tiny_model_dir, num_train_epochs=20)
     with dashboard.client() as client:
-        client.post(f"/v1/finetune/llm/{job_id}/cancel")
-        wait_for_terminal(client, job_id)
+        cancelled = client.post(f"/v1/finetune/llm/{job_id}/cancel")
+        assert cancelled.is_success, cancelled.text
+        assert wait_for_terminal(client, job_id)["status"] == "CANCELLED"
     sign_in(page, dashboard.url, dashboard.key)
     row = page.locator(f"tr[data-job-id='{job_id}']")
     expect(row).to_contain_text("CANCELLED")
