@@ -140,3 +140,15 @@ def test_scaling_quick_trains_on_one_and_two_processes(tmp_path: Path) -> None:
     for row in rows:
         assert row["steps"] == rows[0]["steps"] > 0 and row["tokens_per_s"] > 0, row
     assert result["machine"]["accelerator"].startswith("CPU")
+
+
+def test_service_overhead_quick_trains_the_same_job_both_ways(tmp_path: Path) -> None:
+    result = _run("bench.service_overhead", tmp_path)
+    direct, service = result["direct"], result["service"]
+    # The same job: the same steps, tokens and, seeded alike, the same last loss.
+    assert direct["steps"] == service["steps"] > 0
+    assert direct["trained_tokens"] == service["trained_tokens"] > 0
+    assert abs(direct["last_loss"] - service["last_loss"]) < 1e-3
+    for arm in (direct, service):
+        assert arm["steady_tokens_per_s"] > 0 and arm["training_tokens_per_s"] > 0, arm
+    assert result["ratios"]["training"] > 0
