@@ -260,6 +260,15 @@ class DataConfig(_Strict):
         "validation_data_path, the train fraction only.",
     )
     prevalidated: bool = Field(False, description="Accepted for compatibility; has no effect.")
+    packing: bool | None = Field(
+        None,
+        description="Tunery extension: true packs the examples of each batch into one row "
+        "without padding, each example attending only to its own tokens (position ids "
+        "restart at each example); false keeps padded batches (see "
+        "training_config.group_by_length). None: the worker chooses, packed where the "
+        "attention has a variable-length kernel (flash-attention on GPUs), padded and "
+        "length-grouped elsewhere.",
+    )
     train_on_inputs: bool = Field(
         False,
         description="Tunery extension: compute the loss on every token (prompt included). "
@@ -585,6 +594,23 @@ class FinetuneRequest(_Strict):
                 "is not supported: sharding 4-bit weights needs a CUDA build of bitsandbytes "
                 "and a storage dtype Tunery does not set up; use strategy 'ddp' (each device "
                 "holds the 4-bit model) or use_quantization false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _packing_with_supervised_batches(self) -> FinetuneRequest:
+        if not self.data_config.packing:
+            return self
+        if self.training_config.group_by_length:
+            raise ValueError(
+                "data_config.packing true with training_config.group_by_length true: packed "
+                "batches have no padding for length grouping to save; leave one of them out"
+            )
+        if self.training_config.preference_optimization != "DONT":
+            raise ValueError(
+                "data_config.packing true with training_config.preference_optimization "
+                f"{self.training_config.preference_optimization!r} is not supported: preference "
+                "pairs are batched by their trainer; leave packing out"
             )
         return self
 

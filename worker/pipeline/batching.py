@@ -1,22 +1,24 @@
 """Which training examples share a batch, and how they share it.
 
-Three layouts, chosen from the attention kernel the model runs and the request:
+Three layouts, chosen from the request (`data_config.packing`,
+`training_config.group_by_length`) and the attention kernel the model runs:
 
-- `padding_free`: where the model runs flash-attention (CUDA with `flash_attn` installed, see
-  `model.attention_implementation`), the examples of a batch are concatenated into one row
+- `padding_free` (`packing` true, or left out where the model runs flash-attention, see
+  `model.attention_implementation`): the examples of a batch are concatenated into one row
   with restarting position ids and cumulative sequence lengths (transformers'
-  `DataCollatorWithFlattening`): the variable-length kernel keeps every example to its own
-  tokens, and there is no padding at all, so length grouping has nothing to save. Batches are
-  the Trainer's usual random `batch_size` examples. Not exercised on the CPU test machines.
-- `length_buckets` (`group_by_length` true or left out, any other attention): padded batches
-  of examples of about the same length, `LengthBucketBatches`. Each row is one example, padded
+  `DataCollatorWithFlattening`): each example attends only to its own tokens, and there is
+  no padding at all, so length grouping has nothing to save. Batches are the Trainer's usual
+  random `batch_size` examples. flash-attention's variable-length kernel and Tunery's CPU
+  attention (`cpu_attention`) read the sequence lengths and compute each example alone;
+  SDPA and eager attention get transformers' block-diagonal mask built from the position ids.
+- `length_buckets` (`group_by_length` true or left out, no packing): padded batches of
+  examples of about the same length, `LengthBucketBatches`. Each row is one example, padded
   on the right with attention mask 0, so no example attends to another.
 - `fixed_size` (`group_by_length` false): the Trainer's random batches of `batch_size`
   examples, padded to the longest; what the request asked for, at the cost of padding.
 
-SDPA and eager attention have no variable-length form: packing several examples into one row
-there needs a dense block-diagonal mask over the whole packed row, which measured slower on CPU
-than length-grouped padding.
+Left to the worker, CPUs train length-grouped padded batches, the layout
+`bench/train_throughput.py` measures; `packing: true` asks for packed rows there too.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def varlen_attention(model: Any) -> bool:
     return implementation.startswith("flash_attention")
 
 
-def choose_layout(model: Any, *, group_by_length: bool | None) -> BatchLayout:
-    """`group_by_length` None: the request left it to the worker."""
-    if varlen_attention(model):
+def choose_layout(model: Any, *, group_by_length: bool | None,
+                  packing: bool | None = None) -> BatchLayout:
+    """`group_by_length` or `packing` None: the request left it to the worker."""
+    if packing or (packing is None and varlen_attention(model)):
         return "padding_free"
     return "fixed_size" if group_by_length is False else "length_buckets"
 

@@ -12,6 +12,10 @@ the mask (transformers' SDPA boolean mask: causal plus padding, or None for "cau
 padding") hides the rest. Key and value heads are shared by their query-head group without
 copying them (`repeat_kv`): the group's queries are stacked into one matrix per key head.
 
+A packed row (padding-free batches, `batching`) comes with the cumulative sequence lengths of
+its examples (`cu_seq_lens_q`, as flash-attention's variable-length kernel takes them): each
+example is computed alone, causal within itself, and no block across two examples is.
+
 The arithmetic is the textbook one: scores and weights in the input dtype, the softmax
 accumulated in float32 by the kernel, much as transformers' eager attention does. Anything
 but training-shaped causal attention (generation with a cache, sliding windows, soft-capping,
@@ -21,6 +25,7 @@ function unchanged.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -64,10 +69,43 @@ def causal_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+    dropout = dropout if module.training else 0.0
+    starts = packed_starts(query, kwargs)
+    if starts is None:
+        output = _blocked(query, key, value, attention_mask, scale, dropout)
+    else:
+        # A packed row: each example alone, causal within itself. The block-diagonal mask
+        # transformers built from the position ids says the same, at the cost of every
+        # cross-example block.
+        output = torch.cat([
+            _blocked(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                     None, scale, dropout)
+            for start, end in itertools.pairwise(starts)
+        ], dim=2)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def packed_starts(query: torch.Tensor, kwargs: dict[str, Any]) -> list[int] | None:
+    """Where each example of a packed row starts, and the row's end, from the cumulative
+    sequence lengths the padding-free collator passes (`cu_seq_lens_q`); None for a batch of
+    ordinary rows."""
+    cumulative = kwargs.get("cu_seq_lens_q")
+    if cumulative is None or query.shape[0] != 1:
+        return None
+    starts = [int(n) for n in cumulative.tolist()]
+    if starts[0] != 0 or starts[-1] != query.shape[2] or starts != sorted(starts):
+        raise ValueError(f"cu_seq_lens_q {starts} do not cut a row of {query.shape[2]} positions")
+    return starts
+
+
+def _blocked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             attention_mask: torch.Tensor | None, scale: float,
+             dropout: float) -> torch.Tensor:
+    """Causal attention of query blocks; (batch, heads, q_len, dim)."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    scale = scaling if scaling is not None else 1 / math.sqrt(dim)
     positions = torch.arange(length, device=query.device)
     blocks = []
     for start in range(0, length, QUERY_BLOCK):
@@ -88,12 +126,11 @@ def causal_attention(
         # then keeps only these weights for the backward, not a float32 copy beside them
         # (a third of the memory the attention keeps).
         weights = torch.softmax(scores, dim=-1)
-        if dropout > 0.0 and module.training:
+        if dropout > 0.0:
             weights = functional.dropout(weights, p=dropout)
         out = torch.matmul(weights.view(batch, kv_heads, group * rows, seen), value[:, :, :seen])
         blocks.append(out.view(batch, heads, rows, dim))
-    output = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
-    return output.transpose(1, 2).contiguous(), None
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
 
 
 def _handles(

@@ -206,7 +206,8 @@ def prepare_data(
     preference = request.training_config.preference_optimization
     seed = job_seed(request.training_config.seed)
     fit: Callable[..., TrainStats] = (partial(train_preference, max_length=data.cutoff_len)
-                                      if is_preference(preference) else train)
+                                      if is_preference(preference)
+                                      else partial(train, packing=data.packing))
     read = partial(_examples, request=request, tokenizer=tokenizer, settings=settings,
                    hub_cache_dir=hub_cache_dir)
     examples = read(_Rows(data.data_path, "data_path", work_dir, log, announce_template=(

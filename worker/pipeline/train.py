@@ -53,6 +53,7 @@ def train(
     memory_rung: Rung | None = None,
     wandb_timeouts: WandbTimeouts,
     collective_timeout_s: int = 1800,
+    packing: bool | None = None,
 ) -> TrainStats:
     """Train the adapter in place; raises `TrainingStopped` if the reporter asks to stop.
 
@@ -65,6 +66,8 @@ def train(
     Gradient checkpointing turns on by itself when the largest batch would not fit in the
     device's free memory, at most `memory_limit_bytes` (`memory_plan`).
 
+    `packing` is the request's `data_config.packing` (`batching.choose_layout`).
+
     `memory_rung` (`worker.memory_ladder`) trains each of the request's micro-batches in
     `memory_rung.slices` slices, one forward and backward each, into the same optimizer step:
     the batches, their order and the steps stay the request's, so a run resumed on a lower
@@ -72,7 +75,7 @@ def train(
     of all examples) cannot be sliced: there the Trainer batches the rung's micro-batch, in
     its random order, which cuts the same examples into each optimizer step.
     """
-    layout = choose_layout(model, group_by_length=config.group_by_length)
+    layout = choose_layout(model, group_by_length=config.group_by_length, packing=packing)
     slices = 1
     if memory_rung is not None and memory_rung.slices > 1:
         if layout == "padding_free":
