@@ -253,6 +253,12 @@ class PretrainedModelConfig(_Strict):
                 "adapter, which a 4-bit base cannot give up exactly; set use_quantization "
                 "false or choose lora_init 'default', 'gaussian' or 'loftq'"
             )
+        if value in BASE_REWRITING_INITS and info.data.get("use_dora"):
+            raise ValueError(
+                f"{value!r} with use_dora: the adapter is converted for the original base at "
+                "export, and peft's conversion cannot carry DoRA's magnitude vector; set "
+                "use_dora false or choose lora_init 'default' or 'gaussian'"
+            )
         if value != "default" and info.data.get("resume_checkpoint_path"):
             raise ValueError(
                 f"{value!r} initializes a new adapter, but resume_checkpoint_path starts this "

@@ -24,7 +24,7 @@ def test_left_out_the_options_train_plain_lora() -> None:
 
 
 @pytest.mark.parametrize("model", [
-    {"use_dora": True, "use_rslora": True, "lora_init": "pissa"},
+    {"use_rslora": True, "lora_init": "pissa"},
     {"lora_init": "olora"},
     {"lora_init": "gaussian", "use_quantization": True},
     {"lora_init": "loftq", "use_quantization": True, "use_dora": True},
@@ -54,6 +54,13 @@ def test_an_init_beside_resume_checkpoint_path_is_refused(init: str) -> None:
     errors = model_errors(lora_init=init, resume_checkpoint_path="job-abc")
     assert list(errors) == ["pretrainedmodel_config.lora_init"]
     assert "resume_checkpoint_path" in errors["pretrainedmodel_config.lora_init"]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_dora_with_a_base_rewriting_init_is_refused_naming_both(init: str) -> None:
+    errors = model_errors(lora_init=init, use_dora=True)
+    assert list(errors) == ["pretrainedmodel_config.lora_init"]
+    assert "use_dora" in errors["pretrainedmodel_config.lora_init"]
 
 
 def test_an_unknown_init_is_refused() -> None:
