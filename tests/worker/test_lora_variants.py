@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -178,10 +179,22 @@ def test_each_variant_trains_another_adapter_than_plain_lora(
         assert variant.config["init_lora_weights"] is True
 
 
+@pytest.fixture(scope="module")
+def qlora(jobs: Jobs) -> Job:
+    return jobs.run(jobs.request(use_quantization=True))
+
+
+def test_dora_trains_on_a_4bit_base(jobs: Jobs, qlora: Job) -> None:
+    dora = jobs.run(jobs.request(use_quantization=True, use_dora=True))
+    assert any("lora_magnitude_vector" in k for k in dora.adapter)
+    losses = dora.reporter.values("loss")
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert losses != qlora.reporter.values("loss")
+
+
 def test_loftq_starts_from_the_quantization_error_and_trains_another_adapter(
-    jobs: Jobs
+    jobs: Jobs, qlora: Job
 ) -> None:
-    qlora = jobs.run(jobs.request(use_quantization=True))
     loftq = jobs.run(jobs.request(use_quantization=True, lora_init="loftq"))
     assert any("lora_init 'loftq'" in line for line in loftq.reporter.lines)
     assert loftq.reporter.values("loss") != qlora.reporter.values("loss")

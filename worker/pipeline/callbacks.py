@@ -23,8 +23,8 @@ from shared.schema import TrainingConfig
 from worker.metrics import TOKENS_PER_SECOND, TRAINING_STEPS
 from worker.pipeline.checkpoint_uploads import BackgroundUploads
 from worker.pipeline.checkpoints import BEST_ADAPTER_FILE, CheckpointStore, StoredCheckpoint
-from worker.pipeline.lora_init import save_initial_adapter
 from worker.pipeline.errors import HAND_BACK_REASONS, StopReason, TrainingStopped
+from worker.pipeline.lora_init import save_initial_adapter
 from worker.pipeline.ranks import (
     StopAgreement,
     assign_whole,

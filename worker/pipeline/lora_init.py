@@ -13,7 +13,7 @@ It travels in every checkpoint as `INITIAL_ADAPTER_FILE`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -28,7 +28,7 @@ BASE_REWRITTEN_MARK = "tunery_base_weights_rewritten"
 _INITIAL_WEIGHTS = "tunery_initial_adapter"
 
 
-def peft_init_lora_weights(lora_init: LoraInit) -> bool | str:
+def peft_init_lora_weights(lora_init: LoraInit) -> bool | Literal["gaussian"]:
     """`LoraConfig.init_lora_weights` when peft wraps the base: "gaussian" as asked, peft's
     default (True) otherwise. PiSSA and OLoRA decompose afterwards (`decompose_base`); LoftQ
     is applied afterwards too (`peft.replace_lora_weights_loftq`, the form that works on a
