@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from shared.schema import FinetuneRequest, PretrainedModelConfig
 from shared.settings import Settings
 from shared.storage import LocalStorage
+from shared.storage_keys import INITIAL_ADAPTER_FILE
 from tests.worker.test_pause import PausesAt
 from worker.assets.build_dataset import DATASET_PATH
 from worker.pipeline.base_cache import BaseModelCache
@@ -33,7 +34,6 @@ from worker.pipeline.checkpoints import (
 )
 from worker.pipeline.errors import TrainingStopped
 from worker.pipeline.export import export_adapter
-from worker.pipeline.lora_init import INITIAL_ADAPTER_FILE
 from worker.pipeline.merge import merge_adapter
 from worker.pipeline.model import add_lora, load_base_model
 from worker.pipeline.report import RecordingReporter

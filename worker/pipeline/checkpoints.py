@@ -29,6 +29,7 @@ from shared.schema import PretrainedModelConfig
 from shared.storage import ObjectNotFound, Storage
 from shared.storage_keys import (
     CHECKPOINT_MARKER,
+    INITIAL_ADAPTER_FILE,
     checkpoint_step_prefix,
     job_artifact_key,
     job_checkpoint_prefix,
@@ -37,7 +38,6 @@ from shared.storage_keys import (
 )
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.export import ADAPTER_FILES
-from worker.pipeline.lora_init import INITIAL_ADAPTER_FILE
 from worker.pipeline.report import LogFn, no_log
 
 MARKER = CHECKPOINT_MARKER

@@ -18,8 +18,8 @@ from typing import Any, Literal
 import torch
 
 from shared.schema import BASE_REWRITING_INITS, LoraInit
+from shared.storage_keys import INITIAL_ADAPTER_FILE
 
-INITIAL_ADAPTER_FILE = "initial_adapter.safetensors"
 # Set on a base model whose weights a job rewrote. PiSSA assigns new tensors to the weights,
 # which the base cache sees, but OLoRA on an fp32 base subtracts in place through `.data`,
 # which bumps no version counter: the mark tells the cache (`base_state`) all the same.
