@@ -643,6 +643,20 @@ class FinetuneRequest(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _dpo_reference_needs_the_original_base(self) -> FinetuneRequest:
+        init = self.pretrainedmodel_config.lora_init
+        if (init in BASE_REWRITING_INITS
+                and self.training_config.preference_optimization == "DPO"):
+            raise ValueError(
+                f"pretrainedmodel_config.lora_init {init!r} with "
+                "training_config.preference_optimization 'DPO' is not supported: DPO's "
+                "reference is the base with the adapter disabled, which PiSSA/OLoRA leave "
+                "without the part they moved into the adapter; use lora_init 'default' or "
+                "'gaussian', or ORPO (no reference model)"
+            )
+        return self
+
     def redacted(self) -> dict:
         """The payload as echoed back: secrets replaced by a marker."""
         return drop_secrets(self.model_dump(mode="json"))

@@ -63,5 +63,18 @@ def test_dora_with_a_base_rewriting_init_is_refused_naming_both(init: str) -> No
     assert "use_dora" in errors["pretrainedmodel_config.lora_init"]
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_dpo_with_a_base_rewriting_init_is_refused_naming_both(init: str) -> None:
+    payload = make_payload(pretrainedmodel_config={"lora_init": init},
+                           training_config={"preference_optimization": "DPO"})
+    with pytest.raises(ValidationError) as info:
+        FinetuneRequest.model_validate(payload)
+    message = str(info.value)
+    assert "lora_init" in message and "preference_optimization 'DPO'" in message
+    orpo = make_payload(pretrainedmodel_config={"lora_init": init},
+                        training_config={"preference_optimization": "ORPO"})
+    assert FinetuneRequest.model_validate(orpo).pretrainedmodel_config.lora_init == init
+
+
 def test_an_unknown_init_is_refused() -> None:
     assert "pretrainedmodel_config.lora_init" in model_errors(lora_init="corda")
