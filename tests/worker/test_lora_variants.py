@@ -24,6 +24,7 @@ from shared.settings import Settings
 from shared.storage import LocalStorage
 from shared.storage_keys import INITIAL_ADAPTER_FILE
 from tests.worker.test_pause import PausesAt
+from tests.worker.test_preference import write_preference_dataset
 from worker.assets.build_dataset import DATASET_PATH
 from worker.pipeline.base_cache import BaseModelCache
 from worker.pipeline.base_state import restore_base, snapshot_base
@@ -226,6 +227,25 @@ def test_the_exported_adapter_and_its_merge_give_the_trained_models_logits_on_th
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     torch.testing.assert_close(logits_of(merged), expected, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_an_orpo_job_with_olora_exports_an_adapter_for_the_original_base(
+    jobs: Jobs, tiny_model_dir: Path
+) -> None:
+    from peft import PeftModel
+
+    data = write_preference_dataset(jobs.tmp / "preferences.jsonl")
+    request = jobs.make_request(
+        data, model={"lora_init": "olora"},
+        data={"data_split_config": {"train": 1.0, "validation": 0.0}},
+        training={"preference_optimization": "ORPO"},
+    )
+    job = jobs.run(request)
+    assert job.config["r"] == 16 and job.config["init_lora_weights"] is True
+    # Loads on the original base, and trained: not the base's logits.
+    on_original = PeftModel.from_pretrained(fp32_base(tiny_model_dir), str(job.output_dir))
+    assert not torch.allclose(logits_of(on_original), logits_of(fp32_base(tiny_model_dir)),
+                              atol=LOGITS_ATOL)
 
 
 def test_a_paused_pissa_job_resumes_on_the_same_residual_to_the_uninterrupted_adapter(
