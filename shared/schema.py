@@ -152,6 +152,11 @@ class _Strict(BaseModel):
         return value
 
 
+LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
+# The LoRA initializations that rewrite the base weights they decompose (W - scaling * B0 A0).
+BASE_REWRITING_INITS: frozenset[str] = frozenset({"pissa", "olora"})
+
+
 class PretrainedModelConfig(_Strict):
     model_path: str = Field(
         "mistralai/Mistral-7B-v0.1",
@@ -185,6 +190,27 @@ class PretrainedModelConfig(_Strict):
     use_quantization: bool = Field(
         False, description="QLoRA: load the base model in 4-bit NF4 with double quantization."
     )
+    use_dora: bool = Field(
+        False,
+        description="Tunery extension: DoRA (peft's use_dora), which splits each adapted "
+        "weight into a magnitude vector and a direction that LoRA trains.",
+    )
+    use_rslora: bool = Field(
+        False,
+        description="Tunery extension: rank-stabilized LoRA (peft's use_rslora), scaling the "
+        "adapter by lora_alpha/sqrt(lora_r) instead of lora_alpha/lora_r.",
+    )
+    lora_init: LoraInit = Field(
+        "default",
+        description="Tunery extension: how the adapter starts (peft's init_lora_weights). "
+        "'default': lora_A random, lora_B zero; 'gaussian': lora_A drawn from a Gaussian; "
+        "'pissa' / 'olora': from the base weights' principal singular vectors / QR "
+        "decomposition, which the base gives up during training (the exported adapter is "
+        "converted back to one for the original base, of rank 2*lora_r); 'loftq': lora_A and "
+        "lora_B that make up for the 4-bit quantization error (needs use_quantization). "
+        "pissa and olora need an unquantized base; none but 'default' goes with "
+        "resume_checkpoint_path.",
+    )
     use_gradient_checkpointing: bool = Field(
         False, description="Trade compute for memory by recomputing activations."
     )
@@ -211,6 +237,35 @@ class PretrainedModelConfig(_Strict):
                 "(letters, digits, '_', '.'; no patterns)"
             )
         return list(dict.fromkeys(value))
+
+    @field_validator("lora_init")
+    @classmethod
+    def _init_fits_the_base(cls, value: LoraInit, info: ValidationInfo) -> LoraInit:
+        quantized = info.data.get("use_quantization", False)
+        if value == "loftq" and not quantized:
+            raise ValueError(
+                "'loftq' makes up for the 4-bit quantization error of the base: it needs "
+                "use_quantization true; choose another lora_init for an unquantized base"
+            )
+        if value in BASE_REWRITING_INITS and quantized:
+            raise ValueError(
+                f"{value!r} decomposes the base weights and moves part of them into the "
+                "adapter, which a 4-bit base cannot give up exactly; set use_quantization "
+                "false or choose lora_init 'default', 'gaussian' or 'loftq'"
+            )
+        if value in BASE_REWRITING_INITS and info.data.get("use_dora"):
+            raise ValueError(
+                f"{value!r} with use_dora: the adapter is converted for the original base at "
+                "export, and peft's conversion cannot carry DoRA's magnitude vector; set "
+                "use_dora false or choose lora_init 'default' or 'gaussian'"
+            )
+        if value != "default" and info.data.get("resume_checkpoint_path"):
+            raise ValueError(
+                f"{value!r} initializes a new adapter, but resume_checkpoint_path starts this "
+                "job from an earlier adapter's weights (and an earlier PiSSA/OLoRA checkpoint "
+                "brings its own base residual); leave lora_init 'default'"
+            )
+        return value
 
     @field_validator("resume_checkpoint_path")
     @classmethod
@@ -611,6 +666,20 @@ class FinetuneRequest(_Strict):
                 "data_config.packing true with training_config.preference_optimization "
                 f"{self.training_config.preference_optimization!r} is not supported: preference "
                 "pairs are batched by their trainer; leave packing out"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_reference_needs_the_original_base(self) -> FinetuneRequest:
+        init = self.pretrainedmodel_config.lora_init
+        if (init in BASE_REWRITING_INITS
+                and self.training_config.preference_optimization == "DPO"):
+            raise ValueError(
+                f"pretrainedmodel_config.lora_init {init!r} with "
+                "training_config.preference_optimization 'DPO' is not supported: DPO's "
+                "reference is the base with the adapter disabled, which PiSSA/OLoRA leave "
+                "without the part they moved into the adapter; use lora_init 'default' or "
+                "'gaussian', or ORPO (no reference model)"
             )
         return self
 

@@ -31,6 +31,9 @@ CHECKPOINT_MARKER = "complete.json"
 # What a LoRA adapter is on disk, as peft writes it: in a job's artifacts and in each of its
 # checkpoints.
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# A PiSSA / OLoRA job's checkpoints also hold the adapter it started from: their adapter is
+# relative to the base minus that initial adapter (`worker.pipeline.lora_init`).
+INITIAL_ADAPTER_FILE = "initial_adapter.safetensors"
 
 
 def job_artifact_prefix(job_id: str) -> str:

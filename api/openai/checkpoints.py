@@ -18,6 +18,7 @@ from shared.storage import Storage
 from shared.storage_keys import (
     ADAPTER_FILES,
     CHECKPOINT_MARKER,
+    INITIAL_ADAPTER_FILE,
     checkpoint_step_prefix,
     job_checkpoint_prefixes,
     parse_checkpoint_key,
@@ -61,7 +62,9 @@ def list_checkpoints(session: Session, storage: Storage, job: Job,
 
 def adapter_files(storage: Storage, job_id: str, step: int) -> list[Artifact]:
     """The adapter files of the job's complete checkpoint at `step` (its marker stored);
-    empty when there is none. One listing of the step's folder per layout."""
+    empty when there is none. One listing of the step's folder per layout. A PiSSA/OLoRA
+    checkpoint's initial adapter comes along: its adapter is relative to the base minus the
+    initial one, and peft's conversion for the original base needs both."""
     for prefix in job_checkpoint_prefixes(job_id):
         found, complete = [], False
         for obj in storage.list(checkpoint_step_prefix(prefix, step)):
@@ -69,9 +72,9 @@ def adapter_files(storage: Storage, job_id: str, step: int) -> list[Artifact]:
             if parsed is None or parsed[0] != step:
                 continue
             complete = complete or parsed[1] == CHECKPOINT_MARKER
-            if parsed[1] in ADAPTER_FILES:
+            if parsed[1] in (*ADAPTER_FILES, INITIAL_ADAPTER_FILE):
                 found.append(Artifact(parsed[1], obj.key, obj.size))
-        if complete and len(found) == len(ADAPTER_FILES):
+        if complete and sum(a.name in ADAPTER_FILES for a in found) == len(ADAPTER_FILES):
             return sorted(found, key=lambda a: a.name)
     return []
     for prefix in job_checkpoint_prefixes(job_id):

@@ -17,7 +17,12 @@ from shared.db import session_scope
 from shared.models import Job, JobEvent, JobLog, JobMetric, JobStatus, utcnow
 from shared.settings import get_settings
 from shared.storage import storage_from_settings
-from shared.storage_keys import CHECKPOINT_MARKER, checkpoint_step_prefix, job_checkpoint_prefix
+from shared.storage_keys import (
+    CHECKPOINT_MARKER,
+    INITIAL_ADAPTER_FILE,
+    checkpoint_step_prefix,
+    job_checkpoint_prefix,
+)
 from tests.api.conftest import new_key
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -361,6 +366,25 @@ def test_checkpoints_list_newest_first_with_metrics_and_a_downloadable_adapter(
     assert [c["step_number"] for c in rest["data"]] == [2] and rest["has_more"] is False
     archive = client.get(newest["download_url"])
     assert archive.status_code == 200 and archive.content[:2] == b"\x1f\x8b"
+
+
+def test_a_pissa_checkpoints_archive_carries_its_initial_adapter(client: TestClient) -> None:
+    import io
+    import tarfile
+
+    job = create(client, upload(client, chat_lines(10)).json()["id"]).json()
+    job_id = job["tunery_job_id"]
+    storage = storage_from_settings(get_settings())
+    folder = checkpoint_step_prefix(job_checkpoint_prefix(job_id), 2)
+    for name in ("adapter_model.safetensors", "adapter_config.json", INITIAL_ADAPTER_FILE,
+                 "optimizer.pt", CHECKPOINT_MARKER):
+        storage.put_bytes(folder + name, b"x")
+    _finish(job_id, steps=2)
+    checkpoint = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"][0]
+    archive = client.get(checkpoint["download_url"])
+    with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+        names = sorted(name.rsplit("/", 1)[-1] for name in tar.getnames())
+    assert names == ["adapter_config.json", "adapter_model.safetensors", INITIAL_ADAPTER_FILE]
 
 
 def test_another_tenants_files_and_jobs_are_404_through_every_route(

@@ -194,6 +194,23 @@ def test_presigned_link_type_with_an_uploaded_dataset_passes(
 # --- model_path ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("url", [URL, DRY_RUN])
+@pytest.mark.parametrize(("model", "named"), [
+    ({"lora_init": "loftq"}, "use_quantization true"),
+    ({"lora_init": "pissa", "use_quantization": True}, "use_quantization false"),
+    ({"lora_init": "olora", "use_dora": True}, "use_dora false"),
+], ids=["loftq-unquantized", "pissa-4bit", "olora-dora"])
+def test_a_lora_variant_peft_cannot_train_is_refused_before_the_queue(
+    client: TestClient, hub: list[str], url: str, model: dict[str, Any], named: str
+) -> None:
+    fields = refused(client.post(url, json=make_payload(
+        MODEL, "tatsu-lab/alpaca", pretrainedmodel_config=model)))
+
+    assert list(fields) == ["pretrainedmodel_config.lora_init"]
+    assert named in fields["pretrainedmodel_config.lora_init"]
+    assert jobs_stored() == []
+
+
 def test_dry_run_refuses_a_hub_model_the_hub_does_not_have(
     client: TestClient, hub: list[str]
 ) -> None:

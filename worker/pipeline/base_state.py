@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from worker.pipeline.lora_init import BASE_REWRITTEN_MARK
+
 # Plain attributes a job changes and that mean nothing beyond themselves: put back as loaded.
 # `compute_type_is_set` / `compute_dtype`: bitsandbytes' Linear4bit picks its compute dtype at
 # its first forward; reset, the next job's first forward picks it again, as on a fresh load.
@@ -139,6 +141,10 @@ def restore_base(model: torch.nn.Module, snapshot: BaseSnapshot) -> list[str]:
 def base_differences(model: torch.nn.Module, snapshot: BaseSnapshot) -> list[str]:
     """How `model` differs from `snapshot`, one line each; empty when it is as loaded."""
     found: list[str] = []
+    if getattr(model, BASE_REWRITTEN_MARK, False):
+        # In-place writes through `.data` (OLoRA's) bump no version counter: only the mark
+        # tells.
+        found.append("weights rewritten by the LoRA initialization (PiSSA/OLoRA)")
     modules = dict(model.named_modules(remove_duplicate=False))
     if modules.keys() != snapshot.modules.keys():
         added = sorted(modules.keys() - snapshot.modules.keys())

@@ -24,6 +24,7 @@ from worker.metrics import TOKENS_PER_SECOND, TRAINING_STEPS
 from worker.pipeline.checkpoint_uploads import BackgroundUploads
 from worker.pipeline.checkpoints import BEST_ADAPTER_FILE, CheckpointStore, StoredCheckpoint
 from worker.pipeline.errors import HAND_BACK_REASONS, StopReason, TrainingStopped
+from worker.pipeline.lora_init import save_initial_adapter
 from worker.pipeline.ranks import (
     StopAgreement,
     assign_whole,
@@ -399,6 +400,8 @@ class CheckpointCallback(TrainerCallback):
         local_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.best is not None:
             self.best.save_into(local_dir)
+        if kwargs.get("model") is not None:
+            save_initial_adapter(kwargs["model"], local_dir)
         if self.uploads.error is None:
             self.uploads.start(state.global_step, local_dir)
 

@@ -29,6 +29,7 @@ from shared.schema import PretrainedModelConfig
 from shared.storage import ObjectNotFound, Storage
 from shared.storage_keys import (
     CHECKPOINT_MARKER,
+    INITIAL_ADAPTER_FILE,
     checkpoint_step_prefix,
     job_artifact_key,
     job_checkpoint_prefix,
@@ -55,6 +56,8 @@ CHECKPOINT_FILES = frozenset(
         "trainer_state.json",
         # The best adapter so far, for the best-eval_loss restore at the end of training.
         BEST_ADAPTER_FILE,
+        # PiSSA / OLoRA: the adapter's start, which the base residual is rebuilt from.
+        INITIAL_ADAPTER_FILE,
     }
 )
 # One RNG file per process in multi-GPU runs.
@@ -219,7 +222,8 @@ class CheckpointStore:
         for prefix in job_checkpoint_prefixes(self.job_id):
             for obj in self.storage.list(prefix):
                 parsed = parse_checkpoint_key(prefix, obj.key)
-                if parsed is None or parsed[1] not in (*ADAPTER_FILES, MARKER):
+                if parsed is None or parsed[1] not in (*ADAPTER_FILES, INITIAL_ADAPTER_FILE,
+                                                       MARKER):
                     self.storage.delete(obj.key)
 
     def delete_all(self) -> None:
@@ -244,7 +248,10 @@ def download_resume_checkpoint(
 def download_initial_adapter(
     storage: Storage, resume_path: str, dest: Path, *, log: LogFn = no_log
 ) -> Path:
-    """Download the adapter `resume_checkpoint_path` names (safetensors and JSON only)."""
+    """Download the adapter `resume_checkpoint_path` names (safetensors and JSON only), with
+    the initial adapter of a PiSSA/OLoRA checkpoint (`lora_init`): that adapter is relative to
+    the base residual the initial one rebuilds. A job's final adapter needs none: the export
+    converted it to one for the original base."""
     try:
         source = parse_resume_path(resume_path)
     except ValueError as exc:
@@ -266,7 +273,9 @@ def download_initial_adapter(
                 f"resume_checkpoint_path: job {source.job_id} has no adapter in storage"
             )
     if checkpoint is not None:
-        download_checkpoint(storage, checkpoint, dest, ADAPTER_FILES)
+        names = [*ADAPTER_FILES, *([INITIAL_ADAPTER_FILE]
+                                   if INITIAL_ADAPTER_FILE in checkpoint.files else [])]
+        download_checkpoint(storage, checkpoint, dest, names)
         log(f"continuing from the adapter of job {source.job_id} at step {checkpoint.step}")
         return dest
     if dest.exists():
@@ -286,8 +295,12 @@ def load_initial_adapter(model: Any, adapter_dir: Path, config: PretrainedModelC
     from safetensors.torch import load_file
 
     saved = json.loads((adapter_dir / "adapter_config.json").read_text())
-    for ours, theirs in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
-        if saved.get(theirs) != getattr(config, ours):
+    pairs = (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("use_dora", "use_dora"),
+             ("use_rslora", "use_rslora"))
+    for ours, theirs in pairs:
+        # A missing flag is peft's default, False.
+        default = False if ours.startswith("use_") else None
+        if saved.get(theirs, default) != getattr(config, ours):
             raise PipelineError(
                 f"resume_checkpoint_path: the earlier adapter has {ours}={saved.get(theirs)}, "
                 f"this job {ours}={getattr(config, ours)}; they must be equal"
@@ -308,29 +321,56 @@ def load_initial_adapter(model: Any, adapter_dir: Path, config: PretrainedModelC
         )
 
 
-def restore_starting_point(
-    model: Any,
+@dataclass(frozen=True)
+class StartingPoint:
+    """Where training starts, downloaded before the LoRA adapter is built: the job's own
+    latest checkpoint (the Trainer resumes from it), or `resume_checkpoint_path`'s adapter
+    (its weights start the fresh LoRA), or neither."""
+
+    checkpoint: Path | None = None
+    earlier_adapter: Path | None = None
+
+    @property
+    def initial_adapter(self) -> Path | None:
+        """The PiSSA/OLoRA initial adapter that came with either, for `add_lora`."""
+        for directory in (self.checkpoint, self.earlier_adapter):
+            if directory is not None and (directory / INITIAL_ADAPTER_FILE).is_file():
+                return directory / INITIAL_ADAPTER_FILE
+        return None
+
+
+def download_starting_point(
     config: PretrainedModelConfig,
     store: CheckpointStore | None,
     work_dir: Path,
     *,
     log: LogFn = no_log,
-) -> Path | None:
-    """Decide where training starts; returns a checkpoint directory to resume from, or None.
+) -> StartingPoint:
+    """Decide where training starts and download it.
 
     The job's own latest checkpoint wins (an earlier attempt got that far; it already holds
-    the adapter weights). Otherwise `resume_checkpoint_path` initializes the fresh LoRA of
-    `model` from an earlier job's adapter. Otherwise training starts from scratch.
+    the adapter weights). Otherwise `resume_checkpoint_path` names an earlier job's adapter.
+    Otherwise training starts from scratch.
     """
     if store is not None:
         resume_from = download_resume_checkpoint(store, work_dir / "resume", log=log)
         if resume_from is not None:
-            return resume_from
+            return StartingPoint(checkpoint=resume_from)
     if config.resume_checkpoint_path:
         if store is None:
             raise PipelineError("resume_checkpoint_path needs the worker's storage; none given")
         adapter_dir = download_initial_adapter(
             store.storage, config.resume_checkpoint_path, work_dir / "initial-adapter", log=log
         )
-        load_initial_adapter(model, adapter_dir, config)
-    return None
+        return StartingPoint(earlier_adapter=adapter_dir)
+    return StartingPoint()
+
+
+def restore_starting_point(
+    model: Any, config: PretrainedModelConfig, start: StartingPoint
+) -> Path | None:
+    """Put the earlier adapter's weights into the fresh LoRA of `model`, if the job starts
+    from one; returns the checkpoint directory the Trainer resumes from, or None."""
+    if start.earlier_adapter is not None:
+        load_initial_adapter(model, start.earlier_adapter, config)
+    return start.checkpoint

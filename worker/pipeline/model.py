@@ -16,6 +16,7 @@ from shared import local_files
 from shared.schema import PretrainedModelConfig
 from shared.sources import SourceError, classify_source
 from shared.training_plan import DEFAULT_SEED
+from worker.pipeline import lora_init
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.ranks import in_process_group, local_rank
 from worker.pipeline.report import LogFn, no_log
@@ -172,6 +173,21 @@ def attention_implementation(dtype: torch.dtype) -> str:
     return "sdpa"
 
 
+def base_weights_dir(
+    model_path: str, *, allowed_local_dirs: Iterable[Path], token: str | None = None,
+    cache_dir: Path | None = None,
+) -> str:
+    """The directory of the base's safetensors files, which loading already fetched: the
+    allowed local directory, or the hub snapshot in the job's hub cache."""
+    resolved = resolve_model_path(model_path, allowed_local_dirs)
+    if os.path.isabs(resolved):
+        return resolved
+    from huggingface_hub import snapshot_download
+
+    return str(snapshot_download(resolved, token=token, local_files_only=True,
+                                 cache_dir=None if cache_dir is None else str(cache_dir)))
+
+
 def check_4bit_available() -> None:
     """Raise `PipelineError` unless bitsandbytes can quantize to 4 bit on this machine."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -309,12 +325,20 @@ def load_base_model_from(
 
 def add_lora(
     model: Any, config: PretrainedModelConfig, *, seed: int = LORA_INIT_SEED,
-    log: LogFn = no_log,
+    resumed: bool = False, initial_adapter: Path | None = None,
+    base_weights_dir: str | None = None, log: LogFn = no_log,
 ) -> Any:
     """Wrap a base model from `load_base_model` with a fresh LoRA adapter as `config` says,
     drawn with `seed` (the job's, `training_plan.job_seed`); returns the `PeftModel`.
-    Gradient checkpointing, when asked for, is turned on here."""
-    from peft import LoraConfig, get_peft_model
+    Gradient checkpointing, when asked for, is turned on here.
+
+    `resumed`: the adapter's weights will come from a checkpoint, so no initialization reads
+    the base. `initial_adapter`: the `lora_init.INITIAL_ADAPTER_FILE` of the checkpoint or
+    earlier adapter this job starts from; the base residual of PiSSA/OLoRA is rebuilt from
+    it, never decomposed again.
+    `base_weights_dir`: the base's safetensors directory, which LoftQ reads the unquantized
+    weights from (`base_weights_dir()`)."""
+    from peft import LoraConfig, get_peft_model, replace_lora_weights_loftq
 
     if config.use_gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -330,17 +354,39 @@ def add_lora(
         # A list is matched by exact name or dotted suffix, never as a regex.
         target_modules=list(targets) if targets is not None else "all-linear",
         task_type="CAUSAL_LM",
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
+        # Resumed, the adapter's start comes from the checkpoint: nothing to decompose.
+        init_lora_weights=(True if resumed or initial_adapter is not None
+                           else lora_init.peft_init_lora_weights(config.lora_init)),
     )
     # lora_A is drawn from torch's global generator, and the Trainer seeds only later: seed
     # here, or two runs of the same request start from different adapters.
     torch.manual_seed(seed)
+    fresh = not resumed and initial_adapter is None
+    if resumed and initial_adapter is None and lora_init.rewrites_base(config.lora_init):
+        raise PipelineError(f"lora_init {config.lora_init!r}: the checkpoint to resume from "
+                            "lacks its initial adapter; the base residual cannot be rebuilt")
     model = get_peft_model(model, lora)
+    if initial_adapter is not None:
+        lora_init.rebuild_residual_base(model, initial_adapter)
+        log(f"lora_init {config.lora_init!r}: base residual rebuilt from the checkpoint's "
+            "initial adapter")
+    elif fresh and lora_init.rewrites_base(config.lora_init):
+        lora_init.decompose_base(model, config.lora_init)
+        log(f"lora_init {config.lora_init!r}: adapter initialized from the base weights")
+    elif fresh and config.lora_init == "loftq":
+        if base_weights_dir is None:
+            raise PipelineError("lora_init 'loftq' needs the base's safetensors files")
+        replace_lora_weights_loftq(model, model_path=base_weights_dir)
+        log("lora_init 'loftq': adapter initialized against the 4-bit quantization error")
     if loaded_dtype(model) != torch.float32:
         train_lora_inputs_in_half_precision(model)
     trainable, total = model.get_nb_trainable_parameters()
     where = ", ".join(targets) if targets is not None else "all linear layers"
+    variant = "".join((" DoRA" if config.use_dora else "", " rsLoRA" if config.use_rslora else ""))
     log(
-        f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {where}: "
+        f"LoRA{variant} r={config.lora_r} alpha={config.lora_alpha} on {where}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
     return model

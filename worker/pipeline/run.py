@@ -20,7 +20,11 @@ from shared.training_plan import job_seed
 from shared.url_guard import UrlPolicy
 from worker.memory_ladder import Rung
 from worker.pipeline.base_cache import BaseModelCache
-from worker.pipeline.checkpoints import CheckpointStore, restore_starting_point
+from worker.pipeline.checkpoints import (
+    CheckpointStore,
+    download_starting_point,
+    restore_starting_point,
+)
 from worker.pipeline.data_source import load_dataset
 from worker.pipeline.errors import PipelineError, TrainingStopped
 from worker.pipeline.examples import (
@@ -32,7 +36,12 @@ from worker.pipeline.examples import (
 )
 from worker.pipeline.export import export_adapter
 from worker.pipeline.interrupts import InterruptibleRegion
-from worker.pipeline.model import add_lora, enable_gradient_checkpointing, load_tokenizer
+from worker.pipeline.model import (
+    add_lora,
+    base_weights_dir,
+    enable_gradient_checkpointing,
+    load_tokenizer,
+)
 from worker.pipeline.preference import train_preference
 from worker.pipeline.ranks import adapter_state, in_process_group, is_main_process
 from worker.pipeline.report import JobReporter, LogFn
@@ -111,9 +120,15 @@ def run_job(
             base.model_path, base, allowed_local_dirs=allowed, token=hf.hf_token,
             cache_dir=hub_cache_dir, cpu_bf16=settings.training.cpu_bf16, log=log,
         ) as base_model:
+            start = download_starting_point(base, checkpoints, work_dir, log=log)
+            weights_dir = (base_weights_dir(base.model_path, allowed_local_dirs=allowed,
+                                            token=hf.hf_token, cache_dir=hub_cache_dir)
+                           if base.lora_init == "loftq" and start.checkpoint is None else None)
             model = add_lora(base_model, base, seed=job_seed(request.training_config.seed),
-                             log=log)
-            resume_from = restore_starting_point(model, base, checkpoints, work_dir, log=log)
+                             resumed=start.checkpoint is not None,
+                             initial_adapter=start.initial_adapter,
+                             base_weights_dir=weights_dir, log=log)
+            resume_from = restore_starting_point(model, base, start)
             # Inside the block: the exit (the base model given back to the cache) must not be
             # interrupted.
             region.end()
@@ -146,7 +161,8 @@ def run_job(
             state = adapter_state(model) if in_process_group() else None
             if is_main_process():
                 export_adapter(model, tokenizer, output_dir, state_dict=state,
-                               base_model=base.model_path.strip(), log=log)
+                               base_model=base.model_path.strip(), log=log,
+                               work_dir=work_dir)
     return TrainResult(
         output_dir=output_dir,
         steps=stats.steps,
