@@ -269,3 +269,28 @@ def test_tunery_trainer_logs_the_token_accuracy_of_training_and_evaluation_apart
     assert logged[0]["mean_token_accuracy"] == expected
     assert logged[1]["eval_mean_token_accuracy"] == expected
     assert "mean_token_accuracy" not in logged[2]  # nothing trained since the last log
+
+
+def test_neftune_noise_reaches_the_labelled_loss_in_training_only(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The Trainer hooks NEFTune onto the peft model's input embeddings, which the labelled
+    loss reaches through the decoder it calls directly."""
+    from transformers import TrainingArguments
+    from transformers.integrations.neftune import activate_neftune
+
+    model = _load(tiny_model_dir)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                             neftune_noise_alpha=5.0)
+    tunery = TuneryTrainer(model=model, args=args)
+    batch = _batch()
+    assert tunery._labelled_loss_parts(model, batch, return_outputs=False) is not None
+    with torch.no_grad():
+        clean = tunery.compute_loss(model, dict(batch))
+        activate_neftune(model, tunery.neftune_noise_alpha, tunery.accelerator)  # as train() does
+        noisy = [tunery.compute_loss(model, dict(batch)) for _ in range(2)]
+        model.eval()
+        evaluated = tunery.compute_loss(model, dict(batch))
+
+    assert noisy[0] != clean and noisy[1] != noisy[0]
+    assert evaluated == clean
