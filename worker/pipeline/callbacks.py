@@ -32,6 +32,7 @@ from worker.pipeline.ranks import (
     whole,
 )
 from worker.pipeline.report import CheckpointSavedFn, JobReporter, no_checkpoint_report
+from worker.pipeline.token_accuracy import EVAL_ACCURACY, TRAIN_ACCURACY
 
 
 def format_duration(seconds: float) -> str:
@@ -42,12 +43,6 @@ def format_duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-# The mean token accuracy's log keys and metric names (`trainer.TuneryTrainer`); absent for
-# trainers that do not count it (TRL's).
-TRAIN_ACCURACY = "mean_token_accuracy"
-EVAL_ACCURACY = "eval_mean_token_accuracy"
 
 
 def _present(logs: Mapping[str, float], key: str) -> dict[str, float]:
@@ -66,7 +61,8 @@ class MetricsCallback(TrainerCallback):
     (`include_num_input_tokens_seen="no"`) reports none. The ETA extrapolates the wall time per
     step since the run's first step ended, evaluations included, since they recur at the same
     pace until the end; until a second step has ended there is none (`eta –`, no `eta_s`).
-    The mean token accuracy, where the trainer logs it, goes next to its loss.
+    The mean token accuracy, where the trainer logs it (`TuneryTrainer`; TRL's trainers do
+    not), goes next to its loss.
 
     `extra` maps further Trainer log keys (a TRL trainer's own numbers) to the metric names
     they are recorded under; they are appended to the log line too. `clock` gives seconds.

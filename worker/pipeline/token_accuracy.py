@@ -11,6 +11,10 @@ import torch
 
 from worker.pipeline.labels import IGNORE_INDEX
 
+# The Trainer log keys, and metric names, of the training steps' and the evaluations' accuracy.
+TRAIN_ACCURACY = "mean_token_accuracy"
+EVAL_ACCURACY = "eval_mean_token_accuracy"
+
 
 def correct_predictions(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """How many positions of `logits` (..., vocab) predict their target (...); the targets

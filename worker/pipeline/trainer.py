@@ -23,7 +23,7 @@ from worker.pipeline.labelled_loss import (
     shifted_labels,
 )
 from worker.pipeline.ranks import describe_process_group, in_process_group
-from worker.pipeline.token_accuracy import TokenAccuracy
+from worker.pipeline.token_accuracy import EVAL_ACCURACY, TRAIN_ACCURACY, TokenAccuracy
 from worker.pipeline.wandb_reporting import WandbTimeouts, wandb_reporting
 
 
@@ -52,8 +52,8 @@ class TuneryTrainer(Trainer):
       runs as that many slices of its rows, one forward and backward each: the gradient and
       the loss are the batch's, since every slice's loss is normalised by the step's
       `num_items_in_batch`, and only a slice's activations are alive at a time.
-    - every log of a training loss carries `mean_token_accuracy`, and every evaluation's
-      `eval_mean_token_accuracy` (`token_accuracy`): from the logits each loss computes
+    - every log of a training loss carries the mean token accuracy, and every evaluation's
+      its own (`token_accuracy`): from the logits each loss computes
       anyway, counted over the labelled positions of all micro-batches since the last log
       (a step's, with the Trainer logging every step), and over all ranks of a process group.
     """
@@ -156,9 +156,9 @@ class TuneryTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            self._add_accuracy(logs, "mean_token_accuracy", self.train_accuracy)
+            self._add_accuracy(logs, TRAIN_ACCURACY, self.train_accuracy)
         elif "eval_loss" in logs:
-            self._add_accuracy(logs, "eval_mean_token_accuracy", self.eval_accuracy)
+            self._add_accuracy(logs, EVAL_ACCURACY, self.eval_accuracy)
         super().log(logs, start_time)
 
     def _add_accuracy(self, logs: dict[str, float], key: str, accuracy: TokenAccuracy) -> None:
