@@ -431,6 +431,8 @@ class ExportRequest(_Strict):
 MAX_EXPORTS_ON_COMPLETION = 3
 # The most devices one job may ask for: one host's (torchrun starts every process on it).
 MAX_JOB_DEVICES = 16
+# NEFTune's paper tries 5 to 15; far above, the noise drowns the embeddings.
+MAX_NEFTUNE_NOISE_ALPHA = 100
 TrainingStrategy = Literal["ddp", "fsdp"]
 
 
@@ -516,6 +518,13 @@ class TrainingConfig(_Strict):
         "of the odds-ratio term next to the supervised loss on the chosen answer (the paper's "
         "lambda). None: 0.1 for either.",
     )
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, le=MAX_NEFTUNE_NOISE_ALPHA,
+        description="Tunery extension, supervised fine-tuning only: NEFTune (Jain et al., "
+        "2023), uniform noise of scale alpha / sqrt(positions x hidden size) added to the "
+        "input embeddings in training steps, never in evaluation; the paper uses 5 to 15. "
+        "None: no noise.",
+    )
     exports_on_completion: list[ExportRequest] = Field(
         default_factory=list, max_length=MAX_EXPORTS_ON_COMPLETION,
         description="Tunery extension: exports a worker builds once the job has COMPLETED, "
@@ -553,6 +562,19 @@ class TrainingConfig(_Strict):
             raise ValueError(
                 "beta applies to preference_optimization 'DPO' or 'ORPO' only; leave it out "
                 "for supervised fine-tuning"
+            )
+        return value
+
+    @field_validator("neftune_noise_alpha")
+    @classmethod
+    def _neftune_supervised_only(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # preference_optimization is declared first, so it is in info.data once valid.
+        method = info.data.get("preference_optimization")
+        if value is not None and method not in (None, "DONT"):
+            raise ValueError(
+                f"neftune_noise_alpha applies to supervised fine-tuning only, not to "
+                f"preference_optimization {method!r} (its noise would reach the reference and "
+                f"the rejected answers too); leave one of them out"
             )
         return value
 

@@ -100,6 +100,15 @@ def test_bad_value_is_a_422_with_the_constraint(client: TestClient) -> None:
     assert "greater than 0" in field["message"]
 
 
+def test_neftune_with_dpo_is_a_422_naming_both_fields(client: TestClient) -> None:
+    payload = make_payload(training_config={"preference_optimization": "DPO",
+                                            "neftune_noise_alpha": 5})
+    response = client.post("/v1/finetune/llm", json=payload)
+    assert response.status_code == 422
+    field = response.json()["error"]["fields"][0]
+    assert field["path"] == "training_config.neftune_noise_alpha"
+    assert "preference_optimization 'DPO'" in field["message"]
+
 
 def test_unsafe_prompt_template_is_a_422_naming_the_template(client: TestClient) -> None:
     # str.format would read an attribute of the row value here.

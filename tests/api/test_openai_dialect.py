@@ -286,10 +286,11 @@ def _finish(job_id: str, steps: int) -> None:
         for step in range(1, steps + 1):
             session.add(JobMetric(job_id=job_id, attempt=1, step=step,
                                   at=start + timedelta(microseconds=step),
-                                  values={"loss": 2.0 / step, "total_steps": float(steps)}))
+                                  values={"loss": 2.0 / step, "mean_token_accuracy": 0.25 * step,
+                                          "total_steps": float(steps)}))
         session.add(JobMetric(job_id=job_id, attempt=1, step=steps,
                               at=start + timedelta(microseconds=steps + 1),
-                              values={"eval_loss": 0.5}))
+                              values={"eval_loss": 0.5, "eval_mean_token_accuracy": 0.75}))
         session.add(JobLog(job_id=job_id, attempt=1, line="loading data", at=start))
         session.flush()
         assert jobs.transition(session, job_id, JobStatus.COMPLETED, attempt=1,
@@ -321,8 +322,10 @@ def test_events_page_newest_first_by_cursor_and_read_as_openai_words_them(
                              "The job has successfully completed"]
     metrics = [e for e in reversed(seen) if e["type"] == "metrics"]
     assert metrics[0]["message"] == "Step 1/4: training loss=2.0000"
-    assert metrics[0]["data"] == {"step": 1, "total_steps": 4, "train_loss": 2.0}
-    assert metrics[-1]["data"] == {"step": 4, "valid_loss": 0.5}
+    assert metrics[0]["data"] == {"step": 1, "total_steps": 4, "train_loss": 2.0,
+                                  "train_mean_token_accuracy": 0.25}
+    assert metrics[-1]["data"] == {"step": 4, "valid_loss": 0.5,
+                                   "valid_mean_token_accuracy": 0.75}
     assert finished["status"] == "succeeded" and finished["trained_tokens"] == 1234
     assert finished["fine_tuned_model"] == f"ft:{MODEL}:tenant-a:s:{job['tunery_job_id'][:8]}"
     assert finished["hyperparameters"]["n_epochs"] == 10  # auto: 100 examples seen at least
@@ -337,7 +340,7 @@ def test_a_succeeded_job_has_a_result_file_of_openai_csv_columns(client: TestCli
     served = client.get(f"/v1/files/{result_id}/content").content
     assert base64.b64decode(served).decode().splitlines() == [
         "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy",
-        "1,2.0,,,", "2,1.0,,0.5,"]
+        "1,2.0,0.25,,", "2,1.0,0.5,0.5,0.75"]
     assert file["bytes"] == len(base64.b64decode(served))
     assert client.delete(f"/v1/files/{result_id}").status_code == 400  # it goes with its job
     unknown = "file-result-" + "0" * 32
@@ -360,6 +363,8 @@ def test_checkpoints_list_newest_first_with_metrics_and_a_downloadable_adapter(
     newest = page["data"][0]
     assert (newest["step_number"], page["has_more"]) == (4, True)
     assert newest["metrics"]["train_loss"] == 0.5 and newest["metrics"]["valid_loss"] == 0.5
+    assert newest["metrics"]["train_mean_token_accuracy"] == 1.0
+    assert newest["metrics"]["valid_mean_token_accuracy"] == 0.75
     assert newest["fine_tuned_model_checkpoint"].endswith(":ckpt-step-4")
     rest = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints",
                       params={"after": newest["id"]}).json()

@@ -3,6 +3,7 @@ worker processes training the tiny model."""
 
 from __future__ import annotations
 
+import re
 import tarfile
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def test_the_loss_chart_gains_points_from_the_stream_while_the_job_trains_and_th
     expect(page.locator(".badges")).to_contain_text("COMPLETED", timeout=300_000)
     expect(page.locator("#feed-state")).to_have_text("finished")
     expect(page.locator("[data-stat='Tokens/s'] dd")).not_to_have_text("–")
+    for stat in ("Token accuracy", "Eval token accuracy"):
+        expect(page.locator(f"[data-stat='{stat}'] dd")).to_have_text(re.compile(r"\d+ %"))
     expect(page.get_by_role("button", name="Download adapter (.tar.gz)")).to_be_visible()
     page.screenshot(path=screenshot_dir / "job.png", full_page=True)
     with dashboard.client() as client:

@@ -435,3 +435,26 @@ def test_without_any_validation_reduce_lr_on_plateau_names_both_ways_to_get_one(
     payload = make_payload(data_config={"data_split_config": {"train": 1.0}})
     with pytest.raises(ValidationError, match="data_config.validation_data_path"):
         FinetuneRequest.model_validate(payload)
+
+
+@pytest.mark.parametrize("alpha", [0, -1.0, 100.5, True, "loud"])
+def test_neftune_noise_alpha_out_of_range_is_refused_naming_it(alpha: Any) -> None:
+    payload = make_payload(training_config={"neftune_noise_alpha": alpha})
+    assert error_paths(payload) == ["training_config.neftune_noise_alpha"]
+
+
+@pytest.mark.parametrize("alpha", [None, 0.1, 5, 100])
+def test_neftune_noise_alpha_is_a_positive_number_or_null(alpha: float | None) -> None:
+    payload = make_payload(training_config={"neftune_noise_alpha": alpha})
+    assert FinetuneRequest.model_validate(payload).training_config.neftune_noise_alpha == alpha
+
+
+@pytest.mark.parametrize("method", ["ORPO", "DPO"])
+def test_neftune_with_preference_optimization_is_refused_naming_both(method: str) -> None:
+    payload = make_payload(training_config={"preference_optimization": method,
+                                            "neftune_noise_alpha": 5})
+    with pytest.raises(ValidationError, match="neftune_noise_alpha applies to supervised "
+                       f"fine-tuning only, not to preference_optimization '{method}'") as info:
+        FinetuneRequest.model_validate(payload)
+    assert [".".join(map(str, e["loc"])) for e in info.value.errors()] == [
+        "training_config.neftune_noise_alpha"]

@@ -280,6 +280,22 @@ def test_hooks_a_job_registered_are_removed_and_unknown_attributes_drop_the_base
     assert cache.key is None
 
 
+def test_a_neftune_hook_left_by_a_training_cut_short_is_removed_and_the_base_kept(
+    tiny_model_dir: Path,
+) -> None:
+    from transformers.integrations.neftune import activate_neftune
+
+    cache = BaseModelCache()
+    key = key_of(tiny_model_dir)
+    with cache.checkout(key, load_tiny(tiny_model_dir)) as base:
+        activate_neftune(base, 5.0)  # as Trainer.train() does; only its end removes it
+    assert cache.key == key
+    with cache.checkout(key, load_tiny(tiny_model_dir)) as base:
+        embeddings = base.get_input_embeddings()
+        assert not embeddings._forward_hooks
+        assert not hasattr(embeddings, "neftune_noise_alpha")
+
+
 def test_restore_names_what_it_could_not_undo(tiny_model_dir: Path) -> None:
     base = load_tiny(tiny_model_dir)()
     snapshot = snapshot_base(base)

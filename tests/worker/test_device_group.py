@@ -80,6 +80,10 @@ def test_two_processes_with_batch_2_train_as_one_process_with_batch_4(
     assert "base model loaded in torch.float32" in pair_reports.lines
     pair_losses, one_losses = losses(pair_reports), losses(one_reports)
     assert [step for step, _ in pair_losses] == [step for step, _ in one_losses]
+    # The token accuracy is counted over both ranks' batches: the one process's.
+    for key in ("mean_token_accuracy", "eval_mean_token_accuracy"):
+        assert pair_reports.steps(key) == one_reports.steps(key) != []
+        assert pair_reports.values(key) == pytest.approx(one_reports.values(key), abs=1e-3)
     for (_, two), (_, single) in zip(pair_losses, one_losses, strict=True):
         assert two == pytest.approx(single, rel=1e-4)
     two_weights, one_weights = adapter(pair), adapter(one)

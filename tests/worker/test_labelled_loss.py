@@ -13,6 +13,7 @@ from worker.pipeline import labelled_loss
 from worker.pipeline.labelled_loss import causal_lm_parts, decoder_inputs, labelled_causal_lm_loss
 from worker.pipeline.labels import IGNORE_INDEX
 from worker.pipeline.model import CpuBf16, load_model
+from worker.pipeline.token_accuracy import TokenAccuracy
 from worker.pipeline.trainer import TuneryTrainer
 
 LOSS_TOLERANCE = {"atol": 1e-6, "rtol": 1e-5}
@@ -187,3 +188,109 @@ def test_models_whose_logits_are_more_than_the_head_keep_their_own_loss() -> Non
     # Gemma 2 caps its logits with tanh after the head.
     assert causal_lm_parts(Gemma2ForCausalLM(Gemma2Config(**small))) is None
     assert causal_lm_parts(LlamaForCausalLM(LlamaConfig(**small))) is not None
+
+
+def _half_predicted(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` with every other labelled position's label set to the model's own argmax
+    prediction for it, so that its accuracy is neither 0 nor 1 (a random model's would be 0)."""
+    with torch.no_grad():
+        predicted = model(**decoder_inputs(batch)).logits.argmax(dim=-1)
+    labels = batch["labels"].clone()
+    rows, positions = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
+    for row, position in list(zip(rows.tolist(), positions.tolist(), strict=True))[::2]:
+        labels[row, position + 1] = predicted[row, position]
+    return {**batch, "labels": labels}
+
+
+def _accuracy_by_hand(model: Any, batch: dict[str, torch.Tensor]) -> float:
+    """From the full logits, position by position: logits at t predict the label at t + 1."""
+    with torch.no_grad():
+        logits = model(**decoder_inputs(batch)).logits
+    hits = total = 0
+    for row in range(logits.shape[0]):
+        for position in range(logits.shape[1] - 1):
+            label = int(batch["labels"][row, position + 1])
+            if label != IGNORE_INDEX:
+                total += 1
+                hits += int(logits[row, position].argmax()) == label
+    return hits / total
+
+
+@pytest.mark.parametrize("chunk", [None, 7], ids=["one_chunk", "recomputed_chunks"])
+def test_labelled_loss_counts_the_token_accuracy_of_the_full_logits(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, chunk: int | None
+) -> None:
+    if chunk is not None:
+        monkeypatch.setattr(labelled_loss, "chunk_positions", lambda vocab_size: chunk)
+    model = _load(tiny_model_dir)
+    batch = _half_predicted(model, _batch())
+    expected = _accuracy_by_hand(model, batch)
+    parts = causal_lm_parts(model)
+    assert parts is not None
+    accuracy = TokenAccuracy()
+
+    hidden = parts.decoder(**decoder_inputs(batch), use_cache=False).last_hidden_state
+    labelled_causal_lm_loss(hidden, batch["labels"], parts.lm_head,
+                            accuracy=accuracy).backward()
+
+    assert 0.3 < expected < 0.7
+    assert accuracy.take() == expected
+    assert accuracy.take() is None  # counted afresh after each read
+
+
+@pytest.mark.parametrize("path", ["labelled_loss", "model_loss"])
+def test_tunery_trainer_logs_the_token_accuracy_of_training_and_evaluation_apart(
+    tiny_model_dir: Path, tmp_path: Path, path: str
+) -> None:
+    """Both of the trainer's losses count it: its own and, where that cannot be used (here a
+    batch with `shift_labels`), the model's, from the model's logits."""
+    model = _load(tiny_model_dir)
+    tunery, _ = _trainers(model, tmp_path)
+    batch = _half_predicted(model, _batch())
+    expected = _accuracy_by_hand(model, batch)
+    if path == "model_loss":
+        batch["shift_labels"] = labelled_loss.shifted_labels(batch["labels"]).contiguous()
+    uses_labelled_loss = tunery._labelled_loss_parts(model, batch, return_outputs=False)
+    assert (uses_labelled_loss is not None) == (path == "labelled_loss")
+    logged: list[dict[str, float]] = []
+    tunery.callback_handler.on_log = (  # type: ignore[method-assign]
+        lambda args, state, control, logs: logged.append(dict(logs)) or control)
+
+    tunery.compute_loss(model, dict(batch)).backward()
+    tunery.compute_loss(model, dict(batch)).backward()
+    model.eval()
+    with torch.no_grad():
+        tunery.compute_loss(model, dict(batch), return_outputs=True)
+    tunery.log({"loss": 1.0})
+    tunery.log({"eval_loss": 1.0})
+    tunery.log({"loss": 1.0})
+
+    assert 0.3 < expected < 0.7
+    assert logged[0]["mean_token_accuracy"] == expected
+    assert logged[1]["eval_mean_token_accuracy"] == expected
+    assert "mean_token_accuracy" not in logged[2]  # nothing trained since the last log
+
+
+def test_neftune_noise_reaches_the_labelled_loss_in_training_only(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The Trainer hooks NEFTune onto the peft model's input embeddings, which the labelled
+    loss reaches through the decoder it calls directly."""
+    from transformers import TrainingArguments
+    from transformers.integrations.neftune import activate_neftune
+
+    model = _load(tiny_model_dir)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                             neftune_noise_alpha=5.0)
+    tunery = TuneryTrainer(model=model, args=args)
+    batch = _batch()
+    assert tunery._labelled_loss_parts(model, batch, return_outputs=False) is not None
+    with torch.no_grad():
+        clean = tunery.compute_loss(model, dict(batch))
+        activate_neftune(model, tunery.neftune_noise_alpha, tunery.accelerator)  # as train() does
+        noisy = [tunery.compute_loss(model, dict(batch)) for _ in range(2)]
+        model.eval()
+        evaluated = tunery.compute_loss(model, dict(batch))
+
+    assert noisy[0] != clean and noisy[1] != noisy[0]
+    assert evaluated == clean

@@ -31,6 +31,7 @@ def args_for(tmp_path: Path, **fields: Any) -> Any:
         ("lr_scheduler_type", "cosine_with_restarts", "lr_scheduler_type",
          "cosine_with_restarts"),
         ("group_by_length", True, "train_sampling_strategy", "group_by_length"),
+        ("neftune_noise_alpha", 5.0, "neftune_noise_alpha", 5.0),
     ],
 )
 def test_training_field_reaches_the_trainer_arguments(

@@ -29,7 +29,8 @@ from worker.pipeline.training_args import training_arguments
 from worker.publish import publish_outputs
 
 LOG_LINE = re.compile(
-    r"epoch \d+ \| step \d+/\d+ \(\d+%\) \| loss \d+\.\d{4} \| lr \d\.\de[-+]\d\d \| "
+    r"epoch \d+ \| step \d+/\d+ \(\d+%\) \| loss \d+\.\d{4} \| mean_token_accuracy "
+    r"[01]\.\d{4} \| lr \d\.\de[-+]\d\d \| "
     r"\d+ tok/s \| eta (–|\d+s|\d+m\d\ds|\d+h\d\dm)"
 )
 WANDB_KEY = "wandb-key-" + "k" * 30
@@ -119,6 +120,18 @@ def test_lora_job_lowers_training_and_validation_loss(lora_job: Job) -> None:
     assert len(eval_losses) >= 2 and eval_losses[-1] < eval_losses[0]
 
 
+def test_lora_job_reports_train_and_validation_token_accuracy(lora_job: Job) -> None:
+    reporter = lora_job.reporter
+
+    assert reporter.steps("mean_token_accuracy") == reporter.steps("loss")
+    assert reporter.steps("eval_mean_token_accuracy") == reporter.steps("eval_loss")
+    accuracies = reporter.values("mean_token_accuracy") + reporter.values(
+        "eval_mean_token_accuracy")
+    assert all(0.0 <= value <= 1.0 for value in accuracies)
+    # The tiny model learns the sample's answers: some of its predictions become right.
+    assert max(accuracies) > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU worker trains in bf16 or fp16")
 @pytest.mark.parametrize(
     ("cpu_bf16", "loaded"),
@@ -194,6 +207,7 @@ def test_reporter_gets_phases_metrics_log_lines_and_progress(lora_job: Job) -> N
         "total_steps",
         "percent",
         "eta_s",
+        "mean_token_accuracy",
     }
     assert all(v > 0 for v in reporter.values("tokens_per_s"))
     assert set(reporter.values("total_steps")) == {6}
@@ -207,7 +221,8 @@ def test_reporter_gets_phases_metrics_log_lines_and_progress(lora_job: Job) -> N
     assert train_lines[0].endswith("| eta –")
     assert train_lines[-1].endswith("| eta 0s")
     assert any(
-        re.fullmatch(r"epoch 1 \| step 6/6 \(100%\) \| eval_loss \d+\.\d{4}", x)
+        re.fullmatch(r"epoch 1 \| step 6/6 \(100%\) \| eval_loss \d+\.\d{4} \| "
+                     r"eval_mean_token_accuracy [01]\.\d{4}", x)
         for x in reporter.lines
     )
     assert any(re.fullmatch(r"dataset .*: 300 rows, columns .*", x) for x in reporter.lines)

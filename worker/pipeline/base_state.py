@@ -39,10 +39,12 @@ RESTORED_ATTRIBUTES = frozenset(
 )
 # Instance attributes a job adds that are only bookkeeping of what it turned on (the LoRA
 # config peft copies onto the model, transformers' input-grad hooks and checkpoint function,
-# the tags TRL adds for model cards): removed once the hooks and flags they describe are gone.
+# the tags TRL adds for model cards, the alpha the Trainer's NEFTune hook reads, left behind
+# when training ends in an exception): removed once the hooks and flags they describe are gone.
 ADDED_BY_JOBS = frozenset(
     {
         "peft_config",
+        "neftune_noise_alpha",
         "_require_grads_hooks",
         "_require_grads_hook",
         "_gradient_checkpointing_func",

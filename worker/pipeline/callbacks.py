@@ -33,6 +33,7 @@ from worker.pipeline.ranks import (
     whole,
 )
 from worker.pipeline.report import CheckpointSavedFn, JobReporter, no_checkpoint_report
+from worker.pipeline.token_accuracy import EVAL_ACCURACY, TRAIN_ACCURACY
 
 
 def format_duration(seconds: float) -> str:
@@ -45,6 +46,14 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def _present(logs: Mapping[str, float], key: str) -> dict[str, float]:
+    return {key: float(logs[key])} if logs.get(key) is not None else {}
+
+
+def _accuracy_text(values: Mapping[str, float], key: str) -> str:
+    return f" | {key} {values[key]:.4f}" if key in values else ""
+
+
 class MetricsCallback(TrainerCallback):
     """Turns every Trainer log into a metric record and one user-visible log line.
 
@@ -53,6 +62,8 @@ class MetricsCallback(TrainerCallback):
     (`include_num_input_tokens_seen="no"`) reports none. The ETA extrapolates the wall time per
     step since the run's first step ended, evaluations included, since they recur at the same
     pace until the end; until a second step has ended there is none (`eta –`, no `eta_s`).
+    The mean token accuracy, where the trainer logs it (`TuneryTrainer`; TRL's trainers do
+    not), goes next to its loss.
 
     `extra` maps further Trainer log keys (a TRL trainer's own numbers) to the metric names
     they are recorded under; they are appended to the log line too. `clock` gives seconds.
@@ -131,9 +142,11 @@ class MetricsCallback(TrainerCallback):
         # Epochs are counted from 1; epoch 1.0 exactly is still the first one.
         head = f"epoch {max(1, math.ceil(epoch))} | step {step}/{total} ({percent:.0f}%)"
         if "eval_loss" in logs:
-            eval_loss = float(logs["eval_loss"])
-            self.reporter.metric(step, {"epoch": epoch, "eval_loss": eval_loss})
-            self.reporter.log(f"{head} | eval_loss {eval_loss:.4f}")
+            evaluated = {"epoch": epoch, "eval_loss": float(logs["eval_loss"])}
+            evaluated.update(_present(logs, EVAL_ACCURACY))
+            self.reporter.metric(step, evaluated)
+            self.reporter.log(f"{head} | eval_loss {evaluated['eval_loss']:.4f}"
+                              f"{_accuracy_text(evaluated, EVAL_ACCURACY)}")
             return
         if "loss" not in logs:
             return  # the end-of-training summary; its numbers were all reported already
@@ -157,6 +170,7 @@ class MetricsCallback(TrainerCallback):
             TOKENS_PER_SECOND.set(tokens_per_s)
         if logs.get("grad_norm") is not None:
             values["grad_norm"] = float(logs["grad_norm"])
+        values.update(_present(logs, TRAIN_ACCURACY))
         extra = {name: float(logs[key]) for key, name in self.extra.items() if key in logs}
         values.update(extra)
         self.reporter.metric(step, values)
@@ -164,7 +178,8 @@ class MetricsCallback(TrainerCallback):
         more = "".join(f" | {name} {value:.4f}" for name, value in extra.items())
         eta = format_duration(eta_s) if eta_s is not None else "–"
         self.reporter.log(
-            f"{head} | loss {loss:.4f} | lr {values['learning_rate']:.1e} | "
+            f"{head} | loss {loss:.4f}{_accuracy_text(values, TRAIN_ACCURACY)} | "
+            f"lr {values['learning_rate']:.1e} | "
             f"{throughput}eta {eta}{more}"
         )
 

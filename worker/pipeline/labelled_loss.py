@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional
 
 from worker.pipeline.labels import IGNORE_INDEX
+from worker.pipeline.token_accuracy import TokenAccuracy, correct_predictions
 
 # About 256 MiB of float32 logits per chunk (1,365 positions at SmolLM2's vocabulary); the
 # backward holds that again for their gradient, and a recomputed chunk's activations once more.
@@ -90,10 +91,14 @@ def chunk_positions(vocab_size: int) -> int:
 
 def _summed_cross_entropy(
     lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's summed cross-entropy, and how many of its positions the argmax predicts:
+    the logits are there anyway, and their argmax costs a vocabulary's comparisons per
+    position against the head's hidden x vocabulary multiply-adds."""
     # float32 as in ForCausalLMLoss: a bf16 head's logits are upcast before the softmax.
     logits = lm_head(hidden).float()
-    return functional.cross_entropy(logits, targets, reduction="sum")
+    loss = functional.cross_entropy(logits, targets, reduction="sum")
+    return loss, correct_predictions(logits, targets)
 
 
 def labelled_causal_lm_loss(
@@ -103,12 +108,14 @@ def labelled_causal_lm_loss(
     *,
     num_items_in_batch: torch.Tensor | int | None = None,
     vocab_size: int | None = None,
+    accuracy: TokenAccuracy | None = None,
 ) -> torch.Tensor:
     """`ForCausalLMLoss(lm_head(hidden_states), labels, num_items_in_batch)` without the
     logits of unlabelled positions.
 
     `hidden_states` is the decoder's last hidden state (batch, positions, hidden) and `labels`
-    the unshifted labels (batch, positions), -100 where no loss is.
+    the unshifted labels (batch, positions), -100 where no loss is. `accuracy`, when given,
+    counts the positions whose argmax is their label.
     """
     targets = shifted_labels(labels).to(hidden_states.device)
     labelled = targets != IGNORE_INDEX
@@ -123,16 +130,20 @@ def labelled_causal_lm_loss(
     # them there keeps one chunk's at a time. A single chunk has nothing to gain from that.
     recompute = count > step and torch.is_grad_enabled()
     total = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
     # At least one (possibly empty) chunk, so a batch without labels still has a graph.
     for start in range(0, max(count, 1), step):
         hidden_chunk, target_chunk = hidden[start : start + step], targets[start : start + step]
         if recompute:
-            part = torch.utils.checkpoint.checkpoint(
+            part, hits = torch.utils.checkpoint.checkpoint(
                 _summed_cross_entropy, lm_head, hidden_chunk, target_chunk, use_reentrant=False
             )
         else:
-            part = _summed_cross_entropy(lm_head, hidden_chunk, target_chunk)
+            part, hits = _summed_cross_entropy(lm_head, hidden_chunk, target_chunk)
         total = total + part
+        correct = correct + hits
+    if accuracy is not None:
+        accuracy.add(correct, count)
     if num_items_in_batch is None:
         # cross_entropy's "mean": NaN for a batch without labels, as in the full computation.
         return total / count

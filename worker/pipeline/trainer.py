@@ -20,8 +20,10 @@ from worker.pipeline.labelled_loss import (
     causal_lm_parts,
     decoder_inputs,
     labelled_causal_lm_loss,
+    shifted_labels,
 )
 from worker.pipeline.ranks import describe_process_group, in_process_group
+from worker.pipeline.token_accuracy import EVAL_ACCURACY, TRAIN_ACCURACY, TokenAccuracy
 from worker.pipeline.wandb_reporting import WandbTimeouts, wandb_reporting
 
 
@@ -38,7 +40,7 @@ class TrainStats:
 
 
 class TuneryTrainer(Trainer):
-    """Three changes to `Trainer`, nothing else:
+    """Four changes to `Trainer`, nothing else:
 
     - `compute_loss` runs the decoder and then the LM head only where a label is
       (`labelled_loss`), for training and evaluation alike; the value is the model's own
@@ -50,6 +52,10 @@ class TuneryTrainer(Trainer):
       runs as that many slices of its rows, one forward and backward each: the gradient and
       the loss are the batch's, since every slice's loss is normalised by the step's
       `num_items_in_batch`, and only a slice's activations are alive at a time.
+    - every log of a training loss carries the mean token accuracy, and every evaluation's
+      its own (`token_accuracy`): from the logits each loss computes
+      anyway, counted over the labelled positions of all micro-batches since the last log
+      (a step's, with the Trainer logging every step), and over all ranks of a process group.
     """
 
     def __init__(
@@ -62,6 +68,8 @@ class TuneryTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.train_batches = train_batches
         self.batch_slices = batch_slices
+        self.train_accuracy = TokenAccuracy()
+        self.eval_accuracy = TokenAccuracy()
 
     def training_step(
         self,
@@ -104,24 +112,67 @@ class TuneryTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
+        # The Trainer evaluates with the model in eval mode and trains with it in train mode.
+        accuracy = self.train_accuracy if model.training else self.eval_accuracy
         parts = self._labelled_loss_parts(model, inputs, return_outputs=return_outputs)
         if parts is None:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
+            return self._model_loss(model, inputs, accuracy, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
         # accelerate applies mixed precision by wrapping the model's forward, which this path
         # does not call: without the same autocast here a bf16 run would compute LoRA in fp32.
         with self.accelerator.autocast():
             # The cache is useless in training; the full forward builds one only to drop it.
             hidden = parts.decoder(**decoder_inputs(inputs), use_cache=False).last_hidden_state
             loss = labelled_causal_lm_loss(
-                hidden, inputs["labels"], parts.lm_head, num_items_in_batch=num_items_in_batch
+                hidden, inputs["labels"], parts.lm_head, num_items_in_batch=num_items_in_batch,
+                accuracy=accuracy,
             )
         # Normalised by `num_items_in_batch` when given, as the model's own loss: the Trainer's
         # default `loss_is_scaled_for_ga` then treats it exactly as it treats the model's.
         # Evaluation asks for outputs only to read logits, which it drops without
         # compute_metrics (checked in `_labelled_loss_parts`).
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _model_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        accuracy: TokenAccuracy,
+        *,
+        return_outputs: bool,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> Any:
+        """The Trainer's own loss (the model's), with the accuracy read from its logits."""
+        targets = inputs.get("shift_labels")
+        if targets is None and "labels" in inputs:
+            targets = shifted_labels(inputs["labels"])
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        if targets is not None and isinstance(logits, torch.Tensor):
+            accuracy.add_logits(logits, targets)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            self._add_accuracy(logs, TRAIN_ACCURACY, self.train_accuracy)
+        elif "eval_loss" in logs:
+            self._add_accuracy(logs, EVAL_ACCURACY, self.eval_accuracy)
+        super().log(logs, start_time)
+
+    def _add_accuracy(self, logs: dict[str, float], key: str, accuracy: TokenAccuracy) -> None:
+        # Every rank logs the same losses at the same points (the loss is itself gathered
+        # there), so every rank reaches this sum.
+        group = self.accelerator.num_processes > 1
+        value = accuracy.take(self._sum_over_ranks if group else None)
+        if value is not None:
+            logs[key] = value
+
+    def _sum_over_ranks(self, counts: torch.Tensor) -> torch.Tensor:
+        summed: torch.Tensor = self.accelerator.reduce(counts.to(self.args.device),
+                                                       reduction="sum")
+        return summed
 
     def _labelled_loss_parts(
         self, model: torch.nn.Module, inputs: dict[str, Any], *, return_outputs: bool

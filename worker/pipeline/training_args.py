@@ -139,6 +139,9 @@ def training_arguments(
         ddp_find_unused_parameters=False,
         ddp_timeout=collective_timeout_s,
         disable_tqdm=True,
+        # The Trainer hooks the noise onto the input embeddings' forward, which the labelled
+        # loss (`trainer.TuneryTrainer`) calls through the decoder too; only in train mode.
+        neftune_noise_alpha=config.neftune_noise_alpha,
         **evaluation,
         **saving,
     )

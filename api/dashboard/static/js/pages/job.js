@@ -3,7 +3,7 @@
 import { call, download } from "../api.js";
 import { StepChart } from "../charts.js";
 import { el, notice, replaceChildren } from "../elements.js";
-import { bytes, dateTime, duration, number } from "../format.js";
+import { bytes, dateTime, duration, number, percent } from "../format.js";
 import { TERMINAL, followJob } from "../job_feed.js";
 import { progressBar, statusBadge } from "./jobs.js";
 
@@ -185,6 +185,10 @@ class JobPage {
       ["ETA", TERMINAL.has(this.job.status) ? "–" : duration(v.eta_s)],
       ["Training loss", number(v.loss)],
       ["Eval loss", number(v.eval_loss)],
+      // Shares of the labelled tokens whose most likely next token is the right one.
+      ["Token accuracy", v.mean_token_accuracy === undefined ? "–" : percent(v.mean_token_accuracy)],
+      ["Eval token accuracy",
+        v.eval_mean_token_accuracy === undefined ? "–" : percent(v.eval_mean_token_accuracy)],
       ["Learning rate", v.learning_rate === undefined ? "–" : v.learning_rate.toExponential(2)],
     ];
     replaceChildren(this.stats,
@@ -198,7 +202,7 @@ class JobPage {
     const values = row.values;
     this.latest.step = row.step;
     for (const key of ["loss", "eval_loss", "learning_rate", "total_steps", "eta_s",
-      "tokens_per_s"]) {
+      "tokens_per_s", "mean_token_accuracy", "eval_mean_token_accuracy"]) {
       if (typeof values[key] === "number") this.latest[key] = values[key];
     }
     this.lossChart.add(row.step, values);
