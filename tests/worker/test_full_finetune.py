@@ -12,9 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shared.exports import ExportClaim
 from shared.settings import Settings
 from shared.storage import LocalStorage
+from shared.storage_keys import job_artifact_key
 from worker.assets.build_dataset import DATASET_PATH
+from worker.export_run import export_files
 from worker.pipeline.base_cache import BaseModelCache
 from worker.pipeline.checkpoints import CheckpointStore, find_latest_checkpoint
 from worker.pipeline.errors import PipelineError, TrainingStopped
@@ -149,6 +152,33 @@ def test_export_loads_with_transformers_and_gives_the_trained_models_logits(
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
     assert loaded.config.use_cache is True
+
+
+def test_merged_export_of_a_full_finetune_is_its_model_and_gguf_converts_it_directly(
+    tmp_path: Path, uninterrupted: Job, settings: Settings,
+) -> None:
+    storage = LocalStorage(tmp_path / "storage")
+    for path in uninterrupted.result.output_dir.iterdir():
+        storage.put_file(job_artifact_key("job-full", path.name), path)
+    lines: list[str] = []
+
+    def claim(kind: str) -> ExportClaim:
+        return ExportClaim("export-1", "job-full", "tenant", kind, 1, "test")
+
+    names = export_files(claim("merged"), "unused/base", tmp_path / "merged", settings,
+                         storage, lines.append)
+    assert "exported as it is, unmerged" in lines[0]
+    assert "exports/merged/model.safetensors" in names
+    exported = tmp_path / "exported.safetensors"
+    storage.download_file(job_artifact_key("job-full", "exports/merged/model.safetensors"),
+                          exported)
+    assert load_file(exported).keys() == weights(uninterrupted.result.output_dir).keys()
+    # The converter reads the model directory itself: it gets as far as the tiny model's
+    # tokenizer, which it refuses (test_export_gguf: a known tokenizer converts).
+    (tmp_path / "gguf" / "cwd").mkdir(parents=True)  # run_export's working directory
+    with pytest.raises(PipelineError, match="does not know this model's BPE pre-tokenizer"):
+        export_files(claim("gguf-f16"), "unused/base", tmp_path / "gguf", settings, storage,
+                     lines.append)
 
 
 def test_memory_plan_takes_8bit_adamw_then_refuses_as_memory_shrinks(

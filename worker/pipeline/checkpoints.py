@@ -115,6 +115,8 @@ def _read_marker(
         return None  # deleted while we listed, or not a marker we wrote: not resumable
     if marker.get("step") != step or not files or not all(map(is_checkpoint_file, files)):
         return None
+    if any(name in ADAPTER_FILES for name in files) and any(map(is_full_model_file, files)):
+        return None  # an adapter or a whole model, never both: not a checkpoint we wrote
     under = "" if prefix == job_checkpoint_prefix(job_id) else prefix
     return StoredCheckpoint(job_id, step, files, under)
 
