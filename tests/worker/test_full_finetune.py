@@ -266,3 +266,21 @@ def _with_memory(settings: Settings, gigabytes: float) -> Settings:
     return settings.model_copy(update={
         "training": settings.training.model_copy(update={"training_memory_gb": gigabytes}),
     })
+
+
+def test_full_finetune_on_bf16_hardware_keeps_fp32_weights_and_computes_in_bf16(
+    tmp_path: Path, settings: Settings, make_request: Any,
+) -> None:
+    # TUNERY_CPU_BF16=on: the dtype a LoRA job would load its base in is bf16.
+    bf16 = settings.model_copy(update={
+        "training": settings.training.model_copy(update={"cpu_bf16": "on"}),
+    })
+    reporter = RecordingReporter()
+    result = run_job(make_request(model=FULL), tmp_path / "bf16", reporter, bf16)
+
+    assert "base model loaded in torch.float32" in reporter.lines
+    assert any(line.startswith("full fine-tuning: all ")
+               and line.endswith("fp32 master weights, forward and backward in bfloat16 "
+                                 "autocast") for line in reporter.lines)
+    assert {t.dtype for t in weights(result.output_dir).values()} == {torch.float32}
+    assert result.last_loss < result.first_loss  # type: ignore[operator]
