@@ -12,10 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shared import jobs
+from shared.artifacts import list_artifacts
+from shared.db import session_scope
 from shared.exports import ExportClaim
-from shared.settings import Settings
-from shared.storage import LocalStorage
-from shared.storage_keys import job_artifact_key
+from shared.keys import create_api_key
+from shared.migrate import upgrade_database
+from shared.models import Job as DbJob
+from shared.models import JobStatus
+from shared.settings import Settings, get_settings
+from shared.storage import LocalStorage, storage_from_settings
+from shared.storage_keys import CHECKPOINT_MARKER, job_artifact_key, job_checkpoint_prefix
 from worker.assets.build_dataset import DATASET_PATH
 from worker.export_run import export_files
 from worker.pipeline.base_cache import BaseModelCache
@@ -31,6 +38,7 @@ from worker.pipeline.model import load_base_model
 from worker.pipeline.model_export import export_full_model
 from worker.pipeline.report import RecordingReporter
 from worker.pipeline.run import TrainResult, run_job
+from worker.tasks import run_claimed_job
 
 FULL = {"use_lora": False}
 # As for LoRA (test_checkpoints): a resumed run ends bit-identical here; the tolerance only
@@ -250,6 +258,38 @@ def test_base_cache_never_keeps_a_fully_trained_base(
         assert kept_state.keys() == fresh_state.keys()
         for name, tensor in fresh_state.items():
             assert torch.equal(kept_state[name], tensor), name
+
+
+def test_a_full_finetune_job_completes_with_its_model_as_artifacts(
+    tunery_env: Path, tiny_model_dir: Path, make_request: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "TUNERY_ALLOWED_LOCAL_DIRS", f'["{DATASET_PATH.parent}", "{tiny_model_dir.parent}"]'
+    )
+    monkeypatch.setenv("TUNERY_CHECKPOINT_EVERY_STEPS", "2")
+    get_settings.cache_clear()
+    settings = get_settings()
+    upgrade_database(settings.database.url)
+    storage = storage_from_settings(settings)
+    request = make_request(model=FULL)
+    with session_scope() as session:
+        tenant_id = create_api_key(session, "full").tenant_id
+        job_id = jobs.create_job(session, tenant_id, request, max_attempts=1,
+                                 device_class="train").id
+        claim = jobs.claim_job(session, job_id, "worker-1", settings.leases.lease_seconds)
+    assert claim is not None
+
+    run_claimed_job(claim, request)
+
+    with session_scope() as session:
+        job = session.get_one(DbJob, job_id)
+        assert job.status == JobStatus.COMPLETED, job.error
+    artifacts = {a.name for a in list_artifacts(storage, job_id)}
+    assert {"model.safetensors", "config.json", "generation_config.json",
+            "tokenizer.json"} <= artifacts
+    # Completed: the checkpoints' copies of the whole model and optimizer are gone.
+    kept = {obj.key.rsplit("/", 1)[1] for obj in storage.list(job_checkpoint_prefix(job_id))}
+    assert kept == {CHECKPOINT_MARKER}
 
 
 def _unexpected_load() -> Any:
