@@ -174,9 +174,10 @@ class PretrainedModelConfig(_Strict):
     use_lora: bool = Field(
         True,
         description="Train a LoRA adapter (true) or every weight of the model (false: full "
-        "fine-tuning in fp32 master weights, exported as a whole model; the lora_* fields are "
-        "then unused). Full fine-tuning refuses use_quantization, resume_checkpoint_path, "
-        "preference_optimization and strategy 'fsdp'.",
+        "fine-tuning in fp32 master weights, exported as a whole model; the lora_* fields, "
+        "use_dora and use_rslora are then unused). Full fine-tuning refuses "
+        "use_quantization, resume_checkpoint_path, preference_optimization and strategy "
+        "'fsdp'.",
     )
     lora_r: int = Field(8, gt=0, lt=2048, description="LoRA rank.")
     lora_alpha: int = Field(16, gt=0, lt=2048, description="LoRA scaling numerator.")

@@ -26,7 +26,8 @@ from worker.pipeline.model import COMPUTE_DTYPE_ATTRIBUTE, enable_gradient_check
 from worker.pipeline.report import JobReporter, LogFn
 
 # The fields a full fine-tune does not read: they shape a LoRA adapter.
-LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_bias", "lora_target_modules")
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_bias", "lora_target_modules",
+               "use_dora", "use_rslora", "lora_init")
 WEIGHT_BYTES = 4
 GRADIENT_BYTES = 4
 ADAMW_MOMENT_BYTES = 8
