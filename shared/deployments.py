@@ -28,7 +28,7 @@ from shared.models import (
     new_id,
     utcnow,
 )
-from shared.served_models import adapter_name
+from shared.served_models import adapter_name, trained_whole_model, whole_model_not_served
 from shared.tenancy import Scope, newest_first, visible_to
 
 DEPLOYMENT_ID_PREFIX = "dep-"
@@ -81,6 +81,8 @@ def create_deployment(
     if job.status != JobStatus.COMPLETED.value:
         raise DeploymentRefused(409, "loramodel_path", f"job {job_id} is {job.status}: only a "
                                 "COMPLETED job's adapter can be deployed")
+    if trained_whole_model(job.payload):
+        raise DeploymentRefused(422, "loramodel_path", whole_model_not_served(job_id))
     if job.artifacts_removed_at is not None:
         raise DeploymentRefused(409, "loramodel_path", f"job {job_id}'s adapter was removed "
                                 "by the retention policy (TUNERY_ARTIFACT_RETENTION_DAYS)")

@@ -24,6 +24,9 @@ Memory per device (`memory_per_device_gb`), in GB of 2**30 bytes as TUNERY_TRAIN
     weights = parameters x 2 bytes (16-bit), or x 0.55 byte (4-bit NF4, use_quantization:
               half a byte per weight plus the quantization constants and the layers that stay
               16-bit, such as the embeddings)
+              or, for a full fine-tune (use_lora false), x 10 bytes: its fp32 weight and
+              gradient and 8-bit AdamW's two moments, the least the worker trains it with
+              (`worker.pipeline.full_finetune`)
     weights / devices when strategy is 'fsdp' (sharded); each device holds them all with 'ddp'
     per device = weights x 1.25 (HEADROOM) + 2 GB (ADAPTER_ALLOWANCE_GB)
 
@@ -62,11 +65,13 @@ DEVICES_FIELD = "training_config.devices"
 MODEL_FIELD = "pretrainedmodel_config.model_path"
 QUANTIZATION_FIELD = "pretrainedmodel_config.use_quantization"
 STRATEGY_FIELD = "training_config.strategy"
+LORA_FIELD = "pretrainedmodel_config.use_lora"
 
 NAME_PATTERN = re.compile(r"[a-z0-9-]{1,40}")
 GB = 2**30
 BYTES_PER_PARAMETER_16BIT = 2.0
 BYTES_PER_PARAMETER_4BIT = 0.55
+BYTES_PER_PARAMETER_FULL_FINETUNE = 10.0
 HEADROOM = 1.25
 ADAPTER_ALLOWANCE_GB = 2.0
 WEIGHTS_SUFFIX = ".safetensors"
@@ -184,13 +189,17 @@ class JobNeeds:
     strategy: str
     quantized: bool
     size: ModelSize | None
+    full_finetune: bool = False
+    """use_lora false: every weight trains, with its gradient and optimizer state."""
 
 
 def memory_per_device_gb(parameters: float, *, quantized: bool, devices: int,
-                         strategy: str) -> float:
-    """The memory one device needs to train a LoRA adapter on a base of `parameters`, in GB
-    (the module's docstring says how)."""
+                         strategy: str, full_finetune: bool = False) -> float:
+    """The memory one device needs to train a LoRA adapter on a base of `parameters` (or with
+    `full_finetune` the whole model), in GB (the module's docstring says how)."""
     per_parameter = BYTES_PER_PARAMETER_4BIT if quantized else BYTES_PER_PARAMETER_16BIT
+    if full_finetune:
+        per_parameter = BYTES_PER_PARAMETER_FULL_FINETUNE
     weights = parameters * per_parameter / GB
     if strategy == "fsdp":
         weights /= devices
@@ -234,7 +243,7 @@ def route(classes: Sequence[DeviceClass], needs: JobNeeds) -> Routing:
 def _needed(needs: JobNeeds, devices: int, strategy: str, quantized: bool) -> float:
     assert needs.size is not None
     return memory_per_device_gb(needs.size.parameters, quantized=quantized, devices=devices,
-                                strategy=strategy)
+                                strategy=strategy, full_finetune=needs.full_finetune)
 
 
 def _too_large(classes: Sequence[DeviceClass], enough: Sequence[DeviceClass], needs: JobNeeds,
@@ -244,11 +253,18 @@ def _too_large(classes: Sequence[DeviceClass], enough: Sequence[DeviceClass], ne
     largest = max(enough, key=lambda c: c.memory_gb or 0.0)
     billions = needs.size.parameters / 1e9
     sharded = " sharded with fsdp" if needs.strategy == "fsdp" else ""
+    how = ("full fine-tuning" if needs.full_finetune
+           else "4-bit" if needs.quantized else "16-bit")
     message = (f"about {needed:.1f} GB per device needed ({billions:.3g}B parameters "
-               f"{needs.size.basis}, {'4-bit' if needs.quantized else '16-bit'}, on "
+               f"{needs.size.basis}, {how}, on "
                f"{needs.devices} device{'s' if needs.devices > 1 else ''}{sharded}); the "
                f"largest class with {needs.devices} or more devices has "
                f"{largest.memory_gb:g} GB ({largest.name})")
+    if needs.full_finetune:
+        # Neither 4-bit nor fsdp combines with a full fine-tune (`shared.schema`).
+        lora = memory_per_device_gb(needs.size.parameters, quantized=False,
+                                    devices=needs.devices, strategy=needs.strategy)
+        return message + f"; try {LORA_FIELD} true (about {lora:.1f} GB per device)"
     tips = []
     if not needs.quantized:
         # A 4-bit model is never sharded: with fsdp asked, the tip is 4-bit with ddp.

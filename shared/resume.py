@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shared.models import Job, JobStatus
+from shared.served_models import trained_whole_model
 from shared.storage_keys import CHECKPOINT_MARKER, job_checkpoint_prefixes, parse_checkpoint_key
 
 if TYPE_CHECKING:
@@ -99,6 +100,9 @@ def resume_problems(
     job = session.get(Job, source.job_id)
     if job is None or job.tenant_id != tenant_id:
         return [{"path": FIELD, "message": f"no job with id {source.job_id}"}]
+    if trained_whole_model(job.payload):
+        return [{"path": FIELD, "message": f"job {job.id} trained the whole model (use_lora "
+                 "false): it has no LoRA adapter to continue from"}]
     completed = job.status == JobStatus.COMPLETED.value
     message = None
     if source.step is None and not source.latest and not completed:

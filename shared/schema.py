@@ -171,7 +171,14 @@ class PretrainedModelConfig(_Strict):
         "(its final adapter) or 'jobs/{job_id}/checkpoints/step-N'. Its adapter weights "
         "initialize this job's LoRA; training uses this job's config and a new optimizer.",
     )
-    use_lora: bool = Field(True, description="Train a LoRA adapter (full fine-tuning is refused).")
+    use_lora: bool = Field(
+        True,
+        description="Train a LoRA adapter (true) or every weight of the model (false: full "
+        "fine-tuning in fp32 master weights, exported as a whole model; the lora_* fields, "
+        "use_dora and use_rslora are then unused). Full fine-tuning refuses "
+        "use_quantization, resume_checkpoint_path, preference_optimization and strategy "
+        "'fsdp'.",
+    )
     lora_r: int = Field(8, gt=0, lt=2048, description="LoRA rank.")
     lora_alpha: int = Field(16, gt=0, lt=2048, description="LoRA scaling numerator.")
     lora_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Dropout on the LoRA path.")
@@ -218,12 +225,21 @@ class PretrainedModelConfig(_Strict):
         "nmp", description="Parallelization strategy; only 'nmp' (naive model parallel)."
     )
 
-    @field_validator("use_lora")
-    @classmethod
-    def _lora_only(cls, value: bool) -> bool:
-        if not value:
-            raise ValueError("full fine-tuning is not supported; Tunery trains LoRA adapters")
-        return value
+    @model_validator(mode="after")
+    def _full_finetune_alone(self) -> PretrainedModelConfig:
+        if self.use_lora:
+            return self
+        if self.use_quantization:
+            raise ValueError(
+                "use_lora false with use_quantization true: a 4-bit base cannot be fully "
+                "trained; set use_quantization false, or use_lora true for QLoRA"
+            )
+        if self.resume_checkpoint_path:
+            raise ValueError(
+                "use_lora false with resume_checkpoint_path: it continues an earlier job's LoRA "
+                "adapter, which a full fine-tune has none of; leave resume_checkpoint_path out"
+            )
+        return self
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -671,6 +687,27 @@ class FinetuneRequest(_Strict):
                 "is not supported: sharding 4-bit weights needs a CUDA build of bitsandbytes "
                 "and a storage dtype Tunery does not set up; use strategy 'ddp' (each device "
                 "holds the 4-bit model) or use_quantization false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _full_finetune_supervised_on_one_device(self) -> FinetuneRequest:
+        if self.pretrainedmodel_config.use_lora:
+            return self
+        training = self.training_config
+        if training.preference_optimization != "DONT":
+            raise ValueError(
+                "pretrainedmodel_config.use_lora false with training_config."
+                f"preference_optimization {training.preference_optimization!r} is not "
+                "supported: the preference recipes take their reference from the base with the "
+                "LoRA adapter switched off, which a full fine-tune would need a second copy of "
+                "the model for; use use_lora true, or preference_optimization 'DONT'"
+            )
+        if training.strategy == "fsdp":
+            raise ValueError(
+                "pretrainedmodel_config.use_lora false with training_config.strategy 'fsdp' is "
+                "not supported: Tunery gathers and exports sharded LoRA adapters only; use "
+                "strategy 'ddp' or use_lora true"
             )
         return self
 

@@ -9,6 +9,8 @@ engine is reachable by the API only.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from shared import storage_keys
 
@@ -31,3 +33,16 @@ def adapter_keys(job_id: str) -> dict[str, str]:
     """File name -> storage key of the adapter a job exported (peft's two files)."""
     return {name: storage_keys.job_artifact_key(job_id, name)
             for name in storage_keys.ADAPTER_FILES}
+
+
+def trained_whole_model(payload: Mapping[str, Any]) -> bool:
+    """Whether the job of this stored request payload was a full fine-tune (`use_lora`
+    false): its artifacts are a whole model, which no engine serves as an adapter."""
+    return payload.get("pretrainedmodel_config", {}).get("use_lora", True) is False
+
+
+def whole_model_not_served(job_id: str) -> str:
+    """Why a full fine-tune's model is not served, for the caller."""
+    return (f"job {job_id} trained the whole model (use_lora false): the inference engine "
+            "serves LoRA adapters on the operator's base models only; download the job's "
+            "artifacts (a transformers checkpoint) or export it as GGUF to serve it elsewhere")

@@ -34,6 +34,23 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # A PiSSA / OLoRA job's checkpoints also hold the adapter it started from: their adapter is
 # relative to the base minus that initial adapter (`worker.pipeline.lora_init`).
 INITIAL_ADAPTER_FILE = "initial_adapter.safetensors"
+# What a full fine-tune is on disk, as transformers writes it (`save_pretrained`): in a job's
+# artifacts and in each of its checkpoints. The weights are one file or numbered shards with
+# their index.
+FULL_MODEL_CONFIG = "config.json"
+FULL_MODEL_FILES = (FULL_MODEL_CONFIG, "generation_config.json", "model.safetensors",
+                    "model.safetensors.index.json")
+_FULL_MODEL_SHARD = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors")
+
+
+def is_full_model_file(name: str) -> bool:
+    """Whether `name` is one of the files of a full fine-tune's model."""
+    return name in FULL_MODEL_FILES or bool(_FULL_MODEL_SHARD.fullmatch(name))
+
+
+def is_full_model_weights(name: str) -> bool:
+    """Whether `name` holds (or indexes) a full model's weights."""
+    return is_full_model_file(name) and name.endswith((".safetensors", ".index.json"))
 
 
 def job_artifact_prefix(job_id: str) -> str:

@@ -1,6 +1,7 @@
 """One export of a completed job, from its adapter in storage to its files in storage.
 
-The story: fetch the job's adapter and tokenizer → merge them into the base (`merge`) → for
+The story: fetch the job's adapter and tokenizer → merge them into the base (`merge`; a full
+fine-tune's artifacts are the model itself, used as they are) → for
 GGUF, convert (`gguf_export`) and write the Modelfile (`modelfile`) → upload under
 `jobs/{job_id}/exports/{kind}/` → record the export's outcome. Only the export row is written:
 the job stays as it was, whatever happens here. Log lines go to the job's log, as
@@ -22,7 +23,13 @@ from shared.models import Job
 from shared.schema import ExportRequest
 from shared.settings import Settings
 from shared.storage import Storage, storage_from_settings
-from shared.storage_keys import artifact_name, job_export_prefix
+from shared.storage_keys import (
+    ADAPTER_FILES,
+    FULL_MODEL_CONFIG,
+    artifact_name,
+    is_full_model_weights,
+    job_export_prefix,
+)
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.report import LogFn
 
@@ -89,11 +96,16 @@ def export_files(
     cache = existing_tenant_hub_cache(settings.local_files_dir(), claim.tenant_id)
     if cache is not None and not (cache / hub_cache_folder(model_path)).is_dir():
         cache = None
-    merged = merge_adapter(
-        model_path, adapter_dir, work_dir / "merged",
-        allowed_local_dirs=settings.sources.allowed_local_dirs, cache_dir=cache,
-        local_files_only=cache is not None, cpu_bf16=settings.training.cpu_bf16, log=log,
-    )
+    if is_full_model_dir(adapter_dir):
+        # A full fine-tune's artifacts are the whole model already: nothing to merge.
+        log("the job trained the whole model (use_lora false): exported as it is, unmerged")
+        merged = adapter_dir
+    else:
+        merged = merge_adapter(
+            model_path, adapter_dir, work_dir / "merged",
+            allowed_local_dirs=settings.sources.allowed_local_dirs, cache_dir=cache,
+            local_files_only=cache is not None, cpu_bf16=settings.training.cpu_bf16, log=log,
+        )
     if spec.quantization is None:
         return upload_folder(storage, claim.job_id, claim.kind, merged)
     out_dir = work_dir / claim.kind
@@ -106,6 +118,14 @@ def export_files(
     write_modelfile(out_dir, gguf.name, tokenizer, merged)
     shutil.rmtree(merged)  # disk: a 7B model in bf16 is 14 GB, its GGUF as much again
     return upload_folder(storage, claim.job_id, claim.kind, out_dir)
+
+
+def is_full_model_dir(artifacts_dir: Path) -> bool:
+    """Whether a job's downloaded artifacts are a full fine-tune's model (`model_export`),
+    not a LoRA adapter."""
+    names = {p.name for p in artifacts_dir.iterdir()}
+    return (FULL_MODEL_CONFIG in names and ADAPTER_FILES[0] not in names
+            and any(map(is_full_model_weights, names)))
 
 
 def hub_cache_folder(model_id: str) -> str:

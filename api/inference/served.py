@@ -18,7 +18,7 @@ from api.openai import ids
 from api.openai.job_view import fine_tuned_model
 from shared import jobs
 from shared.models import Job, JobStatus, Tenant
-from shared.served_models import adapter_name
+from shared.served_models import adapter_name, trained_whole_model, whole_model_not_served
 from shared.settings import Settings
 from shared.tenancy import Scope
 
@@ -39,6 +39,8 @@ class ServedModel:
     """What the engine is asked for: the base itself, or the job's adapter name."""
     job_id: str | None = None
     owner: str = "system"
+    not_served: str | None = None
+    """Why no engine can answer for it (a full fine-tune's whole model); None: it can."""
 
 
 def offered_bases(settings: Settings) -> dict[str, str]:
@@ -62,7 +64,9 @@ def resolve_model(session: Session, scope: Scope, name: str, settings: Settings)
         raise ModelNotFound(f"The model '{name}' is not ready: its job is {job.status}, and only "
                             "a COMPLETED job's model can be called.")
     return ServedModel(name=name, base=job.base_model, engine_model=adapter_name(job.id),
-                       job_id=job.id, owner=organization(session, job))
+                       job_id=job.id, owner=organization(session, job),
+                       not_served=(whole_model_not_served(job.id)
+                                   if trained_whole_model(job.payload) else None))
 
 
 def fine_tuned_models(session: Session, scope: Scope) -> list[ServedModel]:

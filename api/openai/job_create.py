@@ -117,7 +117,8 @@ def _device_class(preflight: Preflight, request: FinetuneRequest, settings: Sett
     try:
         return route(settings.broker.device_classes, JobNeeds(
             devices=request.training_config.devices, strategy=request.training_config.strategy,
-            quantized=request.pretrainedmodel_config.use_quantization, size=None)
+            quantized=request.pretrainedmodel_config.use_quantization, size=None,
+            full_finetune=not request.pretrainedmodel_config.use_lora)
         ).device_class.name
     except NoDeviceClass:
         return settings.broker.device_classes[0].name

@@ -16,7 +16,8 @@ def route_job(training: TrainingConfig, model: PretrainedModelConfig | None,
     schema): the model's memory is not checked."""
     needs = JobNeeds(devices=training.devices, strategy=training.strategy,
                      quantized=model.use_quantization if model is not None else False,
-                     size=size if model is not None else None)
+                     size=size if model is not None else None,
+                     full_finetune=model is not None and not model.use_lora)
     try:
         return route(settings.broker.device_classes, needs), []
     except NoDeviceClass as exc:

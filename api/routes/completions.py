@@ -62,12 +62,16 @@ def _resolve(session: Any, scope: Any, name: str, settings: Settings) -> ServedM
     # The connection goes back to the pool before the engine is asked: an answer can take
     # minutes, and a slow stream must never hold a database connection.
     try:
-        return resolve_model(session, scope, name, settings)
+        served = resolve_model(session, scope, name, settings)
     except ModelNotFound as exc:
         raise ApiError(404, "model_not_found", str(exc),
                        [{"path": "model", "message": str(exc)}]) from None
     finally:
         session.close()
+    if served.not_served is not None:
+        raise ApiError(422, "model_not_servable", served.not_served,
+                       [{"path": "model", "message": served.not_served}])
+    return served
 
 
 def _max_tokens(body: ChatCompletionCreate | CompletionCreate, settings: Settings) -> int:

@@ -225,3 +225,19 @@ def test_basemodel_path_may_be_left_out_or_name_an_alias_of_the_jobs_base(
         job_id, loramodel_path=fine_tuned[:-8] + "00000000"))
     assert unknown.status_code == 404
     assert unknown.json()["error"]["fields"][0]["path"] == "loramodel_path"
+
+
+def test_a_full_finetune_cannot_be_deployed_and_the_refusal_says_why(client: TestClient) -> None:
+    payload = make_payload(model_path=BASE)
+    payload["pretrainedmodel_config"]["use_lora"] = False
+    job_id = submit(client, payload)["job_id"]
+    with session_scope() as session:
+        claim = jobs.claim_job(session, job_id, "w", 60)
+        assert claim is not None
+        assert jobs.transition(session, job_id, JobStatus.COMPLETED, attempt=claim.attempt)
+
+    response = client.post("/v1/deploy/llm", json=client_payload(job_id))
+
+    assert response.status_code == 422, response.text
+    assert "trained the whole model (use_lora false)" in response.text
+    assert "loramodel_path" in response.text

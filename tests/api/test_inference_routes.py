@@ -307,3 +307,20 @@ def test_the_param_named_is_the_field_sent_not_a_type_of_it(
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
     assert engine.requests == []
+
+
+def test_a_full_finetunes_model_is_refused_by_name_and_never_reaches_the_engine(
+        client: TestClient, engine: RecordingEngine, payload: dict[str, Any]) -> None:
+    full = {**payload, "pretrainedmodel_config": {**payload["pretrainedmodel_config"],
+                                                  "use_lora": False}}
+    job_id = completed_job(client, full)
+    for model in (fine_tuned_name(client, job_id), job_id):
+        refused = chat(client, model)
+        # The OpenAI dialect answers a refused parameter as OpenAI does: 400.
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "model_not_servable" and error["param"] == "model"
+        assert "trained the whole model (use_lora false)" in error["message"]
+    assert engine.requests == []
+    # Still a model of the tenant's: listed and retrievable, as its job is.
+    assert client.get(f"/v1/models/{fine_tuned_name(client, job_id)}").status_code == 200

@@ -146,3 +146,18 @@ def test_adapter_for_another_base_model_or_lora_shape_is_refused(
 ) -> None:
     job_id = earlier_job(client, completed=True)
     assert expected in refusal(submit(client, f"jobs/{job_id}", **change))
+
+
+def test_a_full_finetune_has_no_adapter_to_continue_from(client: TestClient) -> None:
+    response = submit(client, use_lora=False)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["job_id"]
+    with session_scope() as session:
+        claim = jobs.claim_job(session, job_id, "test-worker", 60)
+        assert claim is not None
+        assert jobs.transition(session, job_id, JobStatus.COMPLETED, attempt=claim.attempt)
+
+    message = refusal(submit(client, f"jobs/{job_id}"))
+
+    assert message == (f"job {job_id} trained the whole model (use_lora false): it has no "
+                       "LoRA adapter to continue from")

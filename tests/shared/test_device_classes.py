@@ -138,6 +138,25 @@ def test_a_sharded_job_too_large_is_told_of_4_bit_with_ddp_and_no_more_sharding(
     assert "'fsdp' with training_config.devices" not in refused.message  # 4 is the most
 
 
+def test_a_full_finetune_needs_ten_bytes_a_parameter_and_is_told_of_lora() -> None:
+    full = JobNeeds(devices=1, strategy="ddp", quantized=False,
+                    size=size_from_name("Mistral-7B"), full_finetune=True)
+    # fp32 weight and gradient, 8-bit AdamW moments: 7e9 x 10 B = 65.2 GB x 1.25 + 2.
+    assert round(memory_per_device_gb(7e9, quantized=False, devices=1, strategy="ddp",
+                                      full_finetune=True), 1) == 83.5
+
+    refused = refusal(README_CLASSES, full)
+
+    assert refused.field == MODEL_FIELD
+    assert refused.message == (
+        "about 83.5 GB per device needed (7B parameters from its name, full fine-tuning, on 1 "
+        "device); the largest class with 1 or more devices has 80 GB (a100-x4); try "
+        "pretrainedmodel_config.use_lora true (about 18.3 GB per device)")
+    small = JobNeeds(devices=1, strategy="ddp", quantized=False,
+                     size=size_from_name("Qwen2.5-0.5B"), full_finetune=True)
+    assert route(README_CLASSES, small).device_class == L4
+
+
 def test_a_local_folder_s_size_is_its_safetensors_read_as_16_bit(tmp_path: Path) -> None:
     for name, size in (("model-00001.safetensors", 3 * 2**30), ("model-00002.safetensors",
                                                                 1 * 2**30),

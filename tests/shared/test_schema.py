@@ -198,22 +198,6 @@ def test_validation_split_of_zero_needs_a_scheduler_without_plateau() -> None:
 
 
 @pytest.mark.parametrize(
-    ("section", "field", "value", "message"),
-    [
-        ("pretrainedmodel_config", "use_lora", False, "full fine-tuning is not supported"),
-    ],
-)
-def test_options_not_honoured_yet_are_refused_with_a_reason(
-    section: str, field: str, value: Any, message: str
-) -> None:
-    payload = make_payload()
-    payload.setdefault(section, {})[field] = value
-    with pytest.raises(ValidationError, match=message) as info:
-        FinetuneRequest.model_validate(payload)
-    assert [".".join(map(str, e["loc"])) for e in info.value.errors()] == [f"{section}.{field}"]
-
-
-@pytest.mark.parametrize(
     "template",
     [
         "{0}",

@@ -290,7 +290,7 @@ def test_checkpoint_without_its_marker_is_ignored(tmp_path: Path) -> None:
     [
         {"training_args.bin": 3},  # a pickle resume never needs
         {"../../other/optimizer.pt": 3},
-        {"model.safetensors": 3},  # the full base model
+        {"model.safetensors": 3},  # a whole model beside the adapter
     ],
 )
 def test_marker_naming_a_file_tunery_does_not_write_makes_the_checkpoint_unusable(

@@ -160,31 +160,37 @@ class BaseModelCache:
         log: LogFn = no_log,
     ) -> Iterator[Any]:
         """The base model for one job, as `load_base_model` would return it, for the duration
-        of the block. The job may wrap and train it; on leaving, it is reset or dropped."""
+        of the block. The job may wrap and train it; on leaving, it is reset or dropped.
+
+        A full fine-tune (`config.use_lora` false) trains the base itself: it is always
+        loaded (the kept base dropped first, to free its memory) and never kept."""
+        keep = config.use_lora
         with opened_model_source(model_path, allowed_local_dirs) as source:
             key = source_key(source, config, token=token, cache_dir=cache_dir,
-                             cpu_bf16=cpu_bf16) if self.enabled else None
+                             cpu_bf16=cpu_bf16) if self.enabled and keep else None
 
             def load() -> Any:
                 return load_base_model_from(source, model_path, config, token=token,
                                             cache_dir=cache_dir, cpu_bf16=cpu_bf16, log=log)
 
-            with self.checkout(key, load, log=log) as model:
+            with self.checkout(key, load, log=log, keep=keep) as model:
                 yield model
 
     @contextmanager
     def checkout(
-        self, key: BaseKey | None, load: Callable[[], Any], *, log: LogFn = no_log
+        self, key: BaseKey | None, load: Callable[[], Any], *, log: LogFn = no_log,
+        keep: bool = True,
     ) -> Iterator[Any]:
         """`use()` once the key is known: the kept base if its key is `key`, else `load()`
-        after dropping the kept one. `key` None: load, and keep nothing."""
+        after dropping the kept one. `key` None: load, and keep nothing (`keep` False: because
+        the job changes the base's weights)."""
         if self._in_use:
             raise RuntimeError("the base model cache is already lent to a running job")
         # Set inside the try: a stop signal (worker.pipeline.interrupts) may raise between any
         # two bytecodes here, and must never leave the cache marked as lent.
         try:
             self._in_use = True
-            kept = self._take(key, load, log)
+            kept = self._take(key, load, log, keep)
             try:
                 yield kept.model if isinstance(kept, _Kept) else kept
             finally:
@@ -199,7 +205,8 @@ class BaseModelCache:
             self._kept = None
             release_memory()
 
-    def _take(self, key: BaseKey | None, load: Callable[[], Any], log: LogFn) -> _Kept | Any:
+    def _take(self, key: BaseKey | None, load: Callable[[], Any], log: LogFn,
+              keep: bool = True) -> _Kept | Any:
         if self._kept is not None and key is not None and self._kept.key == key:
             kept, self._kept = self._kept, None
             kept.jobs += 1
@@ -214,7 +221,8 @@ class BaseModelCache:
         if not self.enabled:
             return load()
         if key is None:
-            log("base model loaded; not kept for later jobs (its hub revision is unknown)")
+            why = "its hub revision is unknown" if keep else "full fine-tuning changes it"
+            log(f"base model loaded; not kept for later jobs ({why})")
             return load()
         model = load()
         log("base model loaded into this worker's cache (empty before)")

@@ -291,9 +291,14 @@ class BestAdapterCallback(TrainerCallback):
     included) at every evaluation and ties the save schedule to the eval schedule. The
     evaluation before training (step 0) is a candidate too: if training only made eval_loss
     worse, the untrained adapter is the best one.
+
+    With `keep_weights` False (a full fine-tune, where a copy would be a second whole model
+    in host memory) only the best eval_loss and its step are recorded: the last step's
+    weights are kept.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_weights: bool = True) -> None:
+        self.keep_weights = keep_weights
         self.best_loss: float | None = None
         self.best_step: int | None = None
         self.restored = False
@@ -313,6 +318,8 @@ class BestAdapterCallback(TrainerCallback):
             return
         if self.best_loss is None or loss < self.best_loss:
             self.best_loss, self.best_step = float(loss), state.global_step
+            if not self.keep_weights:
+                return
             # Whole tensors even under FSDP2, where each rank holds a shard: what is saved
             # with a checkpoint must be the whole adapter.
             self._weights = {
@@ -447,6 +454,7 @@ class TrainingWatch:
         checkpoints: CheckpointStore | None = None,
         extra_metrics: Mapping[str, str] | None = None,
         resume_from: Path | None = None,
+        keep_best_weights: bool = True,
     ) -> None:
         self.reporter = reporter
         self.metrics = MetricsCallback(reporter, extra=extra_metrics)
@@ -460,7 +468,7 @@ class TrainingWatch:
         self.stop = StopCallback(reporter, save_on=save_on,
                                  saves_hand_backs=checkpoints is not None,
                                  should_stop=self.agreement.agreed if self.agreement else None)
-        self.best = BestAdapterCallback()
+        self.best = BestAdapterCallback(keep_weights=keep_best_weights)
         if resume_from:
             # The best adapter so far lives in the checkpoint, not in this process's memory.
             self.best.load_checkpoint(resume_from)

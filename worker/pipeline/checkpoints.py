@@ -31,6 +31,8 @@ from shared.storage_keys import (
     CHECKPOINT_MARKER,
     INITIAL_ADAPTER_FILE,
     checkpoint_step_prefix,
+    is_full_model_file,
+    is_full_model_weights,
     job_artifact_key,
     job_checkpoint_prefix,
     job_checkpoint_prefixes,
@@ -43,7 +45,8 @@ from worker.pipeline.report import LogFn, no_log
 MARKER = CHECKPOINT_MARKER
 # The best adapter so far (`callbacks.BestAdapterCallback`), with its eval_loss and step.
 BEST_ADAPTER_FILE = "best_adapter.safetensors"
-# What transformers' Trainer needs for resume_from_checkpoint with a peft model. Tokenizer
+# What transformers' Trainer needs for resume_from_checkpoint with a peft model (a full
+# fine-tune's model files instead: `storage_keys.is_full_model_file`). Tokenizer
 # files are not needed, and training_args.bin is a pickle of the whole TrainingArguments that
 # resume never reads: neither is uploaded.
 CHECKPOINT_FILES = frozenset(
@@ -65,7 +68,8 @@ _PER_PROCESS_RNG = re.compile(r"rng_state_[0-9]{1,4}\.pth")
 
 
 def is_checkpoint_file(name: str) -> bool:
-    return name in CHECKPOINT_FILES or bool(_PER_PROCESS_RNG.fullmatch(name))
+    return (name in CHECKPOINT_FILES or bool(_PER_PROCESS_RNG.fullmatch(name))
+            or is_full_model_file(name))
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,8 @@ def _read_marker(
         return None  # deleted while we listed, or not a marker we wrote: not resumable
     if marker.get("step") != step or not files or not all(map(is_checkpoint_file, files)):
         return None
+    if any(name in ADAPTER_FILES for name in files) and any(map(is_full_model_file, files)):
+        return None  # an adapter or a whole model, never both: not a checkpoint we wrote
     under = "" if prefix == job_checkpoint_prefix(job_id) else prefix
     return StoredCheckpoint(job_id, step, files, under)
 
@@ -159,8 +165,8 @@ def upload_checkpoint(
         if p.is_file() and is_checkpoint_file(p.name)
     }
     missing = [name for name in ADAPTER_FILES if name not in files]
-    if missing:
-        raise RuntimeError(f"the Trainer wrote no {missing} to {local_dir}")
+    if missing and not any(map(is_full_model_weights, files)):
+        raise RuntimeError(f"the Trainer wrote no {missing} (nor a full model) to {local_dir}")
     checkpoint = StoredCheckpoint(job_id, step, files)
     for name in files:
         storage.put_file(checkpoint.prefix + name, local_dir / name)
@@ -218,7 +224,8 @@ class CheckpointStore:
     def keep_adapters_only(self) -> None:
         """What a completed job keeps of its checkpoints: each one's adapter and marker, which
         the API lists as the job's checkpoints. The optimizer, scheduler and RNG state only a
-        resume reads are deleted: nothing resumes a completed job."""
+        resume reads are deleted: nothing resumes a completed job. A full fine-tune's
+        checkpoints keep their marker only: their copies of the whole model go too."""
         for prefix in job_checkpoint_prefixes(self.job_id):
             for obj in self.storage.list(prefix):
                 parsed = parse_checkpoint_key(prefix, obj.key)

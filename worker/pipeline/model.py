@@ -151,10 +151,19 @@ def compute_dtype(cpu_bf16: CpuBf16 = "auto") -> torch.dtype:
     return torch.float32
 
 
+# Set by `full_finetune.prepare_full_finetune` on a base loaded in fp32 master weights: the
+# dtype its forward passes compute in (autocast), which the loaded dtype no longer tells.
+COMPUTE_DTYPE_ATTRIBUTE = "tunery_compute_dtype"
+
+
 def loaded_dtype(model: Any) -> torch.dtype:
     """The dtype `load_model` loaded the base in: the Trainer's mixed precision follows it.
-    (The parameters cannot say: 4-bit preparation casts the unquantized ones to fp32.)"""
+    (The parameters cannot say: 4-bit preparation casts the unquantized ones to fp32.) A full
+    fine-tune keeps fp32 weights and answers the dtype it computes in instead."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    computes_in = getattr(base, COMPUTE_DTYPE_ATTRIBUTE, None)
+    if isinstance(computes_in, torch.dtype):
+        return computes_in
     dtype = getattr(base.config, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
@@ -246,6 +255,11 @@ def base_model_options(
     elif torch.cuda.is_available():
         # "nmp", naive model parallel: layers spread over the GPUs of this worker.
         options["device_map"] = "auto"
+    if not config.use_lora:
+        # Full fine-tuning updates the weights themselves: they stay fp32 master weights
+        # (a bf16 weight loses updates smaller than its rounding step); the forward passes
+        # still compute in `dtype` under autocast (`full_finetune`).
+        options["dtype"] = torch.float32
     if config.use_quantization:
         # fp16 compute overflows too easily for training; without bf16, compute in fp32.
         options["dtype"] = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32

@@ -35,13 +35,16 @@ from worker.pipeline.examples import (
     split,
 )
 from worker.pipeline.export import export_adapter
+from worker.pipeline.full_finetune import prepare_full_finetune
 from worker.pipeline.interrupts import InterruptibleRegion
 from worker.pipeline.model import (
     add_lora,
     base_weights_dir,
+    compute_dtype,
     enable_gradient_checkpointing,
     load_tokenizer,
 )
+from worker.pipeline.model_export import export_full_model
 from worker.pipeline.preference import train_preference
 from worker.pipeline.ranks import adapter_state, in_process_group, is_main_process
 from worker.pipeline.report import JobReporter, LogFn
@@ -78,7 +81,8 @@ def run_job(
     memory_rung: Rung | None = None,
     trainer_dir: Path | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter as `request` says; the result lies in `work_dir / "output"`.
+    """Train a LoRA adapter as `request` says, or with `use_lora` false the whole model
+    (`full_finetune`); the result lies in `work_dir / "output"`.
 
     With `checkpoints`, training resumes from the job's latest checkpoint in storage (an
     earlier attempt's) and writes new ones as it goes. With `base_models`, the base model
@@ -121,13 +125,20 @@ def run_job(
             cache_dir=hub_cache_dir, cpu_bf16=settings.training.cpu_bf16, log=log,
         ) as base_model:
             start = download_starting_point(base, checkpoints, work_dir, log=log)
-            weights_dir = (base_weights_dir(base.model_path, allowed_local_dirs=allowed,
-                                            token=hf.hf_token, cache_dir=hub_cache_dir)
-                           if base.lora_init == "loftq" and start.checkpoint is None else None)
-            model = add_lora(base_model, base, seed=job_seed(request.training_config.seed),
-                             resumed=start.checkpoint is not None,
-                             initial_adapter=start.initial_adapter,
-                             base_weights_dir=weights_dir, log=log)
+            if base.use_lora:
+                weights_dir = (base_weights_dir(base.model_path, allowed_local_dirs=allowed,
+                                                token=hf.hf_token, cache_dir=hub_cache_dir)
+                               if base.lora_init == "loftq" and start.checkpoint is None
+                               else None)
+                model = add_lora(base_model, base,
+                                 seed=job_seed(request.training_config.seed),
+                                 resumed=start.checkpoint is not None,
+                                 initial_adapter=start.initial_adapter,
+                                 base_weights_dir=weights_dir, log=log)
+            else:
+                model = prepare_full_finetune(
+                    base_model, base, compute=compute_dtype(settings.training.cpu_bf16),
+                    reporter=reporter)
             resume_from = restore_starting_point(model, base, start)
             # Inside the block: the exit (the base model given back to the cache) must not be
             # interrupted.
@@ -159,7 +170,13 @@ def run_job(
             output_dir = work_dir / "output"
             # Every rank: under FSDP, gathering the adapter's shards takes all of them.
             state = adapter_state(model) if in_process_group() else None
-            if is_main_process():
+            if is_main_process() and not base.use_lora:
+                if stats.best_step is not None and stats.best_step != stats.steps:
+                    log(f"full fine-tuning exports the last step's weights; the best eval_loss "
+                        f"{stats.best_eval_loss:.4f} was at step {stats.best_step}")
+                export_full_model(model, tokenizer, output_dir,
+                                  base_model=base.model_path.strip(), log=log)
+            elif is_main_process():
                 export_adapter(model, tokenizer, output_dir, state_dict=state,
                                base_model=base.model_path.strip(), log=log,
                                work_dir=work_dir)

@@ -27,6 +27,7 @@ from worker.pipeline.batching import (
 )
 from worker.pipeline.callbacks import TrainingWatch
 from worker.pipeline.checkpoints import CheckpointStore
+from worker.pipeline.full_finetune import is_full_finetune, plan_static_memory
 from worker.pipeline.labels import TokenizedExample
 from worker.pipeline.memory_plan import checkpoint_if_short_of_memory
 from worker.pipeline.model import loaded_dtype
@@ -87,6 +88,11 @@ def train(
     # Lists of examples (tests, benchmarks) become stores too: one way to read lengths.
     train_set, eval_set = as_token_store(train_set), as_token_store(eval_set)
     has_validation = bool(len(eval_set))
+    full = is_full_finetune(model)
+    # A full fine-tune's weights, gradients and optimizer state come before activations.
+    static = (plan_static_memory(model, limit_bytes=memory_limit_bytes, log=reporter.log)
+              if full else None)
+    overrides: dict[str, Any] = {"optim": static.optimizer} if static else {}
     args: TrainingArguments = training_arguments(
         config,
         output_dir=output_dir,
@@ -99,6 +105,7 @@ def train(
         warmup_steps=planned_warmup(config, train_examples=len(train_set), reporter=reporter),
         wandb_run_name=logging.wandb_run_name if logging and logging.use_wandb else None,
         collective_timeout_s=collective_timeout_s,
+        **overrides,
     )
 
     # Layout and batches: which examples share a batch, and how (`batching`).
@@ -125,13 +132,16 @@ def train(
 
     # Memory plan: gradient checkpointing only if the largest batch would not fit.
     batch_shapes = [(-(-rows // slices), longest) for rows, longest in batch_shapes]
-    checkpoint_if_short_of_memory(model, batch_shapes, limit_bytes=memory_limit_bytes,
-                                  log=reporter.log)
+    checkpoint_if_short_of_memory(
+        model, batch_shapes,
+        limit_bytes=static.activation_limit_bytes if static else memory_limit_bytes,
+        log=reporter.log,
+    )
 
     # Trainer and run.
     watch = TrainingWatch(
         reporter, config, has_validation=has_validation, checkpoints=checkpoints,
-        resume_from=resume_from,
+        resume_from=resume_from, keep_best_weights=not full,
     )
     trainer = TuneryTrainer(
         model=model,
