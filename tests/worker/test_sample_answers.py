@@ -40,7 +40,8 @@ class Job:
 def _run(tmp: Path, tiny_model_dir: Path, make_request: Any, name: str, **training: Any) -> Job:
     settings = Settings(data_dir=tmp / "data",
                         allowed_local_dirs=[DATASET_PATH.parent, tiny_model_dir.parent])
-    request = make_request(training=training)
+    # With dropout, a random number drawn by generation would change every later step.
+    request = make_request(model={"lora_dropout": 0.1}, training=training)
     reporter = RecordingReporter()
     result = run_job(request, tmp / "work", reporter, settings)
     storage = LocalStorage(tmp / "storage")
