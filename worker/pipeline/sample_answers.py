@@ -132,9 +132,10 @@ def eval_losses(log_history: Sequence[dict[str, Any]]) -> EvalLosses:
 @dataclass
 class SampleAnswersCallback(TrainerCallback):
     """Generates the answers to `prompts`: the base model's as training begins (the adapter
-    switched off), the adapter's at every evaluation; logs each and keeps them for the
-    report, with the eval losses the run ends with. Without `prompts` (`why_none` says why)
-    it keeps the losses only. The base answers need a peft model (`disable_adapter`).
+    switched off), the adapter's at every evaluation, logging each, and the kept adapter's
+    as training ends; keeps them for the report, with the eval losses the run ends with.
+    Without `prompts` (`why_none` says why) it keeps the losses only. The base answers need
+    a peft model (`disable_adapter`). Goes after `TrainingWatch`'s callbacks.
     """
 
     reporter: JobReporter
@@ -145,6 +146,7 @@ class SampleAnswersCallback(TrainerCallback):
     base_answers: list[str] = field(default_factory=list)
     evaluations: list[_Evaluation] = field(default_factory=list)
     losses: EvalLosses = field(default_factory=EvalLosses)
+    final_answers: list[str] = field(default_factory=list)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, model: Any = None, **kwargs: Any) -> None:
@@ -168,19 +170,18 @@ class SampleAnswersCallback(TrainerCallback):
         self._log_answers(f"step {state.global_step}", answers)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState,
-                     control: TrainerControl, **kwargs: Any) -> None:
+                     control: TrainerControl, model: Any = None, **kwargs: Any) -> None:
         self.losses = eval_losses(state.log_history)
+        # After `BestAdapterCallback` (earlier in the list) put the best weights back: these
+        # are the exported adapter's answers, even where its evaluation was an earlier
+        # attempt's.
+        if model is not None and self.prompts:
+            self.final_answers = self._answers(model, args)
 
     def _answers(self, model: Any, args: TrainingArguments) -> list[str]:
         precision = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         return greedy_answers(model, self.tokenizer, self.prompts,
                               max_new_tokens=self.max_new_tokens, autocast=precision)
-
-    def answers_at(self, step: int | None) -> _Evaluation | None:
-        """The answers of the evaluation at `step`; the last evaluation's with None."""
-        if step is None:
-            return self.evaluations[-1] if self.evaluations else None
-        return next((e for e in reversed(self.evaluations) if e.step == step), None)
 
     def _log_prompts(self) -> None:
         self.reporter.log(
@@ -230,15 +231,14 @@ def sample_answers_callback(
 def write_report(output_dir: Path, samples: SampleAnswersCallback, *, steps: int,
                  best_step: int | None, best_eval_loss: float | None, log: LogFn) -> Path:
     """Write `report.json` into `output_dir` (beside the adapter, uploaded with it) and log
-    its one-line summary. The tuned answers are the kept adapter's: those of the best step
-    when there is one, else of the last evaluation."""
-    tuned = samples.answers_at(best_step) or samples.answers_at(None)
+    its one-line summary. The tuned answers are the exported adapter's, that of `best_step`
+    (the last step's without one)."""
     decode = samples.tokenizer.decode
     answers = [{
         "prompt": decode(prompt.prompt_ids, skip_special_tokens=True),
         "expected": decode(prompt.expected_ids, skip_special_tokens=True).strip(),
         "base": samples.base_answers[i] if samples.base_answers else None,
-        "tuned": tuned.answers[i] if tuned else None,
+        "tuned": samples.final_answers[i] if samples.final_answers else None,
         "by_step": {str(e.step): e.answers[i] for e in samples.evaluations},
     } for i, prompt in enumerate(samples.prompts)]
     losses = samples.losses
@@ -252,7 +252,7 @@ def write_report(output_dir: Path, samples: SampleAnswersCallback, *, steps: int
             "source": "validation" if answers else None,
             "none_because": samples.why_none,
             "max_new_tokens": samples.max_new_tokens if answers else None,
-            "tuned_step": tuned.step if tuned else None,
+            "tuned_step": (best_step if best_step is not None else steps) if answers else None,
             "answers": answers,
         },
     }
