@@ -18,7 +18,12 @@ from shared.storage import LocalStorage
 from worker.assets.build_dataset import DATASET_PATH
 from worker.pipeline.report import RecordingReporter
 from worker.pipeline.run import TrainResult, run_job
-from worker.pipeline.sample_answers import REPORT_FILE, sample_prompts
+from worker.pipeline.sample_answers import (
+    REPORT_FILE,
+    SamplePrompt,
+    greedy_answers,
+    sample_prompts,
+)
 from worker.publish import publish_outputs
 
 ANSWER_LINE = re.compile(r'sample answer (\d)/3 \((base model|step \d+)\): ".*"')
@@ -176,3 +181,24 @@ def test_a_prompt_is_the_unlabelled_prefix_and_train_on_inputs_examples_have_non
                                                                   ([8], [9, 10])]
     assert sample_prompts(examples, 1)[0].prompt_ids == [1, 2]
 
+
+
+def test_batched_left_padded_answers_are_each_prompt_s_own_and_leave_the_mode(
+    tiny_model_dir: Path, tiny_tokenizer: Any,
+) -> None:
+    from shared.schema import PretrainedModelConfig
+    from worker.pipeline.model import load_model
+
+    model = load_model(str(tiny_model_dir), PretrainedModelConfig(model_path=str(tiny_model_dir)),
+                       allowed_local_dirs=[tiny_model_dir.parent], cpu_bf16="off")
+    model.train()
+    texts = ["### Instruction: Hi\n### Response:",
+             "### Instruction: What is the capital of a rather long country name?\n### Response:"]
+    prompts = [SamplePrompt(tiny_tokenizer(text)["input_ids"], []) for text in texts]
+    assert len(prompts[0].prompt_ids) < len(prompts[1].prompt_ids)
+
+    together = greedy_answers(model, tiny_tokenizer, prompts, max_new_tokens=12)
+    alone = [greedy_answers(model, tiny_tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
+
+    assert together == alone and all(together)
+    assert model.training
