@@ -42,11 +42,12 @@ class Job:
         return [m for line in self.reporter.lines if (m := ANSWER_LINE.fullmatch(line))]
 
 
-def _run(tmp: Path, tiny_model_dir: Path, make_request: Any, name: str, **training: Any) -> Job:
+def _run(tmp: Path, tiny_model_dir: Path, make_request: Any, name: str,
+         model: dict[str, Any] | None = None, **training: Any) -> Job:
     settings = Settings(data_dir=tmp / "data",
                         allowed_local_dirs=[DATASET_PATH.parent, tiny_model_dir.parent])
     # With dropout, a random number drawn by generation would change every later step.
-    request = make_request(model={"lora_dropout": 0.1}, training=training)
+    request = make_request(model={"lora_dropout": 0.1, **(model or {})}, training=training)
     reporter = RecordingReporter()
     result = run_job(request, tmp / "work", reporter, settings)
     storage = LocalStorage(tmp / "storage")
@@ -202,3 +203,19 @@ def test_batched_left_padded_answers_are_each_prompt_s_own_and_leave_the_mode(
 
     assert together == alone and all(together)
     assert model.training
+
+
+def test_a_pissa_job_s_base_answers_are_the_original_base_model_s(
+    tmp_path: Path, tiny_model_dir: Path, make_request: Any, with_samples: Job,
+) -> None:
+    # Without the adapter a PiSSA model is the residual base; its base answers must still be
+    # those of the base model the plain LoRA job saw.
+    pissa = _run(tmp_path, tiny_model_dir, make_request, "pissa",
+                 model={"lora_init": "pissa"})
+    answers = pissa.report()["samples"]["answers"]
+
+    # The same start: the residual base plus the initial adapter rounds differently in bf16,
+    # which changes a random model's greedy tokens after a few, while the residual
+    # base alone answers differently from the first tokens on.
+    assert [a["base"][:10] for a in answers] == [
+        a["base"][:10] for a in with_samples.report()["samples"]["answers"]]

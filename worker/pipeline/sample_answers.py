@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from shared.loss_mask import IGNORE_INDEX, TokenizedExample
+from worker.pipeline.lora_init import initial_adapter
 from worker.pipeline.report import JobReporter, LogFn
 
 REPORT_FILE = "report.json"
@@ -153,9 +154,16 @@ class SampleAnswersCallback(TrainerCallback):
         if model is None or not self.prompts:
             return
         self._log_prompts()
-        without_adapter = getattr(model, "disable_adapter", None)
-        with without_adapter() if without_adapter else nullcontext():
+        if initial_adapter(model) is not None:
+            # PiSSA / OLoRA: without the adapter the model is the residual base, not the
+            # base; with the adapter as initialised it is the base, but only before a step.
+            if state.global_step > 0:
+                return
             self.base_answers = self._answers(model, args)
+        else:
+            without_adapter = getattr(model, "disable_adapter", None)
+            with without_adapter() if without_adapter else nullcontext():
+                self.base_answers = self._answers(model, args)
         self._log_answers("base model", self.base_answers)
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
