@@ -148,9 +148,10 @@ def run_job(
             if memory_rung is not None and memory_rung.gradient_checkpointing:
                 enable_gradient_checkpointing(model)
 
-            # Supervised jobs only: ORPO and DPO train on preference rows, not labelled examples.
+            # Supervised LoRA jobs only: ORPO and DPO train on preference rows, not labelled
+            # examples, and a resumed full fine-tune has no base model left to answer.
             samples = None
-            if not is_preference(request.training_config.preference_optimization):
+            if base.use_lora and not is_preference(request.training_config.preference_optimization):
                 samples = sample_answers_callback(
                     reporter, tokenizer, eval_set, count=request.training_config.sample_prompts,
                     cutoff_len=request.data_config.cutoff_len, distributed=in_process_group())
