@@ -452,6 +452,11 @@ MAX_NEFTUNE_NOISE_ALPHA = 100
 TrainingStrategy = Literal["ddp", "fsdp"]
 
 
+# The most validation prompts a job's evaluations answer (`sample_prompts`): each is a
+# generation at every evaluation.
+MAX_SAMPLE_PROMPTS = 8
+
+
 class TrainingConfig(_Strict):
     max_eval_examples: int | None = Field(
         None, ge=1, le=1_000_000,
@@ -459,6 +464,13 @@ class TrainingConfig(_Strict):
         "fixed, seeded sample of the split, the same every time). None: as many as keep all "
         "evaluations within about 5% of the training compute (TUNERY_EVAL_COMPUTE_SHARE), at "
         "least 32; a smaller split is read whole.",
+    )
+    sample_prompts: int = Field(
+        3, ge=0, le=MAX_SAMPLE_PROMPTS,
+        description="Tunery extension: how many fixed validation prompts the model answers "
+        "(greedy, up to 48 new tokens) before training and at every evaluation, shown in the "
+        "job's log and, base model beside the kept adapter, in its report.json artifact. 0: "
+        "none.",
     )
     early_stopping_patience: int = Field(
         5, gt=0, le=MAX_EARLY_STOPPING_PATIENCE,

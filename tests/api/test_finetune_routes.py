@@ -11,6 +11,7 @@ from sqlalchemy import select
 from shared import jobs
 from shared.db import session_scope
 from shared.models import ApiKey, Job, JobEvent, JobStatus
+from shared.schema import TrainingConfig
 from tests.api.conftest import new_key
 from tests.conftest import make_payload
 
@@ -312,3 +313,20 @@ def test_health_and_readiness(app_client: TestClient) -> None:
     ready = app_client.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+
+@pytest.mark.parametrize("value", [-1, 9, "three"])
+def test_bad_sample_prompts_is_a_422_naming_the_field(client: TestClient, value: Any) -> None:
+    response = client.post(
+        "/v1/finetune/llm", json=make_payload(training_config={"sample_prompts": value})
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["fields"][0]["path"] == "training_config.sample_prompts"
+
+
+def test_sample_prompts_defaults_to_three_and_0_is_accepted(client: TestClient) -> None:
+    body = submit(client, make_payload(training_config={"sample_prompts": 0}))
+    with session_scope() as session:
+        job = session.get_one(Job, body["job_id"])
+        assert job.payload["training_config"]["sample_prompts"] == 0
+    assert TrainingConfig().sample_prompts == 3

@@ -157,10 +157,11 @@ def test_lora_job_trains_in_either_cpu_precision(
     assert len(eval_losses) >= 2 and eval_losses[-1] < eval_losses[0]
 
 
-def test_lora_job_output_holds_only_adapter_and_tokenizer_files(lora_job: Job) -> None:
+def test_lora_job_output_holds_only_adapter_tokenizer_and_report_files(lora_job: Job) -> None:
     names = {p.name for p in lora_job.result.output_dir.iterdir()}
 
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= names
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
+            "report.json"} <= names
     assert names <= {
         "adapter_model.safetensors",
         "adapter_config.json",
@@ -168,6 +169,7 @@ def test_lora_job_output_holds_only_adapter_and_tokenizer_files(lora_job: Job) -
         "tokenizer_config.json",
         "special_tokens_map.json",
         "chat_template.jinja",
+        "report.json",
     }
 
 

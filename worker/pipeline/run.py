@@ -48,6 +48,7 @@ from worker.pipeline.model_export import export_full_model
 from worker.pipeline.preference import train_preference
 from worker.pipeline.ranks import adapter_state, in_process_group, is_main_process
 from worker.pipeline.report import JobReporter, LogFn
+from worker.pipeline.sample_answers import sample_answers_callback, write_report
 from worker.pipeline.token_cache import TokenCache, fingerprint
 from worker.pipeline.train import train
 from worker.pipeline.trainer import TrainStats
@@ -147,6 +148,13 @@ def run_job(
             if memory_rung is not None and memory_rung.gradient_checkpointing:
                 enable_gradient_checkpointing(model)
 
+            # Supervised LoRA jobs only: ORPO and DPO train on preference rows, not labelled
+            # examples, and a resumed full fine-tune has no base model left to answer.
+            samples = None
+            if base.use_lora and not is_preference(request.training_config.preference_optimization):
+                samples = sample_answers_callback(
+                    reporter, tokenizer, eval_set, count=request.training_config.sample_prompts,
+                    cutoff_len=request.data_config.cutoff_len, distributed=in_process_group())
             reporter.phase("training")
             stats = prepared.fit(
                 model,
@@ -166,6 +174,7 @@ def run_job(
                     finish_s=settings.training.wandb_finish_timeout_s,
                 ),
                 collective_timeout_s=settings.training.process_group_timeout_s,
+                **({"extra_callbacks": [samples]} if samples else {}),
             )
             output_dir = work_dir / "output"
             # Every rank: under FSDP, gathering the adapter's shards takes all of them.
@@ -180,6 +189,10 @@ def run_job(
                 export_adapter(model, tokenizer, output_dir, state_dict=state,
                                base_model=base.model_path.strip(), log=log,
                                work_dir=work_dir)
+                if samples is not None:
+                    write_report(output_dir, samples, steps=stats.steps,
+                                 best_step=stats.best_step, best_eval_loss=stats.best_eval_loss,
+                                 log=log)
     return TrainResult(
         output_dir=output_dir,
         steps=stats.steps,

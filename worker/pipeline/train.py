@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from shared.schema import LoggingConfig, TrainingConfig
 from shared.training_plan import micro_batch_size
@@ -55,6 +55,7 @@ def train(
     wandb_timeouts: WandbTimeouts,
     collective_timeout_s: int = 1800,
     packing: bool | None = None,
+    extra_callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainStats:
     """Train the adapter in place; raises `TrainingStopped` if the reporter asks to stop.
 
@@ -75,6 +76,8 @@ def train(
     rung trains exactly the steps an uninterrupted one would. Padding-free batches (one row
     of all examples) cannot be sliced: there the Trainer batches the rung's micro-batch, in
     its random order, which cuts the same examples into each optimizer step.
+
+    `extra_callbacks` run after the `TrainingWatch` ones (`sample_answers`).
     """
     layout = choose_layout(model, group_by_length=config.group_by_length, packing=packing)
     slices = 1
@@ -150,7 +153,7 @@ def train(
         eval_dataset=ExampleDataset(eval_set) if has_validation else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=watch.callbacks,
+        callbacks=[*watch.callbacks, *extra_callbacks],
         train_batches=train_batches,
         batch_slices=slices,
     )
