@@ -1,7 +1,7 @@
 """What the service costs a job's training: the same job through the API and a worker, and
 by `run_job` alone, on the same data, one after the other in one run.
 
-    .venv/bin/python -m bench.service_overhead            # SmolLM2-135M, 540 short rows
+    .venv/bin/python -m bench.service_overhead            # SmolLM2-135M, 270 short rows
     .venv/bin/python -m bench.service_overhead --quick    # tiny random Llama, seconds
 
 (d) direct: `worker.pipeline.run.run_job` in a child process of its own, reporting to memory.
@@ -41,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
+import torch  # noqa: E402
 
 from bench.common.datasets import ALPACA_TEMPLATE, build_data, write_jsonl  # noqa: E402
 from bench.common.machine import (  # noqa: E402
@@ -53,6 +54,7 @@ from bench.common.machine import (  # noqa: E402
 )
 from bench.common.models import prepare_model  # noqa: E402
 from cli.process_commands import tunery_command  # noqa: E402
+from worker.pipeline.model import compute_dtype  # noqa: E402
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 TARGET = 0.95
@@ -196,7 +198,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny random Llama, 48 rows")
     parser.add_argument("--model-dir", type=Path, default=None)
-    parser.add_argument("--rows", type=int, default=None, help="training rows (default 540)")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="training rows, at most the sample's 270 (default: all)")
     parser.add_argument("--poll-s", type=float, default=1.0,
                         help="how often the client polls the job's status")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -206,12 +209,14 @@ def main() -> None:
         child(*args.child)
         return
 
-    rows = args.rows or (48 if args.quick else 540)
+    rows = args.rows or (48 if args.quick else 270)
     cutoff_len = 128 if args.quick else 512
     model_dir = prepare_model(args.quick, args.model_dir).resolve()
     scratch = SCRATCH_DIR / "service_overhead"
     shutil.rmtree(scratch, ignore_errors=True)
     data = build_data("short", n_train=rows, n_eval=0, cutoff_len=cutoff_len)
+    rows = len(data.train_rows)
+    precision = "bf16" if compute_dtype("auto") == torch.bfloat16 else "fp32"
     data_path = write_jsonl(data.train_rows, scratch / "train.jsonl")
     allowed = [str(scratch), str(model_dir.parent)]
     body = payload(model_dir, data_path, cutoff_len)
@@ -232,11 +237,13 @@ def main() -> None:
           fmt(r["training_s"], ".1f"), fmt(r["wall_s"], ".1f"), fmt(r["last_loss"], ".4f")]
          for name, r in (("(d) run_job", direct), ("(s) API + worker", service))]))
     print(f"\n(s)/(d): steady {fmt(steady, '.3f')}, training {fmt(training, '.3f')} "
-          f"(target ≥ {TARGET}); model {model_dir.name}, {rows} rows")
+          f"(target ≥ {TARGET}); model {model_dir.name}, {rows} rows, {precision} "
+          f"(the worker's choice on this CPU)")
     path = write_results("service_overhead", {
         "machine": {**machine_info(), "load_average_at_start": load_at_start,
                     "load_average_at_end": load_average()},
-        "model": model_dir.name, "rows": rows, "cutoff_len": cutoff_len, "poll_s": args.poll_s,
+        "model": model_dir.name, "rows": rows, "precision": precision,
+        "cutoff_len": cutoff_len, "poll_s": args.poll_s,
         "direct": direct, "service": service,
         "ratios": {"steady": steady, "training": training}, "target": TARGET,
     }, args.results_dir)
