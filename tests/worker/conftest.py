@@ -27,6 +27,22 @@ def tiny_tokenizer(tiny_model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_model_dir: Path) -> Any:
+    """The tiny model with a fresh LoRA adapter, in eval mode, in fp32 whatever the CPU: the
+    batch layout tests compare losses to float32 rounding."""
+    from shared.schema import PretrainedModelConfig
+    from worker.pipeline.model import load_model
+
+    model = load_model(
+        str(tiny_model_dir),
+        PretrainedModelConfig(model_path=str(tiny_model_dir), lora_dropout=0.0),
+        allowed_local_dirs=[tiny_model_dir.parent],
+        cpu_bf16="off",
+    )
+    return model.eval()
+
+
 @pytest.fixture
 def settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
     return Settings(

@@ -8,10 +8,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
-from shared.schema import PretrainedModelConfig
 from worker.pipeline.batching import (
     ExampleDataset,
     LengthBucketBatches,
@@ -19,7 +17,7 @@ from worker.pipeline.batching import (
     choose_layout,
 )
 from worker.pipeline.labels import IGNORE_INDEX, TokenizedExample
-from worker.pipeline.model import attention_implementation, load_model
+from worker.pipeline.model import attention_implementation
 from worker.pipeline.trainer import TuneryTrainer
 
 
@@ -77,18 +75,6 @@ def test_the_same_seed_and_epoch_give_the_same_batches_and_another_epoch_another
     assert _epoch(first, 0) == _epoch(second, 0)
     assert _epoch(first, 0) != _epoch(first, 1)
     assert _epoch(first, 0) != _epoch(LengthBucketBatches(lengths, batch_size=4, seed=7), 0)
-
-
-@pytest.fixture(scope="module")
-def tiny_lora(tiny_model_dir: Path) -> Any:
-    # fp32 whatever the CPU: the equalities below are exact up to float32 rounding.
-    model = load_model(
-        str(tiny_model_dir),
-        PretrainedModelConfig(model_path=str(tiny_model_dir), lora_dropout=0.0),
-        allowed_local_dirs=[tiny_model_dir.parent],
-        cpu_bf16="off",
-    )
-    return model.eval()
 
 
 def _examples(lengths: list[int]) -> list[TokenizedExample]:

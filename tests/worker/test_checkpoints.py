@@ -4,7 +4,6 @@ job's adapter as the starting point of a new job. Real training on the tiny mode
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from shared.keys import create_api_key
 from shared.migrate import upgrade_database
 from shared.models import Job as DbJob
 from shared.models import JobStatus, utcnow
-from shared.settings import Settings, get_settings
+from shared.settings import get_settings
 from shared.storage import LocalStorage, storage_from_settings
 from shared.storage_keys import (
     ADAPTER_FILES,
@@ -29,6 +28,7 @@ from shared.storage_keys import (
     job_artifact_key,
     job_checkpoint_prefix,
 )
+from tests.worker.resume_stack import Job, Stack, make_stack, store
 from worker.assets.build_dataset import DATASET_PATH
 from worker.pipeline.callbacks import BestAdapterCallback
 from worker.pipeline.checkpoints import (
@@ -53,30 +53,9 @@ from worker.tasks import run_claimed_job
 RESUME_ATOL = 1e-6
 
 
-@dataclass
-class Job:
-    result: TrainResult
-    reporter: RecordingReporter
-
-
-@dataclass
-class Stack:
-    storage: LocalStorage
-    settings: Settings
-    work: Path
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Stack:
-    tmp = tmp_path_factory.mktemp("checkpoints")
-    settings = Settings(
-        data_dir=tmp / "data", allowed_local_dirs=[DATASET_PATH.parent, tiny_model_dir.parent]
-    )
-    return Stack(LocalStorage(tmp / "storage"), settings, tmp)
-
-
-def store(stack: Stack, job_id: str, attempt: int = 1) -> CheckpointStore:
-    return CheckpointStore(stack.storage, job_id, every_steps=2, keep=2, attempt=attempt)
+    return make_stack(tmp_path_factory, "checkpoints", tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ base model cache never keeps a base a job trained, and the export loads as the t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,11 @@ from shared.models import JobStatus
 from shared.settings import Settings, get_settings
 from shared.storage import LocalStorage, storage_from_settings
 from shared.storage_keys import CHECKPOINT_MARKER, job_artifact_key, job_checkpoint_prefix
+from tests.worker.resume_stack import Job, Stack, make_stack, store
 from worker.assets.build_dataset import DATASET_PATH
 from worker.export_run import export_files
 from worker.pipeline.base_cache import BaseModelCache
-from worker.pipeline.checkpoints import CheckpointStore, find_latest_checkpoint
+from worker.pipeline.checkpoints import find_latest_checkpoint
 from worker.pipeline.errors import PipelineError, TrainingStopped
 from worker.pipeline.full_finetune import (
     plan_static_memory,
@@ -37,7 +37,7 @@ from worker.pipeline.memory_plan import USABLE_SHARE
 from worker.pipeline.model import load_base_model
 from worker.pipeline.model_export import export_full_model
 from worker.pipeline.report import RecordingReporter
-from worker.pipeline.run import TrainResult, run_job
+from worker.pipeline.run import run_job
 from worker.tasks import run_claimed_job
 
 FULL = {"use_lora": False}
@@ -46,30 +46,9 @@ FULL = {"use_lora": False}
 RESUME_ATOL = 1e-6
 
 
-@dataclass
-class Job:
-    result: TrainResult
-    reporter: RecordingReporter
-
-
-@dataclass
-class Stack:
-    storage: LocalStorage
-    settings: Settings
-    work: Path
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Stack:
-    tmp = tmp_path_factory.mktemp("full-finetune")
-    settings = Settings(
-        data_dir=tmp / "data", allowed_local_dirs=[DATASET_PATH.parent, tiny_model_dir.parent]
-    )
-    return Stack(LocalStorage(tmp / "storage"), settings, tmp)
-
-
-def store(stack: Stack, job_id: str, attempt: int = 1) -> CheckpointStore:
-    return CheckpointStore(stack.storage, job_id, every_steps=2, keep=2, attempt=attempt)
+    return make_stack(tmp_path_factory, "full-finetune", tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,28 +11,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from shared.schema import FinetuneRequest, PretrainedModelConfig
+from shared.schema import FinetuneRequest
 from shared.settings import Settings
 from tests.conftest import make_payload
 from worker.pipeline import cpu_attention
 from worker.pipeline.batching import choose_layout, flattening_collator
 from worker.pipeline.labels import IGNORE_INDEX, TokenizedExample
-from worker.pipeline.model import load_model
 from worker.pipeline.report import RecordingReporter
 from worker.pipeline.run import run_job
-
-
-@pytest.fixture(scope="module")
-def tiny_lora(tiny_model_dir: Path) -> Any:
-    # fp32 whatever the CPU: the equalities below hold to float32 rounding.
-    model = load_model(
-        str(tiny_model_dir),
-        PretrainedModelConfig(model_path=str(tiny_model_dir), lora_dropout=0.0),
-        allowed_local_dirs=[tiny_model_dir.parent],
-        cpu_bf16="off",
-    )
-    assert model.config._attn_implementation == cpu_attention.NAME
-    return model.eval()
 
 
 def _examples(lengths: list[int]) -> list[TokenizedExample]:
@@ -64,6 +50,7 @@ def _alone(example: TokenizedExample) -> dict[str, torch.Tensor]:
 def test_a_packed_row_gives_each_example_the_per_token_losses_it_has_alone(
     tiny_lora: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    assert tiny_lora.config._attn_implementation == cpu_attention.NAME
     seen: list[list[int] | None] = []
 
     def recorded(query: torch.Tensor, kwargs: dict[str, Any]) -> list[int] | None:
@@ -89,14 +76,17 @@ def test_a_packed_row_gives_each_example_the_per_token_losses_it_has_alone(
     assert seen[:layers] == [[0, 37, 46, 196, 218, 223]] * layers
 
 
+class _GroupedAttention(torch.nn.Module):
+    # What SDPA, which takes a one-position example alone, reads from a Llama attention.
+    num_key_value_groups = 2
+
+
 def test_the_cpu_attention_keeps_each_packed_example_to_itself_without_any_mask() -> None:
     # The sequence lengths alone separate the examples: no mask is given here at all.
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(1, 4, 200, 8, generator=generator) for _ in range(3))
     key, value = key[:, :2], value[:, :2]  # two key heads shared by four query heads
-    module = torch.nn.Module().eval()
-    # What SDPA, which takes a one-position example alone, reads from a Llama attention.
-    module.num_key_value_groups = 2
+    module = _GroupedAttention().eval()
     cuts = torch.tensor([0, 70, 71, 200], dtype=torch.int32)
 
     packed, _ = cpu_attention.causal_attention(
