@@ -52,7 +52,13 @@ RECIPES = {
     "c2": "(c') TRL packing wrapped",
     "t": "(t) Tunery run_job",
     "t32": "(t32) Tunery run_job, fp32",
+    # The GPU peers of `bench/gpu_check.py`: what a skilled user runs on a GPU by hand.
+    "f": "(f) Trainer, group_by_length, bf16, FlashAttention-2",
+    "fq": "(fq) as (f) on a 4-bit NF4 base, paged 8-bit AdamW (QLoRA)",
+    "tq": "(tq) Tunery run_job, QLoRA",
 }
+# Recipes whose base is quantized to 4-bit NF4 (bitsandbytes), with 8-bit AdamW.
+QUANTIZED = frozenset({"fq", "tq"})
 
 
 @dataclass
@@ -122,13 +128,28 @@ def _examples_from_items(items: Sequence[dict[str, list[int]]]) -> list[Example]
     return [Example(item["input_ids"], item["labels"]) for item in items]
 
 
-def load_lora_model(model_dir: str, dtype: torch.dtype = torch.float32) -> Any:
+def load_lora_model(model_dir: str, dtype: torch.dtype = torch.float32, *,
+                    attention: str | None = None, quantized: bool = False) -> Any:
     """The base in `dtype` + a fresh LoRA (r 8, alpha 16, dropout 0, all-linear), seeded like
-    Tunery's. peft keeps the LoRA weights in fp32 whatever the base's dtype."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    Tunery's. peft keeps the LoRA weights in fp32 whatever the base's dtype. `quantized`: the
+    base in 4-bit NF4 with double quantization and `dtype` compute, prepared for k-bit
+    training as the QLoRA guides do."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    options: dict[str, Any] = {"dtype": dtype}
+    if attention is not None:
+        options["attn_implementation"] = attention
+    if quantized:
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        if torch.cuda.is_available():
+            options["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **options)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(LORA_INIT_SEED)
     lora = LoraConfig(
         r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules="all-linear",
@@ -149,7 +170,8 @@ def _step_times() -> tuple[Any, list[float]]:
     return StepTimes(), times
 
 
-def _common_args(spec: dict[str, Any], *, bf16: bool = False) -> dict[str, Any]:
+def _common_args(spec: dict[str, Any], *, bf16: bool = False,
+                 optim: str = "adamw_torch") -> dict[str, Any]:
     max_steps = spec.get("max_steps")
     return dict(
         output_dir=str(Path(spec["work_dir"])),
@@ -160,7 +182,7 @@ def _common_args(spec: dict[str, Any], *, bf16: bool = False) -> dict[str, Any]:
         learning_rate=LEARNING_RATE,
         lr_scheduler_type="linear",
         warmup_steps=WARMUP_STEPS,
-        optim="adamw_torch",
+        optim=optim,
         bf16=bf16,
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
@@ -192,7 +214,18 @@ def _finish(trainer: Any, collator: CountingCollator, probe: TrainingProbe,
         end=times[-1],
         real_tokens=sum(real for real, _ in batches),
         positions=probe.positions,
+        notes={"attention": trainer.model.config._attn_implementation},
     )
+
+
+def gpu_peer_attention() -> str:
+    """FlashAttention-2 where it runs (CUDA, `flash_attn` installed), else SDPA; the result
+    names the one used."""
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def train_with_trainer(spec: dict[str, Any], tokenizer: Any, data: BenchData,
@@ -203,18 +236,25 @@ def train_with_trainer(spec: dict[str, Any], tokenizer: Any, data: BenchData,
     from transformers import Trainer, TrainingArguments
 
     pad_to_cutoff = spec["recipe"] == "a"
-    bf16 = spec["recipe"] == "b16"
+    bf16 = spec["recipe"] in ("b16", "f", "fq")
+    quantized = spec["recipe"] in QUANTIZED
+    gpu_peer = spec["recipe"] in ("f", "fq")
     pad_id = tokenizer.pad_token_id
     width = data.cutoff_len if pad_to_cutoff else None
     collator = CountingCollator(
         lambda items: pad_batch(_examples_from_items(items), pad_id, width=width)
     )
+    optim = "adamw_torch"
+    if quantized:
+        optim = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_8bit"
     args = TrainingArguments(
-        **_common_args(spec, bf16=bf16),
+        **_common_args(spec, bf16=bf16, optim=optim),
         train_sampling_strategy="random" if pad_to_cutoff else "group_by_length",
         remove_unused_columns=False,
     )
-    model = load_lora_model(spec["model_dir"], torch.bfloat16 if bf16 else torch.float32)
+    model = load_lora_model(spec["model_dir"], torch.bfloat16 if bf16 else torch.float32,
+                            attention=gpu_peer_attention() if gpu_peer else None,
+                            quantized=quantized)
     probe = TrainingProbe()
     probe.attach(model)
     callback, times = _step_times()
@@ -297,7 +337,7 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
     request = FinetuneRequest.model_validate({
         "pretrainedmodel_config": {
             "model_path": str(model_dir), "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
-            "lora_dropout": LORA_DROPOUT, "use_quantization": False,
+            "lora_dropout": LORA_DROPOUT, "use_quantization": spec["recipe"] in QUANTIZED,
         },
         "data_config": {
             "data_path": str(data_path),
@@ -309,6 +349,9 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
         },
         "training_config": {
             # group_by_length left out: the worker's own choice of batches.
+            # The request's seed orders the batches like the peers' data_seed; it also draws
+            # the LoRA initialisation, which for any seed but 42 differs from the peers'.
+            "seed": spec.get("seed", SEED),
             "num_train_epochs": 1, "learning_rate": LEARNING_RATE, "warmup_steps": WARMUP_STEPS,
             "lr_scheduler_type": "linear",
         },
@@ -328,9 +371,6 @@ def train_with_tunery(spec: dict[str, Any], tokenizer: Any, data: BenchData,
 
     # Observes only: the hook reads each training batch's shape, nothing is changed.
     tunery_train.checkpoint_if_short_of_memory = plan_memory_then_probe  # type: ignore[assignment]
-    # A request has no seed; to vary the batch order like the peers' data_seed, the bench sets
-    # the worker's (which orders its length buckets). The LoRA initialisation keeps its own.
-    tunery_train.SEED = spec.get("seed", SEED)
     reporter = TimedReporter()
     try:
         result = tunery_run.run_job(request, work / "job", reporter, settings)
@@ -366,6 +406,9 @@ TRAINERS = {
     "c2": train_with_trl,
     "t": train_with_tunery,
     "t32": train_with_tunery,
+    "f": train_with_trainer,
+    "fq": train_with_trainer,
+    "tq": train_with_tunery,
 }
 
 
@@ -397,6 +440,8 @@ def run_recipe(spec: dict[str, Any]) -> dict[str, Any]:
     run = TRAINERS[spec["recipe"]](spec, tokenizer, data, train_examples)
     # Tunery's child loads the exported adapter for the eval; its training peak is earlier.
     peak = run.notes.pop("peak_rss_bytes_at_training_end", None) or peak_rss_bytes()
+    # Before the eval, which loads a model of its own.
+    peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     seconds = run.end - run.start
     eval_start = time.perf_counter()
     eval_loss = response_loss(
@@ -414,6 +459,7 @@ def run_recipe(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": run.real_tokens / seconds if seconds > 0 else None,
         "padding_share": 1 - run.real_tokens / run.positions if run.positions else None,
         "peak_rss_bytes": peak,
+        "peak_gpu_bytes": peak_gpu,
         "eval_loss": eval_loss,
         "eval_seconds": time.perf_counter() - eval_start,
         "train_examples": len(train_examples),

@@ -152,3 +152,15 @@ def test_service_overhead_quick_trains_the_same_job_both_ways(tmp_path: Path) ->
     for arm in (direct, service):
         assert arm["steady_tokens_per_s"] > 0 and arm["training_tokens_per_s"] > 0, arm
     assert result["ratios"]["training"] > 0
+
+
+def test_gpu_check_quick_runs_each_peer_beside_tunery(tmp_path: Path) -> None:
+    # On CPU: the recipes and the table, not the GPU figures (no memory or MFU here).
+    result = _run("bench.gpu_check", tmp_path)
+    rows = result["results"]
+    assert [r["recipe"] for r in rows] == ["f", "t", "fq", "tq"]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["tokens_per_s"] > 0 and row["steps"] > 0 and row["eval_loss"] > 0, row
+    assert [r["vs_peer"] is not None for r in rows] == [False, True, False, True]
+    assert result["machine"]["device"] == "CPU" and rows[0]["mfu"] is None
