@@ -466,11 +466,12 @@ class TrainingConfig(_Strict):
         "least 32; a smaller split is read whole.",
     )
     sample_prompts: int = Field(
-        3, ge=0, le=MAX_SAMPLE_PROMPTS,
+        0, ge=0, le=MAX_SAMPLE_PROMPTS,
         description="Tunery extension: how many fixed validation prompts the model answers "
         "(greedy, up to 48 new tokens) before training and at every evaluation, shown in the "
-        "job's log and, base model beside the kept adapter, in its report.json artifact. 0: "
-        "none.",
+        "job's log and, base model beside the kept adapter, in its report.json artifact; 3 "
+        "is a good start. 0, the default: none (each answer costs a generation at every "
+        "evaluation, a large share of a short job on CPU).",
     )
     early_stopping_patience: int = Field(
         5, gt=0, le=MAX_EARLY_STOPPING_PATIENCE,

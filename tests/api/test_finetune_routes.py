@@ -324,9 +324,9 @@ def test_bad_sample_prompts_is_a_422_naming_the_field(client: TestClient, value:
     assert response.json()["error"]["fields"][0]["path"] == "training_config.sample_prompts"
 
 
-def test_sample_prompts_defaults_to_three_and_0_is_accepted(client: TestClient) -> None:
-    body = submit(client, make_payload(training_config={"sample_prompts": 0}))
+def test_sample_prompts_defaults_to_none_and_3_is_accepted(client: TestClient) -> None:
+    body = submit(client, make_payload(training_config={"sample_prompts": 3}))
     with session_scope() as session:
         job = session.get_one(Job, body["job_id"])
-        assert job.payload["training_config"]["sample_prompts"] == 0
-    assert TrainingConfig().sample_prompts == 3
+        assert job.payload["training_config"]["sample_prompts"] == 3
+    assert TrainingConfig().sample_prompts == 0

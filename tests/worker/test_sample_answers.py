@@ -59,7 +59,8 @@ def _run(tmp: Path, tiny_model_dir: Path, make_request: Any, name: str,
 @pytest.fixture(scope="module")
 def with_samples(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
                  make_request: Any) -> Job:
-    return _run(tmp_path_factory.mktemp("samples"), tiny_model_dir, make_request, "samples")
+    return _run(tmp_path_factory.mktemp("samples"), tiny_model_dir, make_request, "samples",
+                sample_prompts=3)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,8 @@ def test_sample_answers_do_not_change_training(with_samples: Job, without_sample
 def test_a_job_without_validation_says_so_in_its_report(
     tmp_path: Path, settings: Settings, make_request: Any,
 ) -> None:
-    request = make_request(data={"data_split_config": {"train": 0.08, "validation": 0.0}})
+    request = make_request(data={"data_split_config": {"train": 0.08, "validation": 0.0}},
+                           training={"sample_prompts": 3})
     reporter = RecordingReporter()
     result = run_job(request, tmp_path / "work", reporter, settings)
     report = json.loads((result.output_dir / REPORT_FILE).read_text())
@@ -211,7 +213,7 @@ def test_a_pissa_job_s_base_answers_are_the_original_base_model_s(
     # Without the adapter a PiSSA model is the residual base; its base answers must still be
     # those of the base model the plain LoRA job saw.
     pissa = _run(tmp_path, tiny_model_dir, make_request, "pissa",
-                 model={"lora_init": "pissa"})
+                 model={"lora_init": "pissa"}, sample_prompts=3)
     answers = pissa.report()["samples"]["answers"]
 
     # The same start: the residual base plus the initial adapter rounds differently in bf16,
