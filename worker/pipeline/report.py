@@ -24,6 +24,9 @@ METRIC_KEYS = frozenset(
         "total_steps",
         "percent",
         "eta_s",
+        # Beside the losses (`token_accuracy`); DPO's TRL trainer logs its own.
+        "mean_token_accuracy",
+        "eval_mean_token_accuracy",
         # ORPO and DPO runs only (preference.py).
         "nll_loss",
         "log_odds_ratio",
